@@ -1,0 +1,155 @@
+# peftps build. `make` builds the three programs; `make test` and `make demo`
+# first install any missing Debian packages (see `make deps`), so each works as
+# the first command typed on a fresh machine. Everything built lands in build/
+# (objects, generated protobuf-c code, tests) and bin/ (the programs).
+
+CC       ?= cc
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+BUILD    ?= build
+BIN      ?= bin
+OPT      ?= -O2
+SAN      ?=
+
+# Debian packages needed to build and test, one per library, plus tools.
+DEB_PKGS := gcc make pkg-config libc6-dev \
+            libzmq3-dev libprotobuf-c-dev protobuf-c-compiler \
+            libopenblas-dev liblmdb-dev libcmocka-dev libjansson-dev libpcre2-dev
+PKGS     := libzmq libprotobuf-c openblas lmdb jansson libpcre2-8
+
+# Recursively expanded on purpose: pkg-config is only asked when a recipe
+# runs, after `deps` has had the chance to install it.
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS))
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS))
+CMOCKA_LIBS = $(shell pkg-config --libs cmocka)
+
+WARN     := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
+CFLAGS   += -std=c11 -D_GNU_SOURCE $(OPT) -g $(WARN) $(SAN) -fno-strict-aliasing
+CPPFLAGS += -I. -Icommon -I$(BUILD)/proto
+LDLIBS    = $(PKG_LIBS) -lm -lpthread
+
+PROTOS   := $(wildcard proto/*.proto)
+PROTO_C  := $(patsubst proto/%.proto,$(BUILD)/proto/%.pb-c.c,$(PROTOS))
+PROTO_H  := $(PROTO_C:.c=.h)
+PROTO_O  := $(PROTO_C:.c=.o)
+
+COMMON_SRC := $(wildcard common/*.c)
+COMMON_O   := $(patsubst %.c,$(BUILD)/%.o,$(COMMON_SRC)) $(PROTO_O)
+LIB        := $(BUILD)/libpeftps.a
+
+CLI_O     := $(patsubst %.c,$(BUILD)/%.o,$(wildcard cli/*.c))
+SERVER_O  := $(patsubst %.c,$(BUILD)/%.o,$(wildcard server/*.c))
+WORKER_O  := $(patsubst %.c,$(BUILD)/%.o,$(wildcard worker/*.c))
+PROGRAMS  := $(BIN)/peftps $(BIN)/peftps-server $(BIN)/peftps-worker
+
+TEST_SRC  := $(wildcard tests/test_*.c)
+TESTS     := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZERS   := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
+
+.PHONY: all deps test check demo asan test-asan fuzz fuzz-run bench install \
+        uninstall clean format
+.SUFFIXES:
+.SECONDARY:
+
+all: $(PROGRAMS)
+
+# ---- generated code --------------------------------------------------------
+$(BUILD)/proto/%.pb-c.c $(BUILD)/proto/%.pb-c.h: proto/%.proto
+	@mkdir -p $(@D)
+	protoc-c --c_out=$(BUILD)/proto -Iproto $<
+
+$(BUILD)/proto/%.pb-c.o: $(BUILD)/proto/%.pb-c.c
+	$(CC) $(CFLAGS) $(CPPFLAGS) $(PKG_CFLAGS) -c $< -o $@
+
+# ---- objects ---------------------------------------------------------------
+# Every object waits for the generated headers; -MMD tracks the rest.
+$(BUILD)/%.o: %.c | $(PROTO_H)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(CPPFLAGS) $(PKG_CFLAGS) -MMD -MP -c $< -o $@
+
+$(LIB): $(COMMON_O)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BIN)/peftps: $(CLI_O) $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BIN)/peftps-server: $(SERVER_O) $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BIN)/peftps-worker: $(WORKER_O) $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/tests/%: $(BUILD)/tests/%.o $(LIB)
+	$(CC) $(CFLAGS) $(LDFLAGS) $^ -o $@ $(LDLIBS) $(CMOCKA_LIBS)
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+
+# ---- setup -----------------------------------------------------------------
+# Installs only what is missing; prints nothing and touches nothing when all
+# packages are present.
+deps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# ---- tests -----------------------------------------------------------------
+test: deps
+	@$(MAKE) --no-print-directory check
+
+check: $(PROGRAMS) $(TESTS)
+	@BUILD=$(BUILD) BIN=$(BIN) sh tests/run.sh
+
+asan:
+	@$(MAKE) --no-print-directory BUILD=build/asan BIN=build/asan/bin OPT=-O1 \
+	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" all
+
+test-asan: deps
+	@$(MAKE) --no-print-directory BUILD=build/asan BIN=build/asan/bin OPT=-O1 \
+	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" check
+
+# libFuzzer targets, built with clang against the library's sources.
+FUZZ_CFLAGS = -std=c11 -D_GNU_SOURCE -O1 -g -fsanitize=fuzzer,address,undefined \
+              -fno-sanitize-recover=all $(CPPFLAGS) -Ibuild/fuzz/proto $(PKG_CFLAGS)
+fuzz: deps
+	@$(MAKE) --no-print-directory BUILD=build/fuzz fuzz-build
+
+fuzz-build: $(FUZZERS)
+
+$(BUILD)/fuzz/%: tests/fuzz/%.c $(COMMON_SRC) $(PROTO_C)
+	@mkdir -p $(@D)
+	clang $(FUZZ_CFLAGS) $^ -o $@ $(LDLIBS)
+
+# Runs every fuzz target for FUZZ_SECONDS each (default 60).
+FUZZ_SECONDS ?= 60
+fuzz-run: fuzz
+	@for f in build/fuzz/fuzz/fuzz_*; do \
+	  name=$$(basename $$f); mkdir -p build/fuzz/corpus/$$name; \
+	  echo "fuzzing $$name for $(FUZZ_SECONDS)s"; \
+	  $$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	      build/fuzz/corpus/$$name tests/fuzz/corpus/$$name || exit 1; \
+	done
+
+# ---- install ---------------------------------------------------------------
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 755 $(PROGRAMS) $(DESTDIR)$(PREFIX)/bin/
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,peftps peftps-server peftps-worker)
+
+format:
+	clang-format -i $$(git ls-files '*.c' '*.h')
+
+clean:
+	rm -rf build bin

@@ -1,0 +1,10 @@
+/* The `peftps` front end: one function per command, each in cli/cmd_*.c,
+ * dispatched by cli/main.c. Each returns the process exit status: 0 on
+ * success, 1 on a failure while working, 2 on bad usage or bad input. */
+#ifndef PEFTPS_CLI_H
+#define PEFTPS_CLI_H
+
+/* argv[0] is the command's name ("check" for `peftps config check`). */
+int cmd_config(int argc, char **argv);
+
+#endif

@@ -1,0 +1,43 @@
+/* `peftps`: the command-line front end. Dispatches to the commands of
+ * cli/cmd_*.c (declared in cli.h); each command has its own --help. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+#include "log.h"
+
+typedef struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+} command;
+
+static const command commands[] = {
+    {"config", cmd_config, "check an experiment file and print it resolved"},
+};
+
+static void usage(FILE *out) {
+    fprintf(out, "usage: peftps COMMAND [ARGS...]\n\n"
+                 "Parameter-efficient fine-tuning of Llama-family models on a pool of machines.\n\n"
+                 "commands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(out, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(out, "\n`peftps COMMAND --help` tells more about each.\n");
+}
+
+int main(int argc, char **argv) {
+    log_init("peftps");
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "peftps: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,119 @@
+/* The decoder-only transformer of the Llama family (Llama, Mistral, Qwen2,
+ * SmolLM, TinyLlama): configuration from config.json, the frozen base
+ * weights, and forward/backward over a batch. The model never asks which
+ * fine-tuning method is active: it calls the hooks of the `peft` object
+ * (peft.h) for effective weights, extra linear terms, prefix keys/values and
+ * gradients. Kernels live in kernels.h; files are read by safetensors.h. */
+#ifndef PEFTPS_MODEL_H
+#define PEFTPS_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+
+/* Weights of one decoder layer, in Hugging Face order. nn.Linear weights are
+ * (out, in), row-major. */
+typedef enum {
+    LW_Q = 0,        /* (Hq*D, C) */
+    LW_K,            /* (Hkv*D, C) */
+    LW_V,            /* (Hkv*D, C) */
+    LW_O,            /* (C, Hq*D) */
+    LW_GATE,         /* (I, C) */
+    LW_UP,           /* (I, C) */
+    LW_DOWN,         /* (C, I) */
+    LW_INPUT_NORM,   /* (C) */
+    LW_POST_NORM,    /* (C) */
+    LW_Q_BIAS,       /* (Hq*D), only with attention_bias */
+    LW_K_BIAS,       /* (Hkv*D) */
+    LW_V_BIAS,       /* (Hkv*D) */
+    LW_COUNT
+} layer_weight;
+
+/* Weights outside the layers; used with layer index MODEL_GLOBAL. */
+typedef enum { GW_EMBED = 0, GW_FINAL_NORM, GW_LM_HEAD, GW_COUNT } global_weight;
+#define MODEL_GLOBAL (-1)
+
+typedef enum { ROPE_NONE = 0, ROPE_LINEAR, ROPE_LLAMA3 } rope_scaling_type;
+
+typedef struct model_config {
+    int vocab_size;        /* V */
+    int hidden_size;       /* C */
+    int intermediate_size; /* I */
+    int num_layers;        /* L */
+    int num_heads;         /* Hq */
+    int num_kv_heads;      /* Hkv, divides Hq */
+    int head_dim;          /* D; hidden_size/num_heads unless config.json says */
+    int max_position_embeddings;
+    float rms_norm_eps;
+    float rope_theta;
+    rope_scaling_type rope_scaling;
+    float rope_factor;
+    float rope_low_freq_factor;  /* llama3 */
+    float rope_high_freq_factor; /* llama3 */
+    int rope_original_max_position_embeddings; /* llama3 */
+    int attention_bias;
+    int tie_word_embeddings;
+    int bos_token_id, eos_token_id; /* -1 when absent */
+} model_config;
+
+/* Parses a Hugging Face config.json text (architectures of the Llama family;
+ * rope_theta/rope_scaling at top level or inside rope_parameters). `path` is
+ * used in messages only. */
+int model_config_parse(model_config *cfg, const char *json_text, const char *path, err *e);
+
+/* Rows and columns of a weight (cols is 1 for vectors); layer may be
+ * MODEL_GLOBAL with a global_weight kind. Returns 0 for an absent weight
+ * (a bias without attention_bias). */
+size_t model_weight_shape(const model_config *cfg, int layer, int kind, int *rows, int *cols);
+
+/* The Hugging Face tensor name of a weight, e.g. "model.layers.3.self_attn.q_proj.weight". */
+void model_weight_name(const model_config *cfg, int layer, int kind, char *buf, size_t n);
+
+/* Pointers to the frozen base weights (F32), typically into read-only mapped
+ * files. lm_head == embed when tie_word_embeddings. Absent biases are NULL. */
+typedef struct model_weights {
+    const float *global[GW_COUNT];
+    const float *(*layer)[LW_COUNT]; /* num_layers entries */
+} model_weights;
+
+typedef struct peft peft;
+typedef struct model model;
+
+/* A base model opened from a Hugging Face directory. */
+typedef struct model_files model_files;
+
+/* Opens DIR/config.json and DIR/model.safetensors (or the shards of
+ * model.safetensors.index.json), maps them read-only and binds every weight.
+ * BF16/F16 weights are converted to F32 once, at load. */
+int model_files_open(model_files **out, const char *dir, err *e);
+const model_config *model_files_config(const model_files *f);
+const model_weights *model_files_weights(const model_files *f);
+/* Hex digest of config.json and the safetensors headers: equal on every
+ * machine that holds the same base. */
+const char *model_files_fingerprint(const model_files *f);
+void model_files_close(model_files *f);
+
+/* Creates a model over cfg and base weights (both must outlive it) for
+ * batches of at most B sequences of T tokens; activations are allocated here,
+ * once. p may be NULL (no method: inference of the base). */
+int model_create(model **out, const model_config *cfg, const model_weights *w, peft *p, int B,
+                 int T, err *e);
+void model_free(model *m);
+
+/* Forward over tokens (B,T). With labels (B,T) (-100 = ignored) returns the
+ * SUM of token cross-entropies and writes the number of counted tokens to
+ * *n_tokens; without labels returns 0. B and T may be below the capacity. */
+double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int B, int T,
+                     long *n_tokens);
+
+/* Backward of the last forward's summed loss, scaled by loss_scale, into the
+ * gradients of the trainable tensors of the peft object (accumulating: the
+ * caller zeroes them). Stops below the lowest layer holding a trainable
+ * tensor; frozen weight gradients are never computed. */
+void model_backward(model *m, float loss_scale);
+
+/* Logits (B,T,V) of the last forward. */
+const float *model_logits(const model *m);
+
+#endif

@@ -1,0 +1,138 @@
+/* The method interface: what a parameter-efficient method adds to the frozen
+ * base and how. Each method is one file (lora.c, prefix.c, layerwise.c,
+ * heads.c, subnet.c, full.c) defining one `peft_method` and one line in the
+ * registry of peft.c. The model (model.h) calls only the hooks below.
+ *
+ * All trainable tensors of a method live in one allocation (`params`), with
+ * gradients in a second of the same layout (`grads`); each tensor is a named
+ * view (offset, shape). That flat layout is what the optimizer updates, what
+ * the parameter server holds, what travels on the wire and what checkpoints
+ * store. */
+#ifndef PEFTPS_PEFT_H
+#define PEFTPS_PEFT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "model.h"
+#include "peftps.pb-c.h"
+
+#define PEFT_NAME_MAX 160
+#define PEFT_MAX_DIMS 4
+
+typedef struct peft_tensor {
+    char name[PEFT_NAME_MAX]; /* export name, e.g. a PEFT state-dict key */
+    int ndim;
+    int64_t shape[PEFT_MAX_DIMS];
+    size_t offset; /* in floats, into params and grads */
+    size_t numel;
+} peft_tensor;
+
+/* Calibration data for methods that select what trains from gradients
+ * (attention-head importance, Fisher subnetwork masks): writes batch i
+ * (B,T tokens and labels) and returns 0, or -1 with e set. */
+typedef int (*peft_batch_fn)(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e);
+
+typedef struct peft_method {
+    const char *name; /* as in the config: "lora", "prefix", ... */
+
+    /* Declares the trainable tensors (peft_add_tensor) and any method state
+     * from the config block; may not touch params (not yet allocated). */
+    int (*create)(peft *p, err *e);
+    /* Chooses what trains when that needs gradients of the base (optional):
+     * runs forward/backward on `batches` batches through m. Must be
+     * deterministic. Called after create, before init. */
+    int (*calibrate)(peft *p, model *m, peft_batch_fn fn, void *ctx, int batches, err *e);
+    /* Initial values of params, from the seed (deterministic). */
+    void (*init)(peft *p, uint64_t seed);
+
+    /* Called after params changed (a new version): derive what the forward
+     * needs, e.g. W + delta. Optional. */
+    void (*refresh)(peft *p);
+    /* Scratch sized for n tokens per forward (activations the method keeps
+     * for its backward). Optional. */
+    int (*reserve)(peft *p, int B, int T, err *e);
+
+    /* The weight the model uses in place of base (layer, kind), or NULL to
+     * use the base. Layer MODEL_GLOBAL with a global_weight kind. */
+    const float *(*weight)(peft *p, int layer, int kind);
+    /* y (n,out) += the method's extra term for linear (layer, kind) of input
+     * x (n,in), e.g. the LoRA branch. Optional. */
+    void (*linear_forward)(peft *p, int layer, int kind, const float *x, float *y, int n);
+    /* Gradients for linear (layer, kind) or norm weight: x is the layer's
+     * input (for a norm, the normalised input before the weight), dy the
+     * gradient of its output. On entry dx (if not NULL) holds the gradient of
+     * x through the effective weight; the hook adds its own share (LoRA).
+     * Accumulates into grads. Also called for GW_LM_HEAD. Optional. */
+    void (*linear_backward)(peft *p, int layer, int kind, const float *x, const float *dy,
+                            float *dx, int n);
+    /* Gradient of the embedding rows: dx (n,C) for tokens (n). Optional. */
+    void (*embed_backward)(peft *p, const int32_t *tokens, const float *dx, int n);
+    /* Prefix keys/values for a layer: P positions, each K and V row of
+     * Hkv*D floats, consecutive positions `stride` floats apart. Returns P
+     * (0: no prefix). Optional. */
+    int (*prefix)(peft *p, int layer, const float **k, const float **v, size_t *stride);
+    /* Gradients of the prefix keys/values of a layer, same layout as prefix(). */
+    void (*prefix_backward)(peft *p, int layer, const float *dk, const float *dv, size_t stride);
+    /* After the model's backward of one batch (e.g. backprop through a
+     * reparameterisation MLP). Optional. */
+    void (*end_backward)(peft *p);
+
+    /* Adds the method's trained change into a copy of a base weight
+     * (merged export). Optional when the method changes no weight. */
+    void (*merge)(peft *p, int layer, int kind, float *w);
+    void (*destroy)(peft *p);
+} peft_method;
+
+struct peft {
+    const peft_method *method;
+    const model_config *cfg;
+    const model_weights *base;
+    const Peftps__Method *config; /* the experiment's method block */
+
+    peft_tensor *tensors;
+    int n_tensors, cap_tensors;
+    size_t n_params; /* trainable parameters */
+    float *params;   /* n_params */
+    float *grads;    /* n_params */
+
+    /* The lowest layer whose input gradient the backward must produce:
+     * backward stops below it. -1 when the embedding trains; num_layers when
+     * only weights above the last layer train. Set by create/calibrate. */
+    int first_trainable_layer;
+
+    /* Per forward: training (dropout on) and the stream for its randomness. */
+    int training;
+    uint64_t seed, step, shard;
+
+    void *state; /* the method's own */
+};
+
+/* The method registry: the method named in the config block. */
+const peft_method *peft_method_find(const Peftps__Method *config);
+
+/* Creates the method of `config` over a base, declares its tensors and
+ * allocates params and grads (zeroed). Does not initialise: call
+ * peft_calibrate when needed, then peft_init. */
+int peft_create(peft **out, const Peftps__Method *config, const model_config *cfg,
+                const model_weights *base, err *e);
+int peft_calibrate(peft *p, model *m, peft_batch_fn fn, void *ctx, int batches, err *e);
+void peft_init(peft *p, uint64_t seed);
+void peft_free(peft *p);
+
+/* Declares a trainable tensor (for create hooks); returns its index. */
+int peft_add_tensor(peft *p, const char *name, int ndim, const int64_t *shape, err *e);
+/* Finds a tensor by name; -1 if none. */
+int peft_find_tensor(const peft *p, const char *name);
+/* Pointers into params/grads for tensor i. */
+float *peft_param(peft *p, int i);
+float *peft_grad(peft *p, int i);
+
+/* Call after params changed (loaded, optimizer step, pulled version). */
+void peft_refresh(peft *p);
+void peft_zero_grads(peft *p);
+/* Sets the context of the next forward (dropout on/off, random stream). */
+void peft_set_step(peft *p, int training, uint64_t seed, uint64_t step, uint64_t shard);
+
+#endif
