@@ -4,7 +4,9 @@
 #ifndef PEFTPS_CLI_H
 #define PEFTPS_CLI_H
 
-/* argv[0] is the command's name ("check" for `peftps config check`). */
+/* argv[0] is the command's name ("config" for `peftps config check`). */
 int cmd_config(int argc, char **argv);
+int cmd_train(int argc, char **argv);
+int cmd_eval(int argc, char **argv);
 
 #endif

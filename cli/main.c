@@ -14,6 +14,8 @@ typedef struct {
 
 static const command commands[] = {
     {"config", cmd_config, "check an experiment file and print it resolved"},
+    {"train", cmd_train, "train an experiment in this process"},
+    {"eval", cmd_eval, "loss and perplexity on the eval data, with or without an adapter"},
 };
 
 static void usage(FILE *out) {

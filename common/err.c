@@ -6,6 +6,14 @@
 #include <stdio.h>
 #include <string.h>
 
+/* e->msg = a + ": " + b, cut to fit. */
+static void err_join(err *e, const char *a, const char *b) {
+    size_t cap = sizeof e->msg - 1, n = 0;
+    for (const char *parts[] = {a, ": ", b}, **q = parts; q < parts + 3; q++)
+        for (const char *c = *q; *c && n < cap; c++) e->msg[n++] = *c;
+    e->msg[n] = '\0';
+}
+
 int err_set(err *e, const char *fmt, ...) {
     if (!e) return -1;
     va_list ap;
@@ -23,7 +31,7 @@ int err_wrap(err *e, const char *fmt, ...) {
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, e->msg, sizeof old);
-    snprintf(e->msg, sizeof e->msg, "%s: %s", prefix, old);
+    err_join(e, prefix, old);
     return -1;
 }
 
@@ -35,6 +43,6 @@ int err_errno(err *e, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(what, sizeof what, fmt, ap);
     va_end(ap);
-    snprintf(e->msg, sizeof e->msg, "%s: %s", what, strerror(saved));
+    err_join(e, what, strerror(saved));
     return -1;
 }

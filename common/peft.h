@@ -135,4 +135,57 @@ void peft_zero_grads(peft *p);
 /* Sets the context of the next forward (dropout on/off, random stream). */
 void peft_set_step(peft *p, int training, uint64_t seed, uint64_t step, uint64_t shard);
 
+/* ---- Helpers shared by the methods (peft.c) ---------------------------- */
+
+/* Streams of initial values are rng_seed(seed, PEFT_STREAM_INIT, tensor
+ * index, 0): the tag keeps them apart from the per-step streams
+ * (seed, step, shard, ...), whose step never comes near it. */
+#define PEFT_STREAM_INIT UINT64_C(0x494e495400000000)
+
+/* The layer_weight of a config Module (Q_PROJ -> LW_Q ... DOWN_PROJ ->
+ * LW_DOWN, INPUT_LAYERNORM -> LW_INPUT_NORM, POST_ATTENTION_LAYERNORM ->
+ * LW_POST_NORM); -1 for MODULE_UNSPECIFIED or a value outside the enum. */
+int peft_module_weight(int module);
+/* The Hugging Face module name of a layer_weight ("q_proj", ...,
+ * "input_layernorm", "q_proj.bias"); "?" for a value outside the enum. */
+const char *peft_weight_module_name(int kind);
+/* Bit (1u << kind) for a layer_weight kind, to build module masks. */
+#define PEFT_BIT(kind) (1u << (kind))
+/* Q_PROJ .. DOWN_PROJ, the seven linear layers of a decoder layer. */
+#define PEFT_LINEARS                                                                               \
+    (PEFT_BIT(LW_Q) | PEFT_BIT(LW_K) | PEFT_BIT(LW_V) | PEFT_BIT(LW_O) | PEFT_BIT(LW_GATE) |       \
+     PEFT_BIT(LW_UP) | PEFT_BIT(LW_DOWN))
+
+/* Fills *mask with PEFT_BIT(kind) of each listed module, or with dflt when
+ * the list is empty. Fails, naming `what` (e.g. "lora.target_modules") and
+ * the module, on MODULE_UNSPECIFIED, an unknown value or a module outside
+ * `allowed`. Duplicates are harmless. */
+int peft_module_mask(const Peftps__Module *mods, size_t n, unsigned dflt, unsigned allowed,
+                     const char *what, unsigned *mask, err *e);
+
+/* Sets chosen[l] = 1 for each listed layer and 0 elsewhere; an empty list
+ * chooses every layer. chosen has cfg->num_layers entries. Fails, naming
+ * `what` (e.g. "lora.layers"), on an index >= cfg->num_layers. */
+int peft_layer_list(const model_config *cfg, const uint32_t *layers, size_t n, const char *what,
+                    unsigned char *chosen, err *e);
+
+/* Trainable parameters without the alignment padding of the flat layout
+ * (the sum of the tensors' numel; n_params may be a little larger). */
+size_t peft_num_trainable(const peft *p);
+
+/* Merged export: adds the method's trained change into w, a copy of base
+ * weight (layer, kind) (MODEL_GLOBAL with a global_weight); leaves w alone
+ * when the method does not change that weight. Fails for a method that
+ * changes no weight at all (prefix tuning: export the adapter instead). */
+int peft_merge(peft *p, int layer, int kind, float *w, err *e);
+
+/* Writes every trainable tensor, by name, as F32, to a safetensors file. */
+int peft_save(const peft *p, const char *path, err *e);
+/* Reads every trainable tensor by name from a safetensors file, or from
+ * DIR/adapter_model.safetensors when `path` is a PEFT adapter directory (F32,
+ * or BF16/F16 converted), then refreshes. Fails, naming the tensor, when one
+ * is missing, has another shape or another dtype, or when the file holds a
+ * tensor the method does not train; params are unchanged on failure. */
+int peft_load(peft *p, const char *path, err *e);
+
 #endif

@@ -1,0 +1,485 @@
+/* The Llama decoder's forward and backward (model.h): the layers of
+ * kernels.c composed over activations allocated once, with every weight,
+ * extra linear term, prefix and gradient going through the hooks of the
+ * peft object (peft.h). model_config_* and model_files_* live in
+ * modelcfg.c and modelfile.c. */
+#include "model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "log.h"
+#include "peft.h"
+
+/* Rows of logits whose gradient is formed at once in the backward: bounds
+ * the dlogits buffer at CE_CHUNK*V instead of B*T*V (large vocabularies). */
+#define CE_CHUNK 256
+
+/* What one layer keeps from its forward for its backward. N = B*T rows. */
+typedef struct layer_acts {
+    float *resid;  /* (N,C) the layer's input */
+    float *rstd1;  /* (N) input_layernorm's reciprocal RMS */
+    float *q;      /* (N,Hq*D) after bias, method term and rotary */
+    float *k;      /* (N,Hkv*D) after bias, method term and rotary */
+    float *v;      /* (N,Hkv*D) after bias and method term */
+    float *atty;   /* (N,Hq*D) attention output: o_proj's input */
+    float *resid2; /* (N,C) after the attention's residual add */
+    float *rstd2;  /* (N) post_attention_layernorm's reciprocal RMS */
+    float *gate;   /* (N,I) gate_proj's output */
+    float *up;     /* (N,I) up_proj's output */
+} layer_acts;
+
+struct model {
+    const model_config *cfg;
+    const model_weights *w;
+    peft *p;
+    int B, T;    /* capacity */
+    int P;       /* the longest prefix the buffers hold, from the method at create */
+    int n_store; /* layers whose activations are kept: all when training, else 1 */
+
+    float *mem;                 /* every float buffer below, one allocation */
+    float *rope_cos, *rope_sin; /* (P+T, D/2) */
+    layer_acts *layers;         /* n_store */
+    float *resid_out;           /* (N,C) the last layer's output */
+    float *rstdf;               /* (N) the final norm's reciprocal RMS */
+    float *lnf;                 /* (N,C) the final norm's output: lm_head's input */
+    float *logits;              /* (N,V) */
+    float *lse;                 /* (N) log-sum-exp of each row of logits */
+    /* scratch of one layer at a time */
+    float *ln;    /* (N,C) a norm's output */
+    float *proj;  /* (N,C) o_proj or down_proj output before the residual add */
+    float *hmlp;  /* (N,I) silu(gate) * up: down_proj's input */
+    float *attsc; /* 2 * (T,P+T) attention scratch */
+    /* gradients (only with a peft object) */
+    float *xhat;             /* (N,C) a norm's normalised input, rebuilt */
+    float *dresid;           /* (N,C) the residual stream */
+    float *dln;              /* (N,C) a norm's output */
+    float *dxhat;            /* (N,C) a norm's normalised input */
+    float *datty;            /* (N,Hq*D) */
+    float *dq, *dqr;         /* (N,Hq*D) before and after rotary */
+    float *dk, *dkr, *dv;    /* (N,Hkv*D) */
+    float *dh, *dgate, *dup; /* (N,I) */
+    float *dkp, *dvp;        /* (P,Hkv*D) */
+    float *dlogits;          /* (CE_CHUNK,V) */
+
+    int32_t *tokens, *labels; /* (N) copies of the last forward's batch */
+    int fB, fT, fP;           /* the last forward's shape and rotary offset; fB 0: none */
+    int f_labels;             /* the last forward had labels */
+};
+
+/* ---- hooks ------------------------------------------------------------------ */
+
+static const float *weight_of(const model *m, int layer, int kind) {
+    peft *p = m->p;
+    if (p && p->method->weight) {
+        const float *w = p->method->weight(p, layer, kind);
+        if (w) return w;
+    }
+    return layer == MODEL_GLOBAL ? m->w->global[kind] : m->w->layer[layer][kind];
+}
+
+/* A bias, or NULL for models without attention_bias. */
+static const float *bias_of(const model *m, int layer, int kind) {
+    return m->cfg->attention_bias ? weight_of(m, layer, kind) : NULL;
+}
+
+/* A tied lm_head is the (effective) embedding. */
+static const float *lm_head_of(const model *m) {
+    return m->cfg->tie_word_embeddings ? weight_of(m, MODEL_GLOBAL, GW_EMBED)
+                                       : weight_of(m, MODEL_GLOBAL, GW_LM_HEAD);
+}
+
+static int prefix_of(const model *m, int layer, const float **kp, const float **vp,
+                     size_t *stride) {
+    peft *p = m->p;
+    *kp = *vp = NULL;
+    *stride = 0;
+    if (!p || !p->method->prefix) return 0;
+    int P = p->method->prefix(p, layer, kp, vp, stride);
+    return P > 0 ? P : 0;
+}
+
+static void hook_forward(model *m, int layer, int kind, const float *x, float *y, int n) {
+    peft *p = m->p;
+    if (p && p->method->linear_forward) p->method->linear_forward(p, layer, kind, x, y, n);
+}
+
+static void hook_backward(model *m, int layer, int kind, const float *x, const float *dy, float *dx,
+                          int n) {
+    peft *p = m->p;
+    if (p->method->linear_backward) p->method->linear_backward(p, layer, kind, x, dy, dx, n);
+}
+
+/* ---- memory ------------------------------------------------------------------- */
+
+static layer_acts *acts(model *m, int layer) {
+    return &m->layers[m->n_store > 1 ? layer : 0];
+}
+
+/* Lays the buffers out in m->mem; with base NULL only counts. Every view
+ * starts on a 64-byte boundary. */
+static size_t layout(model *m, float *base, int grads) {
+    const model_config *c = m->cfg;
+    size_t N = (size_t)m->B * m->T, C = c->hidden_size, IC = c->intermediate_size;
+    size_t V = c->vocab_size, qd = (size_t)c->num_heads * c->head_dim;
+    size_t kvd = (size_t)c->num_kv_heads * c->head_dim, S = (size_t)m->P + m->T;
+    size_t off = 0;
+#define VIEW(ptr, count)                                                                           \
+    do {                                                                                           \
+        if (base) (ptr) = base + off;                                                              \
+        off += ((size_t)(count) + 15) & ~(size_t)15;                                               \
+    } while (0)
+    VIEW(m->rope_cos, S * (c->head_dim / 2));
+    VIEW(m->rope_sin, S * (c->head_dim / 2));
+    for (int l = 0; l < m->n_store; l++) {
+        layer_acts *a = &m->layers[l];
+        VIEW(a->resid, N * C);
+        VIEW(a->rstd1, N);
+        VIEW(a->q, N * qd);
+        VIEW(a->k, N * kvd);
+        VIEW(a->v, N * kvd);
+        VIEW(a->atty, N * qd);
+        VIEW(a->resid2, N * C);
+        VIEW(a->rstd2, N);
+        VIEW(a->gate, N * IC);
+        VIEW(a->up, N * IC);
+    }
+    VIEW(m->resid_out, N * C);
+    VIEW(m->rstdf, N);
+    VIEW(m->lnf, N * C);
+    VIEW(m->logits, N * V);
+    VIEW(m->lse, N);
+    VIEW(m->ln, N * C);
+    VIEW(m->proj, N * C);
+    VIEW(m->hmlp, N * IC);
+    VIEW(m->attsc, 2 * (size_t)m->T * S);
+    if (grads) {
+        size_t chunk = N < CE_CHUNK ? N : CE_CHUNK;
+        VIEW(m->xhat, N * C);
+        VIEW(m->dresid, N * C);
+        VIEW(m->dln, N * C);
+        VIEW(m->dxhat, N * C);
+        VIEW(m->datty, N * qd);
+        VIEW(m->dq, N * qd);
+        VIEW(m->dqr, N * qd);
+        VIEW(m->dk, N * kvd);
+        VIEW(m->dkr, N * kvd);
+        VIEW(m->dv, N * kvd);
+        VIEW(m->dh, N * IC);
+        VIEW(m->dgate, N * IC);
+        VIEW(m->dup, N * IC);
+        VIEW(m->dkp, (size_t)m->P * kvd);
+        VIEW(m->dvp, (size_t)m->P * kvd);
+        VIEW(m->dlogits, chunk * V);
+    }
+#undef VIEW
+    return off;
+}
+
+static int check_config(const model_config *c, err *e) {
+    if (c->vocab_size < 1 || c->hidden_size < 1 || c->intermediate_size < 1 || c->num_layers < 1 ||
+        c->num_heads < 1 || c->num_kv_heads < 1 || c->head_dim < 2)
+        return err_set(e,
+                       "model config: vocab_size %d, hidden_size %d, intermediate_size %d, "
+                       "layers %d, heads %d, kv heads %d, head_dim %d: all must be positive",
+                       c->vocab_size, c->hidden_size, c->intermediate_size, c->num_layers,
+                       c->num_heads, c->num_kv_heads, c->head_dim);
+    if (c->num_heads % c->num_kv_heads)
+        return err_set(e, "model config: %d attention heads are not a multiple of %d kv heads",
+                       c->num_heads, c->num_kv_heads);
+    if (c->head_dim % 2)
+        return err_set(e, "model config: head_dim %d is odd; rotary embeddings need pairs",
+                       c->head_dim);
+    return 0;
+}
+
+int model_create(model **out, const model_config *cfg, const model_weights *w, peft *p, int B,
+                 int T, err *e) {
+    *out = NULL;
+    if (check_config(cfg, e) < 0) return -1;
+    if (B < 1 || T < 1)
+        return err_set(e, "model: batch capacity %d x %d tokens: both must be at least 1", B, T);
+    for (int l = 0; l < cfg->num_layers; l++)
+        for (int kind = 0; kind < LW_COUNT; kind++) {
+            int is_bias = kind == LW_Q_BIAS || kind == LW_K_BIAS || kind == LW_V_BIAS;
+            if (!w->layer[l][kind] && (!is_bias || cfg->attention_bias))
+                return err_set(e, "model: layer %d lacks base weight %d", l, kind);
+        }
+    for (int kind = 0; kind < GW_COUNT; kind++)
+        if (!w->global[kind] && !(kind == GW_LM_HEAD && cfg->tie_word_embeddings))
+            return err_set(e, "model: base weight %s is missing",
+                           kind == GW_EMBED        ? "embed_tokens"
+                           : kind == GW_FINAL_NORM ? "norm"
+                                                   : "lm_head");
+    model *m = calloc(1, sizeof *m);
+    if (!m) return err_set(e, "model: out of memory");
+    m->cfg = cfg;
+    m->w = w;
+    m->p = p;
+    m->B = B;
+    m->T = T;
+    for (int l = 0; l < cfg->num_layers; l++) {
+        const float *kp, *vp;
+        size_t stride;
+        int P = prefix_of(m, l, &kp, &vp, &stride);
+        if (P > m->P) m->P = P;
+    }
+    m->n_store = p ? cfg->num_layers : 1;
+    m->layers = calloc((size_t)m->n_store, sizeof *m->layers);
+    size_t N = (size_t)B * T;
+    m->tokens = malloc(2 * N * sizeof *m->tokens);
+    if (!m->layers || !m->tokens) {
+        model_free(m);
+        return err_set(e, "model: out of memory");
+    }
+    size_t n = layout(m, NULL, p != NULL);
+    m->mem = malloc(n * sizeof(float));
+    if (!m->mem) {
+        model_free(m);
+        return err_set(e, "model: out of memory for activations of %d x %d tokens (%.1f MB)", B, T,
+                       (double)n * sizeof(float) / 1e6);
+    }
+    m->labels = m->tokens + N;
+    layout(m, m->mem, p != NULL);
+    rope_init(m->rope_cos, m->rope_sin, m->P + T, cfg);
+    if (p && p->method->reserve && p->method->reserve(p, B, T, e) < 0) {
+        model_free(m);
+        return err_wrap(e, "model: method %s", p->method->name);
+    }
+    *out = m;
+    return 0;
+}
+
+void model_free(model *m) {
+    if (!m) return;
+    free(m->mem);
+    free(m->layers);
+    free(m->tokens);
+    free(m);
+}
+
+const float *model_logits(const model *m) {
+    return m->logits;
+}
+
+/* ---- forward ------------------------------------------------------------------ */
+
+static void layer_forward(model *m, int l, float *next, int B, int T) {
+    const model_config *c = m->cfg;
+    int N = B * T, C = c->hidden_size, IC = c->intermediate_size;
+    int Hq = c->num_heads, Hkv = c->num_kv_heads, D = c->head_dim;
+    int qd = Hq * D, kvd = Hkv * D;
+    layer_acts *a = acts(m, l);
+    float *ln = m->ln;
+
+    rmsnorm_forward(ln, a->rstd1, a->resid, weight_of(m, l, LW_INPUT_NORM), N, C, c->rms_norm_eps);
+    linear_forward(a->q, ln, weight_of(m, l, LW_Q), bias_of(m, l, LW_Q_BIAS), N, C, qd);
+    hook_forward(m, l, LW_Q, ln, a->q, N);
+    linear_forward(a->k, ln, weight_of(m, l, LW_K), bias_of(m, l, LW_K_BIAS), N, C, kvd);
+    hook_forward(m, l, LW_K, ln, a->k, N);
+    linear_forward(a->v, ln, weight_of(m, l, LW_V), bias_of(m, l, LW_V_BIAS), N, C, kvd);
+    hook_forward(m, l, LW_V, ln, a->v, N);
+    rope_forward(a->q, a->q, m->rope_cos, m->rope_sin, B, T, Hq, D, m->fP);
+    rope_forward(a->k, a->k, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
+
+    const float *kp, *vp;
+    size_t pstride;
+    int P = prefix_of(m, l, &kp, &vp, &pstride);
+    attention_forward(a->atty, m->attsc, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq, Hkv, D);
+    linear_forward(m->proj, a->atty, weight_of(m, l, LW_O), NULL, N, qd, C);
+    hook_forward(m, l, LW_O, a->atty, m->proj, N);
+    residual_forward(a->resid2, a->resid, m->proj, (size_t)N * C);
+
+    rmsnorm_forward(ln, a->rstd2, a->resid2, weight_of(m, l, LW_POST_NORM), N, C, c->rms_norm_eps);
+    linear_forward(a->gate, ln, weight_of(m, l, LW_GATE), NULL, N, C, IC);
+    hook_forward(m, l, LW_GATE, ln, a->gate, N);
+    linear_forward(a->up, ln, weight_of(m, l, LW_UP), NULL, N, C, IC);
+    hook_forward(m, l, LW_UP, ln, a->up, N);
+    swiglu_forward(m->hmlp, a->gate, a->up, N, IC);
+    linear_forward(m->proj, m->hmlp, weight_of(m, l, LW_DOWN), NULL, N, IC, C);
+    hook_forward(m, l, LW_DOWN, m->hmlp, m->proj, N);
+    residual_forward(next, a->resid2, m->proj, (size_t)N * C);
+}
+
+/* Tokens in [0, V) and labels -100 or in [0, V); logs the first offender. */
+static int check_batch(const model *m, const int32_t *tokens, const int32_t *labels, int N) {
+    int V = m->cfg->vocab_size;
+    for (int i = 0; i < N; i++) {
+        if (tokens[i] < 0 || tokens[i] >= V) {
+            log_error("model_forward: token %d at position %d is outside the vocabulary (0..%d)",
+                      tokens[i], i, V - 1);
+            return -1;
+        }
+        if (labels && labels[i] != -100 && (labels[i] < 0 || labels[i] >= V)) {
+            log_error("model_forward: label %d at position %d is neither -100 nor in 0..%d",
+                      labels[i], i, V - 1);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int B, int T,
+                     long *n_tokens) {
+    const model_config *c = m->cfg;
+    int L = c->num_layers, C = c->hidden_size, V = c->vocab_size, N = B * T;
+    if (n_tokens) *n_tokens = 0;
+    m->fB = 0;
+    if (B < 1 || T < 1 || B > m->B || T > m->T) {
+        log_error("model_forward: batch %d x %d exceeds the capacity %d x %d given at create", B, T,
+                  m->B, m->T);
+        return NAN;
+    }
+    if (check_batch(m, tokens, labels, N) < 0) return NAN;
+    const float *kp, *vp;
+    size_t stride;
+    /* Real tokens follow the prefix (PEFT's past_key_values): positions P..P+T-1. */
+    m->fP = prefix_of(m, 0, &kp, &vp, &stride);
+    for (int l = 0; l < L; l++)
+        if (prefix_of(m, l, &kp, &vp, &stride) > m->P) {
+            log_error("model_forward: layer %d's prefix is longer than the %d positions the "
+                      "model was created for",
+                      l, m->P);
+            return NAN;
+        }
+    memcpy(m->tokens, tokens, (size_t)N * sizeof *tokens);
+    m->f_labels = labels != NULL;
+    if (labels) memcpy(m->labels, labels, (size_t)N * sizeof *labels);
+
+    embedding_forward(acts(m, 0)->resid, m->tokens, weight_of(m, MODEL_GLOBAL, GW_EMBED), N, C);
+    for (int l = 0; l < L; l++)
+        layer_forward(m, l, l + 1 < L ? acts(m, l + 1)->resid : m->resid_out, B, T);
+    rmsnorm_forward(m->lnf, m->rstdf, m->resid_out, weight_of(m, MODEL_GLOBAL, GW_FINAL_NORM), N, C,
+                    c->rms_norm_eps);
+    linear_forward(m->logits, m->lnf, lm_head_of(m), NULL, N, C, V);
+    hook_forward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf, m->logits, N);
+    m->fB = B;
+    m->fT = T;
+    if (!labels) return 0.0;
+    long count;
+    double loss = crossentropy_forward(m->lse, m->logits, m->labels, N, V, &count);
+    if (n_tokens) *n_tokens = count;
+    return loss;
+}
+
+/* ---- backward ----------------------------------------------------------------- */
+
+/* A norm (layer, kind) whose output gradient is dln and whose input was inp
+ * with reciprocal RMS rstd: rebuilds xhat, forms dxhat through the weight,
+ * lets the method add its share and take the weight's gradient, then adds
+ * the input gradient into dinp unless dinp is NULL. */
+static void norm_backward(model *m, int layer, int kind, float *dinp, const float *inp,
+                          const float *rstd, int N) {
+    int C = m->cfg->hidden_size;
+    rmsnorm_normalize(m->xhat, inp, rstd, N, C);
+    memset(m->dxhat, 0, (size_t)N * C * sizeof(float));
+    scale_backward(m->dxhat, NULL, m->dln, NULL, weight_of(m, layer, kind), N, C);
+    hook_backward(m, layer, kind, m->xhat, m->dln, m->dxhat, N);
+    if (dinp) rmsnorm_backward(dinp, m->dxhat, m->xhat, rstd, N, C);
+}
+
+/* Backward of layer l: m->dresid holds the gradient of its output and is
+ * left holding that of its input (when input_grad). */
+static void layer_backward(model *m, int l, int input_grad) {
+    const model_config *c = m->cfg;
+    peft *p = m->p;
+    int B = m->fB, T = m->fT, N = B * T, C = c->hidden_size, IC = c->intermediate_size;
+    int Hq = c->num_heads, Hkv = c->num_kv_heads, D = c->head_dim;
+    int qd = Hq * D, kvd = Hkv * D;
+    layer_acts *a = acts(m, l);
+    size_t nc = (size_t)N * C * sizeof(float), ni = (size_t)N * IC * sizeof(float);
+
+    /* MLP: the residual passes dresid both to resid2 and to down_proj's output. */
+    rmsnorm_normalize(m->xhat, a->resid2, a->rstd2, N, C);
+    scale_forward(m->ln, m->xhat, weight_of(m, l, LW_POST_NORM), N, C);
+    swiglu_forward(m->hmlp, a->gate, a->up, N, IC);
+    memset(m->dh, 0, ni);
+    linear_backward(m->dh, NULL, NULL, m->dresid, NULL, weight_of(m, l, LW_DOWN), N, IC, C);
+    hook_backward(m, l, LW_DOWN, m->hmlp, m->dresid, m->dh, N);
+    memset(m->dgate, 0, ni);
+    memset(m->dup, 0, ni);
+    swiglu_backward(m->dgate, m->dup, m->dh, a->gate, a->up, N, IC);
+    memset(m->dln, 0, nc);
+    linear_backward(m->dln, NULL, NULL, m->dgate, NULL, weight_of(m, l, LW_GATE), N, C, IC);
+    hook_backward(m, l, LW_GATE, m->ln, m->dgate, m->dln, N);
+    linear_backward(m->dln, NULL, NULL, m->dup, NULL, weight_of(m, l, LW_UP), N, C, IC);
+    hook_backward(m, l, LW_UP, m->ln, m->dup, m->dln, N);
+    norm_backward(m, l, LW_POST_NORM, m->dresid, a->resid2, a->rstd2, N);
+
+    /* Attention: dresid is now the gradient of resid2, passed to the layer
+     * input and to o_proj's output. */
+    memset(m->datty, 0, (size_t)N * qd * sizeof(float));
+    linear_backward(m->datty, NULL, NULL, m->dresid, NULL, weight_of(m, l, LW_O), N, qd, C);
+    hook_backward(m, l, LW_O, a->atty, m->dresid, m->datty, N);
+    const float *kp, *vp;
+    size_t pstride;
+    int P = prefix_of(m, l, &kp, &vp, &pstride);
+    int train_prefix = P && p->method->prefix_backward;
+    memset(m->dqr, 0, (size_t)N * qd * sizeof(float));
+    memset(m->dkr, 0, (size_t)N * kvd * sizeof(float));
+    memset(m->dv, 0, (size_t)N * kvd * sizeof(float));
+    if (train_prefix) {
+        memset(m->dkp, 0, (size_t)P * kvd * sizeof(float));
+        memset(m->dvp, 0, (size_t)P * kvd * sizeof(float));
+    }
+    attention_backward(m->dqr, m->dkr, m->dv, train_prefix ? m->dkp : NULL,
+                       train_prefix ? m->dvp : NULL, (size_t)kvd, m->attsc, m->datty, a->q, a->k,
+                       a->v, kp, vp, pstride, B, T, P, Hq, Hkv, D);
+    if (train_prefix) p->method->prefix_backward(p, l, m->dkp, m->dvp, (size_t)kvd);
+    memset(m->dq, 0, (size_t)N * qd * sizeof(float));
+    memset(m->dk, 0, (size_t)N * kvd * sizeof(float));
+    rope_backward(m->dq, m->dqr, m->rope_cos, m->rope_sin, B, T, Hq, D, m->fP);
+    rope_backward(m->dk, m->dkr, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
+
+    /* q, k, v read the input norm's output; biases' gradients are the
+     * methods', from dy. The norm's hook needs dln even when the layer's
+     * input gradient is not wanted. */
+    rmsnorm_normalize(m->xhat, a->resid, a->rstd1, N, C);
+    scale_forward(m->ln, m->xhat, weight_of(m, l, LW_INPUT_NORM), N, C);
+    memset(m->dln, 0, nc);
+    linear_backward(m->dln, NULL, NULL, m->dq, NULL, weight_of(m, l, LW_Q), N, C, qd);
+    hook_backward(m, l, LW_Q, m->ln, m->dq, m->dln, N);
+    linear_backward(m->dln, NULL, NULL, m->dk, NULL, weight_of(m, l, LW_K), N, C, kvd);
+    hook_backward(m, l, LW_K, m->ln, m->dk, m->dln, N);
+    linear_backward(m->dln, NULL, NULL, m->dv, NULL, weight_of(m, l, LW_V), N, C, kvd);
+    hook_backward(m, l, LW_V, m->ln, m->dv, m->dln, N);
+    norm_backward(m, l, LW_INPUT_NORM, input_grad ? m->dresid : NULL, a->resid, a->rstd1, N);
+}
+
+void model_backward(model *m, float loss_scale) {
+    const model_config *c = m->cfg;
+    peft *p = m->p;
+    if (!p) return;
+    if (!m->fB || !m->f_labels) {
+        log_error("model_backward: the last forward %s", m->fB ? "had no labels"
+                                                               : "failed or "
+                                                                 "never ran");
+        return;
+    }
+    int L = c->num_layers, C = c->hidden_size, V = c->vocab_size, N = m->fB * m->fT;
+    int first = p->first_trainable_layer;
+    first = first < -1 ? -1 : first > L ? L : first;
+
+    /* lm_head and the loss, a chunk of rows at a time; dln is the final
+     * norm's output gradient. */
+    const float *head = lm_head_of(m);
+    memset(m->dln, 0, (size_t)N * C * sizeof(float));
+    for (int r0 = 0; r0 < N; r0 += CE_CHUNK) {
+        int n = N - r0 < CE_CHUNK ? N - r0 : CE_CHUNK;
+        memset(m->dlogits, 0, (size_t)n * V * sizeof(float));
+        crossentropy_backward(m->dlogits, m->logits + (size_t)r0 * V, m->lse + r0, m->labels + r0,
+                              n, V, loss_scale);
+        float *dx = m->dln + (size_t)r0 * C;
+        linear_backward(dx, NULL, NULL, m->dlogits, NULL, head, n, C, V);
+        hook_backward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf + (size_t)r0 * C, m->dlogits, dx, n);
+    }
+    if (first < L) memset(m->dresid, 0, (size_t)N * C * sizeof(float));
+    norm_backward(m, MODEL_GLOBAL, GW_FINAL_NORM, first < L ? m->dresid : NULL, m->resid_out,
+                  m->rstdf, N);
+    for (int l = L - 1; l >= 0 && l >= first; l--) layer_backward(m, l, l > first);
+    if (first < 0 && p->method->embed_backward)
+        p->method->embed_backward(p, m->tokens, m->dresid, N);
+    if (p->method->end_backward) p->method->end_backward(p);
+}
