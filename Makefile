@@ -47,7 +47,7 @@ TESTS     := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS   := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps test check demo asan test-asan fuzz fuzz-run bench install \
+.PHONY: all deps test check demo asan test-asan fuzz fuzz-build fuzz-run bench install \
         uninstall clean format
 .SUFFIXES:
 .SECONDARY:
@@ -139,6 +139,21 @@ fuzz-run: fuzz
 	  $$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	      build/fuzz/corpus/$$name tests/fuzz/corpus/$$name || exit 1; \
 	done
+
+# ---- benchmarks ------------------------------------------------------------
+# Training tokens/s against PyTorch (Debian's python3-torch), interleaved;
+# see tests/bench/run.py. BENCH_ARGS="--reps 3 --shapes small" narrows it.
+BENCH_ARGS ?=
+bench: deps
+	@dpkg-query -W -f='$${Status}' python3-torch 2>/dev/null | grep -q "install ok installed" || \
+	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO apt-get install -y -qq --no-install-recommends python3-torch; }
+	@$(MAKE) --no-print-directory $(BUILD)/bench/bench_train
+	/usr/bin/python3 tests/bench/run.py --out $(BUILD)/bench/table.md $(BENCH_ARGS)
+
+$(BUILD)/bench/%: $(BUILD)/tests/bench/%.o $(LIB)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 # ---- install ---------------------------------------------------------------
 install: all

@@ -264,8 +264,8 @@ static int check_indices(const checker *c, const char *field, const uint32_t *v,
     for (size_t i = 0; i < n; i++) {
         snprintf(at, sizeof at, "%s[%zu]", field, i);
         if (limit > 0 && v[i] >= (uint64_t)limit)
-            return fail(c, at, "%s: %s %u does not exist; the model has %ld (0 to %ld)", field,
-                        what, v[i], limit, limit - 1);
+            return fail(c, at, "%s: %s %u does not exist; the model has %ld %ss (0 to %ld)", field,
+                        what, v[i], limit, what, limit - 1);
         for (size_t j = 0; j < i; j++)
             if (v[j] == v[i]) return fail(c, at, "%s lists %s %u twice", field, what, v[i]);
     }

@@ -55,7 +55,9 @@ static void lora_tensor_name(const model_config *cfg, int layer, int kind, char 
     const char *suffix = ".weight";
     if (len >= strlen(suffix) && !strcmp(base + len - strlen(suffix), suffix))
         base[len - strlen(suffix)] = '\0';
-    snprintf(buf, n, "base_model.model.%s.lora_%c.weight", base, which);
+    /* HF module paths are far below 120 characters; the bound keeps the
+     * name within PEFT_NAME_MAX. */
+    snprintf(buf, n, "base_model.model.%.120s.lora_%c.weight", base, which);
 }
 
 static int lora_create(peft *p, err *e) {

@@ -1588,7 +1588,12 @@ static void w_quoted(writer *w, const unsigned char *s, size_t n, int utf8) {
     w_put(w, "\"", 1);
 }
 
-/* The shortest %g form that reads back to the same value. */
+static int reads_back(const char *text, double v, int is_float) {
+    return is_float ? strtof(text, NULL) == (float)v : strtod(text, NULL) == v;
+}
+
+/* The shortest %g form that reads back to the same value, written without
+ * an exponent for magnitudes from 1 to 1e16 ("1000", not "1e+03"). */
 static void fmt_real(char *out, size_t n, double v, int is_float) {
     if (isnan(v)) {
         snprintf(out, n, "%s", signbit(v) ? "-nan" : "nan");
@@ -1598,10 +1603,17 @@ static void fmt_real(char *out, size_t n, double v, int is_float) {
         snprintf(out, n, "%s", v < 0 ? "-inf" : "inf");
         return;
     }
-    int max = is_float ? 9 : 17;
-    for (int p = 1; p <= max; p++) {
+    int max = is_float ? 9 : 17, p = 1;
+    for (; p <= max; p++) {
         snprintf(out, n, "%.*g", p, v);
-        if (is_float ? strtof(out, NULL) == (float)v : strtod(out, NULL) == v) return;
+        if (reads_back(out, v, is_float)) break;
+    }
+    const char *e = strchr(out, 'e');
+    int exp10 = e ? atoi(e + 1) : -1;
+    if (exp10 >= 0 && exp10 < 16) {
+        char plain[64];
+        snprintf(plain, sizeof plain, "%.*g", exp10 + 1, v);
+        if (reads_back(plain, v, is_float)) snprintf(out, n, "%s", plain);
     }
 }
 

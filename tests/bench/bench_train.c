@@ -1,0 +1,220 @@
+/* Training-step benchmark: tokens/s of one full step (forward, backward,
+ * AdamW) of a random Llama-shaped model, for LoRA r=8 on q,v or for full
+ * fine-tuning, plus the cblas_sgemm rate of this machine and the step's
+ * floating-point operations, so a run can say what share of the matrix-
+ * multiply limit it reached. tests/bench/run.sh runs it beside the PyTorch
+ * peer (tests/bench/torch_step.py), interleaved. */
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+#include "optim.h"
+#include "peft.h"
+#include "progress.h"
+#include "rng.h"
+
+typedef struct shape {
+    const char *name;
+    int layers, hidden, heads, inter, seq, batch, vocab;
+} shape;
+
+static const shape shapes[] = {
+    {"small", 4, 256, 4, 688, 128, 8, 256},
+    {"gpt2", 12, 768, 12, 3072, 64, 4, 50257},
+};
+
+static void config_of(const shape *s, model_config *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    cfg->vocab_size = s->vocab;
+    cfg->hidden_size = s->hidden;
+    cfg->intermediate_size = s->inter;
+    cfg->num_layers = s->layers;
+    cfg->num_heads = s->heads;
+    cfg->num_kv_heads = s->heads;
+    cfg->head_dim = s->hidden / s->heads;
+    cfg->max_position_embeddings = 4096;
+    cfg->rms_norm_eps = 1e-5f;
+    cfg->rope_theta = 10000.0f;
+    cfg->rope_factor = 1.0f;
+    cfg->bos_token_id = -1;
+    cfg->eos_token_id = -1;
+}
+
+/* Matrix-multiply FLOPs of one training step. Forward: 2 per multiply-add
+ * of every linear and lm_head, plus QK^T and PV over the full TxT square
+ * (what the kernels compute). Backward: input gradients cost the forward
+ * again; full fine-tuning adds the weight gradients (the linear forward
+ * once more). LoRA's own products are counted too. */
+static double step_flops(const shape *s, int full) {
+    double N = (double)s->batch * s->seq, C = s->hidden, F = s->inter, L = s->layers, V = s->vocab;
+    double lin = L * (4 * C * C + 3 * C * F);
+    double attn = L * 2.0 * 2.0 * s->batch * (double)s->seq * s->seq * C;
+    double fwd = 2 * N * (lin + V * C) + attn;
+    double total = 2 * fwd;
+    if (full)
+        total += 2 * N * (lin + V * C);
+    else
+        total += 3 * 2 * N * L * 2 * (8.0 * C + 8.0 * C); /* LoRA on q,v: fwd+2 bwd */
+    return total;
+}
+
+static double sgemm_gflops(void) {
+    int n = 1024;
+    float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n),
+          *c = malloc(sizeof(float) * n * n);
+    for (int i = 0; i < n * n; i++) a[i] = b[i] = 0.001f * (float)(i % 97);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+    double best = 0;
+    for (int r = 0; r < 5; r++) {
+        double t0 = progress_now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c,
+                    n);
+        double g = 2.0 * n * n * (double)n / (progress_now() - t0) / 1e9;
+        if (g > best) best = g;
+    }
+    free(a);
+    free(b);
+    free(c);
+    return best;
+}
+
+int main(int argc, char **argv) {
+    const char *shape_name = "small", *method = "lora";
+    int steps = 10, warmup = 2;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--shape") && i + 1 < argc)
+            shape_name = argv[++i];
+        else if (!strcmp(argv[i], "--method") && i + 1 < argc)
+            method = argv[++i];
+        else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
+            steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--sgemm")) {
+            printf("{\"sgemm_gflops\":%.2f}\n", sgemm_gflops());
+            return 0;
+        } else {
+            fprintf(stderr,
+                    "usage: bench_train [--shape small|gpt2] [--method lora|full] [--steps N] | "
+                    "--sgemm\n");
+            return 2;
+        }
+    }
+    const shape *s = NULL;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        if (!strcmp(shapes[i].name, shape_name)) s = &shapes[i];
+    int full = !strcmp(method, "full");
+    if (!s || (!full && strcmp(method, "lora"))) {
+        fprintf(stderr, "bench_train: unknown shape '%s' or method '%s'\n", shape_name, method);
+        return 2;
+    }
+
+    model_config cfg;
+    config_of(s, &cfg);
+    /* All base weights in one allocation, N(0, 0.02). */
+    size_t total = 0;
+    for (int k = 0; k < GW_COUNT; k++) total += model_weight_shape(&cfg, MODEL_GLOBAL, k, NULL, NULL);
+    for (int l = 0; l < cfg.num_layers; l++)
+        for (int k = 0; k < LW_COUNT; k++) total += model_weight_shape(&cfg, l, k, NULL, NULL);
+    float *mem = malloc(total * sizeof *mem);
+    const float *(*layers)[LW_COUNT] = calloc((size_t)cfg.num_layers, sizeof *layers);
+    if (!mem || !layers) return 1;
+    rng r;
+    rng_seed(&r, 1, 2, 3, 4);
+    for (size_t i = 0; i < total; i++) mem[i] = 0.02f * rng_normal(&r);
+    model_weights w = {.layer = layers};
+    float *at = mem;
+    for (int k = 0; k < GW_COUNT; k++) {
+        size_t n = model_weight_shape(&cfg, MODEL_GLOBAL, k, NULL, NULL);
+        w.global[k] = n ? at : NULL;
+        if (k == GW_FINAL_NORM)
+            for (size_t i = 0; i < n; i++) at[i] = 1.0f;
+        at += n;
+    }
+    for (int l = 0; l < cfg.num_layers; l++)
+        for (int k = 0; k < LW_COUNT; k++) {
+            size_t n = model_weight_shape(&cfg, l, k, NULL, NULL);
+            layers[l][k] = n ? at : NULL;
+            if (k == LW_INPUT_NORM || k == LW_POST_NORM)
+                for (size_t i = 0; i < n; i++) at[i] = 1.0f;
+            at += n;
+        }
+
+    Peftps__Method mcfg = PEFTPS__METHOD__INIT;
+    Peftps__LoRA lora = PEFTPS__LO_RA__INIT;
+    Peftps__Full fullcfg = PEFTPS__FULL__INIT;
+    Peftps__Module targets[] = {PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__V_PROJ};
+    if (full) {
+        mcfg.kind_case = PEFTPS__METHOD__KIND_FULL;
+        mcfg.full = &fullcfg;
+    } else {
+        lora.has_r = 1;
+        lora.r = 8;
+        lora.has_alpha = 1;
+        lora.alpha = 16;
+        lora.n_target_modules = 2;
+        lora.target_modules = targets;
+        mcfg.kind_case = PEFTPS__METHOD__KIND_LORA;
+        mcfg.lora = &lora;
+    }
+    err e;
+    peft *p;
+    model *m;
+    if (peft_create(&p, &mcfg, &cfg, &w, &e) < 0 ||
+        model_create(&m, &cfg, &w, p, s->batch, s->seq, &e) < 0) {
+        fprintf(stderr, "bench_train: %s\n", e.msg);
+        return 1;
+    }
+    peft_init(p, 7);
+    Peftps__Optimizer ocfg = PEFTPS__OPTIMIZER__INIT;
+    ocfg.lr = 1e-4f;
+    ocfg.beta1 = 0.9f;
+    ocfg.beta2 = 0.999f;
+    ocfg.eps = 1e-8f;
+    ocfg.weight_decay = 0.0f;
+    optim o;
+    if (optim_create(&o, p->n_params, &ocfg, &e) < 0) {
+        fprintf(stderr, "bench_train: %s\n", e.msg);
+        return 1;
+    }
+    size_t ntok = (size_t)s->batch * s->seq;
+    int32_t *tok = malloc(ntok * sizeof *tok), *lab = malloc(ntok * sizeof *lab);
+    for (size_t i = 0; i < ntok; i++) {
+        tok[i] = (int32_t)(rng_u64(&r) % (uint64_t)s->vocab);
+        lab[i] = (int32_t)(rng_u64(&r) % (uint64_t)s->vocab);
+    }
+    double *times = malloc(sizeof(double) * (size_t)steps);
+    for (int it = 0; it < warmup + steps; it++) {
+        double t0 = progress_now();
+        peft_set_step(p, 1, 1, (uint64_t)it, 0);
+        peft_zero_grads(p);
+        long n;
+        model_forward(m, tok, lab, s->batch, s->seq, &n);
+        model_backward(m, 1.0f / (float)n);
+        optim_step(&o, p->params, p->grads, 1e-4);
+        peft_refresh(p);
+        if (it >= warmup) times[it - warmup] = progress_now() - t0;
+    }
+    /* Median step time. */
+    for (int i = 1; i < steps; i++)
+        for (int j = i; j > 0 && times[j] < times[j - 1]; j--) {
+            double tmp = times[j];
+            times[j] = times[j - 1];
+            times[j - 1] = tmp;
+        }
+    double med = times[steps / 2];
+    printf("{\"impl\":\"peftps\",\"shape\":\"%s\",\"method\":\"%s\",\"step_ms\":%.3f,"
+           "\"tokens_per_s\":%.1f,\"gflops\":%.2f,\"trainable\":%zu}\n",
+           s->name, method, med * 1e3, (double)ntok / med, step_flops(s, full) / med / 1e9,
+           peft_num_trainable(p));
+    optim_free(&o);
+    model_free(m);
+    peft_free(p);
+    free(times);
+    free(tok);
+    free(lab);
+    free(mem);
+    free(layers);
+    return 0;
+}
