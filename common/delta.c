@@ -180,6 +180,7 @@ int delta_add_sparse(delta_set *ds, peft *p, int layer, int kind, size_t nnz, er
 void delta_set_indices(delta_set *ds, int i, uint32_t *idx) {
     free(ds->entries[i].idx);
     ds->entries[i].idx = idx;
+    ds->entries[i].eff_base = 0; /* the old entries of eff hold base + delta */
     ds->fresh = 0;
 }
 
@@ -201,32 +202,34 @@ int delta_reserve(delta_set *ds, int B, int T, err *e) {
     return 0;
 }
 
-/* w += the delta of d, read from params. */
-static void add_delta(const delta_entry *d, const float *t, float *w) {
+/* The delta d (params t) on the base: w = base + t at every entry the delta
+ * covers (with base == w: w += t, the merge). Positions it does not cover
+ * are left alone, so that a refresh rewrites only them. */
+static void apply_delta(const delta_entry *d, const float *base, const float *t, float *w) {
     size_t cols = (size_t)d->cols;
     switch (d->layout) {
     case DELTA_DENSE:
-        for (size_t i = 0, n = (size_t)d->rows * cols; i < n; i++) w[i] += t[i];
+        for (size_t i = 0, n = (size_t)d->rows * cols; i < n; i++) w[i] = base[i] + t[i];
         break;
     case DELTA_ROWS:
         for (int r = 0; r < d->n_runs; r++) {
             const delta_run *u = &d->runs[r];
+            size_t at = (size_t)u->w * cols, from = (size_t)u->t * cols;
             for (size_t i = 0, n = (size_t)u->len * cols; i < n; i++)
-                w[(size_t)u->w * cols + i] += t[(size_t)u->t * cols + i];
+                w[at + i] = base[at + i] + t[from + i];
         }
         break;
     case DELTA_COLS:
         for (int i = 0; i < d->rows; i++)
             for (int r = 0; r < d->n_runs; r++) {
                 const delta_run *u = &d->runs[r];
-                float *wr = w + (size_t)i * cols + u->w;
-                const float *tr = t + (size_t)i * d->span + u->t;
-                for (int c = 0; c < u->len; c++) wr[c] += tr[c];
+                size_t at = (size_t)i * cols + u->w, from = (size_t)i * d->span + u->t;
+                for (int c = 0; c < u->len; c++) w[at + c] = base[at + c] + t[from + c];
             }
         break;
     case DELTA_SPARSE:
         if (d->idx)
-            for (size_t k = 0; k < d->nnz; k++) w[d->idx[k]] += t[k];
+            for (size_t k = 0; k < d->nnz; k++) w[d->idx[k]] = base[d->idx[k]] + t[k];
         break;
     }
 }
@@ -235,6 +238,7 @@ void delta_refresh(delta_set *ds, peft *p) {
     for (int i = 0; i < ds->n; i++) {
         delta_entry *d = &ds->entries[i];
         size_t numel = (size_t)d->rows * d->cols;
+        const float *base = ds->base->layer[d->layer][d->kind];
         if (!d->eff && !(d->eff = malloc(numel * sizeof *d->eff))) {
             char name[PEFT_NAME_MAX];
             model_weight_name(ds->cfg, d->layer, d->kind, name, sizeof name);
@@ -243,8 +247,13 @@ void delta_refresh(delta_set *ds, peft *p) {
             ds->fresh = 0;
             return;
         }
-        memcpy(d->eff, ds->base->layer[d->layer][d->kind], numel * sizeof *d->eff);
-        add_delta(d, peft_param(p, d->tensor), d->eff);
+        /* The whole weight is copied once; afterwards only the delta's
+         * entries change (a sparse mask touches a small part of it). */
+        if (!d->eff_base) {
+            memcpy(d->eff, base, numel * sizeof *d->eff);
+            d->eff_base = 1;
+        }
+        apply_delta(d, base, peft_param(p, d->tensor), d->eff);
     }
     ds->fresh = 1;
 }
@@ -256,7 +265,7 @@ const float *delta_weight(delta_set *ds, int layer, int kind) {
 
 void delta_merge(delta_set *ds, peft *p, int layer, int kind, float *w) {
     delta_entry *d = delta_find(ds, layer, kind);
-    if (d) add_delta(d, peft_param(p, d->tensor), w);
+    if (d) apply_delta(d, w, peft_param(p, d->tensor), w);
 }
 
 /* out (cols, rows) = in (rows, cols) transposed, in cache-sized tiles. */

@@ -38,6 +38,7 @@ typedef struct delta_entry {
     uint32_t *idx; /* DELTA_SPARSE: sorted flat indices row*cols+col; NULL until chosen */
     size_t nnz;    /* DELTA_SPARSE: entries */
     float *eff;    /* W_eff (rows*cols), allocated by the first refresh */
+    int eff_base;  /* eff holds the base outside the delta's entries */
 } delta_entry;
 
 typedef struct delta_set {

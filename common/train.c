@@ -108,20 +108,49 @@ int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_s
     return 0;
 }
 
-double train_update(optim *o, const Peftps__Optimizer *ocfg, const peft_tensor *tensors,
-                    int n_tensors, float *params, float *grads, size_t n, long n_tokens, double lr) {
-    /* The mean gradient: one multiply per element, the same on every server. */
+void train_grad_mean(float *grads, size_t n, long n_tokens) {
+    /* One multiply per element, the same on every server. */
     float inv = n_tokens > 0 ? (float)(1.0 / (double)n_tokens) : 0.0f;
     for (size_t i = 0; i < n; i++) grads[i] *= inv;
-    double sumsq = 0.0;
-    for (int i = 0; i < n_tensors; i++)
-        sumsq += optim_grad_sumsq(grads + tensors[i].offset, tensors[i].numel);
-    double norm = sqrt(sumsq);
+}
+
+double train_grad_sumsq(const peft_tensor *tensors, int n_tensors, const float *grads,
+                        double *each) {
+    double total = 0.0;
+    for (int i = 0; i < n_tensors; i++) {
+        double s = optim_grad_sumsq(grads + tensors[i].offset, tensors[i].numel);
+        if (each) each[i] = s;
+        total += s;
+    }
+    return total;
+}
+
+void train_apply(optim *o, const Peftps__Optimizer *ocfg, float *params, float *grads, size_t n,
+                 double norm, double lr) {
     float coef = optim_clip_coef(norm, ocfg->max_grad_norm);
     if (coef < 1.0f)
         for (size_t i = 0; i < n; i++) grads[i] *= coef;
     optim_step(o, params, grads, lr);
+}
+
+double train_update(optim *o, const Peftps__Optimizer *ocfg, const peft_tensor *tensors,
+                    int n_tensors, float *params, float *grads, size_t n, long n_tokens, double lr) {
+    train_grad_mean(grads, n, n_tokens);
+    double norm = sqrt(train_grad_sumsq(tensors, n_tensors, grads, NULL));
+    train_apply(o, ocfg, params, grads, n, norm, lr);
     return norm;
+}
+
+void trainer_drop_compute(trainer *t) {
+    model_free(t->m);
+    t->m = NULL;
+    data_close(t->train);
+    t->train = NULL;
+    data_close(t->eval);
+    t->eval = NULL;
+    free(t->tokens);
+    free(t->labels);
+    t->tokens = t->labels = NULL;
 }
 
 int trainer_step(trainer *t, uint64_t step, train_step_stats *st, err *e) {

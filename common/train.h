@@ -4,7 +4,8 @@
  * shard) and the parameter server (sum shards in order, then update). The
  * one-process trainer runs both halves in the same order with the same
  * arithmetic, so its tensors are what a cluster of any size produces. Used by
- * cli/cmd_train.c and cli/cmd_eval.c; the worker and server use the halves. */
+ * cli/cmd_train.c and cli/cmd_eval.c; the worker (worker/) and the parameter
+ * server (server/) use the halves, the server the update's pieces. */
 #ifndef PEFTPS_TRAIN_H
 #define PEFTPS_TRAIN_H
 
@@ -61,6 +62,35 @@ int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_s
  * into the same bits). Returns the norm before clipping. */
 double train_update(optim *o, const Peftps__Optimizer *ocfg, const peft_tensor *tensors,
                     int n_tensors, float *params, float *grads, size_t n, long n_tokens, double lr);
+
+/* The pieces of train_update, for servers that hold disjoint sets of
+ * tensors and must together reach the bits of one train_update over all of
+ * them. Each server runs train_grad_mean and train_grad_sumsq on its own
+ * tensors, the per-tensor sums are added in global tensor order (as
+ * train_grad_sumsq adds them), and each server runs train_apply with the
+ * square root of that total. */
+
+/* The mean gradient: grads[i] *= 1/n_tokens for i < n, the factor rounded
+ * to float once (0 when n_tokens is 0). */
+void train_grad_mean(float *grads, size_t n, long n_tokens);
+
+/* Sum of squares of each listed tensor's gradient (optim_grad_sumsq over its
+ * view), stored in each[i] when `each` is not NULL; returns their total,
+ * added in list order. */
+double train_grad_sumsq(const peft_tensor *tensors, int n_tensors, const float *grads,
+                        double *each);
+
+/* Clips the n floats of grads by the global norm `norm` against
+ * ocfg->max_grad_norm (optim_clip_coef) and takes one AdamW step of o on
+ * params at rate lr. */
+void train_apply(optim *o, const Peftps__Optimizer *ocfg, float *params, float *grads, size_t n,
+                 double norm, double lr);
+
+/* Frees what computing needs (the model and its activations, the data, the
+ * batch buffers), keeping the mapped base and the method with its tensors:
+ * what the parameter server keeps once the method is initialised. Afterwards
+ * only t->p, t->files and t->exp may be used. */
+void trainer_drop_compute(trainer *t);
 
 /* One whole step in process: every shard in order, summed, then updated. */
 int trainer_step(trainer *t, uint64_t step, train_step_stats *st, err *e);

@@ -24,7 +24,7 @@ static const struct {
     const char *name;
     size_t size;
 } dtypes[] = {
-    [PEFTPS__WIRE__DTYPE__F32] = {"F32", 4}, [PEFTPS__WIRE__DTYPE__F16] = {"F16", 2},
+    [PEFTPS__WIRE__DTYPE__F32] = {"F32", 4},   [PEFTPS__WIRE__DTYPE__F16] = {"F16", 2},
     [PEFTPS__WIRE__DTYPE__BF16] = {"BF16", 2}, [PEFTPS__WIRE__DTYPE__I32] = {"I32", 4},
     [PEFTPS__WIRE__DTYPE__U32] = {"U32", 4},   [PEFTPS__WIRE__DTYPE__I64] = {"I64", 8},
 };
@@ -39,9 +39,9 @@ const char *wire_dtype_name(int dtype) {
 }
 
 const char *wire_body_name(int body_case) {
-    static const char *const names[] = {"none",  "hello",     "welcome", "pull",
-                                        "snapshot", "assign", "grad_push", "ack",
-                                        "error", "heartbeat", "shutdown"};
+    static const char *const names[] = {"none",     "hello",     "welcome",   "pull",
+                                        "snapshot", "assign",    "grad_push", "ack",
+                                        "error",    "heartbeat", "shutdown"};
     if (body_case < 0 || body_case >= (int)(sizeof names / sizeof names[0])) return "unknown";
     return names[body_case];
 }
@@ -124,8 +124,8 @@ static int check_out_tensor(const wire_tensor *t, int i, int want_data, err *e) 
     if (!t->name || !t->name[0]) return err_set(e, "tensor %d has no name", i);
     size_t len = strlen(t->name);
     if (len >= WIRE_NAME_MAX)
-        return err_set(e, "tensor %d ('%.40s...'): name of %zu bytes, the limit is %d", i,
-                       t->name, len, WIRE_NAME_MAX - 1);
+        return err_set(e, "tensor %d ('%.40s...'): name of %zu bytes, the limit is %d", i, t->name,
+                       len, WIRE_NAME_MAX - 1);
     size_t size = wire_dtype_size(t->dtype);
     if (!size) return err_set(e, "tensor %d ('%s'): unknown dtype %d", i, t->name, t->dtype);
     if (t->ndim < 0 || t->ndim > WIRE_MAX_DIMS)
@@ -140,8 +140,8 @@ static int check_out_tensor(const wire_tensor *t, int i, int want_data, err *e) 
     }
     char sb[96];
     if (shape_bytes(shape, (size_t)t->ndim, size, &numel, &nbytes) || nbytes != t->nbytes)
-        return err_set(e, "tensor %d ('%s'): nbytes %zu does not match shape %s of %s", i,
-                       t->name, t->nbytes, shape_str(sb, sizeof sb, shape, (size_t)t->ndim),
+        return err_set(e, "tensor %d ('%s'): nbytes %zu does not match shape %s of %s", i, t->name,
+                       t->nbytes, shape_str(sb, sizeof sb, shape, (size_t)t->ndim),
                        wire_dtype_name(t->dtype));
     if (want_data && t->nbytes && !t->data)
         return err_set(e, "tensor %d ('%s'): no data", i, t->name);
@@ -156,7 +156,8 @@ static int send_frame(void *sock, const void *p, size_t n, int more, lend *l, er
      * glue the next message's frames onto it. */
     if (!l || n < WIRE_ZC_MIN_BYTES) {
         int rc;
-        while ((rc = zmq_send(sock, p, n, flags)) < 0 && errno == EINTR) {}
+        while ((rc = zmq_send(sock, p, n, flags)) < 0 && errno == EINTR) {
+        }
         if (rc < 0) return err_set(e, "zmq_send: %s", zmq_strerror(errno));
         return 0;
     }
@@ -168,7 +169,8 @@ static int send_frame(void *sock, const void *p, size_t n, int more, lend *l, er
         return err_set(e, "zmq_msg_init_data: %s", zmq_strerror(saved));
     }
     int rc;
-    while ((rc = zmq_msg_send(&m, sock, flags)) < 0 && errno == EINTR) {}
+    while ((rc = zmq_msg_send(&m, sock, flags)) < 0 && errno == EINTR) {
+    }
     if (rc < 0) {
         int saved = errno;
         zmq_msg_close(&m); /* still ours after a failed send: runs lend_free */
@@ -182,7 +184,8 @@ static int send_impl(void *sock, const void *identity, size_t id_len,
                      err *e) {
     if (!env || env->body_case == PEFTPS__WIRE__ENVELOPE__BODY__NOT_SET || !env->hello)
         return err_set(e, "sending a message: the envelope has no body");
-    if (n < 0 || (n > 0 && !tensors)) return err_set(e, "sending a message: bad tensor count %d", n);
+    if (n < 0 || (n > 0 && !tensors))
+        return err_set(e, "sending a message: bad tensor count %d", n);
     const char *body = wire_body_name(env->body_case);
 
     /* A shallow copy whose body may take the tensor list: env is the
@@ -262,8 +265,7 @@ static int send_impl(void *sock, const void *identity, size_t id_len,
     if (!rc) {
         size_t size = peftps__wire__envelope__get_packed_size(&copy);
         if (zmq_msg_init_size(&hdr, size) < 0) {
-            rc = err_set(e, "sending %s: header of %zu bytes: %s", body, size,
-                         zmq_strerror(errno));
+            rc = err_set(e, "sending %s: header of %zu bytes: %s", body, size, zmq_strerror(errno));
         } else {
             peftps__wire__envelope__pack(&copy, zmq_msg_data(&hdr));
             if (id_len && zmq_send(sock, identity, id_len, ZMQ_SNDMORE) < 0) {
@@ -271,8 +273,9 @@ static int send_impl(void *sock, const void *identity, size_t id_len,
                 zmq_msg_close(&hdr);
             } else {
                 int r;
-                while ((r = zmq_msg_send(&hdr, sock, n_frames ? ZMQ_SNDMORE : 0)) < 0 &&
-                       id_len && errno == EINTR) {}
+                while ((r = zmq_msg_send(&hdr, sock, n_frames ? ZMQ_SNDMORE : 0)) < 0 && id_len &&
+                       errno == EINTR) {
+                }
                 if (r < 0) {
                     rc = err_set(e, "sending %s: header frame: %s", body, zmq_strerror(errno));
                     zmq_msg_close(&hdr);
@@ -294,9 +297,8 @@ int wire_send(void *sock, const void *identity, size_t id_len, const Peftps__Wir
     return send_impl(sock, identity, id_len, env, tensors, n, NULL, e);
 }
 
-int wire_send_zc(void *sock, const void *identity, size_t id_len,
-                 const Peftps__Wire__Envelope *env, const wire_tensor *tensors, int n,
-                 wire_release_fn release, void *hint, err *e) {
+int wire_send_zc(void *sock, const void *identity, size_t id_len, const Peftps__Wire__Envelope *env,
+                 const wire_tensor *tensors, int n, wire_release_fn release, void *hint, err *e) {
     if (!release) return err_set(e, "wire_send_zc: no release callback");
     lend *l = malloc(sizeof *l);
     if (!l) {
@@ -400,22 +402,23 @@ static int check_header(const Peftps__Wire__TensorHeader *h, int i, const wire_f
                        shape_str(sb, sizeof sb, h->shape, h->n_shape), wire_dtype_name(h->dtype));
     if (!h->has_nbytes) return err_set(e, "tensor %d ('%s') has no nbytes", i, nm);
     if (h->nbytes != nbytes)
-        return err_set(e, "tensor %d ('%s'): nbytes %llu does not match shape %s of %s (%llu bytes)",
-                       i, nm, (unsigned long long)h->nbytes,
-                       shape_str(sb, sizeof sb, h->shape, h->n_shape), wire_dtype_name(h->dtype),
-                       (unsigned long long)nbytes);
+        return err_set(
+            e, "tensor %d ('%s'): nbytes %llu does not match shape %s of %s (%llu bytes)", i, nm,
+            (unsigned long long)h->nbytes, shape_str(sb, sizeof sb, h->shape, h->n_shape),
+            wire_dtype_name(h->dtype), (unsigned long long)nbytes);
     if (nbytes > max_bytes)
         return err_set(e, "tensor %d ('%s'): %llu bytes, over the message limit of %llu", i, nm,
                        (unsigned long long)nbytes, (unsigned long long)max_bytes);
     if (frame) {
         if (frame->size != nbytes)
-            return err_set(e, "tensor %d ('%s'): frame has %zu bytes but the header says nbytes %llu",
+            return err_set(e,
+                           "tensor %d ('%s'): frame has %zu bytes but the header says nbytes %llu",
                            i, nm, frame->size, (unsigned long long)nbytes);
         if (!h->has_crc32c) return err_set(e, "tensor %d ('%s') has no crc32c", i, nm);
         uint32_t crc = crc32c(0, frame->data, frame->size);
         if (crc != h->crc32c)
-            return err_set(e, "tensor %d ('%s'): CRC-32C mismatch (header 0x%08x, frame 0x%08x)",
-                           i, nm, h->crc32c, crc);
+            return err_set(e, "tensor %d ('%s'): CRC-32C mismatch (header 0x%08x, frame 0x%08x)", i,
+                           nm, h->crc32c, crc);
     }
     v->name = nm;
     v->dtype = (int)h->dtype;
@@ -448,8 +451,7 @@ int wire_decode(const wire_frame *frames, int n, const wire_limits *lim, wire_ms
 
     Peftps__Wire__Envelope *env =
         peftps__wire__envelope__unpack(NULL, frames[0].size, frames[0].data);
-    if (!env)
-        return err_set(e, "header frame (%zu bytes) is not a valid Envelope", frames[0].size);
+    if (!env) return err_set(e, "header frame (%zu bytes) is not a valid Envelope", frames[0].size);
     int rc = 0;
     wire_view *views = NULL;
     const char *body = wire_body_name(env->body_case);
@@ -499,7 +501,8 @@ static void peer_hex(const wire_msg *m, char *buf, size_t cap) {
  * multipart messages whole, so this only waits on a signal. */
 static int recv_part(void *sock, zmq_msg_t *m) {
     int rc;
-    while ((rc = zmq_msg_recv(m, sock, 0)) < 0 && errno == EINTR) {}
+    while ((rc = zmq_msg_recv(m, sock, 0)) < 0 && errno == EINTR) {
+    }
     return rc < 0 ? -1 : 0;
 }
 
@@ -548,8 +551,10 @@ int wire_recv(void *sock, int with_identity, wire_msg *out, const wire_limits *l
         if (!fail && !over_count && total <= max_bytes && n == cap) {
             int ncap = cap ? 2 * cap : 8;
             zmq_msg_t *nf = realloc(frames, (size_t)ncap * sizeof *nf);
-            if (nf) frames = nf, cap = ncap;
-            else fail = 1;
+            if (nf)
+                frames = nf, cap = ncap;
+            else
+                fail = 1;
         }
         if (!fail && !over_count && total <= max_bytes) {
             /* realloc may move these later: a zmq_msg_t holds no pointer
@@ -587,8 +592,8 @@ int wire_recv(void *sock, int with_identity, wire_msg *out, const wire_limits *l
     else if (!(wf = malloc((size_t)n * sizeof *wf)))
         rc = err_set(e, "out of memory for %d frames", n);
     else {
-        for (int i = 0; i < n; i++) wf[i] = (wire_frame){zmq_msg_data(&frames[i]),
-                                                         zmq_msg_size(&frames[i])};
+        for (int i = 0; i < n; i++)
+            wf[i] = (wire_frame){zmq_msg_data(&frames[i]), zmq_msg_size(&frames[i])};
         rc = wire_decode(wf, n, lim, out, e);
     }
     free(wf);
@@ -619,8 +624,7 @@ void wire_msg_close(wire_msg *m) {
 /* ---- checks and reading -------------------------------------------------- */
 
 int wire_check_tensors(const wire_msg *m, const wire_expect *expected, int n, err *e) {
-    if (m->n_tensors != n)
-        return err_set(e, "%d tensors received, %d expected", m->n_tensors, n);
+    if (m->n_tensors != n) return err_set(e, "%d tensors received, %d expected", m->n_tensors, n);
     char a[96], b[96];
     for (int i = 0; i < n; i++) {
         const wire_view *v = &m->tensors[i];
@@ -756,8 +760,8 @@ Peftps__Wire__Envelope *wire_assign(wire_out *o, uint64_t step, uint64_t version
     return &o->env;
 }
 
-Peftps__Wire__Envelope *wire_grad_push(wire_out *o, uint64_t step, uint64_t version,
-                                       uint32_t shard, double loss_sum, uint64_t n_tokens) {
+Peftps__Wire__Envelope *wire_grad_push(wire_out *o, uint64_t step, uint64_t version, uint32_t shard,
+                                       double loss_sum, uint64_t n_tokens) {
     BODY(o, grad_push, peftps__wire__grad_push__init, PEFTPS__WIRE__ENVELOPE__BODY_GRAD_PUSH);
     Peftps__Wire__GradPush *g = &o->body.grad_push;
     g->has_step = g->has_version = g->has_shard = g->has_loss_sum = g->has_n_tokens = 1;

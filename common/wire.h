@@ -141,10 +141,11 @@ typedef void (*wire_release_fn)(void *hint);
  * Errors (-1): a tensor the header could not describe (empty or too long
  * name, unknown dtype, ndim outside 0..4, negative dim, nbytes not equal to
  * the shape's size, NULL data), a body with no tensors given tensors or a
- * tensor-carrying body with a pre-filled list, no body, and zmq errors
- * (EHOSTUNREACH for an unknown identity with ZMQ_ROUTER_MANDATORY, ETERM,
- * EINTR). A zmq error after the header went out leaves a partial message,
- * which libzmq discards. */
+ * tensor-carrying body with a pre-filled list, no body, and zmq errors on
+ * the first frame (EHOSTUNREACH for an unknown identity with
+ * ZMQ_ROUTER_MANDATORY, EAGAIN, ETERM, EINTR). Later frames retry EINTR,
+ * since a half-sent message would swallow the next one; only ETERM (the
+ * context is closing) can leave one half sent. */
 int wire_send(void *sock, const void *identity, size_t id_len, const Peftps__Wire__Envelope *env,
               const wire_tensor *tensors, int n, err *e);
 
@@ -156,12 +157,12 @@ int wire_send(void *sock, const void *identity, size_t id_len, const Peftps__Wir
  * sender's very buffer until it closes the message. A server therefore
  * lends an immutable per-version copy of its parameters and frees it in
  * release, never the parameters the optimizer updates in place. */
-int wire_send_zc(void *sock, const void *identity, size_t id_len,
-                 const Peftps__Wire__Envelope *env, const wire_tensor *tensors, int n,
-                 wire_release_fn release, void *hint, err *e);
+int wire_send_zc(void *sock, const void *identity, size_t id_len, const Peftps__Wire__Envelope *env,
+                 const wire_tensor *tensors, int n, wire_release_fn release, void *hint, err *e);
 
 /* Receives one whole message (blocking, unless the socket has ZMQ_RCVTIMEO)
- * into out, which it first resets; with_identity is 1 on a ROUTER. Always
+ * into out, which need not be initialised (a message it held must have
+ * been closed first); with_identity is 1 on a ROUTER. Always
  * takes every frame of the message off the socket, also of a bad one, so
  * that the next call starts at a message boundary. Validates it as
  * wire_decode does, and also rejects more than lim->max_tensors frames or
@@ -244,8 +245,8 @@ Peftps__Wire__Envelope *wire_snapshot(wire_out *o, uint64_t version, uint64_t st
 /* shards (n of them) must outlive the send. */
 Peftps__Wire__Envelope *wire_assign(wire_out *o, uint64_t step, uint64_t version,
                                     const uint32_t *shards, size_t n);
-Peftps__Wire__Envelope *wire_grad_push(wire_out *o, uint64_t step, uint64_t version,
-                                       uint32_t shard, double loss_sum, uint64_t n_tokens);
+Peftps__Wire__Envelope *wire_grad_push(wire_out *o, uint64_t step, uint64_t version, uint32_t shard,
+                                       double loss_sum, uint64_t n_tokens);
 Peftps__Wire__Envelope *wire_ack(wire_out *o, uint64_t step, uint32_t shard, int accepted);
 /* The message is formatted into o->text (cut to fit). */
 Peftps__Wire__Envelope *wire_error(wire_out *o, Peftps__Wire__ErrorCode code, const char *fmt, ...)

@@ -632,6 +632,18 @@ static void test_subnet_random(void **state) {
     const uint32_t *a = subnet_indices(f.p, 0, &k1), *b = subnet_indices(g.p, 0, &k1);
     assert_true(memcmp(a, b, k1 * sizeof *a) != 0);
     fx_close(&g);
+
+    /* A new mask (init again, another seed) leaves no trace of the old
+     * trained entries in the effective weights. */
+    gc_perturb(f.p, 0.3f, 9);
+    assert_true(memcmp(f.p->method->weight(f.p, 0, LW_Q), f.b.layers[0][LW_Q], 256 * 4) != 0);
+    peft_init(f.p, 7);
+    for (int l = 0; l < 2; l++)
+        for (int kind = LW_Q; kind <= LW_POST_NORM; kind++) {
+            size_t n = model_weight_shape(&f.b.cfg, l, kind, NULL, NULL);
+            assert_memory_equal(f.p->method->weight(f.p, l, kind), f.b.layers[l][kind],
+                                n * sizeof(float));
+        }
     fx_close(&f);
 }
 

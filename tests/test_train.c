@@ -7,16 +7,20 @@
  *
  * Tolerances against PyTorch. The reference is float64; the C run is float32
  * (unit roundoff 6e-8), and test_reference.c holds a single forward/backward
- * to 1e-4 of each tensor's scale. Over 20 steps the float32 rounding of each
- * step feeds the next, and AdamW divides by sqrt(v), so a gradient element
- * that rounding moves is amplified toward lr per step. Measured on this
- * fixture: per-step losses agree to ~1e-7 relative, grad norms to ~1e-6,
- * final tensors to ~1e-5 of their scale. The test allows 1e-4 relative on
- * losses and grad norms, 1e-6 on the learning rate (the fixture stores it as
- * float32), and 1e-3 of each final tensor's largest value. The fixture
- * script checks that training moves every compared tensor by at least 1e-2
- * of its scale and each step's loss by 1e-2 from the untrained one, so a
- * missed or wrong update cannot pass. */
+ * to 1e-4 of each tensor's scale. Over 20 steps the rounding of each step
+ * feeds the next, and AdamW divides by sqrt(v), so a gradient element near
+ * zero (relative to eps or to its own history) turns a rounding difference
+ * into a larger step. Measured on this fixture: per-step losses agree to
+ * 5e-8 relative, grad norms to 2e-7, final tensors to 2e-5 of their largest
+ * value (1e-6 for most). The test allows 1e-4 relative on losses and grad
+ * norms, 1e-6 of the peak rate on the learning rate (stored as float32), and
+ * 1e-3 of each final tensor's largest value: room for other BLAS kernels and
+ * CPUs, still far below what a wrong hyperparameter does (weight decay 0
+ * instead of 0.01 moves the grad norms by 1e-3 and the tensors by 1.5e-3;
+ * no clipping moves the full run's losses by 3e-4). make_train_fixture.py
+ * checks that training moves every compared tensor by 5e-3 of its scale and
+ * the losses by 1e-2 from those of the untrained tensors, so that a
+ * missed update cannot pass. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -273,8 +277,8 @@ static void test_deterministic(void **state) {
 
 /* The same batch of 4 cut into 1, 2 or 4 shards: only the grouping of the
  * float32 sums changes (and BLAS may round a 16-row product differently from
- * a 64-row one), so the summed gradient agrees to about 1e-7 of each tensor's
- * scale. SHARD_GRAD_TOL allows 1e-5. */
+ * a 64-row one), so the summed gradient agrees to rounding: below 1e-6 of
+ * each tensor's largest value here. SHARD_GRAD_TOL allows 1e-5. */
 #define SHARD_GRAD_TOL 1e-5
 
 static void test_shard_gradient_sum(void **state) {
