@@ -8,5 +8,6 @@
 int cmd_config(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
+int cmd_inspect(int argc, char **argv);
 
 #endif

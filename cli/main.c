@@ -16,6 +16,7 @@ static const command commands[] = {
     {"config", cmd_config, "check an experiment file and print it resolved"},
     {"train", cmd_train, "train an experiment in this process"},
     {"eval", cmd_eval, "loss and perplexity on the eval data, with or without an adapter"},
+    {"inspect", cmd_inspect, "list the checkpoints of a checkpoint directory and describe one"},
 };
 
 static void usage(FILE *out) {

@@ -474,6 +474,44 @@ size_t ckpt_map_size(const ckpt *c) {
     return info.me_mapsize;
 }
 
+/* The header of one step; the write checks the latest against its own. */
+static int read_meta(ckpt *c, MDB_txn *txn, uint64_t step, ckpt_info *m, err *e) {
+    char key[KEY_MAX];
+    step_key(key, step, "meta");
+    const unsigned char *p;
+    size_t n;
+    if (get_value(c, txn, key, &p, &n, e) < 0) return -1;
+    if (n != META_SIZE)
+        return err_set(e, "checkpoint %s: value %s is %zu bytes, not %d", c->dir, key, n,
+                       META_SIZE);
+    uint32_t version = get_u32(p);
+    if (version != META_VERSION)
+        return err_set(e,
+                       "checkpoint %s: step %" PRIu64 " has header version %u; this program "
+                       "reads version %u",
+                       c->dir, step, version, META_VERSION);
+    memset(m, 0, sizeof *m);
+    m->step = get_u64(p + 4);
+    m->data_pos = get_u64(p + 12);
+    m->opt_t = get_u64(p + 20);
+    uint64_t n_params = get_u64(p + 28);
+    uint32_t n_tensors = get_u32(p + 36), n_blobs = get_u32(p + 40);
+    m->time = (int64_t)get_u64(p + 44);
+    memcpy(m->experiment_fp, p + 52, 64);
+    memcpy(m->base_fp, p + 116, 64);
+    m->experiment_fp[64] = m->base_fp[64] = '\0';
+    if (m->step != step)
+        return err_set(e, "checkpoint %s: %s says step %" PRIu64 "; the checkpoint is damaged",
+                       c->dir, key, m->step);
+    if (n_params > SIZE_MAX / 4 - 8 || n_tensors > INT32_MAX || n_blobs > INT32_MAX)
+        return err_set(e, "checkpoint %s: %s holds impossible counts; the checkpoint is damaged",
+                       c->dir, key);
+    m->n_params = (size_t)n_params;
+    m->n_tensors = (int)n_tensors;
+    m->n_blobs = (int)n_blobs;
+    return 0;
+}
+
 /* ---- write ----------------------------------------------------------------- */
 
 static int is_fingerprint(const char *s) {
@@ -583,6 +621,21 @@ static int write_once(ckpt *c, const ckpt_data *d, int64_t now, const unsigned c
                 c->dir, steps[n - 1], d->step);
         goto fail;
     }
+    if (n) {
+        ckpt_info held;
+        if (read_meta(c, txn, steps[n - 1], &held, e) < 0) goto fail;
+        if (strcmp(held.experiment_fp, d->experiment_fp) ||
+            (held.base_fp[0] && d->base_fp[0] && strcmp(held.base_fp, d->base_fp))) {
+            err_set(e,
+                    "checkpoint %s holds checkpoints of another experiment or base model "
+                    "(fingerprint %.12s... vs %.12s...); use a new checkpoint.path or remove it",
+                    c->dir,
+                    strcmp(held.experiment_fp, d->experiment_fp) ? held.experiment_fp
+                                                                 : held.base_fp,
+                    strcmp(held.experiment_fp, d->experiment_fp) ? d->experiment_fp : d->base_fp);
+            goto fail;
+        }
+    }
     free(steps);
     steps = NULL;
 
@@ -677,43 +730,6 @@ int ckpt_steps(ckpt *c, uint64_t **steps, int *n, err *e) {
     int rc = list_steps(c, txn, steps, n, e);
     mdb_txn_abort(txn);
     return rc;
-}
-
-static int read_meta(ckpt *c, MDB_txn *txn, uint64_t step, ckpt_info *m, err *e) {
-    char key[KEY_MAX];
-    step_key(key, step, "meta");
-    const unsigned char *p;
-    size_t n;
-    if (get_value(c, txn, key, &p, &n, e) < 0) return -1;
-    if (n != META_SIZE)
-        return err_set(e, "checkpoint %s: value %s is %zu bytes, not %d", c->dir, key, n,
-                       META_SIZE);
-    uint32_t version = get_u32(p);
-    if (version != META_VERSION)
-        return err_set(e,
-                       "checkpoint %s: step %" PRIu64 " has header version %u; this program "
-                       "reads version %u",
-                       c->dir, step, version, META_VERSION);
-    memset(m, 0, sizeof *m);
-    m->step = get_u64(p + 4);
-    m->data_pos = get_u64(p + 12);
-    m->opt_t = get_u64(p + 20);
-    uint64_t n_params = get_u64(p + 28);
-    uint32_t n_tensors = get_u32(p + 36), n_blobs = get_u32(p + 40);
-    m->time = (int64_t)get_u64(p + 44);
-    memcpy(m->experiment_fp, p + 52, 64);
-    memcpy(m->base_fp, p + 116, 64);
-    m->experiment_fp[64] = m->base_fp[64] = '\0';
-    if (m->step != step)
-        return err_set(e, "checkpoint %s: %s says step %" PRIu64 "; the checkpoint is damaged",
-                       c->dir, key, m->step);
-    if (n_params > SIZE_MAX / 4 - 8 || n_tensors > INT32_MAX || n_blobs > INT32_MAX)
-        return err_set(e, "checkpoint %s: %s holds impossible counts; the checkpoint is damaged",
-                       c->dir, key);
-    m->n_params = (size_t)n_params;
-    m->n_tensors = (int)n_tensors;
-    m->n_blobs = (int)n_blobs;
-    return 0;
 }
 
 static int read_table(ckpt *c, MDB_txn *txn, const ckpt_info *m, peft_tensor **out, err *e) {

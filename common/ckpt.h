@@ -126,7 +126,9 @@ size_t ckpt_map_size(const ckpt *c);
  * with an unterminated name, a blob with an empty or too long name, NULL
  * data with size > 0 or a repeated name); the environment holds a checkpoint
  * of a higher step (writing an older step would mix two histories; remove
- * the directory or use another one); the map cannot grow further; LMDB or
+ * the directory or use another one); the latest checkpoint held has another
+ * experiment fingerprint, or another non-empty base fingerprint (one environment
+ * holds one experiment); the map cannot grow further; LMDB or
  * the disk fails (the message names DIR and the LMDB error). */
 int ckpt_write(ckpt *c, const ckpt_data *d, err *e);
 

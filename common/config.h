@@ -23,6 +23,7 @@
 int config_load(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
                 pbtext_locs **locs, err *e);
 
+/* Frees an experiment from config_load (everything it owns); NULL is fine. */
 void config_free(Peftps__Experiment *exp);
 
 /* Writes every default into exp, so that printing it shows all values the run
@@ -57,6 +58,8 @@ typedef struct config_args {
  * "--". Fails when --set has no value or the value has no '='. Free with
  * config_args_free. */
 int config_parse_args(int *argc, char **argv, config_args *args, err *e);
+
+/* Frees the list of config_parse_args (not the strings, which are argv's). */
 void config_args_free(config_args *args);
 
 #endif

@@ -116,28 +116,64 @@ void embedding_backward(float *dtable, const float *dout, const int32_t *tokens,
 
 /* ---- RMSNorm and the per-channel scale ------------------------------------ */
 
+/* Row loops of the norms, restrict and in blocks of VB (see exp_fast). */
+static float dot_row(const float *restrict a, const float *restrict b, int n) {
+    float acc[VB] = {0};
+    int i = 0;
+    for (; i + VB <= n; i += VB)
+        for (int k = 0; k < VB; k++) acc[k] += a[i + k] * b[i + k];
+    float s = 0.0f;
+    for (int k = 0; k < VB; k++) s += acc[k];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y = x * r * w, or y = x * r when w is NULL. */
+static void scale_row(float *restrict y, const float *restrict x, float r, const float *restrict w,
+                      int n) {
+    int i = 0;
+    if (w) {
+        for (; i + VB <= n; i += VB)
+            for (int k = 0; k < VB; k++) y[i + k] = x[i + k] * r * w[i + k];
+        for (; i < n; i++) y[i] = x[i] * r * w[i];
+    } else {
+        for (; i + VB <= n; i += VB)
+            for (int k = 0; k < VB; k++) y[i + k] = x[i + k] * r;
+        for (; i < n; i++) y[i] = x[i] * r;
+    }
+}
+
+/* d += a * b */
+static void fma_row(float *restrict d, const float *restrict a, const float *restrict b, int n) {
+    int i = 0;
+    for (; i + VB <= n; i += VB)
+        for (int k = 0; k < VB; k++) d[i + k] += a[i + k] * b[i + k];
+    for (; i < n; i++) d[i] += a[i] * b[i];
+}
+
+static void rms_bwd_row(float *restrict d, const float *restrict g, const float *restrict xh,
+                        float r, float m, int n) {
+    int i = 0;
+    for (; i + VB <= n; i += VB)
+        for (int k = 0; k < VB; k++) d[i + k] += r * (g[i + k] - xh[i + k] * m);
+    for (; i < n; i++) d[i] += r * (g[i] - xh[i] * m);
+}
+
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C,
                      float eps) {
     // out, inp are (N,C), weight is (C), rstd is (N)
     for (int i = 0; i < N; i++) {
         const float *x = inp + (size_t)i * C;
-        float *y = out + (size_t)i * C;
-        double ss = 0.0;
-        for (int c = 0; c < C; c++) ss += (double)x[c] * x[c];
-        float r = (float)(1.0 / sqrt(ss / C + (double)eps));
-        for (int c = 0; c < C; c++) y[c] = x[c] * r * weight[c];
+        float r = 1.0f / sqrtf(dot_row(x, x, C) / (float)C + eps);
+        scale_row(out + (size_t)i * C, x, r, weight, C);
         rstd[i] = r;
     }
 }
 
 void rmsnorm_normalize(float *xhat, const float *inp, const float *rstd, int N, int C) {
     // xhat, inp are (N,C), rstd is (N)
-    for (int i = 0; i < N; i++) {
-        const float *restrict x = inp + (size_t)i * C;
-        float *restrict y = xhat + (size_t)i * C;
-        float r = rstd[i];
-        for (int c = 0; c < C; c++) y[c] = x[c] * r;
-    }
+    for (int i = 0; i < N; i++)
+        scale_row(xhat + (size_t)i * C, inp + (size_t)i * C, rstd[i], NULL, C);
 }
 
 void rmsnorm_backward(float *dinp, const float *dxhat, const float *xhat, const float *rstd, int N,
@@ -146,38 +182,25 @@ void rmsnorm_backward(float *dinp, const float *dxhat, const float *xhat, const 
     // xhat = x r with r = (mean(x^2) + eps)^-1/2, so
     // dx = r (dxhat - xhat mean(dxhat xhat)).
     for (int i = 0; i < N; i++) {
-        const float *restrict g = dxhat + (size_t)i * C;
-        const float *restrict xh = xhat + (size_t)i * C;
-        float *restrict d = dinp + (size_t)i * C;
-        double dot = 0.0;
-        for (int c = 0; c < C; c++) dot += (double)g[c] * xh[c];
-        float m = (float)(dot / C), r = rstd[i];
-        for (int c = 0; c < C; c++) d[c] += r * (g[c] - xh[c] * m);
+        const float *g = dxhat + (size_t)i * C, *xh = xhat + (size_t)i * C;
+        float m = dot_row(g, xh, C) / (float)C;
+        rms_bwd_row(dinp + (size_t)i * C, g, xh, rstd[i], m, C);
     }
 }
 
 void scale_forward(float *out, const float *inp, const float *weight, int N, int C) {
     // out, inp are (N,C), weight is (C)
-    for (int i = 0; i < N; i++) {
-        const float *x = inp + (size_t)i * C;
-        float *y = out + (size_t)i * C;
-        for (int c = 0; c < C; c++) y[c] = x[c] * weight[c];
-    }
+    for (int i = 0; i < N; i++)
+        scale_row(out + (size_t)i * C, inp + (size_t)i * C, 1.0f, weight, C);
 }
 
 void scale_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                     const float *weight, int N, int C) {
     // dinp, dout, inp are (N,C), dweight, weight are (C)
     for (int i = 0; i < N; i++) {
-        const float *restrict g = dout + (size_t)i * C;
-        if (dinp) {
-            float *restrict d = dinp + (size_t)i * C;
-            for (int c = 0; c < C; c++) d[c] += g[c] * weight[c];
-        }
-        if (dweight) {
-            const float *restrict x = inp + (size_t)i * C;
-            for (int c = 0; c < C; c++) dweight[c] += g[c] * x[c];
-        }
+        const float *g = dout + (size_t)i * C;
+        if (dinp) fma_row(dinp + (size_t)i * C, g, weight, C);
+        if (dweight) fma_row(dweight, g, inp + (size_t)i * C, C);
     }
 }
 

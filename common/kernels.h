@@ -21,8 +21,7 @@ void embedding_forward(float *out, const int32_t *tokens, const float *table, in
 void embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int N, int C);
 
 /* out (N,C) = inp * rsqrt(mean(inp^2) + eps) * weight (C), as Hugging Face
- * computes it in float32; rstd (N) keeps the reciprocal RMS per row. out may
- * equal inp. */
+ * computes it in float32; rstd (N) keeps the reciprocal RMS per row. */
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C,
                      float eps);
 /* xhat (N,C) = inp * rstd: the normalised input before the weight, rebuilt

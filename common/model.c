@@ -29,6 +29,7 @@ typedef struct layer_acts {
     float *rstd2;  /* (N) post_attention_layernorm's reciprocal RMS */
     float *gate;   /* (N,I) gate_proj's output */
     float *up;     /* (N,I) up_proj's output */
+    float *h;      /* (N,I) silu(gate) * up: down_proj's input */
 } layer_acts;
 
 struct model {
@@ -50,7 +51,6 @@ struct model {
     /* scratch of one layer at a time */
     float *ln;    /* (N,C) a norm's output */
     float *proj;  /* (N,C) o_proj or down_proj output before the residual add */
-    float *hmlp;  /* (N,I) silu(gate) * up: down_proj's input */
     float *attsc; /* 2 * (T,P+T) attention scratch */
     /* gradients (only with a peft object) */
     float *xhat;             /* (N,C) a norm's normalised input, rebuilt */
@@ -145,6 +145,7 @@ static size_t layout(model *m, float *base, int grads) {
         VIEW(a->rstd2, N);
         VIEW(a->gate, N * IC);
         VIEW(a->up, N * IC);
+        VIEW(a->h, N * IC);
     }
     VIEW(m->resid_out, N * C);
     VIEW(m->rstdf, N);
@@ -153,7 +154,6 @@ static size_t layout(model *m, float *base, int grads) {
     VIEW(m->lse, N);
     VIEW(m->ln, N * C);
     VIEW(m->proj, N * C);
-    VIEW(m->hmlp, N * IC);
     VIEW(m->attsc, 2 * (size_t)m->T * S);
     if (grads) {
         size_t chunk = N < CE_CHUNK ? N : CE_CHUNK;
@@ -297,9 +297,9 @@ static void layer_forward(model *m, int l, float *next, int B, int T) {
     hook_forward(m, l, LW_GATE, ln, a->gate, N);
     linear_forward(a->up, ln, weight_of(m, l, LW_UP), NULL, N, C, IC);
     hook_forward(m, l, LW_UP, ln, a->up, N);
-    swiglu_forward(m->hmlp, a->gate, a->up, N, IC);
-    linear_forward(m->proj, m->hmlp, weight_of(m, l, LW_DOWN), NULL, N, IC, C);
-    hook_forward(m, l, LW_DOWN, m->hmlp, m->proj, N);
+    swiglu_forward(a->h, a->gate, a->up, N, IC);
+    linear_forward(m->proj, a->h, weight_of(m, l, LW_DOWN), NULL, N, IC, C);
+    hook_forward(m, l, LW_DOWN, a->h, m->proj, N);
     residual_forward(next, a->resid2, m->proj, (size_t)N * C);
 }
 
@@ -394,10 +394,9 @@ static void layer_backward(model *m, int l, int input_grad) {
     /* MLP: the residual passes dresid both to resid2 and to down_proj's output. */
     rmsnorm_normalize(m->xhat, a->resid2, a->rstd2, N, C);
     scale_forward(m->ln, m->xhat, weight_of(m, l, LW_POST_NORM), N, C);
-    swiglu_forward(m->hmlp, a->gate, a->up, N, IC);
     memset(m->dh, 0, ni);
     linear_backward(m->dh, NULL, NULL, m->dresid, NULL, weight_of(m, l, LW_DOWN), N, IC, C);
-    hook_backward(m, l, LW_DOWN, m->hmlp, m->dresid, m->dh, N);
+    hook_backward(m, l, LW_DOWN, a->h, m->dresid, m->dh, N);
     memset(m->dgate, 0, ni);
     memset(m->dup, 0, ni);
     swiglu_backward(m->dgate, m->dup, m->dh, a->gate, a->up, N, IC);

@@ -367,6 +367,7 @@ static const char *nearest(const char *name, size_t n, const void *d, unsigned c
                            name_at_fn name_at) {
     const char *best = NULL;
     size_t best_d = SIZE_MAX;
+    if (n > 128) return NULL; /* no typo; and the distance would be costly */
     for (unsigned i = 0; i < count; i++) {
         const char *cand = name_at(d, i);
         size_t len = strlen(cand);

@@ -31,6 +31,8 @@ typedef struct pbtext_locs pbtext_locs;
 
 /* A new empty set of locations, or NULL when out of memory. */
 pbtext_locs *pbtext_locs_new(void);
+
+/* Frees l and every string it holds (pbtext_pos.source included); NULL is fine. */
 void pbtext_locs_free(pbtext_locs *l);
 
 /* Finds the position of exactly `path` (latest record wins). Returns 0 and
@@ -67,7 +69,9 @@ typedef void (*pbtext_write_fn)(void *ctx, const char *data, size_t n);
  * line, repeated messages as repeated blocks, floats in the shortest form
  * that reads back to the same bits (inf, -inf, nan, -nan spelled so), strings
  * escaped. Reading the text back gives a message that packs to the same
- * bytes. Absent fields are not written. Cannot fail. */
+ * bytes, provided its strings are UTF-8 and its enums hold known values (as
+ * every message pbtext_parse builds does; other values are still written, as
+ * octal escapes and numbers). Absent fields are not written. Cannot fail. */
 void pbtext_write(const ProtobufCMessage *msg, pbtext_write_fn fn, void *ctx);
 
 /* pbtext_write into a new NUL-terminated string (*out, free() it). Fails

@@ -517,8 +517,9 @@ int wire_recv(void *sock, int with_identity, wire_msg *out, const wire_limits *l
     if (zmq_msg_recv(&m, sock, 0) < 0) {
         int saved = errno;
         zmq_msg_close(&m);
-        errno = saved;
-        return err_set(e, "receiving a message: %s", zmq_strerror(saved));
+        err_set(e, "receiving a message: %s", zmq_strerror(saved));
+        errno = saved; /* EAGAIN tells a timeout from the rest */
+        return -1;
     }
     out->received = 1;
     int more = zmq_msg_more(&m);

@@ -116,6 +116,17 @@ expect_error "--set with a bad value" "optimizer.lr" \
 expect_error "nonexistent data file" "$TMP/no-such.tokens" \
     train $lora --set data.train="$TMP/no-such.tokens" --set output_dir="$TMP/bad"
 expect_error "eval of a missing experiment file" "$TMP/no-such.pbtxt" eval "$TMP/no-such.pbtxt"
+# An adapter that does not fit the experiment is refused, naming it. It is
+# read after the experiment loaded, so any non-zero exit will do here.
+for adapter in "$TMP/no-such.safetensors" "$TMP/full/tensors.safetensors"; do
+    if "$PEFTPS" eval $lora --adapter "$adapter" >"$TMP/err.out" 2>"$TMP/err.log"; then
+        fail "eval --adapter $adapter (not a lora adapter) succeeded"
+    elif ! grep -qF -- "$adapter" "$TMP/err.log"; then
+        fail "eval --adapter $adapter: the message does not name it: $(head -n 1 "$TMP/err.log")"
+    else
+        echo "ok: eval with a wrong adapter: $(head -n 1 "$TMP/err.log")"
+    fi
+done
 [ ! -e "$TMP/bad" ] || fail "a refused experiment still created its output_dir $TMP/bad"
 
 if [ $failures -ne 0 ]; then

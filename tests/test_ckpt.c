@@ -275,6 +275,18 @@ static void test_keep_and_latest(void **state) {
     free(steps);
     sample_free(&want);
 
+    /* One environment holds one experiment on one base. */
+    sample_make(&want, 70, 200);
+    snprintf(want.d.experiment_fp, sizeof want.d.experiment_fp, "%s", EXP_FP2);
+    assert_int_equal(ckpt_write(c, &want.d, &e), -1);
+    assert_err_has(&e, "another experiment");
+    assert_err_has(&e, "fedcba987654");
+    snprintf(want.d.experiment_fp, sizeof want.d.experiment_fp, "%s", EXP_FP);
+    snprintf(want.d.base_fp, sizeof want.d.base_fp, "%s", EXP_FP2);
+    assert_int_equal(ckpt_write(c, &want.d, &e), -1);
+    assert_err_has(&e, "base model");
+    sample_free(&want);
+
     /* The same step again replaces it (a resumed server recomputing). */
     sample_make(&want, 60, 200);
     want.d.data_pos = 999;

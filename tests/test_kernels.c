@@ -166,12 +166,7 @@ static void test_rmsnorm(void **state) {
     float *again = zeros(n);
     scale_forward(again, xhat, c.w, c.N, c.C);
     for (size_t i = 0; i < n; i++) assert_float_equal(again[i], c.out[i], 1e-6);
-    /* In place (out == inp) gives the same values. */
-    float *copy = zeros(n);
-    memcpy(copy, c.inp, n * sizeof(float));
-    rmsnorm_forward(copy, c.rstd, copy, c.w, c.N, c.C, c.eps);
-    assert_memory_equal(copy, c.out, n * sizeof(float));
-    free(again), free(copy), free(xhat), free(dxhat), free(dinp), free(dw);
+    free(again), free(xhat), free(dxhat), free(dinp), free(dw);
     free(c.inp), free(c.w), free(c.out), free(c.rstd), free(c.r);
 }
 

@@ -200,6 +200,8 @@ static void test_floats(void **state) {
         {"1E3", "1000", 1000.0f},
         {"-2.5e-3", "-0.0025", -2.5e-3f},
         {"3e-4", "0.0003", 3e-4f},
+        {"1e10", "10000000000", 1e10f}, /* plain digits below 1e16 */
+        {"1e16", "1e+16", 1e16f},
     };
     for (size_t i = 0; i < sizeof fl / sizeof fl[0]; i++) {
         char text[96], want[96];
@@ -223,6 +225,8 @@ static void test_floats(void **state) {
         {"4.9406564584124654e-324", "5e-324", 4.9406564584124654e-324},
         {"123456789012345678", "1.2345678901234568e+17", 123456789012345678.0},
         {"1e-8", "1e-08", 1e-8},
+        {"999999999999999.9", "999999999999999.9", 999999999999999.9},
+        {"1e15", "1000000000000000", 1e15},
     };
     for (size_t i = 0; i < sizeof db / sizeof db[0]; i++) {
         char text[96], want[96];
@@ -381,6 +385,20 @@ static void test_repeated_nested_oneof(void **state) {
         same_as_unpacked(&m->base);
         protobuf_c_message_free_unpacked(&m->base, NULL);
     }
+}
+
+static void test_files(void **state) {
+    ProtobufCMessage *m = (ProtobufCMessage *)&m;
+    err e;
+    assert_int_equal(pbtext_parse_file(EXP, "/nonexistent/x.pbtxt", &m, NULL, &e), -1);
+    assert_null(m);
+    assert_string_equal(e.msg,
+                        "/nonexistent/x.pbtxt: error: cannot read: No such file or directory");
+    assert_int_equal(pbtext_parse_file(EXP, "examples", &m, NULL, &e), -1);
+    assert_string_equal(e.msg, "examples: error: cannot read: Is a directory");
+    assert_int_equal(pbtext_parse_file(EXP, "/dev/null", &m, NULL, &e), 0);
+    assert_int_equal(protobuf_c_message_get_packed_size(m), 0);
+    protobuf_c_message_free_unpacked(m, NULL);
 }
 
 static void test_empty_and_required(void **state) {
@@ -756,6 +774,7 @@ int main(void) {
         cmocka_unit_test(test_bools_strings_bytes_enums),
         cmocka_unit_test(test_repeated_nested_oneof),
         cmocka_unit_test(test_empty_and_required),
+        cmocka_unit_test(test_files),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_depth_limit),
         cmocka_unit_test(test_locations),

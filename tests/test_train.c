@@ -48,19 +48,24 @@
 /* ---- experiments ---------------------------------------------------------------- */
 
 /* Loads experiment text through a temporary file with config_load, as
- * `peftps train` would, with --set overrides. */
-static Peftps__Experiment *exp_from_text(const char *text, char *const *sets, int nsets) {
+ * `peftps train` would, with --set overrides; returns config_load's result. */
+static int exp_load_text(const char *text, char *const *sets, int nsets, Peftps__Experiment **ex,
+                         err *e) {
     char path[] = "/tmp/peftps_test_train_XXXXXX.pbtxt";
     int fd = mkstemps(path, 6);
     assert_true(fd >= 0);
     size_t n = strlen(text);
     assert_true(write(fd, text, n) == (ssize_t)n);
     close(fd);
+    int rc = config_load(path, sets, nsets, ex, NULL, e);
+    unlink(path);
+    return rc;
+}
+
+static Peftps__Experiment *exp_from_text(const char *text, char *const *sets, int nsets) {
     Peftps__Experiment *ex = NULL;
     err e;
-    int rc = config_load(path, sets, nsets, &ex, NULL, &e);
-    unlink(path);
-    if (rc < 0) fail_msg("experiment:\n%s\n%s", text, e.msg);
+    if (exp_load_text(text, sets, nsets, &ex, &e) < 0) fail_msg("experiment:\n%s\n%s", text, e.msg);
     return ex;
 }
 
@@ -516,15 +521,9 @@ static void test_init_from_errors(void **state) {
     char *sets[] = {"init_from=/nonexistent/peftps/adapter.safetensors"};
     char text[2048];
     snprintf(text, sizeof text, small_exp_fmt, lora_qv);
-    char path[] = "/tmp/peftps_test_train_XXXXXX.pbtxt";
-    int fd = mkstemps(path, 6);
-    assert_true(fd >= 0);
-    assert_true(write(fd, text, strlen(text)) == (ssize_t)strlen(text));
-    close(fd);
     Peftps__Experiment *ex = NULL;
     err e;
-    int rc = config_load(path, sets, 1, &ex, NULL, &e);
-    unlink(path);
+    int rc = exp_load_text(text, sets, 1, &ex, &e);
     printf("  nonexistent file: %s\n", rc < 0 ? e.msg : "(accepted)");
     assert_int_equal(rc, -1);
     assert_non_null(strstr(e.msg, "/nonexistent/peftps/adapter.safetensors"));

@@ -20,8 +20,8 @@
 static int fuzz_wire_frames(const uint8_t *data, size_t size, wire_frame *f, int cap) {
     int n = 0;
     while (size >= 4 && n < cap) {
-        size_t len = (size_t)data[0] | (size_t)data[1] << 8 | (size_t)data[2] << 16 |
-                     (size_t)data[3] << 24;
+        size_t len =
+            (size_t)data[0] | (size_t)data[1] << 8 | (size_t)data[2] << 16 | (size_t)data[3] << 24;
         data += 4, size -= 4;
         if (len > size) len = size;
         f[n++] = (wire_frame){data, len};

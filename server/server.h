@@ -1,0 +1,50 @@
+/* The parameter server of one experiment: holds the trainable tensors of its
+ * share of the method (all of them with one server) and their AdamW state,
+ * registers workers, hands out the shards of each step, sums the pushed
+ * gradients in shard order, updates, checkpoints and writes the outputs.
+ * server/main.c is the program around it; the messages are those of
+ * common/wire.h, the arithmetic that of common/train.h, the checkpoints
+ * those of common/ckpt.h. */
+#ifndef PEFTPS_SERVER_H
+#define PEFTPS_SERVER_H
+
+#include "err.h"
+#include "peftps.pb-c.h"
+
+typedef struct server server;
+
+typedef struct server_opts {
+    int index;          /* which of cluster.servers this process is */
+    const char *listen; /* bind here instead of cluster.servers[index]; NULL: that */
+} server_opts;
+
+/* Prepares the server of exp (resolved by config_load): opens the base
+ * read-only and initialises the method exactly as trainer_open does, keeps
+ * only its tensors, sets up AdamW and, with checkpoint.resume and a
+ * checkpoint at checkpoint.path, restores the newest one. Writes
+ * OUTPUT/experiment.pbtxt and opens OUTPUT/metrics.jsonl (server 0 only;
+ * on resume the lines of steps after the checkpoint are dropped). Fails on
+ * bad input: an index outside cluster.servers, a base, method or data that
+ * cannot be opened, a checkpoint of another experiment, base or tensor
+ * layout, a damaged checkpoint, checkpoints present with resume off, CURVE
+ * key files that cannot be read. exp must outlive the server. */
+int server_open(server **out, const Peftps__Experiment *exp, const server_opts *opts, err *e);
+
+/* Binds the ROUTER socket (and starts the ZAP handler with CURVE). Fails
+ * when the endpoint cannot be bound (in use, bad address) or ZeroMQ fails. */
+int server_bind(server *s, err *e);
+
+/* Runs the training loop until the last step is done: then writes
+ * OUTPUT/tensors.safetensors, checkpoints, sends Shutdown to the workers and
+ * returns 0. Returns 1 when server_stop was called (from a signal handler):
+ * it checkpointed the last completed step and told the workers to stop.
+ * Returns -1 with e set when the run cannot continue (a non-finite loss, a
+ * checkpoint or output that cannot be written, ZeroMQ failing). */
+int server_run(server *s, err *e);
+
+/* Asks a running server_run to stop; async-signal-safe. */
+void server_stop(void);
+
+void server_close(server *s);
+
+#endif
