@@ -2,45 +2,18 @@
  * common/train.h. Training writes OUTPUT/metrics.jsonl (a JSON object per
  * step), OUTPUT/tensors.safetensors (the trained tensors) and
  * OUTPUT/experiment.pbtxt (the resolved experiment). */
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "cli.h"
 #include "config.h"
+#include "fsutil.h"
 #include "log.h"
 #include "pbtext.h"
 #include "progress.h"
 #include "train.h"
-
-/* mkdir -p */
-static int mkdir_p(const char *path, err *e) {
-    char buf[4096];
-    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
-        return err_set(e, "%s: path too long", path);
-    for (char *p = buf + 1;; p++) {
-        if (*p == '/' || *p == '\0') {
-            char c = *p;
-            *p = '\0';
-            if (mkdir(buf, 0777) < 0 && errno != EEXIST)
-                return err_errno(e, "creating directory %s", buf);
-            *p = c;
-            if (c == '\0') break;
-        }
-    }
-    return 0;
-}
-
-static int write_text(const char *path, const char *text, err *e) {
-    FILE *f = fopen(path, "w");
-    if (!f) return err_errno(e, "%s", path);
-    fputs(text, f);
-    if (fclose(f) != 0) return err_errno(e, "%s", path);
-    return 0;
-}
 
 /* Common to train and eval: the experiment file and its --set overrides. */
 static int load_experiment(int *argc, char **argv, const char *usage, Peftps__Experiment **out,
@@ -122,11 +95,11 @@ int cmd_train(int argc, char **argv) {
     FILE *metrics = NULL;
     char path[4096];
     rc = 1;
-    if (mkdir_p(ex->output_dir, &e) < 0) goto done;
+    if (fs_mkdir_p(ex->output_dir, &e) < 0) goto done;
     char *text = NULL;
     if (pbtext_print(&ex->base, &text, &e) < 0) goto done;
     snprintf(path, sizeof path, "%s/experiment.pbtxt", ex->output_dir);
-    int wrc = write_text(path, text, &e);
+    int wrc = fs_write_text(path, text, &e);
     free(text);
     if (wrc < 0) goto done;
     if (trainer_open(&t, ex, 1, &e) < 0) goto done;

@@ -3,6 +3,7 @@
  * value, map growth on MDB_MAP_FULL. Used by the parameter server and by
  * cli/cmd_inspect.c. */
 #include "ckpt.h"
+#include "fsutil.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -257,26 +258,6 @@ static int delete_step(ckpt *c, MDB_txn *txn, uint64_t step) {
 
 /* ---- open ------------------------------------------------------------------ */
 
-static int mkdir_parents(const char *path, err *e) {
-    size_t n = strlen(path);
-    char *buf = malloc(n + 1);
-    if (!buf) return err_set(e, "out of memory");
-    memcpy(buf, path, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (buf[i] != '/' && buf[i] != '\0') continue;
-        char ch = buf[i];
-        buf[i] = '\0';
-        if (mkdir(buf, 0777) < 0 && errno != EEXIST) {
-            int rc = err_errno(e, "creating checkpoint directory %s", buf);
-            free(buf);
-            return rc;
-        }
-        buf[i] = ch;
-    }
-    free(buf);
-    return 0;
-}
-
 /* 1 when dir holds anything but lock.mdb, 0 when not, -1 on error. */
 static int dir_has_files(const char *dir, err *e) {
     DIR *d = opendir(dir);
@@ -301,7 +282,7 @@ static int check_dir(const char *dir, int create, int *fresh, err *e) {
     if (stat(dir, &st) < 0) {
         if (errno != ENOENT) return err_errno(e, "checkpoint directory %s", dir);
         if (!create) return err_set(e, "checkpoint directory %s does not exist", dir);
-        if (mkdir_parents(dir, e) < 0) return -1;
+        if (fs_mkdir_p(dir, e) < 0) return err_wrap(e, "checkpoint");
     } else if (!S_ISDIR(st.st_mode)) {
         return err_set(e,
                        "checkpoint %s is not a directory (a checkpoint is an LMDB environment "
