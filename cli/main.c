@@ -15,8 +15,10 @@ typedef struct {
 static const command commands[] = {
     {"config", cmd_config, "check an experiment file and print it resolved"},
     {"train", cmd_train, "train an experiment in this process"},
+    {"run", cmd_run, "train on a cluster of a server and N workers started on this machine"},
     {"eval", cmd_eval, "loss and perplexity on the eval data, with or without an adapter"},
     {"inspect", cmd_inspect, "list the checkpoints of a checkpoint directory and describe one"},
+    {"keygen", cmd_keygen, "write a CURVE key pair for encrypted, authenticated clusters"},
 };
 
 static void usage(FILE *out) {

@@ -42,11 +42,13 @@ static void heads_destroy(peft *p) {
 
 /* "model.layers.3.self_attn.q_proj.weight" -> "...q_proj.heads.delta" */
 static void tensor_name(const model_config *cfg, int layer, int kind, char *buf, size_t n) {
-    char w[PEFT_NAME_MAX];
+    static const char suffix[] = ".heads.delta";
+    /* Room for the suffix, so the name is never cut. */
+    char w[PEFT_NAME_MAX - sizeof suffix + 1];
     model_weight_name(cfg, layer, kind, w, sizeof w);
     size_t len = strlen(w);
     if (len > 7 && !strcmp(w + len - 7, ".weight")) w[len - 7] = 0;
-    snprintf(buf, n, "%s.heads.delta", w);
+    snprintf(buf, n, "%s%s", w, suffix);
 }
 
 /* Declares the deltas of one layer for its chosen query heads (ascending).

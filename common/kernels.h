@@ -6,7 +6,9 @@
  * Conventions: arrays are row-major and must not overlap unless a comment
  * says so. Backward functions ACCUMULATE (+=) into their gradient outputs
  * (the caller zeroes once per step); a NULL gradient output is skipped. N is
- * a number of rows (tokens, B*T). */
+ * a number of rows (tokens, B*T). Exponentials (softmax, cross-entropy,
+ * SwiGLU) are computed to 3e-7 relative, not libm's 6e-8, so that they
+ * vectorise; NaN or infinite inputs to them give NaN. */
 #ifndef PEFTPS_KERNELS_H
 #define PEFTPS_KERNELS_H
 

@@ -91,6 +91,15 @@ static const float *lm_head_of(const model *m) {
                                        : weight_of(m, MODEL_GLOBAL, GW_LM_HEAD);
 }
 
+/* Whether the method trains a norm's weight. A method that trains a weight
+ * must return its effective value from weight() (else the forward would not
+ * see the training), so NULL means frozen: the backward may then skip the
+ * norm's output gradient where nothing below needs it. */
+static int norm_trains(const model *m, int layer, int kind) {
+    peft *p = m->p;
+    return p && p->method->weight && p->method->weight(p, layer, kind) != NULL;
+}
+
 static int prefix_of(const model *m, int layer, const float **kp, const float **vp,
                      size_t *stride) {
     peft *p = m->p;
@@ -118,8 +127,9 @@ static layer_acts *acts(model *m, int layer) {
     return &m->layers[m->n_store > 1 ? layer : 0];
 }
 
-/* Lays the buffers out in m->mem; with base NULL only counts. Every view
- * starts on a 64-byte boundary. */
+/* Lays the buffers out in m->mem (64-byte aligned); with base NULL only
+ * counts. Every view is a multiple of 16 floats, so each starts on a 64-byte
+ * boundary. */
 static size_t layout(model *m, float *base, int grads) {
     const model_config *c = m->cfg;
     size_t N = (size_t)m->B * m->T, C = c->hidden_size, IC = c->intermediate_size;
@@ -204,8 +214,11 @@ int model_create(model **out, const model_config *cfg, const model_weights *w, p
     for (int l = 0; l < cfg->num_layers; l++)
         for (int kind = 0; kind < LW_COUNT; kind++) {
             int is_bias = kind == LW_Q_BIAS || kind == LW_K_BIAS || kind == LW_V_BIAS;
-            if (!w->layer[l][kind] && (!is_bias || cfg->attention_bias))
-                return err_set(e, "model: layer %d lacks base weight %d", l, kind);
+            if (!w->layer[l][kind] && (!is_bias || cfg->attention_bias)) {
+                char name[160];
+                model_weight_name(cfg, l, kind, name, sizeof name);
+                return err_set(e, "model: base weight %s is missing", name);
+            }
         }
     for (int kind = 0; kind < GW_COUNT; kind++)
         if (!w->global[kind] && !(kind == GW_LM_HEAD && cfg->tie_word_embeddings))
@@ -234,8 +247,8 @@ int model_create(model **out, const model_config *cfg, const model_weights *w, p
         model_free(m);
         return err_set(e, "model: out of memory");
     }
-    size_t n = layout(m, NULL, p != NULL);
-    m->mem = malloc(n * sizeof(float));
+    size_t n = layout(m, NULL, p != NULL); /* a multiple of 16 floats */
+    m->mem = aligned_alloc(64, n * sizeof(float));
     if (!m->mem) {
         model_free(m);
         return err_set(e, "model: out of memory for activations of %d x %d tokens (%.1f MB)", B, T,
@@ -366,14 +379,12 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
 
 /* ---- backward ----------------------------------------------------------------- */
 
-/* A norm (layer, kind) whose output gradient is dln and whose input was inp
- * with reciprocal RMS rstd: rebuilds xhat, forms dxhat through the weight,
- * lets the method add its share and take the weight's gradient, then adds
- * the input gradient into dinp unless dinp is NULL. */
-static void norm_backward(model *m, int layer, int kind, float *dinp, const float *inp,
-                          const float *rstd, int N) {
+/* A norm (layer, kind) whose output gradient is dln, whose normalised input
+ * is already in xhat and whose reciprocal RMS was rstd: forms dxhat through
+ * the weight, lets the method add its share and take the weight's gradient,
+ * then adds the input gradient into dinp unless dinp is NULL. */
+static void norm_backward(model *m, int layer, int kind, float *dinp, const float *rstd, int N) {
     int C = m->cfg->hidden_size;
-    rmsnorm_normalize(m->xhat, inp, rstd, N, C);
     memset(m->dxhat, 0, (size_t)N * C * sizeof(float));
     scale_backward(m->dxhat, NULL, m->dln, NULL, weight_of(m, layer, kind), N, C);
     hook_backward(m, layer, kind, m->xhat, m->dln, m->dxhat, N);
@@ -405,7 +416,7 @@ static void layer_backward(model *m, int l, int input_grad) {
     hook_backward(m, l, LW_GATE, m->ln, m->dgate, m->dln, N);
     linear_backward(m->dln, NULL, NULL, m->dup, NULL, weight_of(m, l, LW_UP), N, C, IC);
     hook_backward(m, l, LW_UP, m->ln, m->dup, m->dln, N);
-    norm_backward(m, l, LW_POST_NORM, m->dresid, a->resid2, a->rstd2, N);
+    norm_backward(m, l, LW_POST_NORM, m->dresid, a->rstd2, N);
 
     /* Attention: dresid is now the gradient of resid2, passed to the layer
      * input and to o_proj's output. */
@@ -433,18 +444,20 @@ static void layer_backward(model *m, int l, int input_grad) {
     rope_backward(m->dk, m->dkr, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
 
     /* q, k, v read the input norm's output; biases' gradients are the
-     * methods', from dy. The norm's hook needs dln even when the layer's
-     * input gradient is not wanted. */
+     * methods', from dy. Their input gradient dln is needed for the layer's
+     * input gradient or for a trained input norm; otherwise the hooks get
+     * dx NULL and the three products are skipped. */
     rmsnorm_normalize(m->xhat, a->resid, a->rstd1, N, C);
     scale_forward(m->ln, m->xhat, weight_of(m, l, LW_INPUT_NORM), N, C);
-    memset(m->dln, 0, nc);
-    linear_backward(m->dln, NULL, NULL, m->dq, NULL, weight_of(m, l, LW_Q), N, C, qd);
-    hook_backward(m, l, LW_Q, m->ln, m->dq, m->dln, N);
-    linear_backward(m->dln, NULL, NULL, m->dk, NULL, weight_of(m, l, LW_K), N, C, kvd);
-    hook_backward(m, l, LW_K, m->ln, m->dk, m->dln, N);
-    linear_backward(m->dln, NULL, NULL, m->dv, NULL, weight_of(m, l, LW_V), N, C, kvd);
-    hook_backward(m, l, LW_V, m->ln, m->dv, m->dln, N);
-    norm_backward(m, l, LW_INPUT_NORM, input_grad ? m->dresid : NULL, a->resid, a->rstd1, N);
+    float *dln = input_grad || norm_trains(m, l, LW_INPUT_NORM) ? m->dln : NULL;
+    if (dln) memset(dln, 0, nc);
+    linear_backward(dln, NULL, NULL, m->dq, NULL, weight_of(m, l, LW_Q), N, C, qd);
+    hook_backward(m, l, LW_Q, m->ln, m->dq, dln, N);
+    linear_backward(dln, NULL, NULL, m->dk, NULL, weight_of(m, l, LW_K), N, C, kvd);
+    hook_backward(m, l, LW_K, m->ln, m->dk, dln, N);
+    linear_backward(dln, NULL, NULL, m->dv, NULL, weight_of(m, l, LW_V), N, C, kvd);
+    hook_backward(m, l, LW_V, m->ln, m->dv, dln, N);
+    if (dln) norm_backward(m, l, LW_INPUT_NORM, input_grad ? m->dresid : NULL, a->rstd1, N);
 }
 
 void model_backward(model *m, float loss_scale) {
@@ -462,21 +475,24 @@ void model_backward(model *m, float loss_scale) {
     first = first < -1 ? -1 : first > L ? L : first;
 
     /* lm_head and the loss, a chunk of rows at a time; dln is the final
-     * norm's output gradient. */
+     * norm's output gradient, not needed when only lm_head trains. */
     const float *head = lm_head_of(m);
-    memset(m->dln, 0, (size_t)N * C * sizeof(float));
+    float *dln = first < L || norm_trains(m, MODEL_GLOBAL, GW_FINAL_NORM) ? m->dln : NULL;
+    if (dln) memset(dln, 0, (size_t)N * C * sizeof(float));
     for (int r0 = 0; r0 < N; r0 += CE_CHUNK) {
         int n = N - r0 < CE_CHUNK ? N - r0 : CE_CHUNK;
         memset(m->dlogits, 0, (size_t)n * V * sizeof(float));
         crossentropy_backward(m->dlogits, m->logits + (size_t)r0 * V, m->lse + r0, m->labels + r0,
                               n, V, loss_scale);
-        float *dx = m->dln + (size_t)r0 * C;
+        float *dx = dln ? dln + (size_t)r0 * C : NULL;
         linear_backward(dx, NULL, NULL, m->dlogits, NULL, head, n, C, V);
         hook_backward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf + (size_t)r0 * C, m->dlogits, dx, n);
     }
     if (first < L) memset(m->dresid, 0, (size_t)N * C * sizeof(float));
-    norm_backward(m, MODEL_GLOBAL, GW_FINAL_NORM, first < L ? m->dresid : NULL, m->resid_out,
-                  m->rstdf, N);
+    if (dln) {
+        rmsnorm_normalize(m->xhat, m->resid_out, m->rstdf, N, C);
+        norm_backward(m, MODEL_GLOBAL, GW_FINAL_NORM, first < L ? m->dresid : NULL, m->rstdf, N);
+    }
     for (int l = L - 1; l >= 0 && l >= first; l--) layer_backward(m, l, l > first);
     if (first < 0 && p->method->embed_backward)
         p->method->embed_backward(p, m->tokens, m->dresid, N);

@@ -96,14 +96,23 @@ void model_files_close(model_files *f);
 
 /* Creates a model over cfg and base weights (both must outlive it) for
  * batches of at most B sequences of T tokens; activations are allocated here,
- * once. p may be NULL (no method: inference of the base). */
+ * once. p may be NULL (no method: inference of the base). With p, calls the
+ * method's reserve(B, T) and sizes the rotary tables and prefix buffers for
+ * the prefix length the method reports now, which must not grow later.
+ * Fails on an inconsistent config (heads not a multiple of kv heads, odd
+ * head_dim), a missing base weight, or out of memory. */
 int model_create(model **out, const model_config *cfg, const model_weights *w, peft *p, int B,
                  int T, err *e);
 void model_free(model *m);
 
 /* Forward over tokens (B,T). With labels (B,T) (-100 = ignored) returns the
  * SUM of token cross-entropies and writes the number of counted tokens to
- * *n_tokens; without labels returns 0. B and T may be below the capacity. */
+ * *n_tokens; without labels returns 0. Labels are already shifted by the
+ * caller: position t is scored against labels[t] (for plain language
+ * modelling labels[t] = tokens[t+1], and the last position -100). B and T may
+ * be below the capacity. Returns NAN, having logged why, when B or T exceeds
+ * the capacity, a token is outside the vocabulary, a label is neither -100
+ * nor inside it, or the method's prefix grew past its length at create. */
 double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int B, int T,
                      long *n_tokens);
 

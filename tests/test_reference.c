@@ -7,12 +7,14 @@
  * below capacity, and the errors of model_create/model_forward.
  *
  * Tolerance: the reference is float64, the C model float32 (unit roundoff
- * 6e-8). Each output sums a few hundred products through two layers, a
- * softmax and a log-softmax; the rounding that accumulates stays near 1e-6
- * of a tensor's scale, so a tensor passes when max|c - ref| <= 1e-4 *
- * max|ref| (plus 1e-7 absolute for tensors that are nearly zero). Every
- * case moves the logits by more than 1e-2 of their scale (asserted by the
- * script), so a missing or wrong term cannot hide under the tolerance. */
+ * 6e-8; exp_fast adds 3e-7). Each output sums a few hundred products through
+ * two layers, a softmax and a log-softmax; the rounding that accumulates
+ * stays near 1e-6 of a tensor's scale (observed: at most 1e-5, on q/k LoRA
+ * gradients of the 0.02-std model, where the softmax backward cancels), so
+ * a tensor passes when max|c - ref| <= 1e-4 * max|ref| (plus 1e-7 absolute
+ * for tensors that are nearly zero). Every case moves the logits by more
+ * than 1e-2 of their scale (asserted by the script), so a missing or wrong
+ * term cannot hide under the tolerance. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -335,6 +337,59 @@ static void test_partial_batch(void **state) {
     fx_close(&f);
 }
 
+/* A method's gradients from a batch below capacity equal those of a model
+ * created for exactly that batch: nothing in the backward depends on the
+ * capacity. Run with the prefix case, whose positions start at P. */
+static void partial_backward_case(const char *name) {
+    fixture f;
+    fx_open(&f, "tiny-llama", name);
+    err e;
+    model_files *mf;
+    if (model_files_open(&mf, TINY_DIR, &e) < 0) fail_msg("%s", e.msg);
+    const model_config *cfg = model_files_config(mf);
+    const model_weights *w = model_files_weights(mf);
+    method_cfg mc;
+    peft *p;
+    if (peft_create(&p, method_for(&mc, name), cfg, w, &e) < 0) fail_msg("%s", e.msg);
+    peft_init(p, 7);
+    peft_refresh(p);
+    float *first = malloc(p->n_params * sizeof(float));
+    assert_non_null(first);
+    int B = 1, T = 5;
+    for (int round = 0; round < 2; round++) {
+        model *m;
+        int capB = round ? B : f.B, capT = round ? T : f.T;
+        if (model_create(&m, cfg, w, p, capB, capT, &e) < 0) fail_msg("%s", e.msg);
+        peft_zero_grads(p);
+        long n;
+        double loss = model_forward(m, f.tokens + f.T, f.labels + f.T, B, T, &n);
+        assert_true(isfinite(loss) && n > 0);
+        model_backward(m, 1.0f);
+        if (!round)
+            memcpy(first, p->grads, p->n_params * sizeof(float));
+        else
+            assert_true(compare(name, p->grads, first, p->n_params));
+        model_free(m);
+    }
+    double norm = 0;
+    for (size_t i = 0; i < p->n_params; i++) norm += fabs(first[i]);
+    assert_true(norm > 0);
+    free(first);
+    peft_free(p);
+    model_files_close(mf);
+    fx_close(&f);
+}
+
+static void test_partial_backward(void **state) {
+    (void)state;
+    partial_backward_case("prefix");
+    partial_backward_case("lora_all");
+    partial_backward_case("full");
+}
+
+/* The prefix length is fixed at create: a longer one is refused, not overrun. */
+static void test_prefix_grows(void **state);
+
 /* ---- errors --------------------------------------------------------------------- */
 
 static void test_errors(void **state) {
@@ -377,18 +432,22 @@ static void test_errors(void **state) {
  * their arguments against the model's shapes. */
 typedef struct spy {
     int fwd[8][LW_COUNT], bwd[8][LW_COUNT], gfwd[GW_COUNT], gbwd[GW_COUNT], gweight[GW_COUNT];
-    int weight[8][LW_COUNT], prefix_bwd[8], embed, end, null_dx, P;
+    int weight[8][LW_COUNT], prefix_bwd[8], embed, end, P;
+    int null_dx[8][LW_COUNT], gnull_dx[GW_COUNT];
+    int train_norms;          /* weight() returns the norms: the method trains them */
     float kv[3 * 2 * 2 * 32]; /* prefix table: P rows of L*2*Hkv*D */
 } spy;
 
 static spy the_spy;
 
 static const float *spy_weight(peft *p, int layer, int kind) {
-    if (layer == MODEL_GLOBAL)
+    if (layer == MODEL_GLOBAL) {
         the_spy.gweight[kind]++;
-    else
-        the_spy.weight[layer][kind]++;
-    return NULL;
+        return the_spy.train_norms && kind == GW_FINAL_NORM ? p->base->global[kind] : NULL;
+    }
+    the_spy.weight[layer][kind]++;
+    int norm = kind == LW_INPUT_NORM || kind == LW_POST_NORM;
+    return the_spy.train_norms && norm ? p->base->layer[layer][kind] : NULL;
 }
 
 static void spy_linear_forward(peft *p, int layer, int kind, const float *x, float *y, int n) {
@@ -400,11 +459,13 @@ static void spy_linear_forward(peft *p, int layer, int kind, const float *x, flo
 
 static void spy_linear_backward(peft *p, int layer, int kind, const float *x, const float *dy,
                                 float *dx, int n) {
-    if (!dx) the_spy.null_dx++;
-    if (layer == MODEL_GLOBAL)
+    if (layer == MODEL_GLOBAL) {
         the_spy.gbwd[kind]++;
-    else
+        the_spy.gnull_dx[kind] += !dx;
+    } else {
         the_spy.bwd[layer][kind]++;
+        the_spy.null_dx[layer][kind] += !dx;
+    }
 }
 
 static void spy_embed_backward(peft *p, const int32_t *tokens, const float *dx, int n) {
@@ -440,15 +501,17 @@ static const peft_method spy_method = {
     .end_backward = spy_end_backward,
 };
 
-/* Runs forward and backward with the spy at first_trainable_layer `first`
- * and a prefix of P rows, and checks what the model asked and gave. */
-static void spy_run(model_files *mf, int first, int P) {
+/* Runs forward and backward with the spy at first_trainable_layer `first`,
+ * a prefix of P rows and trained norms or not, and checks what the model
+ * asked and gave. */
+static void spy_run(model_files *mf, int first, int P, int train_norms) {
     const model_config *cfg = model_files_config(mf);
     int L = cfg->num_layers;
     assert_true(L <= 8 && (size_t)P * L * 2 * cfg->num_kv_heads * cfg->head_dim <=
                               sizeof the_spy.kv / sizeof(float));
     memset(&the_spy, 0, sizeof the_spy);
     the_spy.P = P;
+    the_spy.train_norms = train_norms;
     for (size_t i = 0; i < sizeof the_spy.kv / sizeof(float); i++) the_spy.kv[i] = 0.01f * (i % 7);
     peft p = {.method = &spy_method, .cfg = cfg, .base = model_files_weights(mf)};
     p.first_trainable_layer = first;
@@ -479,15 +542,50 @@ static void spy_run(model_files *mf, int first, int P) {
     int lo = first < 0 ? 0 : first;
     for (int l = 0; l < L; l++) {
         int want = l >= lo;
-        for (int k = 0; k < LW_Q_BIAS; k++) assert_int_equal(the_spy.bwd[l][k], want);
+        /* The bottom layer's q, k, v input gradient serves only a trained
+         * input norm; without one the hooks get dx NULL and the norm's
+         * hook is not called. */
+        int bottom_frozen = l == first && !train_norms;
+        for (int k = 0; k < LW_Q_BIAS; k++) {
+            int called = want && !(bottom_frozen && k == LW_INPUT_NORM);
+            assert_int_equal(the_spy.bwd[l][k], called);
+            int null_dx = bottom_frozen && (k == LW_Q || k == LW_K || k == LW_V);
+            assert_int_equal(the_spy.null_dx[l][k], null_dx);
+        }
         assert_int_equal(the_spy.prefix_bwd[l], want && P > 0);
     }
+    /* Above the last layer, lm_head's input gradient serves only a trained final norm. */
+    int head_only = first >= L && !train_norms;
     assert_int_equal(the_spy.gbwd[GW_LM_HEAD], 1);
-    assert_int_equal(the_spy.gbwd[GW_FINAL_NORM], 1);
+    assert_int_equal(the_spy.gnull_dx[GW_LM_HEAD], head_only);
+    assert_int_equal(the_spy.gbwd[GW_FINAL_NORM], !head_only);
+    assert_int_equal(the_spy.gnull_dx[GW_FINAL_NORM], 0);
     assert_int_equal(the_spy.embed, first < 0);
     assert_int_equal(the_spy.end, 1);
-    assert_int_equal(the_spy.null_dx, 0);
     model_free(m);
+}
+
+static void test_prefix_grows(void **state) {
+    (void)state;
+    err e;
+    model_files *mf;
+    if (model_files_open(&mf, TINY_DIR, &e) < 0) fail_msg("%s", e.msg);
+    const model_config *cfg = model_files_config(mf);
+    memset(&the_spy, 0, sizeof the_spy);
+    the_spy.P = 2;
+    peft p = {.method = &spy_method, .cfg = cfg, .base = model_files_weights(mf)};
+    model *m;
+    if (model_create(&m, cfg, model_files_weights(mf), &p, 1, 4, &e) < 0) fail_msg("%s", e.msg);
+    int32_t tokens[4] = {1, 2, 3, 4}, labels[4] = {2, 3, 4, -100};
+    long n;
+    assert_true(isfinite(model_forward(m, tokens, labels, 1, 4, &n)));
+    the_spy.P = 3;
+    assert_true(isnan(model_forward(m, tokens, labels, 1, 4, &n)));
+    /* A backward after a refused forward does nothing. */
+    model_backward(m, 1.0f);
+    assert_int_equal(the_spy.end, 0);
+    model_free(m);
+    model_files_close(mf);
 }
 
 static void test_protocol(void **state) {
@@ -495,10 +593,12 @@ static void test_protocol(void **state) {
     err e;
     model_files *mf;
     if (model_files_open(&mf, TINY_DIR, &e) < 0) fail_msg("%s", e.msg);
-    spy_run(mf, -1, 0); /* the embedding trains: everything runs */
-    spy_run(mf, 0, 2);  /* a prefix: every layer, not the embedding */
-    spy_run(mf, 1, 0);  /* layer 1 and above only */
-    spy_run(mf, 2, 0);  /* above the last layer: final norm and lm_head */
+    for (int norms = 0; norms <= 1; norms++) {
+        spy_run(mf, -1, 0, norms); /* the embedding trains: everything runs */
+        spy_run(mf, 0, 2, norms);  /* a prefix: every layer, not the embedding */
+        spy_run(mf, 1, 0, norms);  /* layer 1 and above only */
+        spy_run(mf, 2, 0, norms);  /* above the last layer: final norm and lm_head */
+    }
     model_files_close(mf);
 }
 
@@ -508,7 +608,8 @@ int main(void) {
         cmocka_unit_test(test_qwen2_bias),    cmocka_unit_test(test_rope_linear),
         cmocka_unit_test(test_rope_llama3),   cmocka_unit_test(test_head_dim),
         cmocka_unit_test(test_partial_batch), cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_protocol),
+        cmocka_unit_test(test_protocol),      cmocka_unit_test(test_partial_backward),
+        cmocka_unit_test(test_prefix_grows),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -43,7 +43,8 @@ static void one(const ProtobufCMessageDescriptor *d, const char *text, size_t n,
         if (!m) die("parse succeeded without a message", NULL);
         pbtext_pos pos;
         char where[256];
-        if (!pbtext_locate(locs, "optimizer.lr", &pos)) pbtext_pos_format(&pos, where, sizeof where);
+        if (!pbtext_locate(locs, "optimizer.lr", &pos))
+            pbtext_pos_format(&pos, where, sizeof where);
         check_roundtrip(m);
         if (set) {
             size_t before = protobuf_c_message_get_packed_size(m);

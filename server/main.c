@@ -1,0 +1,108 @@
+/* `peftps-server`: the parameter server program. Reads the experiment
+ * (common/config.h), runs server/server.c until the last step, and maps the
+ * outcome to an exit status: 0 done, 1 failed while running, 2 bad usage or
+ * input (including a refused checkpoint), 128+signal when stopped. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "log.h"
+#include "server.h"
+
+static const char usage[] =
+    "usage: peftps-server EXPERIMENT.pbtxt [--set PATH=VALUE ...] [--index I] [--listen ENDPOINT]\n"
+    "\n"
+    "The parameter server of an experiment: holds the trainable tensors and their\n"
+    "optimizer state, hands the shards of each step to workers (peftps-worker),\n"
+    "sums their gradients in shard order and updates. Writes metrics.jsonl,\n"
+    "tensors.safetensors and experiment.pbtxt under output_dir like `peftps train`,\n"
+    "and checkpoints to checkpoint.path, from which a restarted server resumes.\n"
+    "\n"
+    "options:\n"
+    "  --set PATH=VALUE   override a field of the experiment (repeatable)\n"
+    "  --index I          this process is cluster.servers[I] (default 0)\n"
+    "  --listen ENDPOINT  bind here instead of cluster.servers[I], e.g. tcp://*:5555\n";
+
+static int stop_signal;
+
+static void on_signal(int sig) {
+    stop_signal = sig;
+    server_stop();
+}
+
+int main(int argc, char **argv) {
+    log_init("server");
+    config_args sets;
+    err e;
+    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
+        fprintf(stderr, "peftps-server: %s\n%s", e.msg, usage);
+        return 2;
+    }
+    server_opts opts = {0, NULL};
+    const char *path = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            fputs(usage, stdout);
+            config_args_free(&sets);
+            return 0;
+        } else if (!strcmp(a, "--index") && i + 1 < argc) {
+            char *end;
+            long v = strtol(argv[++i], &end, 10);
+            if (*end || v < 0 || v > 1 << 20) {
+                fprintf(stderr, "peftps-server: --index %s is not a server index\n", argv[i]);
+                config_args_free(&sets);
+                return 2;
+            }
+            opts.index = (int)v;
+        } else if (!strcmp(a, "--listen") && i + 1 < argc) {
+            opts.listen = argv[++i];
+        } else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "peftps-server: unknown option '%s'\n%s", a, usage);
+            config_args_free(&sets);
+            return 2;
+        } else if (path) {
+            fprintf(stderr, "peftps-server: more than one experiment file\n%s", usage);
+            config_args_free(&sets);
+            return 2;
+        } else {
+            path = a;
+        }
+    }
+    if (!path) {
+        fprintf(stderr, "peftps-server: no experiment file given\n%s", usage);
+        config_args_free(&sets);
+        return 2;
+    }
+    Peftps__Experiment *ex = NULL;
+    int rc = config_load(path, sets.sets, sets.nsets, &ex, NULL, &e);
+    config_args_free(&sets);
+    if (rc < 0) {
+        fprintf(stderr, "%s\n", e.msg);
+        return 2;
+    }
+    server *s = NULL;
+    if (server_open(&s, ex, &opts, &e) < 0) {
+        fprintf(stderr, "peftps-server: %s\n", e.msg);
+        config_free(ex);
+        return 2;
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    int status = 1;
+    if (server_bind(s, &e) == 0) {
+        rc = server_run(s, &e);
+        status = rc == 0 ? 0 : rc > 0 ? 128 + stop_signal : 1;
+    }
+    if (status == 1) fprintf(stderr, "peftps-server: %s\n", e.msg);
+    server_close(s);
+    config_free(ex);
+    return status;
+}

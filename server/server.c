@@ -1,0 +1,887 @@
+/* The parameter server's state machine (see server.h): a ROUTER socket, a
+ * table of registered workers, the shard slots of the current step, and the
+ * event loop that ties them together with visible timeouts and heartbeats.
+ * Arithmetic is common/train.h's, so a step gives the bits of trainer_step. */
+#include "server.h"
+
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <zmq.h>
+
+#include "ckpt.h"
+#include "config.h"
+#include "curve.h"
+#include "fsutil.h"
+#include "log.h"
+#include "optim.h"
+#include "pbtext.h"
+#include "progress.h"
+#include "train.h"
+#include "wire.h"
+
+/* More registrations than this are refused: a table that any peer can grow
+ * must have a bound. */
+#define SERVER_MAX_WORKERS 4096
+/* A worker that holds no parameters yet. */
+#define NO_VERSION UINT64_MAX
+/* Linger on close, so that the last Shutdown messages leave. */
+#define SERVER_LINGER_MS 2000
+
+typedef enum { SHARD_PENDING, SHARD_ASSIGNED, SHARD_RECEIVED } shard_state;
+
+typedef struct shard_slot {
+    shard_state state;
+    int worker;      /* index into workers while ASSIGNED */
+    float *buf;      /* gradient waiting for its turn in the shard-order sum */
+    double loss_sum; /* once RECEIVED */
+    uint64_t n_tokens;
+} shard_slot;
+
+typedef struct worker_rec {
+    int used;
+    unsigned char id[WIRE_IDENTITY_MAX];
+    size_t id_len;
+    char name[96];   /* Hello's worker_id, for logs */
+    double last_seen;  /* any message from it */
+    double last_sent;  /* our last message to it */
+    uint64_t version;  /* of the parameters it holds */
+    int waiting;       /* asked for work and has none */
+} worker_rec;
+
+struct server {
+    const Peftps__Experiment *exp;
+    server_opts opts;
+    int n_servers;
+    trainer *t; /* the method's tensors and the base; nothing to compute with */
+    char exp_fp[65];
+    const char *base_fp;
+
+    /* This server's tensors, packed in global order at local offsets. */
+    peft_tensor *tensors;
+    int n_tensors;
+    size_t n;
+    float *params, *grad_sum, *inbuf;
+    optim opt;
+    int have_opt;
+    wire_expect *expect;
+    wire_tensor *out; /* params as frames of a Snapshot */
+    wire_limits lim;
+
+    uint64_t step, total, version;
+    uint32_t n_shards;
+    shard_slot *shards;
+    uint32_t next_fold; /* shards 0..next_fold-1 are in grad_sum */
+    float **pool;       /* free gradient buffers (at most n_shards ever made) */
+    int n_pool, n_made;
+
+    worker_rec *workers;
+    int cap_workers;
+
+    void *ctx, *sock;
+    curve_keys keys;
+    int curve;
+    void *zap; /* thread handle of the ZAP handler */
+
+    ckpt *ck;
+    FILE *metrics;
+    progress pr;
+    uint64_t bytes_in, bytes_out; /* this step's messages */
+    double step_start;
+    double hb_s, timeout_s;
+    int finished; /* 1: done, -1: failed with `fail` */
+    err fail;
+};
+
+static volatile sig_atomic_t stop_requested;
+
+void server_stop(void) {
+    stop_requested = 1;
+}
+
+/* ---- layout ------------------------------------------------------------------------ */
+
+/* Which server holds each tensor: largest first, each to the server holding
+ * the fewest floats so far (lowest index on ties). Every process computes it
+ * from the same table, so servers and workers agree without talking. */
+static int partition(const peft_tensor *t, int n, int n_servers, int *owner) {
+    int *order = malloc((size_t)(n ? n : 1) * sizeof *order);
+    size_t *load = calloc((size_t)n_servers, sizeof *load);
+    if (!order || !load) {
+        free(order);
+        free(load);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) order[i] = i;
+    /* Insertion sort by numel descending, index ascending: stable and small. */
+    for (int i = 1; i < n; i++) {
+        int k = order[i], j = i - 1;
+        while (j >= 0 && t[order[j]].numel < t[k].numel) {
+            order[j + 1] = order[j];
+            j--;
+        }
+        order[j + 1] = k;
+    }
+    for (int i = 0; i < n; i++) {
+        int best = 0;
+        for (int s = 1; s < n_servers; s++)
+            if (load[s] < load[best]) best = s;
+        owner[order[i]] = best;
+        load[best] += t[order[i]].numel;
+    }
+    free(order);
+    free(load);
+    return 0;
+}
+
+static int layout_build(server *s, err *e) {
+    peft *p = s->t->p;
+    int *owner = malloc((size_t)(p->n_tensors ? p->n_tensors : 1) * sizeof *owner);
+    if (!owner || partition(p->tensors, p->n_tensors, s->n_servers, owner) < 0) {
+        free(owner);
+        return err_set(e, "out of memory");
+    }
+    s->tensors = calloc((size_t)(p->n_tensors ? p->n_tensors : 1), sizeof *s->tensors);
+    if (!s->tensors) {
+        free(owner);
+        return err_set(e, "out of memory");
+    }
+    size_t off = 0;
+    for (int i = 0; i < p->n_tensors; i++) {
+        if (owner[i] != s->opts.index) continue;
+        peft_tensor *lt = &s->tensors[s->n_tensors++];
+        *lt = p->tensors[i];
+        lt->offset = off;
+        off += lt->numel;
+    }
+    free(owner);
+    s->n = off;
+    if (s->n_tensors == 0)
+        return err_set(e,
+                       "server %d of %d holds no tensor: the method trains only %d; use fewer "
+                       "cluster.servers",
+                       s->opts.index, s->n_servers, p->n_tensors);
+    size_t bytes = (s->n * sizeof(float) + 63) / 64 * 64;
+    s->params = aligned_alloc(64, bytes);
+    s->grad_sum = aligned_alloc(64, bytes);
+    s->inbuf = aligned_alloc(64, bytes);
+    s->expect = calloc((size_t)s->n_tensors, sizeof *s->expect);
+    s->out = calloc((size_t)s->n_tensors, sizeof *s->out);
+    if (!s->params || !s->grad_sum || !s->inbuf || !s->expect || !s->out)
+        return err_set(e, "out of memory");
+    for (int i = 0; i < s->n_tensors; i++) {
+        const peft_tensor *lt = &s->tensors[i];
+        int g = peft_find_tensor(p, lt->name);
+        memcpy(s->params + lt->offset, peft_param(p, g), lt->numel * sizeof(float));
+        s->expect[i].name = lt->name;
+        s->expect[i].ndim = lt->ndim;
+        s->out[i].name = lt->name;
+        s->out[i].dtype = PEFTPS__WIRE__DTYPE__F32;
+        s->out[i].ndim = lt->ndim;
+        for (int d = 0; d < lt->ndim; d++) s->expect[i].shape[d] = s->out[i].shape[d] = lt->shape[d];
+        s->out[i].data = s->params + lt->offset;
+        s->out[i].nbytes = lt->numel * sizeof(float);
+    }
+    if (wire_limits_for(&s->lim, s->expect, s->n_tensors, e) < 0) return -1;
+    return optim_create(&s->opt, s->n, s->exp->optimizer, e) < 0 ? -1 : (s->have_opt = 1, 0);
+}
+
+/* ---- outputs ------------------------------------------------------------------------ */
+
+/* Keeps the step lines of metrics.jsonl up to `step` (and the eval lines
+ * among them): on resume the later steps are computed again and must appear
+ * once. */
+static int metrics_open(server *s, err *e) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", s->exp->output_dir);
+    char *kept = NULL;
+    size_t nkept = 0;
+    FILE *old = s->step > 0 ? fopen(path, "r") : NULL;
+    if (old) {
+        FILE *mem = open_memstream(&kept, &nkept);
+        char line[4096];
+        while (mem && fgets(line, sizeof line, old)) {
+            unsigned long long st;
+            if (sscanf(line, "{\"step\":%llu", &st) == 1 && st <= s->step) fputs(line, mem);
+        }
+        if (mem) fclose(mem);
+        fclose(old);
+    }
+    s->metrics = fopen(path, "w");
+    if (!s->metrics) {
+        free(kept);
+        return err_errno(e, "%s", path);
+    }
+    if (kept) fwrite(kept, 1, nkept, s->metrics);
+    free(kept);
+    fflush(s->metrics);
+    return 0;
+}
+
+static int write_experiment(const server *s, err *e) {
+    char *text = NULL, path[4096];
+    if (pbtext_print(&s->exp->base, &text, e) < 0) return -1;
+    snprintf(path, sizeof path, "%s/experiment.pbtxt", s->exp->output_dir);
+    int rc = fs_write_text(path, text, e);
+    free(text);
+    return rc;
+}
+
+/* The params of every tensor held here back into the method, then saved. */
+static int write_tensors(server *s, err *e) {
+    peft *p = s->t->p;
+    for (int i = 0; i < s->n_tensors; i++) {
+        const peft_tensor *lt = &s->tensors[i];
+        memcpy(peft_param(p, peft_find_tensor(p, lt->name)), s->params + lt->offset,
+               lt->numel * sizeof(float));
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tensors.safetensors", s->exp->output_dir);
+    if (peft_save(p, path, e) < 0) return -1;
+    log_info("wrote %s", path);
+    return 0;
+}
+
+/* ---- checkpoints -------------------------------------------------------------------- */
+
+static void ckpt_dir_of(const server *s, char *buf, size_t n) {
+    if (s->n_servers == 1)
+        snprintf(buf, n, "%s", s->exp->checkpoint->path);
+    else
+        snprintf(buf, n, "%s/server-%d", s->exp->checkpoint->path, s->opts.index);
+}
+
+static int checkpoint_write(server *s, err *e) {
+    ckpt_data d;
+    memset(&d, 0, sizeof d);
+    d.step = s->step;
+    memcpy(d.experiment_fp, s->exp_fp, sizeof d.experiment_fp);
+    snprintf(d.base_fp, sizeof d.base_fp, "%s", s->base_fp);
+    d.data_pos = s->step * s->exp->data->batch_size;
+    optim_state(&s->opt, &d.opt_t, &d.m, &d.v);
+    d.n_params = s->n;
+    d.params = s->params;
+    d.tensors = s->tensors;
+    d.n_tensors = s->n_tensors;
+    if (ckpt_write(s->ck, &d, e) < 0) return -1;
+    log_info("checkpoint of step %llu written to %s", (unsigned long long)s->step, ckpt_dir(s->ck));
+    return 0;
+}
+
+/* Opens the checkpoint directory and, with resume, restores the newest
+ * checkpoint; refuses one of another experiment, base or layout, a damaged
+ * one, and old checkpoints that resume is not allowed to use. */
+static int checkpoint_open(server *s, err *e) {
+    char dir[4096];
+    ckpt_dir_of(s, dir, sizeof dir);
+    if (ckpt_open(&s->ck, dir, 1, NULL, e) < 0) return err_wrap(e, "checkpoint.path");
+    uint64_t *steps = NULL;
+    int n = 0;
+    if (ckpt_steps(s->ck, &steps, &n, e) < 0) return err_wrap(e, "checkpoint.path");
+    free(steps);
+    if (n == 0) return 0;
+    if (!s->exp->checkpoint->resume)
+        return err_set(e,
+                       "checkpoint.path %s already holds checkpoints and checkpoint.resume is "
+                       "false; remove it, use another path, or resume",
+                       dir);
+    ckpt_data d;
+    if (ckpt_read(s->ck, CKPT_LATEST, &d, e) < 0) {
+        ckpt_data_free(&d);
+        return err_wrap(e, "refusing to resume");
+    }
+    int rc = -1;
+    if (ckpt_check(&d, dir, s->exp_fp, s->base_fp, s->tensors, s->n_tensors, s->n, e) < 0) {
+        err_wrap(e, "refusing to resume");
+        goto done;
+    }
+    if (d.step > s->total) {
+        err_set(e, "refusing to resume: checkpoint %s is at step %llu, past total_steps %llu", dir,
+                (unsigned long long)d.step, (unsigned long long)s->total);
+        goto done;
+    }
+    if (optim_restore(&s->opt, d.opt_t, d.m, d.v, d.n_params, e) < 0) {
+        err_wrap(e, "refusing to resume from %s", dir);
+        goto done;
+    }
+    memcpy(s->params, d.params, s->n * sizeof(float));
+    s->step = s->version = d.step;
+    log_info("resuming from the checkpoint of step %llu in %s", (unsigned long long)d.step, dir);
+    rc = 0;
+done:
+    ckpt_data_free(&d);
+    return rc;
+}
+
+/* ---- open / close ------------------------------------------------------------------- */
+
+int server_open(server **out, const Peftps__Experiment *exp, const server_opts *opts, err *e) {
+    *out = NULL;
+    const Peftps__Cluster *cl = exp->cluster;
+    if (opts->index < 0 || (size_t)opts->index >= cl->n_servers)
+        return err_set(e, "--index %d: cluster.servers has %zu entries", opts->index,
+                       cl->n_servers);
+    if (cl->sync != PEFTPS__SYNC_MODE__BSP)
+        return err_set(e, "cluster.sync: only BSP is implemented; SSP and ASYNC are not yet");
+    server *s = calloc(1, sizeof *s);
+    if (!s) return err_set(e, "out of memory");
+    s->exp = exp;
+    s->opts = *opts;
+    s->n_servers = (int)cl->n_servers;
+    s->total = exp->schedule->total_steps;
+    s->n_shards = exp->data->shards_per_step;
+    s->hb_s = cl->heartbeat_ms / 1000.0;
+    s->timeout_s = cl->worker_timeout_ms / 1000.0;
+    config_fingerprint(exp, s->exp_fp);
+
+    if (s->n_servers > 1) {
+        err_set(e, "cluster.servers lists %d servers; several servers are not implemented yet",
+                s->n_servers);
+        goto fail;
+    }
+    if (cl->curve && (cl->curve->server_keys || cl->curve->authorized_keys)) {
+        if (!cl->curve->server_keys || !cl->curve->authorized_keys) {
+            err_set(e, "cluster.curve needs both server_keys and authorized_keys on a server");
+            goto fail;
+        }
+        if (curve_keys_load(&s->keys, cl->curve->server_keys, 1, e) < 0) {
+            err_wrap(e, "cluster.curve.server_keys");
+            goto fail;
+        }
+        s->curve = 1;
+    }
+    if (trainer_open(&s->t, exp, 0, e) < 0) goto fail;
+    /* The server only holds tensors: the model's activations and the data
+     * were needed to create, calibrate and initialise the method. */
+    trainer_drop_compute(s->t);
+    s->base_fp = model_files_fingerprint(s->t->files);
+    if (layout_build(s, e) < 0) goto fail;
+    s->shards = calloc(s->n_shards, sizeof *s->shards);
+    s->pool = calloc(s->n_shards, sizeof *s->pool);
+    if (!s->shards || !s->pool) {
+        err_set(e, "out of memory");
+        goto fail;
+    }
+    if (checkpoint_open(s, e) < 0) goto fail;
+    if (opts->index == 0) {
+        if (fs_mkdir_p(exp->output_dir, e) < 0 || write_experiment(s, e) < 0 || metrics_open(s, e) < 0)
+            goto fail;
+    }
+    log_info("%s: server %d of %d holds %d of %d tensors (%zu parameters) of %s, at step %llu/%llu",
+             exp->name, opts->index, s->n_servers, s->n_tensors, s->t->p->n_tensors, s->n,
+             s->t->p->method->name, (unsigned long long)s->step, (unsigned long long)s->total);
+    *out = s;
+    return 0;
+fail:
+    server_close(s);
+    return -1;
+}
+
+void server_close(server *s) {
+    if (!s) return;
+    if (s->sock) zmq_close(s->sock);
+    if (s->zap) curve_zap_stop(s->zap);
+    if (s->ctx) zmq_ctx_term(s->ctx);
+    if (s->metrics) fclose(s->metrics);
+    ckpt_close(s->ck);
+    if (s->have_opt) optim_free(&s->opt);
+    if (s->shards)
+        for (uint32_t i = 0; i < s->n_shards; i++) free(s->shards[i].buf);
+    for (int i = 0; i < s->n_pool; i++) free(s->pool[i]);
+    free(s->pool);
+    free(s->shards);
+    free(s->workers);
+    free(s->tensors);
+    free(s->params);
+    free(s->grad_sum);
+    free(s->inbuf);
+    free(s->expect);
+    free(s->out);
+    trainer_close(s->t);
+    curve_keys_wipe(&s->keys);
+    free(s);
+}
+
+int server_bind(server *s, err *e) {
+    const char *ep = s->opts.listen ? s->opts.listen : s->exp->cluster->servers[s->opts.index];
+    s->ctx = zmq_ctx_new();
+    if (!s->ctx) return err_set(e, "zmq_ctx_new: %s", zmq_strerror(errno));
+    if (s->curve) {
+        if (curve_zap_start(&s->zap, s->ctx, s->exp->cluster->curve->authorized_keys, e) < 0)
+            return err_wrap(e, "cluster.curve.authorized_keys");
+    }
+    s->sock = zmq_socket(s->ctx, ZMQ_ROUTER);
+    if (!s->sock) return err_set(e, "zmq_socket: %s", zmq_strerror(errno));
+    int linger = SERVER_LINGER_MS;
+    zmq_setsockopt(s->sock, ZMQ_LINGER, &linger, sizeof linger);
+    if (wire_set_limits(s->sock, s->lim.max_message_bytes, e) < 0) return -1;
+    if (s->curve && curve_server_setup(s->sock, &s->keys, e) < 0) return -1;
+    if (zmq_bind(s->sock, ep) < 0)
+        return err_set(e, "binding %s: %s", ep, zmq_strerror(errno));
+    log_info("listening on %s%s", ep, s->curve ? " (CURVE)" : "");
+    return 0;
+}
+
+/* ---- sending ------------------------------------------------------------------------ */
+
+/* Bytes a message takes on the wire, for metrics: the packed header (tensor
+ * headers counted with their largest CRC encoding) and the tensor frames. */
+static uint64_t message_bytes(const Peftps__Wire__Envelope *env, const wire_tensor *t, int n) {
+    uint64_t b = protobuf_c_message_get_packed_size(&env->base);
+    for (int i = 0; i < n; i++) {
+        Peftps__Wire__TensorHeader h = PEFTPS__WIRE__TENSOR_HEADER__INIT;
+        uint64_t shape[WIRE_MAX_DIMS];
+        for (int d = 0; d < t[i].ndim; d++) shape[d] = (uint64_t)t[i].shape[d];
+        h.name = (char *)t[i].name;
+        h.has_dtype = h.has_nbytes = h.has_crc32c = 1;
+        h.dtype = (Peftps__Wire__DType)t[i].dtype;
+        h.nbytes = t[i].nbytes;
+        h.crc32c = UINT32_MAX;
+        h.shape = shape;
+        h.n_shape = (size_t)t[i].ndim;
+        size_t hs = protobuf_c_message_get_packed_size(&h.base);
+        b += 1 + (hs >= 128 ? 2 : 1) + hs + t[i].nbytes;
+    }
+    return b;
+}
+
+static void send_to(server *s, worker_rec *w, const unsigned char *id, size_t id_len,
+                    const Peftps__Wire__Envelope *env, const wire_tensor *t, int n) {
+    err e;
+    if (w) {
+        id = w->id;
+        id_len = w->id_len;
+        w->last_sent = progress_now();
+    }
+    if (wire_send(s->sock, id, id_len, env, t, n, &e) < 0) {
+        log_warn("sending %s to %s: %s", wire_body_name(env->body_case), w ? w->name : "a peer",
+                 e.msg);
+        return;
+    }
+    s->bytes_out += message_bytes(env, t, n);
+}
+
+static void reply_error(server *s, const wire_msg *m, worker_rec *w, Peftps__Wire__ErrorCode code,
+                        const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+static void reply_error(server *s, const wire_msg *m, worker_rec *w, Peftps__Wire__ErrorCode code,
+                        const char *fmt, ...) {
+    char text[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    log_warn("%s: %s", w ? w->name : "unregistered peer", text);
+    wire_out o;
+    send_to(s, w, m->identity, m->id_len, wire_error(&o, code, "%s", text), NULL, 0);
+}
+
+/* ---- workers ------------------------------------------------------------------------ */
+
+static worker_rec *worker_find(server *s, const unsigned char *id, size_t n) {
+    for (int i = 0; i < s->cap_workers; i++) {
+        worker_rec *w = &s->workers[i];
+        if (w->used && w->id_len == n && !memcmp(w->id, id, n)) return w;
+    }
+    return NULL;
+}
+
+static int workers_alive(const server *s) {
+    int n = 0;
+    for (int i = 0; i < s->cap_workers; i++) n += s->workers[i].used;
+    return n;
+}
+
+/* The shards a worker holds go back to the pending pool; returns how many. */
+static int worker_release(server *s, worker_rec *w) {
+    int wi = (int)(w - s->workers), n = 0;
+    for (uint32_t i = 0; i < s->n_shards; i++)
+        if (s->shards[i].state == SHARD_ASSIGNED && s->shards[i].worker == wi) {
+            s->shards[i].state = SHARD_PENDING;
+            n++;
+        }
+    return n;
+}
+
+static worker_rec *worker_add(server *s, const wire_msg *m) {
+    for (int i = 0; i < s->cap_workers; i++)
+        if (!s->workers[i].used) return &s->workers[i];
+    if (s->cap_workers >= SERVER_MAX_WORKERS) return NULL;
+    int cap = s->cap_workers ? s->cap_workers * 2 : 16;
+    if (cap > SERVER_MAX_WORKERS) cap = SERVER_MAX_WORKERS;
+    worker_rec *nw = realloc(s->workers, (size_t)cap * sizeof *nw);
+    if (!nw) return NULL;
+    memset(nw + s->cap_workers, 0, (size_t)(cap - s->cap_workers) * sizeof *nw);
+    s->workers = nw;
+    s->cap_workers = cap;
+    (void)m;
+    return worker_add(s, m);
+}
+
+/* Hands one pending shard to each waiting worker, with the parameters of
+ * the current version first when the worker holds another. */
+static void schedule(server *s) {
+    if (s->finished) return;
+    uint32_t next = 0;
+    for (int i = 0; i < s->cap_workers; i++) {
+        worker_rec *w = &s->workers[i];
+        if (!w->used || !w->waiting) continue;
+        while (next < s->n_shards && s->shards[next].state != SHARD_PENDING) next++;
+        if (next == s->n_shards) return;
+        wire_out o;
+        if (w->version != s->version) {
+            send_to(s, w, NULL, 0, wire_snapshot(&o, s->version, s->step), s->out, s->n_tensors);
+            w->version = s->version;
+        }
+        uint32_t shard = next;
+        if (s->step_start == 0) s->step_start = progress_now(); /* the first step's clock */
+        send_to(s, w, NULL, 0, wire_assign(&o, s->step, s->version, &shard, 1), NULL, 0);
+        s->shards[next].state = SHARD_ASSIGNED;
+        s->shards[next].worker = i;
+        w->waiting = 0;
+        log_debug("step %llu shard %u -> %s", (unsigned long long)s->step, shard, w->name);
+    }
+}
+
+static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
+    const Peftps__Wire__Hello *h = m->env->hello;
+    const char *who = h->worker_id && h->worker_id[0] ? h->worker_id : "a worker";
+    if (!h->has_protocol_version || h->protocol_version != WIRE_PROTOCOL_VERSION) {
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+                    "%s speaks protocol version %u, this server %d: use the same peftps release",
+                    who, h->protocol_version, WIRE_PROTOCOL_VERSION);
+        return;
+    }
+    if (!h->base_fingerprint || strcmp(h->base_fingerprint, s->base_fp)) {
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__FINGERPRINT_MISMATCH,
+                    "%s maps another base model (fingerprint %.12s, server %.12s): model.path "
+                    "must hold the same files everywhere",
+                    who, h->base_fingerprint ? h->base_fingerprint : "none", s->base_fp);
+        return;
+    }
+    if (!h->experiment_fingerprint || strcmp(h->experiment_fingerprint, s->exp_fp)) {
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__FINGERPRINT_MISMATCH,
+                    "%s runs another experiment (fingerprint %.12s, server %.12s): give workers "
+                    "and servers the same experiment file and --set options",
+                    who, h->experiment_fingerprint ? h->experiment_fingerprint : "none", s->exp_fp);
+        return;
+    }
+    if (w) {
+        worker_release(s, w);
+    } else if (!(w = worker_add(s, m))) {
+        reply_error(s, m, NULL, PEFTPS__WIRE__ERROR_CODE__ERROR_UNSPECIFIED,
+                    "%s refused: %d workers are registered already", who, SERVER_MAX_WORKERS);
+        return;
+    } else {
+        w->used = 1;
+        memcpy(w->id, m->identity, m->id_len);
+        w->id_len = m->id_len;
+    }
+    snprintf(w->name, sizeof w->name, "%s", who);
+    w->last_seen = progress_now();
+    w->version = NO_VERSION;
+    w->waiting = 0;
+    log_info("worker %s registered (%d alive)", w->name, workers_alive(s));
+    wire_out o;
+    send_to(s, w, NULL, 0,
+            wire_welcome(&o, (uint32_t)s->opts.index, (uint32_t)s->n_servers,
+                         s->exp->cluster->heartbeat_ms, s->version),
+            s->out, s->n_tensors);
+}
+
+static void on_pull(server *s, const wire_msg *m, worker_rec *w) {
+    const Peftps__Wire__Pull *p = m->env->pull;
+    /* A worker that asks for work has given up what it held. */
+    worker_release(s, w);
+    w->version = p->has_have_version ? p->have_version : NO_VERSION;
+    w->waiting = 1;
+    schedule(s);
+}
+
+/* ---- aggregation -------------------------------------------------------------------- */
+
+static void fold(server *s, uint32_t shard, const float *g) {
+    if (shard == 0)
+        memcpy(s->grad_sum, g, s->n * sizeof *g);
+    else
+        for (size_t i = 0; i < s->n; i++) s->grad_sum[i] += g[i];
+}
+
+static float *buf_get(server *s) {
+    if (s->n_pool > 0) return s->pool[--s->n_pool];
+    s->n_made++;
+    return aligned_alloc(64, (s->n * sizeof(float) + 63) / 64 * 64);
+}
+
+static int step_complete(server *s, err *e);
+
+static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
+    const Peftps__Wire__GradPush *g = m->env->grad_push;
+    if (!g->has_step || !g->has_version || !g->has_shard || !g->has_loss_sum || !g->has_n_tokens) {
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+                    "grad_push without step, version, shard, loss_sum or n_tokens");
+        return;
+    }
+    if (g->step != s->step || g->version != s->version) {
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
+                    "push of step %llu version %llu, but the server is at step %llu version %llu",
+                    (unsigned long long)g->step, (unsigned long long)g->version,
+                    (unsigned long long)s->step, (unsigned long long)s->version);
+        return;
+    }
+    if (g->shard >= s->n_shards) {
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+                    "push of shard %u, but a step has %u shards", g->shard, s->n_shards);
+        return;
+    }
+    shard_slot *sl = &s->shards[g->shard];
+    if (sl->state == SHARD_RECEIVED) {
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__DUPLICATE,
+                    "shard %u of step %llu was received already", g->shard,
+                    (unsigned long long)s->step);
+        return;
+    }
+    if (sl->state != SHARD_ASSIGNED || &s->workers[sl->worker] != w) {
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
+                    "shard %u of step %llu is not assigned to this worker", g->shard,
+                    (unsigned long long)s->step);
+        return;
+    }
+    err e;
+    if (wire_check_tensors(m, s->expect, s->n_tensors, &e) < 0) {
+        /* Its owner cannot be trusted with it again: let another compute it. */
+        sl->state = SHARD_PENDING;
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "shard %u: %s", g->shard, e.msg);
+        schedule(s);
+        return;
+    }
+    for (int i = 0; i < s->n_tensors; i++)
+        if (wire_tensor_copy_f32(&m->tensors[i], s->inbuf + s->tensors[i].offset,
+                                 s->tensors[i].numel, &e) < 0) {
+            sl->state = SHARD_PENDING;
+            reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "shard %u: %s", g->shard,
+                        e.msg);
+            schedule(s);
+            return;
+        }
+    if (g->shard == s->next_fold) {
+        fold(s, g->shard, s->inbuf);
+        s->next_fold++;
+    } else {
+        /* Out of order: it waits, in a buffer of its own, for the shards before it. */
+        float *b = buf_get(s);
+        if (!b) {
+            sl->state = SHARD_PENDING;
+            reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__ERROR_UNSPECIFIED,
+                        "out of memory holding shard %u", g->shard);
+            return;
+        }
+        sl->buf = s->inbuf;
+        s->inbuf = b;
+    }
+    sl->state = SHARD_RECEIVED;
+    sl->loss_sum = g->loss_sum;
+    sl->n_tokens = g->n_tokens;
+    while (s->next_fold < s->n_shards && s->shards[s->next_fold].state == SHARD_RECEIVED &&
+           s->shards[s->next_fold].buf) {
+        shard_slot *q = &s->shards[s->next_fold];
+        fold(s, s->next_fold, q->buf);
+        s->pool[s->n_pool++] = q->buf;
+        q->buf = NULL;
+        s->next_fold++;
+    }
+    w->waiting = 1;
+    if (s->next_fold == s->n_shards && step_complete(s, &s->fail) < 0) {
+        s->finished = -1;
+        return;
+    }
+    schedule(s);
+}
+
+static void finish(server *s, const char *reason);
+
+/* All shards of the step are summed: update, record, checkpoint. */
+static int step_complete(server *s, err *e) {
+    double loss = 0.0;
+    long ntok = 0;
+    for (uint32_t i = 0; i < s->n_shards; i++) {
+        loss += s->shards[i].loss_sum;
+        ntok += (long)s->shards[i].n_tokens;
+    }
+    double lr = optim_lr(s->exp->optimizer, s->exp->schedule, s->step);
+    double norm = train_update(&s->opt, s->exp->optimizer, s->tensors, s->n_tensors, s->params,
+                               s->grad_sum, s->n, ntok, lr);
+    double mean = ntok > 0 ? loss / (double)ntok : 0.0;
+    double now = progress_now();
+    double dt = now - s->step_start;
+    double toks = (double)s->exp->data->batch_size * (double)s->exp->data->seq_len;
+    s->step++;
+    s->version++;
+    for (uint32_t i = 0; i < s->n_shards; i++) s->shards[i].state = SHARD_PENDING;
+    s->next_fold = 0;
+    if (s->metrics) {
+        fprintf(s->metrics,
+                "{\"step\":%llu,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6f,\"tokens\":%ld,"
+                "\"tokens_per_s\":%.1f,\"bytes_in\":%llu,\"bytes_out\":%llu}\n",
+                (unsigned long long)s->step, mean, lr, norm, ntok, dt > 0 ? toks / dt : 0.0,
+                (unsigned long long)s->bytes_in, (unsigned long long)s->bytes_out);
+        fflush(s->metrics);
+    }
+    char detail[200];
+    snprintf(detail, sizeof detail, "loss %.4f  %.0f tok/s  %.1f KiB/step  %d workers", mean,
+             dt > 0 ? toks / dt : 0.0, (double)(s->bytes_in + s->bytes_out) / 1024.0,
+             workers_alive(s));
+    progress_update(&s->pr, s->step, detail);
+    s->bytes_in = s->bytes_out = 0;
+    s->step_start = now;
+    if (!isfinite(mean))
+        return err_set(e, "step %llu: loss is %g; lower optimizer.lr or check the data",
+                       (unsigned long long)s->step, mean);
+    if (s->step % s->exp->checkpoint->every_steps == 0 || s->step == s->total)
+        if (checkpoint_write(s, e) < 0) return -1;
+    if (s->step == s->total) {
+        progress_end(&s->pr);
+        if (s->opts.index == 0 && write_tensors(s, e) < 0) return -1;
+        finish(s, "training finished");
+    }
+    return 0;
+}
+
+/* Tells every registered worker to stop. */
+static void finish(server *s, const char *reason) {
+    s->finished = 1;
+    for (int i = 0; i < s->cap_workers; i++) {
+        worker_rec *w = &s->workers[i];
+        if (!w->used) continue;
+        wire_out o;
+        send_to(s, w, NULL, 0, wire_shutdown(&o, reason), NULL, 0);
+    }
+}
+
+/* ---- the loop ----------------------------------------------------------------------- */
+
+static void on_message(server *s, wire_msg *m) {
+    worker_rec *w = worker_find(s, m->identity, m->id_len);
+    if (w) w->last_seen = progress_now();
+    s->bytes_in += m->bytes;
+    int body = m->env->body_case;
+    if (s->finished && body != PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT) {
+        wire_out o;
+        send_to(s, w, m->identity, m->id_len, wire_shutdown(&o, "training finished"), NULL, 0);
+        return;
+    }
+    if (body == PEFTPS__WIRE__ENVELOPE__BODY_HELLO) {
+        on_hello(s, m, w);
+        return;
+    }
+    if (!w) {
+        reply_error(s, m, NULL, PEFTPS__WIRE__ERROR_CODE__NOT_REGISTERED,
+                    "%s from a peer that has not registered (send Hello first)",
+                    wire_body_name(body));
+        return;
+    }
+    switch (body) {
+    case PEFTPS__WIRE__ENVELOPE__BODY_PULL:
+        on_pull(s, m, w);
+        break;
+    case PEFTPS__WIRE__ENVELOPE__BODY_GRAD_PUSH:
+        on_grad_push(s, m, w);
+        break;
+    case PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT:
+        break;
+    default:
+        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+                    "unexpected %s from a worker", wire_body_name(body));
+    }
+}
+
+/* Workers silent for longer than the timeout are dropped and their shards
+ * go to others; waiting workers hear from us every heartbeat. */
+static void tick(server *s) {
+    double now = progress_now();
+    int dropped = 0;
+    for (int i = 0; i < s->cap_workers; i++) {
+        worker_rec *w = &s->workers[i];
+        if (!w->used) continue;
+        if (now - w->last_seen > s->timeout_s) {
+            int n = worker_release(s, w);
+            w->used = 0;
+            dropped = 1;
+            log_warn("worker %s silent for %.1f s: dropped, %d shard(s) go to others (%d alive)",
+                     w->name, now - w->last_seen, n, workers_alive(s));
+            continue;
+        }
+        if (now - w->last_sent >= s->hb_s) {
+            wire_out o;
+            send_to(s, w, NULL, 0, wire_heartbeat(&o, s->version, s->step), NULL, 0);
+        }
+    }
+    if (dropped) schedule(s);
+}
+
+int server_run(server *s, err *e) {
+    progress_start(&s->pr, s->total);
+    s->step_start = 0;
+    if (s->step >= s->total) {
+        log_info("the checkpoint is at the last step already");
+        if (s->opts.index == 0 && write_tensors(s, e) < 0) return -1;
+        s->finished = 1;
+        return 0;
+    }
+    long tick_ms = (long)s->exp->cluster->heartbeat_ms / 4;
+    if (tick_ms < 5) tick_ms = 5;
+    if (tick_ms > 250) tick_ms = 250;
+    double last_tick = 0;
+    while (!s->finished && !stop_requested) {
+        zmq_pollitem_t it = {s->sock, 0, ZMQ_POLLIN, 0};
+        int rc = zmq_poll(&it, 1, tick_ms);
+        if (rc < 0) {
+            if (errno == EINTR) continue;
+            return err_set(e, "zmq_poll: %s", zmq_strerror(errno));
+        }
+        /* Drain what is there, but never starve the timers. */
+        for (int k = 0; rc > 0 && k < 256 && !s->finished; k++) {
+            wire_msg m;
+            memset(&m, 0, sizeof m);
+            err me;
+            if (wire_recv(s->sock, 1, &m, &s->lim, &me) < 0) {
+                if (!m.received) {
+                    if (errno == EINTR) break;
+                    if (errno == EAGAIN) break;
+                    wire_msg_close(&m);
+                    return err_set(e, "receiving: %s", me.msg);
+                }
+                worker_rec *w = worker_find(s, m.identity, m.id_len);
+                if (w) w->last_seen = progress_now();
+                reply_error(s, &m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED, "%s", me.msg);
+            } else {
+                on_message(s, &m);
+            }
+            wire_msg_close(&m);
+            int ev = 0;
+            size_t evn = sizeof ev;
+            if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &ev, &evn) < 0 || !(ev & ZMQ_POLLIN)) break;
+        }
+        if (s->finished < 0) {
+            *e = s->fail;
+            return -1;
+        }
+        double now = progress_now();
+        if (now - last_tick >= tick_ms / 1000.0) {
+            tick(s);
+            last_tick = now;
+        }
+    }
+    if (s->finished) return 0;
+    progress_end(&s->pr);
+    log_warn("stopping on a signal at step %llu", (unsigned long long)s->step);
+    if (checkpoint_write(s, e) < 0) return -1;
+    finish(s, "the server was stopped");
+    return 1;
+}

@@ -1,0 +1,250 @@
+#!/bin/sh
+# Integration and fault tests of the cluster (server/, worker/, cli/cmd_run.c)
+# over loopback TCP on random free ports: BSP with 1, 2 and 4 workers and
+# with 16 workers gives tensors bit-identical to `peftps train`; so does a
+# run whose worker is SIGKILLed mid-step, and one whose server is SIGKILLed
+# and restarted from its LMDB checkpoint; metrics.jsonl holds every step
+# once; a mismatched or damaged checkpoint is refused; with CURVE an
+# unlisted key cannot register; `peftps run` writes what train writes.
+# Run by tests/run.sh with $BIN; needs the fixtures of tests/fixtures/.
+BIN=${BIN:-bin}
+PY=/usr/bin/python3
+EXP=examples/lora.pbtxt
+for f in "$BIN/peftps" "$BIN/peftps-server" "$BIN/peftps-worker"; do
+    [ -x "$f" ] || { echo "FAIL: $f is not built"; exit 1; }
+done
+for f in tests/fixtures/tiny-llama/config.json tests/fixtures/tiny.tokens "$EXP"; do
+    [ -e "$f" ] || { echo "SKIP: fixture $f is missing"; exit 0; }
+done
+T=$(mktemp -d /tmp/peftps-it-cluster.XXXXXX)
+PIDS=""
+cleanup() {
+    for p in $PIDS; do kill -9 "$p" 2>/dev/null; done
+    rm -rf "$T"
+}
+trap cleanup EXIT
+# OpenBLAS's results depend on its thread count; every process of the test,
+# the reference included, uses one thread (2 cores are shared by 16 workers).
+export OPENBLAS_NUM_THREADS=1
+export PEFTPS_LOG=info
+
+fail() {
+    echo "FAIL: $*"
+    for f in "$T"/*.log; do
+        [ -f "$f" ] || continue
+        echo "---- $(basename "$f") (last lines)"
+        tail -n 8 "$f"
+    done
+    exit 1
+}
+
+free_port() {
+    $PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# bg NAME CMD...: runs CMD in the background, output in $T/NAME.log; the pid
+# is in $LAST.
+bg() {
+    name=$1
+    shift
+    "$@" >"$T/$name.log" 2>&1 &
+    LAST=$!
+    PIDS="$PIDS $LAST"
+}
+
+# wait_pid PID SECONDS: the exit status, or fails after SECONDS.
+wait_pid() {
+    i=0
+    while kill -0 "$1" 2>/dev/null; do
+        i=$((i + 1))
+        [ $i -gt $(($2 * 10)) ] && fail "process $1 still running after $2 s"
+        sleep 0.1
+    done
+    wait "$1"
+}
+
+# wait_log FILE PATTERN SECONDS
+wait_log() {
+    i=0
+    until grep -q "$2" "$1" 2>/dev/null; do
+        i=$((i + 1))
+        [ $i -gt $(($3 * 10)) ] && fail "no '$2' in $1 after $3 s"
+        sleep 0.1
+    done
+}
+
+# Experiment options for a cluster on a new port with output under $T/$1.
+sets() {
+    echo "--set output_dir=$T/$1 --set cluster.servers=tcp://127.0.0.1:$(free_port)" \
+        "--set cluster.heartbeat_ms=100 --set cluster.worker_timeout_ms=1000 $2"
+}
+
+# reference NAME STEPS: `peftps train` of STEPS steps into $T/NAME.
+reference() {
+    "$BIN/peftps" train $EXP --set output_dir="$T/$1" --set schedule.total_steps="$2" \
+        >"$T/$1.log" 2>&1 || fail "peftps train ($1)"
+}
+
+# Every step 1..$2 appears once in $1/metrics.jsonl, in order.
+steps_once() {
+    grep -o '"step":[0-9]*,"loss"' "$1/metrics.jsonl" | sed 's/[^0-9]//g' >"$T/steps"
+    seq 1 "$2" | cmp -s - "$T/steps" || fail "$1/metrics.jsonl does not hold steps 1..$2 once each"
+}
+
+same_tensors() {
+    cmp "$1/tensors.safetensors" "$2/tensors.safetensors" ||
+        fail "$2/tensors.safetensors differs from $1's"
+}
+
+# cluster NAME WORKERS STEPS: WORKERS workers and a server, to the end. The
+# workers start first, so that all of them are waiting when the server binds.
+cluster() {
+    S=$(sets "$1" "--set schedule.total_steps=$3")
+    wps=""
+    i=0
+    while [ $i -lt "$2" ]; do
+        bg "$1-worker$i" "$BIN/peftps-worker" $EXP $S
+        wps="$wps $LAST"
+        i=$((i + 1))
+    done
+    i=0
+    while [ $i -lt "$2" ]; do
+        wait_log "$T/$1-worker$i.log" "ready" 30
+        i=$((i + 1))
+    done
+    bg "$1-server" "$BIN/peftps-server" $EXP $S
+    wait_pid $LAST 120 || fail "server of $1 exited with $?"
+    for p in $wps; do wait_pid "$p" 10 || fail "a worker of $1 exited with $?"; done
+}
+
+echo "BSP with 1, 2 and 4 workers equals peftps train"
+reference ref60 60
+for n in 1 2 4; do
+    cluster "bsp$n" $n 60
+    grep -q "($n alive)" "$T/bsp$n-server.log" || fail "not all $n workers registered"
+    same_tensors "$T/ref60" "$T/bsp$n"
+    steps_once "$T/bsp$n" 60
+    grep -q '"bytes_in":[1-9]' "$T/bsp$n/metrics.jsonl" || fail "no bytes_in in metrics"
+    cmp -s "$T/ref60/experiment.pbtxt" "$T/bsp$n/experiment.pbtxt" &&
+        fail "experiment.pbtxt should name the cluster's own output_dir"
+    grep -q "output_dir: \"$T/bsp$n\"" "$T/bsp$n/experiment.pbtxt" || fail "experiment.pbtxt"
+done
+
+echo "16 workers for 100 steps: no push lost, no step skipped"
+reference ref100 100
+cluster w16 16 100
+same_tensors "$T/ref100" "$T/w16"
+steps_once "$T/w16" 100
+
+echo "a worker SIGKILLed mid-step, another started later"
+reference ref300 300
+S=$(sets kill "--set schedule.total_steps=300")
+bg kill-server "$BIN/peftps-server" $EXP $S
+sp=$LAST
+bg kill-worker-a "$BIN/peftps-worker" $EXP $S
+wa=$LAST
+# Alone, the worker always holds the shard it computes or is about to.
+wait_log "$T/kill-server.log" "step [0-9]*/300" 20
+sleep 0.3
+kill -9 $wa
+sleep 1.5
+bg kill-worker-b "$BIN/peftps-worker" $EXP $S
+wb=$LAST
+wait_pid $sp 120 || fail "server exited with $?"
+wait_pid $wb 10 || fail "worker b exited with $?"
+grep -q "dropped, 1 shard(s) go to others" "$T/kill-server.log" ||
+    fail "the killed worker's shard was not reassigned"
+same_tensors "$T/ref300" "$T/kill"
+steps_once "$T/kill" 300
+
+echo "the server SIGKILLed and restarted resumes from its checkpoint"
+S=$(sets restart "--set schedule.total_steps=300 --set checkpoint.every_steps=25")
+bg restart-server1 "$BIN/peftps-server" $EXP $S
+sp=$LAST
+bg restart-worker0 "$BIN/peftps-worker" $EXP $S
+w0=$LAST
+bg restart-worker1 "$BIN/peftps-worker" $EXP $S
+w1=$LAST
+wait_log "$T/restart-server1.log" "checkpoint of step 50" 60
+kill -9 $sp
+wait $sp 2>/dev/null
+bg restart-server2 "$BIN/peftps-server" $EXP $S
+sp=$LAST
+wait_pid $sp 120 || fail "restarted server exited with $?"
+wait_pid $w0 10 || fail "worker 0 exited with $?"
+wait_pid $w1 10 || fail "worker 1 exited with $?"
+grep -q "resuming from the checkpoint of step [1-9]" "$T/restart-server2.log" ||
+    fail "the restarted server did not resume"
+grep -q "registering again" "$T/restart-worker0.log" "$T/restart-worker1.log" ||
+    grep -q "reconnecting" "$T/restart-worker0.log" || fail "the workers did not re-register"
+same_tensors "$T/ref300" "$T/restart"
+steps_once "$T/restart" 300
+
+echo "a mismatched or damaged checkpoint is refused"
+"$BIN/peftps-server" $EXP $S --set optimizer.lr=1e-3 >"$T/mismatch.log" 2>&1
+rc=$?
+[ $rc = 2 ] || fail "a checkpoint of another experiment: exit $rc, wanted 2"
+grep -q "another experiment" "$T/mismatch.log" || fail "mismatch message: $(cat "$T/mismatch.log")"
+cp -r "$T/restart/ckpt" "$T/damaged-ckpt"
+$PY - "$T/restart/tensors.safetensors" "$T/damaged-ckpt/data.mdb" <<'EOF' || fail "could not damage the checkpoint"
+import json, struct, sys
+st = open(sys.argv[1], "rb").read()
+n = struct.unpack("<Q", st[:8])[0]
+head = json.loads(st[8:8 + n])
+data = st[8 + n:]
+# The final parameters of one tensor: the latest checkpoint holds them.
+name, info = max(((k, v) for k, v in head.items() if k != "__metadata__"),
+                 key=lambda kv: kv[1]["data_offsets"][1] - kv[1]["data_offsets"][0])
+a, b = info["data_offsets"]
+needle = data[a:a + 64]
+db = bytearray(open(sys.argv[2], "rb").read())
+at = db.find(needle)
+if at < 0:
+    sys.exit("tensor bytes not found in data.mdb")
+while at >= 0:
+    db[at + 17] ^= 0x40
+    at = db.find(needle, at + 1)
+open(sys.argv[2], "wb").write(db)
+EOF
+"$BIN/peftps-server" $EXP $S --set checkpoint.path="$T/damaged-ckpt" >"$T/damaged.log" 2>&1
+rc=$?
+[ $rc = 2 ] || fail "a damaged checkpoint: exit $rc, wanted 2"
+grep -q "CRC" "$T/damaged.log" || fail "damage message: $(cat "$T/damaged.log")"
+"$BIN/peftps-server" $EXP $S --set checkpoint.resume=false >"$T/noresume.log" 2>&1
+rc=$?
+[ $rc = 2 ] || fail "checkpoints present with resume off: exit $rc, wanted 2"
+
+echo "CURVE: an unlisted key cannot register"
+"$BIN/peftps" keygen "$T/server" >/dev/null || fail "keygen server"
+"$BIN/peftps" keygen "$T/worker" >/dev/null || fail "keygen worker"
+"$BIN/peftps" keygen "$T/intruder" >/dev/null || fail "keygen intruder"
+"$BIN/peftps" keygen "$T/worker" >/dev/null 2>&1 && fail "keygen overwrote a key"
+cp "$T/worker.pub" "$T/authorized"
+S=$(sets curve "--set schedule.total_steps=60")
+C="--set cluster.curve.server_keys=$T/server.key --set cluster.curve.authorized_keys=$T/authorized"
+bg curve-server "$BIN/peftps-server" $EXP $S $C
+sp=$LAST
+W="--set cluster.curve.server_keys=$T/server.pub"
+bg curve-intruder "$BIN/peftps-worker" $EXP $S $W --set cluster.curve.worker_keys="$T/intruder.key"
+wi=$LAST
+wait_log "$T/curve-server.log" "refused a connection" 20
+bg curve-worker "$BIN/peftps-worker" $EXP $S $W --set cluster.curve.worker_keys="$T/worker.key"
+ww=$LAST
+wait_pid $sp 60 || fail "CURVE server exited with $?"
+wait_pid $ww 10 || fail "CURVE worker exited with $?"
+kill -0 $wi 2>/dev/null || fail "the intruder exited: $(tail -n 3 "$T/curve-intruder.log")"
+kill $wi
+grep -q "registered with" "$T/curve-intruder.log" && fail "the intruder registered"
+[ "$(grep -c "worker .* registered" "$T/curve-server.log")" = 1 ] || fail "not one registration"
+same_tensors "$T/ref60" "$T/curve"
+
+echo "peftps run writes what peftps train writes"
+"$BIN/peftps" run $EXP --workers 3 --set output_dir="$T/run" --set schedule.total_steps=60 \
+    >"$T/run.log" 2>&1 || fail "peftps run exited with $?"
+same_tensors "$T/ref60" "$T/run"
+steps_once "$T/run" 60
+tail -n 1 "$T/ref60/metrics.jsonl" >"$T/eval.ref"
+tail -n 1 "$T/run/metrics.jsonl" >"$T/eval.run"
+grep -q eval_loss "$T/eval.run" || fail "peftps run wrote no eval line"
+cmp -s "$T/eval.ref" "$T/eval.run" || fail "eval lines differ: $(cat "$T/eval.ref" "$T/eval.run")"
+echo "ok"

@@ -1,0 +1,85 @@
+/* `peftps-worker`: the stateless worker program. Reads the experiment
+ * (common/config.h) and runs worker/worker.c; exit status 0 when a server
+ * said Shutdown, 1 on a failure while working, 2 on bad usage or input or
+ * when a server refuses this worker, 128+signal when stopped. */
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "config.h"
+#include "log.h"
+#include "worker.h"
+
+static const char usage[] =
+    "usage: peftps-worker EXPERIMENT.pbtxt [--set PATH=VALUE ...]\n"
+    "\n"
+    "A stateless worker: maps the experiment's base model read-only, registers with\n"
+    "every server of cluster.servers, and computes the gradients of the shards it is\n"
+    "given until a server says the run is over. It keeps nothing worth saving: stop\n"
+    "or kill it at any time and the servers give its work to others. Reconnects by\n"
+    "itself when a server restarts.\n"
+    "\n"
+    "options:\n"
+    "  --set PATH=VALUE   override a field of the experiment (repeatable)\n";
+
+static int stop_signal;
+
+static void on_signal(int sig) {
+    stop_signal = sig;
+    worker_stop();
+}
+
+int main(int argc, char **argv) {
+    log_init("worker");
+    config_args sets;
+    err e;
+    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
+        fprintf(stderr, "peftps-worker: %s\n%s", e.msg, usage);
+        return 2;
+    }
+    const char *path = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            fputs(usage, stdout);
+            config_args_free(&sets);
+            return 0;
+        }
+        if ((argv[i][0] == '-' && argv[i][1]) || path) {
+            fprintf(stderr, "peftps-worker: unexpected argument '%s'\n%s", argv[i], usage);
+            config_args_free(&sets);
+            return 2;
+        }
+        path = argv[i];
+    }
+    if (!path) {
+        fprintf(stderr, "peftps-worker: no experiment file given\n%s", usage);
+        config_args_free(&sets);
+        return 2;
+    }
+    Peftps__Experiment *ex = NULL;
+    int rc = config_load(path, sets.sets, sets.nsets, &ex, NULL, &e);
+    config_args_free(&sets);
+    if (rc < 0) {
+        fprintf(stderr, "%s\n", e.msg);
+        return 2;
+    }
+    worker *w = NULL;
+    if (worker_open(&w, ex, &e) < 0) {
+        fprintf(stderr, "peftps-worker: %s\n", e.msg);
+        config_free(ex);
+        return 2;
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    rc = worker_run(w, &e);
+    int status = rc == 0 ? 0 : rc > 0 ? 128 + stop_signal : 2;
+    if (rc < 0) fprintf(stderr, "peftps-worker: %s\n", e.msg);
+    worker_close(w);
+    config_free(ex);
+    return status;
+}

@@ -1,0 +1,542 @@
+/* The worker's loop (see worker.h): one DEALER per server, polled together;
+ * reconnect with exponential backoff when a server goes silent; heartbeats
+ * from the main thread while it waits and from a small thread while it
+ * computes (the socket changes hands under a mutex, which is the full
+ * memory barrier ZeroMQ asks for when a socket moves between threads). */
+#include "worker.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <zmq.h>
+
+#include "config.h"
+#include "curve.h"
+#include "log.h"
+#include "progress.h"
+#include "train.h"
+#include "wire.h"
+
+#define NO_VERSION UINT64_MAX
+/* Reconnect delays double from the first to the cap. */
+#define BACKOFF_FIRST_MS 100
+#define BACKOFF_CAP_MS 4000
+
+typedef struct conn {
+    int index;
+    const char *endpoint;
+    void *sock;
+    int registered;
+    double last_heard, last_sent, hello_at;
+    int attempts;
+    double retry_at;
+    uint64_t version; /* of the parameters received from this server */
+    int pulled;       /* a Pull is outstanding */
+    /* Its tensors, from its Welcome: indices into the method's table. */
+    int n;
+    int *tidx;
+    wire_expect *expect;
+    wire_tensor *push;
+} conn;
+
+struct worker {
+    const Peftps__Experiment *exp;
+    trainer *t;
+    char exp_fp[65];
+    char id[128];
+    int n_conns;
+    conn *conns;
+    void *ctx;
+    int curve;
+    curve_keys mine;
+    char server_public[CURVE_KEY_Z85 + 1];
+    double hb_s, timeout_s;
+    uint64_t refreshed; /* version the method's derived state was built for */
+
+    /* The current assignment, from server 0. */
+    int have_assign;
+    uint64_t a_step, a_version;
+    uint32_t *a_shards;
+    size_t a_n;
+
+    /* Heartbeats while the main thread computes. */
+    pthread_mutex_t mu;
+    pthread_t hb_thread;
+    int hb_started;
+    atomic_int busy, quit;
+};
+
+static volatile sig_atomic_t stop_requested;
+
+void worker_stop(void) {
+    stop_requested = 1;
+}
+
+int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
+    *out = NULL;
+    const Peftps__Cluster *cl = exp->cluster;
+    worker *w = calloc(1, sizeof *w);
+    if (!w) return err_set(e, "out of memory");
+    w->exp = exp;
+    w->n_conns = (int)cl->n_servers;
+    w->hb_s = cl->heartbeat_ms / 1000.0;
+    w->timeout_s = cl->worker_timeout_ms / 1000.0;
+    w->refreshed = NO_VERSION;
+    pthread_mutex_init(&w->mu, NULL);
+    config_fingerprint(exp, w->exp_fp);
+    char host[64] = "?";
+    gethostname(host, sizeof host - 1);
+    snprintf(w->id, sizeof w->id, "%s:%d", host, (int)getpid());
+    w->conns = calloc((size_t)w->n_conns, sizeof *w->conns);
+    w->a_shards = calloc(exp->data->shards_per_step, sizeof *w->a_shards);
+    if (!w->conns || !w->a_shards) {
+        err_set(e, "out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < w->n_conns; i++) {
+        w->conns[i].index = i;
+        w->conns[i].endpoint = cl->servers[i];
+        w->conns[i].version = NO_VERSION;
+    }
+    if (cl->curve && (cl->curve->worker_keys || cl->curve->server_keys)) {
+        curve_keys sk;
+        if (!cl->curve->worker_keys || !cl->curve->server_keys) {
+            err_set(e, "cluster.curve needs both worker_keys and server_keys on a worker");
+            goto fail;
+        }
+        if (curve_keys_load(&w->mine, cl->curve->worker_keys, 1, e) < 0) {
+            err_wrap(e, "cluster.curve.worker_keys");
+            goto fail;
+        }
+        /* Only the server's public key is needed here: its .pub file will do. */
+        if (curve_keys_load(&sk, cl->curve->server_keys, 0, e) < 0) {
+            err_wrap(e, "cluster.curve.server_keys");
+            goto fail;
+        }
+        memcpy(w->server_public, sk.public_key, sizeof w->server_public);
+        curve_keys_wipe(&sk);
+        w->curve = 1;
+    }
+    if (trainer_open(&w->t, exp, 0, e) < 0) goto fail;
+    log_info("%s: worker %s ready (%s, %zu trainable parameters)", exp->name, w->id,
+             w->t->p->method->name, peft_num_trainable(w->t->p));
+    *out = w;
+    return 0;
+fail:
+    worker_close(w);
+    return -1;
+}
+
+static void conn_forget(conn *c) {
+    free(c->tidx);
+    free(c->expect);
+    free(c->push);
+    c->tidx = NULL;
+    c->expect = NULL;
+    c->push = NULL;
+    c->n = 0;
+}
+
+static void conn_close(conn *c) {
+    if (c->sock) zmq_close(c->sock);
+    c->sock = NULL;
+    c->registered = 0;
+    c->pulled = 0;
+}
+
+void worker_close(worker *w) {
+    if (!w) return;
+    for (int i = 0; i < w->n_conns && w->conns; i++) {
+        conn_close(&w->conns[i]);
+        conn_forget(&w->conns[i]);
+    }
+    if (w->ctx) zmq_ctx_term(w->ctx);
+    free(w->conns);
+    free(w->a_shards);
+    trainer_close(w->t);
+    curve_keys_wipe(&w->mine);
+    pthread_mutex_destroy(&w->mu);
+    free(w);
+}
+
+/* ---- sending ------------------------------------------------------------------------ */
+
+static int send_msg(conn *c, const Peftps__Wire__Envelope *env, const wire_tensor *t, int n) {
+    err e;
+    if (!c->sock) return -1;
+    if (wire_send(c->sock, NULL, 0, env, t, n, &e) < 0) {
+        log_warn("sending %s to server %d (%s): %s", wire_body_name(env->body_case), c->index,
+                 c->endpoint, e.msg);
+        return -1;
+    }
+    c->last_sent = progress_now();
+    return 0;
+}
+
+static void send_hello(worker *w, conn *c) {
+    wire_out o;
+    c->hello_at = progress_now();
+    c->registered = 0;
+    send_msg(c,
+             wire_hello(&o, w->id, model_files_fingerprint(w->t->files), w->exp_fp,
+                        w->id, (uint32_t)getpid()),
+             NULL, 0);
+}
+
+static void send_pull(conn *c) {
+    wire_out o;
+    Peftps__Wire__Envelope *env = wire_pull(&o, c->version);
+    /* No version held: an absent field, so the server sends everything. */
+    if (c->version == NO_VERSION) o.body.pull.has_have_version = 0;
+    if (send_msg(c, env, NULL, 0) == 0) c->pulled = 1;
+}
+
+/* A new DEALER to the server, and Hello on it. */
+static int conn_open(worker *w, conn *c, err *e) {
+    c->sock = zmq_socket(w->ctx, ZMQ_DEALER);
+    if (!c->sock) return err_set(e, "zmq_socket: %s", zmq_strerror(errno));
+    int linger = 0, sndtimeo = (int)w->exp->cluster->worker_timeout_ms;
+    int ivl = BACKOFF_FIRST_MS, ivl_max = BACKOFF_CAP_MS;
+    zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
+    /* A send never blocks longer than a server may stay silent. */
+    zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
+    /* ZeroMQ's own reconnects back off the same way as ours. */
+    zmq_setsockopt(c->sock, ZMQ_RECONNECT_IVL, &ivl, sizeof ivl);
+    zmq_setsockopt(c->sock, ZMQ_RECONNECT_IVL_MAX, &ivl_max, sizeof ivl_max);
+    if (w->curve && curve_client_setup(c->sock, &w->mine, w->server_public, e) < 0) return -1;
+    if (zmq_connect(c->sock, c->endpoint) < 0)
+        return err_set(e, "connecting to %s: %s", c->endpoint, zmq_strerror(errno));
+    c->last_heard = progress_now();
+    send_hello(w, c);
+    return 0;
+}
+
+/* Gives up on the connection and schedules a new one after the backoff. */
+static void conn_retry(worker *w, conn *c, const char *why) {
+    int ms = BACKOFF_FIRST_MS;
+    for (int i = 0; i < c->attempts && ms < BACKOFF_CAP_MS; i++) ms *= 2;
+    if (ms > BACKOFF_CAP_MS) ms = BACKOFF_CAP_MS;
+    c->attempts++;
+    log_warn("server %d (%s): %s; reconnecting in %.1f s", c->index, c->endpoint, why, ms / 1000.0);
+    conn_close(c);
+    c->retry_at = progress_now() + ms / 1000.0;
+    if (c->index == 0) w->have_assign = 0;
+}
+
+/* ---- receiving ---------------------------------------------------------------------- */
+
+/* Checks a server's table against this worker's method and keeps the
+ * mapping from its order to ours. */
+static int on_welcome(worker *w, conn *c, const wire_msg *m, err *e) {
+    const Peftps__Wire__Welcome *wl = m->env->welcome;
+    peft *p = w->t->p;
+    if (wl->server_index != (uint32_t)c->index || wl->num_servers != (uint32_t)w->n_conns)
+        return err_set(e,
+                       "%s says it is server %u of %u, but cluster.servers lists it as %d of %d",
+                       c->endpoint, wl->server_index, wl->num_servers, c->index, w->n_conns);
+    conn_forget(c);
+    c->n = m->n_tensors;
+    c->tidx = calloc((size_t)(c->n ? c->n : 1), sizeof *c->tidx);
+    c->expect = calloc((size_t)(c->n ? c->n : 1), sizeof *c->expect);
+    c->push = calloc((size_t)(c->n ? c->n : 1), sizeof *c->push);
+    if (!c->tidx || !c->expect || !c->push) return err_set(e, "out of memory");
+    for (int i = 0; i < c->n; i++) {
+        const wire_view *v = &m->tensors[i];
+        int k = peft_find_tensor(p, v->name);
+        if (k < 0)
+            return err_set(e, "server %d holds tensor %s, which this worker's %s does not train",
+                           c->index, v->name, p->method->name);
+        const peft_tensor *pt = &p->tensors[k];
+        int same = v->dtype == PEFTPS__WIRE__DTYPE__F32 && v->ndim == pt->ndim;
+        for (int d = 0; same && d < pt->ndim; d++) same = v->shape[d] == pt->shape[d];
+        if (!same)
+            return err_set(e, "server %d's tensor %s differs in shape or dtype from this worker's",
+                           c->index, v->name);
+        c->tidx[i] = k;
+        c->expect[i].name = pt->name;
+        c->expect[i].ndim = pt->ndim;
+        c->push[i].name = pt->name;
+        c->push[i].dtype = PEFTPS__WIRE__DTYPE__F32;
+        c->push[i].ndim = pt->ndim;
+        for (int d = 0; d < pt->ndim; d++) c->expect[i].shape[d] = c->push[i].shape[d] = pt->shape[d];
+        c->push[i].data = p->grads + pt->offset;
+        c->push[i].nbytes = pt->numel * sizeof(float);
+    }
+    /* Together the servers must hold every tensor once. */
+    int registered_all = 1, total = 0;
+    for (int i = 0; i < w->n_conns; i++) {
+        registered_all &= w->conns[i].registered || &w->conns[i] == c;
+        total += w->conns[i].n;
+    }
+    if (registered_all && total != p->n_tensors)
+        return err_set(e, "the servers hold %d tensors together, this worker's %s trains %d",
+                       total, p->method->name, p->n_tensors);
+    c->registered = 1;
+    c->attempts = 0;
+    c->version = NO_VERSION;
+    log_info("registered with server %d (%s): %d tensors, version %llu", c->index, c->endpoint,
+             c->n, (unsigned long long)wl->version);
+    send_pull(c);
+    return 0;
+}
+
+static void on_snapshot(worker *w, conn *c, const wire_msg *m) {
+    err e;
+    if (wire_check_tensors(m, c->expect, c->n, &e) < 0) {
+        log_warn("server %d sent a bad snapshot: %s", c->index, e.msg);
+        return;
+    }
+    peft *p = w->t->p;
+    for (int i = 0; i < c->n; i++) {
+        const peft_tensor *pt = &p->tensors[c->tidx[i]];
+        if (wire_tensor_copy_f32(&m->tensors[i], p->params + pt->offset, pt->numel, &e) < 0) {
+            log_warn("server %d sent a bad snapshot: %s", c->index, e.msg);
+            c->version = NO_VERSION;
+            return;
+        }
+    }
+    c->version = m->env->snapshot->version;
+    c->pulled = 0;
+    w->refreshed = NO_VERSION;
+}
+
+static void on_assign(worker *w, conn *c, const wire_msg *m) {
+    const Peftps__Wire__Assign *a = m->env->assign;
+    uint32_t S = w->exp->data->shards_per_step;
+    if (c->index != 0 || a->n_shards == 0 || a->n_shards > S) {
+        log_warn("server %d sent an assignment this worker cannot take", c->index);
+        return;
+    }
+    for (size_t i = 0; i < a->n_shards; i++) {
+        if (a->shards[i] >= S) {
+            log_warn("server 0 assigned shard %u of %u", a->shards[i], S);
+            return;
+        }
+        w->a_shards[i] = a->shards[i];
+    }
+    w->a_n = a->n_shards;
+    w->a_step = a->step;
+    w->a_version = a->version;
+    w->have_assign = 1;
+}
+
+/* 0: go on; 1: shut down; -1: refused for good. */
+static int on_error(worker *w, conn *c, const wire_msg *m, err *e) {
+    const Peftps__Wire__Error *er = m->env->error;
+    const char *text = er->message ? er->message : "";
+    if (!c->registered && (er->code == PEFTPS__WIRE__ERROR_CODE__FINGERPRINT_MISMATCH ||
+                           er->code == PEFTPS__WIRE__ERROR_CODE__MALFORMED ||
+                           er->code == PEFTPS__WIRE__ERROR_CODE__UNAUTHORIZED))
+        return err_set(e, "server %d (%s) refused this worker: %s", c->index, c->endpoint, text);
+    if (er->code == PEFTPS__WIRE__ERROR_CODE__NOT_REGISTERED) {
+        /* The server restarted or dropped us: register again. */
+        log_info("server %d: %s; registering again", c->index, text);
+        send_hello(w, c);
+        if (c->index == 0) w->have_assign = 0;
+        return 0;
+    }
+    log_warn("server %d: %s", c->index, text);
+    if (c->registered && c->index == 0) {
+        w->have_assign = 0;
+        send_pull(c);
+    }
+    return 0;
+}
+
+/* 0: go on; 1: shut down; -1: fatal. */
+static int on_message(worker *w, conn *c, const wire_msg *m, err *e) {
+    c->last_heard = progress_now();
+    int body = m->env->body_case;
+    if (body == PEFTPS__WIRE__ENVELOPE__BODY_SHUTDOWN) {
+        const char *r = m->env->shutdown->reason;
+        log_info("server %d says stop: %s", c->index, r ? r : "");
+        return 1;
+    }
+    if (body == PEFTPS__WIRE__ENVELOPE__BODY_ERROR) return on_error(w, c, m, e);
+    if (body == PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT) return 0;
+    if (body == PEFTPS__WIRE__ENVELOPE__BODY_WELCOME) return on_welcome(w, c, m, e);
+    if (!c->registered) return 0; /* left over from before a re-registration */
+    if (body == PEFTPS__WIRE__ENVELOPE__BODY_SNAPSHOT)
+        on_snapshot(w, c, m);
+    else if (body == PEFTPS__WIRE__ENVELOPE__BODY_ASSIGN)
+        on_assign(w, c, m);
+    else
+        log_warn("server %d sent an unexpected %s", c->index, wire_body_name(body));
+    return 0;
+}
+
+/* ---- computing ---------------------------------------------------------------------- */
+
+static void *hb_main(void *arg) {
+    worker *w = arg;
+    struct timespec nap = {0, (long)(w->hb_s * 1e9 / 4)};
+    if (nap.tv_nsec > 250000000L) nap.tv_nsec = 250000000L;
+    while (!atomic_load(&w->quit)) {
+        nanosleep(&nap, NULL);
+        if (!atomic_load(&w->busy)) continue;
+        pthread_mutex_lock(&w->mu);
+        double now = progress_now();
+        for (int i = 0; atomic_load(&w->busy) && i < w->n_conns; i++) {
+            conn *c = &w->conns[i];
+            if (!c->registered || now - c->last_sent < w->hb_s) continue;
+            wire_out o;
+            send_msg(c, wire_heartbeat(&o, c->version, 0), NULL, 0);
+        }
+        pthread_mutex_unlock(&w->mu);
+    }
+    return NULL;
+}
+
+/* Ready when every server is registered and at the assignment's version. */
+static int assignment_ready(worker *w) {
+    if (!w->have_assign) return 0;
+    int ready = 1;
+    for (int i = 0; i < w->n_conns; i++) {
+        conn *c = &w->conns[i];
+        if (!c->registered) return 0;
+        if (c->version != w->a_version) {
+            ready = 0;
+            if (!c->pulled) send_pull(c);
+        }
+    }
+    return ready;
+}
+
+/* Computes the assigned shards and pushes each to every server; called
+ * with the mutex held, which it lends to the heartbeat thread meanwhile. */
+static int compute(worker *w, err *e) {
+    peft *p = w->t->p;
+    if (w->refreshed != w->a_version) {
+        peft_refresh(p);
+        w->refreshed = w->a_version;
+    }
+    for (size_t i = 0; i < w->a_n; i++) {
+        double loss;
+        long ntok;
+        atomic_store(&w->busy, 1);
+        pthread_mutex_unlock(&w->mu);
+        int rc = trainer_shard_grad(w->t, w->a_step, w->a_shards[i], &loss, &ntok, e);
+        pthread_mutex_lock(&w->mu);
+        atomic_store(&w->busy, 0);
+        if (rc < 0) return -1;
+        for (int k = 0; k < w->n_conns; k++) {
+            conn *c = &w->conns[k];
+            wire_out o;
+            if (send_msg(c,
+                         wire_grad_push(&o, w->a_step, w->a_version, w->a_shards[i], loss,
+                                        (uint64_t)ntok),
+                         c->push, c->n) < 0)
+                conn_retry(w, c, "cannot push");
+        }
+    }
+    w->have_assign = 0;
+    return 0;
+}
+
+/* ---- the loop ----------------------------------------------------------------------- */
+
+static int loop(worker *w, err *e) {
+    zmq_pollitem_t *items = calloc((size_t)w->n_conns, sizeof *items);
+    int *which = calloc((size_t)w->n_conns, sizeof *which);
+    if (!items || !which) {
+        free(items);
+        free(which);
+        return err_set(e, "out of memory");
+    }
+    long tick_ms = (long)(w->hb_s * 1000 / 4);
+    if (tick_ms < 5) tick_ms = 5;
+    if (tick_ms > 250) tick_ms = 250;
+    int rc = 0;
+    while (!stop_requested && rc == 0) {
+        double now = progress_now();
+        for (int i = 0; i < w->n_conns; i++) {
+            conn *c = &w->conns[i];
+            if (!c->sock && now >= c->retry_at && conn_open(w, c, e) < 0) {
+                rc = -1;
+                break;
+            }
+        }
+        if (rc) break;
+        if (assignment_ready(w)) {
+            if (compute(w, e) < 0) {
+                rc = -1;
+                break;
+            }
+            continue;
+        }
+        int n = 0;
+        for (int i = 0; i < w->n_conns; i++)
+            if (w->conns[i].sock) {
+                items[n] = (zmq_pollitem_t){w->conns[i].sock, 0, ZMQ_POLLIN, 0};
+                which[n++] = i;
+            }
+        int pr = zmq_poll(items, n, tick_ms);
+        if (pr < 0) {
+            if (errno == EINTR) continue;
+            rc = err_set(e, "zmq_poll: %s", zmq_strerror(errno));
+            break;
+        }
+        for (int j = 0; j < n && pr > 0 && rc == 0; j++) {
+            if (!(items[j].revents & ZMQ_POLLIN)) continue;
+            conn *c = &w->conns[which[j]];
+            for (int k = 0; k < 64 && c->sock && rc == 0; k++) {
+                wire_msg m;
+                memset(&m, 0, sizeof m);
+                err me;
+                if (wire_recv(c->sock, 0, &m, NULL, &me) < 0) {
+                    if (m.received) log_warn("server %d sent a bad message: %s", c->index, me.msg);
+                } else {
+                    rc = on_message(w, c, &m, e);
+                }
+                wire_msg_close(&m);
+                int ev = 0;
+                size_t evn = sizeof ev;
+                if (rc || zmq_getsockopt(c->sock, ZMQ_EVENTS, &ev, &evn) < 0 ||
+                    !(ev & ZMQ_POLLIN))
+                    break;
+            }
+        }
+        if (rc) break;
+        now = progress_now();
+        for (int i = 0; i < w->n_conns; i++) {
+            conn *c = &w->conns[i];
+            if (!c->sock) continue;
+            if (c->registered && now - c->last_heard > w->timeout_s) {
+                conn_retry(w, c, "silent for longer than cluster.worker_timeout_ms");
+            } else if (!c->registered && now - c->hello_at > w->timeout_s) {
+                conn_retry(w, c, "no answer to Hello");
+            } else if (c->registered && now - c->last_sent >= w->hb_s) {
+                wire_out o;
+                send_msg(c, wire_heartbeat(&o, c->version, 0), NULL, 0);
+            }
+        }
+    }
+    free(items);
+    free(which);
+    if (rc < 0) return -1;
+    return rc == 1 ? 0 : 1;
+}
+
+int worker_run(worker *w, err *e) {
+    w->ctx = zmq_ctx_new();
+    if (!w->ctx) return err_set(e, "zmq_ctx_new: %s", zmq_strerror(errno));
+    pthread_mutex_lock(&w->mu);
+    if (pthread_create(&w->hb_thread, NULL, hb_main, w) != 0) {
+        pthread_mutex_unlock(&w->mu);
+        return err_set(e, "starting the heartbeat thread failed");
+    }
+    w->hb_started = 1;
+    int rc = loop(w, e);
+    atomic_store(&w->quit, 1);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->hb_thread, NULL);
+    w->hb_started = 0;
+    return rc;
+}

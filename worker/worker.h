@@ -1,0 +1,34 @@
+/* The stateless worker: maps the frozen base read-only, registers with each
+ * parameter server (server/), and loops pulling parameters, computing the
+ * gradient of the shards it is assigned (common/train.h's
+ * trainer_shard_grad) and pushing them back over common/wire.h. It keeps
+ * nothing worth saving: killed at any moment, the servers give its shards
+ * to others. worker/main.c is the program around it. */
+#ifndef PEFTPS_WORKER_H
+#define PEFTPS_WORKER_H
+
+#include "err.h"
+#include "peftps.pb-c.h"
+
+typedef struct worker worker;
+
+/* Opens the base and the data and creates the method exactly as
+ * trainer_open does (calibrated the same way), and reads the CURVE keys
+ * when cluster.curve names them. Fails on bad input: files that cannot be
+ * opened, key files that cannot be read. exp must outlive the worker. */
+int worker_open(worker **out, const Peftps__Experiment *exp, err *e);
+
+/* Connects to every server of cluster.servers and works until a server
+ * sends Shutdown (returns 0) or worker_stop is called (returns 1). A server
+ * that goes silent for cluster.worker_timeout_ms is reconnected to with
+ * exponential backoff, forever. Returns -1 with e set when a server refuses
+ * this worker for good (another experiment, another base, another protocol)
+ * or its tensor table does not match this worker's method. */
+int worker_run(worker *w, err *e);
+
+/* Asks worker_run to return; async-signal-safe. */
+void worker_stop(void);
+
+void worker_close(worker *w);
+
+#endif
