@@ -55,7 +55,9 @@ typedef struct peft_method {
     int (*reserve)(peft *p, int B, int T, err *e);
 
     /* The weight the model uses in place of base (layer, kind), or NULL to
-     * use the base. Layer MODEL_GLOBAL with a global_weight kind. */
+     * use the base. Layer MODEL_GLOBAL with a global_weight kind. A method
+     * that trains a norm weight must return it here (non-NULL): the model
+     * skips input gradients it can prove unneeded by that test. */
     const float *(*weight)(peft *p, int layer, int kind);
     /* y (n,out) += the method's extra term for linear (layer, kind) of input
      * x (n,in), e.g. the LoRA branch. Optional. */
@@ -63,8 +65,10 @@ typedef struct peft_method {
     /* Gradients for linear (layer, kind) or norm weight: x is the layer's
      * input (for a norm, the normalised input before the weight), dy the
      * gradient of its output. On entry dx (if not NULL) holds the gradient of
-     * x through the effective weight; the hook adds its own share (LoRA).
-     * Accumulates into grads. Also called for GW_LM_HEAD. Optional. */
+     * x through the effective weight, and possibly sibling linears' shares
+     * (q/k/v and gate/up read the same x): the hook only adds its own share
+     * (LoRA), never overwrites. Accumulates into grads. Also called for
+     * GW_LM_HEAD. Optional. */
     void (*linear_backward)(peft *p, int layer, int kind, const float *x, const float *dy,
                             float *dx, int n);
     /* Gradient of the embedding rows: dx (n,C) for tokens (n). Optional. */
@@ -99,7 +103,9 @@ struct peft {
 
     /* The lowest layer whose input gradient the backward must produce:
      * backward stops below it. -1 when the embedding trains; num_layers when
-     * only weights above the last layer train. Set by create/calibrate. */
+     * only weights above the last layer train. Set by create/calibrate.
+     * Layers at or above it run backward; the input gradient of that lowest
+     * layer is not computed, and embed_backward is called only at -1. */
     int first_trainable_layer;
 
     /* Per forward: training (dropout on) and the stream for its randomness. */
