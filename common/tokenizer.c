@@ -1803,13 +1803,14 @@ static int config_token(tok *t, const json_t *cfg, const char *key, int32_t *id,
     return 1;
 }
 
-/* config.json's bos_token_id/eos_token_id: an id or a list (the first). */
+/* config.json's bos_token_id/eos_token_id: an id or a list (the first).
+ * Numbers arrive as reals (see load_special_ids). */
 static void config_id(const json_t *cfg, const char *key, int32_t *id, size_t n_ids) {
     const json_t *v = json_object_get(cfg, key);
     if (json_is_array(v)) v = json_array_get(v, 0);
-    if (json_is_integer(v) && json_integer_value(v) >= 0 &&
-        json_integer_value(v) < (json_int_t)n_ids)
-        *id = (int32_t)json_integer_value(v);
+    double x = json_number_value(v);
+    if (json_is_number(v) && x >= 0 && x < (double)n_ids && x == (double)(int32_t)x)
+        *id = (int32_t)x;
 }
 
 static int load_special_ids(tok *t, err *e) {
@@ -1819,7 +1820,9 @@ static int load_special_ids(tok *t, err *e) {
         char *p = join_path(t->dir, sidecars[i]);
         if (!p) return err_set(e, "out of memory");
         json_error_t je;
-        json_t *cfg = json_load_file(p, 0, &je);
+        /* Integers as reals: tokenizer_config.json files hold values such as
+         * model_max_length 1e30 written out in digits, past jansson's range. */
+        json_t *cfg = json_load_file(p, JSON_DECODE_INT_AS_REAL, &je);
         if (!cfg) {
             int missing = access(p, F_OK) != 0;
             int rc = missing ? 0
