@@ -14,8 +14,9 @@ SAN      ?=
 # Debian packages needed to build and test, one per library, plus tools.
 DEB_PKGS := gcc make pkg-config libc6-dev \
             libzmq3-dev libprotobuf-c-dev protobuf-c-compiler \
-            libopenblas-dev liblmdb-dev libcmocka-dev libjansson-dev libpcre2-dev
-PKGS     := libzmq libprotobuf-c openblas lmdb jansson libpcre2-8
+            libopenblas-dev liblmdb-dev libcmocka-dev libjansson-dev libpcre2-dev \
+            libutf8proc-dev
+PKGS     := libzmq libprotobuf-c openblas lmdb jansson libpcre2-8 libutf8proc
 
 # Recursively expanded on purpose: pkg-config is only asked when a recipe
 # runs, after `deps` has had the chance to install it.

@@ -18,6 +18,7 @@ static const command commands[] = {
     {"run", cmd_run, "train on a cluster of a server and N workers started on this machine"},
     {"eval", cmd_eval, "loss and perplexity on the eval data, with or without an adapter"},
     {"inspect", cmd_inspect, "list the checkpoints of a checkpoint directory and describe one"},
+    {"tokenize", cmd_tokenize, "text to ids and back with a model's tokenizer; cache a data file's tokens"},
     {"keygen", cmd_keygen, "write a CURVE key pair for encrypted, authenticated clusters"},
 };
 

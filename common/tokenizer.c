@@ -9,23 +9,15 @@
 #include <errno.h>
 #include <jansson.h>
 #include <pcre2.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* Normalizers use libutf8proc. Its pkg-config Cflags define
- * UTF8PROC_EXPORTS, so the macro tells whether the Makefile's package list
- * names the library (and links it); without it, a tokenizer that sets a
- * normalizer fails to open with a message saying so, and every other
- * tokenizer works. */
-#ifdef UTF8PROC_EXPORTS
+/* Normalizers (NFC, ...) use libutf8proc. */
 #include <utf8proc.h>
-#define HAVE_UTF8PROC 1
-#else
-#define HAVE_UTF8PROC 0
-#endif
 
 #include "sha256.h"
 
@@ -292,9 +284,7 @@ static uint32_t utf8_last(const char *s, size_t n, size_t *len) {
 static unsigned char bl_enc[256][3]; /* [0] = length, then UTF-8 */
 static int16_t bl_dec[0x200];        /* code point -> byte, -1 if none */
 
-static void byte_level_init(void) {
-    static int done;
-    if (done) return;
+static void byte_level_fill(void) {
     int next = 256;
     for (int c = 0; c < 0x200; c++) bl_dec[c] = -1;
     for (int b = 0; b < 256; b++) {
@@ -306,7 +296,12 @@ static void byte_level_init(void) {
         memcpy(bl_enc[b] + 1, u, l);
         bl_dec[cp] = (int16_t)b;
     }
-    done = 1;
+}
+
+/* Once per process, whichever thread opens the first tokenizer. */
+static void byte_level_init(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, byte_level_fill);
 }
 
 /* ---- regexes ------------------------------------------------------------ */
@@ -315,15 +310,17 @@ static void byte_level_init(void) {
  * library compiles with Oniguruma. PCRE2 reads almost all of them the same;
  * the differences that matter are rewritten here, as the reference does:
  *   \s \S         Oniguruma means Unicode White_Space (PCRE2: Perl space);
- *   (?i: ...)     Oniguruma folds the ASCII letters of these patterns only
- *                 (PCRE2 would also match the long s for s);
+ *   (?i: ...)     ASCII letters fold to their other case and nothing else,
+ *                 as in the reference; for the contraction patterns of these
+ *                 files that is Oniguruma's result too (PCRE2 would also
+ *                 match the long s for s; Oniguruma does not);
  *   X{n,m}+       a repeated interval in Ruby syntax, possessive in PCRE2;
  *   \h \H \uHHHH  Oniguruma's hex-digit class and code point escape. */
 typedef struct {
     const char *p;
     size_t n, i;
-    int fold;         /* inside (?i ...) */
-    size_t atom;      /* where the last atom starts in out, or SIZE_MAX */
+    int fold;    /* inside (?i ...) */
+    size_t atom; /* where the last atom starts in out, or SIZE_MAX */
     buf *out;
     char why[160];
 } rewriter;
@@ -413,14 +410,14 @@ static int rw_escape(rewriter *r, int in_class) {
 /* Copies the character class at r->i ('['). */
 static int rw_class(rewriter *r) {
     const char *p = r->p;
-    if (buf_puts(r->out, "[")) return rw_fail(r, "out of memory");
+    int oom = buf_puts(r->out, "[");
     r->i++;
     if (r->i < r->n && p[r->i] == '^') {
-        buf_puts(r->out, "^");
+        oom |= buf_puts(r->out, "^");
         r->i++;
     }
     if (r->i < r->n && p[r->i] == ']') { /* a leading ] is literal */
-        buf_puts(r->out, "\\]");
+        oom |= buf_puts(r->out, "\\]");
         r->i++;
     }
     while (r->i < r->n && p[r->i] != ']') {
@@ -429,7 +426,7 @@ static int rw_class(rewriter *r) {
                 const char *end = strstr(p + r->i, ":]");
                 if (!end || (size_t)(end - p) >= r->n) return rw_fail(r, "unterminated [:class:]");
                 size_t stop = (size_t)(end - p) + 2;
-                buf_put(r->out, p + r->i, stop - r->i);
+                oom |= buf_put(r->out, p + r->i, stop - r->i);
                 r->i = stop;
                 continue;
             }
@@ -449,24 +446,24 @@ static int rw_class(rewriter *r) {
         if (l == 1 && r->i + 2 < r->n && p[r->i + 1] == '-' && p[r->i + 2] != ']' &&
             p[r->i + 2] != '\\' && p[r->i + 2] != '[' && !((unsigned char)p[r->i + 2] & 0x80)) {
             int d = (unsigned char)p[r->i + 2];
-            buf_put(r->out, p + r->i, 3);
+            oom |= buf_put(r->out, p + r->i, 3);
             if (r->fold && is_ascii_letter(c) && is_ascii_letter(d) && (c >= 'a') == (d >= 'a')) {
                 char o[3] = {(char)other_case(c), '-', (char)other_case(d)};
-                buf_put(r->out, o, 3);
+                oom |= buf_put(r->out, o, 3);
             }
             r->i += 3;
             continue;
         }
-        buf_put(r->out, p + r->i, l);
+        oom |= buf_put(r->out, p + r->i, l);
         if (r->fold && l == 1 && is_ascii_letter(c)) {
             char o = (char)other_case(c);
-            buf_put(r->out, &o, 1);
+            oom |= buf_put(r->out, &o, 1);
         }
         r->i += l;
     }
     if (r->i >= r->n) return rw_fail(r, "unterminated character class");
     r->i++;
-    return buf_puts(r->out, "]") ? rw_fail(r, "out of memory") : 0;
+    return oom || buf_puts(r->out, "]") ? rw_fail(r, "out of memory") : 0;
 }
 
 static int pattern_rewrite(const char *p, size_t n, buf *out, char *why, size_t why_len) {
@@ -713,7 +710,13 @@ typedef struct {
     unsigned char first[256]; /* bytes that start some token */
 } trie;
 
-typedef enum { SPLIT_REMOVED, SPLIT_ISOLATED, SPLIT_MERGED_PREV, SPLIT_MERGED_NEXT, SPLIT_CONTIGUOUS } split_behavior;
+typedef enum {
+    SPLIT_REMOVED,
+    SPLIT_ISOLATED,
+    SPLIT_MERGED_PREV,
+    SPLIT_MERGED_NEXT,
+    SPLIT_CONTIGUOUS
+} split_behavior;
 
 typedef enum { STEP_SPLIT, STEP_BYTE_LEVEL } step_kind;
 
@@ -883,8 +886,8 @@ typedef int (*section_fn)(tok *t, const char *s, size_t n, i32vec *out, err *e);
  * Hugging Face's AddedVocabulary: single_word skips a match with a word
  * character on either side; lstrip/rstrip take the whitespace before/after
  * into the token. A skipped match still consumes its bytes. */
-static int split_added(tok *t, const trie *tr, const char *s, size_t n, section_fn fn,
-                       i32vec *out, err *e) {
+static int split_added(tok *t, const trie *tr, const char *s, size_t n, section_fn fn, i32vec *out,
+                       err *e) {
     if (tr->n_nodes == 0) return n ? fn(t, s, n, out, e) : 0;
     size_t done = 0; /* bytes already given out */
     for (size_t i = 0; i < n;) {
@@ -949,8 +952,7 @@ static void cache_free(word_cache *c) {
 static const cache_entry *cache_get(const word_cache *c, const char *w, size_t n, uint64_t h) {
     for (size_t j = h & (CACHE_SLOTS - 1); c->slot[j]; j = (j + 1) & (CACHE_SLOTS - 1)) {
         const cache_entry *ce = &c->ent[c->slot[j] - 1];
-        if (ce->hash == h && ce->key_len == n && !memcmp(c->keys.p + ce->key_off, w, n))
-            return ce;
+        if (ce->hash == h && ce->key_len == n && !memcmp(c->keys.p + ce->key_off, w, n)) return ce;
     }
     return NULL;
 }
@@ -1042,9 +1044,9 @@ static int bpe_word(tok *t, const char *w, size_t n, i32vec *out, err *e) {
                 size_t cl;
                 uint32_t cp = utf8_decode((const unsigned char *)w + i, &cl);
                 return err_set(e,
-                               "no token for the character U+%04X (\"%.*s\") and the model has "
-                               "no unk_token",
-                               (unsigned)cp, (int)l, w + i);
+                               "no token for the character U+%04X (\"%.*s\") of \"%.*s\" and "
+                               "the model has no unk_token",
+                               (unsigned)cp, (int)l, w + i, n > 60 ? 60 : (int)n, w);
             }
             if (t->fuse_unk && prev_unknown) { /* consecutive unknowns make one */
                 sym[ns - 1].len += (uint32_t)l;
@@ -1076,8 +1078,7 @@ static int bpe_word(tok *t, const char *w, size_t n, i32vec *out, err *e) {
         left->next = right->next;
         right->len = 0;
         if (left->next >= 0) sym[left->next].prev = top.pos;
-        if (nh + 2 > t->heap_cap &&
-            grow((void **)&t->heap, &t->heap_cap, nh + 2, sizeof *t->heap))
+        if (nh + 2 > t->heap_cap && grow((void **)&t->heap, &t->heap_cap, nh + 2, sizeof *t->heap))
             return err_set(e, "out of memory");
         if (left->prev >= 0 && merge_lookup(t, sym[left->prev].id, left->id, &c, left->prev))
             heap_push(t->heap, &nh, c);
@@ -1189,10 +1190,6 @@ static int pretokenize(tok *t, int k, const char *s, size_t n, i32vec *out, err 
 /* ---- normalizers -------------------------------------------------------- */
 
 static int normalize(const tok *t, const char *s, size_t n, char **res, size_t *rn, err *e) {
-#if !HAVE_UTF8PROC
-    (void)t, (void)s, (void)n, (void)res, (void)rn;
-    return err_set(e, "normalizing needs libutf8proc, which this build does not link");
-#else
     char *cur = NULL;
     size_t len = n;
     for (int i = 0; i < t->n_norm; i++) {
@@ -1208,7 +1205,6 @@ static int normalize(const tok *t, const char *s, size_t n, char **res, size_t *
     *res = cur;
     *rn = len;
     return 0;
-#endif
 }
 
 static int section_normalized(tok *t, const char *s, size_t n, i32vec *out, err *e) {
@@ -1324,8 +1320,7 @@ static int load_model(tok *t, const json_t *model, err *e) {
     /* Old files leave the type out; their fields tell. */
     if (!type && json_object_get(model, "merges")) type = "BPE";
     if (!type || strcmp(type, "BPE"))
-        return err_set(e, "model type \"%s\" is not supported (only BPE)",
-                       type ? type : "(none)");
+        return err_set(e, "model type \"%s\" is not supported (only BPE)", type ? type : "(none)");
     const json_t *dropout = json_object_get(model, "dropout");
     if (json_is_number(dropout) && json_number_value(dropout) > 0)
         return err_set(e, "BPE dropout %g is not supported (training data must be deterministic)",
@@ -1414,7 +1409,8 @@ static int load_normalizer(tok *t, const json_t *n, err *e) {
     if (!type) return err_set(e, "normalizer has no \"type\"");
     if (!strcmp(type, "Sequence")) {
         const json_t *list = json_object_get(n, "normalizers");
-        if (!json_is_array(list)) return err_set(e, "normalizer Sequence has no \"normalizers\" list");
+        if (!json_is_array(list))
+            return err_set(e, "normalizer Sequence has no \"normalizers\" list");
         for (size_t i = 0; i < json_array_size(list); i++)
             if (load_normalizer(t, json_array_get(list, i), e)) return -1;
         return 0;
@@ -1428,18 +1424,11 @@ static int load_normalizer(tok *t, const json_t *n, err *e) {
                        "normalizer \"%s\" is not supported (supported: NFC, NFD, NFKC, NFKD and "
                        "Sequence of them)",
                        type);
-#if HAVE_UTF8PROC
-    static const int options[] = {
-        UTF8PROC_STABLE | UTF8PROC_COMPOSE, UTF8PROC_STABLE | UTF8PROC_DECOMPOSE,
-        UTF8PROC_STABLE | UTF8PROC_COMPOSE | UTF8PROC_COMPAT,
-        UTF8PROC_STABLE | UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT};
+    static const int options[] = {UTF8PROC_STABLE | UTF8PROC_COMPOSE,
+                                  UTF8PROC_STABLE | UTF8PROC_DECOMPOSE,
+                                  UTF8PROC_STABLE | UTF8PROC_COMPOSE | UTF8PROC_COMPAT,
+                                  UTF8PROC_STABLE | UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT};
     form = options[form];
-#else
-    return err_set(e,
-                   "normalizer \"%s\" needs libutf8proc, which this build does not link (add "
-                   "libutf8proc to the Makefile's PKGS)",
-                   type);
-#endif
     if (t->n_norm == (int)(sizeof t->norm_forms / sizeof t->norm_forms[0]))
         return err_set(e, "too many normalizers");
     t->norm_forms[t->n_norm++] = form;
@@ -1519,8 +1508,7 @@ static int load_pretokenizer(tok *t, const json_t *p, err *e) {
         st->behavior = behaviors[found].b;
         st->invert = jbool(p, "invert", 0);
         const json_t *src = json_is_string(rx) ? rx : str;
-        if (regex_compile(&st->re, json_string_value(src), json_string_length(src), src == str,
-                          e))
+        if (regex_compile(&st->re, json_string_value(src), json_string_length(src), src == str, e))
             return err_wrap(e, "pre_tokenizer Split");
         st->has_re = 1;
         return 0;
@@ -1556,8 +1544,9 @@ static int template_ids(tok *t, const json_t *specials, const char *name, i32vec
             const json_t *v = json_array_get(list, i);
             if (!json_is_integer(v) || json_integer_value(v) < 0 ||
                 json_integer_value(v) >= (json_int_t)t->n_ids)
-                return err_set(e, "TemplateProcessing special token \"%s\" has an id outside "
-                                  "the vocabulary",
+                return err_set(e,
+                               "TemplateProcessing special token \"%s\" has an id outside "
+                               "the vocabulary",
                                name);
             if (i32_push(ids, (int32_t)json_integer_value(v))) return err_set(e, "out of memory");
         }
@@ -1565,8 +1554,7 @@ static int template_ids(tok *t, const json_t *specials, const char *name, i32vec
     }
     int32_t id = tok_token_id(t, name);
     if (id < 0)
-        return err_set(e, "TemplateProcessing special token \"%s\" is not in the vocabulary",
-                       name);
+        return err_set(e, "TemplateProcessing special token \"%s\" is not in the vocabulary", name);
     return i32_push(ids, id) ? err_set(e, "out of memory") : 0;
 }
 
@@ -1596,8 +1584,9 @@ static int load_template(tok *t, const json_t *p, err *e) {
             if (!rc && append_ids(seen_a ? &post : &pre, seen_a ? &npost : &npre, ids.v, ids.n, 0))
                 rc = err_set(e, "out of memory");
         } else
-            rc = err_set(e, "post_processor TemplateProcessing: single[%zu] is neither a "
-                            "SpecialToken nor a Sequence",
+            rc = err_set(e,
+                         "post_processor TemplateProcessing: single[%zu] is neither a "
+                         "SpecialToken nor a Sequence",
                          i);
     }
     if (!rc && !seen_a)
@@ -1618,8 +1607,9 @@ static int load_cls_sep(tok *t, const json_t *p, const char *type, err *e) {
     if (!json_is_integer(ci) || !json_is_integer(si) || json_integer_value(ci) < 0 ||
         json_integer_value(si) < 0 || json_integer_value(ci) >= (json_int_t)t->n_ids ||
         json_integer_value(si) >= (json_int_t)t->n_ids)
-        return err_set(e, "post_processor %s needs \"cls\" and \"sep\" as [token, id] in the "
-                          "vocabulary",
+        return err_set(e,
+                       "post_processor %s needs \"cls\" and \"sep\" as [token, id] in the "
+                       "vocabulary",
                        type);
     int32_t c = (int32_t)json_integer_value(ci), s = (int32_t)json_integer_value(si);
     if (append_ids(&t->pre, &t->n_pre, &c, 1, 1) || append_ids(&t->post, &t->n_post, &s, 1, 0))
@@ -1825,8 +1815,7 @@ static int load_special_ids(tok *t, err *e) {
         json_t *cfg = json_load_file(p, JSON_DECODE_INT_AS_REAL, &je);
         if (!cfg) {
             int missing = access(p, F_OK) != 0;
-            int rc = missing ? 0
-                             : err_set(e, "%s:%d:%d: %s", p, je.line, je.column, je.text);
+            int rc = missing ? 0 : err_set(e, "%s:%d:%d: %s", p, je.line, je.column, je.text);
             free(p);
             if (rc) return rc;
             continue;
@@ -2020,8 +2009,8 @@ int tok_decode(const tok *t, const int32_t *ids, size_t n, int skip_special, cha
         } else if (token_bytes(t->vstr.p + t->voff[id], t->vlen[id], &bytes))
             rc = err_set(e, "out of memory");
     }
-    if (!rc && (utf8_lossy_append(&out, (const unsigned char *)bytes.p, bytes.n) ||
-                buf_put(&out, "", 0)))
+    if (!rc &&
+        (utf8_lossy_append(&out, (const unsigned char *)bytes.p, bytes.n) || buf_put(&out, "", 0)))
         rc = err_set(e, "out of memory");
     free(bytes.p);
     if (rc) {
@@ -2031,6 +2020,14 @@ int tok_decode(const tok *t, const int32_t *ids, size_t n, int skip_special, cha
     *text = out.p;
     if (len) *len = out.n;
     return 0;
+}
+
+void tok_template(const tok *t, const int32_t **prefix, size_t *n_prefix, const int32_t **suffix,
+                  size_t *n_suffix) {
+    *prefix = t->pre;
+    *n_prefix = t->n_pre;
+    *suffix = t->post;
+    *n_suffix = t->n_post;
 }
 
 int tok_vocab_size(const tok *t) {

@@ -28,7 +28,9 @@ typedef struct tok tok;
  * type, a normalizer, pre-tokenizer or post-processor type is not supported
  * (named); a merge names a token that is not in the vocabulary; a regex does
  * not compile (with PCRE2's message and offset); bos_token/eos_token is not a
- * token of the vocabulary. */
+ * token of the vocabulary; a normalizer is set but the build does not link
+ * libutf8proc. BPE dropout, byte_fallback and subword prefixes/suffixes are
+ * refused by name (not used by byte-level models). */
 int tok_open(tok **out, const char *path, err *e);
 
 /* Frees everything; t may be NULL. */
@@ -53,6 +55,12 @@ int tok_encode(tok *t, const char *text, size_t len, int add_special, int32_t **
  * is absent or not ByteLevel. */
 int tok_decode(const tok *t, const int32_t *ids, size_t n, int skip_special, char **text,
                size_t *len, err *e);
+
+/* The ids the post-processor's template puts before and after a sequence
+ * when encoding with add_special (Llama 3: BOS before, nothing after); the
+ * arrays belong to the tokenizer, either may be empty. */
+void tok_template(const tok *t, const int32_t **prefix, size_t *n_prefix, const int32_t **suffix,
+                  size_t *n_suffix);
 
 /* One more than the largest id of the vocabulary and the added tokens. */
 int tok_vocab_size(const tok *t);

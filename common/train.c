@@ -40,7 +40,10 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
     if (model_files_open(&t->files, exp->model->path, e) < 0) goto fail;
     const model_config *cfg = model_files_config(t->files);
     const model_weights *w = model_files_weights(t->files);
-    data_opts opts = {.format = d->format, .seq_len = t->T, .vocab_size = cfg->vocab_size};
+    data_opts opts = {.format = d->format,
+                      .seq_len = t->T,
+                      .vocab_size = cfg->vocab_size,
+                      .tokenizer_path = exp->model->path};
     if (data_open(&t->train, d->train, &opts, e) < 0) goto fail;
     if (d->eval && d->eval[0] && data_open(&t->eval, d->eval, &opts, e) < 0) goto fail;
 

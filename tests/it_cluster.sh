@@ -54,10 +54,10 @@ bg() {
 
 # wait_pid PID SECONDS: the exit status, or fails after SECONDS.
 wait_pid() {
-    i=0
+    wp_n=0
     while kill -0 "$1" 2>/dev/null; do
-        i=$((i + 1))
-        [ $i -gt $(($2 * 10)) ] && fail "process $1 still running after $2 s"
+        wp_n=$((wp_n + 1))
+        [ $wp_n -gt $(($2 * 10)) ] && fail "process $1 still running after $2 s"
         sleep 0.1
     done
     wait "$1"
@@ -65,10 +65,10 @@ wait_pid() {
 
 # wait_log FILE PATTERN SECONDS
 wait_log() {
-    i=0
+    wl_n=0
     until grep -q "$2" "$1" 2>/dev/null; do
-        i=$((i + 1))
-        [ $i -gt $(($3 * 10)) ] && fail "no '$2' in $1 after $3 s"
+        wl_n=$((wl_n + 1))
+        [ $wl_n -gt $(($3 * 10)) ] && fail "no '$2' in $1 after $3 s"
         sleep 0.1
     done
 }

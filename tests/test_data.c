@@ -1,6 +1,10 @@
 /* Tests of common/data.c: windows and labels of .tokens files written here,
  * the (step, shard) -> sequences map and its wrap-around, every error, and
- * that the committed fixtures tests/fixtures/tiny*.tokens load. */
+ * that the committed fixtures tests/fixtures/tiny*.tokens load. TEXT and
+ * JSONL through a small byte-level tokenizer written here: the packed
+ * stream and its loss mask (prompt tokens without loss, EOS after each
+ * record), the token cache (reuse, rebuild when the data or the tokenizer
+ * changes, in-memory fallback), and every error naming FILE:LINE. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -8,12 +12,15 @@
 
 #include <cmocka.h>
 
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "data.h"
+#include "tokenizer.h"
 
 static char dir[64];
 
@@ -79,16 +86,16 @@ static void test_windows_and_labels(void **state) {
     assert_int_equal(data_num_tokens(d), N);
     assert_int_equal(data_num_windows(d), 10);
     assert_int_equal(data_seq_len(d), T);
-    int32_t tok[T], lab[T];
+    int32_t toks[T], lab[T];
     for (uint64_t w = 0; w < 10; w++) {
-        assert_int_equal(data_window(d, w, tok, lab, &e), 0);
+        assert_int_equal(data_window(d, w, toks, lab, &e), 0);
         for (int t = 0; t < T; t++) {
-            assert_int_equal(tok[t], (int32_t)ids[w * (T + 1) + t]);
+            assert_int_equal(toks[t], (int32_t)ids[w * (T + 1) + t]);
             assert_int_equal(lab[t], (int32_t)ids[w * (T + 1) + t + 1]);
         }
     }
     /* The leftover tokens never form a window. */
-    assert_int_equal(data_window(d, 10, tok, lab, &e), -1);
+    assert_int_equal(data_window(d, 10, toks, lab, &e), -1);
     assert_non_null(strstr(e.msg, path));
     assert_non_null(strstr(e.msg, "window 10"));
     data_close(d);
@@ -97,8 +104,8 @@ static void test_windows_and_labels(void **state) {
     path = write_ids("one.tokens", ids, T + 1);
     assert_int_equal(data_open(&d, path, &o, &e), 0);
     assert_int_equal(data_num_windows(d), 1);
-    data_sequence(d, 12345, tok, lab); /* wraps onto window 0 */
-    assert_int_equal(tok[0], (int32_t)ids[0]);
+    data_sequence(d, 12345, toks, lab); /* wraps onto window 0 */
+    assert_int_equal(toks[0], (int32_t)ids[0]);
     assert_int_equal(lab[T - 1], (int32_t)ids[T]);
     data_close(d);
 }
@@ -186,7 +193,7 @@ static void test_errors(void **state) {
     ids[37] = 7;
 
     const char *txt = write_ids("plain.txt", ids, 64);
-    expect_open_error(txt, opts(4, 10), "TEXT data is not supported");
+    expect_open_error(txt, opts(4, 10), "TEXT data needs a tokenizer");
     const char *unknown = write_ids("data.bin", ids, 64);
     expect_open_error(unknown, opts(4, 10), "cannot tell the data format");
     expect_open_error(unknown, opts(0, 10), "seq_len");
@@ -201,7 +208,7 @@ static void test_errors(void **state) {
     assert_int_equal(data_num_windows(d), 64 / 5);
     data_close(d);
     o.format = PEFTPS__DATA_FORMAT__JSONL;
-    expect_open_error(unknown, o, "JSONL data is not supported");
+    expect_open_error(unknown, o, "JSONL data needs a tokenizer");
     data_close(NULL);
 }
 
@@ -220,13 +227,317 @@ static void test_fixtures_load(void **state) {
         assert_int_equal(data_num_windows(d), tokens[i] / 65);
         /* Structured, not constant: the first window uses many ids, and
          * labels are the next tokens. */
-        int32_t tok[64], lab[64], seen[256] = {0}, distinct = 0;
-        assert_int_equal(data_window(d, 0, tok, lab, &e), 0);
-        for (int t = 0; t < 64; t++) distinct += !seen[tok[t]]++;
+        int32_t toks[64], lab[64], seen[256] = {0}, distinct = 0;
+        assert_int_equal(data_window(d, 0, toks, lab, &e), 0);
+        for (int t = 0; t < 64; t++) distinct += !seen[toks[t]]++;
         assert_true(distinct > 16);
-        for (int t = 0; t + 1 < 64; t++) assert_int_equal(lab[t], tok[t + 1]);
+        for (int t = 0; t + 1 < 64; t++) assert_int_equal(lab[t], toks[t + 1]);
         data_close(d);
     }
+}
+
+/* ---- TEXT and JSONL ----------------------------------------------------- */
+
+/* Ids of the small tokenizer: printable ASCII bytes are their own ids, the
+ * space is 32 ("Ġ") and the newline 10 ("Ċ"), as in GPT-2's alphabet. */
+enum { HELLO = 200, GWOR, AA, BOS, EOS, BIG = 1000 };
+#define TOK_VOCAB (EOS + 1)
+
+/* Writes dir/tok/tokenizer.json: byte-level BPE with a few merges, <s>
+ * before each text by its template, and tokenizer_config.json naming </s>
+ * as EOS (eos: NULL leaves the config out). */
+static const char *write_tokenizer(const char *eos) {
+    static char tdir[256];
+    snprintf(tdir, sizeof tdir, "%s/tok", dir);
+    mkdir(tdir, 0777);
+    json_t *vocab = json_object();
+    for (int b = 33; b < 127; b++) {
+        char c[2] = {(char)b, 0};
+        json_object_set_new(vocab, c, json_integer(b));
+    }
+    json_object_set_new(vocab, "\u0120", json_integer(32)); /* Ġ: the space */
+    json_object_set_new(vocab, "\u010a", json_integer(10)); /* Ċ: the newline */
+    static const char *const merged[][3] = {{"h", "e", "he"},
+                                            {"l", "l", "ll"},
+                                            {"he", "ll", "hell"},
+                                            {"hell", "o", "hello"},
+                                            {"\u0120", "w", "\u0120w"},
+                                            {"o", "r", "or"},
+                                            {"\u0120w", "or", "\u0120wor"},
+                                            {"a", "a", "aa"}};
+    json_t *merges = json_array();
+    int next = 300;
+    for (size_t i = 0; i < sizeof merged / sizeof merged[0]; i++) {
+        char m[32];
+        snprintf(m, sizeof m, "%s %s", merged[i][0], merged[i][1]);
+        json_array_append_new(merges, json_string(m));
+        int id = !strcmp(merged[i][2], "hello")       ? HELLO
+                 : !strcmp(merged[i][2], "\u0120wor") ? GWOR
+                 : !strcmp(merged[i][2], "aa")        ? AA
+                                                      : next++;
+        json_object_set_new(vocab, merged[i][2], json_integer(id));
+    }
+    json_t *root = json_pack(
+        "{s[{sisssbsb},{sisssbsb}]sns{sssbsbsb}s{sss[{s{sssi}},{s{sssi}}]}s{ss}s{sssnsoso}}",
+        "added_tokens", "id", BOS, "content", "<s>", "special", 1, "normalized", 0, "id", EOS,
+        "content", "</s>", "special", 1, "normalized", 0, "normalizer", "pre_tokenizer", "type",
+        "ByteLevel", "add_prefix_space", 0, "trim_offsets", 0, "use_regex", 1, "post_processor",
+        "type", "TemplateProcessing", "single", "SpecialToken", "id", "<s>", "type_id", 0,
+        "Sequence", "id", "A", "type_id", 0, "decoder", "type", "ByteLevel", "model", "type", "BPE",
+        "dropout", "vocab", vocab, "merges", merges);
+    assert_non_null(root);
+    char p[320];
+    snprintf(p, sizeof p, "%s/tokenizer.json", tdir);
+    assert_int_equal(json_dump_file(root, p, JSON_ENSURE_ASCII), 0);
+    json_decref(root);
+    snprintf(p, sizeof p, "%s/tokenizer_config.json", tdir);
+    if (eos) {
+        FILE *f = fopen(p, "w");
+        assert_non_null(f);
+        fprintf(f, "{\"bos_token\": \"<s>\", \"eos_token\": \"%s\"}", eos);
+        fclose(f);
+    } else
+        unlink(p);
+    return tdir;
+}
+
+static const char *write_str(const char *name, const char *text) {
+    return write_bytes(name, (const unsigned char *)text, strlen(text));
+}
+
+static data_opts text_opts(int seq_len, const char *tokenizer) {
+    data_opts o = opts(seq_len, TOK_VOCAB);
+    o.tokenizer_path = tokenizer;
+    return o;
+}
+
+/* Reads window w and compares tokens and labels (M = DATA_IGNORE). */
+#define M DATA_IGNORE
+static void expect_window(const data *d, uint64_t w, const int32_t *tok_want,
+                          const int32_t *lab_want) {
+    int T = data_seq_len(d);
+    int32_t toks[64], lab[64];
+    err e = {{0}};
+    assert_true(T <= 64);
+    assert_int_equal(data_window(d, w, toks, lab, &e), 0);
+    for (int t = 0; t < T; t++) {
+        if (toks[t] != tok_want[t] || lab[t] != lab_want[t])
+            fail_msg("window %llu position %d: token %d label %d, want token %d label %d",
+                     (unsigned long long)w, t, toks[t], lab[t], tok_want[t], lab_want[t]);
+    }
+}
+
+static void test_jsonl_masking(void **state) {
+    (void)state;
+    const char *tk = write_tokenizer("</s>");
+    /* Record 1: prompt "hello", completion " world"; record 2: text "aa";
+     * a blank line between them is skipped. */
+    const char *path = write_str("pc.jsonl", "{\"prompt\": \"hello\", \"completion\": \" world\"}\n"
+                                             "\n"
+                                             "{\"text\": \"aa\", \"id\": 7}\n");
+    data *d;
+    err e = {{0}};
+    data_opts o = text_opts(8, tk);
+    if (data_open(&d, path, &o, &e) != 0) fail_msg("%s", e.msg);
+    /* Stream: <s> hello | Ġwor l d </s> | <s> aa </s>, with loss on the
+     * completion, the text and each EOS, never on <s> or the prompt. */
+    assert_int_equal(data_num_tokens(d), 9);
+    assert_int_equal(data_num_records(d), 2);
+    assert_int_equal(data_num_loss_tokens(d), 6);
+    assert_int_equal(data_num_windows(d), 1);
+    const int32_t toks[] = {BOS, HELLO, GWOR, 'l', 'd', EOS, BOS, AA};
+    const int32_t lab[] = {M, GWOR, 'l', 'd', EOS, M, AA, EOS};
+    expect_window(d, 0, toks, lab);
+    data_close(d);
+
+    /* Windows cut records anywhere; labels keep the mask of the token they
+     * predict. T=2: windows of 3 tokens. */
+    o = text_opts(2, tk);
+    assert_int_equal(data_open(&d, path, &o, &e), 0);
+    assert_int_equal(data_num_windows(d), 3);
+    const int32_t t0[] = {BOS, HELLO}, l0[] = {M, GWOR};
+    expect_window(d, 0, t0, l0);
+    const int32_t t1[] = {'l', 'd'}, l1[] = {'d', EOS};
+    expect_window(d, 1, t1, l1);
+    const int32_t t2[] = {BOS, AA}, l2[] = {AA, EOS};
+    expect_window(d, 2, t2, l2);
+    data_close(d);
+}
+
+static void test_text_packing(void **state) {
+    (void)state;
+    const char *tk = write_tokenizer("</s>");
+    /* One document: blank lines stay text (Ċ Ċ), BOS first, EOS last. */
+    const char *path = write_str("doc.txt", "hello world\n\nhello");
+    data *d;
+    err e = {{0}};
+    data_opts o = text_opts(4, tk);
+    if (data_open(&d, path, &o, &e) != 0) fail_msg("%s", e.msg);
+    /* <s> hello Ġwor l d Ċ Ċ hello </s>: 9 tokens, loss on all but <s>. */
+    assert_int_equal(data_num_tokens(d), 10 - 1);
+    assert_int_equal(data_num_records(d), 1);
+    assert_int_equal(data_num_loss_tokens(d), 8);
+    assert_int_equal(data_num_windows(d), 1);
+    const int32_t toks[] = {BOS, HELLO, GWOR, 'l'}, lab[] = {HELLO, GWOR, 'l', 'd'};
+    expect_window(d, 0, toks, lab);
+    data_close(d);
+
+    /* The same through an open tokenizer, and with the format set
+     * explicitly on a name that tells nothing. */
+    tok *t;
+    if (tok_open(&t, tk, &e) != 0) fail_msg("%s", e.msg);
+    o = text_opts(8, NULL);
+    o.tokenizer = t;
+    o.format = PEFTPS__DATA_FORMAT__TEXT;
+    const char *odd = write_str("doc.data", "hello world\n\nhello");
+    if (data_open(&d, odd, &o, &e) != 0) fail_msg("%s", e.msg);
+    const int32_t tok8[] = {BOS, HELLO, GWOR, 'l', 'd', 10, 10, HELLO},
+                  lab8[] = {HELLO, GWOR, 'l', 'd', 10, 10, HELLO, EOS};
+    expect_window(d, 0, tok8, lab8);
+    data_close(d);
+    tok_close(t);
+    assert_true(data_needs_tokenizer("x.txt", PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED));
+    assert_true(data_needs_tokenizer("x.jsonl", PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED));
+    assert_false(data_needs_tokenizer("x.tokens", PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED));
+    assert_true(data_needs_tokenizer("x.tokens", PEFTPS__DATA_FORMAT__JSONL));
+    assert_false(data_needs_tokenizer("x.bin", PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED));
+}
+
+/* Opens path and returns whether the cache was reused; checks the first
+ * token after <s> is `first`. */
+static int open_cached(const char *path, data_opts *o, int32_t first, char *cache_out) {
+    data *d;
+    err e = {{0}};
+    if (data_open(&d, path, o, &e) != 0) fail_msg("%s", e.msg);
+    int32_t toks[4], lab[4];
+    assert_int_equal(data_window(d, 0, toks, lab, &e), 0);
+    assert_int_equal(toks[0], BOS);
+    assert_int_equal(toks[1], first);
+    int reused = data_cache_reused(d);
+    if (cache_out) snprintf(cache_out, 256, "%s", data_cache_path(d) ? data_cache_path(d) : "");
+    data_close(d);
+    return reused;
+}
+
+static void test_cache(void **state) {
+    (void)state;
+    const char *tk = write_tokenizer("</s>");
+    char path[256], cache[256], want[300];
+    snprintf(path, sizeof path, "%s", write_str("c.jsonl", "{\"text\": \"hello aa\"}\n"));
+    data_opts o = text_opts(3, tk);
+    assert_int_equal(open_cached(path, &o, HELLO, cache), 0); /* built */
+    snprintf(want, sizeof want, "%s.peftps-cache", path);
+    assert_string_equal(cache, want);
+    struct stat st;
+    assert_int_equal(stat(cache, &st), 0);
+    assert_int_equal(st.st_size, 192 + 5 * 5); /* header, then 5 ids and 5 mask bytes */
+    assert_int_equal(open_cached(path, &o, HELLO, NULL), 1); /* reused */
+
+    /* The data changes: rebuilt, with the new tokens. */
+    write_str("c.jsonl", "{\"text\": \"aa hello\"}\n");
+    assert_int_equal(open_cached(path, &o, AA, NULL), 0);
+    assert_int_equal(open_cached(path, &o, AA, NULL), 1);
+
+    /* The tokenizer's EOS changes: rebuilt (the cache would end records
+     * with the old one). */
+    write_tokenizer("<s>");
+    assert_int_equal(open_cached(path, &o, AA, NULL), 0);
+    data *d;
+    err e = {{0}};
+    o.seq_len = 4;
+    assert_int_equal(data_open(&d, path, &o, &e), 0);
+    int32_t toks[4], lab[4];
+    assert_int_equal(data_window(d, 0, toks, lab, &e), 0);
+    assert_int_equal(lab[3], BOS); /* the record now ends with <s> */
+    data_close(d);
+    o.seq_len = 3;
+    write_tokenizer("</s>");
+    assert_int_equal(open_cached(path, &o, AA, NULL), 0);
+
+    /* A damaged cache (cut short) is rebuilt, not trusted. */
+    assert_int_equal(truncate(cache, 150), 0);
+    assert_int_equal(open_cached(path, &o, AA, NULL), 0);
+    assert_int_equal(open_cached(path, &o, AA, NULL), 1);
+
+    /* Another cache directory; one that cannot be written keeps the
+     * tokens in memory (no cache path). */
+    char cdir[256];
+    snprintf(cdir, sizeof cdir, "%s/cachedir", dir);
+    mkdir(cdir, 0777);
+    o.cache_dir = cdir;
+    assert_int_equal(open_cached(path, &o, AA, cache), 0);
+    snprintf(want, sizeof want, "%s/c.jsonl.peftps-cache", cdir);
+    assert_string_equal(cache, want);
+    assert_int_equal(open_cached(path, &o, AA, NULL), 1);
+    snprintf(cdir, sizeof cdir, "%s/no/such/dir", dir);
+    assert_int_equal(open_cached(path, &o, AA, cache), 0);
+    assert_string_equal(cache, "");
+}
+
+/* data_open must fail with `what` in the message, which starts with where. */
+static void expect_text_error(const char *path, data_opts o, const char *where, const char *what) {
+    data *d = (data *)1;
+    err e = {{0}};
+    assert_int_equal(data_open(&d, path, &o, &e), -1);
+    assert_null(d);
+    printf("  %s\n", e.msg);
+    char w[300];
+    snprintf(w, sizeof w, "%s%s", path, where);
+    if (strncmp(e.msg, w, strlen(w)))
+        fail_msg("expected the message to start with %s: %s", w, e.msg);
+    if (!strstr(e.msg, what)) fail_msg("expected \"%s\" in: %s", what, e.msg);
+}
+
+static void test_text_errors(void **state) {
+    (void)state;
+    const char *tk = write_tokenizer("</s>");
+    data_opts o = text_opts(1, tk);
+    static const struct {
+        const char *text, *where, *what;
+    } cases[] = {
+        {"{\"text\": \"aa\"}\n{\"text\": \"aa\",}\n", ":2:", "invalid JSON at column"},
+        {"{\"text\": \"aa\"}\n\n[1, 2]\n", ":3:", "a JSON object, this line holds a list"},
+        {"{\"txt\": \"aa\"}\n", ":1:", "needs \"text\", or \"prompt\" and \"completion\""},
+        {"{\"text\": 5}\n", ":1:", "\"text\" is a number, not a string"},
+        {"{\"prompt\": \"a\", \"completion\": null}\n", ":1:", "\"completion\" is null"},
+        {"{\"prompt\": \"a\", \"completion\": \"\"}\n", ":1:", "\"completion\" is empty"},
+        {"{\"text\": \"\"}\n", ":1:", "\"text\" is empty"},
+        {"{\"prompt\": \"a\"}\n", ":1:", "\"prompt\" without \"completion\""},
+        {"{\"completion\": \"a\"}\n", ":1:", "\"completion\" without \"prompt\""},
+        {"{\"text\": \"a\", \"prompt\": \"b\", \"completion\": \"c\"}\n", ":1:", "not both"},
+        {"{\"text\": \"a\", \"text\": \"b\"}\n", ":1:", "duplicate"},
+        {"{\"text\": \"a\\u20acb\"}\n", ":1:", "\"text\": no token for the character"},
+        {"\n \n", ": holds no record", "no record"},
+        {"{\"text\": \"aa\"}", ": holds 3 tokens", "fewer than one sequence"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "bad%zu.jsonl", i);
+        const char *p = write_str(name, cases[i].text);
+        data_opts oi = o;
+        if (i == sizeof cases / sizeof cases[0] - 1) oi.seq_len = 3;
+        expect_text_error(p, oi, cases[i].where, cases[i].what);
+    }
+    const char *txt = write_str("bad.txt", "ok \xff");
+    expect_text_error(txt, o, ": ", "not valid UTF-8 (byte 3 is 0xff)");
+    txt = write_str("empty.txt", "");
+    expect_text_error(txt, o, ": ", "is empty");
+    txt = write_str("fine.txt", "hello");
+    data_opts small = o;
+    small.vocab_size = EOS; /* <s> hello </s>: the third is past it */
+    expect_text_error(txt, small, ": ",
+                      "token 2 is 204, not below the model's vocabulary size 204");
+    data_opts none = o;
+    none.tokenizer_path = NULL;
+    expect_text_error(txt, none, ": ", "TEXT data needs a tokenizer");
+    data_opts missing = o;
+    char nowhere[300];
+    snprintf(nowhere, sizeof nowhere, "%s/nowhere", dir);
+    missing.tokenizer_path = nowhere;
+    expect_text_error(txt, missing, ": tokenizer: ", "nowhere");
+    write_tokenizer(NULL); /* no EOS anywhere */
+    txt = write_str("fine2.txt", "hello");
+    expect_text_error(txt, o, ": ", "has no EOS token");
 }
 
 int main(void) {
@@ -235,6 +546,10 @@ int main(void) {
         cmocka_unit_test(test_shard_map),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_fixtures_load),
+        cmocka_unit_test(test_jsonl_masking),
+        cmocka_unit_test(test_text_packing),
+        cmocka_unit_test(test_cache),
+        cmocka_unit_test(test_text_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

