@@ -15,8 +15,8 @@ SAN      ?=
 DEB_PKGS := gcc make pkg-config libc6-dev \
             libzmq3-dev libprotobuf-c-dev protobuf-c-compiler \
             libopenblas-dev liblmdb-dev libcmocka-dev libjansson-dev libpcre2-dev \
-            libutf8proc-dev
-PKGS     := libzmq libprotobuf-c openblas lmdb jansson libpcre2-8 libutf8proc
+            libutf8proc-dev libmicrohttpd-dev yamllint iproute2 curl python3 wordnet-base bible-kjv
+PKGS     := libzmq libprotobuf-c openblas lmdb jansson libpcre2-8 libutf8proc libmicrohttpd
 
 # Recursively expanded on purpose: pkg-config is only asked when a recipe
 # runs, after `deps` has had the chance to install it.
@@ -155,6 +155,53 @@ bench: deps
 $(BUILD)/bench/%: $(BUILD)/tests/bench/%.o $(LIB)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+# ---- demo: the bundled base model, the main job, the comparison -------------
+# (This block belongs to the demo.) Scripts are in tests/demo/, experiments in
+# examples/demo-*.pbtxt, the bundled model in examples/base-model/. The text
+# they train on is derived at run time from Debian packages of DEB_PKGS
+# (wordnet-base, bible-kjv): no third-party text is committed.
+METHOD       ?= lora
+DEMO_DIR     ?= build/demo
+DEMO_METHODS := lora prefix layer_wise attention_heads subnetwork full
+DEMO_ENV      = BIN=$(BIN) WORK=$(DEMO_DIR)
+.PHONY: base-model compare demo-data
+
+# `make demo [METHOD=lora|prefix|layer_wise|attention_heads|subnetwork|full]`:
+# fine-tunes the bundled base on a local cluster (1 server, 2 workers),
+# evaluates before and after, exports, prints samples and a summary.
+demo: deps
+	@$(MAKE) --no-print-directory -j2 all demo-data
+	@$(DEMO_ENV) sh tests/demo/demo.sh $(METHOD)
+
+# Every method on the same task, steps and batch: the table, and
+# $(DEMO_DIR)/compare/loss.svg with the loss curves.
+compare: deps
+	@$(MAKE) --no-print-directory -j2 all demo-data
+	$(BIN)/peftps compare $(DEMO_METHODS:%=examples/demo-%.pbtxt) --workers 2 --out $(DEMO_DIR)/compare
+
+# Rebuilds examples/base-model/ from nothing: data, tokenizer, random init,
+# pretraining through the parameter server (about half an hour on 2 cores).
+base-model: deps
+	@$(MAKE) --no-print-directory -j2 all
+	@$(DEMO_ENV) sh tests/demo/base_model.sh examples/base-model
+
+# What the demo experiments name, in seconds: the KJV and WordNet data, and
+# the random initial weights that examples/demo-pretrain.pbtxt starts from.
+demo-data: $(DEMO_DIR)/kjv-train.jsonl $(DEMO_DIR)/wordnet-train.jsonl \
+           $(DEMO_DIR)/init/model.safetensors
+
+$(DEMO_DIR)/kjv-train.jsonl: tests/demo/kjv.py
+	@mkdir -p $(@D)
+	/usr/bin/python3 tests/demo/kjv.py $@ $(DEMO_DIR)/kjv-eval.jsonl
+
+$(DEMO_DIR)/wordnet-train.jsonl: tests/demo/wordnet.py
+	@mkdir -p $(@D)
+	/usr/bin/python3 tests/demo/wordnet.py $@ $(DEMO_DIR)/wordnet-eval.jsonl
+
+$(DEMO_DIR)/init/model.safetensors: tests/demo/init_model.py examples/base-model/tokenizer.json
+	/usr/bin/python3 tests/demo/init_model.py $(@D) --tokenizer examples/base-model --seed 1
+# ---- end of the demo block ---------------------------------------------------
 
 # ---- install ---------------------------------------------------------------
 install: all

@@ -300,11 +300,21 @@ static void *zap_main(void *arg) {
     return NULL;
 }
 
-int curve_zap_start(void **handle, void *ctx, const char *authorized_path, err *e) {
+int curve_zap_start(void **handle, void *ctx, const char *authorized_path,
+                    const char *also_public, err *e) {
     *handle = NULL;
     zap *z = calloc(1, sizeof *z);
     if (!z) return err_set(e, "out of memory");
     if (authorized_load(z, authorized_path, e) < 0) goto fail;
+    if (also_public && key_valid(also_public)) {
+        void *nk = realloc(z->keys, (size_t)(z->n_keys + 1) * sizeof *z->keys);
+        if (!nk) {
+            err_set(e, "out of memory");
+            goto fail;
+        }
+        z->keys = nk;
+        zmq_z85_decode(z->keys[z->n_keys++], also_public);
+    }
     z->sock = zmq_socket(ctx, ZMQ_REP);
     if (!z->sock) {
         err_set(e, "ZAP socket: %s", zmq_strerror(errno));

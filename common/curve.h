@@ -47,12 +47,14 @@ int curve_server_setup(void *sock, const curve_keys *k, err *e);
 int curve_client_setup(void *sock, const curve_keys *mine, const char *server_public, err *e);
 
 /* Starts the ZAP handler of ctx (inproc://zeromq.zap.01) in a thread: it
- * accepts CURVE peers whose public key is listed in authorized_path and
- * refuses everything else (other mechanisms, unlisted keys), logging each
- * refusal. Call before any socket of ctx binds. *handle is for
+ * accepts CURVE peers whose public key is listed in authorized_path or
+ * equals also_public (the servers' own key, with which servers link to each
+ * other; may be NULL) and refuses everything else (other mechanisms,
+ * unlisted keys), logging each refusal. Call before any socket of ctx binds. *handle is for
  * curve_zap_stop. Fails when the file cannot be read or holds a bad line, or
  * ZeroMQ or the thread cannot start. */
-int curve_zap_start(void **handle, void *ctx, const char *authorized_path, err *e);
+int curve_zap_start(void **handle, void *ctx, const char *authorized_path,
+                    const char *also_public, err *e);
 
 /* Stops and joins the handler (within a few hundred ms); before the context
  * is terminated. */

@@ -12,7 +12,8 @@
 #include "server.h"
 
 static const char usage[] =
-    "usage: peftps-server EXPERIMENT.pbtxt [--set PATH=VALUE ...] [--index I] [--listen ENDPOINT]\n"
+    "usage: peftps-server EXPERIMENT.pbtxt [--set PATH=VALUE ...] [--index I]\n"
+    "                     [--listen ENDPOINT] [--resume-step N]\n"
     "\n"
     "The parameter server of an experiment: holds the trainable tensors and their\n"
     "optimizer state, hands the shards of each step to workers (peftps-worker),\n"
@@ -23,7 +24,12 @@ static const char usage[] =
     "options:\n"
     "  --set PATH=VALUE   override a field of the experiment (repeatable)\n"
     "  --index I          this process is cluster.servers[I] (default 0)\n"
-    "  --listen ENDPOINT  bind here instead of cluster.servers[I], e.g. tcp://*:5555\n";
+    "  --listen ENDPOINT  bind here instead of cluster.servers[I], e.g. tcp://*:5555\n"
+    "  --resume-step N    resume from the checkpoint of step N, not the newest (with\n"
+    "                     several servers: a step every server holds a checkpoint of)\n"
+    "\n"
+    "With several cluster.servers, start one process per entry with --index I;\n"
+    "each holds a share of the tensors and server 0 coordinates the others.\n";
 
 static int stop_signal;
 
@@ -40,7 +46,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "peftps-server: %s\n%s", e.msg, usage);
         return 2;
     }
-    server_opts opts = {0, NULL};
+    server_opts opts = {0, NULL, SERVER_RESUME_LATEST};
     const char *path = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -57,6 +63,15 @@ int main(int argc, char **argv) {
                 return 2;
             }
             opts.index = (int)v;
+        } else if (!strcmp(a, "--resume-step") && i + 1 < argc) {
+            char *end;
+            unsigned long long v = strtoull(argv[++i], &end, 10);
+            if (*end || !*argv[i] || argv[i][0] == '-') {
+                fprintf(stderr, "peftps-server: --resume-step %s is not a step\n", argv[i]);
+                config_args_free(&sets);
+                return 2;
+            }
+            opts.resume_step = v;
         } else if (!strcmp(a, "--listen") && i + 1 < argc) {
             opts.listen = argv[++i];
         } else if (a[0] == '-' && a[1]) {

@@ -1,8 +1,9 @@
 /* The parameter server's state machine (see server.h): a ROUTER socket, a
  * table of registered workers, the shard slots of the current step, and the
  * event loop that ties them together with visible timeouts and heartbeats.
- * Arithmetic is common/train.h's, so a step gives the bits of trainer_step. */
-#include "server.h"
+ * Arithmetic is common/train.h's, so a step gives the bits of trainer_step;
+ * with several servers, peers.c joins their norms. */
+#include "internal.h"
 
 #include <errno.h>
 #include <math.h>
@@ -15,89 +16,17 @@
 
 #include <zmq.h>
 
-#include "ckpt.h"
 #include "config.h"
-#include "curve.h"
 #include "fsutil.h"
 #include "log.h"
 #include "optim.h"
 #include "pbtext.h"
-#include "progress.h"
-#include "train.h"
-#include "wire.h"
 
 /* More registrations than this are refused: a table that any peer can grow
  * must have a bound. */
 #define SERVER_MAX_WORKERS 4096
-/* A worker that holds no parameters yet. */
-#define NO_VERSION UINT64_MAX
 /* Linger on close, so that the last Shutdown messages leave. */
 #define SERVER_LINGER_MS 2000
-
-typedef enum { SHARD_PENDING, SHARD_ASSIGNED, SHARD_RECEIVED } shard_state;
-
-typedef struct shard_slot {
-    shard_state state;
-    int worker;      /* index into workers while ASSIGNED */
-    float *buf;      /* gradient waiting for its turn in the shard-order sum */
-    double loss_sum; /* once RECEIVED */
-    uint64_t n_tokens;
-} shard_slot;
-
-typedef struct worker_rec {
-    int used;
-    unsigned char id[WIRE_IDENTITY_MAX];
-    size_t id_len;
-    char name[96];   /* Hello's worker_id, for logs */
-    double last_seen;  /* any message from it */
-    double last_sent;  /* our last message to it */
-    uint64_t version;  /* of the parameters it holds */
-    int waiting;       /* asked for work and has none */
-} worker_rec;
-
-struct server {
-    const Peftps__Experiment *exp;
-    server_opts opts;
-    int n_servers;
-    trainer *t; /* the method's tensors and the base; nothing to compute with */
-    char exp_fp[65];
-    const char *base_fp;
-
-    /* This server's tensors, packed in global order at local offsets. */
-    peft_tensor *tensors;
-    int n_tensors;
-    size_t n;
-    float *params, *grad_sum, *inbuf;
-    optim opt;
-    int have_opt;
-    wire_expect *expect;
-    wire_tensor *out; /* params as frames of a Snapshot */
-    wire_limits lim;
-
-    uint64_t step, total, version;
-    uint32_t n_shards;
-    shard_slot *shards;
-    uint32_t next_fold; /* shards 0..next_fold-1 are in grad_sum */
-    float **pool;       /* free gradient buffers (at most n_shards ever made) */
-    int n_pool, n_made;
-
-    worker_rec *workers;
-    int cap_workers;
-
-    void *ctx, *sock;
-    curve_keys keys;
-    int curve;
-    void *zap; /* thread handle of the ZAP handler */
-
-    ckpt *ck;
-    FILE *metrics;
-    progress pr;
-    uint64_t bytes_in, bytes_out; /* this step's messages */
-    double step_start;
-    double hb_s, timeout_s;
-    int finished; /* 1: done, -1: failed with `fail` */
-    err fail;
-};
 
 static volatile sig_atomic_t stop_requested;
 
@@ -108,8 +37,8 @@ void server_stop(void) {
 /* ---- layout ------------------------------------------------------------------------ */
 
 /* Which server holds each tensor: largest first, each to the server holding
- * the fewest floats so far (lowest index on ties). Every process computes it
- * from the same table, so servers and workers agree without talking. */
+ * the fewest floats so far (lowest index on ties). Every server computes it
+ * from the same table; workers learn it from each server's Welcome. */
 static int partition(const peft_tensor *t, int n, int n_servers, int *owner) {
     int *order = malloc((size_t)(n ? n : 1) * sizeof *order);
     size_t *load = calloc((size_t)n_servers, sizeof *load);
@@ -140,56 +69,71 @@ static int partition(const peft_tensor *t, int n, int n_servers, int *owner) {
     return 0;
 }
 
+static void expect_of(wire_expect *x, const peft_tensor *t) {
+    x->name = t->name;
+    x->ndim = t->ndim;
+    for (int d = 0; d < t->ndim; d++) x->shape[d] = t->shape[d];
+}
+
 static int layout_build(server *s, err *e) {
     peft *p = s->t->p;
-    int *owner = malloc((size_t)(p->n_tensors ? p->n_tensors : 1) * sizeof *owner);
-    if (!owner || partition(p->tensors, p->n_tensors, s->n_servers, owner) < 0) {
-        free(owner);
+    int n = p->n_tensors, S = s->n_servers;
+    s->n_global = n;
+    s->owner = calloc((size_t)(n ? n : 1), sizeof *s->owner);
+    s->kexpect = calloc((size_t)(n ? n : 1), sizeof *s->kexpect);
+    s->kfirst = calloc((size_t)S, sizeof *s->kfirst);
+    s->kcount = calloc((size_t)S, sizeof *s->kcount);
+    s->tensors = calloc((size_t)(n ? n : 1), sizeof *s->tensors);
+    s->gidx = calloc((size_t)(n ? n : 1), sizeof *s->gidx);
+    s->sums = calloc((size_t)(n ? n : 1), sizeof *s->sums);
+    if (!s->owner || !s->kexpect || !s->kfirst || !s->kcount || !s->tensors || !s->gidx ||
+        !s->sums || partition(p->tensors, n, S, s->owner) < 0)
         return err_set(e, "out of memory");
-    }
-    s->tensors = calloc((size_t)(p->n_tensors ? p->n_tensors : 1), sizeof *s->tensors);
-    if (!s->tensors) {
-        free(owner);
-        return err_set(e, "out of memory");
+    int at = 0;
+    for (int k = 0; k < S; k++) {
+        s->kfirst[k] = at;
+        for (int i = 0; i < n; i++)
+            if (s->owner[i] == k) expect_of(&s->kexpect[at++], &p->tensors[i]);
+        s->kcount[k] = at - s->kfirst[k];
+        if (s->kcount[k] == 0)
+            return err_set(e,
+                           "cluster.servers lists %d servers but the method trains only %d "
+                           "tensors: server %d would hold none; use fewer servers",
+                           S, n, k);
     }
     size_t off = 0;
-    for (int i = 0; i < p->n_tensors; i++) {
-        if (owner[i] != s->opts.index) continue;
+    for (int i = 0; i < n; i++) {
+        if (s->owner[i] != s->opts.index) continue;
+        s->gidx[s->n_tensors] = i;
         peft_tensor *lt = &s->tensors[s->n_tensors++];
         *lt = p->tensors[i];
         lt->offset = off;
         off += lt->numel;
     }
-    free(owner);
     s->n = off;
-    if (s->n_tensors == 0)
-        return err_set(e,
-                       "server %d of %d holds no tensor: the method trains only %d; use fewer "
-                       "cluster.servers",
-                       s->opts.index, s->n_servers, p->n_tensors);
     size_t bytes = (s->n * sizeof(float) + 63) / 64 * 64;
     s->params = aligned_alloc(64, bytes);
     s->grad_sum = aligned_alloc(64, bytes);
     s->inbuf = aligned_alloc(64, bytes);
-    s->expect = calloc((size_t)s->n_tensors, sizeof *s->expect);
     s->out = calloc((size_t)s->n_tensors, sizeof *s->out);
-    if (!s->params || !s->grad_sum || !s->inbuf || !s->expect || !s->out)
-        return err_set(e, "out of memory");
+    if (!s->params || !s->grad_sum || !s->inbuf || !s->out) return err_set(e, "out of memory");
+    s->expect = s->kexpect + s->kfirst[s->opts.index];
     for (int i = 0; i < s->n_tensors; i++) {
         const peft_tensor *lt = &s->tensors[i];
-        int g = peft_find_tensor(p, lt->name);
-        memcpy(s->params + lt->offset, peft_param(p, g), lt->numel * sizeof(float));
-        s->expect[i].name = lt->name;
-        s->expect[i].ndim = lt->ndim;
+        memcpy(s->params + lt->offset, peft_param(p, s->gidx[i]), lt->numel * sizeof(float));
         s->out[i].name = lt->name;
         s->out[i].dtype = PEFTPS__WIRE__DTYPE__F32;
         s->out[i].ndim = lt->ndim;
-        for (int d = 0; d < lt->ndim; d++) s->expect[i].shape[d] = s->out[i].shape[d] = lt->shape[d];
+        for (int d = 0; d < lt->ndim; d++) s->out[i].shape[d] = lt->shape[d];
         s->out[i].data = s->params + lt->offset;
         s->out[i].nbytes = lt->numel * sizeof(float);
     }
-    if (wire_limits_for(&s->lim, s->expect, s->n_tensors, e) < 0) return -1;
-    return optim_create(&s->opt, s->n, s->exp->optimizer, e) < 0 ? -1 : (s->have_opt = 1, 0);
+    /* The largest message any server receives is the whole table (server
+     * 0 collects every server's final tensors). */
+    if (wire_limits_for(&s->lim, s->kexpect, n, e) < 0) return -1;
+    if (optim_create(&s->opt, s->n, s->exp->optimizer, e) < 0) return -1;
+    s->have_opt = 1;
+    return 0;
 }
 
 /* ---- outputs ------------------------------------------------------------------------ */
@@ -233,14 +177,13 @@ static int write_experiment(const server *s, err *e) {
     return rc;
 }
 
-/* The params of every tensor held here back into the method, then saved. */
+/* Server 0 at the end: its own tensors (the others' came from peers.c)
+ * back into the method, then saved. */
 static int write_tensors(server *s, err *e) {
     peft *p = s->t->p;
-    for (int i = 0; i < s->n_tensors; i++) {
-        const peft_tensor *lt = &s->tensors[i];
-        memcpy(peft_param(p, peft_find_tensor(p, lt->name)), s->params + lt->offset,
-               lt->numel * sizeof(float));
-    }
+    for (int i = 0; i < s->n_tensors; i++)
+        memcpy(peft_param(p, s->gidx[i]), s->params + s->tensors[i].offset,
+               s->tensors[i].numel * sizeof(float));
     char path[4096];
     snprintf(path, sizeof path, "%s/tensors.safetensors", s->exp->output_dir);
     if (peft_save(p, path, e) < 0) return -1;
@@ -275,8 +218,9 @@ static int checkpoint_write(server *s, err *e) {
 }
 
 /* Opens the checkpoint directory and, with resume, restores the newest
- * checkpoint; refuses one of another experiment, base or layout, a damaged
- * one, and old checkpoints that resume is not allowed to use. */
+ * checkpoint (or the one of --resume-step); refuses one of another
+ * experiment, base or layout, a damaged one, and old checkpoints that resume
+ * is not allowed to use. */
 static int checkpoint_open(server *s, err *e) {
     char dir[4096];
     ckpt_dir_of(s, dir, sizeof dir);
@@ -285,14 +229,20 @@ static int checkpoint_open(server *s, err *e) {
     int n = 0;
     if (ckpt_steps(s->ck, &steps, &n, e) < 0) return err_wrap(e, "checkpoint.path");
     free(steps);
-    if (n == 0) return 0;
+    if (n == 0) {
+        if (s->opts.resume_step != SERVER_RESUME_LATEST)
+            return err_set(e, "--resume-step: %s holds no checkpoint", dir);
+        return 0;
+    }
     if (!s->exp->checkpoint->resume)
         return err_set(e,
                        "checkpoint.path %s already holds checkpoints and checkpoint.resume is "
                        "false; remove it, use another path, or resume",
                        dir);
     ckpt_data d;
-    if (ckpt_read(s->ck, CKPT_LATEST, &d, e) < 0) {
+    uint64_t want = s->opts.resume_step == SERVER_RESUME_LATEST ? CKPT_LATEST
+                                                                 : s->opts.resume_step;
+    if (ckpt_read(s->ck, want, &d, e) < 0) {
         ckpt_data_free(&d);
         return err_wrap(e, "refusing to resume");
     }
@@ -340,11 +290,6 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
     s->timeout_s = cl->worker_timeout_ms / 1000.0;
     config_fingerprint(exp, s->exp_fp);
 
-    if (s->n_servers > 1) {
-        err_set(e, "cluster.servers lists %d servers; several servers are not implemented yet",
-                s->n_servers);
-        goto fail;
-    }
     if (cl->curve && (cl->curve->server_keys || cl->curve->authorized_keys)) {
         if (!cl->curve->server_keys || !cl->curve->authorized_keys) {
             err_set(e, "cluster.curve needs both server_keys and authorized_keys on a server");
@@ -364,17 +309,19 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
     if (layout_build(s, e) < 0) goto fail;
     s->shards = calloc(s->n_shards, sizeof *s->shards);
     s->pool = calloc(s->n_shards, sizeof *s->pool);
-    if (!s->shards || !s->pool) {
+    s->peers = calloc((size_t)s->n_servers, sizeof *s->peers);
+    if (!s->shards || !s->pool || !s->peers) {
         err_set(e, "out of memory");
         goto fail;
     }
     if (checkpoint_open(s, e) < 0) goto fail;
     if (opts->index == 0) {
-        if (fs_mkdir_p(exp->output_dir, e) < 0 || write_experiment(s, e) < 0 || metrics_open(s, e) < 0)
+        if (fs_mkdir_p(exp->output_dir, e) < 0 || write_experiment(s, e) < 0 ||
+            metrics_open(s, e) < 0)
             goto fail;
     }
     log_info("%s: server %d of %d holds %d of %d tensors (%zu parameters) of %s, at step %llu/%llu",
-             exp->name, opts->index, s->n_servers, s->n_tensors, s->t->p->n_tensors, s->n,
+             exp->name, opts->index, s->n_servers, s->n_tensors, s->n_global, s->n,
              s->t->p->method->name, (unsigned long long)s->step, (unsigned long long)s->total);
     *out = s;
     return 0;
@@ -386,6 +333,7 @@ fail:
 void server_close(server *s) {
     if (!s) return;
     if (s->sock) zmq_close(s->sock);
+    if (s->link) zmq_close(s->link);
     if (s->zap) curve_zap_stop(s->zap);
     if (s->ctx) zmq_ctx_term(s->ctx);
     if (s->metrics) fclose(s->metrics);
@@ -396,12 +344,18 @@ void server_close(server *s) {
     for (int i = 0; i < s->n_pool; i++) free(s->pool[i]);
     free(s->pool);
     free(s->shards);
+    free(s->peers);
     free(s->workers);
+    free(s->owner);
+    free(s->kexpect);
+    free(s->kfirst);
+    free(s->kcount);
     free(s->tensors);
+    free(s->gidx);
+    free(s->sums);
     free(s->params);
     free(s->grad_sum);
     free(s->inbuf);
-    free(s->expect);
     free(s->out);
     trainer_close(s->t);
     curve_keys_wipe(&s->keys);
@@ -412,19 +366,19 @@ int server_bind(server *s, err *e) {
     const char *ep = s->opts.listen ? s->opts.listen : s->exp->cluster->servers[s->opts.index];
     s->ctx = zmq_ctx_new();
     if (!s->ctx) return err_set(e, "zmq_ctx_new: %s", zmq_strerror(errno));
-    if (s->curve) {
-        if (curve_zap_start(&s->zap, s->ctx, s->exp->cluster->curve->authorized_keys, e) < 0)
-            return err_wrap(e, "cluster.curve.authorized_keys");
-    }
+    if (s->curve &&
+        curve_zap_start(&s->zap, s->ctx, s->exp->cluster->curve->authorized_keys,
+                        s->keys.public_key, e) < 0)
+        return err_wrap(e, "cluster.curve.authorized_keys");
     s->sock = zmq_socket(s->ctx, ZMQ_ROUTER);
     if (!s->sock) return err_set(e, "zmq_socket: %s", zmq_strerror(errno));
     int linger = SERVER_LINGER_MS;
     zmq_setsockopt(s->sock, ZMQ_LINGER, &linger, sizeof linger);
     if (wire_set_limits(s->sock, s->lim.max_message_bytes, e) < 0) return -1;
     if (s->curve && curve_server_setup(s->sock, &s->keys, e) < 0) return -1;
-    if (zmq_bind(s->sock, ep) < 0)
-        return err_set(e, "binding %s: %s", ep, zmq_strerror(errno));
+    if (zmq_bind(s->sock, ep) < 0) return err_set(e, "binding %s: %s", ep, zmq_strerror(errno));
     log_info("listening on %s%s", ep, s->curve ? " (CURVE)" : "");
+    if (s->opts.index > 0 && peers_link_open(s, e) < 0) return -1;
     return 0;
 }
 
@@ -451,36 +405,36 @@ static uint64_t message_bytes(const Peftps__Wire__Envelope *env, const wire_tens
     return b;
 }
 
-static void send_to(server *s, worker_rec *w, const unsigned char *id, size_t id_len,
-                    const Peftps__Wire__Envelope *env, const wire_tensor *t, int n) {
+void server_send(server *s, const unsigned char *id, size_t id_len,
+                 const Peftps__Wire__Envelope *env, const wire_tensor *t, int n) {
     err e;
-    if (w) {
-        id = w->id;
-        id_len = w->id_len;
-        w->last_sent = progress_now();
-    }
     if (wire_send(s->sock, id, id_len, env, t, n, &e) < 0) {
-        log_warn("sending %s to %s: %s", wire_body_name(env->body_case), w ? w->name : "a peer",
-                 e.msg);
+        log_warn("sending %s: %s", wire_body_name(env->body_case), e.msg);
         return;
     }
     s->bytes_out += message_bytes(env, t, n);
 }
 
-static void reply_error(server *s, const wire_msg *m, worker_rec *w, Peftps__Wire__ErrorCode code,
-                        const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static void send_worker(server *s, worker_rec *w, const Peftps__Wire__Envelope *env,
+                        const wire_tensor *t, int n) {
+    w->last_sent = progress_now();
+    server_send(s, w->id, w->id_len, env, t, n);
+}
 
-static void reply_error(server *s, const wire_msg *m, worker_rec *w, Peftps__Wire__ErrorCode code,
-                        const char *fmt, ...) {
+void server_reply_error(server *s, const wire_msg *m, const char *who,
+                        Peftps__Wire__ErrorCode code, const char *fmt, ...) {
     char text[512];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
-    log_warn("%s: %s", w ? w->name : "unregistered peer", text);
+    log_warn("%s: %s", who, text);
     wire_out o;
-    send_to(s, w, m->identity, m->id_len, wire_error(&o, code, "%s", text), NULL, 0);
+    server_send(s, m->identity, m->id_len, wire_error(&o, code, "%s", text), NULL, 0);
 }
+
+#define REPLY_ERROR(s, m, w, code, ...)                                                            \
+    server_reply_error(s, m, (w) ? (w)->name : "unregistered peer", code, __VA_ARGS__)
 
 /* ---- workers ------------------------------------------------------------------------ */
 
@@ -509,39 +463,50 @@ static int worker_release(server *s, worker_rec *w) {
     return n;
 }
 
-static worker_rec *worker_add(server *s, const wire_msg *m) {
-    for (int i = 0; i < s->cap_workers; i++)
-        if (!s->workers[i].used) return &s->workers[i];
-    if (s->cap_workers >= SERVER_MAX_WORKERS) return NULL;
-    int cap = s->cap_workers ? s->cap_workers * 2 : 16;
-    if (cap > SERVER_MAX_WORKERS) cap = SERVER_MAX_WORKERS;
-    worker_rec *nw = realloc(s->workers, (size_t)cap * sizeof *nw);
-    if (!nw) return NULL;
-    memset(nw + s->cap_workers, 0, (size_t)(cap - s->cap_workers) * sizeof *nw);
-    s->workers = nw;
-    s->cap_workers = cap;
-    (void)m;
-    return worker_add(s, m);
+static worker_rec *worker_add(server *s) {
+    for (;;) {
+        for (int i = 0; i < s->cap_workers; i++)
+            if (!s->workers[i].used) return &s->workers[i];
+        if (s->cap_workers >= SERVER_MAX_WORKERS) return NULL;
+        int cap = s->cap_workers ? s->cap_workers * 2 : 16;
+        if (cap > SERVER_MAX_WORKERS) cap = SERVER_MAX_WORKERS;
+        worker_rec *nw = realloc(s->workers, (size_t)cap * sizeof *nw);
+        if (!nw) return NULL;
+        memset(nw + s->cap_workers, 0, (size_t)(cap - s->cap_workers) * sizeof *nw);
+        s->workers = nw;
+        s->cap_workers = cap;
+    }
 }
 
-/* Hands one pending shard to each waiting worker, with the parameters of
- * the current version first when the worker holds another. */
+static void send_snapshot(server *s, worker_rec *w) {
+    wire_out o;
+    send_worker(s, w, wire_snapshot(&o, s->version, s->step), s->out, s->n_tensors);
+    w->version = s->version;
+}
+
+/* Server 0 hands one pending shard to each waiting worker, with the
+ * parameters of the current version first when the worker holds another.
+ * The other servers only answer waiting workers with the new version. */
 static void schedule(server *s) {
     if (s->finished) return;
     uint32_t next = 0;
     for (int i = 0; i < s->cap_workers; i++) {
         worker_rec *w = &s->workers[i];
         if (!w->used || !w->waiting) continue;
+        if (s->opts.index > 0) {
+            if (w->version != s->version) {
+                send_snapshot(s, w);
+                w->waiting = 0;
+            }
+            continue;
+        }
         while (next < s->n_shards && s->shards[next].state != SHARD_PENDING) next++;
         if (next == s->n_shards) return;
-        wire_out o;
-        if (w->version != s->version) {
-            send_to(s, w, NULL, 0, wire_snapshot(&o, s->version, s->step), s->out, s->n_tensors);
-            w->version = s->version;
-        }
+        if (w->version != s->version) send_snapshot(s, w);
         uint32_t shard = next;
         if (s->step_start == 0) s->step_start = progress_now(); /* the first step's clock */
-        send_to(s, w, NULL, 0, wire_assign(&o, s->step, s->version, &shard, 1), NULL, 0);
+        wire_out o;
+        send_worker(s, w, wire_assign(&o, s->step, s->version, &shard, 1), NULL, 0);
         s->shards[next].state = SHARD_ASSIGNED;
         s->shards[next].worker = i;
         w->waiting = 0;
@@ -553,29 +518,42 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
     const Peftps__Wire__Hello *h = m->env->hello;
     const char *who = h->worker_id && h->worker_id[0] ? h->worker_id : "a worker";
     if (!h->has_protocol_version || h->protocol_version != WIRE_PROTOCOL_VERSION) {
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
                     "%s speaks protocol version %u, this server %d: use the same peftps release",
                     who, h->protocol_version, WIRE_PROTOCOL_VERSION);
         return;
     }
     if (!h->base_fingerprint || strcmp(h->base_fingerprint, s->base_fp)) {
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__FINGERPRINT_MISMATCH,
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__FINGERPRINT_MISMATCH,
                     "%s maps another base model (fingerprint %.12s, server %.12s): model.path "
                     "must hold the same files everywhere",
                     who, h->base_fingerprint ? h->base_fingerprint : "none", s->base_fp);
         return;
     }
     if (!h->experiment_fingerprint || strcmp(h->experiment_fingerprint, s->exp_fp)) {
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__FINGERPRINT_MISMATCH,
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__FINGERPRINT_MISMATCH,
                     "%s runs another experiment (fingerprint %.12s, server %.12s): give workers "
                     "and servers the same experiment file and --set options",
                     who, h->experiment_fingerprint ? h->experiment_fingerprint : "none", s->exp_fp);
         return;
     }
+    size_t np = strlen(PEER_ID_PREFIX);
+    if (!strncmp(who, PEER_ID_PREFIX, np)) {
+        char *end;
+        long k = strtol(who + np, &end, 10);
+        if (s->opts.index != 0 || *end || k < 1 || k >= s->n_servers) {
+            REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+                        "%s: not a server of this cluster, or this is not server 0", who);
+            return;
+        }
+        if (w) w->used = 0; /* an identity is a worker or a peer, not both */
+        peers_on_hello(s, m, (int)k);
+        return;
+    }
     if (w) {
         worker_release(s, w);
-    } else if (!(w = worker_add(s, m))) {
-        reply_error(s, m, NULL, PEFTPS__WIRE__ERROR_CODE__ERROR_UNSPECIFIED,
+    } else if (!(w = worker_add(s))) {
+        server_reply_error(s, m, "unregistered peer", PEFTPS__WIRE__ERROR_CODE__ERROR_UNSPECIFIED,
                     "%s refused: %d workers are registered already", who, SERVER_MAX_WORKERS);
         return;
     } else {
@@ -589,10 +567,10 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
     w->waiting = 0;
     log_info("worker %s registered (%d alive)", w->name, workers_alive(s));
     wire_out o;
-    send_to(s, w, NULL, 0,
-            wire_welcome(&o, (uint32_t)s->opts.index, (uint32_t)s->n_servers,
-                         s->exp->cluster->heartbeat_ms, s->version),
-            s->out, s->n_tensors);
+    send_worker(s, w,
+                wire_welcome(&o, (uint32_t)s->opts.index, (uint32_t)s->n_servers,
+                             s->exp->cluster->heartbeat_ms, s->version),
+                s->out, s->n_tensors);
 }
 
 static void on_pull(server *s, const wire_msg *m, worker_rec *w) {
@@ -615,61 +593,76 @@ static void fold(server *s, uint32_t shard, const float *g) {
 
 static float *buf_get(server *s) {
     if (s->n_pool > 0) return s->pool[--s->n_pool];
-    s->n_made++;
     return aligned_alloc(64, (s->n * sizeof(float) + 63) / 64 * 64);
 }
 
-static int step_complete(server *s, err *e);
+/* Every shard is summed: the mean gradient and this server's sums of
+ * squares; then, alone, the update; with peers, the exchange first. */
+static int shards_done(server *s, err *e) {
+    long ntok = 0;
+    for (uint32_t i = 0; i < s->n_shards; i++) ntok += (long)s->shards[i].n_tokens;
+    s->step_tokens = ntok;
+    train_grad_mean(s->grad_sum, s->n, ntok);
+    double *each = malloc((size_t)s->n_tensors * sizeof *each);
+    if (!each) return err_set(e, "out of memory");
+    train_grad_sumsq(s->tensors, s->n_tensors, s->grad_sum, each);
+    for (int i = 0; i < s->n_tensors; i++) s->sums[s->gidx[i]] = each[i];
+    free(each);
+    s->own_ready = 1;
+    if (s->n_servers == 1) return server_step_apply(s, e);
+    if (s->opts.index == 0) return peers_try_complete(s, e);
+    peers_send_sums(s);
+    return 0;
+}
 
 static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
     const Peftps__Wire__GradPush *g = m->env->grad_push;
     if (!g->has_step || !g->has_version || !g->has_shard || !g->has_loss_sum || !g->has_n_tokens) {
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
                     "grad_push without step, version, shard, loss_sum or n_tokens");
         return;
     }
-    if (g->step != s->step || g->version != s->version) {
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
-                    "push of step %llu version %llu, but the server is at step %llu version %llu",
+    if (g->step != s->step || g->version != s->version || s->own_ready) {
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
+                    "push of step %llu version %llu, but the server is at step %llu version "
+                    "%llu%s",
                     (unsigned long long)g->step, (unsigned long long)g->version,
-                    (unsigned long long)s->step, (unsigned long long)s->version);
+                    (unsigned long long)s->step, (unsigned long long)s->version,
+                    s->own_ready ? " and has every shard of it" : "");
         return;
     }
     if (g->shard >= s->n_shards) {
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
                     "push of shard %u, but a step has %u shards", g->shard, s->n_shards);
         return;
     }
     shard_slot *sl = &s->shards[g->shard];
     if (sl->state == SHARD_RECEIVED) {
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__DUPLICATE,
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__DUPLICATE,
                     "shard %u of step %llu was received already", g->shard,
                     (unsigned long long)s->step);
         return;
     }
-    if (sl->state != SHARD_ASSIGNED || &s->workers[sl->worker] != w) {
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
+    /* Server 0 assigns; the others take a shard from any registered worker. */
+    int owned = sl->state == SHARD_ASSIGNED && &s->workers[sl->worker] == w;
+    if (s->opts.index == 0 && !owned) {
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
                     "shard %u of step %llu is not assigned to this worker", g->shard,
                     (unsigned long long)s->step);
         return;
     }
     err e;
-    if (wire_check_tensors(m, s->expect, s->n_tensors, &e) < 0) {
+    int bad = wire_check_tensors(m, s->expect, s->n_tensors, &e) < 0;
+    for (int i = 0; !bad && i < s->n_tensors; i++)
+        bad = wire_tensor_copy_f32(&m->tensors[i], s->inbuf + s->tensors[i].offset,
+                                   s->tensors[i].numel, &e) < 0;
+    if (bad) {
         /* Its owner cannot be trusted with it again: let another compute it. */
-        sl->state = SHARD_PENDING;
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "shard %u: %s", g->shard, e.msg);
+        if (owned) sl->state = SHARD_PENDING;
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "shard %u: %s", g->shard, e.msg);
         schedule(s);
         return;
     }
-    for (int i = 0; i < s->n_tensors; i++)
-        if (wire_tensor_copy_f32(&m->tensors[i], s->inbuf + s->tensors[i].offset,
-                                 s->tensors[i].numel, &e) < 0) {
-            sl->state = SHARD_PENDING;
-            reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "shard %u: %s", g->shard,
-                        e.msg);
-            schedule(s);
-            return;
-        }
     if (g->shard == s->next_fold) {
         fold(s, g->shard, s->inbuf);
         s->next_fold++;
@@ -677,8 +670,8 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
         /* Out of order: it waits, in a buffer of its own, for the shards before it. */
         float *b = buf_get(s);
         if (!b) {
-            sl->state = SHARD_PENDING;
-            reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__ERROR_UNSPECIFIED,
+            if (owned) sl->state = SHARD_PENDING;
+            REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__ERROR_UNSPECIFIED,
                         "out of memory holding shard %u", g->shard);
             return;
         }
@@ -696,27 +689,51 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
         q->buf = NULL;
         s->next_fold++;
     }
-    w->waiting = 1;
-    if (s->next_fold == s->n_shards && step_complete(s, &s->fail) < 0) {
+    if (s->opts.index == 0) w->waiting = 1;
+    if (s->next_fold == s->n_shards && shards_done(s, &s->fail) < 0) {
         s->finished = -1;
         return;
     }
     schedule(s);
 }
 
-static void finish(server *s, const char *reason);
-
-/* All shards of the step are summed: update, record, checkpoint. */
-static int step_complete(server *s, err *e) {
-    double loss = 0.0;
-    long ntok = 0;
-    for (uint32_t i = 0; i < s->n_shards; i++) {
-        loss += s->shards[i].loss_sum;
-        ntok += (long)s->shards[i].n_tokens;
+void server_shutdown_workers(server *s, const char *reason) {
+    for (int i = 0; i < s->cap_workers; i++) {
+        worker_rec *w = &s->workers[i];
+        if (!w->used) continue;
+        wire_out o;
+        send_worker(s, w, wire_shutdown(&o, reason), NULL, 0);
     }
+}
+
+int server_finish_run(server *s, err *e) {
+    if (s->opts.index == 0) {
+        if (!peers_all_final(s)) return 0;
+        if (write_tensors(s, e) < 0) return -1;
+        for (int k = 1; k < s->n_servers; k++) {
+            wire_out o;
+            server_send(s, s->peers[k].id, s->peers[k].id_len,
+                        wire_shutdown(&o, "training finished"), NULL, 0);
+        }
+    } else if (!s->final_sent) {
+        peers_send_final(s);
+        return 0; /* server 0 says when to stop */
+    }
+    server_shutdown_workers(s, "training finished");
+    s->finished = 1;
+    return 0;
+}
+
+int server_step_apply(server *s, err *e) {
+    /* Added in global tensor order, as train_update adds them. */
+    double total = 0.0;
+    for (int i = 0; i < s->n_global; i++) total += s->sums[i];
+    double norm = sqrt(total);
     double lr = optim_lr(s->exp->optimizer, s->exp->schedule, s->step);
-    double norm = train_update(&s->opt, s->exp->optimizer, s->tensors, s->n_tensors, s->params,
-                               s->grad_sum, s->n, ntok, lr);
+    train_apply(&s->opt, s->exp->optimizer, s->params, s->grad_sum, s->n, norm, lr);
+    double loss = 0.0;
+    for (uint32_t i = 0; i < s->n_shards; i++) loss += s->shards[i].loss_sum;
+    long ntok = s->step_tokens;
     double mean = ntok > 0 ? loss / (double)ntok : 0.0;
     double now = progress_now();
     double dt = now - s->step_start;
@@ -725,6 +742,8 @@ static int step_complete(server *s, err *e) {
     s->version++;
     for (uint32_t i = 0; i < s->n_shards; i++) s->shards[i].state = SHARD_PENDING;
     s->next_fold = 0;
+    s->own_ready = 0;
+    for (int k = 0; k < s->n_servers; k++) s->peers[k].have_sums = 0;
     if (s->metrics) {
         fprintf(s->metrics,
                 "{\"step\":%llu,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6f,\"tokens\":%ld,"
@@ -737,7 +756,7 @@ static int step_complete(server *s, err *e) {
     snprintf(detail, sizeof detail, "loss %.4f  %.0f tok/s  %.1f KiB/step  %d workers", mean,
              dt > 0 ? toks / dt : 0.0, (double)(s->bytes_in + s->bytes_out) / 1024.0,
              workers_alive(s));
-    progress_update(&s->pr, s->step, detail);
+    if (s->opts.index == 0) progress_update(&s->pr, s->step, detail);
     s->bytes_in = s->bytes_out = 0;
     s->step_start = now;
     if (!isfinite(mean))
@@ -747,21 +766,10 @@ static int step_complete(server *s, err *e) {
         if (checkpoint_write(s, e) < 0) return -1;
     if (s->step == s->total) {
         progress_end(&s->pr);
-        if (s->opts.index == 0 && write_tensors(s, e) < 0) return -1;
-        finish(s, "training finished");
+        return server_finish_run(s, e);
     }
+    schedule(s);
     return 0;
-}
-
-/* Tells every registered worker to stop. */
-static void finish(server *s, const char *reason) {
-    s->finished = 1;
-    for (int i = 0; i < s->cap_workers; i++) {
-        worker_rec *w = &s->workers[i];
-        if (!w->used) continue;
-        wire_out o;
-        send_to(s, w, NULL, 0, wire_shutdown(&o, reason), NULL, 0);
-    }
 }
 
 /* ---- the loop ----------------------------------------------------------------------- */
@@ -771,9 +779,14 @@ static void on_message(server *s, wire_msg *m) {
     if (w) w->last_seen = progress_now();
     s->bytes_in += m->bytes;
     int body = m->env->body_case;
+    peer_rec *p = s->opts.index == 0 ? peers_find(s, m->identity, m->id_len) : NULL;
+    if (p && body != PEFTPS__WIRE__ENVELOPE__BODY_HELLO) {
+        peers_on_message(s, m, p);
+        return;
+    }
     if (s->finished && body != PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT) {
         wire_out o;
-        send_to(s, w, m->identity, m->id_len, wire_shutdown(&o, "training finished"), NULL, 0);
+        server_send(s, m->identity, m->id_len, wire_shutdown(&o, "training finished"), NULL, 0);
         return;
     }
     if (body == PEFTPS__WIRE__ENVELOPE__BODY_HELLO) {
@@ -781,7 +794,7 @@ static void on_message(server *s, wire_msg *m) {
         return;
     }
     if (!w) {
-        reply_error(s, m, NULL, PEFTPS__WIRE__ERROR_CODE__NOT_REGISTERED,
+        server_reply_error(s, m, "unregistered peer", PEFTPS__WIRE__ERROR_CODE__NOT_REGISTERED,
                     "%s from a peer that has not registered (send Hello first)",
                     wire_body_name(body));
         return;
@@ -796,13 +809,13 @@ static void on_message(server *s, wire_msg *m) {
     case PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT:
         break;
     default:
-        reply_error(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
-                    "unexpected %s from a worker", wire_body_name(body));
+        REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED, "unexpected %s from a worker",
+                    wire_body_name(body));
     }
 }
 
 /* Workers silent for longer than the timeout are dropped and their shards
- * go to others; waiting workers hear from us every heartbeat. */
+ * go to others; every worker hears from us at least every heartbeat. */
 static void tick(server *s) {
     double now = progress_now();
     int dropped = 0;
@@ -819,10 +832,38 @@ static void tick(server *s) {
         }
         if (now - w->last_sent >= s->hb_s) {
             wire_out o;
-            send_to(s, w, NULL, 0, wire_heartbeat(&o, s->version, s->step), NULL, 0);
+            send_worker(s, w, wire_heartbeat(&o, s->version, s->step), NULL, 0);
         }
     }
+    if (s->opts.index == 0) peers_tick(s);
     if (dropped) schedule(s);
+}
+
+/* Takes the messages waiting on the ROUTER (a bounded batch, so the timers
+ * are never starved). */
+static int drain(server *s, err *e) {
+    for (int k = 0; k < 256 && !s->finished; k++) {
+        wire_msg m;
+        memset(&m, 0, sizeof m);
+        err me;
+        if (wire_recv(s->sock, 1, &m, &s->lim, &me) < 0) {
+            if (!m.received) {
+                wire_msg_close(&m);
+                if (errno == EINTR || errno == EAGAIN) return 0;
+                return err_set(e, "receiving: %s", me.msg);
+            }
+            worker_rec *w = worker_find(s, m.identity, m.id_len);
+            if (w) w->last_seen = progress_now();
+            REPLY_ERROR(s, &m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED, "%s", me.msg);
+        } else {
+            on_message(s, &m);
+        }
+        wire_msg_close(&m);
+        int ev = 0;
+        size_t evn = sizeof ev;
+        if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &ev, &evn) < 0 || !(ev & ZMQ_POLLIN)) break;
+    }
+    return 0;
 }
 
 int server_run(server *s, err *e) {
@@ -830,44 +871,21 @@ int server_run(server *s, err *e) {
     s->step_start = 0;
     if (s->step >= s->total) {
         log_info("the checkpoint is at the last step already");
-        if (s->opts.index == 0 && write_tensors(s, e) < 0) return -1;
-        s->finished = 1;
-        return 0;
+        if (server_finish_run(s, e) < 0) return -1;
     }
     long tick_ms = (long)s->exp->cluster->heartbeat_ms / 4;
     if (tick_ms < 5) tick_ms = 5;
     if (tick_ms > 250) tick_ms = 250;
     double last_tick = 0;
     while (!s->finished && !stop_requested) {
-        zmq_pollitem_t it = {s->sock, 0, ZMQ_POLLIN, 0};
-        int rc = zmq_poll(&it, 1, tick_ms);
+        zmq_pollitem_t it[2] = {{s->sock, 0, ZMQ_POLLIN, 0}, {s->link, 0, ZMQ_POLLIN, 0}};
+        int rc = zmq_poll(it, s->link ? 2 : 1, tick_ms);
         if (rc < 0) {
             if (errno == EINTR) continue;
             return err_set(e, "zmq_poll: %s", zmq_strerror(errno));
         }
-        /* Drain what is there, but never starve the timers. */
-        for (int k = 0; rc > 0 && k < 256 && !s->finished; k++) {
-            wire_msg m;
-            memset(&m, 0, sizeof m);
-            err me;
-            if (wire_recv(s->sock, 1, &m, &s->lim, &me) < 0) {
-                if (!m.received) {
-                    if (errno == EINTR) break;
-                    if (errno == EAGAIN) break;
-                    wire_msg_close(&m);
-                    return err_set(e, "receiving: %s", me.msg);
-                }
-                worker_rec *w = worker_find(s, m.identity, m.id_len);
-                if (w) w->last_seen = progress_now();
-                reply_error(s, &m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED, "%s", me.msg);
-            } else {
-                on_message(s, &m);
-            }
-            wire_msg_close(&m);
-            int ev = 0;
-            size_t evn = sizeof ev;
-            if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &ev, &evn) < 0 || !(ev & ZMQ_POLLIN)) break;
-        }
+        if ((it[0].revents & ZMQ_POLLIN) && drain(s, e) < 0) return -1;
+        if (s->link && peers_link_poll(s, &s->fail) < 0) s->finished = -1;
         if (s->finished < 0) {
             *e = s->fail;
             return -1;
@@ -882,6 +900,6 @@ int server_run(server *s, err *e) {
     progress_end(&s->pr);
     log_warn("stopping on a signal at step %llu", (unsigned long long)s->step);
     if (checkpoint_write(s, e) < 0) return -1;
-    finish(s, "the server was stopped");
+    server_shutdown_workers(s, "the server was stopped");
     return 1;
 }

@@ -8,20 +8,29 @@
 #ifndef PEFTPS_SERVER_H
 #define PEFTPS_SERVER_H
 
+#include <stdint.h>
+
 #include "err.h"
 #include "peftps.pb-c.h"
 
 typedef struct server server;
 
+/* server_opts.resume_step: the newest checkpoint. */
+#define SERVER_RESUME_LATEST UINT64_MAX
+
 typedef struct server_opts {
-    int index;          /* which of cluster.servers this process is */
-    const char *listen; /* bind here instead of cluster.servers[index]; NULL: that */
+    int index;            /* which of cluster.servers this process is */
+    const char *listen;   /* bind here instead of cluster.servers[index]; NULL: that */
+    uint64_t resume_step; /* the checkpoint to resume from, or SERVER_RESUME_LATEST */
 } server_opts;
 
 /* Prepares the server of exp (resolved by config_load): opens the base
  * read-only and initialises the method exactly as trainer_open does, keeps
- * only its tensors, sets up AdamW and, with checkpoint.resume and a
- * checkpoint at checkpoint.path, restores the newest one. Writes
+ * only its share of the tensors (all with one server; several servers split
+ * them by a deterministic size-balanced partition), sets up AdamW and, with
+ * checkpoint.resume and a checkpoint at checkpoint.path (with several
+ * servers, checkpoint.path/server-I), restores the newest one or the one of
+ * opts->resume_step. Writes
  * OUTPUT/experiment.pbtxt and opens OUTPUT/metrics.jsonl (server 0 only;
  * on resume the lines of steps after the checkpoint are dropped). Fails on
  * bad input: an index outside cluster.servers, a base, method or data that
@@ -30,16 +39,18 @@ typedef struct server_opts {
  * key files that cannot be read. exp must outlive the server. */
 int server_open(server **out, const Peftps__Experiment *exp, const server_opts *opts, err *e);
 
-/* Binds the ROUTER socket (and starts the ZAP handler with CURVE). Fails
- * when the endpoint cannot be bound (in use, bad address) or ZeroMQ fails. */
+/* Binds the ROUTER socket (and starts the ZAP handler with CURVE); a server
+ * other than 0 also links to server 0. Fails when the endpoint cannot be
+ * bound (in use, bad address) or ZeroMQ fails. */
 int server_bind(server *s, err *e);
 
-/* Runs the training loop until the last step is done: then writes
- * OUTPUT/tensors.safetensors, checkpoints, sends Shutdown to the workers and
- * returns 0. Returns 1 when server_stop was called (from a signal handler):
+/* Runs the training loop until the last step is done: then checkpoints,
+ * writes OUTPUT/tensors.safetensors (server 0, with every server's
+ * tensors), sends Shutdown to the workers and returns 0. Returns 1 when server_stop was called (from a signal handler):
  * it checkpointed the last completed step and told the workers to stop.
  * Returns -1 with e set when the run cannot continue (a non-finite loss, a
- * checkpoint or output that cannot be written, ZeroMQ failing). */
+ * checkpoint or output that cannot be written, ZeroMQ failing, server 0
+ * refusing this server because they are at different steps). */
 int server_run(server *s, err *e);
 
 /* Asks a running server_run to stop; async-signal-safe. */

@@ -6,6 +6,7 @@
 # and restarted from its LMDB checkpoint; metrics.jsonl holds every step
 # once; a mismatched or damaged checkpoint is refused; with CURVE an
 # unlisted key cannot register; `peftps run` writes what train writes.
+# Two servers splitting the tensors give the bits of one.
 # Run by tests/run.sh with $BIN; needs the fixtures of tests/fixtures/.
 BIN=${BIN:-bin}
 PY=/usr/bin/python3
@@ -129,6 +130,29 @@ for n in 1 2 4; do
         fail "experiment.pbtxt should name the cluster's own output_dir"
     grep -q "output_dir: \"$T/bsp$n\"" "$T/bsp$n/experiment.pbtxt" || fail "experiment.pbtxt"
 done
+
+echo "2 servers equal 1 server"
+S="--set=cluster.servers=[\"tcp://127.0.0.1:$(free_port)\",\"tcp://127.0.0.1:$(free_port)\"]"
+S="$S --set output_dir=$T/two --set schedule.total_steps=60"
+S="$S --set cluster.heartbeat_ms=100 --set cluster.worker_timeout_ms=1000"
+bg two-server0 "$BIN/peftps-server" $EXP $S --index 0
+s0=$LAST
+bg two-server1 "$BIN/peftps-server" $EXP $S --index 1
+s1=$LAST
+wps=""
+for i in 0 1 2; do
+    bg "two-worker$i" "$BIN/peftps-worker" $EXP $S
+    wps="$wps $LAST"
+done
+wait_pid $s0 60 || fail "server 0 exited with $?"
+wait_pid $s1 10 || fail "server 1 exited with $?"
+for p in $wps; do wait_pid "$p" 10 || fail "a worker exited with $?"; done
+grep -q "linked to server 0" "$T/two-server1.log" || fail "server 1 never linked"
+grep -q "registered with server 1 .*: [1-9][0-9]* tensors" "$T/two-worker0.log" ||
+    fail "server 1 held no tensors"
+[ -d "$T/two/ckpt/server-0" ] && [ -d "$T/two/ckpt/server-1" ] || fail "per-server checkpoints"
+same_tensors "$T/ref60" "$T/two"
+steps_once "$T/two" 60
 
 echo "16 workers for 100 steps: no push lost, no step skipped"
 reference ref100 100

@@ -58,6 +58,7 @@ struct worker {
     curve_keys mine;
     char server_public[CURVE_KEY_Z85 + 1];
     double hb_s, timeout_s;
+    wire_limits lim; /* no message may exceed the whole table */
     uint64_t refreshed; /* version the method's derived state was built for */
 
     /* The current assignment, from server 0. */
@@ -77,6 +78,21 @@ static volatile sig_atomic_t stop_requested;
 
 void worker_stop(void) {
     stop_requested = 1;
+}
+
+/* A server sends at most the whole table in one message. */
+static int worker_limits(worker *w, err *e) {
+    peft *p = w->t->p;
+    wire_expect *t = calloc((size_t)(p->n_tensors ? p->n_tensors : 1), sizeof *t);
+    if (!t) return err_set(e, "out of memory");
+    for (int i = 0; i < p->n_tensors; i++) {
+        t[i].name = p->tensors[i].name;
+        t[i].ndim = p->tensors[i].ndim;
+        for (int d = 0; d < t[i].ndim; d++) t[i].shape[d] = p->tensors[i].shape[d];
+    }
+    int rc = wire_limits_for(&w->lim, t, p->n_tensors, e);
+    free(t);
+    return rc;
 }
 
 int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
@@ -125,6 +141,7 @@ int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
         w->curve = 1;
     }
     if (trainer_open(&w->t, exp, 0, e) < 0) goto fail;
+    if (worker_limits(w, e) < 0) goto fail;
     log_info("%s: worker %s ready (%s, %zu trainable parameters)", exp->name, w->id,
              w->t->p->method->name, peft_num_trainable(w->t->p));
     *out = w;
@@ -210,6 +227,7 @@ static int conn_open(worker *w, conn *c, err *e) {
     /* ZeroMQ's own reconnects back off the same way as ours. */
     zmq_setsockopt(c->sock, ZMQ_RECONNECT_IVL, &ivl, sizeof ivl);
     zmq_setsockopt(c->sock, ZMQ_RECONNECT_IVL_MAX, &ivl_max, sizeof ivl_max);
+    if (wire_set_limits(c->sock, w->lim.max_message_bytes, e) < 0) return -1;
     if (w->curve && curve_client_setup(c->sock, &w->mine, w->server_public, e) < 0) return -1;
     if (zmq_connect(c->sock, c->endpoint) < 0)
         return err_set(e, "connecting to %s: %s", c->endpoint, zmq_strerror(errno));
@@ -490,7 +508,7 @@ static int loop(worker *w, err *e) {
                 wire_msg m;
                 memset(&m, 0, sizeof m);
                 err me;
-                if (wire_recv(c->sock, 0, &m, NULL, &me) < 0) {
+                if (wire_recv(c->sock, 0, &m, &w->lim, &me) < 0) {
                     if (m.received) log_warn("server %d sent a bad message: %s", c->index, me.msg);
                 } else {
                     rc = on_message(w, c, &m, e);

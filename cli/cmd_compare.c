@@ -1,0 +1,712 @@
+/* `peftps compare`: several experiments (one per method, same task) each
+ * trained through `peftps run` (cli/cmd_run.c) on a local cluster, then one
+ * table of what each cost and gained, a JSON record of it and one SVG plot of
+ * the loss curves (common/svgplot.h) read from each run's metrics.jsonl.
+ * Eval before training is that of `peftps eval` (common/train.h); peak
+ * memory is read from /proc while the server and workers run. */
+#include <dirent.h>
+#include <errno.h>
+#include <ftw.h>
+#include <jansson.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "config.h"
+#include "fsutil.h"
+#include "log.h"
+#include "progress.h"
+#include "svgplot.h"
+#include "train.h"
+
+static const char compare_usage[] =
+    "usage: peftps compare EXPERIMENT.pbtxt... [--workers N] [--out DIR] [--set PATH=VALUE ...]\n\n"
+    "Trains each experiment with `peftps run` on a cluster of this machine (one\n"
+    "server, N workers) and compares them. Give every experiment the same data,\n"
+    "steps and batch (as examples/demo-*.pbtxt do) and the table compares the\n"
+    "methods; a warning says when steps or tokens per step differ.\n\n"
+    "For each experiment NAME, under DIR/NAME: the run's outputs (metrics.jsonl,\n"
+    "tensors.safetensors, experiment.pbtxt; a previous checkpoint there is\n"
+    "removed first). Then it prints one row per experiment:\n"
+    "  trainable        trained parameters, and their share of the base's\n"
+    "  bytes/step       wire traffic of the server per step, both directions\n"
+    "  tokens/s         tokens processed per second of training steps\n"
+    "  worker peak      the largest peak resident memory (VmHWM) of a worker\n"
+    "  server peak      the same for the parameter server\n"
+    "  eval before      eval loss of the method untrained, as `peftps eval`\n"
+    "  eval after       the run's final eval loss\n"
+    "and writes DIR/compare.md (the table), DIR/compare.json (every number) and\n"
+    "DIR/loss.svg (training loss of each, smoothed, with eval losses as dots).\n\n"
+    "options:\n"
+    "  --workers N        workers per run (default 2)\n"
+    "  --out DIR          where the runs and the comparison go (default out/compare)\n"
+    "  --set PATH=VALUE   override a field of every experiment (repeatable)\n";
+
+/* What one experiment's run measured. */
+typedef struct cmp_row {
+    const char *file;
+    char name[128];
+    char method[32];
+    char out[4096];
+    int ok;
+    size_t trainable, base_params;
+    uint64_t steps;
+    double tokens_per_step;         /* batch_size * seq_len */
+    double eval_before, eval_after; /* NAN when unknown */
+    double tokens_per_s, bytes_per_step, wall_s;
+    long worker_peak_kib, server_peak_kib;
+    /* The curves, from metrics.jsonl. */
+    double *step, *loss, *smooth;
+    size_t n;
+    double *eval_step, *eval_loss;
+    size_t n_eval;
+} cmp_row;
+
+static volatile sig_atomic_t cmp_signal;
+
+static void cmp_on_signal(int sig) {
+    cmp_signal = sig;
+}
+
+static void row_free(cmp_row *r) {
+    free(r->step);
+    free(r->loss);
+    free(r->smooth);
+    free(r->eval_step);
+    free(r->eval_loss);
+}
+
+/* Parameters of the base: every weight once (a tied lm_head is the embedding). */
+static size_t base_parameters(const model_config *cfg) {
+    size_t n = 0;
+    int rows, cols;
+    for (int k = 0; k < GW_COUNT; k++) {
+        if (k == GW_LM_HEAD && cfg->tie_word_embeddings) continue;
+        n += model_weight_shape(cfg, MODEL_GLOBAL, k, &rows, &cols);
+    }
+    for (int l = 0; l < cfg->num_layers; l++)
+        for (int k = 0; k < LW_COUNT; k++) n += model_weight_shape(cfg, l, k, &rows, &cols);
+    return n;
+}
+
+/* Trainable parameters and the untrained method's eval loss, as `peftps eval`. */
+static int measure_before(cmp_row *r, const Peftps__Experiment *ex, err *e) {
+    trainer *t = NULL;
+    if (trainer_open(&t, ex, 0, e) < 0) return -1;
+    r->trainable = peft_num_trainable(t->p);
+    r->base_params = base_parameters(model_files_config(t->files));
+    snprintf(r->method, sizeof r->method, "%s", t->p->method->name);
+    r->eval_before = NAN;
+    int rc = 0;
+    if (t->eval) {
+        double loss;
+        long ntok;
+        rc = trainer_eval(t, &loss, &ntok, e);
+        if (rc == 0) {
+            r->eval_before = loss;
+            printf("%s: before training: eval loss %.4f  perplexity %.3f  (%ld tokens)\n", r->name,
+                   loss, exp(loss), ntok);
+            fflush(stdout);
+        }
+    }
+    trainer_close(t);
+    return rc;
+}
+
+static int remove_one(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+/* Removes a previous run's checkpoint directory, so that the run starts at
+ * step 0 instead of refusing (another experiment) or resuming. */
+static int remove_tree(const char *path, err *e) {
+    struct stat st;
+    if (lstat(path, &st) < 0) return errno == ENOENT ? 0 : err_errno(e, "%s", path);
+    if (nftw(path, remove_one, 16, FTW_DEPTH | FTW_PHYS) < 0)
+        return err_errno(e, "removing the old checkpoint %s", path);
+    return 0;
+}
+
+/* Field `key` of /proc/PID/status in kB, or -1. */
+static long proc_status_kib(pid_t pid, const char *key, char *name, size_t name_n) {
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    long v = -1;
+    size_t klen = strlen(key);
+    if (name_n) name[0] = '\0';
+    while (fgets(line, sizeof line, f)) {
+        if (name_n && !strncmp(line, "Name:", 5)) {
+            const char *s = line + 5 + strspn(line + 5, " \t");
+            snprintf(name, name_n, "%.*s", (int)strcspn(s, "\n"), s);
+        } else if (!strncmp(line, key, klen) && line[klen] == ':') {
+            v = strtol(line + klen + 1, NULL, 10);
+        }
+    }
+    fclose(f);
+    return v;
+}
+
+/* Parent of PID from /proc/PID/stat, or -1. */
+static pid_t proc_parent(pid_t pid) {
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* The name in parentheses may hold spaces and ')': fields follow the last one. */
+    char *p = strrchr(buf, ')');
+    int ppid;
+    if (!p || sscanf(p + 1, " %*c %d", &ppid) != 1) return -1;
+    return (pid_t)ppid;
+}
+
+static void note_child(cmp_row *r, pid_t child) {
+    char name[64];
+    long kib = proc_status_kib(child, "VmHWM", name, sizeof name);
+    if (kib < 0) return;
+    if (!strcmp(name, "peftps-worker") && kib > r->worker_peak_kib) r->worker_peak_kib = kib;
+    if (!strcmp(name, "peftps-server") && kib > r->server_peak_kib) r->server_peak_kib = kib;
+}
+
+/* Raises the row's peaks with the VmHWM of the run's server and workers (the
+ * children of `run`). VmHWM only grows, so sampling every few tens of
+ * milliseconds catches the peak a process reached before it ends. */
+static void sample_memory(cmp_row *r, pid_t run) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)run, (int)run);
+    FILE *f = fopen(path, "r");
+    if (f) {
+        int child;
+        while (fscanf(f, "%d", &child) == 1) note_child(r, (pid_t)child);
+        fclose(f);
+        return;
+    }
+    /* Kernels without the children file: every process's parent. */
+    DIR *d = opendir("/proc");
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        char *end;
+        long pid = strtol(de->d_name, &end, 10);
+        if (*end || pid <= 0) continue;
+        if (proc_parent((pid_t)pid) == run) note_child(r, (pid_t)pid);
+    }
+    closedir(d);
+}
+
+/* Runs `peftps run` for one experiment, sampling memory; returns its exit
+ * status (or 128+signal), -1 with e set when it could not start. */
+static int run_cluster(cmp_row *r, const char *self, char *const *sets, int nsets,
+                       const char *workers, err *e) {
+    char **argv = calloc((size_t)(2 * nsets + 8), sizeof *argv);
+    if (!argv) return err_set(e, "out of memory");
+    int na = 0;
+    argv[na++] = (char *)self;
+    argv[na++] = "run";
+    argv[na++] = (char *)r->file;
+    argv[na++] = "--workers";
+    argv[na++] = (char *)workers;
+    for (int i = 0; i < nsets; i++) {
+        argv[na++] = "--set";
+        argv[na++] = sets[i];
+    }
+    argv[na] = NULL;
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) {
+        free(argv);
+        return err_errno(e, "fork");
+    }
+    if (pid == 0) {
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
+        execv(self, argv);
+        fprintf(stderr, "peftps compare: cannot start %s: %s\n", self, strerror(errno));
+        _exit(127);
+    }
+    free(argv);
+    double t0 = progress_now();
+    int status;
+    for (;;) {
+        pid_t w = waitpid(pid, &status, WNOHANG);
+        if (w == pid) break;
+        if (w < 0 && errno != EINTR) {
+            return err_errno(e, "waiting for peftps run");
+        }
+        /* Ctrl-C reaches the run too (same process group): it checkpoints and
+         * stops its cluster; we wait for that, then stop. */
+        if (cmp_signal == SIGTERM) kill(pid, SIGTERM);
+        sample_memory(r, pid);
+        struct timespec nap = {0, 50 * 1000 * 1000};
+        nanosleep(&nap, NULL);
+    }
+    r->wall_s = progress_now() - t0;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static int push(double **a, size_t *n, size_t *cap, double v) {
+    if (*n == *cap) {
+        size_t c = *cap ? 2 * *cap : 256;
+        double *p = realloc(*a, c * sizeof *p);
+        if (!p) return -1;
+        *a = p;
+        *cap = c;
+    }
+    (*a)[(*n)++] = v;
+    return 0;
+}
+
+/* Reads OUT/metrics.jsonl: the step lines (loss, tokens_per_s, bytes) and
+ * the eval lines. */
+static int read_metrics(cmp_row *r, err *e) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", r->out);
+    FILE *f = fopen(path, "r");
+    if (!f) return err_errno(e, "%s", path);
+    char *line = NULL;
+    size_t lcap = 0, lineno = 0, n_step = 0;
+    size_t cap_s = 0, cap_l = 0, cap_es = 0, cap_el = 0, n_l = 0, n_el = 0;
+    double inv_tps = 0, bytes = 0;
+    int rc = 0;
+    r->n = r->n_eval = 0;
+    while (getline(&line, &lcap, f) > 0) {
+        lineno++;
+        json_error_t je;
+        json_t *o = json_loads(line, 0, &je);
+        if (!json_is_object(o)) {
+            json_decref(o);
+            rc = err_set(e, "%s:%zu: not a JSON object", path, lineno);
+            break;
+        }
+        json_t *step = json_object_get(o, "step"), *loss = json_object_get(o, "loss");
+        json_t *ev = json_object_get(o, "eval_loss");
+        double s = json_number_value(step);
+        if (json_is_number(loss)) {
+            double tps = json_number_value(json_object_get(o, "tokens_per_s"));
+            if (tps > 0) inv_tps += 1.0 / tps;
+            bytes += json_number_value(json_object_get(o, "bytes_in")) +
+                     json_number_value(json_object_get(o, "bytes_out"));
+            n_step++;
+            if (push(&r->step, &r->n, &cap_s, s) < 0 ||
+                push(&r->loss, &n_l, &cap_l, json_number_value(loss)) < 0)
+                rc = err_set(e, "out of memory");
+        } else if (json_is_number(ev)) {
+            if (push(&r->eval_step, &r->n_eval, &cap_es, s) < 0 ||
+                push(&r->eval_loss, &n_el, &cap_el, json_number_value(ev)) < 0)
+                rc = err_set(e, "out of memory");
+        }
+        json_decref(o);
+        if (rc) break;
+    }
+    free(line);
+    fclose(f);
+    if (rc) return rc;
+    if (n_step == 0) return err_set(e, "%s: no training steps recorded", path);
+    /* Tokens over the time of the steps: the harmonic mean of the rates. */
+    r->tokens_per_s = inv_tps > 0 ? (double)n_step / inv_tps : NAN;
+    r->bytes_per_step = bytes / (double)n_step;
+    r->eval_after = r->n_eval ? r->eval_loss[r->n_eval - 1] : NAN;
+    /* A trailing mean over a fiftieth of the run keeps the curves readable. */
+    size_t w = r->n / 50 > 1 ? r->n / 50 : 1;
+    r->smooth = malloc(r->n * sizeof *r->smooth);
+    if (!r->smooth) return err_set(e, "out of memory");
+    double acc = 0;
+    for (size_t i = 0; i < r->n; i++) {
+        acc += r->loss[i];
+        if (i >= w) acc -= r->loss[i - w];
+        r->smooth[i] = acc / (double)(i + 1 < w ? i + 1 : w);
+    }
+    return 0;
+}
+
+/* "1,234,567" */
+static const char *grouped(char *buf, size_t n, size_t v) {
+    char tmp[32];
+    int len = snprintf(tmp, sizeof tmp, "%zu", v), k = 0;
+    size_t o = 0;
+    for (int i = 0; i < len && o + 2 < n; i++) {
+        buf[o++] = tmp[i];
+        k = len - i - 1;
+        if (k > 0 && k % 3 == 0) buf[o++] = ',';
+    }
+    buf[o] = '\0';
+    return buf;
+}
+
+static const char *human_bytes(char *buf, size_t n, double b) {
+    if (!isfinite(b))
+        snprintf(buf, n, "-");
+    else if (b >= 1024.0 * 1024.0)
+        snprintf(buf, n, "%.1f MiB", b / (1024.0 * 1024.0));
+    else if (b >= 1024.0)
+        snprintf(buf, n, "%.1f KiB", b / 1024.0);
+    else
+        snprintf(buf, n, "%.0f B", b);
+    return buf;
+}
+
+static const char *loss_text(char *buf, size_t n, double v) {
+    if (isfinite(v))
+        snprintf(buf, n, "%.4f", v);
+    else
+        snprintf(buf, n, "-");
+    return buf;
+}
+
+/* One table, as text (markdown = 0) or as a Markdown table. */
+static void print_table(FILE *f, const cmp_row *rows, int n, int markdown) {
+    static const char *head[] = {"method",      "trainable",   "share",
+                                 "bytes/step",  "tokens/s",    "worker peak",
+                                 "server peak", "eval before", "eval after"};
+    if (markdown) {
+        fputs("|", f);
+        for (int i = 0; i < 9; i++) fprintf(f, " %s |", head[i]);
+        fputs("\n|", f);
+        for (int i = 0; i < 9; i++) fputs(i ? " ---: |" : " --- |", f);
+        fputs("\n", f);
+    } else {
+        fprintf(f, "%-24s %11s %7s %11s %9s  %11s  %11s  %11s  %10s\n", head[0], head[1], head[2],
+                head[3], head[4], head[5], head[6], head[7], head[8]);
+    }
+    for (int i = 0; i < n; i++) {
+        const cmp_row *r = &rows[i];
+        char tr[32], share[32], bps[32], tps[32], wp[32], sp[32], b[32], a[32], label[200];
+        grouped(tr, sizeof tr, r->trainable);
+        snprintf(share, sizeof share, "%.2f%%",
+                 r->base_params ? 100.0 * (double)r->trainable / (double)r->base_params : 0.0);
+        human_bytes(bps, sizeof bps, r->ok ? r->bytes_per_step : NAN);
+        if (r->ok && isfinite(r->tokens_per_s))
+            snprintf(tps, sizeof tps, "%.0f", r->tokens_per_s);
+        else
+            snprintf(tps, sizeof tps, "-");
+        human_bytes(wp, sizeof wp, r->worker_peak_kib > 0 ? 1024.0 * r->worker_peak_kib : NAN);
+        human_bytes(sp, sizeof sp, r->server_peak_kib > 0 ? 1024.0 * r->server_peak_kib : NAN);
+        loss_text(b, sizeof b, r->eval_before);
+        loss_text(a, sizeof a, r->ok ? r->eval_after : NAN);
+        if (strcmp(r->name, r->method))
+            snprintf(label, sizeof label, "%s (%s)", r->name, r->method);
+        else
+            snprintf(label, sizeof label, "%s", r->name);
+        if (!r->ok) snprintf(label + strlen(label), sizeof label - strlen(label), " FAILED");
+        if (markdown)
+            fprintf(f, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", label, tr, share, bps,
+                    tps, wp, sp, b, a);
+        else
+            fprintf(f, "%-24s %11s %7s %11s %9s  %11s  %11s  %11s  %10s\n", label, tr, share, bps,
+                    tps, wp, sp, b, a);
+    }
+}
+
+static json_t *jnum(double v) {
+    return isfinite(v) ? json_real(v) : json_null();
+}
+
+static int write_json(const char *dir, const cmp_row *rows, int n, int workers, err *e) {
+    json_t *arr = json_array();
+    for (int i = 0; i < n; i++) {
+        const cmp_row *r = &rows[i];
+        json_t *o = json_object();
+        json_object_set_new(o, "name", json_string(r->name));
+        json_object_set_new(o, "method", json_string(r->method));
+        json_object_set_new(o, "experiment", json_string(r->file));
+        json_object_set_new(o, "output_dir", json_string(r->out));
+        json_object_set_new(o, "ok", json_boolean(r->ok));
+        json_object_set_new(o, "trainable", json_integer((json_int_t)r->trainable));
+        json_object_set_new(o, "base_parameters", json_integer((json_int_t)r->base_params));
+        json_object_set_new(
+            o, "share", jnum(r->base_params ? (double)r->trainable / (double)r->base_params : NAN));
+        json_object_set_new(o, "steps", json_integer((json_int_t)r->steps));
+        json_object_set_new(o, "tokens_per_step", jnum(r->tokens_per_step));
+        json_object_set_new(o, "tokens_per_s", jnum(r->ok ? r->tokens_per_s : NAN));
+        json_object_set_new(o, "bytes_per_step", jnum(r->ok ? r->bytes_per_step : NAN));
+        json_object_set_new(o, "worker_peak_kib", json_integer(r->worker_peak_kib));
+        json_object_set_new(o, "server_peak_kib", json_integer(r->server_peak_kib));
+        json_object_set_new(o, "eval_loss_before", jnum(r->eval_before));
+        json_object_set_new(o, "eval_loss_after", jnum(r->ok ? r->eval_after : NAN));
+        json_object_set_new(o, "eval_ppl_before", jnum(exp(r->eval_before)));
+        json_object_set_new(o, "eval_ppl_after", jnum(r->ok ? exp(r->eval_after) : NAN));
+        json_object_set_new(o, "wall_s", jnum(r->wall_s));
+        json_array_append_new(arr, o);
+    }
+    json_t *top = json_pack("{s:i, s:o}", "workers", workers, "runs", arr);
+    char *text = json_dumps(top, JSON_INDENT(1) | JSON_PRESERVE_ORDER);
+    json_decref(top);
+    if (!text) return err_set(e, "out of memory");
+    char path[4200];
+    snprintf(path, sizeof path, "%s/compare.json", dir);
+    size_t len = strlen(text);
+    char *withnl = realloc(text, len + 2);
+    if (!withnl) {
+        free(text);
+        return err_set(e, "out of memory");
+    }
+    memcpy(withnl + len, "\n", 2);
+    int rc = fs_write_text(path, withnl, e);
+    free(withnl);
+    return rc;
+}
+
+static int write_markdown(const char *dir, const cmp_row *rows, int n, const char *cmdline,
+                          err *e) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) return err_errno(e, "open_memstream");
+    fprintf(f, "Measured with `%s`.\n\n", cmdline);
+    print_table(f, rows, n, 1);
+    if (fclose(f) != 0) {
+        free(buf);
+        return err_errno(e, "writing the table");
+    }
+    char path[4200];
+    snprintf(path, sizeof path, "%s/compare.md", dir);
+    int rc = fs_write_text(path, buf, e);
+    free(buf);
+    return rc;
+}
+
+static int write_plot(const char *dir, const cmp_row *rows, int n, err *e) {
+    svgplot_series *s = calloc((size_t)(2 * n), sizeof *s);
+    double **ex = calloc((size_t)n, sizeof *ex), **ey = calloc((size_t)n, sizeof *ey);
+    int k = 0, rc = -1;
+    if (!s || !ex || !ey) {
+        err_set(e, "out of memory");
+        goto done;
+    }
+    for (int i = 0; i < n; i++) {
+        const cmp_row *r = &rows[i];
+        if (!r->ok || r->n == 0) continue;
+        s[k++] = (svgplot_series){r->name, r->step, r->smooth, r->n, i, SVGPLOT_LINE};
+        /* Eval losses as dots: before training at step 0, then the run's. */
+        ex[i] = malloc((r->n_eval + 1) * sizeof **ex);
+        ey[i] = malloc((r->n_eval + 1) * sizeof **ey);
+        if (!ex[i] || !ey[i]) {
+            err_set(e, "out of memory");
+            goto done;
+        }
+        size_t m = 0;
+        if (isfinite(r->eval_before)) ex[i][m] = 0, ey[i][m++] = r->eval_before;
+        for (size_t j = 0; j < r->n_eval; j++)
+            ex[i][m] = r->eval_step[j], ey[i][m++] = r->eval_loss[j];
+        if (m) s[k++] = (svgplot_series){NULL, ex[i], ey[i], m, i, SVGPLOT_MARKERS};
+    }
+    if (k == 0) {
+        rc = 0; /* every run failed: nothing to draw, the table says why */
+        goto done;
+    }
+    char path[4200];
+    snprintf(path, sizeof path, "%s/loss.svg", dir);
+    svgplot p = {"Loss by method (lines: training loss, smoothed; dots: eval loss)",
+                 "step",
+                 "loss (nats per token)",
+                 0,
+                 0,
+                 0,
+                 s,
+                 k};
+    rc = svgplot_write(&p, path, e);
+done:
+    for (int i = 0; i < n && ex && ey; i++) {
+        free(ex[i]);
+        free(ey[i]);
+    }
+    free(ex);
+    free(ey);
+    free(s);
+    return rc;
+}
+
+/* argv[0] of `peftps`: this very binary, which runs the clusters. */
+static int self_path(char *buf, size_t n, err *e) {
+    ssize_t k = readlink("/proc/self/exe", buf, n - 1);
+    if (k < 0) return err_errno(e, "reading /proc/self/exe");
+    buf[k] = '\0';
+    return 0;
+}
+
+int cmd_compare(int argc, char **argv) {
+    config_args sets;
+    err e;
+    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
+        fprintf(stderr, "peftps compare: %s\n%s", e.msg, compare_usage);
+        return 2;
+    }
+    const char *out = "out/compare", *workers = "2";
+    const char **files = calloc((size_t)argc, sizeof *files);
+    int nfiles = 0, rc = 2;
+    cmp_row *rows = NULL;
+    char **runsets = NULL;
+    char *cmdline = NULL;
+    if (!files) {
+        fprintf(stderr, "peftps compare: out of memory\n");
+        goto done;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            fputs(compare_usage, stdout);
+            rc = 0;
+            goto done;
+        }
+        if (!strcmp(a, "--workers") || !strcmp(a, "--out")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "peftps compare: %s needs a value\n%s", a, compare_usage);
+                goto done;
+            }
+            if (a[2] == 'w')
+                workers = argv[++i];
+            else
+                out = argv[++i];
+            continue;
+        }
+        if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "peftps compare: unknown option '%s'\n%s", a, compare_usage);
+            goto done;
+        }
+        files[nfiles++] = a;
+    }
+    char *end;
+    long nw = strtol(workers, &end, 10);
+    if (!*workers || *end || nw < 1 || nw > 1024) {
+        fprintf(stderr, "peftps compare: --workers takes a number from 1 to 1024\n%s",
+                compare_usage);
+        goto done;
+    }
+    if (nfiles == 0) {
+        fprintf(stderr, "peftps compare: no experiment file given\n%s", compare_usage);
+        goto done;
+    }
+    rows = calloc((size_t)nfiles, sizeof *rows);
+    runsets = calloc((size_t)sets.nsets + 2, sizeof *runsets);
+    if (!rows || !runsets) {
+        fprintf(stderr, "peftps compare: out of memory\n");
+        goto done;
+    }
+    /* Load every experiment first: a typo in the last one should not wait
+     * for the first to train. */
+    for (int i = 0; i < nfiles; i++) {
+        Peftps__Experiment *ex = NULL;
+        if (config_load(files[i], sets.sets, sets.nsets, &ex, NULL, &e) < 0) {
+            fprintf(stderr, "%s\n", e.msg);
+            goto done;
+        }
+        cmp_row *r = &rows[i];
+        r->file = files[i];
+        snprintf(r->name, sizeof r->name, "%s", ex->name);
+        snprintf(r->out, sizeof r->out, "%s/%s", out, ex->name);
+        r->steps = ex->schedule->total_steps;
+        r->tokens_per_step = (double)ex->data->batch_size * (double)ex->data->seq_len;
+        r->eval_before = r->eval_after = NAN;
+        config_free(ex);
+        for (int j = 0; j < i; j++)
+            if (!strcmp(rows[j].name, r->name)) {
+                fprintf(stderr,
+                        "peftps compare: %s and %s are both named \"%s\"; their outputs would "
+                        "collide (give each its own name)\n",
+                        rows[j].file, r->file, r->name);
+                goto done;
+            }
+        if (r->steps != rows[0].steps || r->tokens_per_step != rows[0].tokens_per_step)
+            log_warn("%s trains %llu steps of %.0f tokens, %s %llu of %.0f: not like for like",
+                     r->file, (unsigned long long)r->steps, r->tokens_per_step, rows[0].file,
+                     (unsigned long long)rows[0].steps, rows[0].tokens_per_step);
+    }
+    char self[4096];
+    if (fs_mkdir_p(out, &e) < 0 || self_path(self, sizeof self, &e) < 0) {
+        fprintf(stderr, "peftps compare: %s\n", e.msg);
+        rc = 1;
+        goto done;
+    }
+
+    struct sigaction sa, old_int, old_term;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = cmp_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    int failed = 0;
+    for (int i = 0; i < nfiles && !cmp_signal; i++) {
+        cmp_row *r = &rows[i];
+        char set_out[4200], set_ckpt[4300], ckpt[4200];
+        snprintf(ckpt, sizeof ckpt, "%s/ckpt", r->out);
+        snprintf(set_out, sizeof set_out, "output_dir=%s", r->out);
+        snprintf(set_ckpt, sizeof set_ckpt, "checkpoint.path=%s", ckpt);
+        for (int j = 0; j < sets.nsets; j++) runsets[j] = sets.sets[j];
+        runsets[sets.nsets] = set_out;
+        runsets[sets.nsets + 1] = set_ckpt;
+        int ns = sets.nsets + 2;
+        printf("== %s (%s), %d of %d: %s --workers %s\n", r->name, r->file, i + 1, nfiles, r->out,
+               workers);
+        fflush(stdout);
+        Peftps__Experiment *ex = NULL;
+        int st = -1;
+        if (config_load(r->file, runsets, ns, &ex, NULL, &e) == 0 &&
+            measure_before(r, ex, &e) == 0 && remove_tree(ckpt, &e) == 0)
+            st = run_cluster(r, self, runsets, ns, workers, &e);
+        config_free(ex);
+        if (st < 0) {
+            fprintf(stderr, "peftps compare: %s: %s\n", r->file, e.msg);
+        } else if (st != 0) {
+            fprintf(stderr, "peftps compare: %s: peftps run exited with status %d\n", r->file, st);
+        } else if (read_metrics(r, &e) < 0) {
+            fprintf(stderr, "peftps compare: %s: %s\n", r->file, e.msg);
+        } else {
+            r->ok = 1;
+            if (isfinite(r->eval_after))
+                printf("%s: after %llu steps: eval loss %.4f  perplexity %.3f  (run took %.0f s)\n",
+                       r->name, (unsigned long long)r->steps, r->eval_after, exp(r->eval_after),
+                       r->wall_s);
+            else
+                printf("%s: %llu steps (run took %.0f s); no eval data\n", r->name,
+                       (unsigned long long)r->steps, r->wall_s);
+        }
+        failed += !r->ok;
+    }
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+
+    /* The command, for compare.md: how to measure it again. */
+    size_t cl = 64;
+    for (int i = 0; i < argc; i++) cl += strlen(argv[i]) + 1;
+    for (int i = 0; i < sets.nsets; i++) cl += strlen(sets.sets[i]) + 8;
+    cmdline = malloc(cl);
+    if (cmdline) {
+        size_t k = (size_t)snprintf(cmdline, cl, "peftps compare");
+        for (int i = 1; i < argc; i++) k += (size_t)snprintf(cmdline + k, cl - k, " %s", argv[i]);
+        for (int i = 0; i < sets.nsets; i++)
+            k += (size_t)snprintf(cmdline + k, cl - k, " --set %s", sets.sets[i]);
+    }
+    printf("\n");
+    print_table(stdout, rows, nfiles, 0);
+    rc = cmp_signal ? 130 : failed ? 1 : 0;
+    if (write_markdown(out, rows, nfiles, cmdline ? cmdline : "peftps compare", &e) < 0 ||
+        write_json(out, rows, nfiles, (int)nw, &e) < 0 || write_plot(out, rows, nfiles, &e) < 0) {
+        fprintf(stderr, "peftps compare: %s\n", e.msg);
+        rc = 1;
+    } else {
+        printf("\nwrote %s/compare.md, %s/compare.json and %s/loss.svg\n", out, out, out);
+    }
+done:
+    for (int i = 0; rows && i < nfiles; i++) row_free(&rows[i]);
+    free(rows);
+    free(runsets);
+    free(files);
+    free(cmdline);
+    config_args_free(&sets);
+    return rc;
+}

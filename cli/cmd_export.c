@@ -1,0 +1,170 @@
+/* `peftps export SOURCE --format peft|merged|tensors --out PATH`: what a run
+ * trained, as a Hugging Face PEFT adapter, a merged model directory or a
+ * safetensors file of raw tensors, over common/export.h. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "ckpt.h"
+#include "cli.h"
+#include "config.h"
+#include "export.h"
+#include "log.h"
+
+static const char usage[] =
+    "usage: peftps export SOURCE --format peft|merged|tensors --out PATH [options]\n\n"
+    "SOURCE is what holds the trained tensors: the output directory of `peftps train`\n"
+    "or `peftps run` (tensors.safetensors + experiment.pbtxt), a checkpoint directory\n"
+    "(checkpoint.path of the experiment), a PEFT adapter directory, or a safetensors\n"
+    "file of trained tensors.\n\n"
+    "formats:\n"
+    "  peft      PATH/adapter_config.json + PATH/adapter_model.safetensors, as Hugging\n"
+    "            Face PEFT saves an adapter (LoRA and prefix tuning only): load it with\n"
+    "            PeftModel.from_pretrained(base, PATH), or convert a LoRA for llama.cpp\n"
+    "  merged    a complete model directory PATH (config.json, model.safetensors,\n"
+    "            tokenizer files): the base with the trained change added, in F32\n"
+    "            (every method but prefix tuning, which changes no weight)\n"
+    "  tensors   one safetensors file PATH of the trained tensors, by name (needs\n"
+    "            neither the base nor the experiment); the default when --out ends\n"
+    "            in .safetensors\n\n"
+    "options:\n"
+    "  --experiment FILE  the experiment that trained SOURCE (default:\n"
+    "                     SOURCE/experiment.pbtxt; required for a checkpoint or a file)\n"
+    "  --set PATH=VALUE   override a field of that experiment, as for the run (repeatable)\n"
+    "  --model DIR        the base model directory (default: the experiment's model.path,\n"
+    "                     or a PEFT adapter's base_model_name_or_path)\n"
+    "  --step N           the checkpoint step to export (default: the newest)\n"
+    "  --shard-size SIZE  merged: largest weights file, in bytes or with KB, MB, GB\n"
+    "                     (default 4GB); larger models are written in shards with\n"
+    "                     model.safetensors.index.json\n"
+    "  -h, --help         this help\n";
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+/* "4GB", "500MB", "65536": bytes, powers of 1000 as Hugging Face counts them. */
+static int parse_size(const char *s, size_t *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || errno || !(v > 0)) return -1;
+    double mult = 1;
+    if (!strcasecmp(end, "KB"))
+        mult = 1e3;
+    else if (!strcasecmp(end, "MB"))
+        mult = 1e6;
+    else if (!strcasecmp(end, "GB"))
+        mult = 1e9;
+    else if (*end)
+        return -1;
+    if (v * mult > 1e18) return -1;
+    *out = (size_t)(v * mult);
+    return *out ? 0 : -1;
+}
+
+int cmd_export(int argc, char **argv) {
+    config_args sets;
+    err e;
+    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
+        fprintf(stderr, "peftps export: %s\n%s", e.msg, usage);
+        return 2;
+    }
+    const char *source = NULL, *format = NULL, *out = NULL, *step_text = NULL, *shard_text = NULL;
+    export_opts o;
+    export_opts_default(&o);
+    o.sets = sets.sets;
+    o.nsets = sets.nsets;
+    int rc = 2;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(usage, stdout);
+            rc = 0;
+            goto done;
+        }
+        const char **value = !strcmp(a, "--format")       ? &format
+                             : !strcmp(a, "--out")        ? &out
+                             : !strcmp(a, "--experiment") ? &o.experiment
+                             : !strcmp(a, "--model")      ? &o.model_dir
+                             : !strcmp(a, "--step")       ? &step_text
+                             : !strcmp(a, "--shard-size") ? &shard_text
+                                                          : NULL;
+        if (value) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "peftps export: %s needs a value\n%s", a, usage);
+                goto done;
+            }
+            *value = argv[++i];
+        } else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "peftps export: unknown option '%s'\n%s", a, usage);
+            goto done;
+        } else if (source) {
+            fprintf(stderr, "peftps export: more than one source ('%s', '%s')\n%s", source, a,
+                    usage);
+            goto done;
+        } else {
+            source = a;
+        }
+    }
+    if (!source || !out) {
+        fprintf(stderr, "peftps export: %s\n%s", !source ? "no SOURCE given" : "--out is required",
+                usage);
+        goto done;
+    }
+    if (!format && ends_with(out, ".safetensors")) format = "tensors";
+    if (!format || (strcmp(format, "peft") && strcmp(format, "merged") && strcmp(format, "tensors"))) {
+        fprintf(stderr, "peftps export: --format must be peft, merged or tensors%s%s%s\n%s",
+                format ? " (not '" : "", format ? format : "", format ? "')" : "", usage);
+        goto done;
+    }
+    if (step_text) {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(step_text, &end, 10);
+        if (end == step_text || *end || errno || step_text[0] == '-') {
+            fprintf(stderr, "peftps export: --step '%s' is not a step number\n", step_text);
+            goto done;
+        }
+        o.step = v;
+    }
+    size_t shard = 0;
+    if (shard_text && parse_size(shard_text, &shard) < 0) {
+        fprintf(stderr, "peftps export: --shard-size '%s' is not a size (e.g. 4GB, 500MB)\n",
+                shard_text);
+        goto done;
+    }
+    export_kind kind;
+    if (export_kind_of(source, &kind, &e) < 0) {
+        fprintf(stderr, "peftps export: %s\n", e.msg);
+        goto done;
+    }
+
+    rc = 1;
+    if (!strcmp(format, "tensors")) {
+        if (export_tensors(source, &o, out, &e) < 0) goto fail;
+        log_info("wrote %s", out);
+        rc = 0;
+        goto done;
+    }
+    export_source *s;
+    if (export_open(&s, source, &o, &e) < 0) goto fail;
+    if (kind == EXPORT_CHECKPOINT)
+        log_info("%s: checkpoint of step %llu", source, (unsigned long long)s->step);
+    int wrc = !strcmp(format, "peft") ? export_peft(s, out, &e) : export_merged(s, out, shard, &e);
+    if (wrc == 0)
+        log_info("wrote %s (%s, method %s over %s)", out, format, s->p->method->name,
+                 s->exp->model->path);
+    export_close(s);
+    if (wrc < 0) goto fail;
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "peftps export: %s\n", e.msg);
+done:
+    config_args_free(&sets);
+    return rc;
+}

@@ -1,0 +1,41 @@
+/* A small fixed team of threads for the numeric kernels (kernels.c) and the
+ * model (model.c): a loop of independent tasks is spread over the calling
+ * thread and the team's helpers, with BLAS single-threaded inside so that
+ * each cblas_sgemm of a task runs on the core that took the task.
+ *
+ * Results never depend on the team: a task must write only its own outputs
+ * and compute them the same way whichever thread runs it, so the bits are
+ * the same with 1 thread or 16, and from run to run. */
+#ifndef PEFTPS_TEAM_H
+#define PEFTPS_TEAM_H
+
+#include <stddef.h>
+
+/* The most threads a team has, the caller included. */
+#define TEAM_MAX 16
+
+/* A task: index in [0, n), and scratch of the floats asked of team_run
+ * (NULL when none were asked), private to the thread running the task. */
+typedef void (*team_fn)(void *ctx, int task, float *scratch);
+
+/* Threads team_run uses, the caller included: PEFTPS_THREADS when set
+ * (1..TEAM_MAX), else the CPUs this process may run on, at most TEAM_MAX.
+ * Fixed at the first call; the helpers start then. */
+int team_size(void);
+
+/* Runs fn(ctx, i, scratch) once for every i in [0, n), tasks handed out in
+ * order to whichever thread is free, and returns when all are done. The
+ * caller's tasks get `scratch` (scratch_floats floats, which the caller
+ * provides); the helpers' get buffers of their own of that size. BLAS is
+ * single-threaded while the tasks run and restored after. A call from
+ * inside a task, from a second thread while the team is busy, or when
+ * helper scratch cannot be allocated runs every task in the caller, in
+ * order: slower, never different. */
+void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_floats);
+
+/* BLAS threads outside team_run: sets OpenBLAS to n threads and returns the
+ * previous count, so that model.c can keep BLAS single-threaded for a whole
+ * forward or backward and restore it after. */
+int team_blas_threads(int n);
+
+#endif

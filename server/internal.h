@@ -1,0 +1,177 @@
+/* The parameter server's private state, shared by server.c (registration,
+ * assignment, aggregation, the loop) and peers.c (the link between several
+ * servers that holds their global gradient norm to the bits of one server). */
+#ifndef PEFTPS_SERVER_INTERNAL_H
+#define PEFTPS_SERVER_INTERNAL_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "ckpt.h"
+#include "curve.h"
+#include "progress.h"
+#include "server.h"
+#include "train.h"
+#include "wire.h"
+
+/* A worker (or a peer) that holds no parameters yet. */
+#define NO_VERSION UINT64_MAX
+/* The tensor in which servers exchange per-tensor sums of squares: I64
+ * elements carrying IEEE-754 binary64 bit patterns (the wire has no F64). */
+#define PEER_SUMSQ_TENSOR "peftps.grad_sumsq"
+/* Hello.worker_id of server k's link to server 0: "server:k". */
+#define PEER_ID_PREFIX "server:"
+
+typedef enum { SHARD_PENDING, SHARD_ASSIGNED, SHARD_RECEIVED } shard_state;
+
+typedef struct shard_slot {
+    shard_state state;
+    int worker;      /* index into workers while ASSIGNED (server 0) */
+    float *buf;      /* gradient waiting for its turn in the shard-order sum */
+    double loss_sum; /* once RECEIVED */
+    uint64_t n_tokens;
+} shard_slot;
+
+typedef struct worker_rec {
+    int used;
+    unsigned char id[WIRE_IDENTITY_MAX];
+    size_t id_len;
+    char name[96];    /* Hello's worker_id, for logs */
+    double last_seen; /* any message from it */
+    double last_sent; /* our last message to it */
+    uint64_t version; /* of the parameters it holds */
+    int waiting;      /* server 0: wants work; others: wants a newer version */
+} worker_rec;
+
+/* At server 0: the link of server k (1..n_servers-1). */
+typedef struct peer_rec {
+    int used;
+    unsigned char id[WIRE_IDENTITY_MAX];
+    size_t id_len;
+    double last_seen, last_sent;
+    int checked;    /* its step was compared with ours */
+    int have_sums;  /* its sums of the current step are in `sums` */
+    int have_final; /* its final tensors are in the method's params */
+} peer_rec;
+
+struct server {
+    const Peftps__Experiment *exp;
+    server_opts opts;
+    int n_servers;
+    trainer *t; /* the method's tensors and the base; nothing to compute with */
+    char exp_fp[65];
+    const char *base_fp;
+
+    /* Every tensor's server, and this server's tensors packed in global
+     * order at local offsets. */
+    int n_global;
+    int *owner;     /* n_global */
+    wire_expect *kexpect; /* n_global: server 0's tensors, then server 1's, ... */
+    int *kfirst, *kcount; /* per server: where its tensors start in kexpect, how many */
+    peft_tensor *tensors;
+    int *gidx; /* local -> global index */
+    int n_tensors;
+    size_t n;
+    float *params, *grad_sum, *inbuf;
+    optim opt;
+    int have_opt;
+    wire_expect *expect;
+    wire_tensor *out; /* params as frames of a Snapshot */
+    wire_limits lim;
+
+    uint64_t step, total, version;
+    uint32_t n_shards;
+    shard_slot *shards;
+    uint32_t next_fold; /* shards 0..next_fold-1 are in grad_sum */
+    float **pool;       /* free gradient buffers (at most n_shards ever made) */
+    int n_pool;
+
+    /* This step's norm: per-tensor sums of squares of the mean gradient, in
+     * global order, filled by each tensor's server. */
+    double *sums;
+    int own_ready; /* this server's shards are summed and its sums computed */
+    long step_tokens;
+
+    worker_rec *workers;
+    int cap_workers;
+
+    void *ctx, *sock;
+    curve_keys keys;
+    int curve;
+    void *zap;
+
+    /* Server 0: the other servers' links. Server k: its link to server 0. */
+    peer_rec *peers;
+    void *link;
+    int link_registered;
+    double link_heard, link_sent, link_hello;
+    int final_sent;
+
+    ckpt *ck;
+    FILE *metrics;
+    progress pr;
+    uint64_t bytes_in, bytes_out; /* this step's messages */
+    double step_start;
+    double hb_s, timeout_s;
+    int finished; /* 1: done, -1: failed with `fail` */
+    err fail;
+};
+
+/* Sends env (and tensor frames) to the peer of identity id at the ROUTER;
+ * counts the bytes for this step's metrics; a failure is logged. */
+void server_send(server *s, const unsigned char *id, size_t id_len,
+                 const Peftps__Wire__Envelope *env, const wire_tensor *t, int n);
+
+/* Answers the sender of m with an Error and logs it under `who`. */
+void server_reply_error(server *s, const wire_msg *m, const char *who,
+                        Peftps__Wire__ErrorCode code, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+/* With `sums` complete for the step: the global norm from them in global
+ * order, clip, AdamW, next version; metrics, checkpoint, end of the run.
+ * Fails when a checkpoint or output cannot be written or the loss is not
+ * finite. */
+int server_step_apply(server *s, err *e);
+
+/* Writes the outputs and stops everyone when the last step is done: server
+ * 0 once every peer's final tensors arrived; a peer sends its own to server
+ * 0 and waits for its Shutdown. */
+int server_finish_run(server *s, err *e);
+
+/* Tells every registered worker to stop. */
+void server_shutdown_workers(server *s, const char *reason);
+
+/* Server 0, when its last shard is summed and its sums are in: applies the
+ * step when every other server's sums are in too (sending them all back). */
+int peers_try_complete(server *s, err *e);
+
+/* Server 0: a Hello whose worker_id is "server:k"; registers the link. */
+void peers_on_hello(server *s, const wire_msg *m, int k);
+
+/* Server 0: the peer record of an identity, or NULL. */
+peer_rec *peers_find(server *s, const unsigned char *id, size_t n);
+
+/* Server 0: a message on a registered peer link. */
+void peers_on_message(server *s, const wire_msg *m, peer_rec *p);
+
+/* Server 0: whether every peer's final tensors arrived (then it may write
+ * the outputs and shut everything down). */
+int peers_all_final(const server *s);
+
+/* Server k: opens the DEALER to server 0 and says Hello. */
+int peers_link_open(server *s, err *e);
+
+/* Server k: sends this step's sums to server 0 (after the last shard). */
+void peers_send_sums(server *s);
+
+/* Server k: sends the final tensors to server 0 (after the last step). */
+void peers_send_final(server *s);
+
+/* Server k: handles what arrived on the link; timers and heartbeats. Fails
+ * when server 0 refuses this server for good. */
+int peers_link_poll(server *s, err *e);
+
+/* Server 0: heartbeats to and timeouts of peer links. */
+void peers_tick(server *s);
+
+#endif

@@ -1,0 +1,340 @@
+/* Several parameter servers, each holding a share of the tensors (the
+ * partition of server.c), joined into one global gradient norm with the
+ * bits of a single server. Server k >= 1 keeps a DEALER link to server 0's
+ * ROUTER: after the last shard of a step it sends the sums of squares of
+ * its tensors' mean gradients; server 0, once it has its own and every
+ * peer's, sends the whole array, in global tensor order, back to each; every
+ * server then adds it in that order (server_step_apply) and updates. At the
+ * end the peers send their final tensors to server 0, which writes the
+ * outputs and tells everyone to stop.
+ *
+ * The sums travel as one tensor named PEER_SUMSQ_TENSOR of dtype I64 whose
+ * elements are the bit patterns of the doubles (the wire has no F64), in a
+ * GradPush whose shard is the sender's server index; the final tensors in a
+ * Snapshot. A peer registers with a Hello whose worker_id is "server:k" and
+ * the same fingerprints as a worker; its first Heartbeat carries its step,
+ * which must equal server 0's (servers that resumed from different
+ * checkpoints are refused: restart them all with --resume-step). */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <zmq.h>
+
+#include "log.h"
+
+/* ---- server 0 ----------------------------------------------------------------------- */
+
+peer_rec *peers_find(server *s, const unsigned char *id, size_t n) {
+    for (int k = 1; k < s->n_servers; k++) {
+        peer_rec *p = &s->peers[k];
+        if (p->used && p->id_len == n && !memcmp(p->id, id, n)) return p;
+    }
+    return NULL;
+}
+
+void peers_on_hello(server *s, const wire_msg *m, int k) {
+    peer_rec *p = &s->peers[k];
+    memset(p, 0, sizeof *p);
+    p->used = 1;
+    memcpy(p->id, m->identity, m->id_len);
+    p->id_len = m->id_len;
+    p->last_seen = p->last_sent = progress_now();
+    log_info("server %d linked", k);
+    wire_out o;
+    server_send(s, p->id, p->id_len,
+                wire_welcome(&o, 0, (uint32_t)s->n_servers, s->exp->cluster->heartbeat_ms,
+                             s->version),
+                NULL, 0);
+}
+
+/* The I64 tensor of n doubles' bits, checked; NULL with e set otherwise. */
+static const wire_view *sums_view(const wire_msg *m, int n, err *e) {
+    if (m->n_tensors != 1) {
+        err_set(e, "%d tensors instead of one", m->n_tensors);
+        return NULL;
+    }
+    const wire_view *v = &m->tensors[0];
+    if (strcmp(v->name, PEER_SUMSQ_TENSOR) || v->dtype != PEFTPS__WIRE__DTYPE__I64 ||
+        v->ndim != 1 || v->shape[0] != n) {
+        err_set(e, "not %s I64 [%d]", PEER_SUMSQ_TENSOR, n);
+        return NULL;
+    }
+    return v;
+}
+
+static void on_peer_sums(server *s, const wire_msg *m, int k) {
+    const Peftps__Wire__GradPush *g = m->env->grad_push;
+    char who[32];
+    snprintf(who, sizeof who, "server %d", k);
+    err e;
+    const wire_view *v = sums_view(m, s->kcount[k], &e);
+    if (!v) {
+        server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "sums: %s", e.msg);
+        return;
+    }
+    if (g->step != s->step || g->version != s->version || g->shard != (uint32_t)k) {
+        server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__STALE,
+                           "sums of step %llu from server %u, but server 0 is at step %llu: the "
+                           "servers diverged; restart all of them with --resume-step",
+                           (unsigned long long)g->step, g->shard, (unsigned long long)s->step);
+        return;
+    }
+    const unsigned char *b = v->data;
+    for (int i = 0, j = 0; i < s->n_global; i++)
+        if (s->owner[i] == k) memcpy(&s->sums[i], b + 8 * (size_t)j++, sizeof(double));
+    s->peers[k].have_sums = 1;
+    if (peers_try_complete(s, &s->fail) < 0) s->finished = -1;
+}
+
+static void on_peer_final(server *s, const wire_msg *m, int k) {
+    char who[32];
+    snprintf(who, sizeof who, "server %d", k);
+    err e;
+    if (s->step != s->total || m->env->snapshot->version != s->version) {
+        server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__STALE,
+                           "final tensors of version %llu, server 0 is at version %llu",
+                           (unsigned long long)m->env->snapshot->version,
+                           (unsigned long long)s->version);
+        return;
+    }
+    if (wire_check_tensors(m, s->kexpect + s->kfirst[k], s->kcount[k], &e) < 0) {
+        server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "final: %s", e.msg);
+        return;
+    }
+    peft *p = s->t->p;
+    for (int i = 0; i < m->n_tensors; i++) {
+        int g = peft_find_tensor(p, m->tensors[i].name);
+        if (wire_tensor_copy_f32(&m->tensors[i], peft_param(p, g), p->tensors[g].numel, &e) < 0) {
+            server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "final: %s",
+                               e.msg);
+            return;
+        }
+    }
+    s->peers[k].have_final = 1;
+    log_info("server %d sent its final tensors", k);
+    if (server_finish_run(s, &s->fail) < 0) s->finished = -1;
+}
+
+void peers_on_message(server *s, const wire_msg *m, peer_rec *p) {
+    int k = (int)(p - s->peers);
+    char who[32];
+    snprintf(who, sizeof who, "server %d", k);
+    p->last_seen = progress_now();
+    switch (m->env->body_case) {
+    case PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT:
+        if (!p->checked) {
+            const Peftps__Wire__Heartbeat *h = m->env->heartbeat;
+            if (h->step != s->step) {
+                server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__STALE,
+                                   "server %d is at step %llu, server 0 at step %llu: restart "
+                                   "every server with --resume-step N, a step all of them hold "
+                                   "a checkpoint of",
+                                   k, (unsigned long long)h->step, (unsigned long long)s->step);
+                p->used = 0;
+                return;
+            }
+            p->checked = 1;
+        }
+        break;
+    case PEFTPS__WIRE__ENVELOPE__BODY_GRAD_PUSH:
+        on_peer_sums(s, m, k);
+        break;
+    case PEFTPS__WIRE__ENVELOPE__BODY_SNAPSHOT:
+        on_peer_final(s, m, k);
+        break;
+    default:
+        server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+                           "unexpected %s from a server", wire_body_name(m->env->body_case));
+    }
+}
+
+int peers_try_complete(server *s, err *e) {
+    if (!s->own_ready) return 0;
+    for (int k = 1; k < s->n_servers; k++)
+        if (!s->peers[k].used || !s->peers[k].have_sums) return 0;
+    wire_tensor t = {PEER_SUMSQ_TENSOR, PEFTPS__WIRE__DTYPE__I64, 1, {s->n_global}, s->sums,
+                     (size_t)s->n_global * sizeof(double)};
+    for (int k = 1; k < s->n_servers; k++) {
+        wire_out o;
+        server_send(s, s->peers[k].id, s->peers[k].id_len,
+                    wire_grad_push(&o, s->step, s->version, 0, 0.0, (uint64_t)s->step_tokens), &t,
+                    1);
+        s->peers[k].last_sent = progress_now();
+    }
+    return server_step_apply(s, e);
+}
+
+int peers_all_final(const server *s) {
+    for (int k = 1; k < s->n_servers; k++)
+        if (!s->peers[k].have_final) return 0;
+    return 1;
+}
+
+void peers_tick(server *s) {
+    double now = progress_now();
+    for (int k = 1; k < s->n_servers; k++) {
+        peer_rec *p = &s->peers[k];
+        if (!p->used) continue;
+        if (now - p->last_seen > s->timeout_s) {
+            log_warn("server %d silent for %.1f s; waiting for it to come back", k,
+                     now - p->last_seen);
+            p->used = 0;
+            continue;
+        }
+        if (now - p->last_sent >= s->hb_s) {
+            wire_out o;
+            server_send(s, p->id, p->id_len, wire_heartbeat(&o, s->version, s->step), NULL, 0);
+            p->last_sent = now;
+        }
+    }
+}
+
+/* ---- server k ----------------------------------------------------------------------- */
+
+static void link_send(server *s, const Peftps__Wire__Envelope *env, const wire_tensor *t, int n) {
+    err e;
+    if (wire_send(s->link, NULL, 0, env, t, n, &e) < 0) {
+        log_warn("sending %s to server 0: %s", wire_body_name(env->body_case), e.msg);
+        return;
+    }
+    s->link_sent = progress_now();
+}
+
+static void link_hello(server *s) {
+    char id[32], host[64] = "?";
+    snprintf(id, sizeof id, PEER_ID_PREFIX "%d", s->opts.index);
+    gethostname(host, sizeof host - 1);
+    wire_out o;
+    s->link_registered = 0;
+    s->link_hello = progress_now();
+    link_send(s, wire_hello(&o, id, s->base_fp, s->exp_fp, host, (uint32_t)getpid()), NULL, 0);
+}
+
+int peers_link_open(server *s, err *e) {
+    s->link = zmq_socket(s->ctx, ZMQ_DEALER);
+    if (!s->link) return err_set(e, "zmq_socket: %s", zmq_strerror(errno));
+    int linger = 0, sndtimeo = (int)s->exp->cluster->worker_timeout_ms;
+    zmq_setsockopt(s->link, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(s->link, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
+    if (wire_set_limits(s->link, s->lim.max_message_bytes, e) < 0) return -1;
+    /* Servers share one key pair, which each one's ZAP handler admits. */
+    if (s->curve && curve_client_setup(s->link, &s->keys, s->keys.public_key, e) < 0) return -1;
+    const char *ep = s->exp->cluster->servers[0];
+    if (zmq_connect(s->link, ep) < 0)
+        return err_set(e, "connecting to server 0 at %s: %s", ep, zmq_strerror(errno));
+    s->link_heard = progress_now();
+    link_hello(s);
+    return 0;
+}
+
+void peers_send_sums(server *s) {
+    /* This server's tensors' sums, in its (global) order. */
+    double *mine = malloc((size_t)s->n_tensors * sizeof *mine);
+    if (!mine) {
+        s->finished = -1;
+        err_set(&s->fail, "out of memory");
+        return;
+    }
+    for (int i = 0; i < s->n_tensors; i++) mine[i] = s->sums[s->gidx[i]];
+    wire_tensor t = {PEER_SUMSQ_TENSOR, PEFTPS__WIRE__DTYPE__I64, 1, {s->n_tensors}, mine,
+                     (size_t)s->n_tensors * sizeof(double)};
+    wire_out o;
+    link_send(s,
+              wire_grad_push(&o, s->step, s->version, (uint32_t)s->opts.index, 0.0,
+                             (uint64_t)s->step_tokens),
+              &t, 1);
+    free(mine);
+}
+
+void peers_send_final(server *s) {
+    wire_out o;
+    link_send(s, wire_snapshot(&o, s->version, s->step), s->out, s->n_tensors);
+    s->final_sent = 1;
+}
+
+/* The whole array from server 0: this server's step can be applied. */
+static int on_link_sums(server *s, const wire_msg *m, err *e) {
+    const Peftps__Wire__GradPush *g = m->env->grad_push;
+    err ve;
+    const wire_view *v = sums_view(m, s->n_global, &ve);
+    if (!v) {
+        log_warn("server 0 sent bad sums: %s", ve.msg);
+        return 0;
+    }
+    if (g->step != s->step || !s->own_ready)
+        return err_set(e, "server 0 sent the sums of step %llu while this server is at step %llu%s",
+                       (unsigned long long)g->step, (unsigned long long)s->step,
+                       s->own_ready ? "" : " without all its shards");
+    const unsigned char *b = v->data;
+    for (int i = 0; i < s->n_global; i++) memcpy(&s->sums[i], b + 8 * (size_t)i, sizeof(double));
+    return server_step_apply(s, e);
+}
+
+static int on_link_message(server *s, const wire_msg *m, err *e) {
+    s->link_heard = progress_now();
+    wire_out o;
+    switch (m->env->body_case) {
+    case PEFTPS__WIRE__ENVELOPE__BODY_WELCOME:
+        s->link_registered = 1;
+        log_info("linked to server 0");
+        /* Our step first, for server 0 to compare; then anything it missed. */
+        link_send(s, wire_heartbeat(&o, s->version, s->step), NULL, 0);
+        if (s->own_ready) peers_send_sums(s);
+        if (s->final_sent) peers_send_final(s);
+        return 0;
+    case PEFTPS__WIRE__ENVELOPE__BODY_GRAD_PUSH:
+        return on_link_sums(s, m, e);
+    case PEFTPS__WIRE__ENVELOPE__BODY_SHUTDOWN:
+        server_shutdown_workers(s, "training finished");
+        s->finished = 1;
+        return 0;
+    case PEFTPS__WIRE__ENVELOPE__BODY_ERROR: {
+        const Peftps__Wire__Error *er = m->env->error;
+        if (er->code == PEFTPS__WIRE__ERROR_CODE__NOT_REGISTERED) {
+            link_hello(s);
+            return 0;
+        }
+        return err_set(e, "server 0 refused this server: %s", er->message ? er->message : "");
+    }
+    case PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT:
+        return 0;
+    default:
+        log_warn("server 0 sent an unexpected %s", wire_body_name(m->env->body_case));
+        return 0;
+    }
+}
+
+int peers_link_poll(server *s, err *e) {
+    for (int k = 0; k < 64 && !s->finished; k++) {
+        int ev = 0;
+        size_t evn = sizeof ev;
+        if (zmq_getsockopt(s->link, ZMQ_EVENTS, &ev, &evn) < 0 || !(ev & ZMQ_POLLIN)) break;
+        wire_msg m;
+        memset(&m, 0, sizeof m);
+        err me;
+        int rc = 0;
+        if (wire_recv(s->link, 0, &m, &s->lim, &me) < 0) {
+            if (m.received) log_warn("server 0 sent a bad message: %s", me.msg);
+        } else {
+            rc = on_link_message(s, &m, e);
+        }
+        wire_msg_close(&m);
+        if (rc < 0) return -1;
+    }
+    double now = progress_now();
+    if (s->link_registered && now - s->link_heard > s->timeout_s) {
+        log_warn("server 0 silent for %.1f s; registering again", now - s->link_heard);
+        link_hello(s);
+    } else if (!s->link_registered && now - s->link_hello > s->timeout_s) {
+        link_hello(s);
+    } else if (s->link_registered && now - s->link_sent >= s->hb_s) {
+        wire_out o;
+        link_send(s, wire_heartbeat(&o, s->version, s->step), NULL, 0);
+    }
+    return 0;
+}
