@@ -116,7 +116,8 @@ int cmd_export(int argc, char **argv) {
         goto done;
     }
     if (!format && ends_with(out, ".safetensors")) format = "tensors";
-    if (!format || (strcmp(format, "peft") && strcmp(format, "merged") && strcmp(format, "tensors"))) {
+    if (!format ||
+        (strcmp(format, "peft") && strcmp(format, "merged") && strcmp(format, "tensors"))) {
         fprintf(stderr, "peftps export: --format must be peft, merged or tensors%s%s%s\n%s",
                 format ? " (not '" : "", format ? format : "", format ? "')" : "", usage);
         goto done;

@@ -262,7 +262,8 @@ int cmd_generate(int argc, char **argv) {
     int32_t stop[2];
     int n_stop = 0;
     if (tok_eos(t) >= 0) stop[n_stop++] = tok_eos(t);
-    if (cfg->eos_token_id >= 0 && cfg->eos_token_id != tok_eos(t)) stop[n_stop++] = cfg->eos_token_id;
+    if (cfg->eos_token_id >= 0 && cfg->eos_token_id != tok_eos(t))
+        stop[n_stop++] = cfg->eos_token_id;
     generate_text_init(&pr.text, t);
     double t0 = now_s();
     if (generate_run(g, ids, n_ids, &go, stop, n_stop, print_token, &pr, &out, &n_out, &e) < 0)

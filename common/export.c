@@ -161,8 +161,8 @@ int export_kind_of(const char *source, export_kind *kind, err *e) {
 /* Parses an experiment file and applies overrides and defaults as
  * config_load does, without config_check: the data files an experiment
  * names need not exist to read its tensors (the method checks its block). */
-static int load_experiment(const char *path, char *const *sets, int nsets,
-                           Peftps__Experiment **out, err *e) {
+static int load_experiment(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
+                           err *e) {
     *out = NULL;
     ProtobufCMessage *m = NULL;
     if (pbtext_parse_file(&peftps__experiment__descriptor, path, &m, NULL, e) < 0) return -1;
@@ -197,14 +197,6 @@ static int set_model_path(Peftps__Experiment *exp, const char *dir, err *e) {
 
 /* The rule trainer_open applies (train.c): these methods choose what trains
  * from gradients on training batches, which only trainer_open reproduces. */
-static int needs_calibration(const Peftps__Method *m) {
-    if (m->kind_case == PEFTPS__METHOD__KIND_ATTENTION_HEADS)
-        return m->attention_heads->has_top_k && m->attention_heads->top_k > 0;
-    if (m->kind_case == PEFTPS__METHOD__KIND_SUBNETWORK)
-        return m->subnetwork->selection == PEFTPS__MASK_SELECTION__GRADIENT;
-    return 0;
-}
-
 /* ---- checkpoints -------------------------------------------------------------------- */
 
 /* The checkpoints of one run: one environment, or one per server. */
@@ -268,7 +260,8 @@ static int ckpts_read(ckpt_set *cs, const char *dir, uint64_t step, err *e) {
         } else {
             snprintf(p, sizeof p, "%s", dir);
         }
-        if (ckpt_open(&cs->c[i], p, 0, NULL, e) < 0 || ckpt_steps(cs->c[i], &steps[i], &nsteps[i], e) < 0)
+        if (ckpt_open(&cs->c[i], p, 0, NULL, e) < 0 ||
+            ckpt_steps(cs->c[i], &steps[i], &nsteps[i], e) < 0)
             goto out;
     }
     if (step == CKPT_LATEST) {
@@ -371,9 +364,17 @@ static int read_lora(const char *path, const json_t *root, const model_config *c
     m->kind_case = PEFTPS__METHOD__KIND_LORA;
     m->lora = l;
     static const char *const unsupported[] = {
-        "use_dora",         "lora_bias",       "fan_in_fan_out",         "rank_pattern",
-        "alpha_pattern",    "modules_to_save", "layer_replication",      "target_parameters",
-        "exclude_modules",  "trainable_token_indices", "alora_invocation_tokens",
+        "use_dora",
+        "lora_bias",
+        "fan_in_fan_out",
+        "rank_pattern",
+        "alpha_pattern",
+        "modules_to_save",
+        "layer_replication",
+        "target_parameters",
+        "exclude_modules",
+        "trainable_token_indices",
+        "alora_invocation_tokens",
     };
     for (size_t i = 0; i < sizeof unsupported / sizeof unsupported[0]; i++)
         if (json_set(root, unsupported[i]))
@@ -437,9 +438,8 @@ static int read_lora(const char *path, const json_t *root, const model_config *c
 
     const json_t *pat = json_object_get(root, "layers_pattern");
     if (pat && !json_is_null(pat)) {
-        const json_t *one = json_is_array(pat) && json_array_size(pat) == 1
-                                ? json_array_get(pat, 0)
-                                : pat;
+        const json_t *one =
+            json_is_array(pat) && json_array_size(pat) == 1 ? json_array_get(pat, 0) : pat;
         if (!json_is_string(one) || strcmp(json_string_value(one), "layers"))
             return err_set(e, "%s: \"layers_pattern\" must be \"layers\" for Llama models", path);
     }
@@ -487,8 +487,9 @@ static int read_prefix(const char *path, const json_t *root, const model_config 
     const json_t *nl = json_object_get(root, "num_layers");
     if (nl && !json_is_null(nl) &&
         (!json_is_integer(nl) || json_integer_value(nl) != cfg->num_layers))
-        return err_set(e, "%s: \"num_layers\" is not the model's %d layers: an adapter of another "
-                          "model",
+        return err_set(e,
+                       "%s: \"num_layers\" is not the model's %d layers: an adapter of another "
+                       "model",
                        path, cfg->num_layers);
     const json_t *td = json_object_get(root, "token_dim");
     long long want = (long long)cfg->num_kv_heads * cfg->head_dim;
@@ -509,8 +510,7 @@ int export_read_adapter_config(const char *dir, const model_config *cfg, Peftps_
     if (path_join(path, dir, "adapter_config.json", e) < 0) return -1;
     json_error_t je;
     json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-    if (!root)
-        return err_set(e, "%s:%d:%d: %s", path, je.line, je.column, je.text);
+    if (!root) return err_set(e, "%s:%d:%d: %s", path, je.line, je.column, je.text);
     Peftps__Method *m = malloc(sizeof *m);
     int rc = -1;
     if (!m) {
@@ -610,6 +610,10 @@ int export_open(export_source **out, const char *source, const export_opts *o, e
     /* The experiment, and the fingerprint a checkpoint must carry, taken
      * before model.path is pointed elsewhere. */
     if (s->kind == EXPORT_PEFT_DIR) {
+        if (o->experiment || o->nsets)
+            log_warn("%s is a PEFT adapter: its adapter_config.json describes it, and the "
+                     "experiment and --set options are not used",
+                     source);
         if (peft_dir_experiment(s, source, o->model_dir, e) < 0) goto fail;
     } else {
         const char *xp = o->experiment;
@@ -633,8 +637,7 @@ int export_open(export_source **out, const char *source, const export_opts *o, e
         config_fingerprint(s->exp, fp);
         if (o->model_dir && set_model_path(s->exp, o->model_dir, e) < 0) goto fail;
         if (!s->exp->model || !s->exp->model->path || !s->exp->model->path[0]) {
-            err_set(e, "%s: the experiment names no model.path; give the base model directory",
-                    xp);
+            err_set(e, "%s: the experiment names no model.path; give the base model directory", xp);
             goto fail;
         }
     }
@@ -654,13 +657,12 @@ int export_open(export_source **out, const char *source, const export_opts *o, e
 
     /* The method over its base: calibrating methods through the trainer,
      * whose calibration is the one training did. */
-    if (needs_calibration(s->exp->method)) {
+    if (train_calibration_batches(s->exp->method) > 0) {
         free(s->exp->init_from); /* replaced below by the trained tensors */
         s->exp->init_from = NULL;
         if (trainer_open(&s->t, s->exp, 0, e) < 0) {
-            err_wrap(e,
-                     "rebuilding the method, which chooses what trains from calibration "
-                     "batches of data.train (readable as during training)");
+            err_wrap(e, "rebuilding the method, which chooses what trains from calibration "
+                        "batches of data.train (readable as during training)");
             goto fail;
         }
         trainer_drop_compute(s->t);
@@ -758,7 +760,8 @@ static int lora_config_json(const export_source *s, json_t *o, err *e) {
     json_object_set_new(o, "loftq_config", json_object());
     json_object_set_new(o, "lora_alpha", json_number_of(alpha));
     json_object_set_new(o, "lora_bias", json_false());
-    json_object_set_new(o, "lora_dropout", json_real(short_double(l->has_dropout ? l->dropout : 0)));
+    json_object_set_new(o, "lora_dropout",
+                        json_real(short_double(l->has_dropout ? l->dropout : 0)));
     json_object_set_new(o, "megatron_config", json_null());
     json_object_set_new(o, "megatron_core", json_string("megatron.core"));
     json_object_set_new(o, "modules_to_save", json_null());
@@ -943,8 +946,8 @@ static int embedding_changed(export_source *s, int *changed, err *e) {
     mweight_set(&mw, model_files_config(s->files), MODEL_GLOBAL, GW_EMBED);
     float *buf = merged_weight(s, &mw, e);
     if (!buf) return -1;
-    *changed = memcmp(buf, model_files_weights(s->files)->global[GW_EMBED],
-                      mw.numel * sizeof *buf) != 0;
+    *changed =
+        memcmp(buf, model_files_weights(s->files)->global[GW_EMBED], mw.numel * sizeof *buf) != 0;
     free(buf);
     return 0;
 }

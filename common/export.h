@@ -73,6 +73,7 @@ int export_kind_of(const char *source, export_kind *kind, err *e);
  * step); the base does not open; a tensor is missing, of another shape, or
  * not one the method trains. */
 int export_open(export_source **out, const char *source, const export_opts *o, err *e);
+/* Frees the source, its method, base and experiment; s may be NULL. */
 void export_close(export_source *s);
 
 /* Writes DIR/adapter_config.json and DIR/adapter_model.safetensors as

@@ -1,8 +1,8 @@
 /* Generation (generate.h): the decoder of model.c run token by token over a
  * per-layer KV cache, composed from the kernels of kernels.h and the hooks
- * of peft.h exactly as model.c composes them, so that its logits match
- * model_forward's (the reference path, kept here behind the same API);
- * sampling and the incremental detokenizer over tokenizer.h. */
+ * of peft.h in model.c's order, so that its logits match model_forward's to
+ * float rounding (model_forward is the reference path, kept here behind the
+ * same API); sampling and the incremental detokenizer over tokenizer.h. */
 #include "generate.h"
 
 #include <math.h>
@@ -20,9 +20,9 @@ struct generator {
     const model_config *cfg;
     const model_weights *w;
     peft *p;
-    int cap;       /* real tokens at most */
-    int P;         /* prefix positions, the first cache entries */
-    int n;         /* real tokens held */
+    int cap; /* real tokens at most */
+    int P;   /* prefix positions, the first cache entries */
+    int n;   /* real tokens held */
     int use_cache;
     int have_last; /* last holds the logits of the last token fed */
 
@@ -31,9 +31,8 @@ struct generator {
     float *rope_cos, *rope_sin; /* (S, D/2) */
     /* scratch of one chunk of GEN_CHUNK tokens */
     float *x, *ln, *rstd, *q, *atty, *proj, *gate, *up, *h, *attsc;
-    float *chunk_logits; /* (GEN_CHUNK, V) */
-    float *last;         /* (V) */
-    float *mem;          /* every buffer above */
+    float *last; /* (V) */
+    float *mem;  /* every buffer above */
 
     /* the reference path */
     model *m;
@@ -117,7 +116,6 @@ static size_t gen_layout(generator *g, float *base) {
         VIEW(g->up, N * IC);
         VIEW(g->h, N * IC);
         VIEW(g->attsc, N * S);
-        VIEW(g->chunk_logits, N * (size_t)c->vocab_size);
     }
 #undef VIEW
     return off;
@@ -282,8 +280,7 @@ static int gen_recompute(generator *g, int n_new, float *logits, err *e) {
         return err_set(e, "generate: the model's forward failed over %d tokens (see the log)",
                        g->n + n_new);
     const float *all = model_logits(g->m);
-    if (logits)
-        memcpy(logits, all + (size_t)g->n * V, (size_t)n_new * V * sizeof(float));
+    if (logits) memcpy(logits, all + (size_t)g->n * V, (size_t)n_new * V * sizeof(float));
     memcpy(g->last, all + (size_t)(g->n + n_new - 1) * V, (size_t)V * sizeof(float));
     g->n += n_new;
     return 0;
@@ -314,8 +311,7 @@ int generate_feed(generator *g, const int32_t *tokens, int n, float *logits, err
     return 0;
 }
 
-int generate_logits(generator *g, const int32_t *tokens, int n, int step, float *logits,
-                    err *e) {
+int generate_logits(generator *g, const int32_t *tokens, int n, int step, float *logits, err *e) {
     generate_reset(g);
     if (step < 1) step = 1;
     int V = g->cfg->vocab_size;

@@ -50,6 +50,7 @@ typedef struct generator generator;
  * an inconsistent config (from model_create) or out of memory. */
 int generate_open(generator **out, const model_config *cfg, const model_weights *w, peft *p,
                   int max_tokens, int use_cache, err *e);
+/* Frees the generator (not the base or the method); g may be NULL. */
 void generate_close(generator *g);
 
 /* Forgets every cached token and rereads the method's prefix; call after
@@ -71,8 +72,7 @@ const float *generate_last_logits(const generator *g);
 /* From an empty cache: feeds tokens `step` at a time (step 1: one token per
  * feed; step >= n: one feed) and writes the logits of every position into
  * logits (n, V). For tests comparing the cache with the recompute. */
-int generate_logits(generator *g, const int32_t *tokens, int n, int step, float *logits,
-                    err *e);
+int generate_logits(generator *g, const int32_t *tokens, int n, int step, float *logits, err *e);
 
 /* Draws a token from logits (V) under o: greedy (the lowest id of the
  * largest logit) when temperature is 0; otherwise softmax(logits /
@@ -100,9 +100,9 @@ int generate_run(generator *g, const int32_t *prompt, size_t n, const generate_o
  * never splits a character. */
 typedef struct generate_text {
     const tok *t;
-    int32_t *ids;    /* tokens since the last complete boundary */
+    int32_t *ids; /* tokens since the last complete boundary */
     size_t n, cap;
-    size_t emitted;  /* bytes of their decoding already returned */
+    size_t emitted; /* bytes of their decoding already returned */
 } generate_text;
 
 /* Starts an empty stream over tokenizer t (which must outlive it). */
@@ -116,6 +116,7 @@ int generate_text_push(generate_text *s, int32_t id, char **piece, err *e);
 /* Returns whatever is held (an incomplete tail as U+FFFD) and empties the
  * stream. */
 int generate_text_flush(generate_text *s, char **piece, err *e);
+/* Frees what the stream holds (not the tokenizer). */
 void generate_text_free(generate_text *s);
 
 #endif

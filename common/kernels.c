@@ -1,12 +1,15 @@
 /* The numeric layers of the Llama family (see kernels.h): forward/backward
- * pairs over raw float arrays, matrix products through cblas_sgemm.
- * model.c composes them into the decoder; tests/test_kernels.c checks each
- * backward against finite differences of its forward. */
+ * pairs over raw float arrays, matrix products through cblas_sgemm, loops
+ * spread over the thread team of team.h. model.c composes them into the
+ * decoder; tests/test_kernels.c checks each backward against finite
+ * differences of its forward, tests/test_team.c the parallel paths. */
 #include "kernels.h"
 
 #include <cblas.h>
 #include <math.h>
 #include <string.h>
+
+#include "team.h"
 
 /* ---- vectorisable elementwise helpers -------------------------------------- */
 
@@ -106,6 +109,175 @@ ROW_LOOP static float exp_sum(float *y, const float *x, float m, int n) {
     return sum;
 }
 
+/* ---- spreading loops over the team ---------------------------------------------- */
+
+/* Work (in elements touched) below which a loop runs in the caller: a team
+ * job costs a few microseconds, the time of ~16K elements. */
+#define PAR_GRAIN 16384
+
+typedef void (*range_fn)(void *ctx, size_t r0, size_t r1);
+
+typedef struct range_job {
+    range_fn fn;
+    void *ctx;
+    size_t n, per;
+} range_job;
+
+static void range_task(void *c, int i, float *scratch) {
+    (void)scratch;
+    const range_job *j = c;
+    size_t r0 = (size_t)i * j->per, r1 = r0 + j->per < j->n ? r0 + j->per : j->n;
+    j->fn(j->ctx, r0, r1);
+}
+
+/* fn over [0, n) in contiguous ranges (multiples of `align` rows) spread
+ * over the team; `cost` is the work per row. Every caller computes each row
+ * the same way whatever the range, so the split never shows in the bits. */
+static void par_range(size_t n, size_t cost, size_t align, range_fn fn, void *ctx) {
+    int threads = team_size();
+    size_t tasks = n * cost / PAR_GRAIN;
+    /* A few tasks per thread even out a core that is busy elsewhere. */
+    if (tasks > 4 * (size_t)threads) tasks = 4 * (size_t)threads;
+    if (threads == 1 || tasks < 2 || n < 2 * align) {
+        fn(ctx, 0, n);
+        return;
+    }
+    size_t per = (n + tasks - 1) / tasks;
+    per = (per + align - 1) / align * align;
+    range_job j = {fn, ctx, n, per};
+    team_run((int)((n + per - 1) / per), range_task, &j, NULL, 0);
+}
+
+/* ---- matrix products over the team ------------------------------------------------ */
+
+/* One cblas_sgemm, row-major: C (M,N) = alpha op(A) op(B) + beta C, where C
+ * first becomes res (a matrix with C's stride; may be C itself) plus bias (a
+ * row vector), when either is given. */
+typedef struct gemm {
+    CBLAS_TRANSPOSE ta, tb;
+    int M, N, K;
+    float alpha;
+    const float *A;
+    int lda;
+    const float *B;
+    int ldb;
+    float beta;
+    float *C;
+    int ldc;
+    const float *res, *bias;
+} gemm;
+
+/* A product is cut into parts along the longer side of C (the shorter side
+ * would repack the larger operand per part); the cut depends on the shape
+ * alone, never on the team, because OpenBLAS rounds a row differently
+ * depending on where it falls in its blocking. Below GEMM_MIN_FLOPS one
+ * call; then 2 parts, 4 from 4 * GEMM_MIN_FLOPS (measured on two cores: 4
+ * parts lose ~2% to repacking against 2, and win it back as soon as one
+ * core is shared with another process). */
+#define GEMM_MIN_FLOPS 8e6
+#define GEMM_ALIGN 16
+
+typedef struct gemm_plan {
+    int by_rows, per, parts;
+} gemm_plan;
+
+static gemm_plan plan_of(int M, int N, double flops) {
+    gemm_plan p = {M >= N, M >= N ? M : N, 1};
+    int dim = p.per;
+    int want = flops < GEMM_MIN_FLOPS ? 1 : flops < 4 * GEMM_MIN_FLOPS ? 2 : 4;
+    if (want > dim / GEMM_ALIGN) want = dim / GEMM_ALIGN;
+    if (want < 2) return p;
+    p.per = ((dim + want - 1) / want + GEMM_ALIGN - 1) / GEMM_ALIGN * GEMM_ALIGN;
+    p.parts = (dim + p.per - 1) / p.per;
+    return p;
+}
+
+/* Part [lo, hi) of g's rows or columns, as a product of its own. */
+static gemm gemm_part(const gemm *g, int by_rows, int lo, int hi) {
+    gemm s = *g;
+    if (by_rows) {
+        s.M = hi - lo;
+        s.A = g->ta == CblasNoTrans ? g->A + (size_t)lo * g->lda : g->A + lo;
+        s.C = g->C + (size_t)lo * g->ldc;
+        if (g->res) s.res = g->res + (size_t)lo * g->ldc;
+    } else {
+        s.N = hi - lo;
+        s.B = g->tb == CblasNoTrans ? g->B + lo : g->B + (size_t)lo * g->ldb;
+        s.C = g->C + lo;
+        if (g->res) s.res = g->res + lo;
+        if (g->bias) s.bias = g->bias + lo;
+    }
+    return s;
+}
+
+static void gemm_call(const gemm *g) {
+    float beta = g->beta;
+    if (g->res || g->bias) {
+        for (int i = 0; i < g->M; i++) {
+            float *c = g->C + (size_t)i * g->ldc;
+            const float *r = g->res ? g->res + (size_t)i * g->ldc : NULL;
+            if (r && r != c) memcpy(c, r, (size_t)g->N * sizeof(float));
+            if (g->bias && r)
+                for (int j = 0; j < g->N; j++) c[j] += g->bias[j];
+            else if (g->bias)
+                memcpy(c, g->bias, (size_t)g->N * sizeof(float));
+        }
+        beta = 1.0f;
+    }
+    cblas_sgemm(CblasRowMajor, g->ta, g->tb, g->M, g->N, g->K, g->alpha, g->A, g->lda, g->B,
+                g->ldb, beta, g->C, g->ldc);
+}
+
+/* Up to 4 products run as one team job. Independent (sum 0): each is cut
+ * by its own plan and every part is a task. Summed (sum 1): all write the
+ * same C (the first with its beta, the rest adding), have its shape, and
+ * one task runs all of them, in order, on its part of C. */
+#define GEMM_MAX_OPS 4
+
+typedef struct gemm_job {
+    const gemm *ops;
+    int nops, sum;
+    gemm_plan plan[GEMM_MAX_OPS];
+    int first[GEMM_MAX_OPS + 1]; /* task index of each op's first part */
+} gemm_job;
+
+static void gemm_task(void *c, int task, float *scratch) {
+    (void)scratch;
+    const gemm_job *j = c;
+    int op = 0;
+    while (!j->sum && task >= j->first[op + 1]) op++;
+    const gemm_plan *p = &j->plan[op];
+    int lo = (task - j->first[op]) * p->per;
+    int dim = p->by_rows ? j->ops[op].M : j->ops[op].N;
+    int hi = lo + p->per < dim ? lo + p->per : dim;
+    for (int i = op; i < (j->sum ? j->nops : op + 1); i++) {
+        gemm part = gemm_part(&j->ops[i], p->by_rows, lo, hi);
+        gemm_call(&part);
+    }
+}
+
+static void gemm_team(const gemm *ops, int nops, int sum) {
+    gemm_job j = {.ops = ops, .nops = nops, .sum = sum};
+    int tasks = 0;
+    if (sum) {
+        double flops = 0;
+        for (int i = 0; i < nops; i++) flops += 2.0 * ops[i].M * ops[i].N * (double)ops[i].K;
+        j.plan[0] = plan_of(ops[0].M, ops[0].N, flops);
+        tasks = j.plan[0].parts;
+    } else
+        for (int i = 0; i < nops; i++) {
+            j.first[i] = tasks;
+            j.plan[i] = plan_of(ops[i].M, ops[i].N, 2.0 * ops[i].M * ops[i].N * (double)ops[i].K);
+            tasks += j.plan[i].parts;
+        }
+    j.first[nops] = tasks;
+    if (tasks == 1) {
+        for (int i = 0; i < nops; i++) gemm_call(&ops[i]);
+        return;
+    }
+    team_run(tasks, gemm_task, &j, NULL, 0);
+}
+
 /* ---- embedding ------------------------------------------------------------ */
 
 void embedding_forward(float *out, const int32_t *tokens, const float *table, int N, int C) {
@@ -152,6 +324,24 @@ ROW_LOOP static void scale_row(float *restrict y, const float *restrict x, float
     }
 }
 
+/* xh = x * r and y = xh * w: the same bits as scale_row twice. */
+ROW_LOOP static void norm_rebuild_row(float *restrict xh, float *restrict y,
+                                      const float *restrict x, float r, const float *restrict w,
+                                      int n) {
+    int i = 0;
+    for (; i + VB <= n; i += VB)
+        for (int k = 0; k < VB; k++) {
+            float t = x[i + k] * r;
+            xh[i + k] = t;
+            y[i + k] = t * w[i + k];
+        }
+    for (; i < n; i++) {
+        float t = x[i] * r;
+        xh[i] = t;
+        y[i] = t * w[i];
+    }
+}
+
 /* d += a * b */
 ROW_LOOP static void fma_row(float *restrict d, const float *restrict a, const float *restrict b,
                              int n) {
@@ -169,49 +359,106 @@ ROW_LOOP static void rms_bwd_row(float *restrict d, const float *restrict g,
     for (; i < n; i++) d[i] += r * (g[i] - xh[i] * m);
 }
 
+/* The arguments of the row loops below, one struct for all. */
+typedef struct rows_args {
+    float *out, *out2, *rstd;
+    const float *inp, *inp2, *weight, *rs;
+    int C;
+    float eps;
+} rows_args;
+
+static void rmsnorm_fwd_rows(void *c, size_t r0, size_t r1) {
+    const rows_args *a = c;
+    size_t C = (size_t)a->C;
+    for (size_t i = r0; i < r1; i++) {
+        const float *x = a->inp + i * C;
+        float r = 1.0f / sqrtf(dot_row(x, x, a->C) / (float)a->C + a->eps);
+        scale_row(a->out + i * C, x, r, a->weight, a->C);
+        a->rstd[i] = r;
+    }
+}
+
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C,
                      float eps) {
     // out, inp are (N,C), weight is (C), rstd is (N)
-    for (int i = 0; i < N; i++) {
-        const float *x = inp + (size_t)i * C;
-        float r = 1.0f / sqrtf(dot_row(x, x, C) / (float)C + eps);
-        scale_row(out + (size_t)i * C, x, r, weight, C);
-        rstd[i] = r;
+    rows_args a = {.out = out, .rstd = rstd, .inp = inp, .weight = weight, .C = C, .eps = eps};
+    par_range((size_t)N, (size_t)C * 2, 1, rmsnorm_fwd_rows, &a);
+}
+
+static void normalize_rows(void *c, size_t r0, size_t r1) {
+    const rows_args *a = c;
+    size_t C = (size_t)a->C;
+    for (size_t i = r0; i < r1; i++) {
+        if (a->out2)
+            norm_rebuild_row(a->out + i * C, a->out2 + i * C, a->inp + i * C, a->rs[i], a->weight,
+                             a->C);
+        else
+            scale_row(a->out + i * C, a->inp + i * C, a->rs[i], NULL, a->C);
     }
 }
 
 void rmsnorm_normalize(float *xhat, const float *inp, const float *rstd, int N, int C) {
     // xhat, inp are (N,C), rstd is (N)
-    for (int i = 0; i < N; i++)
-        scale_row(xhat + (size_t)i * C, inp + (size_t)i * C, rstd[i], NULL, C);
+    rows_args a = {.out = xhat, .inp = inp, .rs = rstd, .C = C};
+    par_range((size_t)N, (size_t)C, 1, normalize_rows, &a);
+}
+
+void rmsnorm_rebuild(float *xhat, float *out, const float *inp, const float *rstd,
+                     const float *weight, int N, int C) {
+    // xhat, out, inp are (N,C), rstd is (N), weight is (C)
+    rows_args a = {.out = xhat, .out2 = out, .inp = inp, .rs = rstd, .weight = weight, .C = C};
+    par_range((size_t)N, (size_t)C * 2, 1, normalize_rows, &a);
+}
+
+static void rmsnorm_bwd_rows(void *c, size_t r0, size_t r1) {
+    const rows_args *a = c;
+    size_t C = (size_t)a->C;
+    // xhat = x r with r = (mean(x^2) + eps)^-1/2, so
+    // dx = r (dxhat - xhat mean(dxhat xhat)).
+    for (size_t i = r0; i < r1; i++) {
+        const float *g = a->inp + i * C, *xh = a->inp2 + i * C;
+        float m = dot_row(g, xh, a->C) / (float)a->C;
+        rms_bwd_row(a->out + i * C, g, xh, a->rs[i], m, a->C);
+    }
 }
 
 void rmsnorm_backward(float *dinp, const float *dxhat, const float *xhat, const float *rstd, int N,
                       int C) {
     // dinp, dxhat, xhat are (N,C), rstd is (N).
-    // xhat = x r with r = (mean(x^2) + eps)^-1/2, so
-    // dx = r (dxhat - xhat mean(dxhat xhat)).
-    for (int i = 0; i < N; i++) {
-        const float *g = dxhat + (size_t)i * C, *xh = xhat + (size_t)i * C;
-        float m = dot_row(g, xh, C) / (float)C;
-        rms_bwd_row(dinp + (size_t)i * C, g, xh, rstd[i], m, C);
-    }
+    rows_args a = {.out = dinp, .inp = dxhat, .inp2 = xhat, .rs = rstd, .C = C};
+    par_range((size_t)N, (size_t)C * 3, 1, rmsnorm_bwd_rows, &a);
+}
+
+static void scale_fwd_rows(void *c, size_t r0, size_t r1) {
+    const rows_args *a = c;
+    size_t C = (size_t)a->C;
+    for (size_t i = r0; i < r1; i++)
+        scale_row(a->out + i * C, a->inp + i * C, 1.0f, a->weight, a->C);
 }
 
 void scale_forward(float *out, const float *inp, const float *weight, int N, int C) {
     // out, inp are (N,C), weight is (C)
-    for (int i = 0; i < N; i++)
-        scale_row(out + (size_t)i * C, inp + (size_t)i * C, 1.0f, weight, C);
+    rows_args a = {.out = out, .inp = inp, .weight = weight, .C = C};
+    par_range((size_t)N, (size_t)C, 1, scale_fwd_rows, &a);
+}
+
+static void scale_bwd_rows(void *c, size_t r0, size_t r1) {
+    const rows_args *a = c;
+    size_t C = (size_t)a->C;
+    for (size_t i = r0; i < r1; i++) fma_row(a->out + i * C, a->inp + i * C, a->weight, a->C);
 }
 
 void scale_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                     const float *weight, int N, int C) {
     // dinp, dout, inp are (N,C), dweight, weight are (C)
-    for (int i = 0; i < N; i++) {
-        const float *g = dout + (size_t)i * C;
-        if (dinp) fma_row(dinp + (size_t)i * C, g, weight, C);
-        if (dweight) fma_row(dweight, g, inp + (size_t)i * C, C);
+    if (dinp) {
+        rows_args a = {.out = dinp, .inp = dout, .weight = weight, .C = C};
+        par_range((size_t)N, (size_t)C, 1, scale_bwd_rows, &a);
     }
+    /* A sum over rows: in row order, in the caller. */
+    if (dweight)
+        for (int i = 0; i < N; i++)
+            fma_row(dweight, dout + (size_t)i * C, inp + (size_t)i * C, C);
 }
 
 /* ---- linear ----------------------------------------------------------------- */
@@ -219,21 +466,50 @@ void scale_backward(float *dinp, float *dweight, const float *dout, const float 
 void linear_forward(float *out, const float *inp, const float *weight, const float *bias, int N,
                     int C, int OC) {
     // out is (N,OC), inp is (N,C), weight is (OC,C), bias is (OC)
-    if (bias)
-        for (int i = 0; i < N; i++) memcpy(out + (size_t)i * OC, bias, (size_t)OC * sizeof(float));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, weight, C,
-                bias ? 1.0f : 0.0f, out, OC);
+    const float *w[1] = {weight}, *b[1] = {bias};
+    float *o[1] = {out};
+    linears_forward(1, o, inp, w, b, N, C, &OC);
+}
+
+void linears_forward(int n, float *const *outs, const float *inp, const float *const *weights,
+                     const float *const *biases, int N, int C, const int *OC) {
+    // outs[i] is (N,OC[i]), inp is (N,C), weights[i] is (OC[i],C), biases[i] is (OC[i])
+    gemm ops[GEMM_MAX_OPS];
+    for (int i = 0; i < n; i++)
+        ops[i] = (gemm){CblasNoTrans, CblasTrans, N,          OC[i], C,      1.0f,
+                        inp,          C,          weights[i], C,     0.0f,   outs[i],
+                        OC[i],        NULL,       biases ? biases[i] : NULL};
+    gemm_team(ops, n, 0);
+}
+
+void linear_residual_forward(float *out, const float *res, const float *inp, const float *weight,
+                             int N, int C, int OC) {
+    // out, res are (N,OC), inp is (N,C), weight is (OC,C)
+    gemm op = {CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC,
+               res,          NULL};
+    gemm_team(&op, 1, 0);
+}
+
+void linears_backward_input(float *dinp, int accumulate, int n, const float *const *douts,
+                            const float *const *weights, int N, int C, const int *OC) {
+    // dinp is (N,C), douts[i] is (N,OC[i]), weights[i] is (OC[i],C)
+    gemm ops[GEMM_MAX_OPS];
+    for (int i = 0; i < n; i++)
+        ops[i] = (gemm){CblasNoTrans, CblasNoTrans, N,    C,    OC[i], 1.0f,
+                        douts[i],     OC[i],        weights[i], C,     i || accumulate ? 1.0f : 0.0f,
+                        dinp,         C,            NULL, NULL};
+    gemm_team(ops, n, 1);
 }
 
 void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                      const float *weight, int N, int C, int OC) {
     // dinp, inp are (N,C), dweight, weight are (OC,C), dout is (N,OC), dbias is (OC)
-    if (dinp)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC, weight, C,
-                    1.0f, dinp, C);
-    if (dweight)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f,
-                    dweight, C);
+    if (dinp) linears_backward_input(dinp, 1, 1, &dout, &weight, N, C, &OC);
+    if (dweight) {
+        gemm op = {CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C,
+                   NULL,       NULL};
+        gemm_team(&op, 1, 0);
+    }
     if (dbias)
         for (int i = 0; i < N; i++) {
             const float *restrict g = dout + (size_t)i * OC;
@@ -243,15 +519,27 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
 
 /* ---- residual -------------------------------------------------------------- */
 
+static void residual_fwd_range(void *c, size_t r0, size_t r1) {
+    const rows_args *a = c;
+    for (size_t i = r0; i < r1; i++) a->out[i] = a->inp[i] + a->inp2[i];
+}
+
 void residual_forward(float *out, const float *a, const float *b, size_t n) {
-    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+    rows_args r = {.out = out, .inp = a, .inp2 = b};
+    par_range(n, 3, 64, residual_fwd_range, &r);
+}
+
+static void residual_bwd_range(void *c, size_t r0, size_t r1) {
+    const rows_args *a = c;
+    for (size_t i = r0; i < r1; i++) {
+        a->out[i] += a->inp[i];
+        a->out2[i] += a->inp[i];
+    }
 }
 
 void residual_backward(float *da, float *db, const float *dout, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        da[i] += dout[i];
-        db[i] += dout[i];
-    }
+    rows_args r = {.out = da, .out2 = db, .inp = dout};
+    par_range(n, 5, 64, residual_bwd_range, &r);
 }
 
 /* ---- rotary embeddings -------------------------------------------------------- */
@@ -286,47 +574,70 @@ void rope_init(float *cos_t, float *sin_t, int n_pos, const model_config *cfg) {
     }
 }
 
+/* The rotations, over rows (b, t) of H heads each. mode 0 rotates out =
+ * R inp (out may be inp), 1 adds the inverse rotation (out += R^T inp, out
+ * not inp), 2 writes it (out = R^T inp, out may be inp). */
+typedef struct rope_args {
+    float *out;
+    const float *inp, *cos_t, *sin_t;
+    int T, H, D, pos0, mode;
+} rope_args;
+
+static void rope_rows(void *c, size_t r0, size_t r1) {
+    const rope_args *a = c;
+    int half = a->D / 2;
+    for (size_t row = r0; row < r1; row++) {
+        int t = (int)(row % (size_t)a->T);
+        const float *cs = a->cos_t + (size_t)(a->pos0 + t) * half;
+        const float *sn = a->sin_t + (size_t)(a->pos0 + t) * half;
+        for (int h = 0; h < a->H; h++) {
+            size_t off = (row * a->H + h) * a->D;
+            const float *x = a->inp + off;
+            float *y = a->out + off;
+            if (a->mode == 0)
+                for (int i = 0; i < half; i++) {
+                    float x1 = x[i], x2 = x[i + half];
+                    y[i] = x1 * cs[i] - x2 * sn[i];
+                    y[i + half] = x2 * cs[i] + x1 * sn[i];
+                }
+            else if (a->mode == 1)
+                for (int i = 0; i < half; i++) {
+                    float g1 = x[i], g2 = x[i + half];
+                    y[i] += g1 * cs[i] + g2 * sn[i];
+                    y[i + half] += g2 * cs[i] - g1 * sn[i];
+                }
+            else
+                for (int i = 0; i < half; i++) {
+                    float g1 = x[i], g2 = x[i + half];
+                    y[i] = g1 * cs[i] + g2 * sn[i];
+                    y[i + half] = g2 * cs[i] - g1 * sn[i];
+                }
+        }
+    }
+}
+
+static void rope_run(float *out, const float *inp, const float *cos_t, const float *sin_t, int B,
+                     int T, int H, int D, int pos0, int mode) {
+    rope_args a = {out, inp, cos_t, sin_t, T, H, D, pos0, mode};
+    par_range((size_t)B * T, (size_t)H * D * 2, 1, rope_rows, &a);
+}
+
 void rope_forward(float *out, const float *inp, const float *cos_t, const float *sin_t, int B,
                   int T, int H, int D, int pos0) {
     // out, inp are (B,T,H,D); cos_t, sin_t are (n_pos, D/2)
-    int half = D / 2;
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const float *c = cos_t + (size_t)(pos0 + t) * half;
-            const float *s = sin_t + (size_t)(pos0 + t) * half;
-            for (int h = 0; h < H; h++) {
-                size_t off = (((size_t)b * T + t) * H + h) * D;
-                const float *x = inp + off;
-                float *y = out + off;
-                for (int i = 0; i < half; i++) {
-                    float x1 = x[i], x2 = x[i + half];
-                    y[i] = x1 * c[i] - x2 * s[i];
-                    y[i + half] = x2 * c[i] + x1 * s[i];
-                }
-            }
-        }
+    rope_run(out, inp, cos_t, sin_t, B, T, H, D, pos0, 0);
 }
 
 void rope_backward(float *dinp, const float *dout, const float *cos_t, const float *sin_t, int B,
                    int T, int H, int D, int pos0) {
     // dinp, dout are (B,T,H,D): the rotation is orthogonal, so its backward
     // is the rotation by the opposite angle.
-    int half = D / 2;
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const float *c = cos_t + (size_t)(pos0 + t) * half;
-            const float *s = sin_t + (size_t)(pos0 + t) * half;
-            for (int h = 0; h < H; h++) {
-                size_t off = (((size_t)b * T + t) * H + h) * D;
-                const float *restrict g = dout + off;
-                float *restrict d = dinp + off;
-                for (int i = 0; i < half; i++) {
-                    float g1 = g[i], g2 = g[i + half];
-                    d[i] += g1 * c[i] + g2 * s[i];
-                    d[i + half] += g2 * c[i] - g1 * s[i];
-                }
-            }
-        }
+    rope_run(dinp, dout, cos_t, sin_t, B, T, H, D, pos0, 1);
+}
+
+void rope_unrotate(float *out, const float *inp, const float *cos_t, const float *sin_t, int B,
+                   int T, int H, int D, int pos0) {
+    rope_run(out, inp, cos_t, sin_t, B, T, H, D, pos0, 2);
 }
 
 /* ---- attention -------------------------------------------------------------- */
@@ -348,6 +659,26 @@ static void softmax_row(float *x, int n, int S) {
     for (int j = n; j < S; j++) x[j] = 0.0f;
 }
 
+/* sum of a[j] b[j] in double (each product is exact there), in VB lanes. */
+ROW_LOOP static double dot_row_d(const float *restrict a, const float *restrict b, int n) {
+    double acc[VB] = {0};
+    int i = 0;
+    for (; i + VB <= n; i += VB)
+        for (int k = 0; k < VB; k++) acc[k] += (double)a[i + k] * (double)b[i + k];
+    double s = 0.0;
+    for (int k = 0; k < VB; k++) s += acc[k];
+    for (; i < n; i++) s += (double)a[i] * (double)b[i];
+    return s;
+}
+
+/* d = a (d - f) over n entries: the softmax's backward given sum(a d). */
+ROW_LOOP static void softmax_bwd_row(float *restrict d, const float *restrict a, float f, int n) {
+    int i = 0;
+    for (; i + VB <= n; i += VB)
+        for (int k = 0; k < VB; k++) d[i + k] = a[i + k] * (d[i + k] - f);
+    for (; i < n; i++) d[i] = a[i] * (d[i] - f);
+}
+
 /* One head's probabilities a (T, S=P+T) of query rows qbh (row stride qs)
  * against the prefix keys kpg (rows pstride apart) and the real keys kbh
  * (row stride ks). */
@@ -366,31 +697,122 @@ static void head_probs(float *a, const float *qbh, int qs, const float *kpg, int
     for (int t = 0; t < T; t++) softmax_row(a + (size_t)t * S, P + t + 1, S);
 }
 
+/* Everything the attention tasks read; a task is one head (forward), one
+ * kv head of one sequence (backward), or, when prefix gradients are summed
+ * over the batch, one kv head of every sequence in batch order. */
+typedef struct att_args {
+    float *out, *dq, *dk, *dv, *dkp, *dvp;
+    const float *dout, *q, *k, *v, *kp, *vp;
+    int ps, dps, B, T, P, Hq, Hkv, D;
+} att_args;
+
+static void att_fwd_task(void *c, int task, float *a) {
+    const att_args *x = c;
+    int T = x->T, P = x->P, D = x->D, S = P + T, group = x->Hq / x->Hkv, blk = att_block(T);
+    int qs = x->Hq * D, ks = x->Hkv * D;
+    int b = task / x->Hq, h = task % x->Hq, g = h / group;
+    size_t qoff = (size_t)b * T * qs + (size_t)h * D;
+    size_t koff = (size_t)b * T * ks + (size_t)g * D;
+    head_probs(a, x->q + qoff, qs, P ? x->kp + (size_t)g * D : NULL, x->ps, x->k + koff, ks, T, P,
+               D);
+    float *obh = x->out + qoff;
+    if (P)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, P, 1.0f, a, S,
+                    x->vp + (size_t)g * D, x->ps, 0.0f, obh, qs);
+    for (int r0 = 0; r0 < T; r0 += blk) {
+        int r1 = r0 + blk < T ? r0 + blk : T;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, D, r1, 1.0f,
+                    a + (size_t)r0 * S + P, S, x->v + koff, ks, P ? 1.0f : 0.0f,
+                    obh + (size_t)r0 * qs, qs);
+    }
+}
+
 void attention_forward(float *out, float *scratch, const float *q, const float *k, const float *v,
                        const float *kp, const float *vp, size_t pstride, int B, int T, int P,
                        int Hq, int Hkv, int D) {
     // out, q are (B,T,Hq,D); k, v are (B,T,Hkv,D); kp, vp are (P, pstride);
     // scratch is (T,P+T): one head's probabilities at a time
-    int S = P + T, group = Hq / Hkv, blk = att_block(T);
-    int qs = Hq * D, ks = Hkv * D, ps = (int)pstride;
-    float *a = scratch;
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < Hq; h++) {
-            int g = h / group;
-            size_t qoff = (size_t)b * T * qs + (size_t)h * D;
-            size_t koff = (size_t)b * T * ks + (size_t)g * D;
-            head_probs(a, q + qoff, qs, P ? kp + (size_t)g * D : NULL, ps, k + koff, ks, T, P, D);
-            float *obh = out + qoff;
-            if (P)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, P, 1.0f, a, S,
-                            vp + (size_t)g * D, ps, 0.0f, obh, qs);
-            for (int r0 = 0; r0 < T; r0 += blk) {
-                int r1 = r0 + blk < T ? r0 + blk : T;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, D, r1, 1.0f,
-                            a + (size_t)r0 * S + P, S, v + koff, ks, P ? 1.0f : 0.0f,
-                            obh + (size_t)r0 * qs, qs);
-            }
-        }
+    att_args x = {.out = out, .q = q, .k = k, .v = v, .kp = kp, .vp = vp, .ps = (int)pstride,
+                  .B = B, .T = T, .P = P, .Hq = Hq, .Hkv = Hkv, .D = D};
+    team_run(B * Hq, att_fwd_task, &x, scratch, (size_t)T * (P + T));
+}
+
+/* Backward of head h of sequence b. */
+static void att_bwd_head(const att_args *x, int b, int h, float *scratch) {
+    int T = x->T, P = x->P, D = x->D, S = P + T, group = x->Hq / x->Hkv, blk = att_block(T);
+    int qs = x->Hq * D, ks = x->Hkv * D, ps = x->ps, dps = x->dps;
+    float scale = 1.0f / sqrtf((float)D);
+    float *a = scratch, *ds = scratch + (size_t)T * S;
+    int g = h / group;
+    size_t qoff = (size_t)b * T * qs + (size_t)h * D;
+    size_t koff = (size_t)b * T * ks + (size_t)g * D;
+    const float *gbh = x->dout + qoff, *qbh = x->q + qoff;
+    const float *kbh = x->k + koff, *vbh = x->v + koff;
+    const float *kpg = P ? x->kp + (size_t)g * D : NULL, *vpg = P ? x->vp + (size_t)g * D : NULL;
+    head_probs(a, qbh, qs, kpg, ps, kbh, ks, T, P, D);
+    // d(probabilities) = dout V^T
+    if (P)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, P, D, 1.0f, gbh, qs, vpg, ps, 0.0f,
+                    ds, S);
+    for (int r0 = 0; r0 < T; r0 += blk) {
+        int r1 = r0 + blk < T ? r0 + blk : T;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, r1 - r0, r1, D, 1.0f,
+                    gbh + (size_t)r0 * qs, qs, vbh, ks, 0.0f, ds + (size_t)r0 * S + P, S);
+    }
+    // dV += A^T dout, for the prefix and, by blocks of keys, the real keys
+    if (P && x->dvp)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, P, D, T, 1.0f, a, S, gbh, qs, 1.0f,
+                    x->dvp + (size_t)g * D, dps);
+    for (int c0 = 0; c0 < T; c0 += blk) {
+        int c1 = c0 + blk < T ? c0 + blk : T;
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, c1 - c0, D, T - c0, 1.0f,
+                    a + (size_t)c0 * S + P + c0, S, gbh + (size_t)c0 * qs, qs, 1.0f,
+                    x->dv + koff + (size_t)c0 * ks, ks);
+    }
+    // through the softmax: ds = a (da - sum(a da)) on the visible entries
+    for (int t = 0; t < T; t++) {
+        const float *ar = a + (size_t)t * S;
+        float *dr = ds + (size_t)t * S;
+        int n = P + t + 1;
+        softmax_bwd_row(dr, ar, (float)dot_row_d(ar, dr, n), n);
+        for (int j = n; j < S; j++) dr[j] = 0.0f;
+    }
+    // dq += scale ds K; dK += scale ds^T q
+    if (P) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, P, scale, ds, S, kpg, ps, 1.0f,
+                    x->dq + qoff, qs);
+        if (x->dkp)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, P, D, T, scale, ds, S, qbh, qs,
+                        1.0f, x->dkp + (size_t)g * D, dps);
+    }
+    for (int r0 = 0; r0 < T; r0 += blk) {
+        int r1 = r0 + blk < T ? r0 + blk : T;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, D, r1, scale,
+                    ds + (size_t)r0 * S + P, S, kbh, ks, 1.0f, x->dq + qoff + (size_t)r0 * qs, qs);
+    }
+    for (int c0 = 0; c0 < T; c0 += blk) {
+        int c1 = c0 + blk < T ? c0 + blk : T;
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, c1 - c0, D, T - c0, scale,
+                    ds + (size_t)c0 * S + P + c0, S, qbh + (size_t)c0 * qs, qs, 1.0f,
+                    x->dk + koff + (size_t)c0 * ks, ks);
+    }
+}
+
+/* One kv head g of sequence b: its query heads in order, so dk and dv add
+ * up as in a serial loop. */
+static void att_bwd_task(void *c, int task, float *scratch) {
+    const att_args *x = c;
+    int group = x->Hq / x->Hkv, b = task / x->Hkv, g = task % x->Hkv;
+    for (int h = g * group; h < (g + 1) * group; h++) att_bwd_head(x, b, h, scratch);
+}
+
+/* One kv head over the whole batch: the prefix gradients of that head add
+ * up over the sequences in batch order. */
+static void att_bwd_group_task(void *c, int g, float *scratch) {
+    const att_args *x = c;
+    int group = x->Hq / x->Hkv;
+    for (int b = 0; b < x->B; b++)
+        for (int h = g * group; h < (g + 1) * group; h++) att_bwd_head(x, b, h, scratch);
 }
 
 void attention_backward(float *dq, float *dk, float *dv, float *dkp, float *dvp, size_t dpstride,
@@ -400,70 +822,14 @@ void attention_backward(float *dq, float *dk, float *dv, float *dkp, float *dvp,
     // dq, dout, q are (B,T,Hq,D); dk, dv, k, v are (B,T,Hkv,D); scratch is
     // 2 x (T,P+T): one head's probabilities, rebuilt here rather than kept
     // per layer, and the gradient of its scores.
-    int S = P + T, group = Hq / Hkv, blk = att_block(T);
-    int qs = Hq * D, ks = Hkv * D, ps = (int)pstride, dps = (int)dpstride;
-    float scale = 1.0f / sqrtf((float)D);
-    float *a = scratch, *ds = scratch + (size_t)T * S;
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < Hq; h++) {
-            int g = h / group;
-            size_t qoff = (size_t)b * T * qs + (size_t)h * D;
-            size_t koff = (size_t)b * T * ks + (size_t)g * D;
-            const float *gbh = dout + qoff, *qbh = q + qoff;
-            const float *kbh = k + koff, *vbh = v + koff;
-            const float *kpg = P ? kp + (size_t)g * D : NULL, *vpg = P ? vp + (size_t)g * D : NULL;
-            head_probs(a, qbh, qs, kpg, ps, kbh, ks, T, P, D);
-            // d(probabilities) = dout V^T
-            if (P)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, P, D, 1.0f, gbh, qs, vpg,
-                            ps, 0.0f, ds, S);
-            for (int r0 = 0; r0 < T; r0 += blk) {
-                int r1 = r0 + blk < T ? r0 + blk : T;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, r1 - r0, r1, D, 1.0f,
-                            gbh + (size_t)r0 * qs, qs, vbh, ks, 0.0f, ds + (size_t)r0 * S + P, S);
-            }
-            // dV += A^T dout, for the prefix and, by blocks of keys, the real keys
-            if (P && dvp)
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, P, D, T, 1.0f, a, S, gbh, qs,
-                            1.0f, dvp + (size_t)g * D, dps);
-            for (int c0 = 0; c0 < T; c0 += blk) {
-                int c1 = c0 + blk < T ? c0 + blk : T;
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, c1 - c0, D, T - c0, 1.0f,
-                            a + (size_t)c0 * S + P + c0, S, gbh + (size_t)c0 * qs, qs, 1.0f,
-                            dv + koff + (size_t)c0 * ks, ks);
-            }
-            // through the softmax: ds = a (da - sum(a da)) on the visible entries
-            for (int t = 0; t < T; t++) {
-                const float *ar = a + (size_t)t * S;
-                float *dr = ds + (size_t)t * S;
-                int n = P + t + 1;
-                double dot = 0.0;
-                for (int j = 0; j < n; j++) dot += (double)ar[j] * dr[j];
-                float fd = (float)dot;
-                for (int j = 0; j < n; j++) dr[j] = ar[j] * (dr[j] - fd);
-                for (int j = n; j < S; j++) dr[j] = 0.0f;
-            }
-            // dq += scale ds K; dK += scale ds^T q
-            if (P) {
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, P, scale, ds, S, kpg,
-                            ps, 1.0f, dq + qoff, qs);
-                if (dkp)
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, P, D, T, scale, ds, S, qbh,
-                                qs, 1.0f, dkp + (size_t)g * D, dps);
-            }
-            for (int r0 = 0; r0 < T; r0 += blk) {
-                int r1 = r0 + blk < T ? r0 + blk : T;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, r1 - r0, D, r1, scale,
-                            ds + (size_t)r0 * S + P, S, kbh, ks, 1.0f, dq + qoff + (size_t)r0 * qs,
-                            qs);
-            }
-            for (int c0 = 0; c0 < T; c0 += blk) {
-                int c1 = c0 + blk < T ? c0 + blk : T;
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, c1 - c0, D, T - c0, scale,
-                            ds + (size_t)c0 * S + P + c0, S, qbh + (size_t)c0 * qs, qs, 1.0f,
-                            dk + koff + (size_t)c0 * ks, ks);
-            }
-        }
+    att_args x = {.dq = dq, .dk = dk, .dv = dv, .dkp = dkp, .dvp = dvp, .dout = dout, .q = q,
+                  .k = k, .v = v, .kp = kp, .vp = vp, .ps = (int)pstride, .dps = (int)dpstride,
+                  .B = B, .T = T, .P = P, .Hq = Hq, .Hkv = Hkv, .D = D};
+    size_t floats = 2 * (size_t)T * (P + T);
+    if (P && (dkp || dvp))
+        team_run(Hkv, att_bwd_group_task, &x, scratch, floats);
+    else
+        team_run(B * Hkv, att_bwd_task, &x, scratch, floats);
 }
 
 /* ---- SwiGLU ------------------------------------------------------------------ */
@@ -480,70 +846,176 @@ ROW_LOOP static void swiglu_fwd(float *restrict out, const float *restrict g,
 }
 
 /* silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g))) */
+static inline float silu_grad(float d, float g, float u, float *tu) {
+    float sg = 1.0f / (1.0f + exp_fast(-g));
+    *tu = d * g * sg;
+    return d * u * sg * (1.0f + g * (1.0f - sg));
+}
+
+/* Adds the gradients (acc) or writes them: writing gives the bits of
+ * adding to zeros, without the pass that zeroes. */
 ROW_LOOP static void swiglu_bwd(float *restrict dg, float *restrict du, const float *restrict d,
-                                const float *restrict g, const float *restrict u, size_t n) {
+                                const float *restrict g, const float *restrict u, size_t n,
+                                int acc) {
     size_t i = 0;
-    for (; i + VB <= n; i += VB)
-        for (int k = 0; k < VB; k++) {
-            float sg = 1.0f / (1.0f + exp_fast(-g[i + k]));
-            dg[i + k] += d[i + k] * u[i + k] * sg * (1.0f + g[i + k] * (1.0f - sg));
-            du[i + k] += d[i + k] * g[i + k] * sg;
+    float tu;
+    if (acc) {
+        for (; i + VB <= n; i += VB)
+            for (int k = 0; k < VB; k++) {
+                dg[i + k] += silu_grad(d[i + k], g[i + k], u[i + k], &tu);
+                du[i + k] += tu;
+            }
+        for (; i < n; i++) {
+            dg[i] += silu_grad(d[i], g[i], u[i], &tu);
+            du[i] += tu;
         }
-    for (; i < n; i++) {
-        float sg = 1.0f / (1.0f + exp_fast(-g[i]));
-        dg[i] += d[i] * u[i] * sg * (1.0f + g[i] * (1.0f - sg));
-        du[i] += d[i] * g[i] * sg;
+    } else {
+        for (; i + VB <= n; i += VB)
+            for (int k = 0; k < VB; k++) {
+                dg[i + k] = silu_grad(d[i + k], g[i + k], u[i + k], &tu);
+                du[i + k] = tu;
+            }
+        for (; i < n; i++) {
+            dg[i] = silu_grad(d[i], g[i], u[i], &tu);
+            du[i] = tu;
+        }
     }
+}
+
+typedef struct swiglu_args {
+    float *dg, *du, *out;
+    const float *d, *g, *u;
+    int acc;
+} swiglu_args;
+
+static void swiglu_fwd_range(void *c, size_t r0, size_t r1) {
+    const swiglu_args *a = c;
+    swiglu_fwd(a->out + r0, a->g + r0, a->u + r0, r1 - r0);
+}
+
+static void swiglu_bwd_range(void *c, size_t r0, size_t r1) {
+    const swiglu_args *a = c;
+    swiglu_bwd(a->dg + r0, a->du + r0, a->d + r0, a->g + r0, a->u + r0, r1 - r0, a->acc);
 }
 
 void swiglu_forward(float *out, const float *gate, const float *up, int N, int IC) {
     // out, gate, up are (N,IC)
-    swiglu_fwd(out, gate, up, (size_t)N * IC);
+    swiglu_args a = {.out = out, .g = gate, .u = up};
+    par_range((size_t)N * IC, 8, 64, swiglu_fwd_range, &a);
 }
 
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                      const float *up, int N, int IC) {
     // dgate, dup, dout, gate, up are (N,IC)
-    swiglu_bwd(dgate, dup, dout, gate, up, (size_t)N * IC);
+    swiglu_args a = {.dg = dgate, .du = dup, .d = dout, .g = gate, .u = up, .acc = 1};
+    par_range((size_t)N * IC, 12, 64, swiglu_bwd_range, &a);
+}
+
+void swiglu_grad(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                 int N, int IC) {
+    swiglu_args a = {.dg = dgate, .du = dup, .d = dout, .g = gate, .u = up, .acc = 0};
+    par_range((size_t)N * IC, 12, 64, swiglu_bwd_range, &a);
 }
 
 /* ---- cross-entropy ------------------------------------------------------------ */
 
+/* The loss is summed in parts of a fixed number of rows, a function of N
+ * alone, and the parts in order: the same total whatever the team. */
+#define CE_PARTS 256
+
+typedef struct ce_args {
+    float *lse, *dlogits;
+    const float *logits, *lse_in;
+    const int32_t *labels;
+    int N, V, per, acc;
+    float scale;
+    double part[CE_PARTS];
+    long count[CE_PARTS];
+} ce_args;
+
+static void ce_fwd_task(void *c, int task, float *scratch) {
+    (void)scratch;
+    ce_args *a = c;
+    int r0 = task * a->per, r1 = r0 + a->per < a->N ? r0 + a->per : a->N;
+    double total = 0.0;
+    long n = 0;
+    for (int i = r0; i < r1; i++) {
+        a->lse[i] = 0.0f;
+        if (a->labels[i] == -100) continue;
+        const float *x = a->logits + (size_t)i * a->V;
+        float m = max_of(x, a->V);
+        double l = m + log((double)exp_sum(NULL, x, m, a->V));
+        a->lse[i] = (float)l;
+        total += l - x[a->labels[i]];
+        n++;
+    }
+    a->part[task] = total;
+    a->count[task] = n;
+}
+
 double crossentropy_forward(float *lse, const float *logits, const int32_t *labels, int N, int V,
                             long *count) {
     // lse is (N), logits is (N,V), labels is (N)
+    ce_args a = {.lse = lse, .logits = logits, .labels = labels, .N = N, .V = V};
+    a.per = (N + CE_PARTS - 1) / CE_PARTS;
+    if (a.per < 1) a.per = 1;
+    int parts = (N + a.per - 1) / a.per;
+    if ((size_t)N * V < PAR_GRAIN)
+        for (int t = 0; t < parts; t++) ce_fwd_task(&a, t, NULL);
+    else
+        team_run(parts, ce_fwd_task, &a, NULL, 0);
     double total = 0.0;
     long n = 0;
-    for (int i = 0; i < N; i++) {
-        lse[i] = 0.0f;
-        if (labels[i] == -100) continue;
-        const float *x = logits + (size_t)i * V;
-        float m = max_of(x, V);
-        double l = m + log((double)exp_sum(NULL, x, m, V));
-        lse[i] = (float)l;
-        total += l - x[labels[i]];
-        n++;
+    for (int t = 0; t < parts; t++) {
+        total += a.part[t];
+        n += a.count[t];
     }
     *count = n;
     return total;
 }
 
-/* d (V) += scale * softmax of x (V) given its log-sum-exp l. */
+/* d (V) (+)= scale * softmax of x (V) given its log-sum-exp l. */
 ROW_LOOP static void softmax_grad_row(float *restrict d, const float *restrict x, float l,
-                                      float scale, int V) {
+                                      float scale, int V, int acc) {
     int j = 0;
-    for (; j + VB <= V; j += VB)
-        for (int k = 0; k < VB; k++) d[j + k] += scale * exp_fast(x[j + k] - l);
-    for (; j < V; j++) d[j] += scale * exp_fast(x[j] - l);
+    if (acc) {
+        for (; j + VB <= V; j += VB)
+            for (int k = 0; k < VB; k++) d[j + k] += scale * exp_fast(x[j + k] - l);
+        for (; j < V; j++) d[j] += scale * exp_fast(x[j] - l);
+    } else {
+        for (; j + VB <= V; j += VB)
+            for (int k = 0; k < VB; k++) d[j + k] = scale * exp_fast(x[j + k] - l);
+        for (; j < V; j++) d[j] = scale * exp_fast(x[j] - l);
+    }
+}
+
+static void ce_bwd_rows(void *c, size_t r0, size_t r1) {
+    const ce_args *a = c;
+    for (size_t i = r0; i < r1; i++) {
+        float *d = a->dlogits + i * a->V;
+        if (a->labels[i] == -100) {
+            if (!a->acc) memset(d, 0, (size_t)a->V * sizeof(float));
+            continue;
+        }
+        softmax_grad_row(d, a->logits + i * a->V, a->lse_in[i], a->scale, a->V, a->acc);
+        d[a->labels[i]] -= a->scale;
+    }
+}
+
+static void ce_backward(float *dlogits, const float *logits, const float *lse,
+                        const int32_t *labels, int N, int V, float scale, int acc) {
+    ce_args a = {.lse_in = lse, .dlogits = dlogits, .logits = logits, .labels = labels,
+                 .N = N, .V = V, .acc = acc, .scale = scale};
+    par_range((size_t)N, (size_t)V * 3, 1, ce_bwd_rows, &a);
 }
 
 void crossentropy_backward(float *dlogits, const float *logits, const float *lse,
                            const int32_t *labels, int N, int V, float scale) {
     // dlogits, logits are (N,V), lse, labels are (N)
-    for (int i = 0; i < N; i++) {
-        if (labels[i] == -100) continue;
-        float *d = dlogits + (size_t)i * V;
-        softmax_grad_row(d, logits + (size_t)i * V, lse[i], scale, V);
-        d[labels[i]] -= scale;
-    }
+    ce_backward(dlogits, logits, lse, labels, N, V, scale, 1);
+}
+
+void crossentropy_grad(float *dlogits, const float *logits, const float *lse,
+                       const int32_t *labels, int N, int V, float scale) {
+    ce_backward(dlogits, logits, lse, labels, N, V, scale, 0);
 }

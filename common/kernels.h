@@ -5,10 +5,17 @@
  *
  * Conventions: arrays are row-major and must not overlap unless a comment
  * says so. Backward functions ACCUMULATE (+=) into their gradient outputs
- * (the caller zeroes once per step); a NULL gradient output is skipped. N is
- * a number of rows (tokens, B*T). Exponentials (softmax, cross-entropy,
- * SwiGLU) are computed to 3e-7 relative, not libm's 6e-8, so that they
- * vectorise; NaN or infinite inputs to them give NaN. */
+ * (the caller zeroes once per step); a NULL gradient output is skipped; the
+ * few *_grad variants WRITE instead, sparing the zeroing pass. N is a number
+ * of rows (tokens, B*T). Exponentials (softmax, cross-entropy, SwiGLU) are
+ * computed to 3e-7 relative, not libm's 6e-8, so that they vectorise; NaN or
+ * infinite inputs to them give NaN.
+ *
+ * Threads: large loops and products are spread over the team of team.h,
+ * each sgemm single-threaded on its part; products are cut by their shape
+ * alone and sums are taken in a fixed order, so the results are the same
+ * bits from run to run and for any number of threads. Not reentrant on
+ * shared outputs, like any function writing them. */
 #ifndef PEFTPS_KERNELS_H
 #define PEFTPS_KERNELS_H
 
@@ -29,6 +36,10 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *wei
 /* xhat (N,C) = inp * rstd: the normalised input before the weight, rebuilt
  * for the backward (and for methods training the norm weight). */
 void rmsnorm_normalize(float *xhat, const float *inp, const float *rstd, int N, int C);
+/* xhat as rmsnorm_normalize and out (N,C) = xhat * weight, in one pass:
+ * out has the bits of rmsnorm_forward's output for the same rstd. */
+void rmsnorm_rebuild(float *xhat, float *out, const float *inp, const float *rstd,
+                     const float *weight, int N, int C);
 /* The part of the backward before the weight is the `scale` layer below;
  * this is the rest: dinp (N,C) += the gradient through xhat = inp * rstd,
  * given dxhat (N,C). */
@@ -50,6 +61,21 @@ void linear_forward(float *out, const float *inp, const float *weight, const flo
 void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
                      const float *weight, int N, int C, int OC);
 
+/* n <= 4 linears reading one input (q, k, v; gate, up) as one team job:
+ * outs[i] (N,OC[i]) = inp (N,C) weights[i]^T + biases[i], where biases may
+ * be NULL, or hold NULL for a linear without bias. */
+void linears_forward(int n, float *const *outs, const float *inp, const float *const *weights,
+                     const float *const *biases, int N, int C, const int *OC);
+/* out (N,OC) = res (N,OC) + inp (N,C) weight^T: a linear and the residual
+ * add after it, in one pass; out may equal res. */
+void linear_residual_forward(float *out, const float *res, const float *inp, const float *weight,
+                             int N, int C, int OC);
+/* dinp (N,C) = (accumulate ? dinp : 0) + sum over i < n <= 4 of douts[i]
+ * (N,OC[i]) weights[i] (OC[i],C), added in order of i: the input gradient
+ * of linears sharing an input, as one team job. */
+void linears_backward_input(float *dinp, int accumulate, int n, const float *const *douts,
+                            const float *const *weights, int N, int C, const int *OC);
+
 /* out (n) = a + b; out may equal a or b. */
 void residual_forward(float *out, const float *a, const float *b, size_t n);
 /* da += dout, db += dout (n each). */
@@ -69,20 +95,26 @@ void rope_forward(float *out, const float *inp, const float *cos, const float *s
 /* dinp (B,T,H,D) += the inverse rotation of dout; dinp must not be dout. */
 void rope_backward(float *dinp, const float *dout, const float *cos, const float *sin, int B, int T,
                    int H, int D, int pos0);
+/* out (B,T,H,D) = the inverse rotation of inp (rope_backward into zeros);
+ * out may equal inp. */
+void rope_unrotate(float *out, const float *inp, const float *cos, const float *sin, int B, int T,
+                   int H, int D, int pos0);
 
 /* Causal grouped-query attention with an optional prefix, scale 1/sqrt(D).
  * q is (B,T,Hq,D); k, v are (B,T,Hkv,D); query head h reads kv head
  * h / (Hq/Hkv). kp, vp are P prefix keys/values shared by the batch: row j
  * (Hkv*D floats) at kp + j*pstride (NULL when P is 0); every query attends
  * to all P of them and to the real keys at or before it. out is (B,T,Hq,D).
- * Heads are done one at a time: scratch holds T*(P+T) floats. */
+ * Heads are spread over the team: scratch holds T*(P+T) floats for the
+ * calling thread (the helpers have their own). */
 void attention_forward(float *out, float *scratch, const float *q, const float *k, const float *v,
                        const float *kp, const float *vp, size_t pstride, int B, int T, int P,
                        int Hq, int Hkv, int D);
 /* Gradients of attention_forward: dq (B,T,Hq,D), dk, dv (B,T,Hkv,D) and,
  * when not NULL, dkp, dvp (P rows of Hkv*D floats, dpstride apart). The
- * probabilities are recomputed, one head at a time, instead of being kept:
- * scratch holds 2*T*(P+T) floats. */
+ * probabilities are recomputed, a head at a time per thread, instead of
+ * being kept: scratch holds 2*T*(P+T) floats for the calling thread. Prefix
+ * gradients add up over the batch in batch order. */
 void attention_backward(float *dq, float *dk, float *dv, float *dkp, float *dvp, size_t dpstride,
                         float *scratch, const float *dout, const float *q, const float *k,
                         const float *v, const float *kp, const float *vp, size_t pstride, int B,
@@ -93,6 +125,9 @@ void swiglu_forward(float *out, const float *gate, const float *up, int N, int I
 /* dgate, dup (N,IC) += the gradients of swiglu_forward given dout (N,IC). */
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                      const float *up, int N, int IC);
+/* As swiglu_backward, writing (=) dgate and dup instead of adding. */
+void swiglu_grad(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                 int N, int IC);
 
 /* Cross-entropy of logits (N,V) against labels (N), label -100 ignored.
  * lse (N) gets each row's log-sum-exp (for the backward). Returns the SUM of
@@ -105,5 +140,9 @@ double crossentropy_forward(float *lse, const float *logits, const int32_t *labe
  * mean). lse from crossentropy_forward. */
 void crossentropy_backward(float *dlogits, const float *logits, const float *lse,
                            const int32_t *labels, int N, int V, float scale);
+/* As crossentropy_backward, writing (=) every row of dlogits instead of
+ * adding: ignored rows become zeros. */
+void crossentropy_grad(float *dlogits, const float *logits, const float *lse,
+                       const int32_t *labels, int N, int V, float scale);
 
 #endif

@@ -12,10 +12,20 @@
 #include "kernels.h"
 #include "log.h"
 #include "peft.h"
+#include "team.h"
 
 /* Rows of logits whose gradient is formed at once in the backward: bounds
- * the dlogits buffer at CE_CHUNK*V instead of B*T*V (large vocabularies). */
-#define CE_CHUNK 256
+ * the dlogits buffer near CE_FLOATS floats instead of B*T*V (large
+ * vocabularies), and at least CE_MIN_ROWS rows, so that lm_head's products
+ * stay large. */
+#define CE_FLOATS (1 << 22)
+#define CE_MIN_ROWS 256
+
+static size_t ce_rows(size_t N, size_t V) {
+    size_t rows = CE_FLOATS / V;
+    if (rows < CE_MIN_ROWS) rows = CE_MIN_ROWS;
+    return rows < N ? rows : N;
+}
 
 /* What one layer keeps from its forward for its backward. N = B*T rows. */
 typedef struct layer_acts {
@@ -50,7 +60,6 @@ struct model {
     float *lse;                 /* (N) log-sum-exp of each row of logits */
     /* scratch of one layer at a time */
     float *ln;    /* (N,C) a norm's output */
-    float *proj;  /* (N,C) o_proj or down_proj output before the residual add */
     float *attsc; /* 2 * (T,P+T) attention scratch */
     /* gradients (only with a peft object) */
     float *xhat;             /* (N,C) a norm's normalised input, rebuilt */
@@ -58,11 +67,11 @@ struct model {
     float *dln;              /* (N,C) a norm's output */
     float *dxhat;            /* (N,C) a norm's normalised input */
     float *datty;            /* (N,Hq*D) */
-    float *dq, *dqr;         /* (N,Hq*D) before and after rotary */
-    float *dk, *dkr, *dv;    /* (N,Hkv*D) */
+    float *dq;               /* (N,Hq*D) after rotary, then unrotated in place */
+    float *dk, *dv;          /* (N,Hkv*D), dk as dq */
     float *dh, *dgate, *dup; /* (N,I) */
     float *dkp, *dvp;        /* (P,Hkv*D) */
-    float *dlogits;          /* (CE_CHUNK,V) */
+    float *dlogits;          /* (ce_rows,V) */
 
     int32_t *tokens, *labels; /* (N) copies of the last forward's batch */
     int fB, fT, fP;           /* the last forward's shape and rotary offset; fB 0: none */
@@ -163,19 +172,16 @@ static size_t layout(model *m, float *base, int grads) {
     VIEW(m->logits, N * V);
     VIEW(m->lse, N);
     VIEW(m->ln, N * C);
-    VIEW(m->proj, N * C);
     VIEW(m->attsc, 2 * (size_t)m->T * S);
     if (grads) {
-        size_t chunk = N < CE_CHUNK ? N : CE_CHUNK;
+        size_t chunk = ce_rows(N, V);
         VIEW(m->xhat, N * C);
         VIEW(m->dresid, N * C);
         VIEW(m->dln, N * C);
         VIEW(m->dxhat, N * C);
         VIEW(m->datty, N * qd);
         VIEW(m->dq, N * qd);
-        VIEW(m->dqr, N * qd);
         VIEW(m->dk, N * kvd);
-        VIEW(m->dkr, N * kvd);
         VIEW(m->dv, N * kvd);
         VIEW(m->dh, N * IC);
         VIEW(m->dgate, N * IC);
@@ -287,12 +293,17 @@ static void layer_forward(model *m, int l, float *next, int B, int T) {
     layer_acts *a = acts(m, l);
     float *ln = m->ln;
 
+    /* q, k and v in one team job, then their hooks (each adds to its own
+     * output only, so the order of the products does not matter). */
     rmsnorm_forward(ln, a->rstd1, a->resid, weight_of(m, l, LW_INPUT_NORM), N, C, c->rms_norm_eps);
-    linear_forward(a->q, ln, weight_of(m, l, LW_Q), bias_of(m, l, LW_Q_BIAS), N, C, qd);
+    float *qkv[3] = {a->q, a->k, a->v};
+    const float *wqkv[3] = {weight_of(m, l, LW_Q), weight_of(m, l, LW_K), weight_of(m, l, LW_V)};
+    const float *bqkv[3] = {bias_of(m, l, LW_Q_BIAS), bias_of(m, l, LW_K_BIAS),
+                            bias_of(m, l, LW_V_BIAS)};
+    int oqkv[3] = {qd, kvd, kvd};
+    linears_forward(3, qkv, ln, wqkv, bqkv, N, C, oqkv);
     hook_forward(m, l, LW_Q, ln, a->q, N);
-    linear_forward(a->k, ln, weight_of(m, l, LW_K), bias_of(m, l, LW_K_BIAS), N, C, kvd);
     hook_forward(m, l, LW_K, ln, a->k, N);
-    linear_forward(a->v, ln, weight_of(m, l, LW_V), bias_of(m, l, LW_V_BIAS), N, C, kvd);
     hook_forward(m, l, LW_V, ln, a->v, N);
     rope_forward(a->q, a->q, m->rope_cos, m->rope_sin, B, T, Hq, D, m->fP);
     rope_forward(a->k, a->k, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
@@ -301,19 +312,21 @@ static void layer_forward(model *m, int l, float *next, int B, int T) {
     size_t pstride;
     int P = prefix_of(m, l, &kp, &vp, &pstride);
     attention_forward(a->atty, m->attsc, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq, Hkv, D);
-    linear_forward(m->proj, a->atty, weight_of(m, l, LW_O), NULL, N, qd, C);
-    hook_forward(m, l, LW_O, a->atty, m->proj, N);
-    residual_forward(a->resid2, a->resid, m->proj, (size_t)N * C);
+    /* o_proj's output lands on the residual stream directly; its hook adds
+     * its term there, which is the same sum. */
+    linear_residual_forward(a->resid2, a->resid, a->atty, weight_of(m, l, LW_O), N, qd, C);
+    hook_forward(m, l, LW_O, a->atty, a->resid2, N);
 
     rmsnorm_forward(ln, a->rstd2, a->resid2, weight_of(m, l, LW_POST_NORM), N, C, c->rms_norm_eps);
-    linear_forward(a->gate, ln, weight_of(m, l, LW_GATE), NULL, N, C, IC);
+    float *gu[2] = {a->gate, a->up};
+    const float *wgu[2] = {weight_of(m, l, LW_GATE), weight_of(m, l, LW_UP)};
+    int ogu[2] = {IC, IC};
+    linears_forward(2, gu, ln, wgu, NULL, N, C, ogu);
     hook_forward(m, l, LW_GATE, ln, a->gate, N);
-    linear_forward(a->up, ln, weight_of(m, l, LW_UP), NULL, N, C, IC);
     hook_forward(m, l, LW_UP, ln, a->up, N);
     swiglu_forward(a->h, a->gate, a->up, N, IC);
-    linear_forward(m->proj, a->h, weight_of(m, l, LW_DOWN), NULL, N, IC, C);
-    hook_forward(m, l, LW_DOWN, a->h, m->proj, N);
-    residual_forward(next, a->resid2, m->proj, (size_t)N * C);
+    linear_residual_forward(next, a->resid2, a->h, weight_of(m, l, LW_DOWN), N, IC, C);
+    hook_forward(m, l, LW_DOWN, a->h, next, N);
 }
 
 /* Tokens in [0, V) and labels -100 or in [0, V); logs the first offender. */
@@ -361,6 +374,9 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
     m->f_labels = labels != NULL;
     if (labels) memcpy(m->labels, labels, (size_t)N * sizeof *labels);
 
+    /* The team parallelises; BLAS runs single-threaded throughout, the
+     * methods' own products included (see model_backward). */
+    int blas = team_blas_threads(1);
     embedding_forward(acts(m, 0)->resid, m->tokens, weight_of(m, MODEL_GLOBAL, GW_EMBED), N, C);
     for (int l = 0; l < L; l++)
         layer_forward(m, l, l + 1 < L ? acts(m, l + 1)->resid : m->resid_out, B, T);
@@ -370,10 +386,13 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
     hook_forward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf, m->logits, N);
     m->fB = B;
     m->fT = T;
-    if (!labels) return 0.0;
-    long count;
-    double loss = crossentropy_forward(m->lse, m->logits, m->labels, N, V, &count);
-    if (n_tokens) *n_tokens = count;
+    double loss = 0.0;
+    if (labels) {
+        long count;
+        loss = crossentropy_forward(m->lse, m->logits, m->labels, N, V, &count);
+        if (n_tokens) *n_tokens = count;
+    }
+    team_blas_threads(blas);
     return loss;
 }
 
@@ -385,14 +404,15 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
  * then adds the input gradient into dinp unless dinp is NULL. */
 static void norm_backward(model *m, int layer, int kind, float *dinp, const float *rstd, int N) {
     int C = m->cfg->hidden_size;
-    memset(m->dxhat, 0, (size_t)N * C * sizeof(float));
-    scale_backward(m->dxhat, NULL, m->dln, NULL, weight_of(m, layer, kind), N, C);
+    /* dxhat = dln * weight, written: scale_backward into zeros, one pass. */
+    scale_forward(m->dxhat, m->dln, weight_of(m, layer, kind), N, C);
     hook_backward(m, layer, kind, m->xhat, m->dln, m->dxhat, N);
     if (dinp) rmsnorm_backward(dinp, m->dxhat, m->xhat, rstd, N, C);
 }
 
 /* Backward of layer l: m->dresid holds the gradient of its output and is
- * left holding that of its input (when input_grad). */
+ * left holding that of its input (when input_grad). Products that write a
+ * gradient buffer first write it (beta 0) rather than add to zeros. */
 static void layer_backward(model *m, int l, int input_grad) {
     const model_config *c = m->cfg;
     peft *p = m->p;
@@ -400,62 +420,60 @@ static void layer_backward(model *m, int l, int input_grad) {
     int Hq = c->num_heads, Hkv = c->num_kv_heads, D = c->head_dim;
     int qd = Hq * D, kvd = Hkv * D;
     layer_acts *a = acts(m, l);
-    size_t nc = (size_t)N * C * sizeof(float), ni = (size_t)N * IC * sizeof(float);
 
     /* MLP: the residual passes dresid both to resid2 and to down_proj's output. */
-    rmsnorm_normalize(m->xhat, a->resid2, a->rstd2, N, C);
-    scale_forward(m->ln, m->xhat, weight_of(m, l, LW_POST_NORM), N, C);
-    memset(m->dh, 0, ni);
-    linear_backward(m->dh, NULL, NULL, m->dresid, NULL, weight_of(m, l, LW_DOWN), N, IC, C);
+    rmsnorm_rebuild(m->xhat, m->ln, a->resid2, a->rstd2, weight_of(m, l, LW_POST_NORM), N, C);
+    const float *wdown = weight_of(m, l, LW_DOWN);
+    const float *dres = m->dresid;
+    linears_backward_input(m->dh, 0, 1, &dres, &wdown, N, IC, &C);
     hook_backward(m, l, LW_DOWN, a->h, m->dresid, m->dh, N);
-    memset(m->dgate, 0, ni);
-    memset(m->dup, 0, ni);
-    swiglu_backward(m->dgate, m->dup, m->dh, a->gate, a->up, N, IC);
-    memset(m->dln, 0, nc);
-    linear_backward(m->dln, NULL, NULL, m->dgate, NULL, weight_of(m, l, LW_GATE), N, C, IC);
+    swiglu_grad(m->dgate, m->dup, m->dh, a->gate, a->up, N, IC);
+    const float *dgu[2] = {m->dgate, m->dup};
+    const float *wgu[2] = {weight_of(m, l, LW_GATE), weight_of(m, l, LW_UP)};
+    int ogu[2] = {IC, IC};
+    linears_backward_input(m->dln, 0, 2, dgu, wgu, N, C, ogu);
     hook_backward(m, l, LW_GATE, m->ln, m->dgate, m->dln, N);
-    linear_backward(m->dln, NULL, NULL, m->dup, NULL, weight_of(m, l, LW_UP), N, C, IC);
     hook_backward(m, l, LW_UP, m->ln, m->dup, m->dln, N);
     norm_backward(m, l, LW_POST_NORM, m->dresid, a->rstd2, N);
 
     /* Attention: dresid is now the gradient of resid2, passed to the layer
      * input and to o_proj's output. */
-    memset(m->datty, 0, (size_t)N * qd * sizeof(float));
-    linear_backward(m->datty, NULL, NULL, m->dresid, NULL, weight_of(m, l, LW_O), N, qd, C);
+    const float *wo = weight_of(m, l, LW_O);
+    linears_backward_input(m->datty, 0, 1, &dres, &wo, N, qd, &C);
     hook_backward(m, l, LW_O, a->atty, m->dresid, m->datty, N);
     const float *kp, *vp;
     size_t pstride;
     int P = prefix_of(m, l, &kp, &vp, &pstride);
     int train_prefix = P && p->method->prefix_backward;
-    memset(m->dqr, 0, (size_t)N * qd * sizeof(float));
-    memset(m->dkr, 0, (size_t)N * kvd * sizeof(float));
+    memset(m->dq, 0, (size_t)N * qd * sizeof(float));
+    memset(m->dk, 0, (size_t)N * kvd * sizeof(float));
     memset(m->dv, 0, (size_t)N * kvd * sizeof(float));
     if (train_prefix) {
         memset(m->dkp, 0, (size_t)P * kvd * sizeof(float));
         memset(m->dvp, 0, (size_t)P * kvd * sizeof(float));
     }
-    attention_backward(m->dqr, m->dkr, m->dv, train_prefix ? m->dkp : NULL,
+    attention_backward(m->dq, m->dk, m->dv, train_prefix ? m->dkp : NULL,
                        train_prefix ? m->dvp : NULL, (size_t)kvd, m->attsc, m->datty, a->q, a->k,
                        a->v, kp, vp, pstride, B, T, P, Hq, Hkv, D);
     if (train_prefix) p->method->prefix_backward(p, l, m->dkp, m->dvp, (size_t)kvd);
-    memset(m->dq, 0, (size_t)N * qd * sizeof(float));
-    memset(m->dk, 0, (size_t)N * kvd * sizeof(float));
-    rope_backward(m->dq, m->dqr, m->rope_cos, m->rope_sin, B, T, Hq, D, m->fP);
-    rope_backward(m->dk, m->dkr, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
+    rope_unrotate(m->dq, m->dq, m->rope_cos, m->rope_sin, B, T, Hq, D, m->fP);
+    rope_unrotate(m->dk, m->dk, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
 
     /* q, k, v read the input norm's output; biases' gradients are the
      * methods', from dy. Their input gradient dln is needed for the layer's
      * input gradient or for a trained input norm; otherwise the hooks get
      * dx NULL and the three products are skipped. */
-    rmsnorm_normalize(m->xhat, a->resid, a->rstd1, N, C);
-    scale_forward(m->ln, m->xhat, weight_of(m, l, LW_INPUT_NORM), N, C);
+    rmsnorm_rebuild(m->xhat, m->ln, a->resid, a->rstd1, weight_of(m, l, LW_INPUT_NORM), N, C);
     float *dln = input_grad || norm_trains(m, l, LW_INPUT_NORM) ? m->dln : NULL;
-    if (dln) memset(dln, 0, nc);
-    linear_backward(dln, NULL, NULL, m->dq, NULL, weight_of(m, l, LW_Q), N, C, qd);
+    if (dln) {
+        const float *dqkv[3] = {m->dq, m->dk, m->dv};
+        const float *wqkv[3] = {weight_of(m, l, LW_Q), weight_of(m, l, LW_K),
+                                weight_of(m, l, LW_V)};
+        int oqkv[3] = {qd, kvd, kvd};
+        linears_backward_input(dln, 0, 3, dqkv, wqkv, N, C, oqkv);
+    }
     hook_backward(m, l, LW_Q, m->ln, m->dq, dln, N);
-    linear_backward(dln, NULL, NULL, m->dk, NULL, weight_of(m, l, LW_K), N, C, kvd);
     hook_backward(m, l, LW_K, m->ln, m->dk, dln, N);
-    linear_backward(dln, NULL, NULL, m->dv, NULL, weight_of(m, l, LW_V), N, C, kvd);
     hook_backward(m, l, LW_V, m->ln, m->dv, dln, N);
     if (dln) norm_backward(m, l, LW_INPUT_NORM, input_grad ? m->dresid : NULL, a->rstd1, N);
 }
@@ -473,19 +491,23 @@ void model_backward(model *m, float loss_scale) {
     int L = c->num_layers, C = c->hidden_size, V = c->vocab_size, N = m->fB * m->fT;
     int first = p->first_trainable_layer;
     first = first < -1 ? -1 : first > L ? L : first;
+    /* As in the forward: the team parallelises, BLAS stays single-threaded,
+     * in the methods' hooks too (their small products run faster so, and
+     * an idle OpenBLAS pool would spin against the team). */
+    int blas = team_blas_threads(1);
 
     /* lm_head and the loss, a chunk of rows at a time; dln is the final
      * norm's output gradient, not needed when only lm_head trains. */
     const float *head = lm_head_of(m);
     float *dln = first < L || norm_trains(m, MODEL_GLOBAL, GW_FINAL_NORM) ? m->dln : NULL;
-    if (dln) memset(dln, 0, (size_t)N * C * sizeof(float));
-    for (int r0 = 0; r0 < N; r0 += CE_CHUNK) {
-        int n = N - r0 < CE_CHUNK ? N - r0 : CE_CHUNK;
-        memset(m->dlogits, 0, (size_t)n * V * sizeof(float));
-        crossentropy_backward(m->dlogits, m->logits + (size_t)r0 * V, m->lse + r0, m->labels + r0,
-                              n, V, loss_scale);
+    int chunk = (int)ce_rows((size_t)N, (size_t)V);
+    for (int r0 = 0; r0 < N; r0 += chunk) {
+        int n = N - r0 < chunk ? N - r0 : chunk;
+        const float *dlogits = m->dlogits;
+        crossentropy_grad(m->dlogits, m->logits + (size_t)r0 * V, m->lse + r0, m->labels + r0, n,
+                          V, loss_scale);
         float *dx = dln ? dln + (size_t)r0 * C : NULL;
-        linear_backward(dx, NULL, NULL, m->dlogits, NULL, head, n, C, V);
+        if (dx) linears_backward_input(dx, 0, 1, &dlogits, &head, n, C, &V);
         hook_backward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf + (size_t)r0 * C, m->dlogits, dx, n);
     }
     if (first < L) memset(m->dresid, 0, (size_t)N * C * sizeof(float));
@@ -497,4 +519,5 @@ void model_backward(model *m, float loss_scale) {
     if (first < 0 && p->method->embed_backward)
         p->method->embed_backward(p, m->tokens, m->dresid, N);
     if (p->method->end_backward) p->method->end_backward(p);
+    team_blas_threads(blas);
 }

@@ -8,7 +8,7 @@
 
 #include "log.h"
 
-static int trainer_calibration_batches(const Peftps__Method *m) {
+int train_calibration_batches(const Peftps__Method *m) {
     if (m->kind_case == PEFTPS__METHOD__KIND_ATTENTION_HEADS && m->attention_heads->has_top_k &&
         m->attention_heads->top_k > 0)
         return (int)m->attention_heads->calibration_batches;
@@ -56,7 +56,7 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
         err_set(e, "out of memory");
         goto fail;
     }
-    int calib = trainer_calibration_batches(exp->method);
+    int calib = train_calibration_batches(exp->method);
     if (calib > 0) {
         log_info("calibrating %s on %d batches of %d sequences", t->p->method->name, calib,
                  t->rows);

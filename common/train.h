@@ -41,6 +41,10 @@ typedef struct train_step_stats {
     double grad_norm; /* global norm of the mean gradient, before clipping */
 } train_step_stats;
 
+/* Calibration batches the method needs before init (top_k heads, a GRADIENT
+ * mask), or 0 when it chooses what trains without gradients. */
+int train_calibration_batches(const Peftps__Method *m);
+
 /* Opens the base model, creates the method, calibrates it when it needs
  * gradients to choose what trains, initialises it from the seed (or from
  * exp->init_from), and opens the data. With `training` the train data and

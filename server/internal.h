@@ -30,6 +30,7 @@ typedef struct shard_slot {
     float *buf;      /* gradient waiting for its turn in the shard-order sum */
     double loss_sum; /* once RECEIVED */
     uint64_t n_tokens;
+    double norm; /* ASYNC: the norm of its own update */
 } shard_slot;
 
 typedef struct worker_rec {
@@ -79,11 +80,18 @@ struct server {
     wire_tensor *out; /* params as frames of a Snapshot */
     wire_limits lim;
 
+    /* `step` is the oldest step not yet applied; `version` counts the
+     * optimizer's updates (one per step, or with ASYNC one per shard). */
     uint64_t step, total, version;
+    Peftps__SyncMode sync;
+    uint32_t staleness;
     uint32_t n_shards;
+    /* Shards of the steps step .. step+window-1 (1 with BSP, staleness+1
+     * with SSP): slot (u, i) at ((u % window) * n_shards + i). */
+    uint32_t window;
     shard_slot *shards;
-    uint32_t next_fold; /* shards 0..next_fold-1 are in grad_sum */
-    float **pool;       /* free gradient buffers (at most n_shards ever made) */
+    uint32_t next_fold; /* shards 0..next_fold-1 of `step` are in grad_sum */
+    float **pool;       /* free gradient buffers (at most window*n_shards ever made) */
     int n_pool;
 
     /* This step's norm: per-tensor sums of squares of the mean gradient, in

@@ -27,6 +27,8 @@
 #define SERVER_MAX_WORKERS 4096
 /* Linger on close, so that the last Shutdown messages leave. */
 #define SERVER_LINGER_MS 2000
+/* ASYNC hands out shards of at most this many steps at once. */
+#define ASYNC_WINDOW 4
 
 static volatile sig_atomic_t stop_requested;
 
@@ -261,7 +263,8 @@ static int checkpoint_open(server *s, err *e) {
         goto done;
     }
     memcpy(s->params, d.params, s->n * sizeof(float));
-    s->step = s->version = d.step;
+    s->step = d.step;
+    s->version = d.opt_t;
     log_info("resuming from the checkpoint of step %llu in %s", (unsigned long long)d.step, dir);
     rc = 0;
 done:
@@ -277,8 +280,9 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
     if (opts->index < 0 || (size_t)opts->index >= cl->n_servers)
         return err_set(e, "--index %d: cluster.servers has %zu entries", opts->index,
                        cl->n_servers);
-    if (cl->sync != PEFTPS__SYNC_MODE__BSP)
-        return err_set(e, "cluster.sync: only BSP is implemented; SSP and ASYNC are not yet");
+    if (cl->sync != PEFTPS__SYNC_MODE__BSP && cl->n_servers > 1)
+        return err_set(e, "cluster.sync: several servers need BSP (SSP and ASYNC run on one "
+                          "server)");
     server *s = calloc(1, sizeof *s);
     if (!s) return err_set(e, "out of memory");
     s->exp = exp;
@@ -286,6 +290,11 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
     s->n_servers = (int)cl->n_servers;
     s->total = exp->schedule->total_steps;
     s->n_shards = exp->data->shards_per_step;
+    s->sync = cl->sync;
+    s->staleness = cl->staleness;
+    s->window = s->sync == PEFTPS__SYNC_MODE__SSP     ? s->staleness + 1
+                : s->sync == PEFTPS__SYNC_MODE__ASYNC ? ASYNC_WINDOW
+                                                      : 1;
     s->hb_s = cl->heartbeat_ms / 1000.0;
     s->timeout_s = cl->worker_timeout_ms / 1000.0;
     config_fingerprint(exp, s->exp_fp);
@@ -307,8 +316,8 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
     trainer_drop_compute(s->t);
     s->base_fp = model_files_fingerprint(s->t->files);
     if (layout_build(s, e) < 0) goto fail;
-    s->shards = calloc(s->n_shards, sizeof *s->shards);
-    s->pool = calloc(s->n_shards, sizeof *s->pool);
+    s->shards = calloc((size_t)s->window * s->n_shards, sizeof *s->shards);
+    s->pool = calloc((size_t)s->window * s->n_shards, sizeof *s->pool);
     s->peers = calloc((size_t)s->n_servers, sizeof *s->peers);
     if (!s->shards || !s->pool || !s->peers) {
         err_set(e, "out of memory");
@@ -340,7 +349,7 @@ void server_close(server *s) {
     ckpt_close(s->ck);
     if (s->have_opt) optim_free(&s->opt);
     if (s->shards)
-        for (uint32_t i = 0; i < s->n_shards; i++) free(s->shards[i].buf);
+        for (uint32_t i = 0; i < s->window * s->n_shards; i++) free(s->shards[i].buf);
     for (int i = 0; i < s->n_pool; i++) free(s->pool[i]);
     free(s->pool);
     free(s->shards);
@@ -455,7 +464,7 @@ static int workers_alive(const server *s) {
 /* The shards a worker holds go back to the pending pool; returns how many. */
 static int worker_release(server *s, worker_rec *w) {
     int wi = (int)(w - s->workers), n = 0;
-    for (uint32_t i = 0; i < s->n_shards; i++)
+    for (uint32_t i = 0; i < s->window * s->n_shards; i++)
         if (s->shards[i].state == SHARD_ASSIGNED && s->shards[i].worker == wi) {
             s->shards[i].state = SHARD_PENDING;
             n++;
@@ -484,11 +493,31 @@ static void send_snapshot(server *s, worker_rec *w) {
     w->version = s->version;
 }
 
-/* Server 0 hands one pending shard to each waiting worker, with the
- * parameters of the current version first when the worker holds another.
- * The other servers only answer waiting workers with the new version. */
+static shard_slot *slot(server *s, uint64_t step, uint32_t shard) {
+    return &s->shards[(size_t)(step % s->window) * s->n_shards + shard];
+}
+
+/* The last step whose shards may be handed out now: the window's end, the
+ * run's end, and with ASYNC the next checkpoint (whose state must hold
+ * exactly the steps before it, so nothing past it is applied early). */
+static uint64_t last_assignable(const server *s) {
+    uint64_t last = s->step + s->window - 1;
+    if (last > s->total - 1) last = s->total - 1;
+    if (s->sync == PEFTPS__SYNC_MODE__ASYNC) {
+        uint64_t every = s->exp->checkpoint->every_steps;
+        uint64_t boundary = (s->step / every + 1) * every;
+        if (last > boundary - 1) last = boundary - 1;
+    }
+    return last;
+}
+
+/* Server 0 hands one pending shard to each waiting worker (the oldest step
+ * first, shards in order), with the parameters of the current version first
+ * when the worker holds another. The other servers only answer waiting
+ * workers with the new version. */
 static void schedule(server *s) {
-    if (s->finished) return;
+    if (s->finished || s->step >= s->total) return;
+    uint64_t u = s->step, last = last_assignable(s);
     uint32_t next = 0;
     for (int i = 0; i < s->cap_workers; i++) {
         worker_rec *w = &s->workers[i];
@@ -500,17 +529,22 @@ static void schedule(server *s) {
             }
             continue;
         }
-        while (next < s->n_shards && s->shards[next].state != SHARD_PENDING) next++;
+        for (;;) {
+            while (next < s->n_shards && slot(s, u, next)->state != SHARD_PENDING) next++;
+            if (next < s->n_shards || u == last) break;
+            u++;
+            next = 0;
+        }
         if (next == s->n_shards) return;
         if (w->version != s->version) send_snapshot(s, w);
         uint32_t shard = next;
         if (s->step_start == 0) s->step_start = progress_now(); /* the first step's clock */
         wire_out o;
-        send_worker(s, w, wire_assign(&o, s->step, s->version, &shard, 1), NULL, 0);
-        s->shards[next].state = SHARD_ASSIGNED;
-        s->shards[next].worker = i;
+        send_worker(s, w, wire_assign(&o, u, s->version, &shard, 1), NULL, 0);
+        slot(s, u, next)->state = SHARD_ASSIGNED;
+        slot(s, u, next)->worker = i;
         w->waiting = 0;
-        log_debug("step %llu shard %u -> %s", (unsigned long long)s->step, shard, w->name);
+        log_debug("step %llu shard %u -> %s", (unsigned long long)u, shard, w->name);
     }
 }
 
@@ -600,7 +634,7 @@ static float *buf_get(server *s) {
  * squares; then, alone, the update; with peers, the exchange first. */
 static int shards_done(server *s, err *e) {
     long ntok = 0;
-    for (uint32_t i = 0; i < s->n_shards; i++) ntok += (long)s->shards[i].n_tokens;
+    for (uint32_t i = 0; i < s->n_shards; i++) ntok += (long)slot(s, s->step, i)->n_tokens;
     s->step_tokens = ntok;
     train_grad_mean(s->grad_sum, s->n, ntok);
     double *each = malloc((size_t)s->n_tensors * sizeof *each);
@@ -615,6 +649,72 @@ static int shards_done(server *s, err *e) {
     return 0;
 }
 
+/* Folds the current step's shards that are here, in shard order, and
+ * applies each step that is complete; with SSP the next step may have
+ * arrived already. */
+static int advance(server *s, err *e) {
+    while (!s->finished && s->step < s->total && !s->own_ready) {
+        while (s->next_fold < s->n_shards) {
+            shard_slot *q = slot(s, s->step, s->next_fold);
+            if (q->state != SHARD_RECEIVED || !q->buf) break;
+            fold(s, s->next_fold, q->buf);
+            s->pool[s->n_pool++] = q->buf;
+            q->buf = NULL;
+            s->next_fold++;
+        }
+        if (s->next_fold < s->n_shards) break;
+        uint64_t before = s->step;
+        if (shards_done(s, e) < 0) return -1;
+        if (s->step == before) break; /* waiting for the other servers */
+    }
+    return 0;
+}
+
+static int step_record(server *s, double loss, long ntok, double lr, double norm, err *e);
+
+/* ASYNC: the shard's own mean gradient, clipped by its own norm, is one
+ * AdamW update at its step's rate; a step is recorded once all its shards
+ * are applied. */
+static int async_apply(server *s, uint64_t step, shard_slot *sl, err *e) {
+    train_grad_mean(s->inbuf, s->n, (long)sl->n_tokens);
+    double norm = sqrt(train_grad_sumsq(s->tensors, s->n_tensors, s->inbuf, NULL));
+    double lr = optim_lr(s->exp->optimizer, s->exp->schedule, step);
+    train_apply(&s->opt, s->exp->optimizer, s->params, s->inbuf, s->n, norm, lr);
+    sl->norm = norm;
+    s->version++;
+    while (!s->finished && s->step < s->total) {
+        double loss = 0.0, nsum = 0.0;
+        long ntok = 0;
+        uint32_t i = 0;
+        for (; i < s->n_shards; i++) {
+            shard_slot *q = slot(s, s->step, i);
+            if (q->state != SHARD_RECEIVED) break;
+            loss += q->loss_sum;
+            ntok += (long)q->n_tokens;
+            nsum += q->norm;
+        }
+        if (i < s->n_shards) break;
+        /* The step's grad_norm: the mean of its shards' norms. */
+        if (step_record(s, loss, ntok, optim_lr(s->exp->optimizer, s->exp->schedule, s->step),
+                        nsum / s->n_shards, e) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Whether a push of (step, version) may be applied now, by the mode. */
+static int push_in_time(const server *s, uint64_t step, uint64_t version) {
+    if (step < s->step || step >= s->step + s->window || step >= s->total) return 0;
+    switch (s->sync) {
+    case PEFTPS__SYNC_MODE__SSP:
+        return version <= s->version && version + s->staleness >= s->version;
+    case PEFTPS__SYNC_MODE__ASYNC:
+        return version <= s->version;
+    default:
+        return step == s->step && version == s->version && !s->own_ready;
+    }
+}
+
 static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
     const Peftps__Wire__GradPush *g = m->env->grad_push;
     if (!g->has_step || !g->has_version || !g->has_shard || !g->has_loss_sum || !g->has_n_tokens) {
@@ -622,7 +722,7 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
                     "grad_push without step, version, shard, loss_sum or n_tokens");
         return;
     }
-    if (g->step != s->step || g->version != s->version || s->own_ready) {
+    if (!push_in_time(s, g->step, g->version)) {
         REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
                     "push of step %llu version %llu, but the server is at step %llu version "
                     "%llu%s",
@@ -636,11 +736,11 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
                     "push of shard %u, but a step has %u shards", g->shard, s->n_shards);
         return;
     }
-    shard_slot *sl = &s->shards[g->shard];
+    shard_slot *sl = slot(s, g->step, g->shard);
     if (sl->state == SHARD_RECEIVED) {
         REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__DUPLICATE,
                     "shard %u of step %llu was received already", g->shard,
-                    (unsigned long long)s->step);
+                    (unsigned long long)g->step);
         return;
     }
     /* Server 0 assigns; the others take a shard from any registered worker. */
@@ -648,7 +748,7 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
     if (s->opts.index == 0 && !owned) {
         REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
                     "shard %u of step %llu is not assigned to this worker", g->shard,
-                    (unsigned long long)s->step);
+                    (unsigned long long)g->step);
         return;
     }
     err e;
@@ -663,34 +763,31 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
         schedule(s);
         return;
     }
-    if (g->shard == s->next_fold) {
+    sl->state = SHARD_RECEIVED;
+    sl->loss_sum = g->loss_sum;
+    sl->n_tokens = g->n_tokens;
+    if (s->opts.index == 0) w->waiting = 1;
+    int rc = 0;
+    if (s->sync == PEFTPS__SYNC_MODE__ASYNC) {
+        rc = async_apply(s, g->step, sl, &s->fail);
+    } else if (g->step == s->step && g->shard == s->next_fold) {
         fold(s, g->shard, s->inbuf);
         s->next_fold++;
+        rc = advance(s, &s->fail);
     } else {
-        /* Out of order: it waits, in a buffer of its own, for the shards before it. */
+        /* Out of order: it waits, in a buffer of its own, for its turn. */
         float *b = buf_get(s);
         if (!b) {
-            if (owned) sl->state = SHARD_PENDING;
+            sl->state = owned ? SHARD_PENDING : sl->state;
             REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__ERROR_UNSPECIFIED,
                         "out of memory holding shard %u", g->shard);
             return;
         }
         sl->buf = s->inbuf;
         s->inbuf = b;
+        rc = advance(s, &s->fail);
     }
-    sl->state = SHARD_RECEIVED;
-    sl->loss_sum = g->loss_sum;
-    sl->n_tokens = g->n_tokens;
-    while (s->next_fold < s->n_shards && s->shards[s->next_fold].state == SHARD_RECEIVED &&
-           s->shards[s->next_fold].buf) {
-        shard_slot *q = &s->shards[s->next_fold];
-        fold(s, s->next_fold, q->buf);
-        s->pool[s->n_pool++] = q->buf;
-        q->buf = NULL;
-        s->next_fold++;
-    }
-    if (s->opts.index == 0) w->waiting = 1;
-    if (s->next_fold == s->n_shards && shards_done(s, &s->fail) < 0) {
+    if (rc < 0) {
         s->finished = -1;
         return;
     }
@@ -731,19 +828,25 @@ int server_step_apply(server *s, err *e) {
     double norm = sqrt(total);
     double lr = optim_lr(s->exp->optimizer, s->exp->schedule, s->step);
     train_apply(&s->opt, s->exp->optimizer, s->params, s->grad_sum, s->n, norm, lr);
-    double loss = 0.0;
-    for (uint32_t i = 0; i < s->n_shards; i++) loss += s->shards[i].loss_sum;
-    long ntok = s->step_tokens;
-    double mean = ntok > 0 ? loss / (double)ntok : 0.0;
-    double now = progress_now();
-    double dt = now - s->step_start;
-    double toks = (double)s->exp->data->batch_size * (double)s->exp->data->seq_len;
-    s->step++;
     s->version++;
-    for (uint32_t i = 0; i < s->n_shards; i++) s->shards[i].state = SHARD_PENDING;
+    double loss = 0.0;
+    for (uint32_t i = 0; i < s->n_shards; i++) loss += slot(s, s->step, i)->loss_sum;
     s->next_fold = 0;
     s->own_ready = 0;
     for (int k = 0; k < s->n_servers; k++) s->peers[k].have_sums = 0;
+    return step_record(s, loss, s->step_tokens, lr, norm, e);
+}
+
+/* The step is applied: its slots are free for step+window; metrics,
+ * progress, checkpoint, and the end of the run. */
+static int step_record(server *s, double loss, long ntok, double lr, double norm, err *e) {
+    double mean = ntok > 0 ? loss / (double)ntok : 0.0;
+    log_debug("step %llu: loss %.17g, grad norm %.17g", (unsigned long long)s->step + 1, mean, norm);
+    double now = progress_now();
+    double dt = now - s->step_start;
+    double toks = (double)s->exp->data->batch_size * (double)s->exp->data->seq_len;
+    for (uint32_t i = 0; i < s->n_shards; i++) slot(s, s->step, i)->state = SHARD_PENDING;
+    s->step++;
     if (s->metrics) {
         fprintf(s->metrics,
                 "{\"step\":%llu,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6f,\"tokens\":%ld,"

@@ -6,7 +6,8 @@
 # and restarted from its LMDB checkpoint; metrics.jsonl holds every step
 # once; a mismatched or damaged checkpoint is refused; with CURVE an
 # unlisted key cannot register; `peftps run` writes what train writes.
-# Two servers splitting the tensors give the bits of one.
+# Two servers splitting the tensors give the bits of one. SSP and ASYNC
+# (not bit-identical) apply every shard of every step once, under faults.
 # Run by tests/run.sh with $BIN; needs the fixtures of tests/fixtures/.
 BIN=${BIN:-bin}
 PY=/usr/bin/python3
@@ -261,6 +262,38 @@ kill $wi
 grep -q "registered with" "$T/curve-intruder.log" && fail "the intruder registered"
 [ "$(grep -c "worker .* registered" "$T/curve-server.log")" = 1 ] || fail "not one registration"
 same_tensors "$T/ref60" "$T/curve"
+
+# Every step once, each with all its shards' tokens (8 sequences of 64).
+tokens_once() {
+    steps_once "$1" "$2"
+    [ "$(grep -c '"tokens":512,' "$1/metrics.jsonl")" = "$2" ] ||
+        fail "$1: a step without all its shards' tokens"
+    first=$(grep -o '"loss":[0-9.]*' "$1/metrics.jsonl" | head -n 1 | cut -d: -f2)
+    last=$(grep -o '"loss":[0-9.]*' "$1/metrics.jsonl" | tail -n 1 | cut -d: -f2)
+    $PY -c "import sys; sys.exit(not ($last < $first))" || fail "$1: loss $first -> $last"
+}
+
+echo "SSP and ASYNC keep the bookkeeping, also when a worker dies"
+for mode in SSP ASYNC; do
+    x=""
+    [ $mode = SSP ] && x="--set cluster.staleness=2"
+    S=$(sets "$mode" "--set schedule.total_steps=300 --set cluster.sync=$mode $x")
+    bg "$mode-server" "$BIN/peftps-server" $EXP $S
+    sp=$LAST
+    wps=""
+    for i in 0 1 2; do
+        bg "$mode-worker$i" "$BIN/peftps-worker" $EXP $S
+        wps="$wps $LAST"
+    done
+    wait_log "$T/$mode-server.log" "(3 alive)" 20
+    sleep 0.3
+    victim=${wps##* }
+    kill -9 "$victim"
+    wait_pid $sp 120 || fail "$mode server exited with $?"
+    for p in $wps; do [ "$p" = "$victim" ] || wait_pid "$p" 10 || fail "a worker exited"; done
+    grep -q "dropped" "$T/$mode-server.log" || fail "$mode: the dead worker was not dropped"
+    tokens_once "$T/$mode" 300
+done
 
 echo "peftps run writes what peftps train writes"
 "$BIN/peftps" run $EXP --workers 3 --set output_dir="$T/run" --set schedule.total_steps=60 \

@@ -142,10 +142,10 @@ wait_pid() {
     wait "$1"
 }
 
-# scrape PATH: an HTTP GET of the server from the monitoring host; the body
-# on stdout, the status in $T/status.
+# scrape PATH [ADDR]: an HTTP GET of the server (or of ADDR) from the
+# monitoring host; the body on stdout, the status in $T/status.
 scrape() {
-    ip netns exec "$MON" $PY - "http://$SRV_IP:$MPORT$1" "$T/status" <<'EOF'
+    ip netns exec "$MON" $PY - "http://${2:-$SRV_IP}:$MPORT$1" "$T/status" <<'EOF'
 import sys, urllib.request, urllib.error
 try:
     r = urllib.request.urlopen(sys.argv[1], timeout=2)
@@ -208,8 +208,31 @@ while :; do
     sleep 0.1
 done
 [ "$(metric peftps_server_workers)" = 2 ] || fail "not 2 workers registered at step $step"
+# The exposition itself: types, a histogram whose +Inf bucket is its count
+# (one observation per step), and counters that moved.
+for l in "# TYPE peftps_server_step gauge" "# TYPE peftps_server_pushes_accepted_total counter" \
+    "# TYPE peftps_server_step_duration_seconds histogram"; do
+    grep -qx "$l" "$T/metrics" || fail "no '$l' in /metrics"
+done
+inf=$(awk '$1 == "peftps_server_step_duration_seconds_bucket{le=\"+Inf\"}" {print $2}' "$T/metrics")
+count=$(metric peftps_server_step_duration_seconds_count)
+[ -n "$inf" ] && [ "$inf" = "$count" ] || fail "histogram +Inf bucket $inf, count $count"
+[ "$count" -ge "$step" ] || fail "step_duration_seconds_count $count below step $step"
+accepted=$(metric peftps_server_pushes_accepted_total)
+[ "$accepted" -ge $((step * 4)) ] || fail "pushes accepted $accepted, fewer than 4 per step"
+for c in peftps_server_received_bytes_total peftps_server_sent_bytes_total; do
+    [ "$(metric $c | tr -d .)" -gt 0 ] 2>/dev/null || fail "$c is $(metric $c)"
+done
 grep -q "(2 alive)" "$T/server.log" || fail "the server never had both workers"
 [ "$step" -lt $STEPS ] || fail "the run ended before the cut: raise STEPS"
+# The worker about to be cut off has done its share, and says so itself.
+scrape /healthz $NET.3 >/dev/null
+[ "$(cat "$T/status")" = 200 ] || fail "worker host 2's /healthz: status $(cat "$T/status")"
+scrape /metrics $NET.3 >"$T/metrics"
+[ "$(cat "$T/status")" = 200 ] || fail "worker host 2's /metrics: status $(cat "$T/status")"
+[ "$(metric peftps_worker_shards_computed_total)" -gt 0 ] 2>/dev/null ||
+    fail "worker 2 computed no shard before the cut: $(metric peftps_worker_shards_computed_total)"
+[ "$(metric peftps_worker_servers)" = 1 ] || fail "worker 2 is not registered with the server"
 
 echo "step $step: the link of worker host 2 goes down"
 ip -n "$W2" link set eth0 down

@@ -113,7 +113,8 @@ static void write_train_dir(const char *dir, const Peftps__Experiment *ex, const
 /* Whether the method picks what trains from calibration batches, which only
  * trainer_open runs (the rule of train.c). */
 static int calibrates(const Peftps__Method *m) {
-    return (m->kind_case == PEFTPS__METHOD__KIND_ATTENTION_HEADS && m->attention_heads->has_top_k) ||
+    return (m->kind_case == PEFTPS__METHOD__KIND_ATTENTION_HEADS &&
+            m->attention_heads->has_top_k) ||
            (m->kind_case == PEFTPS__METHOD__KIND_SUBNETWORK &&
             m->subnetwork->selection == PEFTPS__MASK_SELECTION__GRADIENT);
 }
@@ -236,8 +237,10 @@ static void assert_json_empty_object(const json_t *o, const char *key) {
 
 static void assert_json_strings(const json_t *o, const char *key, const char *const *want, int n) {
     const json_t *v = json_object_get(o, key);
-    if (!json_is_array(v) || json_array_size(v) != (size_t)n) fail_msg("\"%s\": %d entries", key, n);
-    for (int i = 0; i < n; i++) assert_string_equal(json_string_value(json_array_get(v, i)), want[i]);
+    if (!json_is_array(v) || json_array_size(v) != (size_t)n)
+        fail_msg("\"%s\": %d entries", key, n);
+    for (int i = 0; i < n; i++)
+        assert_string_equal(json_string_value(json_array_get(v, i)), want[i]);
 }
 
 /* Keys in sorted order and 2-space indentation: json.dumps(indent=2,
@@ -619,11 +622,10 @@ static void test_merged_attention_heads(void **state) {
     (void)state;
     char out[512];
     /* top_k: the heads are chosen by calibration, which export repeats. */
-    export_close(check_merged("heads", TINY,
-                              "attention_heads { top_k: 3 calibration_batches: 2 }", 0, 0, out,
+    export_close(check_merged("heads", TINY, "attention_heads { top_k: 3 calibration_batches: 2 }",
+                              0, 0, out, sizeof out));
+    export_close(check_merged("heads_listed", TINY, "attention_heads { heads: [1, 3] }", 2, 0, out,
                               sizeof out));
-    export_close(check_merged("heads_listed", TINY, "attention_heads { heads: [1, 3] }", 2, 0,
-                              out, sizeof out));
 }
 
 static void test_merged_subnetwork(void **state) {
@@ -651,12 +653,10 @@ static void test_merged_full_sharded(void **state) {
     const char *first = json_string_value(json_object_get(map, "model.embed_tokens.weight"));
     assert_non_null(first);
     assert_non_null(strstr(first, "-of-"));
-    assert_int_equal(json_integer_value(json_object_get(json_object_get(idx, "metadata"),
-                                                         "total_size")),
-                     (long long)(256 * 64 * 2 + 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128 +
-                                                      2 * 64) +
-                                 64) *
-                         4);
+    assert_int_equal(
+        json_integer_value(json_object_get(json_object_get(idx, "metadata"), "total_size")),
+        (long long)(256 * 64 * 2 + 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128 + 2 * 64) + 64) *
+            4);
     json_decref(idx);
     snprintf(path, sizeof path, "%s/model.safetensors", out);
     assert_true(access(path, F_OK) != 0);
@@ -692,9 +692,10 @@ static void test_merged_tied(void **state) {
 static void test_merged_biases(void **state) {
     (void)state;
     char out[512];
-    export_close(check_merged("qwen2_layer_wise", QWEN2,
-                              "layer_wise { first_layer: 1 last_layer: 1 modules: [Q_PROJ, K_PROJ] }",
-                              0, 0, out, sizeof out));
+    export_close(
+        check_merged("qwen2_layer_wise", QWEN2,
+                     "layer_wise { first_layer: 1 last_layer: 1 modules: [Q_PROJ, K_PROJ] }", 0, 0,
+                     out, sizeof out));
 }
 
 /* ---- refusals ----------------------------------------------------------------------- */
