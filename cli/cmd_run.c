@@ -243,7 +243,8 @@ int cmd_run(int argc, char **argv) {
         if (servers_left == 0 && workers_left > 0) {
             double now = progress_now();
             if (server_done == 0) server_done = now;
-            if (now - server_done > RUN_WORKER_GRACE_S) kill_all(workers, (int)n_workers, SIGKILL);
+            if (now - server_done > RUN_WORKER_GRACE_S)
+                kill_all(workers, (int)n_workers, SIGKILL);
             else if (now - server_done > RUN_WORKER_GRACE_S / 2)
                 kill_all(workers, (int)n_workers, SIGTERM);
         }

@@ -49,7 +49,8 @@ static char *line_content(char *line) {
 static int write_new(const char *path, const char *text, mode_t mode, err *e) {
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, mode);
     if (fd < 0) {
-        if (errno == EEXIST) return err_set(e, "%s exists already; keys are never overwritten", path);
+        if (errno == EEXIST)
+            return err_set(e, "%s exists already; keys are never overwritten", path);
         return err_errno(e, "creating %s", path);
     }
     size_t n = strlen(text);
@@ -107,8 +108,9 @@ int curve_keys_load(curve_keys *k, const char *path, int need_secret, err *e) {
         }
         while (*l == ' ' || *l == '\t') l++;
         if (!key_valid(l)) {
-            err_set(e, "%s:%d: not a Z85 CURVE key (40 characters) nor a 'public-key:' or "
-                       "'secret-key:' line",
+            err_set(e,
+                    "%s:%d: not a Z85 CURVE key (40 characters) nor a 'public-key:' or "
+                    "'secret-key:' line",
                     path, lineno);
             goto done;
         }
@@ -269,8 +271,8 @@ static void zap_answer(zap *z) {
     if (strcmp(status, "200")) {
         char addr[64] = "?", key[CURVE_KEY_Z85 + 1] = "?";
         if (n >= 4) {
-            size_t an = zmq_msg_size(&part[3]) < sizeof addr - 1 ? zmq_msg_size(&part[3])
-                                                                   : sizeof addr - 1;
+            size_t an =
+                zmq_msg_size(&part[3]) < sizeof addr - 1 ? zmq_msg_size(&part[3]) : sizeof addr - 1;
             memcpy(addr, zmq_msg_data(&part[3]), an);
             addr[an] = '\0';
         }
@@ -300,8 +302,8 @@ static void *zap_main(void *arg) {
     return NULL;
 }
 
-int curve_zap_start(void **handle, void *ctx, const char *authorized_path,
-                    const char *also_public, err *e) {
+int curve_zap_start(void **handle, void *ctx, const char *authorized_path, const char *also_public,
+                    err *e) {
     *handle = NULL;
     zap *z = calloc(1, sizeof *z);
     if (!z) return err_set(e, "out of memory");

@@ -53,8 +53,8 @@ int curve_client_setup(void *sock, const curve_keys *mine, const char *server_pu
  * unlisted keys), logging each refusal. Call before any socket of ctx binds. *handle is for
  * curve_zap_stop. Fails when the file cannot be read or holds a bad line, or
  * ZeroMQ or the thread cannot start. */
-int curve_zap_start(void **handle, void *ctx, const char *authorized_path,
-                    const char *also_public, err *e);
+int curve_zap_start(void **handle, void *ctx, const char *authorized_path, const char *also_public,
+                    err *e);
 
 /* Stops and joins the handler (within a few hundred ms); before the context
  * is terminated. */

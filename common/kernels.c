@@ -583,9 +583,53 @@ typedef struct rope_args {
     int T, H, D, pos0, mode;
 } rope_args;
 
+/* One head's rotation (see rope_args) in VB blocks; x and y are distinct. */
+ROW_LOOP static void rope_head(float *restrict y, const float *restrict x, const float *restrict c,
+                               const float *restrict s, int half, int mode) {
+    const float *x2 = x + half;
+    float *y2 = y + half;
+    int i = 0;
+    if (mode == 0) {
+        for (; i + VB <= half; i += VB)
+            for (int k = 0; k < VB; k++) {
+                y[i + k] = x[i + k] * c[i + k] - x2[i + k] * s[i + k];
+                y2[i + k] = x2[i + k] * c[i + k] + x[i + k] * s[i + k];
+            }
+        for (; i < half; i++) {
+            y[i] = x[i] * c[i] - x2[i] * s[i];
+            y2[i] = x2[i] * c[i] + x[i] * s[i];
+        }
+    } else if (mode == 1) {
+        for (; i + VB <= half; i += VB)
+            for (int k = 0; k < VB; k++) {
+                y[i + k] += x[i + k] * c[i + k] + x2[i + k] * s[i + k];
+                y2[i + k] += x2[i + k] * c[i + k] - x[i + k] * s[i + k];
+            }
+        for (; i < half; i++) {
+            y[i] += x[i] * c[i] + x2[i] * s[i];
+            y2[i] += x2[i] * c[i] - x[i] * s[i];
+        }
+    } else {
+        for (; i + VB <= half; i += VB)
+            for (int k = 0; k < VB; k++) {
+                y[i + k] = x[i + k] * c[i + k] + x2[i + k] * s[i + k];
+                y2[i + k] = x2[i + k] * c[i + k] - x[i + k] * s[i + k];
+            }
+        for (; i < half; i++) {
+            y[i] = x[i] * c[i] + x2[i] * s[i];
+            y2[i] = x2[i] * c[i] - x[i] * s[i];
+        }
+    }
+}
+
+/* Heads up to this size are rotated in place through a copy on the stack;
+ * larger ones (none in the Llama family) element by element. */
+#define ROPE_STACK 512
+
 static void rope_rows(void *c, size_t r0, size_t r1) {
     const rope_args *a = c;
     int half = a->D / 2;
+    float tmp[ROPE_STACK];
     for (size_t row = r0; row < r1; row++) {
         int t = (int)(row % (size_t)a->T);
         const float *cs = a->cos_t + (size_t)(a->pos0 + t) * half;
@@ -594,24 +638,19 @@ static void rope_rows(void *c, size_t r0, size_t r1) {
             size_t off = (row * a->H + h) * a->D;
             const float *x = a->inp + off;
             float *y = a->out + off;
-            if (a->mode == 0)
-                for (int i = 0; i < half; i++) {
-                    float x1 = x[i], x2 = x[i + half];
-                    y[i] = x1 * cs[i] - x2 * sn[i];
-                    y[i + half] = x2 * cs[i] + x1 * sn[i];
-                }
-            else if (a->mode == 1)
-                for (int i = 0; i < half; i++) {
-                    float g1 = x[i], g2 = x[i + half];
-                    y[i] += g1 * cs[i] + g2 * sn[i];
-                    y[i + half] += g2 * cs[i] - g1 * sn[i];
-                }
-            else
-                for (int i = 0; i < half; i++) {
-                    float g1 = x[i], g2 = x[i + half];
-                    y[i] = g1 * cs[i] + g2 * sn[i];
-                    y[i + half] = g2 * cs[i] - g1 * sn[i];
-                }
+            if (x == y && a->D <= ROPE_STACK) {
+                memcpy(tmp, x, (size_t)a->D * sizeof(float));
+                x = tmp;
+            }
+            if (x != y) {
+                rope_head(y, x, cs, sn, half, a->mode);
+                continue;
+            }
+            for (int i = 0; i < half; i++) {
+                float x1 = x[i], x2 = x[i + half];
+                y[i] = a->mode == 0 ? x1 * cs[i] - x2 * sn[i] : x1 * cs[i] + x2 * sn[i];
+                y[i + half] = a->mode == 0 ? x2 * cs[i] + x1 * sn[i] : x2 * cs[i] - x1 * sn[i];
+            }
         }
     }
 }
@@ -704,6 +743,7 @@ typedef struct att_args {
     float *out, *dq, *dk, *dv, *dkp, *dvp;
     const float *dout, *q, *k, *v, *kp, *vp;
     int ps, dps, B, T, P, Hq, Hkv, D;
+    int zero; /* the backward writes dq, dk, dv: each task zeroes its share first */
 } att_args;
 
 static void att_fwd_task(void *c, int task, float *a) {
@@ -798,11 +838,24 @@ static void att_bwd_head(const att_args *x, int b, int h, float *scratch) {
     }
 }
 
+/* Zeroes what the heads of kv head g of sequence b write: their rows of
+ * dq and the kv head's rows of dk and dv. */
+static void att_zero(const att_args *x, int b, int g) {
+    int T = x->T, D = x->D, group = x->Hq / x->Hkv, qs = x->Hq * D, ks = x->Hkv * D;
+    for (int t = 0; t < T; t++) {
+        size_t row = (size_t)b * T + t;
+        memset(x->dq + row * qs + (size_t)g * group * D, 0, (size_t)group * D * sizeof(float));
+        memset(x->dk + row * ks + (size_t)g * D, 0, (size_t)D * sizeof(float));
+        memset(x->dv + row * ks + (size_t)g * D, 0, (size_t)D * sizeof(float));
+    }
+}
+
 /* One kv head g of sequence b: its query heads in order, so dk and dv add
  * up as in a serial loop. */
 static void att_bwd_task(void *c, int task, float *scratch) {
     const att_args *x = c;
     int group = x->Hq / x->Hkv, b = task / x->Hkv, g = task % x->Hkv;
+    if (x->zero) att_zero(x, b, g);
     for (int h = g * group; h < (g + 1) * group; h++) att_bwd_head(x, b, h, scratch);
 }
 
@@ -811,25 +864,43 @@ static void att_bwd_task(void *c, int task, float *scratch) {
 static void att_bwd_group_task(void *c, int g, float *scratch) {
     const att_args *x = c;
     int group = x->Hq / x->Hkv;
-    for (int b = 0; b < x->B; b++)
+    for (int b = 0; b < x->B; b++) {
+        if (x->zero) att_zero(x, b, g);
         for (int h = g * group; h < (g + 1) * group; h++) att_bwd_head(x, b, h, scratch);
+    }
+}
+
+static void att_backward(float *dq, float *dk, float *dv, float *dkp, float *dvp, size_t dpstride,
+                         float *scratch, const float *dout, const float *q, const float *k,
+                         const float *v, const float *kp, const float *vp, size_t pstride, int B,
+                         int T, int P, int Hq, int Hkv, int D, int zero) {
+    // dq, dout, q are (B,T,Hq,D); dk, dv, k, v are (B,T,Hkv,D); scratch is
+    // 2 x (T,P+T): one head's probabilities, rebuilt here rather than kept
+    // per layer, and the gradient of its scores.
+    att_args x = {.dq = dq, .dk = dk, .dv = dv, .dkp = dkp, .dvp = dvp, .dout = dout, .q = q,
+                  .k = k, .v = v, .kp = kp, .vp = vp, .ps = (int)pstride, .dps = (int)dpstride,
+                  .B = B, .T = T, .P = P, .Hq = Hq, .Hkv = Hkv, .D = D, .zero = zero};
+    size_t floats = 2 * (size_t)T * (P + T);
+    if (P && (dkp || dvp))
+        team_run(Hkv, att_bwd_group_task, &x, scratch, floats);
+    else
+        team_run(B * Hkv, att_bwd_task, &x, scratch, floats);
 }
 
 void attention_backward(float *dq, float *dk, float *dv, float *dkp, float *dvp, size_t dpstride,
                         float *scratch, const float *dout, const float *q, const float *k,
                         const float *v, const float *kp, const float *vp, size_t pstride, int B,
                         int T, int P, int Hq, int Hkv, int D) {
-    // dq, dout, q are (B,T,Hq,D); dk, dv, k, v are (B,T,Hkv,D); scratch is
-    // 2 x (T,P+T): one head's probabilities, rebuilt here rather than kept
-    // per layer, and the gradient of its scores.
-    att_args x = {.dq = dq, .dk = dk, .dv = dv, .dkp = dkp, .dvp = dvp, .dout = dout, .q = q,
-                  .k = k, .v = v, .kp = kp, .vp = vp, .ps = (int)pstride, .dps = (int)dpstride,
-                  .B = B, .T = T, .P = P, .Hq = Hq, .Hkv = Hkv, .D = D};
-    size_t floats = 2 * (size_t)T * (P + T);
-    if (P && (dkp || dvp))
-        team_run(Hkv, att_bwd_group_task, &x, scratch, floats);
-    else
-        team_run(B * Hkv, att_bwd_task, &x, scratch, floats);
+    att_backward(dq, dk, dv, dkp, dvp, dpstride, scratch, dout, q, k, v, kp, vp, pstride, B, T, P,
+                 Hq, Hkv, D, 0);
+}
+
+void attention_grad(float *dq, float *dk, float *dv, float *dkp, float *dvp, size_t dpstride,
+                    float *scratch, const float *dout, const float *q, const float *k,
+                    const float *v, const float *kp, const float *vp, size_t pstride, int B, int T,
+                    int P, int Hq, int Hkv, int D) {
+    att_backward(dq, dk, dv, dkp, dvp, dpstride, scratch, dout, q, k, v, kp, vp, pstride, B, T, P,
+                 Hq, Hkv, D, 1);
 }
 
 /* ---- SwiGLU ------------------------------------------------------------------ */

@@ -119,6 +119,12 @@ void attention_backward(float *dq, float *dk, float *dv, float *dkp, float *dvp,
                         float *scratch, const float *dout, const float *q, const float *k,
                         const float *v, const float *kp, const float *vp, size_t pstride, int B,
                         int T, int P, int Hq, int Hkv, int D);
+/* As attention_backward, but dq, dk and dv are written (=), not added to;
+ * dkp and dvp are still added to. */
+void attention_grad(float *dq, float *dk, float *dv, float *dkp, float *dvp, size_t dpstride,
+                    float *scratch, const float *dout, const float *q, const float *k,
+                    const float *v, const float *kp, const float *vp, size_t pstride, int B, int T,
+                    int P, int Hq, int Hkv, int D);
 
 /* out (N,IC) = silu(gate) * up, silu(g) = g * sigmoid(g). */
 void swiglu_forward(float *out, const float *gate, const float *up, int N, int IC);

@@ -76,6 +76,7 @@ struct model {
     int32_t *tokens, *labels; /* (N) copies of the last forward's batch */
     int fB, fT, fP;           /* the last forward's shape and rotary offset; fB 0: none */
     int f_labels;             /* the last forward had labels */
+    int blas;                 /* the caller's BLAS threads, during model_backward */
 };
 
 /* ---- hooks ------------------------------------------------------------------ */
@@ -124,10 +125,18 @@ static void hook_forward(model *m, int layer, int kind, const float *x, float *y
     if (p && p->method->linear_forward) p->method->linear_forward(p, layer, kind, x, y, n);
 }
 
+/* BLAS stays single-threaded in the hooks (small products: LoRA's run
+ * twice as fast so), except for a weight the method replaces, whose
+ * gradient is a product the size of the model's own: there the caller's
+ * BLAS threads (m->blas) do it. */
 static void hook_backward(model *m, int layer, int kind, const float *x, const float *dy, float *dx,
                           int n) {
     peft *p = m->p;
-    if (p->method->linear_backward) p->method->linear_backward(p, layer, kind, x, dy, dx, n);
+    if (!p->method->linear_backward) return;
+    int big = m->blas > 1 && p->method->weight && p->method->weight(p, layer, kind);
+    if (big) team_blas_threads(m->blas);
+    p->method->linear_backward(p, layer, kind, x, dy, dx, n);
+    if (big) team_blas_threads(1);
 }
 
 /* ---- memory ------------------------------------------------------------------- */
@@ -445,16 +454,13 @@ static void layer_backward(model *m, int l, int input_grad) {
     size_t pstride;
     int P = prefix_of(m, l, &kp, &vp, &pstride);
     int train_prefix = P && p->method->prefix_backward;
-    memset(m->dq, 0, (size_t)N * qd * sizeof(float));
-    memset(m->dk, 0, (size_t)N * kvd * sizeof(float));
-    memset(m->dv, 0, (size_t)N * kvd * sizeof(float));
     if (train_prefix) {
         memset(m->dkp, 0, (size_t)P * kvd * sizeof(float));
         memset(m->dvp, 0, (size_t)P * kvd * sizeof(float));
     }
-    attention_backward(m->dq, m->dk, m->dv, train_prefix ? m->dkp : NULL,
-                       train_prefix ? m->dvp : NULL, (size_t)kvd, m->attsc, m->datty, a->q, a->k,
-                       a->v, kp, vp, pstride, B, T, P, Hq, Hkv, D);
+    attention_grad(m->dq, m->dk, m->dv, train_prefix ? m->dkp : NULL, train_prefix ? m->dvp : NULL,
+                   (size_t)kvd, m->attsc, m->datty, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq,
+                   Hkv, D);
     if (train_prefix) p->method->prefix_backward(p, l, m->dkp, m->dvp, (size_t)kvd);
     rope_unrotate(m->dq, m->dq, m->rope_cos, m->rope_sin, B, T, Hq, D, m->fP);
     rope_unrotate(m->dk, m->dk, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
@@ -491,10 +497,10 @@ void model_backward(model *m, float loss_scale) {
     int L = c->num_layers, C = c->hidden_size, V = c->vocab_size, N = m->fB * m->fT;
     int first = p->first_trainable_layer;
     first = first < -1 ? -1 : first > L ? L : first;
-    /* As in the forward: the team parallelises, BLAS stays single-threaded,
-     * in the methods' hooks too (their small products run faster so, and
-     * an idle OpenBLAS pool would spin against the team). */
-    int blas = team_blas_threads(1);
+    /* As in the forward: the team parallelises, BLAS stays single-threaded
+     * (an OpenBLAS pool left idle would spin against the team), except in
+     * the hooks that take a full weight's gradient (hook_backward). */
+    m->blas = team_blas_threads(1);
 
     /* lm_head and the loss, a chunk of rows at a time; dln is the final
      * norm's output gradient, not needed when only lm_head trains. */
@@ -519,5 +525,5 @@ void model_backward(model *m, float loss_scale) {
     if (first < 0 && p->method->embed_backward)
         p->method->embed_backward(p, m->tokens, m->dresid, N);
     if (p->method->end_backward) p->method->end_backward(p);
-    team_blas_threads(blas);
+    team_blas_threads(m->blas);
 }

@@ -14,8 +14,11 @@
 
 /* A helper keeps polling this long after a job before it sleeps: the model
  * issues jobs every few tens of microseconds in a step, and waking a
- * sleeping thread costs about as much as a small job. */
+ * sleeping thread costs about as much as a small job. After the first
+ * PAUSE_NS it yields between polls, leaving the core to any other thread
+ * (an OpenBLAS call of the caller's, another process). */
 #define SPIN_NS 200000L
+#define PAUSE_NS 20000L
 
 /* One job; two slots alternate so that a helper still reading the previous
  * job's slot never sees this one's fields change under it. */
@@ -91,9 +94,16 @@ static void *helper_main(void *arg) {
         uint32_t g;
         long t0 = now_ns();
         int spins = 0;
+        int yielding = 0;
         while ((g = atomic_load(&team.gen)) == seen) {
-            cpu_relax();
-            if (++spins % 256 || now_ns() - t0 < SPIN_NS) continue;
+            if (yielding)
+                sched_yield();
+            else
+                cpu_relax();
+            if (!yielding && ++spins % 256) continue;
+            long waited = now_ns() - t0;
+            yielding = waited >= PAUSE_NS;
+            if (waited < SPIN_NS) continue;
             pthread_mutex_lock(&team.lock);
             atomic_fetch_add(&team.sleepers, 1);
             while (atomic_load(&team.gen) == seen) pthread_cond_wait(&team.wake, &team.lock);

@@ -98,8 +98,8 @@ void trainer_close(trainer *t) {
     free(t);
 }
 
-int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum,
-                       long *n_tokens, err *e) {
+int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
+                       err *e) {
     const Peftps__Data *d = t->exp->data;
     if (data_shard(t->train, step, shard, d->shards_per_step, d->batch_size, t->tokens, t->labels,
                    e) < 0)
@@ -137,7 +137,8 @@ void train_apply(optim *o, const Peftps__Optimizer *ocfg, float *params, float *
 }
 
 double train_update(optim *o, const Peftps__Optimizer *ocfg, const peft_tensor *tensors,
-                    int n_tensors, float *params, float *grads, size_t n, long n_tokens, double lr) {
+                    int n_tensors, float *params, float *grads, size_t n, long n_tokens,
+                    double lr) {
     train_grad_mean(grads, n, n_tokens);
     double norm = sqrt(train_grad_sumsq(tensors, n_tensors, grads, NULL));
     train_apply(o, ocfg, params, grads, n, norm, lr);

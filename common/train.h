@@ -27,9 +27,9 @@ typedef struct trainer {
     data *eval;  /* NULL when the experiment has no eval data */
     optim opt;
     int have_opt;
-    float *grad_sum; /* p->n_params: shard gradients summed in shard order */
-    int rows;        /* sequences per shard (batch_size / shards_per_step) */
-    int T;           /* seq_len */
+    float *grad_sum;          /* p->n_params: shard gradients summed in shard order */
+    int rows;                 /* sequences per shard (batch_size / shards_per_step) */
+    int T;                    /* seq_len */
     int32_t *tokens, *labels; /* rows*T each */
 } trainer;
 
@@ -55,8 +55,8 @@ void trainer_close(trainer *t);
 /* Gradient of the summed token loss of shard `shard` of step `step` into
  * t->p->grads (zeroed first), at the current parameters; the worker's half.
  * Writes the shard's summed loss and its count of loss-carrying tokens. */
-int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum,
-                       long *n_tokens, err *e);
+int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
+                       err *e);
 
 /* The server's half: given the sum over the step's shards of the summed-loss
  * gradients (in `grads`, modified), divide by n_tokens, clip by the global

@@ -8,6 +8,7 @@
 #include <stdio.h>
 
 #include "ckpt.h"
+#include "log.h"
 #include "curve.h"
 #include "progress.h"
 #include "server.h"
@@ -66,7 +67,7 @@ struct server {
     /* Every tensor's server, and this server's tensors packed in global
      * order at local offsets. */
     int n_global;
-    int *owner;     /* n_global */
+    int *owner;           /* n_global */
     wire_expect *kexpect; /* n_global: server 0's tensors, then server 1's, ... */
     int *kfirst, *kcount; /* per server: where its tensors start in kexpect, how many */
     peft_tensor *tensors;
@@ -125,15 +126,22 @@ struct server {
     err fail;
 };
 
+/* A log line of server s: first ends the progress line on a terminal, so
+ * that the two do not run into each other. */
+#define server_log(s, level, ...)                                                                  \
+    do {                                                                                           \
+        progress_end(&(s)->pr);                                                                    \
+        log_msg(level, __VA_ARGS__);                                                               \
+    } while (0)
+
 /* Sends env (and tensor frames) to the peer of identity id at the ROUTER;
  * counts the bytes for this step's metrics; a failure is logged. */
 void server_send(server *s, const unsigned char *id, size_t id_len,
                  const Peftps__Wire__Envelope *env, const wire_tensor *t, int n);
 
 /* Answers the sender of m with an Error and logs it under `who`. */
-void server_reply_error(server *s, const wire_msg *m, const char *who,
-                        Peftps__Wire__ErrorCode code, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
+void server_reply_error(server *s, const wire_msg *m, const char *who, Peftps__Wire__ErrorCode code,
+                        const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
 /* With `sums` complete for the step: the global norm from them in global
  * order, clip, AdamW, next version; metrics, checkpoint, end of the run.

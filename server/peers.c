@@ -44,12 +44,12 @@ void peers_on_hello(server *s, const wire_msg *m, int k) {
     memcpy(p->id, m->identity, m->id_len);
     p->id_len = m->id_len;
     p->last_seen = p->last_sent = progress_now();
-    log_info("server %d linked", k);
+    server_log(s, LOG_INFO, "server %d linked", k);
     wire_out o;
-    server_send(s, p->id, p->id_len,
-                wire_welcome(&o, 0, (uint32_t)s->n_servers, s->exp->cluster->heartbeat_ms,
-                             s->version),
-                NULL, 0);
+    server_send(
+        s, p->id, p->id_len,
+        wire_welcome(&o, 0, (uint32_t)s->n_servers, s->exp->cluster->heartbeat_ms, s->version),
+        NULL, 0);
 }
 
 /* The I64 tensor of n doubles' bits, checked; NULL with e set otherwise. */
@@ -110,13 +110,12 @@ static void on_peer_final(server *s, const wire_msg *m, int k) {
     for (int i = 0; i < m->n_tensors; i++) {
         int g = peft_find_tensor(p, m->tensors[i].name);
         if (wire_tensor_copy_f32(&m->tensors[i], peft_param(p, g), p->tensors[g].numel, &e) < 0) {
-            server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "final: %s",
-                               e.msg);
+            server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "final: %s", e.msg);
             return;
         }
     }
     s->peers[k].have_final = 1;
-    log_info("server %d sent its final tensors", k);
+    server_log(s, LOG_INFO, "server %d sent its final tensors", k);
     if (server_finish_run(s, &s->fail) < 0) s->finished = -1;
 }
 
@@ -142,6 +141,11 @@ void peers_on_message(server *s, const wire_msg *m, peer_rec *p) {
         }
         break;
     case PEFTPS__WIRE__ENVELOPE__BODY_GRAD_PUSH:
+        if (!p->checked) {
+            server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
+                               "sums before the heartbeat that tells the step");
+            return;
+        }
         on_peer_sums(s, m, k);
         break;
     case PEFTPS__WIRE__ENVELOPE__BODY_SNAPSHOT:
@@ -157,7 +161,11 @@ int peers_try_complete(server *s, err *e) {
     if (!s->own_ready) return 0;
     for (int k = 1; k < s->n_servers; k++)
         if (!s->peers[k].used || !s->peers[k].have_sums) return 0;
-    wire_tensor t = {PEER_SUMSQ_TENSOR, PEFTPS__WIRE__DTYPE__I64, 1, {s->n_global}, s->sums,
+    wire_tensor t = {PEER_SUMSQ_TENSOR,
+                     PEFTPS__WIRE__DTYPE__I64,
+                     1,
+                     {s->n_global},
+                     s->sums,
                      (size_t)s->n_global * sizeof(double)};
     for (int k = 1; k < s->n_servers; k++) {
         wire_out o;
@@ -181,8 +189,8 @@ void peers_tick(server *s) {
         peer_rec *p = &s->peers[k];
         if (!p->used) continue;
         if (now - p->last_seen > s->timeout_s) {
-            log_warn("server %d silent for %.1f s; waiting for it to come back", k,
-                     now - p->last_seen);
+            server_log(s, LOG_WARN, "server %d silent for %.1f s; waiting for it to come back", k,
+                       now - p->last_seen);
             p->used = 0;
             continue;
         }
@@ -199,7 +207,8 @@ void peers_tick(server *s) {
 static void link_send(server *s, const Peftps__Wire__Envelope *env, const wire_tensor *t, int n) {
     err e;
     if (wire_send(s->link, NULL, 0, env, t, n, &e) < 0) {
-        log_warn("sending %s to server 0: %s", wire_body_name(env->body_case), e.msg);
+        server_log(s, LOG_WARN, "sending %s to server 0: %s", wire_body_name(env->body_case),
+                   e.msg);
         return;
     }
     s->link_sent = progress_now();
@@ -233,6 +242,9 @@ int peers_link_open(server *s, err *e) {
 }
 
 void peers_send_sums(server *s) {
+    /* Until server 0 has compared steps (after its Welcome) they would be
+     * refused: the Welcome sends them. */
+    if (!s->link_registered) return;
     /* This server's tensors' sums, in its (global) order. */
     double *mine = malloc((size_t)s->n_tensors * sizeof *mine);
     if (!mine) {
@@ -241,7 +253,11 @@ void peers_send_sums(server *s) {
         return;
     }
     for (int i = 0; i < s->n_tensors; i++) mine[i] = s->sums[s->gidx[i]];
-    wire_tensor t = {PEER_SUMSQ_TENSOR, PEFTPS__WIRE__DTYPE__I64, 1, {s->n_tensors}, mine,
+    wire_tensor t = {PEER_SUMSQ_TENSOR,
+                     PEFTPS__WIRE__DTYPE__I64,
+                     1,
+                     {s->n_tensors},
+                     mine,
                      (size_t)s->n_tensors * sizeof(double)};
     wire_out o;
     link_send(s,
@@ -263,7 +279,7 @@ static int on_link_sums(server *s, const wire_msg *m, err *e) {
     err ve;
     const wire_view *v = sums_view(m, s->n_global, &ve);
     if (!v) {
-        log_warn("server 0 sent bad sums: %s", ve.msg);
+        server_log(s, LOG_WARN, "server 0 sent bad sums: %s", ve.msg);
         return 0;
     }
     if (g->step != s->step || !s->own_ready)
@@ -281,7 +297,7 @@ static int on_link_message(server *s, const wire_msg *m, err *e) {
     switch (m->env->body_case) {
     case PEFTPS__WIRE__ENVELOPE__BODY_WELCOME:
         s->link_registered = 1;
-        log_info("linked to server 0");
+        server_log(s, LOG_INFO, "linked to server 0");
         /* Our step first, for server 0 to compare; then anything it missed. */
         link_send(s, wire_heartbeat(&o, s->version, s->step), NULL, 0);
         if (s->own_ready) peers_send_sums(s);
@@ -304,7 +320,8 @@ static int on_link_message(server *s, const wire_msg *m, err *e) {
     case PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT:
         return 0;
     default:
-        log_warn("server 0 sent an unexpected %s", wire_body_name(m->env->body_case));
+        server_log(s, LOG_WARN, "server 0 sent an unexpected %s",
+                   wire_body_name(m->env->body_case));
         return 0;
     }
 }
@@ -319,7 +336,7 @@ int peers_link_poll(server *s, err *e) {
         err me;
         int rc = 0;
         if (wire_recv(s->link, 0, &m, &s->lim, &me) < 0) {
-            if (m.received) log_warn("server 0 sent a bad message: %s", me.msg);
+            if (m.received) server_log(s, LOG_WARN, "server 0 sent a bad message: %s", me.msg);
         } else {
             rc = on_link_message(s, &m, e);
         }
@@ -328,7 +345,8 @@ int peers_link_poll(server *s, err *e) {
     }
     double now = progress_now();
     if (s->link_registered && now - s->link_heard > s->timeout_s) {
-        log_warn("server 0 silent for %.1f s; registering again", now - s->link_heard);
+        server_log(s, LOG_WARN, "server 0 silent for %.1f s; registering again",
+                   now - s->link_heard);
         link_hello(s);
     } else if (!s->link_registered && now - s->link_hello > s->timeout_s) {
         link_hello(s);

@@ -189,7 +189,7 @@ static int write_tensors(server *s, err *e) {
     char path[4096];
     snprintf(path, sizeof path, "%s/tensors.safetensors", s->exp->output_dir);
     if (peft_save(p, path, e) < 0) return -1;
-    log_info("wrote %s", path);
+    server_log(s, LOG_INFO, "wrote %s", path);
     return 0;
 }
 
@@ -215,7 +215,8 @@ static int checkpoint_write(server *s, err *e) {
     d.tensors = s->tensors;
     d.n_tensors = s->n_tensors;
     if (ckpt_write(s->ck, &d, e) < 0) return -1;
-    log_info("checkpoint of step %llu written to %s", (unsigned long long)s->step, ckpt_dir(s->ck));
+    server_log(s, LOG_INFO, "checkpoint of step %llu written to %s", (unsigned long long)s->step,
+               ckpt_dir(s->ck));
     return 0;
 }
 
@@ -242,8 +243,7 @@ static int checkpoint_open(server *s, err *e) {
                        "false; remove it, use another path, or resume",
                        dir);
     ckpt_data d;
-    uint64_t want = s->opts.resume_step == SERVER_RESUME_LATEST ? CKPT_LATEST
-                                                                 : s->opts.resume_step;
+    uint64_t want = s->opts.resume_step == SERVER_RESUME_LATEST ? CKPT_LATEST : s->opts.resume_step;
     if (ckpt_read(s->ck, want, &d, e) < 0) {
         ckpt_data_free(&d);
         return err_wrap(e, "refusing to resume");
@@ -265,7 +265,8 @@ static int checkpoint_open(server *s, err *e) {
     memcpy(s->params, d.params, s->n * sizeof(float));
     s->step = d.step;
     s->version = d.opt_t;
-    log_info("resuming from the checkpoint of step %llu in %s", (unsigned long long)d.step, dir);
+    server_log(s, LOG_INFO, "resuming from the checkpoint of step %llu in %s",
+               (unsigned long long)d.step, dir);
     rc = 0;
 done:
     ckpt_data_free(&d);
@@ -329,9 +330,11 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
             metrics_open(s, e) < 0)
             goto fail;
     }
-    log_info("%s: server %d of %d holds %d of %d tensors (%zu parameters) of %s, at step %llu/%llu",
-             exp->name, opts->index, s->n_servers, s->n_tensors, s->n_global, s->n,
-             s->t->p->method->name, (unsigned long long)s->step, (unsigned long long)s->total);
+    server_log(
+        s, LOG_INFO,
+        "%s: server %d of %d holds %d of %d tensors (%zu parameters) of %s, at step %llu/%llu",
+        exp->name, opts->index, s->n_servers, s->n_tensors, s->n_global, s->n,
+        s->t->p->method->name, (unsigned long long)s->step, (unsigned long long)s->total);
     *out = s;
     return 0;
 fail:
@@ -375,9 +378,8 @@ int server_bind(server *s, err *e) {
     const char *ep = s->opts.listen ? s->opts.listen : s->exp->cluster->servers[s->opts.index];
     s->ctx = zmq_ctx_new();
     if (!s->ctx) return err_set(e, "zmq_ctx_new: %s", zmq_strerror(errno));
-    if (s->curve &&
-        curve_zap_start(&s->zap, s->ctx, s->exp->cluster->curve->authorized_keys,
-                        s->keys.public_key, e) < 0)
+    if (s->curve && curve_zap_start(&s->zap, s->ctx, s->exp->cluster->curve->authorized_keys,
+                                    s->keys.public_key, e) < 0)
         return err_wrap(e, "cluster.curve.authorized_keys");
     s->sock = zmq_socket(s->ctx, ZMQ_ROUTER);
     if (!s->sock) return err_set(e, "zmq_socket: %s", zmq_strerror(errno));
@@ -386,7 +388,7 @@ int server_bind(server *s, err *e) {
     if (wire_set_limits(s->sock, s->lim.max_message_bytes, e) < 0) return -1;
     if (s->curve && curve_server_setup(s->sock, &s->keys, e) < 0) return -1;
     if (zmq_bind(s->sock, ep) < 0) return err_set(e, "binding %s: %s", ep, zmq_strerror(errno));
-    log_info("listening on %s%s", ep, s->curve ? " (CURVE)" : "");
+    server_log(s, LOG_INFO, "listening on %s%s", ep, s->curve ? " (CURVE)" : "");
     if (s->opts.index > 0 && peers_link_open(s, e) < 0) return -1;
     return 0;
 }
@@ -418,7 +420,7 @@ void server_send(server *s, const unsigned char *id, size_t id_len,
                  const Peftps__Wire__Envelope *env, const wire_tensor *t, int n) {
     err e;
     if (wire_send(s->sock, id, id_len, env, t, n, &e) < 0) {
-        log_warn("sending %s: %s", wire_body_name(env->body_case), e.msg);
+        server_log(s, LOG_WARN, "sending %s: %s", wire_body_name(env->body_case), e.msg);
         return;
     }
     s->bytes_out += message_bytes(env, t, n);
@@ -430,14 +432,14 @@ static void send_worker(server *s, worker_rec *w, const Peftps__Wire__Envelope *
     server_send(s, w->id, w->id_len, env, t, n);
 }
 
-void server_reply_error(server *s, const wire_msg *m, const char *who,
-                        Peftps__Wire__ErrorCode code, const char *fmt, ...) {
+void server_reply_error(server *s, const wire_msg *m, const char *who, Peftps__Wire__ErrorCode code,
+                        const char *fmt, ...) {
     char text[512];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
-    log_warn("%s: %s", who, text);
+    server_log(s, LOG_WARN, "%s: %s", who, text);
     wire_out o;
     server_send(s, m->identity, m->id_len, wire_error(&o, code, "%s", text), NULL, 0);
 }
@@ -588,7 +590,8 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
         worker_release(s, w);
     } else if (!(w = worker_add(s))) {
         server_reply_error(s, m, "unregistered peer", PEFTPS__WIRE__ERROR_CODE__ERROR_UNSPECIFIED,
-                    "%s refused: %d workers are registered already", who, SERVER_MAX_WORKERS);
+                           "%s refused: %d workers are registered already", who,
+                           SERVER_MAX_WORKERS);
         return;
     } else {
         w->used = 1;
@@ -599,7 +602,7 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
     w->last_seen = progress_now();
     w->version = NO_VERSION;
     w->waiting = 0;
-    log_info("worker %s registered (%d alive)", w->name, workers_alive(s));
+    server_log(s, LOG_INFO, "worker %s registered (%d alive)", w->name, workers_alive(s));
     wire_out o;
     send_worker(s, w,
                 wire_welcome(&o, (uint32_t)s->opts.index, (uint32_t)s->n_servers,
@@ -841,7 +844,8 @@ int server_step_apply(server *s, err *e) {
  * progress, checkpoint, and the end of the run. */
 static int step_record(server *s, double loss, long ntok, double lr, double norm, err *e) {
     double mean = ntok > 0 ? loss / (double)ntok : 0.0;
-    log_debug("step %llu: loss %.17g, grad norm %.17g", (unsigned long long)s->step + 1, mean, norm);
+    log_debug("step %llu: loss %.17g, grad norm %.17g", (unsigned long long)s->step + 1, mean,
+              norm);
     double now = progress_now();
     double dt = now - s->step_start;
     double toks = (double)s->exp->data->batch_size * (double)s->exp->data->seq_len;
@@ -898,8 +902,8 @@ static void on_message(server *s, wire_msg *m) {
     }
     if (!w) {
         server_reply_error(s, m, "unregistered peer", PEFTPS__WIRE__ERROR_CODE__NOT_REGISTERED,
-                    "%s from a peer that has not registered (send Hello first)",
-                    wire_body_name(body));
+                           "%s from a peer that has not registered (send Hello first)",
+                           wire_body_name(body));
         return;
     }
     switch (body) {
@@ -929,8 +933,9 @@ static void tick(server *s) {
             int n = worker_release(s, w);
             w->used = 0;
             dropped = 1;
-            log_warn("worker %s silent for %.1f s: dropped, %d shard(s) go to others (%d alive)",
-                     w->name, now - w->last_seen, n, workers_alive(s));
+            server_log(s, LOG_WARN,
+                       "worker %s silent for %.1f s: dropped, %d shard(s) go to others (%d alive)",
+                       w->name, now - w->last_seen, n, workers_alive(s));
             continue;
         }
         if (now - w->last_sent >= s->hb_s) {
@@ -973,7 +978,7 @@ int server_run(server *s, err *e) {
     progress_start(&s->pr, s->total);
     s->step_start = 0;
     if (s->step >= s->total) {
-        log_info("the checkpoint is at the last step already");
+        server_log(s, LOG_INFO, "the checkpoint is at the last step already");
         if (server_finish_run(s, e) < 0) return -1;
     }
     long tick_ms = (long)s->exp->cluster->heartbeat_ms / 4;
@@ -1001,7 +1006,7 @@ int server_run(server *s, err *e) {
     }
     if (s->finished) return 0;
     progress_end(&s->pr);
-    log_warn("stopping on a signal at step %llu", (unsigned long long)s->step);
+    server_log(s, LOG_WARN, "stopping on a signal at step %llu", (unsigned long long)s->step);
     if (checkpoint_write(s, e) < 0) return -1;
     server_shutdown_workers(s, "the server was stopped");
     return 1;

@@ -46,8 +46,8 @@ int server_bind(server *s, err *e);
 
 /* Runs the training loop until the last step is done: then checkpoints,
  * writes OUTPUT/tensors.safetensors (server 0, with every server's
- * tensors), sends Shutdown to the workers and returns 0. Returns 1 when server_stop was called (from a signal handler):
- * it checkpointed the last completed step and told the workers to stop.
+ * tensors), sends Shutdown to the workers and returns 0. Returns 1 when server_stop was called
+ * (from a signal handler): it checkpointed the last completed step and told the workers to stop.
  * Returns -1 with e set when the run cannot continue (a non-finite loss, a
  * checkpoint or output that cannot be written, ZeroMQ failing, server 0
  * refusing this server because they are at different steps). */

@@ -5,7 +5,8 @@
 # run whose worker is SIGKILLed mid-step, and one whose server is SIGKILLed
 # and restarted from its LMDB checkpoint; metrics.jsonl holds every step
 # once; a mismatched or damaged checkpoint is refused; with CURVE an
-# unlisted key cannot register; `peftps run` writes what train writes.
+# unlisted key cannot register; `peftps run` writes what train writes, and
+# stops cleanly on Ctrl-C and resumes.
 # Two servers splitting the tensors give the bits of one. SSP and ASYNC
 # (not bit-identical) apply every shard of every step once, under faults.
 # Run by tests/run.sh with $BIN; needs the fixtures of tests/fixtures/.
@@ -304,4 +305,22 @@ tail -n 1 "$T/ref60/metrics.jsonl" >"$T/eval.ref"
 tail -n 1 "$T/run/metrics.jsonl" >"$T/eval.run"
 grep -q eval_loss "$T/eval.run" || fail "peftps run wrote no eval line"
 cmp -s "$T/eval.ref" "$T/eval.run" || fail "eval lines differ: $(cat "$T/eval.ref" "$T/eval.run")"
+echo "peftps run stops cleanly on Ctrl-C and resumes to the same tensors"
+bg runint "$BIN/peftps" run $EXP --workers 2 --set output_dir="$T/runint" \
+    --set schedule.total_steps=300 --set checkpoint.every_steps=1000
+rp=$LAST
+wait_log "$T/runint.log" "started 1 server(s) and 2 worker(s)" 20
+sleep 0.5
+kids=$(ps -o pid= --ppid $rp)
+kill -INT $rp
+wait_pid $rp 30
+rc=$?
+[ $rc = 130 ] || fail "peftps run after SIGINT: exit $rc, wanted the server's 130"
+for k in $kids; do kill -0 "$k" 2>/dev/null && fail "process $k outlived peftps run"; done
+grep -q "stopping on a signal at step [1-9]" "$T/runint.log" || fail "the server did not stop"
+"$BIN/peftps" run $EXP --workers 2 --set output_dir="$T/runint" --set schedule.total_steps=300 \
+    --set checkpoint.every_steps=1000 >"$T/runint2.log" 2>&1 || fail "resumed peftps run: $?"
+grep -q "resuming from the checkpoint of step [1-9]" "$T/runint2.log" || fail "run did not resume"
+same_tensors "$T/ref300" "$T/runint"
+steps_once "$T/runint" 300
 echo "ok"

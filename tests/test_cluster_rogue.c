@@ -334,15 +334,15 @@ static void take_snapshot(trainer *t, const wire_msg *m) {
     for (int i = 0; i < m->n_tensors; i++) {
         int k = peft_find_tensor(t->p, m->tensors[i].name);
         assert_true(k >= 0);
-        if (wire_tensor_copy_f32(&m->tensors[i], peft_param(t->p, k), t->p->tensors[k].numel,
-                                 &e) < 0)
+        if (wire_tensor_copy_f32(&m->tensors[i], peft_param(t->p, k), t->p->tensors[k].numel, &e) <
+            0)
             fail_msg("%s", e.msg);
     }
     peft_refresh(t->p);
 }
 
-static void push(void *s, trainer *t, uint64_t step, uint64_t version, uint32_t shard,
-                 double loss, long ntok, int wrong_shape) {
+static void push(void *s, trainer *t, uint64_t step, uint64_t version, uint32_t shard, double loss,
+                 long ntok, int wrong_shape) {
     peft *p = t->p;
     wire_tensor *wt = calloc((size_t)p->n_tensors, sizeof *wt);
     assert_non_null(wt);
@@ -481,8 +481,9 @@ static int curve_setup(void **state) {
     char cmd[200];
     snprintf(cmd, sizeof cmd, "cp %s/worker.pub %s/authorized", cc.dir, cc.dir);
     assert_int_equal(system(cmd), 0);
-    snprintf(set, sizeof set, "cluster.curve={server_keys: \"%s/server.key\" authorized_keys: "
-                              "\"%s/authorized\"}",
+    snprintf(set, sizeof set,
+             "cluster.curve={server_keys: \"%s/server.key\" authorized_keys: "
+             "\"%s/authorized\"}",
              cc.dir, cc.dir);
     snprintf(cc.sets[cc.argc_sets++], sizeof cc.sets[0], "%s", set);
     cc.server = spawn(&cc, "peftps-server", "server.log", NULL, 0);
@@ -518,8 +519,7 @@ static void test_curve_unlisted_key(void **state) {
     assert_false(got);
     zmq_close(s);
     char cmd[256];
-    snprintf(cmd, sizeof cmd, "grep -qF 'key %s)' %s/server.log",
-             intruder_keys.public_key, cc.dir);
+    snprintf(cmd, sizeof cmd, "grep -qF 'key %s)' %s/server.log", intruder_keys.public_key, cc.dir);
     assert_int_equal(system(cmd), 0);
     snprintf(cmd, sizeof cmd, "grep -q 'worker .* registered (' %s/server.log", cc.dir);
     assert_int_not_equal(system(cmd), 0);

@@ -58,7 +58,7 @@ struct worker {
     curve_keys mine;
     char server_public[CURVE_KEY_Z85 + 1];
     double hb_s, timeout_s;
-    wire_limits lim; /* no message may exceed the whole table */
+    wire_limits lim;    /* no message may exceed the whole table */
     uint64_t refreshed; /* version the method's derived state was built for */
 
     /* The current assignment, from server 0. */
@@ -202,8 +202,8 @@ static void send_hello(worker *w, conn *c) {
     c->hello_at = progress_now();
     c->registered = 0;
     send_msg(c,
-             wire_hello(&o, w->id, model_files_fingerprint(w->t->files), w->exp_fp,
-                        w->id, (uint32_t)getpid()),
+             wire_hello(&o, w->id, model_files_fingerprint(w->t->files), w->exp_fp, w->id,
+                        (uint32_t)getpid()),
              NULL, 0);
 }
 
@@ -256,8 +256,7 @@ static int on_welcome(worker *w, conn *c, const wire_msg *m, err *e) {
     const Peftps__Wire__Welcome *wl = m->env->welcome;
     peft *p = w->t->p;
     if (wl->server_index != (uint32_t)c->index || wl->num_servers != (uint32_t)w->n_conns)
-        return err_set(e,
-                       "%s says it is server %u of %u, but cluster.servers lists it as %d of %d",
+        return err_set(e, "%s says it is server %u of %u, but cluster.servers lists it as %d of %d",
                        c->endpoint, wl->server_index, wl->num_servers, c->index, w->n_conns);
     conn_forget(c);
     c->n = m->n_tensors;
@@ -283,7 +282,8 @@ static int on_welcome(worker *w, conn *c, const wire_msg *m, err *e) {
         c->push[i].name = pt->name;
         c->push[i].dtype = PEFTPS__WIRE__DTYPE__F32;
         c->push[i].ndim = pt->ndim;
-        for (int d = 0; d < pt->ndim; d++) c->expect[i].shape[d] = c->push[i].shape[d] = pt->shape[d];
+        for (int d = 0; d < pt->ndim; d++)
+            c->expect[i].shape[d] = c->push[i].shape[d] = pt->shape[d];
         c->push[i].data = p->grads + pt->offset;
         c->push[i].nbytes = pt->numel * sizeof(float);
     }
@@ -294,8 +294,8 @@ static int on_welcome(worker *w, conn *c, const wire_msg *m, err *e) {
         total += w->conns[i].n;
     }
     if (registered_all && total != p->n_tensors)
-        return err_set(e, "the servers hold %d tensors together, this worker's %s trains %d",
-                       total, p->method->name, p->n_tensors);
+        return err_set(e, "the servers hold %d tensors together, this worker's %s trains %d", total,
+                       p->method->name, p->n_tensors);
     c->registered = 1;
     c->attempts = 0;
     c->version = NO_VERSION;
@@ -309,6 +309,9 @@ static void on_snapshot(worker *w, conn *c, const wire_msg *m) {
     err e;
     if (wire_check_tensors(m, c->expect, c->n, &e) < 0) {
         log_warn("server %d sent a bad snapshot: %s", c->index, e.msg);
+        /* Ask again when an assignment needs this server's version. */
+        c->version = NO_VERSION;
+        c->pulled = 0;
         return;
     }
     peft *p = w->t->p;
@@ -317,6 +320,7 @@ static void on_snapshot(worker *w, conn *c, const wire_msg *m) {
         if (wire_tensor_copy_f32(&m->tensors[i], p->params + pt->offset, pt->numel, &e) < 0) {
             log_warn("server %d sent a bad snapshot: %s", c->index, e.msg);
             c->version = NO_VERSION;
+            c->pulled = 0;
             return;
         }
     }
@@ -516,8 +520,7 @@ static int loop(worker *w, err *e) {
                 wire_msg_close(&m);
                 int ev = 0;
                 size_t evn = sizeof ev;
-                if (rc || zmq_getsockopt(c->sock, ZMQ_EVENTS, &ev, &evn) < 0 ||
-                    !(ev & ZMQ_POLLIN))
+                if (rc || zmq_getsockopt(c->sock, ZMQ_EVENTS, &ev, &evn) < 0 || !(ev & ZMQ_POLLIN))
                     break;
             }
         }

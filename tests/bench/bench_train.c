@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "model.h"
 #include "optim.h"
@@ -59,6 +60,22 @@ static double step_flops(const shape *s, int full) {
     else
         total += 3 * 2 * N * L * 2 * (8.0 * C + 8.0 * C); /* LoRA on q,v: fwd+2 bwd */
     return total;
+}
+
+/* Seconds of CPU time of the whole process (every thread). */
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void sort_doubles(double *x, int n) {
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && x[j] < x[j - 1]; j--) {
+            double tmp = x[j];
+            x[j] = x[j - 1];
+            x[j - 1] = tmp;
+        }
 }
 
 static double sgemm_gflops(void) {
@@ -185,8 +202,9 @@ int main(int argc, char **argv) {
         lab[i] = (int32_t)(rng_u64(&r) % (uint64_t)s->vocab);
     }
     double *times = malloc(sizeof(double) * (size_t)steps);
+    double *cpu = malloc(sizeof(double) * (size_t)steps);
     for (int it = 0; it < warmup + steps; it++) {
-        double t0 = progress_now();
+        double t0 = progress_now(), c0 = cpu_now();
         peft_set_step(p, 1, 1, (uint64_t)it, 0);
         peft_zero_grads(p);
         long n;
@@ -194,24 +212,24 @@ int main(int argc, char **argv) {
         model_backward(m, 1.0f / (float)n);
         optim_step(&o, p->params, p->grads, 1e-4);
         peft_refresh(p);
-        if (it >= warmup) times[it - warmup] = progress_now() - t0;
-    }
-    /* Median step time. */
-    for (int i = 1; i < steps; i++)
-        for (int j = i; j > 0 && times[j] < times[j - 1]; j--) {
-            double tmp = times[j];
-            times[j] = times[j - 1];
-            times[j - 1] = tmp;
+        if (it >= warmup) {
+            times[it - warmup] = progress_now() - t0;
+            cpu[it - warmup] = cpu_now() - c0;
         }
+    }
+    /* Median step time, and the median CPU time (all threads) of a step. */
+    sort_doubles(times, steps);
+    sort_doubles(cpu, steps);
     double med = times[steps / 2];
     printf("{\"impl\":\"peftps\",\"shape\":\"%s\",\"method\":\"%s\",\"step_ms\":%.3f,"
-           "\"tokens_per_s\":%.1f,\"gflops\":%.2f,\"trainable\":%zu}\n",
-           s->name, method, med * 1e3, (double)ntok / med, step_flops(s, full) / med / 1e9,
-           peft_num_trainable(p));
+           "\"cpu_ms\":%.3f,\"tokens_per_s\":%.1f,\"gflops\":%.2f,\"trainable\":%zu}\n",
+           s->name, method, med * 1e3, cpu[steps / 2] * 1e3, (double)ntok / med,
+           step_flops(s, full) / med / 1e9, peft_num_trainable(p));
     optim_free(&o);
     model_free(m);
     peft_free(p);
     free(times);
+    free(cpu);
     free(tok);
     free(lab);
     free(mem);
