@@ -122,7 +122,13 @@ static int cpus_available(void) {
     return 1;
 }
 
+/* A child of fork has none of the helpers: it runs every job serially. */
+static void team_after_fork(void) {
+    team.size = 1;
+}
+
 static void team_init(void) {
+    pthread_atfork(NULL, NULL, team_after_fork);
     int n = cpus_available();
     const char *env = getenv("PEFTPS_THREADS");
     if (env && *env) {

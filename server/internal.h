@@ -10,6 +10,7 @@
 #include "ckpt.h"
 #include "log.h"
 #include "curve.h"
+#include "httpd.h"
 #include "progress.h"
 #include "server.h"
 #include "train.h"
@@ -118,6 +119,8 @@ struct server {
 
     ckpt *ck;
     FILE *metrics;
+    httpd *http; /* /healthz, /livez and /metrics (cluster.metrics_port) */
+    httpd_server_metrics hm;
     progress pr;
     uint64_t bytes_in, bytes_out; /* this step's messages */
     double step_start;

@@ -215,6 +215,7 @@ static int checkpoint_write(server *s, err *e) {
     d.tensors = s->tensors;
     d.n_tensors = s->n_tensors;
     if (ckpt_write(s->ck, &d, e) < 0) return -1;
+    httpd_set(s->hm.checkpoint_step, (double)s->step);
     server_log(s, LOG_INFO, "checkpoint of step %llu written to %s", (unsigned long long)s->step,
                ckpt_dir(s->ck));
     return 0;
@@ -324,7 +325,12 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
         err_set(e, "out of memory");
         goto fail;
     }
+    if (httpd_create(&s->http, e) < 0 || httpd_server_metrics_init(s->http, &s->hm, e) < 0)
+        goto fail;
     if (checkpoint_open(s, e) < 0) goto fail;
+    httpd_set(s->hm.total_steps, (double)s->total);
+    httpd_set(s->hm.step, (double)s->step);
+    httpd_set(s->hm.checkpoint_step, (double)s->step);
     if (opts->index == 0) {
         if (fs_mkdir_p(exp->output_dir, e) < 0 || write_experiment(s, e) < 0 ||
             metrics_open(s, e) < 0)
@@ -344,6 +350,7 @@ fail:
 
 void server_close(server *s) {
     if (!s) return;
+    httpd_close(s->http);
     if (s->sock) zmq_close(s->sock);
     if (s->link) zmq_close(s->link);
     if (s->zap) curve_zap_stop(s->zap);
@@ -389,6 +396,18 @@ int server_bind(server *s, err *e) {
     if (s->curve && curve_server_setup(s->sock, &s->keys, e) < 0) return -1;
     if (zmq_bind(s->sock, ep) < 0) return err_set(e, "binding %s: %s", ep, zmq_strerror(errno));
     server_log(s, LOG_INFO, "listening on %s%s", ep, s->curve ? " (CURVE)" : "");
+    /* Metrics are for watching, not for training: a port that is taken
+     * (several servers on one machine) costs a warning, not the run. */
+    unsigned mport = s->exp->cluster->metrics_port;
+    err he;
+    if (mport && httpd_listen(s->http, NULL, mport, &he) < 0)
+        server_log(s, LOG_WARN, "cluster.metrics_port: %s; no /healthz or /metrics", he.msg);
+    else if (mport)
+        server_log(s, LOG_INFO, "serving /healthz, /livez and /metrics on port %u", mport);
+    /* Ready: listening and holding a version. A loop silent for longer
+     * than this is hung (the final write and checkpoints included). */
+    httpd_set_liveness(s->http, 60.0 + 10.0 * s->timeout_s);
+    httpd_set_ready(s->http, 1);
     if (s->opts.index > 0 && peers_link_open(s, e) < 0) return -1;
     return 0;
 }
@@ -423,7 +442,9 @@ void server_send(server *s, const unsigned char *id, size_t id_len,
         server_log(s, LOG_WARN, "sending %s: %s", wire_body_name(env->body_case), e.msg);
         return;
     }
-    s->bytes_out += message_bytes(env, t, n);
+    uint64_t nb = message_bytes(env, t, n);
+    s->bytes_out += nb;
+    httpd_add(s->hm.bytes_out, (double)nb);
 }
 
 static void send_worker(server *s, worker_rec *w, const Peftps__Wire__Envelope *env,
@@ -603,6 +624,7 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
     w->version = NO_VERSION;
     w->waiting = 0;
     server_log(s, LOG_INFO, "worker %s registered (%d alive)", w->name, workers_alive(s));
+    httpd_set(s->hm.workers, workers_alive(s));
     wire_out o;
     send_worker(s, w,
                 wire_welcome(&o, (uint32_t)s->opts.index, (uint32_t)s->n_servers,
@@ -718,12 +740,13 @@ static int push_in_time(const server *s, uint64_t step, uint64_t version) {
     }
 }
 
-static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
+/* 0 when the push was taken, -1 when it was refused. */
+static int on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
     const Peftps__Wire__GradPush *g = m->env->grad_push;
     if (!g->has_step || !g->has_version || !g->has_shard || !g->has_loss_sum || !g->has_n_tokens) {
         REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
                     "grad_push without step, version, shard, loss_sum or n_tokens");
-        return;
+        return -1;
     }
     if (!push_in_time(s, g->step, g->version)) {
         REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
@@ -732,19 +755,19 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
                     (unsigned long long)g->step, (unsigned long long)g->version,
                     (unsigned long long)s->step, (unsigned long long)s->version,
                     s->own_ready ? " and has every shard of it" : "");
-        return;
+        return -1;
     }
     if (g->shard >= s->n_shards) {
         REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__MALFORMED,
                     "push of shard %u, but a step has %u shards", g->shard, s->n_shards);
-        return;
+        return -1;
     }
     shard_slot *sl = slot(s, g->step, g->shard);
     if (sl->state == SHARD_RECEIVED) {
         REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__DUPLICATE,
                     "shard %u of step %llu was received already", g->shard,
                     (unsigned long long)g->step);
-        return;
+        return -1;
     }
     /* Server 0 assigns; the others take a shard from any registered worker. */
     int owned = sl->state == SHARD_ASSIGNED && &s->workers[sl->worker] == w;
@@ -752,7 +775,7 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
         REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__STALE,
                     "shard %u of step %llu is not assigned to this worker", g->shard,
                     (unsigned long long)g->step);
-        return;
+        return -1;
     }
     err e;
     int bad = wire_check_tensors(m, s->expect, s->n_tensors, &e) < 0;
@@ -764,9 +787,10 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
         if (owned) sl->state = SHARD_PENDING;
         REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "shard %u: %s", g->shard, e.msg);
         schedule(s);
-        return;
+        return -1;
     }
     sl->state = SHARD_RECEIVED;
+    httpd_add(s->hm.pushes_accepted, 1);
     sl->loss_sum = g->loss_sum;
     sl->n_tokens = g->n_tokens;
     if (s->opts.index == 0) w->waiting = 1;
@@ -784,7 +808,7 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
             sl->state = owned ? SHARD_PENDING : sl->state;
             REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__ERROR_UNSPECIFIED,
                         "out of memory holding shard %u", g->shard);
-            return;
+            return -1;
         }
         sl->buf = s->inbuf;
         s->inbuf = b;
@@ -792,9 +816,10 @@ static void on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
     }
     if (rc < 0) {
         s->finished = -1;
-        return;
+        return 0;
     }
     schedule(s);
+    return 0;
 }
 
 void server_shutdown_workers(server *s, const char *reason) {
@@ -864,6 +889,11 @@ static int step_record(server *s, double loss, long ntok, double lr, double norm
              dt > 0 ? toks / dt : 0.0, (double)(s->bytes_in + s->bytes_out) / 1024.0,
              workers_alive(s));
     if (s->opts.index == 0) progress_update(&s->pr, s->step, detail);
+    httpd_set(s->hm.step, (double)s->step);
+    httpd_set(s->hm.loss, mean);
+    httpd_set(s->hm.lr, lr);
+    httpd_set(s->hm.grad_norm, norm);
+    httpd_observe(s->hm.step_seconds, dt);
     s->bytes_in = s->bytes_out = 0;
     s->step_start = now;
     if (!isfinite(mean))
@@ -885,6 +915,7 @@ static void on_message(server *s, wire_msg *m) {
     worker_rec *w = worker_find(s, m->identity, m->id_len);
     if (w) w->last_seen = progress_now();
     s->bytes_in += m->bytes;
+    httpd_add(s->hm.bytes_in, (double)m->bytes);
     int body = m->env->body_case;
     peer_rec *p = s->opts.index == 0 ? peers_find(s, m->identity, m->id_len) : NULL;
     if (p && body != PEFTPS__WIRE__ENVELOPE__BODY_HELLO) {
@@ -911,7 +942,7 @@ static void on_message(server *s, wire_msg *m) {
         on_pull(s, m, w);
         break;
     case PEFTPS__WIRE__ENVELOPE__BODY_GRAD_PUSH:
-        on_grad_push(s, m, w);
+        if (on_grad_push(s, m, w) < 0) httpd_add(s->hm.pushes_rejected, 1);
         break;
     case PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT:
         break;
@@ -936,6 +967,8 @@ static void tick(server *s) {
             server_log(s, LOG_WARN,
                        "worker %s silent for %.1f s: dropped, %d shard(s) go to others (%d alive)",
                        w->name, now - w->last_seen, n, workers_alive(s));
+            httpd_add(s->hm.workers_dropped, 1);
+            httpd_set(s->hm.workers, workers_alive(s));
             continue;
         }
         if (now - w->last_sent >= s->hb_s) {
@@ -998,6 +1031,7 @@ int server_run(server *s, err *e) {
             *e = s->fail;
             return -1;
         }
+        httpd_heartbeat(s->http);
         double now = progress_now();
         if (now - last_tick >= tick_ms / 1000.0) {
             tick(s);

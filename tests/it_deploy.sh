@@ -95,6 +95,29 @@ EOF
 
     echo "the rendered objects keep deploy/'s promises"
     $PY tests/deploy/check_manifests.py "$T/base.yaml" "$T/prefix.yaml" || fail "check_manifests.py"
+    # The checker must notice a base that breaks its promises: a server port
+    # open to every namespace, servers not matching cluster.servers, a
+    # writable model volume, a mounted token.
+    $PY - "$T/base.yaml" "$T/base-bad.yaml" <<'EOF' || fail "could not make base-bad.yaml"
+import sys, yaml
+objs = [o for o in yaml.safe_load_all(open(sys.argv[1])) if o]
+for o in objs:
+    if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "peftps-server":
+        o["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})
+    if o["kind"] == "StatefulSet":
+        o["spec"]["replicas"] = 2
+    if o["kind"] == "Deployment":
+        spec = o["spec"]["template"]["spec"]
+        spec["automountServiceAccountToken"] = True
+        for m in spec["containers"][0]["volumeMounts"]:
+            m.pop("readOnly", None)
+open(sys.argv[2], "w").write(yaml.safe_dump_all(objs))
+EOF
+    $PY tests/deploy/check_manifests.py "$T/base-bad.yaml" >"$T/out" && fail "check_manifests.py accepted a broken base"
+    for w in "lets any pod reach port 5555" "does not name the server pods" "is not read-only" \
+        "automountServiceAccountToken is not false"; do
+        grep -q "$w" "$T/out" || fail "check_manifests.py did not say '$w': $(cat "$T/out")"
+    done
     # The checker must notice an overlay that changes more than the method.
     sed 's/replicas: 4$/replicas: 5/; s/^      warmup_steps: 50$/      warmup_steps: 51/' \
         "$T/prefix.yaml" >"$T/prefix-bad.yaml"

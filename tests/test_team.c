@@ -137,6 +137,28 @@ static void test_concurrent_callers(void **state) {
     assert_null(rb);
 }
 
+/* A child forked after the helpers started has none of them: its jobs still
+ * complete (serially) instead of waiting for threads that do not exist. */
+static void test_fork(void **state) {
+    (void)state;
+    atomic_int hits[40] = {0};
+    count_ctx x = {.hits = hits};
+    team_run(40, count_task, &x, NULL, 0); /* the helpers are running */
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        atomic_int again[40] = {0};
+        count_ctx y = {.hits = again};
+        team_run(40, count_task, &y, NULL, 0);
+        int ok = team_size() == 1;
+        for (int i = 0; i < 40; i++) ok &= atomic_load(&again[i]) == 1;
+        _exit(ok ? 0 : 1);
+    }
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 /* ---- kernels at sizes where they are cut into parts -------------------------------- */
 
 /* max |got - want| / max |want| over n values. */
@@ -467,7 +489,8 @@ int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "--child")) return child_main(argv[2]);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_every_task_once), cmocka_unit_test(test_nested),
-        cmocka_unit_test(test_concurrent_callers), cmocka_unit_test(test_products),
+        cmocka_unit_test(test_concurrent_callers), cmocka_unit_test(test_fork),
+        cmocka_unit_test(test_products),
         cmocka_unit_test(test_row_loops),          cmocka_unit_test(test_step_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -19,6 +19,7 @@
 
 #include "config.h"
 #include "curve.h"
+#include "httpd.h"
 #include "log.h"
 #include "progress.h"
 #include "train.h"
@@ -44,6 +45,7 @@ typedef struct conn {
     int *tidx;
     wire_expect *expect;
     wire_tensor *push;
+    httpd_metric *bytes_out; /* the worker's counter of bytes sent */
 } conn;
 
 struct worker {
@@ -72,6 +74,9 @@ struct worker {
     pthread_t hb_thread;
     int hb_started;
     atomic_int busy, quit;
+
+    httpd *http; /* /healthz, /livez and /metrics (cluster.metrics_port) */
+    httpd_worker_metrics hm;
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -140,7 +145,10 @@ int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
         curve_keys_wipe(&sk);
         w->curve = 1;
     }
+    if (httpd_create(&w->http, e) < 0 || httpd_worker_metrics_init(w->http, &w->hm, e) < 0)
+        goto fail;
     if (trainer_open(&w->t, exp, 0, e) < 0) goto fail;
+    for (int i = 0; i < w->n_conns; i++) w->conns[i].bytes_out = w->hm.bytes_out;
     if (worker_limits(w, e) < 0) goto fail;
     log_info("%s: worker %s ready (%s, %zu trainable parameters)", exp->name, w->id,
              w->t->p->method->name, peft_num_trainable(w->t->p));
@@ -170,6 +178,7 @@ static void conn_close(conn *c) {
 
 void worker_close(worker *w) {
     if (!w) return;
+    httpd_close(w->http);
     for (int i = 0; i < w->n_conns && w->conns; i++) {
         conn_close(&w->conns[i]);
         conn_forget(&w->conns[i]);
@@ -194,6 +203,9 @@ static int send_msg(conn *c, const Peftps__Wire__Envelope *env, const wire_tenso
         return -1;
     }
     c->last_sent = progress_now();
+    uint64_t nb = protobuf_c_message_get_packed_size(&env->base);
+    for (int i = 0; i < n; i++) nb += t[i].nbytes;
+    httpd_add(c->bytes_out, (double)nb);
     return 0;
 }
 
@@ -375,6 +387,7 @@ static int on_error(worker *w, conn *c, const wire_msg *m, err *e) {
 /* 0: go on; 1: shut down; -1: fatal. */
 static int on_message(worker *w, conn *c, const wire_msg *m, err *e) {
     c->last_heard = progress_now();
+    httpd_add(w->hm.bytes_in, (double)m->bytes);
     int body = m->env->body_case;
     if (body == PEFTPS__WIRE__ENVELOPE__BODY_SHUTDOWN) {
         const char *r = m->env->shutdown->reason;
@@ -403,6 +416,7 @@ static void *hb_main(void *arg) {
     while (!atomic_load(&w->quit)) {
         nanosleep(&nap, NULL);
         if (!atomic_load(&w->busy)) continue;
+        httpd_heartbeat(w->http);
         pthread_mutex_lock(&w->mu);
         double now = progress_now();
         for (int i = 0; atomic_load(&w->busy) && i < w->n_conns; i++) {
@@ -444,10 +458,15 @@ static int compute(worker *w, err *e) {
         long ntok;
         atomic_store(&w->busy, 1);
         pthread_mutex_unlock(&w->mu);
+        double t0 = progress_now();
         int rc = trainer_shard_grad(w->t, w->a_step, w->a_shards[i], &loss, &ntok, e);
         pthread_mutex_lock(&w->mu);
         atomic_store(&w->busy, 0);
         if (rc < 0) return -1;
+        httpd_observe(w->hm.compute_seconds, progress_now() - t0);
+        httpd_add(w->hm.shards, 1);
+        httpd_add(w->hm.tokens, (double)ntok);
+        httpd_set(w->hm.step, (double)w->a_step);
         for (int k = 0; k < w->n_conns; k++) {
             conn *c = &w->conns[k];
             wire_out o;
@@ -525,6 +544,15 @@ static int loop(worker *w, err *e) {
             }
         }
         if (rc) break;
+        /* Ready: registered with every server and holding their tensors. */
+        int nreg = 0, held = 1;
+        for (int i = 0; i < w->n_conns; i++) {
+            nreg += w->conns[i].registered;
+            held &= w->conns[i].version != NO_VERSION;
+        }
+        httpd_set(w->hm.servers, nreg);
+        httpd_set_ready(w->http, nreg == w->n_conns && held);
+        httpd_heartbeat(w->http);
         now = progress_now();
         for (int i = 0; i < w->n_conns; i++) {
             conn *c = &w->conns[i];
@@ -546,6 +574,15 @@ static int loop(worker *w, err *e) {
 }
 
 int worker_run(worker *w, err *e) {
+    /* Metrics are for watching, not for training: a port that is taken
+     * (workers beside a server on one machine) costs a warning, not the run. */
+    unsigned mport = w->exp->cluster->metrics_port;
+    err he;
+    if (mport && !httpd_port(w->http) && httpd_listen(w->http, NULL, mport, &he) < 0)
+        log_warn("cluster.metrics_port: %s; no /healthz or /metrics", he.msg);
+    else if (mport)
+        log_info("serving /healthz, /livez and /metrics on port %u", mport);
+    httpd_set_liveness(w->http, 60.0 + 10.0 * w->timeout_s);
     w->ctx = zmq_ctx_new();
     if (!w->ctx) return err_set(e, "zmq_ctx_new: %s", zmq_strerror(errno));
     pthread_mutex_lock(&w->mu);

@@ -166,7 +166,8 @@ def check_base(objs):
     if not pdbs:
         problem("no PodDisruptionBudget covers the server pods")
 
-    # Who may reach the server's ZeroMQ port: only pods with the worker labels.
+    # Who may reach the server's ZeroMQ port: only pods with the worker
+    # labels, and the server pods themselves (server N links to server 0).
     wlabels = dep["spec"]["template"]["metadata"]["labels"]
     allowed_any = False
     for np in by_kind(objs, "NetworkPolicy"):
@@ -178,10 +179,12 @@ def check_base(objs):
                 continue
             for frm in rule.get("from", [{}]) or [{}]:
                 sel = (frm.get("podSelector") or {}).get("matchLabels")
-                if "namespaceSelector" in frm or "ipBlock" in frm or sel is None or not matches(sel, wlabels):
-                    problem(f"NetworkPolicy {np['metadata']['name']} lets non-workers reach port {ports.get('zmq')}")
-                else:
+                if "namespaceSelector" in frm or "ipBlock" in frm or sel is None:
+                    problem(f"NetworkPolicy {np['metadata']['name']} lets any pod reach port {ports.get('zmq')}")
+                elif matches(sel, wlabels):
                     allowed_any = True
+                elif not matches(sel, tmpl_labels):
+                    problem(f"NetworkPolicy {np['metadata']['name']} lets pods {sel} reach port {ports.get('zmq')}")
     if not allowed_any:
         problem("no NetworkPolicy lets the workers reach the server port")
 
