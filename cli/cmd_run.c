@@ -191,10 +191,10 @@ int cmd_run(int argc, char **argv) {
     snprintf(endpoints + k, cap - k, "]");
 
     /* argv: program, experiment, the user's --set pairs, ours, --index I. */
-    char server_bin[4200], worker_bin[4200], index[16];
+    char server_bin[4200], worker_bin[4200], index[16], metrics[64];
     snprintf(server_bin, sizeof server_bin, "%s/peftps-server", dir);
     snprintf(worker_bin, sizeof worker_bin, "%s/peftps-worker", dir);
-    args = calloc((size_t)(2 * sets.nsets + 8), sizeof *args);
+    args = calloc((size_t)(2 * sets.nsets + 10), sizeof *args);
     if (!args) {
         err_set(&e, "out of memory");
         goto fail;
@@ -217,15 +217,23 @@ int cmd_run(int argc, char **argv) {
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
 
+    /* One machine, one port each: server i serves metrics on metrics_port+i;
+     * the workers serve none (scrape the servers, or start workers by hand). */
+    uint32_t mport = ex->cluster->metrics_port;
+    args[base] = "--set";
+    args[base + 1] = metrics;
     for (int i = 0; i < n_servers; i++) {
         snprintf(index, sizeof index, "%d", i);
-        args[base] = "--index";
-        args[base + 1] = index;
-        args[base + 2] = NULL;
+        snprintf(metrics, sizeof metrics, "cluster.metrics_port=%u",
+                 mport ? mport + (uint32_t)i : 0);
+        args[base + 2] = "--index";
+        args[base + 3] = index;
+        args[base + 4] = NULL;
         if ((servers[i] = spawn(args, 0, &e)) < 0) goto stop;
     }
     args[0] = worker_bin;
-    args[base] = NULL;
+    snprintf(metrics, sizeof metrics, "cluster.metrics_port=0");
+    args[base + 2] = NULL;
     for (long i = 0; i < n_workers; i++)
         if ((workers[i] = spawn(args, 1, &e)) < 0) goto stop;
     log_info("started %d server(s) and %ld worker(s)", n_servers, n_workers);
