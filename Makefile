@@ -142,8 +142,10 @@ fuzz-run: fuzz
 	done
 
 # ---- benchmarks ------------------------------------------------------------
-# Training tokens/s against PyTorch (Debian's python3-torch), interleaved;
-# see tests/bench/run.py. BENCH_ARGS="--reps 3 --shapes small" narrows it.
+# Training tokens/s against PyTorch (Debian's python3-torch), interleaved
+# (tests/bench/run.py; BENCH_ARGS="--reps 3 --shapes small" narrows it), then
+# bytes moved per step and step time through the parameter server, LoRA
+# against full fine-tuning (tests/bench/cluster.py).
 BENCH_ARGS ?=
 bench: deps
 	@dpkg-query -W -f='$${Status}' python3-torch 2>/dev/null | grep -q "install ok installed" || \
@@ -151,6 +153,8 @@ bench: deps
 	    $$SUDO apt-get install -y -qq --no-install-recommends python3-torch; }
 	@$(MAKE) --no-print-directory $(BUILD)/bench/bench_train
 	/usr/bin/python3 tests/bench/run.py --out $(BUILD)/bench/table.md $(BENCH_ARGS)
+	@$(MAKE) --no-print-directory all
+	/usr/bin/python3 tests/bench/cluster.py --out $(BUILD)/bench/cluster.md
 
 $(BUILD)/bench/%: $(BUILD)/tests/bench/%.o $(LIB)
 	@mkdir -p $(@D)

@@ -17,6 +17,7 @@
 #include "peft.h"
 #include "progress.h"
 #include "rng.h"
+#include "safetensors.h"
 #include "team.h"
 
 typedef struct shape {
@@ -112,8 +113,57 @@ static double sgemm_gflops(double *openblas, double *team) {
     return *openblas > *team ? *openblas : *team;
 }
 
+/* Writes the random base of `cfg` (weights in `w`) as a Hugging Face model
+ * directory, for the cluster benchmark (tests/bench/cluster.py). */
+static int write_model(const char *dir, const model_config *cfg, const model_weights *w) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        perror(path);
+        return 1;
+    }
+    fprintf(
+        f,
+        "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", "
+        "\"vocab_size\": %d, \"hidden_size\": %d, \"intermediate_size\": %d, "
+        "\"num_hidden_layers\": %d, \"num_attention_heads\": %d, \"num_key_value_heads\": %d, "
+        "\"max_position_embeddings\": %d, \"rms_norm_eps\": 1e-05, \"rope_theta\": 10000.0, "
+        "\"hidden_act\": \"silu\", \"tie_word_embeddings\": false, \"torch_dtype\": \"float32\"}\n",
+        cfg->vocab_size, cfg->hidden_size, cfg->intermediate_size, cfg->num_layers, cfg->num_heads,
+        cfg->num_kv_heads, cfg->max_position_embeddings);
+    if (fclose(f) != 0) {
+        perror(path);
+        return 1;
+    }
+    int n = 0, cap = GW_COUNT + cfg->num_layers * LW_COUNT;
+    st_entry *ents = calloc((size_t)cap, sizeof *ents);
+    char(*names)[160] = calloc((size_t)cap, sizeof *names);
+    if (!ents || !names) return 1;
+    for (int l = -1; l < cfg->num_layers; l++)
+        for (int k = 0; k < (l < 0 ? GW_COUNT : LW_COUNT); k++) {
+            int rows, cols;
+            if (!model_weight_shape(cfg, l, k, &rows, &cols)) continue;
+            model_weight_name(cfg, l, k, names[n], sizeof names[n]);
+            ents[n].name = names[n];
+            ents[n].dtype = ST_F32;
+            ents[n].ndim = cols > 1 ? 2 : 1;
+            ents[n].shape[0] = rows;
+            ents[n].shape[1] = cols;
+            ents[n].data = l < 0 ? w->global[k] : w->layer[l][k];
+            n++;
+        }
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    err e;
+    int rc = st_write(path, ents, n, NULL, &e) < 0;
+    if (rc) fprintf(stderr, "bench_train: %s\n", e.msg);
+    free(ents);
+    free(names);
+    return rc;
+}
+
 int main(int argc, char **argv) {
-    const char *shape_name = "small", *method = "lora";
+    const char *shape_name = "small", *method = "lora", *model_dir = NULL;
     int steps = 10, warmup = 2;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--shape") && i + 1 < argc)
@@ -122,6 +172,8 @@ int main(int argc, char **argv) {
             method = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
             steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--write-model") && i + 1 < argc)
+            model_dir = argv[++i];
         else if (!strcmp(argv[i], "--sgemm")) {
             double ob, tm, best = sgemm_gflops(&ob, &tm);
             printf("{\"sgemm_gflops\":%.2f,\"openblas_threads\":%.2f,\"team\":%.2f}\n", best, ob,
@@ -130,7 +182,7 @@ int main(int argc, char **argv) {
         } else {
             fprintf(stderr,
                     "usage: bench_train [--shape small|gpt2] [--method lora|full] [--steps N] | "
-                    "--sgemm\n");
+                    "--sgemm | --shape S --write-model DIR\n");
             return 2;
         }
     }
@@ -147,7 +199,8 @@ int main(int argc, char **argv) {
     config_of(s, &cfg);
     /* All base weights in one allocation, N(0, 0.02). */
     size_t total = 0;
-    for (int k = 0; k < GW_COUNT; k++) total += model_weight_shape(&cfg, MODEL_GLOBAL, k, NULL, NULL);
+    for (int k = 0; k < GW_COUNT; k++)
+        total += model_weight_shape(&cfg, MODEL_GLOBAL, k, NULL, NULL);
     for (int l = 0; l < cfg.num_layers; l++)
         for (int k = 0; k < LW_COUNT; k++) total += model_weight_shape(&cfg, l, k, NULL, NULL);
     float *mem = malloc(total * sizeof *mem);
@@ -173,6 +226,8 @@ int main(int argc, char **argv) {
                 for (size_t i = 0; i < n; i++) at[i] = 1.0f;
             at += n;
         }
+
+    if (model_dir) return write_model(model_dir, &cfg, &w);
 
     Peftps__Method mcfg = PEFTPS__METHOD__INIT;
     Peftps__LoRA lora = PEFTPS__LO_RA__INIT;
