@@ -170,10 +170,11 @@ typedef struct gemm {
 /* A product is cut into parts along the longer side of C (the shorter side
  * would repack the larger operand per part); the cut depends on the shape
  * alone, never on the team, because OpenBLAS rounds a row differently
- * depending on where it falls in its blocking. Below GEMM_MIN_FLOPS one
- * call; then 2 parts, 4 from 4 * GEMM_MIN_FLOPS (measured on two cores: 4
- * parts lose ~2% to repacking against 2, and win it back as soon as one
- * core is shared with another process). */
+ * depending on where it falls in its blocking. Parts come in powers of two:
+ * 2 from 8 MFLOP, 4 from 64 MFLOP, 8 from 1 GFLOP (measured on two cores:
+ * 4 parts lose ~2% to repacking against 2 and 8 another ~2%, won back as
+ * soon as a core is shared with another process; and a machine with more
+ * cores gets something to share out). */
 #define GEMM_MIN_FLOPS 8e6
 #define GEMM_ALIGN 16
 
@@ -184,8 +185,8 @@ typedef struct gemm_plan {
 static gemm_plan plan_of(int M, int N, double flops) {
     gemm_plan p = {M >= N, M >= N ? M : N, 1};
     int dim = p.per;
-    int want = flops < GEMM_MIN_FLOPS ? 1 : flops < 4 * GEMM_MIN_FLOPS ? 2 : 4;
-    if (want > dim / GEMM_ALIGN) want = dim / GEMM_ALIGN;
+    int want = flops < GEMM_MIN_FLOPS ? 1 : flops < 8 * GEMM_MIN_FLOPS ? 2 : flops < 1e9 ? 4 : 8;
+    while (want > 1 && want > dim / GEMM_ALIGN) want /= 2;
     if (want < 2) return p;
     p.per = ((dim + want - 1) / want + GEMM_ALIGN - 1) / GEMM_ALIGN * GEMM_ALIGN;
     p.parts = (dim + p.per - 1) / p.per;
@@ -224,8 +225,27 @@ static void gemm_call(const gemm *g) {
         }
         beta = 1.0f;
     }
-    cblas_sgemm(CblasRowMajor, g->ta, g->tb, g->M, g->N, g->K, g->alpha, g->A, g->lda, g->B,
-                g->ldb, beta, g->C, g->ldc);
+    cblas_sgemm(CblasRowMajor, g->ta, g->tb, g->M, g->N, g->K, g->alpha, g->A, g->lda, g->B, g->ldb,
+                beta, g->C, g->ldc);
+}
+
+/* C (M,N) = op(A) op(B) + beta C, no residual or bias. */
+static gemm gemm_of(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int M, int N, int K, const float *A,
+                    int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm g = {.ta = ta,
+              .tb = tb,
+              .M = M,
+              .N = N,
+              .K = K,
+              .alpha = 1.0f,
+              .A = A,
+              .lda = lda,
+              .B = B,
+              .ldb = ldb,
+              .beta = beta,
+              .C = C,
+              .ldc = ldc};
+    return g;
 }
 
 /* Up to 4 products run as one team job. Independent (sum 0): each is cut
@@ -271,10 +291,7 @@ static void gemm_team(const gemm *ops, int nops, int sum) {
             tasks += j.plan[i].parts;
         }
     j.first[nops] = tasks;
-    if (tasks == 1) {
-        for (int i = 0; i < nops; i++) gemm_call(&ops[i]);
-        return;
-    }
+    /* Also for one task: BLAS single-threaded, as every product here. */
     team_run(tasks, gemm_task, &j, NULL, 0);
 }
 
@@ -457,8 +474,7 @@ void scale_backward(float *dinp, float *dweight, const float *dout, const float 
     }
     /* A sum over rows: in row order, in the caller. */
     if (dweight)
-        for (int i = 0; i < N; i++)
-            fma_row(dweight, dout + (size_t)i * C, inp + (size_t)i * C, C);
+        for (int i = 0; i < N; i++) fma_row(dweight, dout + (size_t)i * C, inp + (size_t)i * C, C);
 }
 
 /* ---- linear ----------------------------------------------------------------- */
@@ -475,18 +491,19 @@ void linears_forward(int n, float *const *outs, const float *inp, const float *c
                      const float *const *biases, int N, int C, const int *OC) {
     // outs[i] is (N,OC[i]), inp is (N,C), weights[i] is (OC[i],C), biases[i] is (OC[i])
     gemm ops[GEMM_MAX_OPS];
-    for (int i = 0; i < n; i++)
-        ops[i] = (gemm){CblasNoTrans, CblasTrans, N,          OC[i], C,      1.0f,
-                        inp,          C,          weights[i], C,     0.0f,   outs[i],
-                        OC[i],        NULL,       biases ? biases[i] : NULL};
+    for (int i = 0; i < n; i++) {
+        ops[i] = gemm_of(CblasNoTrans, CblasTrans, N, OC[i], C, inp, C, weights[i], C, 0.0f,
+                         outs[i], OC[i]);
+        ops[i].bias = biases ? biases[i] : NULL;
+    }
     gemm_team(ops, n, 0);
 }
 
 void linear_residual_forward(float *out, const float *res, const float *inp, const float *weight,
                              int N, int C, int OC) {
     // out, res are (N,OC), inp is (N,C), weight is (OC,C)
-    gemm op = {CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC,
-               res,          NULL};
+    gemm op = gemm_of(CblasNoTrans, CblasTrans, N, OC, C, inp, C, weight, C, 0.0f, out, OC);
+    op.res = res;
     gemm_team(&op, 1, 0);
 }
 
@@ -495,9 +512,8 @@ void linears_backward_input(float *dinp, int accumulate, int n, const float *con
     // dinp is (N,C), douts[i] is (N,OC[i]), weights[i] is (OC[i],C)
     gemm ops[GEMM_MAX_OPS];
     for (int i = 0; i < n; i++)
-        ops[i] = (gemm){CblasNoTrans, CblasNoTrans, N,    C,    OC[i], 1.0f,
-                        douts[i],     OC[i],        weights[i], C,     i || accumulate ? 1.0f : 0.0f,
-                        dinp,         C,            NULL, NULL};
+        ops[i] = gemm_of(CblasNoTrans, CblasNoTrans, N, C, OC[i], douts[i], OC[i], weights[i], C,
+                         i || accumulate ? 1.0f : 0.0f, dinp, C);
     gemm_team(ops, n, 1);
 }
 
@@ -506,8 +522,7 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
     // dinp, inp are (N,C), dweight, weight are (OC,C), dout is (N,OC), dbias is (OC)
     if (dinp) linears_backward_input(dinp, 1, 1, &dout, &weight, N, C, &OC);
     if (dweight) {
-        gemm op = {CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C,
-                   NULL,       NULL};
+        gemm op = gemm_of(CblasTrans, CblasNoTrans, OC, C, N, dout, OC, inp, C, 1.0f, dweight, C);
         gemm_team(&op, 1, 0);
     }
     if (dbias)
@@ -744,11 +759,17 @@ typedef struct att_args {
     const float *dout, *q, *k, *v, *kp, *vp;
     int ps, dps, B, T, P, Hq, Hkv, D;
     int zero; /* the backward writes dq, dk, dv: each task zeroes its share first */
+    /* Every head's probabilities (B,Hq,T,P+T), written by the forward
+     * (keep) for the backward (probs); NULL: a head's are rebuilt in the
+     * thread's scratch. */
+    float *keep;
+    const float *probs;
 } att_args;
 
 static void att_fwd_task(void *c, int task, float *a) {
     const att_args *x = c;
     int T = x->T, P = x->P, D = x->D, S = P + T, group = x->Hq / x->Hkv, blk = att_block(T);
+    if (x->keep) a = x->keep + (size_t)task * T * S;
     int qs = x->Hq * D, ks = x->Hkv * D;
     int b = task / x->Hq, h = task % x->Hq, g = h / group;
     size_t qoff = (size_t)b * T * qs + (size_t)h * D;
@@ -767,14 +788,28 @@ static void att_fwd_task(void *c, int task, float *a) {
     }
 }
 
+static void att_forward(float *out, float *scratch, float *probs, const float *q, const float *k,
+                        const float *v, const float *kp, const float *vp, size_t pstride, int B,
+                        int T, int P, int Hq, int Hkv, int D) {
+    // out, q are (B,T,Hq,D); k, v are (B,T,Hkv,D); kp, vp are (P, pstride);
+    // scratch is (T,P+T): one head's probabilities at a time, unless probs
+    // (B,Hq,T,P+T) keeps them all
+    att_args x = {.out = out, .keep = probs, .q = q, .k = k, .v = v, .kp = kp, .vp = vp};
+    x.ps = (int)pstride;
+    x.B = B, x.T = T, x.P = P, x.Hq = Hq, x.Hkv = Hkv, x.D = D;
+    team_run(B * Hq, att_fwd_task, &x, probs ? NULL : scratch, probs ? 0 : (size_t)T * (P + T));
+}
+
 void attention_forward(float *out, float *scratch, const float *q, const float *k, const float *v,
                        const float *kp, const float *vp, size_t pstride, int B, int T, int P,
                        int Hq, int Hkv, int D) {
-    // out, q are (B,T,Hq,D); k, v are (B,T,Hkv,D); kp, vp are (P, pstride);
-    // scratch is (T,P+T): one head's probabilities at a time
-    att_args x = {.out = out, .q = q, .k = k, .v = v, .kp = kp, .vp = vp, .ps = (int)pstride,
-                  .B = B, .T = T, .P = P, .Hq = Hq, .Hkv = Hkv, .D = D};
-    team_run(B * Hq, att_fwd_task, &x, scratch, (size_t)T * (P + T));
+    att_forward(out, scratch, NULL, q, k, v, kp, vp, pstride, B, T, P, Hq, Hkv, D);
+}
+
+void attention_forward_keep(float *out, float *probs, const float *q, const float *k,
+                            const float *v, const float *kp, const float *vp, size_t pstride, int B,
+                            int T, int P, int Hq, int Hkv, int D) {
+    att_forward(out, NULL, probs, q, k, v, kp, vp, pstride, B, T, P, Hq, Hkv, D);
 }
 
 /* Backward of head h of sequence b. */
@@ -782,14 +817,19 @@ static void att_bwd_head(const att_args *x, int b, int h, float *scratch) {
     int T = x->T, P = x->P, D = x->D, S = P + T, group = x->Hq / x->Hkv, blk = att_block(T);
     int qs = x->Hq * D, ks = x->Hkv * D, ps = x->ps, dps = x->dps;
     float scale = 1.0f / sqrtf((float)D);
-    float *a = scratch, *ds = scratch + (size_t)T * S;
+    float *ds = scratch;
+    const float *a = x->probs ? x->probs + ((size_t)b * x->Hq + h) * T * S : NULL;
     int g = h / group;
     size_t qoff = (size_t)b * T * qs + (size_t)h * D;
     size_t koff = (size_t)b * T * ks + (size_t)g * D;
     const float *gbh = x->dout + qoff, *qbh = x->q + qoff;
     const float *kbh = x->k + koff, *vbh = x->v + koff;
     const float *kpg = P ? x->kp + (size_t)g * D : NULL, *vpg = P ? x->vp + (size_t)g * D : NULL;
-    head_probs(a, qbh, qs, kpg, ps, kbh, ks, T, P, D);
+    if (!a) {
+        float *rebuilt = scratch + (size_t)T * S;
+        head_probs(rebuilt, qbh, qs, kpg, ps, kbh, ks, T, P, D);
+        a = rebuilt;
+    }
     // d(probabilities) = dout V^T
     if (P)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, P, D, 1.0f, gbh, qs, vpg, ps, 0.0f,
@@ -871,16 +911,17 @@ static void att_bwd_group_task(void *c, int g, float *scratch) {
 }
 
 static void att_backward(float *dq, float *dk, float *dv, float *dkp, float *dvp, size_t dpstride,
-                         float *scratch, const float *dout, const float *q, const float *k,
-                         const float *v, const float *kp, const float *vp, size_t pstride, int B,
-                         int T, int P, int Hq, int Hkv, int D, int zero) {
+                         float *scratch, const float *probs, const float *dout, const float *q,
+                         const float *k, const float *v, const float *kp, const float *vp,
+                         size_t pstride, int B, int T, int P, int Hq, int Hkv, int D, int zero) {
     // dq, dout, q are (B,T,Hq,D); dk, dv, k, v are (B,T,Hkv,D); scratch is
-    // 2 x (T,P+T): one head's probabilities, rebuilt here rather than kept
-    // per layer, and the gradient of its scores.
-    att_args x = {.dq = dq, .dk = dk, .dv = dv, .dkp = dkp, .dvp = dvp, .dout = dout, .q = q,
-                  .k = k, .v = v, .kp = kp, .vp = vp, .ps = (int)pstride, .dps = (int)dpstride,
-                  .B = B, .T = T, .P = P, .Hq = Hq, .Hkv = Hkv, .D = D, .zero = zero};
-    size_t floats = 2 * (size_t)T * (P + T);
+    // 2 x (T,P+T): the gradient of one head's scores and, unless probs
+    // (B,Hq,T,P+T) kept them from the forward, its probabilities, rebuilt.
+    att_args x = {.dq = dq, .dk = dk, .dv = dv, .dkp = dkp, .dvp = dvp, .dout = dout};
+    x.q = q, x.k = k, x.v = v, x.kp = kp, x.vp = vp, x.probs = probs;
+    x.ps = (int)pstride, x.dps = (int)dpstride;
+    x.B = B, x.T = T, x.P = P, x.Hq = Hq, x.Hkv = Hkv, x.D = D, x.zero = zero;
+    size_t floats = (probs ? 1 : 2) * (size_t)T * (P + T);
     if (P && (dkp || dvp))
         team_run(Hkv, att_bwd_group_task, &x, scratch, floats);
     else
@@ -891,16 +932,16 @@ void attention_backward(float *dq, float *dk, float *dv, float *dkp, float *dvp,
                         float *scratch, const float *dout, const float *q, const float *k,
                         const float *v, const float *kp, const float *vp, size_t pstride, int B,
                         int T, int P, int Hq, int Hkv, int D) {
-    att_backward(dq, dk, dv, dkp, dvp, dpstride, scratch, dout, q, k, v, kp, vp, pstride, B, T, P,
-                 Hq, Hkv, D, 0);
+    att_backward(dq, dk, dv, dkp, dvp, dpstride, scratch, NULL, dout, q, k, v, kp, vp, pstride, B,
+                 T, P, Hq, Hkv, D, 0);
 }
 
 void attention_grad(float *dq, float *dk, float *dv, float *dkp, float *dvp, size_t dpstride,
-                    float *scratch, const float *dout, const float *q, const float *k,
-                    const float *v, const float *kp, const float *vp, size_t pstride, int B, int T,
-                    int P, int Hq, int Hkv, int D) {
-    att_backward(dq, dk, dv, dkp, dvp, dpstride, scratch, dout, q, k, v, kp, vp, pstride, B, T, P,
-                 Hq, Hkv, D, 1);
+                    float *scratch, const float *probs, const float *dout, const float *q,
+                    const float *k, const float *v, const float *kp, const float *vp,
+                    size_t pstride, int B, int T, int P, int Hq, int Hkv, int D) {
+    att_backward(dq, dk, dv, dkp, dvp, dpstride, scratch, probs, dout, q, k, v, kp, vp, pstride, B,
+                 T, P, Hq, Hkv, D, 1);
 }
 
 /* ---- SwiGLU ------------------------------------------------------------------ */
@@ -1075,8 +1116,14 @@ static void ce_bwd_rows(void *c, size_t r0, size_t r1) {
 
 static void ce_backward(float *dlogits, const float *logits, const float *lse,
                         const int32_t *labels, int N, int V, float scale, int acc) {
-    ce_args a = {.lse_in = lse, .dlogits = dlogits, .logits = logits, .labels = labels,
-                 .N = N, .V = V, .acc = acc, .scale = scale};
+    ce_args a = {.lse_in = lse,
+                 .dlogits = dlogits,
+                 .logits = logits,
+                 .labels = labels,
+                 .N = N,
+                 .V = V,
+                 .acc = acc,
+                 .scale = scale};
     par_range((size_t)N, (size_t)V * 3, 1, ce_bwd_rows, &a);
 }
 
@@ -1086,7 +1133,7 @@ void crossentropy_backward(float *dlogits, const float *logits, const float *lse
     ce_backward(dlogits, logits, lse, labels, N, V, scale, 1);
 }
 
-void crossentropy_grad(float *dlogits, const float *logits, const float *lse,
-                       const int32_t *labels, int N, int V, float scale) {
+void crossentropy_grad(float *dlogits, const float *logits, const float *lse, const int32_t *labels,
+                       int N, int V, float scale) {
     ce_backward(dlogits, logits, lse, labels, N, V, scale, 0);
 }

@@ -110,6 +110,12 @@ void rope_unrotate(float *out, const float *inp, const float *cos, const float *
 void attention_forward(float *out, float *scratch, const float *q, const float *k, const float *v,
                        const float *kp, const float *vp, size_t pstride, int B, int T, int P,
                        int Hq, int Hkv, int D);
+/* As attention_forward, keeping every head's probabilities in probs
+ * (B,Hq,T,P+T) for attention_grad instead of using a scratch: memory for
+ * the time of rebuilding them in the backward. */
+void attention_forward_keep(float *out, float *probs, const float *q, const float *k,
+                            const float *v, const float *kp, const float *vp, size_t pstride, int B,
+                            int T, int P, int Hq, int Hkv, int D);
 /* Gradients of attention_forward: dq (B,T,Hq,D), dk, dv (B,T,Hkv,D) and,
  * when not NULL, dkp, dvp (P rows of Hkv*D floats, dpstride apart). The
  * probabilities are recomputed, a head at a time per thread, instead of
@@ -119,12 +125,14 @@ void attention_backward(float *dq, float *dk, float *dv, float *dkp, float *dvp,
                         float *scratch, const float *dout, const float *q, const float *k,
                         const float *v, const float *kp, const float *vp, size_t pstride, int B,
                         int T, int P, int Hq, int Hkv, int D);
-/* As attention_backward, but dq, dk and dv are written (=), not added to;
- * dkp and dvp are still added to. */
+/* As attention_backward, but dq, dk and dv are written (=), not added to
+ * (dkp and dvp are still added to), and with probs not NULL the
+ * probabilities kept by attention_forward_keep are read instead of being
+ * rebuilt; scratch then needs only T*(P+T) floats. */
 void attention_grad(float *dq, float *dk, float *dv, float *dkp, float *dvp, size_t dpstride,
-                    float *scratch, const float *dout, const float *q, const float *k,
-                    const float *v, const float *kp, const float *vp, size_t pstride, int B, int T,
-                    int P, int Hq, int Hkv, int D);
+                    float *scratch, const float *probs, const float *dout, const float *q,
+                    const float *k, const float *v, const float *kp, const float *vp,
+                    size_t pstride, int B, int T, int P, int Hq, int Hkv, int D);
 
 /* out (N,IC) = silu(gate) * up, silu(g) = g * sigmoid(g). */
 void swiglu_forward(float *out, const float *gate, const float *up, int N, int IC);
@@ -148,7 +156,7 @@ void crossentropy_backward(float *dlogits, const float *logits, const float *lse
                            const int32_t *labels, int N, int V, float scale);
 /* As crossentropy_backward, writing (=) every row of dlogits instead of
  * adding: ignored rows become zeros. */
-void crossentropy_grad(float *dlogits, const float *logits, const float *lse,
-                       const int32_t *labels, int N, int V, float scale);
+void crossentropy_grad(float *dlogits, const float *logits, const float *lse, const int32_t *labels,
+                       int N, int V, float scale);
 
 #endif

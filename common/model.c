@@ -40,6 +40,7 @@ typedef struct layer_acts {
     float *gate;   /* (N,I) gate_proj's output */
     float *up;     /* (N,I) up_proj's output */
     float *h;      /* (N,I) silu(gate) * up: down_proj's input */
+    float *probs;  /* (B,Hq,T,P+T) attention probabilities, or NULL (see keep_probs) */
 } layer_acts;
 
 struct model {
@@ -145,6 +146,21 @@ static layer_acts *acts(model *m, int layer) {
     return &m->layers[m->n_store > 1 ? layer : 0];
 }
 
+/* Whether training keeps each layer's attention probabilities for the
+ * backward, which then need not rebuild them (a fifth of the attention
+ * backward's work, measured at T=128): when they add at most a quarter to
+ * what a layer keeps anyway. Long sequences rebuild them instead of
+ * holding T^2 floats per head. */
+static int keep_probs(const model *m, int grads) {
+    const model_config *c = m->cfg;
+    size_t N = (size_t)m->B * m->T, qd = (size_t)c->num_heads * c->head_dim;
+    size_t kvd = (size_t)c->num_kv_heads * c->head_dim, S = (size_t)m->P + m->T;
+    size_t acts =
+        N * (2 * (size_t)c->hidden_size + 2 * qd + 2 * kvd + 3 * (size_t)c->intermediate_size);
+    size_t probs = (size_t)m->B * c->num_heads * m->T * S;
+    return grads && m->n_store > 1 && 4 * probs <= acts;
+}
+
 /* Lays the buffers out in m->mem (64-byte aligned); with base NULL only
  * counts. Every view is a multiple of 16 floats, so each starts on a 64-byte
  * boundary. */
@@ -153,7 +169,7 @@ static size_t layout(model *m, float *base, int grads) {
     size_t N = (size_t)m->B * m->T, C = c->hidden_size, IC = c->intermediate_size;
     size_t V = c->vocab_size, qd = (size_t)c->num_heads * c->head_dim;
     size_t kvd = (size_t)c->num_kv_heads * c->head_dim, S = (size_t)m->P + m->T;
-    size_t off = 0;
+    size_t off = 0, probs = keep_probs(m, grads) ? (size_t)m->B * c->num_heads * m->T * S : 0;
 #define VIEW(ptr, count)                                                                           \
     do {                                                                                           \
         if (base) (ptr) = base + off;                                                              \
@@ -174,6 +190,10 @@ static size_t layout(model *m, float *base, int grads) {
         VIEW(a->gate, N * IC);
         VIEW(a->up, N * IC);
         VIEW(a->h, N * IC);
+        if (probs)
+            VIEW(a->probs, probs);
+        else if (base)
+            a->probs = NULL;
     }
     VIEW(m->resid_out, N * C);
     VIEW(m->rstdf, N);
@@ -320,7 +340,12 @@ static void layer_forward(model *m, int l, float *next, int B, int T) {
     const float *kp, *vp;
     size_t pstride;
     int P = prefix_of(m, l, &kp, &vp, &pstride);
-    attention_forward(a->atty, m->attsc, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq, Hkv, D);
+    if (a->probs)
+        attention_forward_keep(a->atty, a->probs, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq,
+                               Hkv, D);
+    else
+        attention_forward(a->atty, m->attsc, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq, Hkv,
+                          D);
     /* o_proj's output lands on the residual stream directly; its hook adds
      * its term there, which is the same sum. */
     linear_residual_forward(a->resid2, a->resid, a->atty, weight_of(m, l, LW_O), N, qd, C);
@@ -459,8 +484,8 @@ static void layer_backward(model *m, int l, int input_grad) {
         memset(m->dvp, 0, (size_t)P * kvd * sizeof(float));
     }
     attention_grad(m->dq, m->dk, m->dv, train_prefix ? m->dkp : NULL, train_prefix ? m->dvp : NULL,
-                   (size_t)kvd, m->attsc, m->datty, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq,
-                   Hkv, D);
+                   (size_t)kvd, m->attsc, a->probs, m->datty, a->q, a->k, a->v, kp, vp, pstride, B,
+                   T, P, Hq, Hkv, D);
     if (train_prefix) p->method->prefix_backward(p, l, m->dkp, m->dvp, (size_t)kvd);
     rope_unrotate(m->dq, m->dq, m->rope_cos, m->rope_sin, B, T, Hq, D, m->fP);
     rope_unrotate(m->dk, m->dk, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
@@ -510,8 +535,8 @@ void model_backward(model *m, float loss_scale) {
     for (int r0 = 0; r0 < N; r0 += chunk) {
         int n = N - r0 < chunk ? N - r0 : chunk;
         const float *dlogits = m->dlogits;
-        crossentropy_grad(m->dlogits, m->logits + (size_t)r0 * V, m->lse + r0, m->labels + r0, n,
-                          V, loss_scale);
+        crossentropy_grad(m->dlogits, m->logits + (size_t)r0 * V, m->lse + r0, m->labels + r0, n, V,
+                          loss_scale);
         float *dx = dln ? dln + (size_t)r0 * C : NULL;
         if (dx) linears_backward_input(dx, 0, 1, &dlogits, &head, n, C, &V);
         hook_backward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf + (size_t)r0 * C, m->dlogits, dx, n);

@@ -36,8 +36,8 @@ static struct {
     pthread_mutex_t run; /* held by the caller of the current job */
     pthread_mutex_t lock;
     pthread_cond_t wake;
-    atomic_uint gen;      /* the last job published */
-    atomic_int sleepers;  /* helpers blocked on wake */
+    atomic_uint gen;            /* the last job published */
+    atomic_int sleepers;        /* helpers blocked on wake */
     atomic_uint_least64_t word; /* gen << 32 | next task to hand out */
     team_job slot[2];
     float *buf[TEAM_MAX]; /* helpers' scratch, grown by the caller */
@@ -179,16 +179,22 @@ static int reserve(size_t floats) {
 void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_floats) {
     if (n <= 0) return;
     float *mine = scratch_floats ? scratch : NULL;
-    if (n == 1 || in_team || team_size() == 1 || pthread_mutex_trylock(&team.run) != 0) {
+    if (in_team) { /* inside a task: BLAS is single-threaded already */
         for (int i = 0; i < n; i++) fn(ctx, i, mine);
+        return;
+    }
+    int blas = team_blas_threads(1);
+    if (n == 1 || team_size() == 1 || pthread_mutex_trylock(&team.run) != 0) {
+        for (int i = 0; i < n; i++) fn(ctx, i, mine);
+        team_blas_threads(blas);
         return;
     }
     if (scratch_floats && !reserve(scratch_floats)) {
         pthread_mutex_unlock(&team.run);
         for (int i = 0; i < n; i++) fn(ctx, i, mine);
+        team_blas_threads(blas);
         return;
     }
-    int blas = team_blas_threads(1);
     in_team = 1;
     uint32_t g = atomic_load(&team.gen) + 1;
     team_job *job = &team.slot[g & 1];
@@ -205,10 +211,10 @@ void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_float
         pthread_mutex_unlock(&team.lock);
     }
     work(g, 0, mine);
-    /* A helper may still be inside its last task; yield once the wait is
-     * long, in case it shares this core with us. */
+    /* A helper may still be inside its last task; past a few microseconds
+     * yield, in case it waits for this core (a busy machine). */
     for (int spins = 0; atomic_load_explicit(&job->done, memory_order_acquire) < n; spins++) {
-        if (spins < 4096)
+        if (spins < 256)
             cpu_relax();
         else
             sched_yield();

@@ -215,6 +215,12 @@ static int checkpoint_write(server *s, err *e) {
     d.tensors = s->tensors;
     d.n_tensors = s->n_tensors;
     if (ckpt_write(s->ck, &d, e) < 0) return -1;
+    /* A large checkpoint keeps this loop from reading for a while; the
+     * workers' heartbeats wait in the socket meanwhile, so the silence was
+     * ours, not theirs. */
+    double now = progress_now();
+    for (int i = 0; i < s->cap_workers; i++)
+        if (s->workers[i].used && s->workers[i].last_seen < now) s->workers[i].last_seen = now;
     httpd_set(s->hm.checkpoint_step, (double)s->step);
     server_log(s, LOG_INFO, "checkpoint of step %llu written to %s", (unsigned long long)s->step,
                ckpt_dir(s->ck));

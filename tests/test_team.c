@@ -315,6 +315,56 @@ static void test_row_loops(void **state) {
     free(dl2), free(cs), free(sn), free(gr), free(acc), free(inplace);
 }
 
+/* The kept probabilities give the bits of the rebuilt ones, and the
+ * written gradients those of gradients added to zeros; with a prefix whose
+ * gradients add up over the batch, and without. */
+static void test_attention_keep(void **state) {
+    (void)state;
+    enum { B = 3, T = 70, Hq = 6, Hkv = 2, D = 16, P = 4 };
+    size_t nq = (size_t)B * T * Hq * D, nk = (size_t)B * T * Hkv * D, kvd = (size_t)Hkv * D;
+    for (int prefix = 0; prefix <= 1; prefix++) {
+        int p = prefix ? P : 0, S = p + T;
+        float *q = rnd(nq, 1.5f, 31), *k = rnd(nk, 1.5f, 32), *v = rnd(nk, 1, 33);
+        float *kp = rnd((size_t)P * 2 * kvd, 1, 34), *g = rnd(nq, 1, 35);
+        float *o1 = malloc(nq * 4), *o2 = malloc(nq * 4),
+              *scratch = malloc(sizeof(float) * 2 * T * S);
+        float *probs = malloc(sizeof(float) * B * Hq * T * S);
+        attention_forward(o1, scratch, q, k, v, prefix ? kp : NULL, prefix ? kp + kvd : NULL,
+                          2 * kvd, B, T, p, Hq, Hkv, D);
+        attention_forward_keep(o2, probs, q, k, v, prefix ? kp : NULL, prefix ? kp + kvd : NULL,
+                               2 * kvd, B, T, p, Hq, Hkv, D);
+        assert_memory_equal(o1, o2, nq * sizeof(float));
+        float *dq1 = calloc(nq, 4), *dk1 = calloc(nk, 4), *dv1 = calloc(nk, 4);
+        float *dq2 = malloc(nq * 4), *dk2 = malloc(nk * 4), *dv2 = malloc(nk * 4);
+        float *dkp1 = calloc(P * kvd, 4), *dvp1 = calloc(P * kvd, 4);
+        float *dkp2 = calloc(P * kvd, 4), *dvp2 = calloc(P * kvd, 4);
+        for (size_t i = 0; i < nq; i++) dq2[i] = NAN; /* written, not read */
+        for (size_t i = 0; i < nk; i++) dk2[i] = dv2[i] = NAN;
+        attention_backward(dq1, dk1, dv1, prefix ? dkp1 : NULL, prefix ? dvp1 : NULL, kvd, scratch,
+                           g, q, k, v, prefix ? kp : NULL, prefix ? kp + kvd : NULL, 2 * kvd, B, T,
+                           p, Hq, Hkv, D);
+        attention_grad(dq2, dk2, dv2, prefix ? dkp2 : NULL, prefix ? dvp2 : NULL, kvd, scratch,
+                       probs, g, q, k, v, prefix ? kp : NULL, prefix ? kp + kvd : NULL, 2 * kvd, B,
+                       T, p, Hq, Hkv, D);
+        assert_memory_equal(dq1, dq2, nq * sizeof(float));
+        assert_memory_equal(dk1, dk2, nk * sizeof(float));
+        assert_memory_equal(dv1, dv2, nk * sizeof(float));
+        assert_memory_equal(dkp1, dkp2, P * kvd * sizeof(float));
+        assert_memory_equal(dvp1, dvp2, P * kvd * sizeof(float));
+        double norm = 0;
+        for (size_t i = 0; i < nk; i++) norm += fabs(dk1[i]);
+        assert_true(norm > 0);
+        if (prefix) {
+            norm = 0;
+            for (size_t i = 0; i < P * kvd; i++) norm += fabs(dkp1[i]);
+            assert_true(norm > 0);
+        }
+        free(q), free(k), free(v), free(kp), free(g), free(o1), free(o2), free(scratch);
+        free(probs), free(dq1), free(dk1), free(dv1), free(dq2), free(dk2), free(dv2);
+        free(dkp1), free(dvp1), free(dkp2), free(dvp2);
+    }
+}
+
 /* ---- a training step: the same bits for any team ------------------------------------ */
 
 /* Big enough that every product is cut (hidden 256, 512 tokens) and
@@ -338,7 +388,8 @@ static float *step_outputs(int which, size_t *n) {
     cfg.rope_theta = 10000.0f;
     cfg.bos_token_id = cfg.eos_token_id = -1;
     size_t total = 0;
-    for (int k = 0; k < GW_COUNT; k++) total += model_weight_shape(&cfg, MODEL_GLOBAL, k, NULL, NULL);
+    for (int k = 0; k < GW_COUNT; k++)
+        total += model_weight_shape(&cfg, MODEL_GLOBAL, k, NULL, NULL);
     for (int l = 0; l < cfg.num_layers; l++)
         for (int k = 0; k < LW_COUNT; k++) total += model_weight_shape(&cfg, l, k, NULL, NULL);
     float *mem = rnd(total, 0.05f, 21);
@@ -488,10 +539,10 @@ int main(int argc, char **argv) {
     if (len > 0) self_path[len] = '\0';
     if (argc == 3 && !strcmp(argv[1], "--child")) return child_main(argv[2]);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_every_task_once), cmocka_unit_test(test_nested),
+        cmocka_unit_test(test_every_task_once),    cmocka_unit_test(test_nested),
         cmocka_unit_test(test_concurrent_callers), cmocka_unit_test(test_fork),
-        cmocka_unit_test(test_products),
-        cmocka_unit_test(test_row_loops),          cmocka_unit_test(test_step_bits),
+        cmocka_unit_test(test_products),           cmocka_unit_test(test_row_loops),
+        cmocka_unit_test(test_attention_keep),     cmocka_unit_test(test_step_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
