@@ -182,7 +182,8 @@ demo: deps
 # $(DEMO_DIR)/compare/loss.svg with the loss curves.
 compare: deps
 	@$(MAKE) --no-print-directory -j2 all demo-data
-	$(BIN)/peftps compare $(DEMO_METHODS:%=examples/demo-%.pbtxt) --workers 2 --out $(DEMO_DIR)/compare
+	OPENBLAS_NUM_THREADS=1 $(BIN)/peftps compare $(DEMO_METHODS:%=examples/demo-%.pbtxt) \
+	  --workers 2 --out $(DEMO_DIR)/compare
 
 # Rebuilds examples/base-model/ from nothing: data, tokenizer, random init,
 # pretraining through the parameter server (about half an hour on 2 cores).

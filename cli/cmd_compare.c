@@ -321,8 +321,8 @@ static int read_metrics(cmp_row *r, err *e) {
     r->tokens_per_s = inv_tps > 0 ? (double)n_step / inv_tps : NAN;
     r->bytes_per_step = bytes / (double)n_step;
     r->eval_after = r->n_eval ? r->eval_loss[r->n_eval - 1] : NAN;
-    /* A trailing mean over a fiftieth of the run keeps the curves readable. */
-    size_t w = r->n / 50 > 1 ? r->n / 50 : 1;
+    /* A trailing mean over a thirtieth of the run keeps the curves readable. */
+    size_t w = r->n / 30 > 1 ? r->n / 30 : 1;
     r->smooth = malloc(r->n * sizeof *r->smooth);
     if (!r->smooth) return err_set(e, "out of memory");
     double acc = 0;

@@ -19,6 +19,9 @@ WORK=${WORK:-build/demo}
 OUT=${OUT:-$WORK/out}
 GEN_TOKENS=${GEN_TOKENS:-48}
 PY=/usr/bin/python3
+# Two workers on two cores: one BLAS thread each beats both fighting for both.
+OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+export OPENBLAS_NUM_THREADS
 METHOD=lora
 case "$1" in --*) ;; "") ;; *) METHOD=$1; shift ;; esac
 EXP=examples/demo-$METHOD.pbtxt
