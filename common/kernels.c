@@ -109,45 +109,6 @@ ROW_LOOP static float exp_sum(float *y, const float *x, float m, int n) {
     return sum;
 }
 
-/* ---- spreading loops over the team ---------------------------------------------- */
-
-/* Work (in elements touched) below which a loop runs in the caller: a team
- * job costs a few microseconds, the time of ~16K elements. */
-#define PAR_GRAIN 16384
-
-typedef void (*range_fn)(void *ctx, size_t r0, size_t r1);
-
-typedef struct range_job {
-    range_fn fn;
-    void *ctx;
-    size_t n, per;
-} range_job;
-
-static void range_task(void *c, int i, float *scratch) {
-    (void)scratch;
-    const range_job *j = c;
-    size_t r0 = (size_t)i * j->per, r1 = r0 + j->per < j->n ? r0 + j->per : j->n;
-    j->fn(j->ctx, r0, r1);
-}
-
-/* fn over [0, n) in contiguous ranges (multiples of `align` rows) spread
- * over the team; `cost` is the work per row. Every caller computes each row
- * the same way whatever the range, so the split never shows in the bits. */
-static void par_range(size_t n, size_t cost, size_t align, range_fn fn, void *ctx) {
-    int threads = team_size();
-    size_t tasks = n * cost / PAR_GRAIN;
-    /* A few tasks per thread even out a core that is busy elsewhere. */
-    if (tasks > 4 * (size_t)threads) tasks = 4 * (size_t)threads;
-    if (threads == 1 || tasks < 2 || n < 2 * align) {
-        fn(ctx, 0, n);
-        return;
-    }
-    size_t per = (n + tasks - 1) / tasks;
-    per = (per + align - 1) / align * align;
-    range_job j = {fn, ctx, n, per};
-    team_run((int)((n + per - 1) / per), range_task, &j, NULL, 0);
-}
-
 /* ---- matrix products over the team ------------------------------------------------ */
 
 /* One cblas_sgemm, row-major: C (M,N) = alpha op(A) op(B) + beta C, where C
@@ -167,15 +128,16 @@ typedef struct gemm {
     const float *res, *bias;
 } gemm;
 
-/* A product is cut into parts along the longer side of C (the shorter side
- * would repack the larger operand per part); the cut depends on the shape
- * alone, never on the team, because OpenBLAS rounds a row differently
- * depending on where it falls in its blocking. Parts come in powers of two:
- * 2 from 8 MFLOP, 4 from 64 MFLOP, 8 from 1 GFLOP (measured on two cores:
- * 4 parts lose ~2% to repacking against 2 and 8 another ~2%, won back as
- * soon as a core is shared with another process; and a machine with more
- * cores gets something to share out). */
+/* A product is cut into parts along the longer side of C; the cut depends
+ * on the shape alone, never on the team, because OpenBLAS rounds a row
+ * differently depending on where it falls in its blocking. Each part
+ * repacks the operand along the uncut side (A when cutting columns, B when
+ * cutting rows), which costs about 1/width of the part's multiply-adds: so
+ * 2 parts from 8 MFLOP, doubled while parts stay GEMM_WIDTH wide, at most
+ * 8. Measured on two cores: narrower parts (4 or 8 at 96..384 wide) cost 2
+ * to 6% of a GPT-2-sized step against this rule. */
 #define GEMM_MIN_FLOPS 8e6
+#define GEMM_WIDTH 512
 #define GEMM_ALIGN 16
 
 typedef struct gemm_plan {
@@ -185,9 +147,9 @@ typedef struct gemm_plan {
 static gemm_plan plan_of(int M, int N, double flops) {
     gemm_plan p = {M >= N, M >= N ? M : N, 1};
     int dim = p.per;
-    int want = flops < GEMM_MIN_FLOPS ? 1 : flops < 8 * GEMM_MIN_FLOPS ? 2 : flops < 1e9 ? 4 : 8;
-    while (want > 1 && want > dim / GEMM_ALIGN) want /= 2;
-    if (want < 2) return p;
+    if (flops < GEMM_MIN_FLOPS || dim < 2 * GEMM_ALIGN) return p;
+    int want = 2;
+    while (want < 8 && dim / (2 * want) >= GEMM_WIDTH) want *= 2;
     p.per = ((dim + want - 1) / want + GEMM_ALIGN - 1) / GEMM_ALIGN * GEMM_ALIGN;
     p.parts = (dim + p.per - 1) / p.per;
     return p;
@@ -399,7 +361,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *wei
                      float eps) {
     // out, inp are (N,C), weight is (C), rstd is (N)
     rows_args a = {.out = out, .rstd = rstd, .inp = inp, .weight = weight, .C = C, .eps = eps};
-    par_range((size_t)N, (size_t)C * 2, 1, rmsnorm_fwd_rows, &a);
+    team_for((size_t)N, (size_t)C * 2, 1, rmsnorm_fwd_rows, &a);
 }
 
 static void normalize_rows(void *c, size_t r0, size_t r1) {
@@ -417,14 +379,14 @@ static void normalize_rows(void *c, size_t r0, size_t r1) {
 void rmsnorm_normalize(float *xhat, const float *inp, const float *rstd, int N, int C) {
     // xhat, inp are (N,C), rstd is (N)
     rows_args a = {.out = xhat, .inp = inp, .rs = rstd, .C = C};
-    par_range((size_t)N, (size_t)C, 1, normalize_rows, &a);
+    team_for((size_t)N, (size_t)C, 1, normalize_rows, &a);
 }
 
 void rmsnorm_rebuild(float *xhat, float *out, const float *inp, const float *rstd,
                      const float *weight, int N, int C) {
     // xhat, out, inp are (N,C), rstd is (N), weight is (C)
     rows_args a = {.out = xhat, .out2 = out, .inp = inp, .rs = rstd, .weight = weight, .C = C};
-    par_range((size_t)N, (size_t)C * 2, 1, normalize_rows, &a);
+    team_for((size_t)N, (size_t)C * 2, 1, normalize_rows, &a);
 }
 
 static void rmsnorm_bwd_rows(void *c, size_t r0, size_t r1) {
@@ -443,7 +405,7 @@ void rmsnorm_backward(float *dinp, const float *dxhat, const float *xhat, const 
                       int C) {
     // dinp, dxhat, xhat are (N,C), rstd is (N).
     rows_args a = {.out = dinp, .inp = dxhat, .inp2 = xhat, .rs = rstd, .C = C};
-    par_range((size_t)N, (size_t)C * 3, 1, rmsnorm_bwd_rows, &a);
+    team_for((size_t)N, (size_t)C * 3, 1, rmsnorm_bwd_rows, &a);
 }
 
 static void scale_fwd_rows(void *c, size_t r0, size_t r1) {
@@ -456,7 +418,7 @@ static void scale_fwd_rows(void *c, size_t r0, size_t r1) {
 void scale_forward(float *out, const float *inp, const float *weight, int N, int C) {
     // out, inp are (N,C), weight is (C)
     rows_args a = {.out = out, .inp = inp, .weight = weight, .C = C};
-    par_range((size_t)N, (size_t)C, 1, scale_fwd_rows, &a);
+    team_for((size_t)N, (size_t)C, 1, scale_fwd_rows, &a);
 }
 
 static void scale_bwd_rows(void *c, size_t r0, size_t r1) {
@@ -470,7 +432,7 @@ void scale_backward(float *dinp, float *dweight, const float *dout, const float 
     // dinp, dout, inp are (N,C), dweight, weight are (C)
     if (dinp) {
         rows_args a = {.out = dinp, .inp = dout, .weight = weight, .C = C};
-        par_range((size_t)N, (size_t)C, 1, scale_bwd_rows, &a);
+        team_for((size_t)N, (size_t)C, 1, scale_bwd_rows, &a);
     }
     /* A sum over rows: in row order, in the caller. */
     if (dweight)
@@ -541,7 +503,7 @@ static void residual_fwd_range(void *c, size_t r0, size_t r1) {
 
 void residual_forward(float *out, const float *a, const float *b, size_t n) {
     rows_args r = {.out = out, .inp = a, .inp2 = b};
-    par_range(n, 3, 64, residual_fwd_range, &r);
+    team_for(n, 3, 64, residual_fwd_range, &r);
 }
 
 static void residual_bwd_range(void *c, size_t r0, size_t r1) {
@@ -554,7 +516,7 @@ static void residual_bwd_range(void *c, size_t r0, size_t r1) {
 
 void residual_backward(float *da, float *db, const float *dout, size_t n) {
     rows_args r = {.out = da, .out2 = db, .inp = dout};
-    par_range(n, 5, 64, residual_bwd_range, &r);
+    team_for(n, 5, 64, residual_bwd_range, &r);
 }
 
 /* ---- rotary embeddings -------------------------------------------------------- */
@@ -673,7 +635,7 @@ static void rope_rows(void *c, size_t r0, size_t r1) {
 static void rope_run(float *out, const float *inp, const float *cos_t, const float *sin_t, int B,
                      int T, int H, int D, int pos0, int mode) {
     rope_args a = {out, inp, cos_t, sin_t, T, H, D, pos0, mode};
-    par_range((size_t)B * T, (size_t)H * D * 2, 1, rope_rows, &a);
+    team_for((size_t)B * T, (size_t)H * D * 2, 1, rope_rows, &a);
 }
 
 void rope_forward(float *out, const float *inp, const float *cos_t, const float *sin_t, int B,
@@ -1013,20 +975,20 @@ static void swiglu_bwd_range(void *c, size_t r0, size_t r1) {
 void swiglu_forward(float *out, const float *gate, const float *up, int N, int IC) {
     // out, gate, up are (N,IC)
     swiglu_args a = {.out = out, .g = gate, .u = up};
-    par_range((size_t)N * IC, 8, 64, swiglu_fwd_range, &a);
+    team_for((size_t)N * IC, 8, 64, swiglu_fwd_range, &a);
 }
 
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                      const float *up, int N, int IC) {
     // dgate, dup, dout, gate, up are (N,IC)
     swiglu_args a = {.dg = dgate, .du = dup, .d = dout, .g = gate, .u = up, .acc = 1};
-    par_range((size_t)N * IC, 12, 64, swiglu_bwd_range, &a);
+    team_for((size_t)N * IC, 12, 64, swiglu_bwd_range, &a);
 }
 
 void swiglu_grad(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
                  int N, int IC) {
     swiglu_args a = {.dg = dgate, .du = dup, .d = dout, .g = gate, .u = up, .acc = 0};
-    par_range((size_t)N * IC, 12, 64, swiglu_bwd_range, &a);
+    team_for((size_t)N * IC, 12, 64, swiglu_bwd_range, &a);
 }
 
 /* ---- cross-entropy ------------------------------------------------------------ */
@@ -1034,6 +996,8 @@ void swiglu_grad(float *dgate, float *dup, const float *dout, const float *gate,
 /* The loss is summed in parts of a fixed number of rows, a function of N
  * alone, and the parts in order: the same total whatever the team. */
 #define CE_PARTS 256
+/* Logits below which the parts run in the caller, not worth a team job. */
+#define CE_SERIAL 16384
 
 typedef struct ce_args {
     float *lse, *dlogits;
@@ -1072,7 +1036,7 @@ double crossentropy_forward(float *lse, const float *logits, const int32_t *labe
     a.per = (N + CE_PARTS - 1) / CE_PARTS;
     if (a.per < 1) a.per = 1;
     int parts = (N + a.per - 1) / a.per;
-    if ((size_t)N * V < PAR_GRAIN)
+    if ((size_t)N * V < CE_SERIAL)
         for (int t = 0; t < parts; t++) ce_fwd_task(&a, t, NULL);
     else
         team_run(parts, ce_fwd_task, &a, NULL, 0);
@@ -1124,7 +1088,7 @@ static void ce_backward(float *dlogits, const float *logits, const float *lse,
                  .V = V,
                  .acc = acc,
                  .scale = scale};
-    par_range((size_t)N, (size_t)V * 3, 1, ce_bwd_rows, &a);
+    team_for((size_t)N, (size_t)V * 3, 1, ce_bwd_rows, &a);
 }
 
 void crossentropy_backward(float *dlogits, const float *logits, const float *lse,

@@ -128,8 +128,11 @@ static void hook_forward(model *m, int layer, int kind, const float *x, float *y
 
 /* BLAS stays single-threaded in the hooks (small products: LoRA's run
  * twice as fast so), except for a weight the method replaces, whose
- * gradient is a product the size of the model's own: there the caller's
- * BLAS threads (m->blas) do it. */
+ * gradient is a product the size of the model's own: there OpenBLAS's own
+ * threads (m->blas, the process's setting) do it, as the methods call
+ * cblas_sgemm directly. Its bits then depend on that setting, unlike the
+ * rest of the step; a method taking the product through kernels.h's
+ * linear_backward runs it on the team instead (and this branch can go). */
 static void hook_backward(model *m, int layer, int kind, const float *x, const float *dy, float *dx,
                           int n) {
     peft *p = m->p;
@@ -410,7 +413,7 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
 
     /* The team parallelises; BLAS runs single-threaded throughout, the
      * methods' own products included (see model_backward). */
-    int blas = team_blas_threads(1);
+    team_blas_enter();
     embedding_forward(acts(m, 0)->resid, m->tokens, weight_of(m, MODEL_GLOBAL, GW_EMBED), N, C);
     for (int l = 0; l < L; l++)
         layer_forward(m, l, l + 1 < L ? acts(m, l + 1)->resid : m->resid_out, B, T);
@@ -426,7 +429,7 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
         loss = crossentropy_forward(m->lse, m->logits, m->labels, N, V, &count);
         if (n_tokens) *n_tokens = count;
     }
-    team_blas_threads(blas);
+    team_blas_leave();
     return loss;
 }
 
@@ -525,7 +528,8 @@ void model_backward(model *m, float loss_scale) {
     /* As in the forward: the team parallelises, BLAS stays single-threaded
      * (an OpenBLAS pool left idle would spin against the team), except in
      * the hooks that take a full weight's gradient (hook_backward). */
-    m->blas = team_blas_threads(1);
+    team_blas_enter();
+    m->blas = team_blas_outer();
 
     /* lm_head and the loss, a chunk of rows at a time; dln is the final
      * norm's output gradient, not needed when only lm_head trains. */
@@ -550,5 +554,5 @@ void model_backward(model *m, float loss_scale) {
     if (first < 0 && p->method->embed_backward)
         p->method->embed_backward(p, m->tokens, m->dresid, N);
     if (p->method->end_backward) p->method->end_backward(p);
-    team_blas_threads(m->blas);
+    team_blas_leave();
 }

@@ -156,10 +156,57 @@ int team_size(void) {
     return team.size;
 }
 
-int team_blas_threads(int n) {
-    int prev = openblas_get_num_threads();
-    if (n != prev) openblas_set_num_threads(n);
-    return prev;
+/* OpenBLAS's thread count is one setting for the whole process: sections
+ * are counted so that concurrent and nested ones never restore it early or
+ * to a value another section set. */
+static pthread_mutex_t blas_lock = PTHREAD_MUTEX_INITIALIZER;
+static int blas_depth, blas_outer;
+
+void team_blas_enter(void) {
+    pthread_mutex_lock(&blas_lock);
+    if (blas_depth++ == 0) {
+        blas_outer = openblas_get_num_threads();
+        if (blas_outer != 1) openblas_set_num_threads(1);
+    }
+    pthread_mutex_unlock(&blas_lock);
+}
+
+void team_blas_leave(void) {
+    pthread_mutex_lock(&blas_lock);
+    if (--blas_depth == 0) {
+        if (openblas_get_num_threads() != blas_outer) openblas_set_num_threads(blas_outer);
+    }
+    pthread_mutex_unlock(&blas_lock);
+}
+
+int team_blas_outer(void) {
+    pthread_mutex_lock(&blas_lock);
+    int n = blas_depth ? blas_outer : openblas_get_num_threads();
+    pthread_mutex_unlock(&blas_lock);
+    return n;
+}
+
+void team_blas_threads(int n) {
+    pthread_mutex_lock(&blas_lock);
+    if (blas_depth && openblas_get_num_threads() != n) openblas_set_num_threads(n);
+    pthread_mutex_unlock(&blas_lock);
+}
+
+/* Sets 1 thread and returns the count before: a job may be started where
+ * team_blas_threads raised it (a method's product calling the kernels). */
+static int blas_single(void) {
+    pthread_mutex_lock(&blas_lock);
+    int n = openblas_get_num_threads();
+    if (n != 1) openblas_set_num_threads(1);
+    pthread_mutex_unlock(&blas_lock);
+    return n;
+}
+
+static void blas_back(int n) {
+    if (n == 1) return;
+    pthread_mutex_lock(&blas_lock);
+    openblas_set_num_threads(n);
+    pthread_mutex_unlock(&blas_lock);
 }
 
 /* Gives every helper at least `floats` of scratch; 0 when out of memory. */
@@ -183,16 +230,19 @@ void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_float
         for (int i = 0; i < n; i++) fn(ctx, i, mine);
         return;
     }
-    int blas = team_blas_threads(1);
+    team_blas_enter();
+    int blas = blas_single();
     if (n == 1 || team_size() == 1 || pthread_mutex_trylock(&team.run) != 0) {
         for (int i = 0; i < n; i++) fn(ctx, i, mine);
-        team_blas_threads(blas);
+        blas_back(blas);
+        team_blas_leave();
         return;
     }
     if (scratch_floats && !reserve(scratch_floats)) {
         pthread_mutex_unlock(&team.run);
         for (int i = 0; i < n; i++) fn(ctx, i, mine);
-        team_blas_threads(blas);
+        blas_back(blas);
+        team_blas_leave();
         return;
     }
     in_team = 1;
@@ -220,6 +270,43 @@ void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_float
             sched_yield();
     }
     in_team = 0;
-    team_blas_threads(blas);
     pthread_mutex_unlock(&team.run);
+    blas_back(blas);
+    team_blas_leave();
+}
+
+/* ---- ranges ---------------------------------------------------------------------- */
+
+/* Work (in elements touched) below which a loop runs in the caller: a team
+ * job costs a few microseconds, the time of ~16K elements. */
+#define FOR_GRAIN 16384
+
+typedef struct range_job {
+    void (*fn)(void *ctx, size_t i0, size_t i1);
+    void *ctx;
+    size_t n, per;
+} range_job;
+
+static void range_task(void *c, int i, float *scratch) {
+    (void)scratch;
+    const range_job *j = c;
+    size_t i0 = (size_t)i * j->per, i1 = i0 + j->per < j->n ? i0 + j->per : j->n;
+    j->fn(j->ctx, i0, i1);
+}
+
+void team_for(size_t n, size_t cost, size_t align, void (*fn)(void *ctx, size_t i0, size_t i1),
+              void *ctx) {
+    int threads = team_size();
+    size_t tasks = n * cost / FOR_GRAIN;
+    /* A few tasks per thread even out a core that is busy elsewhere. */
+    if (tasks > 4 * (size_t)threads) tasks = 4 * (size_t)threads;
+    if (align < 1) align = 1;
+    if (threads == 1 || tasks < 2 || n < 2 * align) {
+        if (n) fn(ctx, 0, n);
+        return;
+    }
+    size_t per = (n + tasks - 1) / tasks;
+    per = (per + align - 1) / align * align;
+    range_job j = {fn, ctx, n, per};
+    team_run((int)((n + per - 1) / per), range_task, &j, NULL, 0);
 }

@@ -33,9 +33,27 @@ int team_size(void);
  * order: slower, never different. */
 void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_floats);
 
-/* BLAS threads outside team_run: sets OpenBLAS to n threads and returns the
- * previous count, so that model.c can keep BLAS single-threaded for a whole
- * forward or backward and restore it after. */
-int team_blas_threads(int n);
+/* fn(ctx, i0, i1) over contiguous ranges covering [0, n), each a multiple
+ * of `align` elements (but the last), spread over the team when n * cost
+ * (cost: the work of one element, counted in elements touched) is worth a
+ * job, else one call over everything. As for team_run, ranges must write
+ * disjoint outputs and compute each element the same way whatever the
+ * range: then the split never shows in the results. */
+void team_for(size_t n, size_t cost, size_t align, void (*fn)(void *ctx, size_t i0, size_t i1),
+              void *ctx);
+
+/* A section with BLAS single-threaded (team_run opens one itself; model.c
+ * one per forward and backward). Sections nest and may be opened from
+ * several threads: the first sets OpenBLAS to 1 thread, the last to close
+ * restores the count found when the first opened. */
+void team_blas_enter(void);
+void team_blas_leave(void);
+/* Inside a section: the OpenBLAS threads outside it (the process's own
+ * setting), and a temporary change of the count for the caller's next
+ * products (model.c gives a method's full-size weight gradients the outer
+ * count, then 1 again). A change is seen by every thread's BLAS calls: one
+ * thread drives the model at a time. */
+int team_blas_outer(void);
+void team_blas_threads(int n);
 
 #endif

@@ -18,6 +18,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cblas.h>
 #include <cmocka.h>
 
 #include "kernels.h"
@@ -126,6 +127,9 @@ static void *caller_main(void *arg) {
 
 static void test_concurrent_callers(void **state) {
     (void)state;
+    /* OpenBLAS's thread count is process-wide: jobs from two threads must
+     * leave it as they found it. */
+    int blas = openblas_get_num_threads();
     pthread_t a, b;
     int tag;
     assert_int_equal(pthread_create(&a, NULL, caller_main, &tag), 0);
@@ -135,6 +139,7 @@ static void test_concurrent_callers(void **state) {
     pthread_join(b, &rb);
     assert_null(ra);
     assert_null(rb);
+    assert_int_equal(openblas_get_num_threads(), blas);
 }
 
 /* A child forked after the helpers started has none of them: its jobs still
@@ -369,7 +374,10 @@ static void test_attention_keep(void **state) {
 
 /* Big enough that every product is cut (hidden 256, 512 tokens) and
  * attention has many tasks; GQA with a trained prefix takes the path that
- * sums prefix gradients over the batch. */
+ * sums prefix gradients over the batch. Full fine-tuning's weight
+ * gradients are products of full.c run by OpenBLAS's own threads (see
+ * hook_backward in model.c): parent and children share this machine's
+ * OpenBLAS setting, so they must agree too. */
 static const char *methods[] = {"lora", "full", "prefix"};
 
 /* Runs forward and backward of method `which` on a random model and returns

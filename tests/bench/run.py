@@ -10,11 +10,15 @@ For each shape (small, gpt2) and method (lora, full):
      the table gives medians and the median of the pairwise ratios, and the
      share of the machine's matrix-multiply limit (cblas_sgemm measured in the
      same run, alternately too) that peftps reached.
+The machine may be shared: each run also measures the CPU that other
+processes used meanwhile (from /proc/stat), and the table reports its median
+as "other load" (share of all cores), so that a noisy row shows as one.
 Prints a Markdown table; --out FILE writes it there as well.
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,11 +34,30 @@ SETTINGS = [
 ]
 
 
+def busy_ticks():
+    """(busy, total) jiffies of all cores since boot, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    return sum(v) - v[3] - v[4], sum(v)
+
+
 def run_json(cmd, env_extra=None):
+    """Runs cmd, returns its last JSON line plus "_other": the share of the
+    machine's cores busy with other processes while it ran."""
     env = dict(os.environ)
     env.update(env_extra or {})
+    before, ru0 = busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    after, ru1 = busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    j = json.loads(out.strip().splitlines()[-1])
+    j["_other"] = float("nan")
+    if before and after and after[1] > before[1]:
+        mine = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) * os.sysconf("SC_CLK_TCK")
+        j["_other"] = max(0.0, (after[0] - before[0]) - mine) / (after[1] - before[1])
+    return j
 
 
 def ours(shape, method, steps):
@@ -66,29 +89,32 @@ def main():
                 print(f"  torch {shape} {method} {st[0]}: {r['tokens_per_s']:.0f} tok/s",
                       file=sys.stderr)
             best = max(trial, key=lambda x: x[0])[1]
-            mine, theirs, ratios, shares = [], [], [], []
+            mine, theirs, ratios, shares, other = [], [], [], [], []
             for rep in range(a.reps):
-                sg = run_json([BENCH, "--sgemm"])["sgemm_gflops"]
+                sg = run_json([BENCH, "--sgemm"])
                 o = ours(shape, method, n)
                 t = torch_run(shape, method, n, best)
                 mine.append(o["tokens_per_s"])
                 theirs.append(t["tokens_per_s"])
                 ratios.append(o["tokens_per_s"] / t["tokens_per_s"])
-                shares.append(o["gflops"] / sg)
-                print(f"  rep {rep + 1}: peftps {o['tokens_per_s']:.0f}  torch "
-                      f"{t['tokens_per_s']:.0f}  ratio {ratios[-1]:.2f}  "
-                      f"share of sgemm {shares[-1]:.0%}", file=sys.stderr)
+                shares.append(o["gflops"] / sg["sgemm_gflops"])
+                other.append((o["_other"] + t["_other"]) / 2)
+                print(f"  rep {rep + 1}: peftps {o['tokens_per_s']:.0f} ({o['step_ms']:.0f} ms, "
+                      f"{o['cpu_ms']:.0f} ms CPU)  torch {t['tokens_per_s']:.0f}  ratio "
+                      f"{ratios[-1]:.2f}  sgemm {sg['sgemm_gflops']:.0f} GFLOPS (OpenBLAS "
+                      f"threads {sg['openblas_threads']:.0f}, team {sg['team']:.0f}), share "
+                      f"{shares[-1]:.0%}  other load {other[-1]:.0%}", file=sys.stderr)
             rows.append(dict(shape=shape, method=method, ours=statistics.median(mine),
                              torch=statistics.median(theirs), ratio=statistics.median(ratios),
                              share=statistics.median(shares), setting=best[0],
-                             ratios=sorted(ratios)))
+                             ratios=sorted(ratios), other=statistics.median(other)))
     lines = ["| shape | method | peftps tok/s | PyTorch tok/s | ratio (median of pairs) "
-             "| pairs | share of sgemm limit | PyTorch's best setting |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| pairs | share of sgemm limit | PyTorch's best setting | other load |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['method']} | {r['ours']:.0f} | {r['torch']:.0f} | "
                      f"{r['ratio']:.2f}x | {', '.join(f'{x:.2f}' for x in r['ratios'])} | "
-                     f"{r['share']:.0%} | {r['setting']} |")
+                     f"{r['share']:.0%} | {r['setting']} | {r['other']:.0%} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
