@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "log.h"
 
 int delta_init(delta_set *ds, const model_config *cfg, const model_weights *base, err *e) {
@@ -314,9 +315,8 @@ static void sparse_backward(delta_set *ds, const delta_entry *d, const float *x,
 
 void delta_dense_grad(const delta_entry *d, const float *x, const float *dy, int n, float *g) {
     int out = d->rows, in = d->cols;
-    if (in > 1) { /* dW (out,in) += dy^T x */
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, dy, out, x, in, 1.0f,
-                    g, in);
+    if (in > 1) { /* dW (out,in) += dy^T x, on the thread team (kernels.h) */
+        linear_backward(NULL, g, NULL, dy, x, NULL, n, in, out);
         return;
     }
     for (int t = 0; t < n; t++) { /* a norm weight (x given) or a bias (x NULL) */

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "peft.h"
 
 typedef struct full_state {
@@ -104,9 +105,9 @@ static void full_linear_backward(peft *p, int layer, int kind, const float *x, c
         }
         return;
     }
-    /* dW (out, in) += dy^T x, with dy (n, out) and x (n, in) */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, cols, n, 1.0f, dy, rows, x, cols,
-                1.0f, dw, cols);
+    /* dW (out, in) += dy^T x, with dy (n, out) and x (n, in): on the
+     * thread team, in parts fixed by the shape (kernels.h). */
+    linear_backward(NULL, dw, NULL, dy, x, NULL, n, cols, rows);
     /* q, k and v carry their bias gradients too: db (out) += sum of dy. */
     int bias_kind = layer == MODEL_GLOBAL ? -1
                     : kind == LW_Q        ? LW_Q_BIAS

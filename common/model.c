@@ -77,7 +77,6 @@ struct model {
     int32_t *tokens, *labels; /* (N) copies of the last forward's batch */
     int fB, fT, fP;           /* the last forward's shape and rotary offset; fB 0: none */
     int f_labels;             /* the last forward had labels */
-    int blas;                 /* the caller's BLAS threads, during model_backward */
 };
 
 /* ---- hooks ------------------------------------------------------------------ */
@@ -126,21 +125,12 @@ static void hook_forward(model *m, int layer, int kind, const float *x, float *y
     if (p && p->method->linear_forward) p->method->linear_forward(p, layer, kind, x, y, n);
 }
 
-/* BLAS stays single-threaded in the hooks (small products: LoRA's run
- * twice as fast so), except for a weight the method replaces, whose
- * gradient is a product the size of the model's own: there OpenBLAS's own
- * threads (m->blas, the process's setting) do it, as the methods call
- * cblas_sgemm directly. Its bits then depend on that setting, unlike the
- * rest of the step; a method taking the product through kernels.h's
- * linear_backward runs it on the team instead (and this branch can go). */
+/* The hooks run with BLAS single-threaded, like everything in a forward
+ * or backward: a method's large products go through kernels.h, on the team. */
 static void hook_backward(model *m, int layer, int kind, const float *x, const float *dy, float *dx,
                           int n) {
     peft *p = m->p;
-    if (!p->method->linear_backward) return;
-    int big = m->blas > 1 && p->method->weight && p->method->weight(p, layer, kind);
-    if (big) team_blas_threads(m->blas);
-    p->method->linear_backward(p, layer, kind, x, dy, dx, n);
-    if (big) team_blas_threads(1);
+    if (p->method->linear_backward) p->method->linear_backward(p, layer, kind, x, dy, dx, n);
 }
 
 /* ---- memory ------------------------------------------------------------------- */
@@ -526,10 +516,8 @@ void model_backward(model *m, float loss_scale) {
     int first = p->first_trainable_layer;
     first = first < -1 ? -1 : first > L ? L : first;
     /* As in the forward: the team parallelises, BLAS stays single-threaded
-     * (an OpenBLAS pool left idle would spin against the team), except in
-     * the hooks that take a full weight's gradient (hook_backward). */
+     * (an OpenBLAS pool left idle would spin against the team). */
     team_blas_enter();
-    m->blas = team_blas_outer();
 
     /* lm_head and the loss, a chunk of rows at a time; dln is the final
      * norm's output gradient, not needed when only lm_head trains. */

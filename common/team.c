@@ -179,36 +179,6 @@ void team_blas_leave(void) {
     pthread_mutex_unlock(&blas_lock);
 }
 
-int team_blas_outer(void) {
-    pthread_mutex_lock(&blas_lock);
-    int n = blas_depth ? blas_outer : openblas_get_num_threads();
-    pthread_mutex_unlock(&blas_lock);
-    return n;
-}
-
-void team_blas_threads(int n) {
-    pthread_mutex_lock(&blas_lock);
-    if (blas_depth && openblas_get_num_threads() != n) openblas_set_num_threads(n);
-    pthread_mutex_unlock(&blas_lock);
-}
-
-/* Sets 1 thread and returns the count before: a job may be started where
- * team_blas_threads raised it (a method's product calling the kernels). */
-static int blas_single(void) {
-    pthread_mutex_lock(&blas_lock);
-    int n = openblas_get_num_threads();
-    if (n != 1) openblas_set_num_threads(1);
-    pthread_mutex_unlock(&blas_lock);
-    return n;
-}
-
-static void blas_back(int n) {
-    if (n == 1) return;
-    pthread_mutex_lock(&blas_lock);
-    openblas_set_num_threads(n);
-    pthread_mutex_unlock(&blas_lock);
-}
-
 /* Gives every helper at least `floats` of scratch; 0 when out of memory. */
 static int reserve(size_t floats) {
     for (int t = 1; t < team.size; t++) {
@@ -231,17 +201,14 @@ void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_float
         return;
     }
     team_blas_enter();
-    int blas = blas_single();
     if (n == 1 || team_size() == 1 || pthread_mutex_trylock(&team.run) != 0) {
         for (int i = 0; i < n; i++) fn(ctx, i, mine);
-        blas_back(blas);
         team_blas_leave();
         return;
     }
     if (scratch_floats && !reserve(scratch_floats)) {
         pthread_mutex_unlock(&team.run);
         for (int i = 0; i < n; i++) fn(ctx, i, mine);
-        blas_back(blas);
         team_blas_leave();
         return;
     }
@@ -271,7 +238,6 @@ void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_float
     }
     in_team = 0;
     pthread_mutex_unlock(&team.run);
-    blas_back(blas);
     team_blas_leave();
 }
 

@@ -48,12 +48,5 @@ void team_for(size_t n, size_t cost, size_t align, void (*fn)(void *ctx, size_t 
  * restores the count found when the first opened. */
 void team_blas_enter(void);
 void team_blas_leave(void);
-/* Inside a section: the OpenBLAS threads outside it (the process's own
- * setting), and a temporary change of the count for the caller's next
- * products (model.c gives a method's full-size weight gradients the outer
- * count, then 1 again). A change is seen by every thread's BLAS calls: one
- * thread drives the model at a time. */
-int team_blas_outer(void);
-void team_blas_threads(int n);
 
 #endif
