@@ -257,6 +257,63 @@ static void gemm_team(const gemm *ops, int nops, int sum) {
     team_run(tasks, gemm_task, &j, NULL, 0);
 }
 
+/* ---- low-rank branch --------------------------------------------------------- */
+
+/* The forward's rows in 1, 2, 4 or 8 parts (multiples of GEMM_ALIGN rows),
+ * each of at least LOWRANK_ROWS rows and 2^20 multiply-adds, so that a
+ * part is worth a task: the parts depend on the shape alone. */
+#define LOWRANK_ROWS 64
+
+typedef struct lowrank {
+    float *y, *h;
+    const float *x, *a, *b;
+    float scale;
+    int N, in, r, out, per;
+} lowrank;
+
+/* Rows [task * per, ...) of both products: a row of y needs only its own h. */
+static void lowrank_fwd_task(void *c, int task, float *scratch) {
+    (void)scratch;
+    const lowrank *l = c;
+    int lo = task * l->per, n = l->N - lo < l->per ? l->N - lo : l->per;
+    float *h = l->h + (size_t)lo * l->r;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, l->r, l->in, 1.0f,
+                l->x + (size_t)lo * l->in, l->in, l->a, l->in, 0.0f, h, l->r);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, l->out, l->r, l->scale, h, l->r, l->b,
+                l->r, 1.0f, l->y + (size_t)lo * l->out, l->out);
+}
+
+void lowrank_forward(float *y, float *h, const float *x, const float *a, const float *b,
+                     float scale, int N, int in, int r, int out) {
+    if (N <= 0) return;
+    lowrank l = {y, h, x, a, b, scale, N, in, r, out, N};
+    double madds = (double)N * r * ((double)in + out);
+    int parts = 1;
+    while (parts < 8 && madds / (2 * parts) >= (1 << 20) && N / (2 * parts) >= LOWRANK_ROWS)
+        parts *= 2;
+    l.per = ((N + parts - 1) / parts + GEMM_ALIGN - 1) / GEMM_ALIGN * GEMM_ALIGN;
+    team_run((N + l.per - 1) / l.per, lowrank_fwd_task, &l, NULL, 0);
+}
+
+void lowrank_backward(float *da, float *db, float *dx, float *g, const float *dy, const float *x,
+                      const float *h, const float *a, const float *b, float scale, int N, int in,
+                      int r, int out) {
+    if (N <= 0) return;
+    /* db and g read only dy: one job; da and dx read g: the next. */
+    gemm first[2] = {
+        gemm_of(CblasTrans, CblasNoTrans, out, r, N, dy, out, h, r, 1.0f, db, r),
+        gemm_of(CblasNoTrans, CblasNoTrans, N, r, out, dy, out, b, r, 0.0f, g, r),
+    };
+    first[0].alpha = scale;
+    gemm_team(first, 2, 0);
+    gemm second[2] = {
+        gemm_of(CblasTrans, CblasNoTrans, r, in, N, g, r, x, in, 1.0f, da, in),
+        gemm_of(CblasNoTrans, CblasNoTrans, N, in, r, g, r, a, in, 1.0f, dx, in),
+    };
+    second[0].alpha = second[1].alpha = scale;
+    gemm_team(second, dx ? 2 : 1, 0);
+}
+
 /* ---- embedding ------------------------------------------------------------ */
 
 void embedding_forward(float *out, const int32_t *tokens, const float *table, int N, int C) {

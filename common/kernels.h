@@ -76,6 +76,18 @@ void linear_residual_forward(float *out, const float *res, const float *inp, con
 void linears_backward_input(float *dinp, int accumulate, int n, const float *const *douts,
                             const float *const *weights, int N, int C, const int *OC);
 
+/* A low-rank branch beside a linear, as LoRA's: h (N,r) = x (N,in) a^T,
+ * where a is (r,in), then y (N,out) += scale h b^T, where b is (out,r).
+ * Rows go over the team in parts fixed by N. */
+void lowrank_forward(float *y, float *h, const float *x, const float *a, const float *b,
+                     float scale, int N, int in, int r, int out);
+/* Its backward given dy (N,out) and the forward's h: g (N,r) = dy b, which
+ * it writes; db (out,r) += scale dy^T h; da (r,in) += scale g^T x; dx (N,in)
+ * += scale g a unless dx is NULL. Two team jobs of independent products. */
+void lowrank_backward(float *da, float *db, float *dx, float *g, const float *dy, const float *x,
+                      const float *h, const float *a, const float *b, float scale, int N, int in,
+                      int r, int out);
+
 /* out (n) = a + b; out may equal a or b. */
 void residual_forward(float *out, const float *a, const float *b, size_t n);
 /* da += dout, db += dout (n each). */

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "log.h"
 #include "peft.h"
 #include "rng.h"
@@ -211,10 +212,7 @@ static void lora_linear_forward(peft *p, int layer, int kind, const float *x, fl
         xin = site->xd;
     }
     /* h (n, r) = xin A^T; y (n, out) += scaling * h B^T */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r, in, 1.0f, xin, in, a, in, 0.0f,
-                site->h, r);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, r, s->scaling, site->h, r, b, r,
-                1.0f, y, out);
+    lowrank_forward(y, site->h, xin, a, b, s->scaling, n, in, r, out);
 }
 
 static void lora_linear_backward(peft *p, int layer, int kind, const float *x, const float *dy,
@@ -231,21 +229,12 @@ static void lora_linear_backward(peft *p, int layer, int kind, const float *x, c
     const float *xin = site->dropped ? site->xd : x; /* (n, in) */
     float sc = s->scaling;
 
-    /* dB (out, r) += scaling * dy^T h */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, r, n, sc, dy, out, site->h, r, 1.0f,
-                db, r);
-    /* g (n, r) = dy B; dA (r, in) += scaling * g^T xin */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, r, out, 1.0f, dy, out, b, r, 0.0f,
-                s->g, r);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, in, n, sc, s->g, r, xin, in, 1.0f, da,
-                in);
-    if (!dx) return;
-    if (!site->dropped) {
-        /* dx (n, in) += scaling * g A */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, r, sc, s->g, r, a, in, 1.0f,
-                    dx, in);
-        return;
-    }
+    /* g (n, r) = dy B; dB (out, r) += scaling * dy^T h; dA (r, in) +=
+     * scaling * g^T xin; dx (n, in) += scaling * g A, unless through the
+     * dropout, done below. */
+    lowrank_backward(da, db, site->dropped ? NULL : dx, s->g, dy, xin, site->h, a, b, sc, n, in, r,
+                     out);
+    if (!dx || !site->dropped) return;
     /* Through the dropout: xd is dead once dA has it, so it holds g A. */
     float *t = site->xd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, r, sc, s->g, r, a, in, 0.0f, t,
