@@ -121,6 +121,71 @@ static double sgemm_gflops(double *openblas, double *team) {
     return *openblas > *team ? *openblas : *team;
 }
 
+/* Seconds of the step's linear products alone, through the same kernels
+ * (kernels.h) on the same weights: every linear and lm_head forward, their
+ * input gradients (not below the lowest trained layer: layer 0's q, k, v
+ * for LoRA), and for full fine-tuning the weight gradients. A step does
+ * this and more (attention, norms, activations, the loss, the optimizer),
+ * so ntok over it bounds the tokens/s any schedule of the step's work
+ * reaches at the rate these products run here. Median of 3 after one
+ * warm-up. */
+static double products_seconds(const shape *s, const model_config *cfg, const model_weights *w,
+                               int full) {
+    int N = s->batch * s->seq, C = s->hidden, F = s->inter, V = s->vocab, L = s->layers;
+    size_t wide = (size_t)N * (size_t)(F > V ? F : V);
+    float *x = calloc(wide, sizeof *x), *y = calloc(wide, sizeof *y);
+    float *gw = full ? calloc((size_t)V * C > (size_t)F * C ? (size_t)V * C : (size_t)F * C,
+                              sizeof *gw)
+                     : NULL;
+    if (!x || !y || (full && !gw)) {
+        fprintf(stderr, "bench_train: out of memory\n");
+        exit(1);
+    }
+    const int kinds[7] = {LW_Q, LW_K, LW_V, LW_O, LW_GATE, LW_UP, LW_DOWN};
+    double t[4];
+    team_blas_enter();
+    for (int rep = 0; rep < 4; rep++) {
+        double t0 = progress_now();
+        for (int l = 0; l < L; l++) {
+            float *outs[3] = {y, y, y};
+            const float *wq[3] = {w->layer[l][LW_Q], w->layer[l][LW_K], w->layer[l][LW_V]};
+            int oc[3] = {C, C, C};
+            linears_forward(3, outs, x, wq, NULL, N, C, oc);
+            linear_residual_forward(y, y, x, w->layer[l][LW_O], N, C, C);
+            const float *wg[2] = {w->layer[l][LW_GATE], w->layer[l][LW_UP]};
+            int of[2] = {F, F};
+            linears_forward(2, outs, x, wg, NULL, N, C, of);
+            linear_residual_forward(y, y, x, w->layer[l][LW_DOWN], N, F, C);
+        }
+        linear_forward(y, x, w->global[GW_LM_HEAD], NULL, N, C, V);
+        const float *dy = y, *dys[3] = {y, y, y};
+        linears_backward_input(x, 0, 1, &dy, &w->global[GW_LM_HEAD], N, C, &V);
+        if (full) linear_backward(NULL, gw, NULL, y, x, NULL, N, C, V);
+        for (int l = L - 1; l >= 0; l--) {
+            const float *const *lw = w->layer[l];
+            const float *wg[2] = {lw[LW_GATE], lw[LW_UP]}, *wq[3] = {lw[LW_Q], lw[LW_K], lw[LW_V]};
+            int of[2] = {F, F}, oc[3] = {C, C, C};
+            linears_backward_input(x, 0, 1, &dy, &lw[LW_DOWN], N, F, &C);
+            linears_backward_input(x, 0, 2, dys, wg, N, C, of);
+            linears_backward_input(x, 0, 1, &dy, &lw[LW_O], N, C, &C);
+            if (full || l > 0) linears_backward_input(x, 0, 3, dys, wq, N, C, oc);
+            if (!full) continue;
+            for (int k = 0; k < 7; k++) {
+                int rows, cols;
+                model_weight_shape(cfg, l, kinds[k], &rows, &cols);
+                linear_backward(NULL, gw, NULL, y, x, NULL, N, cols, rows);
+            }
+        }
+        t[rep] = progress_now() - t0;
+    }
+    team_blas_leave();
+    free(x);
+    free(y);
+    free(gw);
+    sort_doubles(t + 1, 3);
+    return t[2];
+}
+
 /* Writes the random base of `cfg` (weights in `w`) as a Hugging Face model
  * directory, for the cluster benchmark (tests/bench/cluster.py). */
 static int write_model(const char *dir, const model_config *cfg, const model_weights *w) {
@@ -300,10 +365,13 @@ int main(int argc, char **argv) {
     sort_doubles(times, steps);
     sort_doubles(cpu, steps);
     double med = times[steps / 2];
+    double products = products_seconds(s, &cfg, &w, full);
     printf("{\"impl\":\"peftps\",\"shape\":\"%s\",\"method\":\"%s\",\"step_ms\":%.3f,"
-           "\"cpu_ms\":%.3f,\"tokens_per_s\":%.1f,\"gflops\":%.2f,\"trainable\":%zu}\n",
+           "\"cpu_ms\":%.3f,\"tokens_per_s\":%.1f,\"gflops\":%.2f,\"trainable\":%zu,"
+           "\"products_ms\":%.3f,\"products_tokens_per_s\":%.1f}\n",
            s->name, method, med * 1e3, cpu[steps / 2] * 1e3, (double)ntok / med,
-           step_flops(s, full) / med / 1e9, peft_num_trainable(p));
+           step_flops(s, full) / med / 1e9, peft_num_trainable(p), products * 1e3,
+           (double)ntok / products);
     optim_free(&o);
     model_free(m);
     peft_free(p);

@@ -9,7 +9,10 @@ For each shape (small, gpt2) and method (lora, full):
   2. peftps and that PyTorch setting then run alternately, --reps times each;
      the table gives medians and the median of the pairwise ratios, and the
      share of the machine's matrix-multiply limit (cblas_sgemm measured in the
-     same run, alternately too) that peftps reached.
+     same run, alternately too) that peftps reached, and the products-alone
+     bound: the ratio peftps would reach if its step took only the time of
+     its linear products (timed alone in each run, same kernels and weights;
+     the rest of the step, attention, norms, loss, optimizer, only adds).
 The machine may be shared: each run also measures the CPU that other
 processes used meanwhile (from /proc/stat), and the table reports its median
 as "other load" (share of all cores), so that a noisy row shows as one.
@@ -89,7 +92,7 @@ def main():
                 print(f"  torch {shape} {method} {st[0]}: {r['tokens_per_s']:.0f} tok/s",
                       file=sys.stderr)
             best = max(trial, key=lambda x: x[0])[1]
-            mine, theirs, ratios, shares, other = [], [], [], [], []
+            mine, theirs, ratios, shares, other, bound = [], [], [], [], [], []
             for rep in range(a.reps):
                 sg = run_json([BENCH, "--sgemm"])
                 o = ours(shape, method, n)
@@ -98,23 +101,28 @@ def main():
                 theirs.append(t["tokens_per_s"])
                 ratios.append(o["tokens_per_s"] / t["tokens_per_s"])
                 shares.append(o["gflops"] / sg["sgemm_gflops"])
+                bound.append(o["products_tokens_per_s"] / t["tokens_per_s"])
                 other.append((o["_other"] + t["_other"]) / 2)
                 print(f"  rep {rep + 1}: peftps {o['tokens_per_s']:.0f} ({o['step_ms']:.0f} ms, "
                       f"{o['cpu_ms']:.0f} ms CPU)  torch {t['tokens_per_s']:.0f}  ratio "
                       f"{ratios[-1]:.2f}  sgemm {sg['sgemm_gflops']:.0f} GFLOPS (OpenBLAS "
                       f"threads {sg['openblas_threads']:.0f}, team {sg['team']:.0f}), share "
-                      f"{shares[-1]:.0%}  other load {other[-1]:.0%}", file=sys.stderr)
+                      f"{shares[-1]:.0%}  products alone {o['products_ms']:.0f} ms ("
+                      f"{bound[-1]:.2f}x torch)  other load {other[-1]:.0%}", file=sys.stderr)
             rows.append(dict(shape=shape, method=method, ours=statistics.median(mine),
                              torch=statistics.median(theirs), ratio=statistics.median(ratios),
                              share=statistics.median(shares), setting=best[0],
+                             bound=statistics.median(bound),
                              ratios=sorted(ratios), other=statistics.median(other)))
     lines = ["| shape | method | peftps tok/s | PyTorch tok/s | ratio (median of pairs) "
-             "| pairs | share of sgemm limit | PyTorch's best setting | other load |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| pairs | share of sgemm limit | products-alone bound | PyTorch's best setting "
+             "| other load |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['method']} | {r['ours']:.0f} | {r['torch']:.0f} | "
                      f"{r['ratio']:.2f}x | {', '.join(f'{x:.2f}' for x in r['ratios'])} | "
-                     f"{r['share']:.0%} | {r['setting']} | {r['other']:.0%} |")
+                     f"{r['share']:.0%} | {r['bound']:.2f}x | {r['setting']} | "
+                     f"{r['other']:.0%} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
