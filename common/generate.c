@@ -17,12 +17,10 @@
 #define GEN_CHUNK 64
 
 struct generator {
-    const model_config *cfg;
-    const model_weights *w;
-    peft *p;
-    int cap; /* real tokens at most */
-    int P;   /* prefix positions, the first cache entries */
-    int n;   /* real tokens held */
+    model_view v; /* the base and the method, as model.c reads them */
+    int cap;      /* real tokens at most */
+    int P;        /* prefix positions, the first cache entries */
+    int n;        /* real tokens held */
     int use_cache;
     int have_last; /* last holds the logits of the last token fed */
 
@@ -44,41 +42,6 @@ struct generator {
     double *wt;     /* (V) unnormalised probabilities in `order` */
 };
 
-/* ---- the method's hooks, as model.c calls them ---------------------------------- */
-
-static const float *gen_weight(const generator *g, int layer, int kind) {
-    peft *p = g->p;
-    if (p && p->method->weight) {
-        const float *w = p->method->weight(p, layer, kind);
-        if (w) return w;
-    }
-    return layer == MODEL_GLOBAL ? g->w->global[kind] : g->w->layer[layer][kind];
-}
-
-static const float *gen_bias(const generator *g, int layer, int kind) {
-    return g->cfg->attention_bias ? gen_weight(g, layer, kind) : NULL;
-}
-
-static const float *gen_lm_head(const generator *g) {
-    return g->cfg->tie_word_embeddings ? gen_weight(g, MODEL_GLOBAL, GW_EMBED)
-                                       : gen_weight(g, MODEL_GLOBAL, GW_LM_HEAD);
-}
-
-static void gen_hook(const generator *g, int layer, int kind, const float *x, float *y, int n) {
-    peft *p = g->p;
-    if (p && p->method->linear_forward) p->method->linear_forward(p, layer, kind, x, y, n);
-}
-
-static int gen_prefix(const generator *g, int layer, const float **k, const float **v,
-                      size_t *stride) {
-    peft *p = g->p;
-    *k = *v = NULL;
-    *stride = 0;
-    if (!p || !p->method->prefix) return 0;
-    int P = p->method->prefix(p, layer, k, v, stride);
-    return P > 0 ? P : 0;
-}
-
 /* ---- open / close ------------------------------------------------------------- */
 
 void generate_opts_default(generate_opts *o) {
@@ -90,7 +53,7 @@ void generate_opts_default(generate_opts *o) {
 }
 
 static size_t gen_layout(generator *g, float *base) {
-    const model_config *c = g->cfg;
+    const model_config *c = g->v.cfg;
     size_t C = (size_t)c->hidden_size, IC = (size_t)c->intermediate_size;
     size_t qd = (size_t)c->num_heads * c->head_dim, kvd = (size_t)c->num_kv_heads * c->head_dim;
     size_t S = (size_t)g->P + (size_t)g->cap, L = (size_t)c->num_layers, N = GEN_CHUNK;
@@ -128,16 +91,14 @@ int generate_open(generator **out, const model_config *cfg, const model_weights 
         return err_set(e, "generate: room for %d tokens: at least 1 is needed", max_tokens);
     generator *g = calloc(1, sizeof *g);
     if (!g) return err_set(e, "generate: out of memory");
-    g->cfg = cfg;
-    g->w = w;
-    g->p = p;
+    g->v = (model_view){cfg, w, p};
     g->cap = max_tokens;
     g->use_cache = use_cache;
     if (p) peft_set_step(p, 0, 0, 0, 0);
     for (int l = 0; l < cfg->num_layers; l++) {
         const float *k, *v;
         size_t stride;
-        int P = gen_prefix(g, l, &k, &v, &stride);
+        int P = model_view_prefix(&g->v, l, &k, &v, &stride);
         if (l == 0) g->P = P;
         if (P != g->P) {
             generate_close(g);
@@ -189,16 +150,16 @@ void generate_close(generator *g) {
 void generate_reset(generator *g) {
     g->n = 0;
     g->have_last = 0;
-    if (g->p) peft_set_step(g->p, 0, 0, 0, 0);
+    if (g->v.p) peft_set_step(g->v.p, 0, 0, 0, 0);
     if (!g->use_cache || !g->P) return;
     /* The prefix keys are used as the method gives them (no rotation), as
      * PEFT's past_key_values are. */
-    const model_config *c = g->cfg;
+    const model_config *c = g->v.cfg;
     size_t kvd = (size_t)c->num_kv_heads * c->head_dim, S = (size_t)g->P + g->cap;
     for (int l = 0; l < c->num_layers; l++) {
         const float *k, *v;
         size_t stride;
-        gen_prefix(g, l, &k, &v, &stride);
+        model_view_prefix(&g->v, l, &k, &v, &stride);
         for (int j = 0; j < g->P; j++) {
             memcpy(g->kc + ((size_t)l * S + j) * kvd, k + (size_t)j * stride, kvd * sizeof(float));
             memcpy(g->vc + ((size_t)l * S + j) * kvd, v + (size_t)j * stride, kvd * sizeof(float));
@@ -220,7 +181,7 @@ const float *generate_last_logits(const generator *g) {
  * join the cache. Logits of every row go to logits (N,V) when not NULL; the
  * last row's always to g->last. */
 static void gen_chunk(generator *g, const int32_t *tokens, int N, float *logits) {
-    const model_config *c = g->cfg;
+    const model_config *c = g->v.cfg;
     int C = c->hidden_size, IC = c->intermediate_size, V = c->vocab_size;
     int Hq = c->num_heads, Hkv = c->num_kv_heads, D = c->head_dim;
     int qd = Hq * D, kvd = Hkv * D;
@@ -228,53 +189,58 @@ static void gen_chunk(generator *g, const int32_t *tokens, int N, float *logits)
     int pos0 = g->P + g->n; /* cache entries before the chunk: prefix and past tokens */
     float eps = c->rms_norm_eps;
 
-    embedding_forward(g->x, tokens, gen_weight(g, MODEL_GLOBAL, GW_EMBED), N, C);
+    embedding_forward(g->x, tokens, model_view_weight(&g->v, MODEL_GLOBAL, GW_EMBED), N, C);
     for (int l = 0; l < c->num_layers; l++) {
         float *kl = g->kc + (size_t)l * S * kvd, *vl = g->vc + (size_t)l * S * kvd;
         float *k = kl + (size_t)pos0 * kvd, *v = vl + (size_t)pos0 * kvd; /* (N, kvd) */
 
-        rmsnorm_forward(g->ln, g->rstd, g->x, gen_weight(g, l, LW_INPUT_NORM), N, C, eps);
-        linear_forward(g->q, g->ln, gen_weight(g, l, LW_Q), gen_bias(g, l, LW_Q_BIAS), N, C, qd);
-        gen_hook(g, l, LW_Q, g->ln, g->q, N);
-        linear_forward(k, g->ln, gen_weight(g, l, LW_K), gen_bias(g, l, LW_K_BIAS), N, C, kvd);
-        gen_hook(g, l, LW_K, g->ln, k, N);
-        linear_forward(v, g->ln, gen_weight(g, l, LW_V), gen_bias(g, l, LW_V_BIAS), N, C, kvd);
-        gen_hook(g, l, LW_V, g->ln, v, N);
+        rmsnorm_forward(g->ln, g->rstd, g->x, model_view_weight(&g->v, l, LW_INPUT_NORM), N, C,
+                        eps);
+        linear_forward(g->q, g->ln, model_view_weight(&g->v, l, LW_Q),
+                       model_view_bias(&g->v, l, LW_Q_BIAS), N, C, qd);
+        model_view_hook(&g->v, l, LW_Q, g->ln, g->q, N);
+        linear_forward(k, g->ln, model_view_weight(&g->v, l, LW_K),
+                       model_view_bias(&g->v, l, LW_K_BIAS), N, C, kvd);
+        model_view_hook(&g->v, l, LW_K, g->ln, k, N);
+        linear_forward(v, g->ln, model_view_weight(&g->v, l, LW_V),
+                       model_view_bias(&g->v, l, LW_V_BIAS), N, C, kvd);
+        model_view_hook(&g->v, l, LW_V, g->ln, v, N);
         rope_forward(g->q, g->q, g->rope_cos, g->rope_sin, 1, N, Hq, D, pos0);
         rope_forward(k, k, g->rope_cos, g->rope_sin, 1, N, Hkv, D, pos0);
         /* Every cache entry before the chunk acts as a prefix all of its
          * queries see; within the chunk attention is causal. */
         attention_forward(g->atty, g->attsc, g->q, k, v, pos0 ? kl : NULL, pos0 ? vl : NULL,
                           (size_t)kvd, 1, N, pos0, Hq, Hkv, D);
-        linear_forward(g->proj, g->atty, gen_weight(g, l, LW_O), NULL, N, qd, C);
-        gen_hook(g, l, LW_O, g->atty, g->proj, N);
+        linear_forward(g->proj, g->atty, model_view_weight(&g->v, l, LW_O), NULL, N, qd, C);
+        model_view_hook(&g->v, l, LW_O, g->atty, g->proj, N);
         residual_forward(g->x, g->x, g->proj, (size_t)N * C);
 
-        rmsnorm_forward(g->ln, g->rstd, g->x, gen_weight(g, l, LW_POST_NORM), N, C, eps);
-        linear_forward(g->gate, g->ln, gen_weight(g, l, LW_GATE), NULL, N, C, IC);
-        gen_hook(g, l, LW_GATE, g->ln, g->gate, N);
-        linear_forward(g->up, g->ln, gen_weight(g, l, LW_UP), NULL, N, C, IC);
-        gen_hook(g, l, LW_UP, g->ln, g->up, N);
+        rmsnorm_forward(g->ln, g->rstd, g->x, model_view_weight(&g->v, l, LW_POST_NORM), N, C, eps);
+        linear_forward(g->gate, g->ln, model_view_weight(&g->v, l, LW_GATE), NULL, N, C, IC);
+        model_view_hook(&g->v, l, LW_GATE, g->ln, g->gate, N);
+        linear_forward(g->up, g->ln, model_view_weight(&g->v, l, LW_UP), NULL, N, C, IC);
+        model_view_hook(&g->v, l, LW_UP, g->ln, g->up, N);
         swiglu_forward(g->h, g->gate, g->up, N, IC);
-        linear_forward(g->proj, g->h, gen_weight(g, l, LW_DOWN), NULL, N, IC, C);
-        gen_hook(g, l, LW_DOWN, g->h, g->proj, N);
+        linear_forward(g->proj, g->h, model_view_weight(&g->v, l, LW_DOWN), NULL, N, IC, C);
+        model_view_hook(&g->v, l, LW_DOWN, g->h, g->proj, N);
         residual_forward(g->x, g->x, g->proj, (size_t)N * C);
     }
     /* Without a request for every row only the last is projected: the
      * vocabulary product dominates a long prompt otherwise. */
     int first = logits ? 0 : N - 1, rows = N - first;
     const float *xs = g->x + (size_t)first * C;
-    rmsnorm_forward(g->ln, g->rstd, xs, gen_weight(g, MODEL_GLOBAL, GW_FINAL_NORM), rows, C, eps);
+    rmsnorm_forward(g->ln, g->rstd, xs, model_view_weight(&g->v, MODEL_GLOBAL, GW_FINAL_NORM), rows,
+                    C, eps);
     float *dst = logits ? logits : g->last;
-    linear_forward(dst, g->ln, gen_lm_head(g), NULL, rows, C, V);
-    gen_hook(g, MODEL_GLOBAL, GW_LM_HEAD, g->ln, dst, rows);
+    linear_forward(dst, g->ln, model_view_lm_head(&g->v), NULL, rows, C, V);
+    model_view_hook(&g->v, MODEL_GLOBAL, GW_LM_HEAD, g->ln, dst, rows);
     if (logits) memcpy(g->last, logits + (size_t)(N - 1) * V, (size_t)V * sizeof(float));
     g->n += N;
 }
 
 /* The reference: the whole sequence through model_forward. */
 static int gen_recompute(generator *g, int n_new, float *logits, err *e) {
-    int V = g->cfg->vocab_size;
+    int V = g->v.cfg->vocab_size;
     double r = model_forward(g->m, g->hist, NULL, 1, g->n + n_new, NULL);
     if (isnan(r))
         return err_set(e, "generate: the model's forward failed over %d tokens (see the log)",
@@ -287,7 +253,7 @@ static int gen_recompute(generator *g, int n_new, float *logits, err *e) {
 }
 
 int generate_feed(generator *g, const int32_t *tokens, int n, float *logits, err *e) {
-    int V = g->cfg->vocab_size;
+    int V = g->v.cfg->vocab_size;
     if (n < 1) return err_set(e, "generate: nothing to feed (%d tokens)", n);
     if (n > g->cap - g->n)
         return err_set(e,
@@ -314,7 +280,7 @@ int generate_feed(generator *g, const int32_t *tokens, int n, float *logits, err
 int generate_logits(generator *g, const int32_t *tokens, int n, int step, float *logits, err *e) {
     generate_reset(g);
     if (step < 1) step = 1;
-    int V = g->cfg->vocab_size;
+    int V = g->v.cfg->vocab_size;
     for (int i = 0; i < n; i += step) {
         int k = n - i < step ? n - i : step;
         if (generate_feed(g, tokens + i, k, logits + (size_t)i * V, e) < 0) return -1;
@@ -339,7 +305,7 @@ static float gen_clean(float x) {
 }
 
 int32_t generate_sample(generator *g, const float *logits, const generate_opts *o, rng *r) {
-    int V = g->cfg->vocab_size;
+    int V = g->v.cfg->vocab_size;
     if (!(o->temperature > 0.0f)) {
         int best = 0;
         for (int i = 1; i < V; i++)

@@ -44,12 +44,10 @@ typedef struct layer_acts {
 } layer_acts;
 
 struct model {
-    const model_config *cfg;
-    const model_weights *w;
-    peft *p;
-    int B, T;    /* capacity */
-    int P;       /* the longest prefix the buffers hold, from the method at create */
-    int n_store; /* layers whose activations are kept: all when training, else 1 */
+    model_view v; /* the base and the method */
+    int B, T;     /* capacity */
+    int P;        /* the longest prefix the buffers hold, from the method at create */
+    int n_store;  /* layers whose activations are kept: all when training, else 1 */
 
     float *mem;                 /* every float buffer below, one allocation */
     float *rope_cos, *rope_sin; /* (P+T, D/2) */
@@ -81,24 +79,21 @@ struct model {
 
 /* ---- hooks ------------------------------------------------------------------ */
 
-static const float *weight_of(const model *m, int layer, int kind) {
-    peft *p = m->p;
+const float *model_view_weight(const model_view *v, int layer, int kind) {
+    peft *p = v->p;
     if (p && p->method->weight) {
         const float *w = p->method->weight(p, layer, kind);
         if (w) return w;
     }
-    return layer == MODEL_GLOBAL ? m->w->global[kind] : m->w->layer[layer][kind];
+    return layer == MODEL_GLOBAL ? v->w->global[kind] : v->w->layer[layer][kind];
 }
 
-/* A bias, or NULL for models without attention_bias. */
-static const float *bias_of(const model *m, int layer, int kind) {
-    return m->cfg->attention_bias ? weight_of(m, layer, kind) : NULL;
+const float *model_view_bias(const model_view *v, int layer, int kind) {
+    return v->cfg->attention_bias ? model_view_weight(v, layer, kind) : NULL;
 }
 
-/* A tied lm_head is the (effective) embedding. */
-static const float *lm_head_of(const model *m) {
-    return m->cfg->tie_word_embeddings ? weight_of(m, MODEL_GLOBAL, GW_EMBED)
-                                       : weight_of(m, MODEL_GLOBAL, GW_LM_HEAD);
+const float *model_view_lm_head(const model_view *v) {
+    return model_view_weight(v, MODEL_GLOBAL, v->cfg->tie_word_embeddings ? GW_EMBED : GW_LM_HEAD);
 }
 
 /* Whether the method trains a norm's weight. A method that trains a weight
@@ -106,22 +101,22 @@ static const float *lm_head_of(const model *m) {
  * see the training), so NULL means frozen: the backward may then skip the
  * norm's output gradient where nothing below needs it. */
 static int norm_trains(const model *m, int layer, int kind) {
-    peft *p = m->p;
+    peft *p = m->v.p;
     return p && p->method->weight && p->method->weight(p, layer, kind) != NULL;
 }
 
-static int prefix_of(const model *m, int layer, const float **kp, const float **vp,
-                     size_t *stride) {
-    peft *p = m->p;
-    *kp = *vp = NULL;
+int model_view_prefix(const model_view *v, int layer, const float **k, const float **val,
+                      size_t *stride) {
+    peft *p = v->p;
+    *k = *val = NULL;
     *stride = 0;
     if (!p || !p->method->prefix) return 0;
-    int P = p->method->prefix(p, layer, kp, vp, stride);
+    int P = p->method->prefix(p, layer, k, val, stride);
     return P > 0 ? P : 0;
 }
 
-static void hook_forward(model *m, int layer, int kind, const float *x, float *y, int n) {
-    peft *p = m->p;
+void model_view_hook(const model_view *v, int layer, int kind, const float *x, float *y, int n) {
+    peft *p = v->p;
     if (p && p->method->linear_forward) p->method->linear_forward(p, layer, kind, x, y, n);
 }
 
@@ -129,7 +124,7 @@ static void hook_forward(model *m, int layer, int kind, const float *x, float *y
  * or backward: a method's large products go through kernels.h, on the team. */
 static void hook_backward(model *m, int layer, int kind, const float *x, const float *dy, float *dx,
                           int n) {
-    peft *p = m->p;
+    peft *p = m->v.p;
     if (p->method->linear_backward) p->method->linear_backward(p, layer, kind, x, dy, dx, n);
 }
 
@@ -145,7 +140,7 @@ static layer_acts *acts(model *m, int layer) {
  * what a layer keeps anyway. Long sequences rebuild them instead of
  * holding T^2 floats per head. */
 static int keep_probs(const model *m, int grads) {
-    const model_config *c = m->cfg;
+    const model_config *c = m->v.cfg;
     size_t N = (size_t)m->B * m->T, qd = (size_t)c->num_heads * c->head_dim;
     size_t kvd = (size_t)c->num_kv_heads * c->head_dim, S = (size_t)m->P + m->T;
     size_t acts =
@@ -158,7 +153,7 @@ static int keep_probs(const model *m, int grads) {
  * counts. Every view is a multiple of 16 floats, so each starts on a 64-byte
  * boundary. */
 static size_t layout(model *m, float *base, int grads) {
-    const model_config *c = m->cfg;
+    const model_config *c = m->v.cfg;
     size_t N = (size_t)m->B * m->T, C = c->hidden_size, IC = c->intermediate_size;
     size_t V = c->vocab_size, qd = (size_t)c->num_heads * c->head_dim;
     size_t kvd = (size_t)c->num_kv_heads * c->head_dim, S = (size_t)m->P + m->T;
@@ -256,15 +251,13 @@ int model_create(model **out, const model_config *cfg, const model_weights *w, p
                                                    : "lm_head");
     model *m = calloc(1, sizeof *m);
     if (!m) return err_set(e, "model: out of memory");
-    m->cfg = cfg;
-    m->w = w;
-    m->p = p;
+    m->v = (model_view){cfg, w, p};
     m->B = B;
     m->T = T;
     for (int l = 0; l < cfg->num_layers; l++) {
         const float *kp, *vp;
         size_t stride;
-        int P = prefix_of(m, l, &kp, &vp, &stride);
+        int P = model_view_prefix(&m->v, l, &kp, &vp, &stride);
         if (P > m->P) m->P = P;
     }
     m->n_store = p ? cfg->num_layers : 1;
@@ -308,7 +301,7 @@ const float *model_logits(const model *m) {
 /* ---- forward ------------------------------------------------------------------ */
 
 static void layer_forward(model *m, int l, float *next, int B, int T) {
-    const model_config *c = m->cfg;
+    const model_config *c = m->v.cfg;
     int N = B * T, C = c->hidden_size, IC = c->intermediate_size;
     int Hq = c->num_heads, Hkv = c->num_kv_heads, D = c->head_dim;
     int qd = Hq * D, kvd = Hkv * D;
@@ -317,22 +310,25 @@ static void layer_forward(model *m, int l, float *next, int B, int T) {
 
     /* q, k and v in one team job, then their hooks (each adds to its own
      * output only, so the order of the products does not matter). */
-    rmsnorm_forward(ln, a->rstd1, a->resid, weight_of(m, l, LW_INPUT_NORM), N, C, c->rms_norm_eps);
+    rmsnorm_forward(ln, a->rstd1, a->resid, model_view_weight(&m->v, l, LW_INPUT_NORM), N, C,
+                    c->rms_norm_eps);
     float *qkv[3] = {a->q, a->k, a->v};
-    const float *wqkv[3] = {weight_of(m, l, LW_Q), weight_of(m, l, LW_K), weight_of(m, l, LW_V)};
-    const float *bqkv[3] = {bias_of(m, l, LW_Q_BIAS), bias_of(m, l, LW_K_BIAS),
-                            bias_of(m, l, LW_V_BIAS)};
+    const float *wqkv[3] = {model_view_weight(&m->v, l, LW_Q), model_view_weight(&m->v, l, LW_K),
+                            model_view_weight(&m->v, l, LW_V)};
+    const float *bqkv[3] = {model_view_bias(&m->v, l, LW_Q_BIAS),
+                            model_view_bias(&m->v, l, LW_K_BIAS),
+                            model_view_bias(&m->v, l, LW_V_BIAS)};
     int oqkv[3] = {qd, kvd, kvd};
     linears_forward(3, qkv, ln, wqkv, bqkv, N, C, oqkv);
-    hook_forward(m, l, LW_Q, ln, a->q, N);
-    hook_forward(m, l, LW_K, ln, a->k, N);
-    hook_forward(m, l, LW_V, ln, a->v, N);
+    model_view_hook(&m->v, l, LW_Q, ln, a->q, N);
+    model_view_hook(&m->v, l, LW_K, ln, a->k, N);
+    model_view_hook(&m->v, l, LW_V, ln, a->v, N);
     rope_forward(a->q, a->q, m->rope_cos, m->rope_sin, B, T, Hq, D, m->fP);
     rope_forward(a->k, a->k, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
 
     const float *kp, *vp;
     size_t pstride;
-    int P = prefix_of(m, l, &kp, &vp, &pstride);
+    int P = model_view_prefix(&m->v, l, &kp, &vp, &pstride);
     if (a->probs)
         attention_forward_keep(a->atty, a->probs, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq,
                                Hkv, D);
@@ -341,24 +337,27 @@ static void layer_forward(model *m, int l, float *next, int B, int T) {
                           D);
     /* o_proj's output lands on the residual stream directly; its hook adds
      * its term there, which is the same sum. */
-    linear_residual_forward(a->resid2, a->resid, a->atty, weight_of(m, l, LW_O), N, qd, C);
-    hook_forward(m, l, LW_O, a->atty, a->resid2, N);
+    linear_residual_forward(a->resid2, a->resid, a->atty, model_view_weight(&m->v, l, LW_O), N, qd,
+                            C);
+    model_view_hook(&m->v, l, LW_O, a->atty, a->resid2, N);
 
-    rmsnorm_forward(ln, a->rstd2, a->resid2, weight_of(m, l, LW_POST_NORM), N, C, c->rms_norm_eps);
+    rmsnorm_forward(ln, a->rstd2, a->resid2, model_view_weight(&m->v, l, LW_POST_NORM), N, C,
+                    c->rms_norm_eps);
     float *gu[2] = {a->gate, a->up};
-    const float *wgu[2] = {weight_of(m, l, LW_GATE), weight_of(m, l, LW_UP)};
+    const float *wgu[2] = {model_view_weight(&m->v, l, LW_GATE),
+                           model_view_weight(&m->v, l, LW_UP)};
     int ogu[2] = {IC, IC};
     linears_forward(2, gu, ln, wgu, NULL, N, C, ogu);
-    hook_forward(m, l, LW_GATE, ln, a->gate, N);
-    hook_forward(m, l, LW_UP, ln, a->up, N);
+    model_view_hook(&m->v, l, LW_GATE, ln, a->gate, N);
+    model_view_hook(&m->v, l, LW_UP, ln, a->up, N);
     swiglu_forward(a->h, a->gate, a->up, N, IC);
-    linear_residual_forward(next, a->resid2, a->h, weight_of(m, l, LW_DOWN), N, IC, C);
-    hook_forward(m, l, LW_DOWN, a->h, next, N);
+    linear_residual_forward(next, a->resid2, a->h, model_view_weight(&m->v, l, LW_DOWN), N, IC, C);
+    model_view_hook(&m->v, l, LW_DOWN, a->h, next, N);
 }
 
 /* Tokens in [0, V) and labels -100 or in [0, V); logs the first offender. */
 static int check_batch(const model *m, const int32_t *tokens, const int32_t *labels, int N) {
-    int V = m->cfg->vocab_size;
+    int V = m->v.cfg->vocab_size;
     for (int i = 0; i < N; i++) {
         if (tokens[i] < 0 || tokens[i] >= V) {
             log_error("model_forward: token %d at position %d is outside the vocabulary (0..%d)",
@@ -376,7 +375,7 @@ static int check_batch(const model *m, const int32_t *tokens, const int32_t *lab
 
 double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int B, int T,
                      long *n_tokens) {
-    const model_config *c = m->cfg;
+    const model_config *c = m->v.cfg;
     int L = c->num_layers, C = c->hidden_size, V = c->vocab_size, N = B * T;
     if (n_tokens) *n_tokens = 0;
     m->fB = 0;
@@ -389,9 +388,9 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
     const float *kp, *vp;
     size_t stride;
     /* Real tokens follow the prefix (PEFT's past_key_values): positions P..P+T-1. */
-    m->fP = prefix_of(m, 0, &kp, &vp, &stride);
+    m->fP = model_view_prefix(&m->v, 0, &kp, &vp, &stride);
     for (int l = 0; l < L; l++)
-        if (prefix_of(m, l, &kp, &vp, &stride) > m->P) {
+        if (model_view_prefix(&m->v, l, &kp, &vp, &stride) > m->P) {
             log_error("model_forward: layer %d's prefix is longer than the %d positions the "
                       "model was created for",
                       l, m->P);
@@ -404,13 +403,14 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
     /* The team parallelises; BLAS runs single-threaded throughout, the
      * methods' own products included (see model_backward). */
     team_blas_enter();
-    embedding_forward(acts(m, 0)->resid, m->tokens, weight_of(m, MODEL_GLOBAL, GW_EMBED), N, C);
+    embedding_forward(acts(m, 0)->resid, m->tokens,
+                      model_view_weight(&m->v, MODEL_GLOBAL, GW_EMBED), N, C);
     for (int l = 0; l < L; l++)
         layer_forward(m, l, l + 1 < L ? acts(m, l + 1)->resid : m->resid_out, B, T);
-    rmsnorm_forward(m->lnf, m->rstdf, m->resid_out, weight_of(m, MODEL_GLOBAL, GW_FINAL_NORM), N, C,
-                    c->rms_norm_eps);
-    linear_forward(m->logits, m->lnf, lm_head_of(m), NULL, N, C, V);
-    hook_forward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf, m->logits, N);
+    rmsnorm_forward(m->lnf, m->rstdf, m->resid_out,
+                    model_view_weight(&m->v, MODEL_GLOBAL, GW_FINAL_NORM), N, C, c->rms_norm_eps);
+    linear_forward(m->logits, m->lnf, model_view_lm_head(&m->v), NULL, N, C, V);
+    model_view_hook(&m->v, MODEL_GLOBAL, GW_LM_HEAD, m->lnf, m->logits, N);
     m->fB = B;
     m->fT = T;
     double loss = 0.0;
@@ -430,9 +430,9 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
  * the weight, lets the method add its share and take the weight's gradient,
  * then adds the input gradient into dinp unless dinp is NULL. */
 static void norm_backward(model *m, int layer, int kind, float *dinp, const float *rstd, int N) {
-    int C = m->cfg->hidden_size;
+    int C = m->v.cfg->hidden_size;
     /* dxhat = dln * weight, written: scale_backward into zeros, one pass. */
-    scale_forward(m->dxhat, m->dln, weight_of(m, layer, kind), N, C);
+    scale_forward(m->dxhat, m->dln, model_view_weight(&m->v, layer, kind), N, C);
     hook_backward(m, layer, kind, m->xhat, m->dln, m->dxhat, N);
     if (dinp) rmsnorm_backward(dinp, m->dxhat, m->xhat, rstd, N, C);
 }
@@ -441,22 +441,24 @@ static void norm_backward(model *m, int layer, int kind, float *dinp, const floa
  * left holding that of its input (when input_grad). Products that write a
  * gradient buffer first write it (beta 0) rather than add to zeros. */
 static void layer_backward(model *m, int l, int input_grad) {
-    const model_config *c = m->cfg;
-    peft *p = m->p;
+    const model_config *c = m->v.cfg;
+    peft *p = m->v.p;
     int B = m->fB, T = m->fT, N = B * T, C = c->hidden_size, IC = c->intermediate_size;
     int Hq = c->num_heads, Hkv = c->num_kv_heads, D = c->head_dim;
     int qd = Hq * D, kvd = Hkv * D;
     layer_acts *a = acts(m, l);
 
     /* MLP: the residual passes dresid both to resid2 and to down_proj's output. */
-    rmsnorm_rebuild(m->xhat, m->ln, a->resid2, a->rstd2, weight_of(m, l, LW_POST_NORM), N, C);
-    const float *wdown = weight_of(m, l, LW_DOWN);
+    rmsnorm_rebuild(m->xhat, m->ln, a->resid2, a->rstd2, model_view_weight(&m->v, l, LW_POST_NORM),
+                    N, C);
+    const float *wdown = model_view_weight(&m->v, l, LW_DOWN);
     const float *dres = m->dresid;
     linears_backward_input(m->dh, 0, 1, &dres, &wdown, N, IC, &C);
     hook_backward(m, l, LW_DOWN, a->h, m->dresid, m->dh, N);
     swiglu_grad(m->dgate, m->dup, m->dh, a->gate, a->up, N, IC);
     const float *dgu[2] = {m->dgate, m->dup};
-    const float *wgu[2] = {weight_of(m, l, LW_GATE), weight_of(m, l, LW_UP)};
+    const float *wgu[2] = {model_view_weight(&m->v, l, LW_GATE),
+                           model_view_weight(&m->v, l, LW_UP)};
     int ogu[2] = {IC, IC};
     linears_backward_input(m->dln, 0, 2, dgu, wgu, N, C, ogu);
     hook_backward(m, l, LW_GATE, m->ln, m->dgate, m->dln, N);
@@ -465,12 +467,12 @@ static void layer_backward(model *m, int l, int input_grad) {
 
     /* Attention: dresid is now the gradient of resid2, passed to the layer
      * input and to o_proj's output. */
-    const float *wo = weight_of(m, l, LW_O);
+    const float *wo = model_view_weight(&m->v, l, LW_O);
     linears_backward_input(m->datty, 0, 1, &dres, &wo, N, qd, &C);
     hook_backward(m, l, LW_O, a->atty, m->dresid, m->datty, N);
     const float *kp, *vp;
     size_t pstride;
-    int P = prefix_of(m, l, &kp, &vp, &pstride);
+    int P = model_view_prefix(&m->v, l, &kp, &vp, &pstride);
     int train_prefix = P && p->method->prefix_backward;
     if (train_prefix) {
         memset(m->dkp, 0, (size_t)P * kvd * sizeof(float));
@@ -487,12 +489,14 @@ static void layer_backward(model *m, int l, int input_grad) {
      * methods', from dy. Their input gradient dln is needed for the layer's
      * input gradient or for a trained input norm; otherwise the hooks get
      * dx NULL and the three products are skipped. */
-    rmsnorm_rebuild(m->xhat, m->ln, a->resid, a->rstd1, weight_of(m, l, LW_INPUT_NORM), N, C);
+    rmsnorm_rebuild(m->xhat, m->ln, a->resid, a->rstd1, model_view_weight(&m->v, l, LW_INPUT_NORM),
+                    N, C);
     float *dln = input_grad || norm_trains(m, l, LW_INPUT_NORM) ? m->dln : NULL;
     if (dln) {
         const float *dqkv[3] = {m->dq, m->dk, m->dv};
-        const float *wqkv[3] = {weight_of(m, l, LW_Q), weight_of(m, l, LW_K),
-                                weight_of(m, l, LW_V)};
+        const float *wqkv[3] = {model_view_weight(&m->v, l, LW_Q),
+                                model_view_weight(&m->v, l, LW_K),
+                                model_view_weight(&m->v, l, LW_V)};
         int oqkv[3] = {qd, kvd, kvd};
         linears_backward_input(dln, 0, 3, dqkv, wqkv, N, C, oqkv);
     }
@@ -503,8 +507,8 @@ static void layer_backward(model *m, int l, int input_grad) {
 }
 
 void model_backward(model *m, float loss_scale) {
-    const model_config *c = m->cfg;
-    peft *p = m->p;
+    const model_config *c = m->v.cfg;
+    peft *p = m->v.p;
     if (!p) return;
     if (!m->fB || !m->f_labels) {
         log_error("model_backward: the last forward %s", m->fB ? "had no labels"
@@ -521,7 +525,7 @@ void model_backward(model *m, float loss_scale) {
 
     /* lm_head and the loss, a chunk of rows at a time; dln is the final
      * norm's output gradient, not needed when only lm_head trains. */
-    const float *head = lm_head_of(m);
+    const float *head = model_view_lm_head(&m->v);
     float *dln = first < L || norm_trains(m, MODEL_GLOBAL, GW_FINAL_NORM) ? m->dln : NULL;
     int chunk = (int)ce_rows((size_t)N, (size_t)V);
     for (int r0 = 0; r0 < N; r0 += chunk) {

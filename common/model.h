@@ -15,18 +15,18 @@
 /* Weights of one decoder layer, in Hugging Face order. nn.Linear weights are
  * (out, in), row-major. */
 typedef enum {
-    LW_Q = 0,        /* (Hq*D, C) */
-    LW_K,            /* (Hkv*D, C) */
-    LW_V,            /* (Hkv*D, C) */
-    LW_O,            /* (C, Hq*D) */
-    LW_GATE,         /* (I, C) */
-    LW_UP,           /* (I, C) */
-    LW_DOWN,         /* (C, I) */
-    LW_INPUT_NORM,   /* (C) */
-    LW_POST_NORM,    /* (C) */
-    LW_Q_BIAS,       /* (Hq*D), only with attention_bias */
-    LW_K_BIAS,       /* (Hkv*D) */
-    LW_V_BIAS,       /* (Hkv*D) */
+    LW_Q = 0,      /* (Hq*D, C) */
+    LW_K,          /* (Hkv*D, C) */
+    LW_V,          /* (Hkv*D, C) */
+    LW_O,          /* (C, Hq*D) */
+    LW_GATE,       /* (I, C) */
+    LW_UP,         /* (I, C) */
+    LW_DOWN,       /* (C, I) */
+    LW_INPUT_NORM, /* (C) */
+    LW_POST_NORM,  /* (C) */
+    LW_Q_BIAS,     /* (Hq*D), only with attention_bias */
+    LW_K_BIAS,     /* (Hkv*D) */
+    LW_V_BIAS,     /* (Hkv*D) */
     LW_COUNT
 } layer_weight;
 
@@ -49,8 +49,8 @@ typedef struct model_config {
     float rope_theta;
     rope_scaling_type rope_scaling;
     float rope_factor;
-    float rope_low_freq_factor;  /* llama3 */
-    float rope_high_freq_factor; /* llama3 */
+    float rope_low_freq_factor;                /* llama3 */
+    float rope_high_freq_factor;               /* llama3 */
     int rope_original_max_position_embeddings; /* llama3 */
     int attention_bias;
     int tie_word_embeddings;
@@ -79,6 +79,29 @@ typedef struct model_weights {
 
 typedef struct peft peft;
 typedef struct model model;
+
+/* What a forward reads: the base and the method (NULL: none), which may
+ * replace weights, add to linears' outputs and put a prefix before the keys
+ * and values. model.c and generate.c both read through it. */
+typedef struct model_view {
+    const model_config *cfg;
+    const model_weights *w;
+    peft *p;
+} model_view;
+
+/* The weight (layer, kind) in use: the method's when it replaces it, else
+ * the base's. A bias is NULL for a model without attention_bias; a tied
+ * lm_head is the embedding in use. */
+const float *model_view_weight(const model_view *v, int layer, int kind);
+const float *model_view_bias(const model_view *v, int layer, int kind);
+const float *model_view_lm_head(const model_view *v);
+/* The method's addition to y (n rows), the output of linear (layer, kind)
+ * for input x; nothing without a method or hook. */
+void model_view_hook(const model_view *v, int layer, int kind, const float *x, float *y, int n);
+/* The method's prefix positions before layer's keys and values (0: none),
+ * with their rows (stride floats apart) in *k and *val. */
+int model_view_prefix(const model_view *v, int layer, const float **k, const float **val,
+                      size_t *stride);
 
 /* A base model opened from a Hugging Face directory. */
 typedef struct model_files model_files;

@@ -134,9 +134,9 @@ static double products_seconds(const shape *s, const model_config *cfg, const mo
     int N = s->batch * s->seq, C = s->hidden, F = s->inter, V = s->vocab, L = s->layers;
     size_t wide = (size_t)N * (size_t)(F > V ? F : V);
     float *x = calloc(wide, sizeof *x), *y = calloc(wide, sizeof *y);
-    float *gw = full ? calloc((size_t)V * C > (size_t)F * C ? (size_t)V * C : (size_t)F * C,
-                              sizeof *gw)
-                     : NULL;
+    float *gw =
+        full ? calloc((size_t)V * C > (size_t)F * C ? (size_t)V * C : (size_t)F * C, sizeof *gw)
+             : NULL;
     if (!x || !y || (full && !gw)) {
         fprintf(stderr, "bench_train: out of memory\n");
         exit(1);
