@@ -23,6 +23,7 @@
 #include "fsutil.h"
 #include "log.h"
 #include "progress.h"
+#include "stopsig.h"
 #include "svgplot.h"
 #include "train.h"
 
@@ -633,12 +634,8 @@ int cmd_compare(int argc, char **argv) {
         goto done;
     }
 
-    struct sigaction sa, old_int, old_term;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = cmp_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old_int);
-    sigaction(SIGTERM, &sa, &old_term);
+    stopsig sigs;
+    stopsig_catch(&sigs, cmp_on_signal);
     int failed = 0;
     for (int i = 0; i < nfiles && !cmp_signal; i++) {
         cmp_row *r = &rows[i];
@@ -677,8 +674,7 @@ int cmd_compare(int argc, char **argv) {
         }
         failed += !r->ok;
     }
-    sigaction(SIGINT, &old_int, NULL);
-    sigaction(SIGTERM, &old_term, NULL);
+    stopsig_restore(&sigs);
 
     /* The command, for compare.md: how to measure it again. */
     size_t cl = 64;

@@ -19,6 +19,7 @@
 #include "config.h"
 #include "log.h"
 #include "progress.h"
+#include "stopsig.h"
 #include "train.h"
 
 static const char run_usage[] =
@@ -210,12 +211,8 @@ int cmd_run(int argc, char **argv) {
     args[na++] = endpoints;
     int base = na;
 
-    struct sigaction sa, old_int, old_term;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = run_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old_int);
-    sigaction(SIGTERM, &sa, &old_term);
+    stopsig sigs;
+    stopsig_catch(&sigs, run_on_signal);
 
     /* One machine, one port each: server i serves metrics on metrics_port+i;
      * the workers serve none (scrape the servers, or start workers by hand). */
@@ -288,8 +285,7 @@ int cmd_run(int argc, char **argv) {
             }
         }
     }
-    sigaction(SIGINT, &old_int, NULL);
-    sigaction(SIGTERM, &old_term, NULL);
+    stopsig_restore(&sigs);
     rc = status < 0 ? 1 : status;
     if (rc == 0 && workers_failed == (int)n_workers) rc = 1;
     if (rc == 0 && run_eval(ex, &e) < 0) {
@@ -302,8 +298,7 @@ stop:
     kill_all(workers, (int)n_workers, SIGTERM);
     while (waitpid(-1, NULL, 0) > 0 || errno == EINTR) {
     }
-    sigaction(SIGINT, &old_int, NULL);
-    sigaction(SIGTERM, &old_term, NULL);
+    stopsig_restore(&sigs);
 fail:
     fprintf(stderr, "peftps run: %s\n", e.msg);
     rc = 1;

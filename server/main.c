@@ -9,6 +9,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "stopsig.h"
 #include "server.h"
 
 static const char usage[] =
@@ -104,12 +105,8 @@ int main(int argc, char **argv) {
         config_free(ex);
         return 2;
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    stopsig sigs;
+    stopsig_catch(&sigs, on_signal);
     signal(SIGPIPE, SIG_IGN);
     int status = 1;
     if (server_bind(s, &e) == 0) {

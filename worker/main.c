@@ -8,6 +8,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "stopsig.h"
 #include "worker.h"
 
 static const char usage[] =
@@ -69,12 +70,8 @@ int main(int argc, char **argv) {
         config_free(ex);
         return 2;
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    stopsig sigs;
+    stopsig_catch(&sigs, on_signal);
     signal(SIGPIPE, SIG_IGN);
     rc = worker_run(w, &e);
     int status = rc == 0 ? 0 : rc > 0 ? 128 + stop_signal : 2;
