@@ -31,15 +31,7 @@ trap cleanup EXIT
 export OPENBLAS_NUM_THREADS=1
 export PEFTPS_LOG=info
 
-fail() {
-    echo "FAIL: $*"
-    for f in "$T"/*.log; do
-        [ -f "$f" ] || continue
-        echo "---- $(basename "$f") (last lines)"
-        tail -n 8 "$f"
-    done
-    exit 1
-}
+. tests/lib.sh
 
 free_port() {
     $PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -53,27 +45,6 @@ bg() {
     "$@" >"$T/$name.log" 2>&1 &
     LAST=$!
     PIDS="$PIDS $LAST"
-}
-
-# wait_pid PID SECONDS: the exit status, or fails after SECONDS.
-wait_pid() {
-    wp_n=0
-    while kill -0 "$1" 2>/dev/null; do
-        wp_n=$((wp_n + 1))
-        [ $wp_n -gt $(($2 * 10)) ] && fail "process $1 still running after $2 s"
-        sleep 0.1
-    done
-    wait "$1"
-}
-
-# wait_log FILE PATTERN SECONDS
-wait_log() {
-    wl_n=0
-    until grep -q "$2" "$1" 2>/dev/null; do
-        wl_n=$((wl_n + 1))
-        [ $wl_n -gt $(($3 * 10)) ] && fail "no '$2' in $1 after $3 s"
-        sleep 0.1
-    done
 }
 
 # Experiment options for a cluster on a new port with output under $T/$1.

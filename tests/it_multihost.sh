@@ -56,15 +56,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-fail() {
-    echo "FAIL: $*"
-    for f in "$T"/*.log; do
-        [ -f "$f" ] || continue
-        echo "---- $(basename "$f") (last lines)"
-        tail -n 8 "$f"
-    done
-    exit 1
-}
+. tests/lib.sh
 
 # ---- the network -------------------------------------------------------------------
 
@@ -130,16 +122,6 @@ bg() {
     ip netns exec "$ns" "$@" >"$T/$name.log" 2>&1 &
     LAST=$!
     PIDS="$PIDS $LAST"
-}
-
-wait_pid() {
-    wp_n=0
-    while kill -0 "$1" 2>/dev/null; do
-        wp_n=$((wp_n + 1))
-        [ $wp_n -gt $(($2 * 10)) ] && fail "process $1 still running after $2 s"
-        sleep 0.1
-    done
-    wait "$1"
 }
 
 # scrape PATH [ADDR]: an HTTP GET of the server (or of ADDR) from the
@@ -236,12 +218,7 @@ scrape /metrics $NET.3 >"$T/metrics"
 
 echo "step $step: the link of worker host 2 goes down"
 ip -n "$W2" link set eth0 down
-n=0
-until grep -q "dropped, [0-9]* shard(s) go to others" "$T/server.log"; do
-    n=$((n + 1))
-    [ $n -gt 200 ] && fail "the server did not drop the cut-off worker within 20 s"
-    sleep 0.1
-done
+wait_log "$T/server.log" "dropped, [0-9]* shard(s) go to others" 20
 scrape /metrics >"$T/metrics"
 [ "$(metric peftps_server_workers)" = 1 ] || fail "workers after the cut: $(metric peftps_server_workers)"
 [ "$(metric peftps_server_workers_dropped_total)" = 1 ] || fail "workers_dropped_total is not 1"
