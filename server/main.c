@@ -14,7 +14,7 @@
 
 static const char usage[] =
     "usage: peftps-server EXPERIMENT.pbtxt [--set PATH=VALUE ...] [--index I]\n"
-    "                     [--listen ENDPOINT] [--resume-step N]\n"
+    "                     [--listen ENDPOINT] [--resume-step N] [--linger]\n"
     "\n"
     "The parameter server of an experiment: holds the trainable tensors and their\n"
     "optimizer state, hands the shards of each step to workers (peftps-worker),\n"
@@ -28,6 +28,10 @@ static const char usage[] =
     "  --listen ENDPOINT  bind here instead of cluster.servers[I], e.g. tcp://*:5555\n"
     "  --resume-step N    resume from the checkpoint of step N, not the newest (with\n"
     "                     several servers: a step every server holds a checkpoint of)\n"
+    "  --linger           after the last step, keep answering workers (telling them\n"
+    "                     the run is over), /healthz and /metrics until SIGINT or\n"
+    "                     SIGTERM, then exit 0: for supervisors that restart a\n"
+    "                     program that exits, such as a Kubernetes StatefulSet\n"
     "\n"
     "With several cluster.servers, start one process per entry with --index I;\n"
     "each holds a share of the tensors and server 0 coordinates the others.\n";
@@ -47,7 +51,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "peftps-server: %s\n%s", e.msg, usage);
         return 2;
     }
-    server_opts opts = {0, NULL, SERVER_RESUME_LATEST};
+    server_opts opts = {0, NULL, SERVER_RESUME_LATEST, 0};
     const char *path = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -75,6 +79,8 @@ int main(int argc, char **argv) {
             opts.resume_step = v;
         } else if (!strcmp(a, "--listen") && i + 1 < argc) {
             opts.listen = argv[++i];
+        } else if (!strcmp(a, "--linger")) {
+            opts.linger = 1;
         } else if (a[0] == '-' && a[1]) {
             fprintf(stderr, "peftps-server: unknown option '%s'\n%s", a, usage);
             config_args_free(&sets);

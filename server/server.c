@@ -987,9 +987,9 @@ static void tick(server *s) {
 }
 
 /* Takes the messages waiting on the ROUTER (a bounded batch, so the timers
- * are never starved). */
+ * are never starved); none once the run ended, unless lingering. */
 static int drain(server *s, err *e) {
-    for (int k = 0; k < 256 && !s->finished; k++) {
+    for (int k = 0; k < 256 && (!s->finished || (s->finished > 0 && s->opts.linger)); k++) {
         wire_msg m;
         memset(&m, 0, sizeof m);
         err me;
@@ -1009,6 +1009,21 @@ static int drain(server *s, err *e) {
         int ev = 0;
         size_t evn = sizeof ev;
         if (zmq_getsockopt(s->sock, ZMQ_EVENTS, &ev, &evn) < 0 || !(ev & ZMQ_POLLIN)) break;
+    }
+    return 0;
+}
+
+/* After the last step, with --linger: answers workers (Shutdown), peers,
+ * /healthz and /metrics until a stop signal, for supervisors that restart
+ * a program whatever its exit status (a Kubernetes StatefulSet). */
+static int linger(server *s, err *e) {
+    server_log(s, LOG_INFO, "training finished; answering until SIGINT or SIGTERM (--linger)");
+    while (!stop_requested) {
+        zmq_pollitem_t it = {s->sock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&it, 1, 250) < 0 && errno != EINTR)
+            return err_set(e, "zmq_poll: %s", zmq_strerror(errno));
+        if ((it.revents & ZMQ_POLLIN) && drain(s, e) < 0) return -1;
+        httpd_heartbeat(s->http);
     }
     return 0;
 }
@@ -1044,7 +1059,7 @@ int server_run(server *s, err *e) {
             last_tick = now;
         }
     }
-    if (s->finished) return 0;
+    if (s->finished) return s->opts.linger ? linger(s, e) : 0;
     progress_end(&s->pr);
     server_log(s, LOG_WARN, "stopping on a signal at step %llu", (unsigned long long)s->step);
     if (checkpoint_write(s, e) < 0) return -1;

@@ -22,6 +22,7 @@ typedef struct server_opts {
     int index;            /* which of cluster.servers this process is */
     const char *listen;   /* bind here instead of cluster.servers[index]; NULL: that */
     uint64_t resume_step; /* the checkpoint to resume from, or SERVER_RESUME_LATEST */
+    int linger;           /* after the last step, keep answering until server_stop */
 } server_opts;
 
 /* Prepares the server of exp (resolved by config_load): opens the base
@@ -46,8 +47,11 @@ int server_bind(server *s, err *e);
 
 /* Runs the training loop until the last step is done: then checkpoints,
  * writes OUTPUT/tensors.safetensors (server 0, with every server's
- * tensors), sends Shutdown to the workers and returns 0. Returns 1 when server_stop was called
- * (from a signal handler): it checkpointed the last completed step and told the workers to stop.
+ * tensors), sends Shutdown to the workers and returns 0; with opts->linger
+ * it first goes on answering (Shutdown to every worker that calls, health
+ * and metrics) until server_stop. Returns 1 when server_stop was called
+ * during the run (from a signal handler): it checkpointed the last
+ * completed step and told the workers to stop.
  * Returns -1 with e set when the run cannot continue (a non-finite loss, a
  * checkpoint or output that cannot be written, ZeroMQ failing, server 0
  * refusing this server because they are at different steps). */

@@ -136,6 +136,27 @@ cluster w16 16 100
 same_tensors "$T/ref100" "$T/w16"
 steps_once "$T/w16" 100
 
+echo "--linger: server and worker stay after the run until SIGTERM, then exit 0"
+S=$(sets linger "--set schedule.total_steps=60")
+bg linger-worker "$BIN/peftps-worker" $EXP $S --linger
+lw=$LAST
+wait_log "$T/linger-worker.log" "ready" 30
+bg linger-server "$BIN/peftps-server" $EXP $S --linger
+ls=$LAST
+wait_log "$T/linger-server.log" "answering until" 60
+wait_log "$T/linger-worker.log" "idle until" 30
+same_tensors "$T/ref60" "$T/linger"
+# A worker that comes now (a restarted pod) is told the run is over.
+bg linger-late "$BIN/peftps-worker" $EXP $S
+wait_pid $LAST 30 || fail "a worker started after the run exited with $?"
+grep -q "training finished" "$T/linger-late.log" || fail "the late worker was not told the run is over"
+kill -0 $ls 2>/dev/null || fail "the lingering server exited"
+kill -0 $lw 2>/dev/null || fail "the lingering worker exited"
+kill -TERM $ls
+wait_pid $ls 10 || fail "the lingering server exited with $? on SIGTERM"
+kill -TERM $lw
+wait_pid $lw 10 || fail "the lingering worker exited with $? on SIGTERM"
+
 echo "a worker SIGKILLed mid-step, another started later"
 reference ref300 300
 S=$(sets kill "--set schedule.total_steps=300")

@@ -12,7 +12,7 @@
 #include "worker.h"
 
 static const char usage[] =
-    "usage: peftps-worker EXPERIMENT.pbtxt [--set PATH=VALUE ...]\n"
+    "usage: peftps-worker EXPERIMENT.pbtxt [--set PATH=VALUE ...] [--linger]\n"
     "\n"
     "A stateless worker: maps the experiment's base model read-only, registers with\n"
     "every server of cluster.servers, and computes the gradients of the shards it is\n"
@@ -21,7 +21,10 @@ static const char usage[] =
     "itself when a server restarts.\n"
     "\n"
     "options:\n"
-    "  --set PATH=VALUE   override a field of the experiment (repeatable)\n";
+    "  --set PATH=VALUE   override a field of the experiment (repeatable)\n"
+    "  --linger           when the run is over, stay (idle, /livez and /metrics up)\n"
+    "                     until SIGINT or SIGTERM, then exit 0: for supervisors that\n"
+    "                     restart a program that exits, such as a Kubernetes Deployment\n";
 
 static int stop_signal;
 
@@ -39,11 +42,16 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *path = NULL;
+    int linger = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             fputs(usage, stdout);
             config_args_free(&sets);
             return 0;
+        }
+        if (!strcmp(argv[i], "--linger")) {
+            linger = 1;
+            continue;
         }
         if ((argv[i][0] == '-' && argv[i][1]) || path) {
             fprintf(stderr, "peftps-worker: unexpected argument '%s'\n%s", argv[i], usage);
@@ -74,6 +82,7 @@ int main(int argc, char **argv) {
     stopsig_catch(&sigs, on_signal);
     signal(SIGPIPE, SIG_IGN);
     rc = worker_run(w, &e);
+    if (rc == 0 && linger) worker_linger(w);
     int status = rc == 0 ? 0 : rc > 0 ? 128 + stop_signal : 2;
     if (rc < 0) fprintf(stderr, "peftps-worker: %s\n", e.msg);
     worker_close(w);

@@ -573,6 +573,15 @@ static int loop(worker *w, err *e) {
     return rc == 1 ? 0 : 1;
 }
 
+void worker_linger(worker *w) {
+    log_info("the run is over; idle until SIGINT or SIGTERM (--linger)");
+    while (!stop_requested) {
+        httpd_heartbeat(w->http);
+        struct timespec ts = {0, 250 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
 int worker_run(worker *w, err *e) {
     /* Metrics are for watching, not for training: a port that is taken
      * (workers beside a server on one machine) costs a warning, not the run. */

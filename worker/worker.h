@@ -26,8 +26,14 @@ int worker_open(worker **out, const Peftps__Experiment *exp, err *e);
  * or its tensor table does not match this worker's method. */
 int worker_run(worker *w, err *e);
 
-/* Asks worker_run to return; async-signal-safe. */
+/* Asks worker_run (or worker_linger) to return; async-signal-safe. */
 void worker_stop(void);
+
+/* After worker_run returned 0: idles, keeping /livez and /metrics up,
+ * until worker_stop. For supervisors that restart a program that exits
+ * (a Kubernetes Deployment), which would otherwise start it again to be
+ * told once more that the run is over. */
+void worker_linger(worker *w);
 
 void worker_close(worker *w);
 
