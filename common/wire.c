@@ -27,6 +27,7 @@ static const struct {
     [PEFTPS__WIRE__DTYPE__F32] = {"F32", 4},   [PEFTPS__WIRE__DTYPE__F16] = {"F16", 2},
     [PEFTPS__WIRE__DTYPE__BF16] = {"BF16", 2}, [PEFTPS__WIRE__DTYPE__I32] = {"I32", 4},
     [PEFTPS__WIRE__DTYPE__U32] = {"U32", 4},   [PEFTPS__WIRE__DTYPE__I64] = {"I64", 8},
+    [PEFTPS__WIRE__DTYPE__F64] = {"F64", 8},
 };
 #define N_DTYPES ((int)(sizeof dtypes / sizeof dtypes[0]))
 

@@ -18,8 +18,7 @@
 
 /* A worker (or a peer) that holds no parameters yet. */
 #define NO_VERSION UINT64_MAX
-/* The tensor in which servers exchange per-tensor sums of squares: I64
- * elements carrying IEEE-754 binary64 bit patterns (the wire has no F64). */
+/* The F64 tensor in which servers exchange per-tensor sums of squares. */
 #define PEER_SUMSQ_TENSOR "peftps.grad_sumsq"
 /* Hello.worker_id of server k's link to server 0: "server:k". */
 #define PEER_ID_PREFIX "server:"

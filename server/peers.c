@@ -8,8 +8,7 @@
  * end the peers send their final tensors to server 0, which writes the
  * outputs and tells everyone to stop.
  *
- * The sums travel as one tensor named PEER_SUMSQ_TENSOR of dtype I64 whose
- * elements are the bit patterns of the doubles (the wire has no F64), in a
+ * The sums travel as one F64 tensor named PEER_SUMSQ_TENSOR, in a
  * GradPush whose shard is the sender's server index; the final tensors in a
  * Snapshot. A peer registers with a Hello whose worker_id is "server:k" and
  * the same fingerprints as a worker; its first Heartbeat carries its step,
@@ -52,16 +51,16 @@ void peers_on_hello(server *s, const wire_msg *m, int k) {
         NULL, 0);
 }
 
-/* The I64 tensor of n doubles' bits, checked; NULL with e set otherwise. */
+/* The F64 tensor of n sums, checked; NULL with e set otherwise. */
 static const wire_view *sums_view(const wire_msg *m, int n, err *e) {
     if (m->n_tensors != 1) {
         err_set(e, "%d tensors instead of one", m->n_tensors);
         return NULL;
     }
     const wire_view *v = &m->tensors[0];
-    if (strcmp(v->name, PEER_SUMSQ_TENSOR) || v->dtype != PEFTPS__WIRE__DTYPE__I64 ||
+    if (strcmp(v->name, PEER_SUMSQ_TENSOR) || v->dtype != PEFTPS__WIRE__DTYPE__F64 ||
         v->ndim != 1 || v->shape[0] != n) {
-        err_set(e, "not %s I64 [%d]", PEER_SUMSQ_TENSOR, n);
+        err_set(e, "not %s F64 [%d]", PEER_SUMSQ_TENSOR, n);
         return NULL;
     }
     return v;
@@ -162,7 +161,7 @@ int peers_try_complete(server *s, err *e) {
     for (int k = 1; k < s->n_servers; k++)
         if (!s->peers[k].used || !s->peers[k].have_sums) return 0;
     wire_tensor t = {PEER_SUMSQ_TENSOR,
-                     PEFTPS__WIRE__DTYPE__I64,
+                     PEFTPS__WIRE__DTYPE__F64,
                      1,
                      {s->n_global},
                      s->sums,
@@ -254,7 +253,7 @@ void peers_send_sums(server *s) {
     }
     for (int i = 0; i < s->n_tensors; i++) mine[i] = s->sums[s->gidx[i]];
     wire_tensor t = {PEER_SUMSQ_TENSOR,
-                     PEFTPS__WIRE__DTYPE__I64,
+                     PEFTPS__WIRE__DTYPE__F64,
                      1,
                      {s->n_tensors},
                      mine,

@@ -194,7 +194,8 @@ static void test_dtype_and_crc_reference(void **state) {
     assert_int_equal(wire_dtype_size(PEFTPS__WIRE__DTYPE__F32), 4);
     assert_int_equal(wire_dtype_size(PEFTPS__WIRE__DTYPE__BF16), 2);
     assert_int_equal(wire_dtype_size(PEFTPS__WIRE__DTYPE__I64), 8);
-    assert_int_equal(wire_dtype_size(6), 0);
+    assert_int_equal(wire_dtype_size(PEFTPS__WIRE__DTYPE__F64), 8);
+    assert_int_equal(wire_dtype_size(7), 0);
     assert_int_equal(wire_dtype_size(-1), 0);
     assert_string_equal(wire_dtype_name(PEFTPS__WIRE__DTYPE__F16), "F16");
     assert_string_equal(wire_body_name(PEFTPS__WIRE__ENVELOPE__BODY_GRAD_PUSH), "grad_push");
