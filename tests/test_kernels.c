@@ -128,6 +128,60 @@ static void test_linear(void **state) {
     free(c.inp), free(c.w), free(c.out), free(c.r);
 }
 
+/* ---- low-rank branch (LoRA's) --------------------------------------------------- */
+
+typedef struct {
+    int N, in, r, out;
+    float scale;
+    float *x, *a, *b, *y0, *y, *h, *rr;
+} lowrank_ctx;
+
+static double lowrank_loss(void *p) {
+    lowrank_ctx *c = p;
+    memcpy(c->y, c->y0, (size_t)c->N * c->out * sizeof *c->y);
+    lowrank_forward(c->y, c->h, c->x, c->a, c->b, c->scale, c->N, c->in, c->r, c->out);
+    return dot(c->y, c->rr, (size_t)c->N * c->out);
+}
+
+static void test_lowrank(void **state) {
+    (void)state;
+    /* N * r * (in + out) is 2^21 multiply-adds: the forward's rows go in 2
+     * parts, one of them short (N is no multiple of 16). */
+    lowrank_ctx c = {.N = 333, .in = 500, .r = 8, .out = 484, .scale = 0.5f};
+    size_t nx = (size_t)c.N * c.in, ny = (size_t)c.N * c.out;
+    c.x = rnd(nx, 1), c.a = rnd((size_t)c.r * c.in, 0.1f), c.b = rnd((size_t)c.out * c.r, 0.1f);
+    c.y0 = rnd(ny, 1), c.y = zeros(ny), c.h = zeros((size_t)c.N * c.r), c.rr = rnd(ny, 1);
+    lowrank_loss(&c);
+    /* y = y0 + scale (x a^T) b^T, against a double evaluation. */
+    double worst = 0.0;
+    for (int i = 0; i < c.N; i++) {
+        double hd[8];
+        for (int k = 0; k < c.r; k++)
+            hd[k] = dot(c.x + (size_t)i * c.in, c.a + (size_t)k * c.in, c.in);
+        for (int o = 0; o < c.out; o++) {
+            double s = c.y0[(size_t)i * c.out + o];
+            for (int k = 0; k < c.r; k++) s += c.scale * hd[k] * c.b[(size_t)o * c.r + k];
+            worst = fmax(worst, fabs(c.y[(size_t)i * c.out + o] - s));
+        }
+    }
+    printf("  lowrank forward worst error %.2e\n", worst);
+    assert_true(worst < 1e-4);
+    /* The backward: da, db and dx against finite differences; g = dy b. */
+    float *da = zeros((size_t)c.r * c.in), *db = zeros((size_t)c.out * c.r), *dx = zeros(nx);
+    float *g = zeros((size_t)c.N * c.r);
+    lowrank_backward(da, db, dx, g, c.rr, c.x, c.h, c.a, c.b, c.scale, c.N, c.in, c.r, c.out);
+    check_grad("lowrank da", c.a, da, (size_t)c.r * c.in, lowrank_loss, &c, 200);
+    check_grad("lowrank db", c.b, db, (size_t)c.out * c.r, lowrank_loss, &c, 200);
+    check_grad("lowrank dx", c.x, dx, nx, lowrank_loss, &c, 200);
+    /* It accumulates into da, db, dx; without dx only those two move. */
+    float before = da[5], before_b = db[7];
+    lowrank_backward(da, db, NULL, g, c.rr, c.x, c.h, c.a, c.b, c.scale, c.N, c.in, c.r, c.out);
+    assert_float_equal(da[5], 2 * before, 1e-4 * fabs(before) + 1e-6);
+    assert_float_equal(db[7], 2 * before_b, 1e-4 * fabs(before_b) + 1e-6);
+    free(da), free(db), free(dx), free(g);
+    free(c.x), free(c.a), free(c.b), free(c.y0), free(c.y), free(c.h), free(c.rr);
+}
+
 /* ---- RMSNorm (normalisation, then the per-channel weight) -------------------- */
 
 typedef struct {
@@ -546,15 +600,11 @@ static void test_crossentropy(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_linear),
-        cmocka_unit_test(test_rmsnorm),
-        cmocka_unit_test(test_embedding),
-        cmocka_unit_test(test_rope_tables),
-        cmocka_unit_test(test_rope),
-        cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_attention_stable),
-        cmocka_unit_test(test_swiglu),
-        cmocka_unit_test(test_residual),
+        cmocka_unit_test(test_linear),       cmocka_unit_test(test_lowrank),
+        cmocka_unit_test(test_rmsnorm),      cmocka_unit_test(test_embedding),
+        cmocka_unit_test(test_rope_tables),  cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_attention),    cmocka_unit_test(test_attention_stable),
+        cmocka_unit_test(test_swiglu),       cmocka_unit_test(test_residual),
         cmocka_unit_test(test_crossentropy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
