@@ -186,16 +186,23 @@ int curve_client_setup(void *sock, const curve_keys *mine, const char *server_pu
 typedef struct zap {
     void *sock;
     pthread_t thread;
-    atomic_int stop;
-    uint8_t (*keys)[32]; /* authorized public keys, raw */
+    atomic_int stop, reload;
+    char *path;       /* the authorized-keys file */
+    uint8_t self[32]; /* also accepted: the servers' own key */
+    int has_self;
+    uint8_t (*keys)[32]; /* authorized public keys, raw, then self */
     int n_keys;
 } zap;
 
-static int authorized_load(zap *z, const char *path, err *e) {
+/* Reads the authorized-keys file into a new list, with the servers' own key
+ * after its keys; z's list is left alone on failure. */
+static int authorized_load(const zap *z, uint8_t (**out)[32], int *n_out, err *e) {
+    const char *path = z->path;
     FILE *f = fopen(path, "r");
     if (!f) return err_errno(e, "%s", path);
     char buf[512];
-    int lineno = 0, cap = 0, rc = -1;
+    int lineno = 0, cap = 0, n = 0, rc = -1;
+    uint8_t(*keys)[32] = NULL;
     while (fgets(buf, sizeof buf, f)) {
         lineno++;
         char *l = line_content(buf);
@@ -206,26 +213,56 @@ static int authorized_load(zap *z, const char *path, err *e) {
             err_set(e, "%s:%d: not a Z85 CURVE public key (40 characters)", path, lineno);
             goto done;
         }
-        if (z->n_keys == cap) {
+        if (n + 1 >= cap) { /* room for self too */
             cap = cap ? cap * 2 : 16;
-            void *nk = realloc(z->keys, (size_t)cap * sizeof *z->keys);
+            void *nk = realloc(keys, (size_t)cap * sizeof *keys);
             if (!nk) {
                 err_set(e, "out of memory");
                 goto done;
             }
-            z->keys = nk;
+            keys = nk;
         }
-        zmq_z85_decode(z->keys[z->n_keys++], l);
+        zmq_z85_decode(keys[n++], l);
     }
     if (ferror(f)) {
         err_errno(e, "reading %s", path);
         goto done;
     }
-    if (z->n_keys == 0) log_warn("%s lists no key: every worker will be refused", path);
+    if (n == 0) log_warn("%s lists no key: every worker will be refused", path);
+    if (z->has_self) {
+        void *nk = realloc(keys, (size_t)(n + 1) * sizeof *keys);
+        if (!nk) {
+            err_set(e, "out of memory");
+            goto done;
+        }
+        keys = nk;
+        memcpy(keys[n++], z->self, 32);
+    }
+    *out = keys;
+    *n_out = n;
+    keys = NULL;
     rc = 0;
 done:
+    free(keys);
     fclose(f);
     return rc;
+}
+
+/* In the handler's thread, between requests: the new list replaces the old
+ * one only when the whole file reads well. */
+static void zap_reload(zap *z) {
+    uint8_t(*keys)[32];
+    int n;
+    err e;
+    if (authorized_load(z, &keys, &n, &e) < 0) {
+        log_error("reloading the authorized keys: %s; the %d keys read before stay", e.msg,
+                  z->n_keys - z->has_self);
+        return;
+    }
+    free(z->keys);
+    z->keys = keys;
+    z->n_keys = n;
+    log_info("reloaded %s: %d authorized keys", z->path, n - z->has_self);
 }
 
 static int zap_send(void *sock, const void *p, size_t n, int more) {
@@ -291,6 +328,7 @@ static void zap_answer(zap *z) {
 static void *zap_main(void *arg) {
     zap *z = arg;
     while (!atomic_load(&z->stop)) {
+        if (atomic_exchange(&z->reload, 0)) zap_reload(z);
         zmq_pollitem_t it = {z->sock, 0, ZMQ_POLLIN, 0};
         int rc = zmq_poll(&it, 1, CURVE_ZAP_POLL_MS);
         if (rc < 0) {
@@ -307,16 +345,16 @@ int curve_zap_start(void **handle, void *ctx, const char *authorized_path, const
     *handle = NULL;
     zap *z = calloc(1, sizeof *z);
     if (!z) return err_set(e, "out of memory");
-    if (authorized_load(z, authorized_path, e) < 0) goto fail;
-    if (also_public && key_valid(also_public)) {
-        void *nk = realloc(z->keys, (size_t)(z->n_keys + 1) * sizeof *z->keys);
-        if (!nk) {
-            err_set(e, "out of memory");
-            goto fail;
-        }
-        z->keys = nk;
-        zmq_z85_decode(z->keys[z->n_keys++], also_public);
+    z->path = strdup(authorized_path);
+    if (!z->path) {
+        err_set(e, "out of memory");
+        goto fail;
     }
+    if (also_public && key_valid(also_public)) {
+        zmq_z85_decode(z->self, also_public);
+        z->has_self = 1;
+    }
+    if (authorized_load(z, &z->keys, &z->n_keys, e) < 0) goto fail;
     z->sock = zmq_socket(ctx, ZMQ_REP);
     if (!z->sock) {
         err_set(e, "ZAP socket: %s", zmq_strerror(errno));
@@ -337,8 +375,14 @@ int curve_zap_start(void **handle, void *ctx, const char *authorized_path, const
 fail:
     if (z->sock) zmq_close(z->sock);
     free(z->keys);
+    free(z->path);
     free(z);
     return -1;
+}
+
+void curve_zap_reload(void *handle) {
+    zap *z = handle;
+    if (z) atomic_store(&z->reload, 1);
 }
 
 void curve_zap_stop(void *handle) {
@@ -348,5 +392,6 @@ void curve_zap_stop(void *handle) {
     pthread_join(z->thread, NULL);
     zmq_close(z->sock);
     free(z->keys);
+    free(z->path);
     free(z);
 }

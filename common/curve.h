@@ -56,6 +56,11 @@ int curve_client_setup(void *sock, const curve_keys *mine, const char *server_pu
 int curve_zap_start(void **handle, void *ctx, const char *authorized_path, const char *also_public,
                     err *e);
 
+/* Has the handler read authorized_path again before its next answer (within
+ * a tenth of a second): the new list replaces the old when the whole file
+ * reads well; otherwise the error is logged and the old list stays. */
+void curve_zap_reload(void *handle);
+
 /* Stops and joins the handler (within a few hundred ms); before the context
  * is terminated. */
 void curve_zap_stop(void *handle);

@@ -34,13 +34,19 @@ static const char usage[] =
     "                     program that exits, such as a Kubernetes StatefulSet\n"
     "\n"
     "With several cluster.servers, start one process per entry with --index I;\n"
-    "each holds a share of the tensors and server 0 coordinates the others.\n";
+    "each holds a share of the tensors and server 0 coordinates the others.\n"
+    "SIGHUP makes a server with CURVE read cluster.curve.authorized_keys again.\n";
 
 static int stop_signal;
 
 static void on_signal(int sig) {
     stop_signal = sig;
     server_stop();
+}
+
+static void on_hangup(int sig) {
+    (void)sig;
+    server_reload_keys();
 }
 
 int main(int argc, char **argv) {
@@ -114,6 +120,11 @@ int main(int argc, char **argv) {
     stopsig sigs;
     stopsig_catch(&sigs, on_signal);
     signal(SIGPIPE, SIG_IGN);
+    struct sigaction hup;
+    memset(&hup, 0, sizeof hup);
+    hup.sa_handler = on_hangup;
+    sigemptyset(&hup.sa_mask);
+    sigaction(SIGHUP, &hup, NULL);
     int status = 1;
     if (server_bind(s, &e) == 0) {
         rc = server_run(s, &e);

@@ -30,10 +30,25 @@
 /* ASYNC hands out shards of at most this many steps at once. */
 #define ASYNC_WINDOW 4
 
-static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t stop_requested, reload_requested;
 
 void server_stop(void) {
     stop_requested = 1;
+}
+
+void server_reload_keys(void) {
+    reload_requested = 1;
+}
+
+/* Passes a reload request on to the ZAP handler (which reads the file). */
+static void reload_keys(server *s) {
+    if (!reload_requested) return;
+    reload_requested = 0;
+    if (s->zap)
+        curve_zap_reload(s->zap);
+    else
+        server_log(s, LOG_WARN,
+                   "asked to reload authorized keys, but this server runs without CURVE");
 }
 
 /* ---- layout ------------------------------------------------------------------------ */
@@ -1024,6 +1039,7 @@ static int linger(server *s, err *e) {
             return err_set(e, "zmq_poll: %s", zmq_strerror(errno));
         if ((it.revents & ZMQ_POLLIN) && drain(s, e) < 0) return -1;
         httpd_heartbeat(s->http);
+        reload_keys(s);
     }
     return 0;
 }
@@ -1053,6 +1069,7 @@ int server_run(server *s, err *e) {
             return -1;
         }
         httpd_heartbeat(s->http);
+        reload_keys(s);
         double now = progress_now();
         if (now - last_tick >= tick_ms / 1000.0) {
             tick(s);

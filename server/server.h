@@ -60,6 +60,11 @@ int server_run(server *s, err *e);
 /* Asks a running server_run to stop; async-signal-safe. */
 void server_stop(void);
 
+/* Asks a running server_run to read cluster.curve.authorized_keys again
+ * (curve_zap_reload), so that keys can be added or revoked without a
+ * restart; async-signal-safe. Workers already registered stay. */
+void server_reload_keys(void);
+
 void server_close(server *s);
 
 #endif

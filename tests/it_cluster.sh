@@ -5,7 +5,7 @@
 # run whose worker is SIGKILLed mid-step, and one whose server is SIGKILLed
 # and restarted from its LMDB checkpoint; metrics.jsonl holds every step
 # once; a mismatched or damaged checkpoint is refused; with CURVE an
-# unlisted key cannot register; `peftps run` writes what train writes, and
+# unlisted key cannot register, and SIGHUP admits a key added to the file; `peftps run` writes what train writes, and
 # stops cleanly on Ctrl-C and resumes.
 # Two servers splitting the tensors give the bits of one. SSP and ASYNC
 # (not bit-identical) apply every shard of every step once, under faults.
@@ -258,6 +258,26 @@ kill $wi
 grep -q "registered with" "$T/curve-intruder.log" && fail "the intruder registered"
 [ "$(grep -c "worker .* registered" "$T/curve-server.log")" = 1 ] || fail "not one registration"
 same_tensors "$T/ref60" "$T/curve"
+
+echo "CURVE: SIGHUP rereads authorized_keys; a bad file keeps the keys read before"
+cp "$T/worker.pub" "$T/authorized2"
+S=$(sets curve2 "--set schedule.total_steps=60")
+C="--set cluster.curve.server_keys=$T/server.key --set cluster.curve.authorized_keys=$T/authorized2"
+bg curve2-server "$BIN/peftps-server" $EXP $S $C
+sp=$LAST
+wait_log "$T/curve2-server.log" "listening on" 20
+echo "not a key" >"$T/authorized2"
+kill -HUP $sp
+wait_log "$T/curve2-server.log" "reloading the authorized keys: .*not a Z85.* the 1 keys read before stay" 10
+cat "$T/worker.pub" "$T/intruder.pub" >"$T/authorized2"
+kill -HUP $sp
+wait_log "$T/curve2-server.log" "reloaded .*authorized2: 2 authorized keys" 10
+bg curve2-admitted "$BIN/peftps-worker" $EXP $S $W --set cluster.curve.worker_keys="$T/intruder.key"
+ww=$LAST
+wait_pid $sp 60 || fail "the CURVE server exited with $? after reloading its keys"
+wait_pid $ww 10 || fail "the newly admitted worker exited with $?"
+grep -q "registered with" "$T/curve2-admitted.log" || fail "the newly admitted key did not register"
+same_tensors "$T/ref60" "$T/curve2"
 
 # Every step once, each with all its shards' tokens (8 sequences of 64).
 tokens_once() {
