@@ -564,17 +564,10 @@ int cmd_compare(int argc, char **argv) {
             rc = 0;
             goto done;
         }
-        if (!strcmp(a, "--workers") || !strcmp(a, "--out")) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "peftps compare: %s needs a value\n%s", a, compare_usage);
-                goto done;
-            }
-            if (a[2] == 'w')
-                workers = argv[++i];
-            else
-                out = argv[++i];
-            continue;
-        }
+        const cli_opt opts[] = {{"--workers", &workers}, {"--out", &out}};
+        int took = cli_opt_take("compare", compare_usage, opts, 2, argc, argv, &i);
+        if (took < 0) goto done;
+        if (took) continue;
         if (a[0] == '-' && a[1]) {
             fprintf(stderr, "peftps compare: unknown option '%s'\n%s", a, compare_usage);
             goto done;

@@ -86,20 +86,13 @@ int cmd_export(int argc, char **argv) {
             rc = 0;
             goto done;
         }
-        const char **value = !strcmp(a, "--format")       ? &format
-                             : !strcmp(a, "--out")        ? &out
-                             : !strcmp(a, "--experiment") ? &o.experiment
-                             : !strcmp(a, "--model")      ? &o.model_dir
-                             : !strcmp(a, "--step")       ? &step_text
-                             : !strcmp(a, "--shard-size") ? &shard_text
-                                                          : NULL;
-        if (value) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "peftps export: %s needs a value\n%s", a, usage);
-                goto done;
-            }
-            *value = argv[++i];
-        } else if (a[0] == '-' && a[1]) {
+        const cli_opt opts[] = {{"--format", &format},           {"--out", &out},
+                                {"--experiment", &o.experiment}, {"--model", &o.model_dir},
+                                {"--step", &step_text},          {"--shard-size", &shard_text}};
+        int took = cli_opt_take("export", usage, opts, 6, argc, argv, &i);
+        if (took < 0) goto done;
+        if (took) continue;
+        if (a[0] == '-' && a[1]) {
             fprintf(stderr, "peftps export: unknown option '%s'\n%s", a, usage);
             goto done;
         } else if (source) {

@@ -141,19 +141,19 @@ int cmd_generate(int argc, char **argv) {
             add_special = 0;
             continue;
         }
-        const char **value = !strcmp(a, "--prompt")       ? &prompt
-                             : !strcmp(a, "--adapter")    ? &adapter
-                             : !strcmp(a, "--experiment") ? &xo.experiment
-                                                          : NULL;
-        for (int k = 0; k < 6 && !value; k++)
-            if (!strcmp(a, num_names[k])) value = &num_opt[k];
-        if (value) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "peftps generate: %s needs a value\n%s", a, usage);
-                goto done;
-            }
-            *value = argv[++i];
-        } else if (a[0] == '-' && a[1]) {
+        const cli_opt opts[] = {{"--prompt", &prompt},
+                                {"--adapter", &adapter},
+                                {"--experiment", &xo.experiment},
+                                {num_names[0], &num_opt[0]},
+                                {num_names[1], &num_opt[1]},
+                                {num_names[2], &num_opt[2]},
+                                {num_names[3], &num_opt[3]},
+                                {num_names[4], &num_opt[4]},
+                                {num_names[5], &num_opt[5]}};
+        int took = cli_opt_take("generate", usage, opts, 9, argc, argv, &i);
+        if (took < 0) goto done;
+        if (took) continue;
+        if (a[0] == '-' && a[1]) {
             fprintf(stderr, "peftps generate: unknown option '%s'\n%s", a, usage);
             goto done;
         } else if (model_dir) {

@@ -191,21 +191,16 @@ int cmd_tokenize(int argc, char **argv) {
             usage(stdout);
             return 0;
         }
-        const char **value = !strcmp(a, "--text")        ? &text
-                             : !strcmp(a, "--decode")    ? &decode
-                             : !strcmp(a, "--data")      ? &file
-                             : !strcmp(a, "--cache-dir") ? &cache_dir
-                                                         : NULL;
-        if (value || !strcmp(a, "--seq-len")) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "peftps tokenize: %s needs a value\n", a);
-                return 2;
-            }
-            const char *v = argv[++i];
-            if (value) {
-                *value = v;
-                continue;
-            }
+        const char *v = NULL;
+        const cli_opt opts[] = {{"--text", &text},
+                                {"--decode", &decode},
+                                {"--data", &file},
+                                {"--cache-dir", &cache_dir},
+                                {"--seq-len", &v}};
+        int took = cli_opt_take("tokenize", NULL, opts, 5, argc, argv, &i);
+        if (took < 0) return 2;
+        if (took && !v) continue;
+        if (took) { /* --seq-len */
             char *end;
             errno = 0;
             long n = strtol(v, &end, 10);

@@ -127,8 +127,7 @@ int cmd_train(int argc, char **argv) {
         fprintf(metrics,
                 "{\"step\":%llu,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6f,\"tokens\":%ld,"
                 "\"tokens_per_s\":%.1f}\n",
-                (unsigned long long)(s + 1), st.loss, st.lr, st.grad_norm, st.n_tokens,
-                toks / dt);
+                (unsigned long long)(s + 1), st.loss, st.lr, st.grad_norm, st.n_tokens, toks / dt);
         fflush(metrics);
         if (!isfinite(st.loss)) {
             err_set(&e, "step %llu: loss is %g; lower optimizer.lr or check the data",

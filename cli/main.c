@@ -18,10 +18,13 @@ static const command commands[] = {
     {"run", cmd_run, "train on a cluster of a server and N workers started on this machine"},
     {"eval", cmd_eval, "loss and perplexity on the eval data, with or without an adapter"},
     {"inspect", cmd_inspect, "list the checkpoints of a checkpoint directory and describe one"},
-    {"tokenize", cmd_tokenize, "text to ids and back with a model's tokenizer; cache a data file's tokens"},
+    {"tokenize", cmd_tokenize,
+     "text to ids and back with a model's tokenizer; cache a data file's tokens"},
     {"keygen", cmd_keygen, "write a CURVE key pair for encrypted, authenticated clusters"},
-    {"compare", cmd_compare, "train several experiments on local clusters and compare cost and loss"},
-    {"export", cmd_export, "write trained tensors as a PEFT adapter, a merged model or raw tensors"},
+    {"compare", cmd_compare,
+     "train several experiments on local clusters and compare cost and loss"},
+    {"export", cmd_export,
+     "write trained tensors as a PEFT adapter, a merged model or raw tensors"},
     {"generate", cmd_generate, "sample text from a model, with or without a trained adapter"},
 };
 
