@@ -11,7 +11,7 @@ typedef struct progress {
     double start; /* seconds, monotonic */
     double last;  /* when a line was last printed */
     int tty;
-    int printed;  /* a line is on screen and not yet ended */
+    int printed; /* a line is on screen and not yet ended */
 } progress;
 
 /* Seconds on a monotonic clock. */
