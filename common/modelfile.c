@@ -1,16 +1,23 @@
 /* Opens a base model directory in Hugging Face layout (model.h): config.json
  * through modelcfg.c, the weights through safetensors.c (one file or the
- * shards of model.safetensors.index.json), and its fingerprint (sha256.c). */
+ * shards of model.safetensors.index.json), and its fingerprint (sha256.c).
+ * BF16 and F16 weights become F32 in a cache file that every process of the
+ * machine maps (fsutil.c for the directory). */
 #include "model.h"
+#include "fsutil.h"
+#include "log.h"
 #include "safetensors.h"
 #include "sha256.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 /* config.json and the index are a few kB; the bound keeps a wrong path (a
  * weights file named config.json) from being read whole. */
@@ -22,7 +29,9 @@ struct model_files {
     st_file **files; /* one, or the shards sorted by file name */
     char **file_names;
     int n_files;
-    float *converted; /* every BF16/F16 weight as F32, one allocation */
+    float *converted; /* every BF16/F16 weight as F32, one allocation, or */
+    void *shared;     /* the same in the cache file, mapped */
+    size_t shared_len;
     char fingerprint[65];
 };
 
@@ -189,6 +198,170 @@ static int check_tensor(const model_files *f, const st_file *file, const st_tens
     return 0;
 }
 
+/* ---- the F32 cache of BF16/F16 weights ---------------------------------------- */
+
+/* PEFTPS_CACHE_DIR, else $XDG_CACHE_HOME/peftps, else ~/.cache/peftps; NULL
+ * when PEFTPS_CACHE_DIR is set empty (no cache) or no home is known. */
+static char *cache_dir(void) {
+    const char *env = getenv("PEFTPS_CACHE_DIR");
+    if (env) return *env ? strdup(env) : NULL;
+    const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    if (xdg && *xdg) return join(xdg, "peftps");
+    return home && *home ? join(home, ".cache/peftps") : NULL;
+}
+
+/* The cache file's name: the base's fingerprint (config and headers) and
+ * each weights file's identity and modification time, so that a file
+ * rewritten in place under the same header gets a new copy. */
+static int cache_key(const model_files *f, const char *dir, char hex[65], err *e) {
+    sha256_ctx h;
+    sha256_init(&h);
+    sha256_update(&h, f->fingerprint, 64);
+    for (int i = 0; i < f->n_files; i++) {
+        char *p = join(dir, f->file_names[i]);
+        struct stat st;
+        int bad = !p || stat(p, &st) != 0;
+        if (bad) {
+            err_errno(e, "%s", p ? p : dir);
+            free(p);
+            return -1;
+        }
+        free(p);
+        int64_t id[5] = {(int64_t)st.st_dev, (int64_t)st.st_ino, (int64_t)st.st_size,
+                         (int64_t)st.st_mtim.tv_sec, (int64_t)st.st_mtim.tv_nsec};
+        sha256_update(&h, id, sizeof id);
+    }
+    uint8_t d[32];
+    sha256_final(&h, d);
+    sha256_hex(d, hex);
+    return 0;
+}
+
+/* Maps path read-only and shared if it holds exactly len bytes. */
+static void *map_cached(const char *path, size_t len) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    struct stat st;
+    void *p = NULL;
+    if (fstat(fd, &st) == 0 && (size_t)st.st_size == len) {
+        p = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) p = NULL;
+    }
+    close(fd);
+    return p;
+}
+
+/* Whether a binding's tensor needs converting (not F32, or misaligned). */
+static int needs_f32(const binding *b) {
+    return b->t->dtype != ST_F32 || (uintptr_t)b->t->data % _Alignof(float);
+}
+
+/* Converts every binding that needs it, in order, into dst. */
+static int convert_all(binding *b, size_t nb, float *dst, err *e) {
+    size_t off = 0;
+    for (size_t i = 0; i < nb; i++) {
+        if (!needs_f32(&b[i])) continue;
+        if (st_convert_f32(b[i].file, b[i].t, dst + off, e)) return -1;
+        off += b[i].t->numel;
+    }
+    return 0;
+}
+
+/* Writes the converted weights (total floats) to the cache file `path`
+ * through a temporary file and a rename, so that a reader sees all of it or
+ * none; space is reserved first, so a full disk is an error, not a fault.
+ * Returns -1 when the cache cannot be written, -2 when a weight cannot be
+ * converted (bad input, whatever the cache). */
+static int cache_write(const char *path, binding *b, size_t nb, size_t total, err *e) {
+    size_t len = total * sizeof(float);
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return err_errno(e, "%s", tmp);
+    int rc = -1, fa = posix_fallocate(fd, 0, (off_t)len);
+    void *p = MAP_FAILED;
+    if (fa) {
+        errno = fa;
+        err_errno(e, "%s: reserving %zu MB", tmp, len >> 20);
+        goto out;
+    }
+    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        err_errno(e, "%s: mmap", tmp);
+        goto out;
+    }
+    if (convert_all(b, nb, p, e) < 0) {
+        rc = -2;
+        goto out;
+    }
+    if (msync(p, len, MS_SYNC) != 0) {
+        err_errno(e, "%s: msync", tmp);
+        goto out;
+    }
+    if (rename(tmp, path) != 0) {
+        err_errno(e, "renaming %s to %s", tmp, path);
+        goto out;
+    }
+    rc = 0;
+out:
+    if (p != MAP_FAILED) munmap(p, len);
+    close(fd);
+    if (rc) unlink(tmp);
+    return rc;
+}
+
+/* Binds the weights that need converting to the machine's shared F32 copy
+ * in the cache directory, writing it when absent. Returns 1 when bound, 0
+ * when there is no usable cache (the caller converts privately; a reason is
+ * logged), -1 when a weight cannot be converted at all. */
+static int bind_cached(model_files *f, const char *dir, binding *b, size_t nb, size_t total,
+                       err *e) {
+    char *cdir = cache_dir();
+    if (!cdir) return 0;
+    char key[65], path[4096];
+    err ce = {{0}};
+    int rc = 0;
+    if (cache_key(f, dir, key, &ce) < 0 || fs_mkdir_p(cdir, &ce) < 0) goto fallback;
+    snprintf(path, sizeof path, "%s/%s.f32", cdir, key);
+    size_t len = total * sizeof(float);
+    void *p = map_cached(path, len);
+    if (p) {
+        log_info("%s: BF16/F16 weights as F32 from the cache %s (shared)", dir, path);
+    } else {
+        int w = cache_write(path, b, nb, total, &ce);
+        if (w == -2) { /* the weights themselves are bad */
+            *e = ce;
+            rc = -1;
+            goto out;
+        }
+        if (w < 0) goto fallback;
+        if (!(p = map_cached(path, len))) {
+            err_errno(&ce, "%s: mapping the file just written", path);
+            goto fallback;
+        }
+        log_info("%s: BF16/F16 weights converted to F32 into the cache %s (%zu MB, shared by "
+                 "this machine's processes)",
+                 dir, path, len >> 20);
+    }
+    f->shared = p;
+    f->shared_len = len;
+    size_t off = 0;
+    for (size_t i = 0; i < nb; i++) {
+        if (!needs_f32(&b[i])) continue;
+        *b[i].slot = (const float *)p + off;
+        off += b[i].t->numel;
+    }
+    rc = 1;
+    goto out;
+fallback:
+    log_warn("%s: no F32 cache (%s); converting in this process, %zu MB not shared (set "
+             "PEFTPS_CACHE_DIR to a writable directory)",
+             dir, ce.msg, total * sizeof(float) >> 20);
+out:
+    free(cdir);
+    return rc;
+}
+
 static int bind_all(model_files *f, json_t *map, const char *dir, err *e) {
     const model_config *c = &f->cfg;
     size_t cap = GW_COUNT + (size_t)c->num_layers * LW_COUNT, nb = 0;
@@ -218,30 +391,37 @@ static int bind_all(model_files *f, json_t *map, const char *dir, err *e) {
         }
     }
     /* F32 stays in the mapping (shared by all processes of the machine);
-     * the rest is converted once into one private allocation of 4 bytes per
-     * weight: twice the size of a BF16 file, in every process. */
+     * the rest is converted once per machine into the cache file, which
+     * every process maps, or, without a usable cache, into one private
+     * allocation of 4 bytes per weight in every process. */
     size_t total = 0;
-    for (size_t i = 0; i < nb; i++)
-        if (b[i].t->dtype != ST_F32 || (uintptr_t)b[i].t->data % _Alignof(float))
-            total += b[i].t->numel;
-    if (total && !(f->converted = malloc(total * sizeof(float)))) {
-        free(b);
-        return err_set(e, "%s: out of memory converting %zu weights to F32 (%zu MB)", dir, total,
-                       total * sizeof(float) >> 20);
-    }
-    size_t off = 0;
     for (size_t i = 0; i < nb; i++) {
-        const st_tensor *t = b[i].t;
-        if (t->dtype == ST_F32 && (uintptr_t)t->data % _Alignof(float) == 0) {
-            *b[i].slot = t->data;
-            continue;
+        if (needs_f32(&b[i]))
+            total += b[i].t->numel;
+        else
+            *b[i].slot = b[i].t->data;
+    }
+    int cached = total ? bind_cached(f, dir, b, nb, total, e) : 0;
+    if (cached < 0) {
+        free(b);
+        return -1;
+    }
+    if (total && !cached) {
+        if (!(f->converted = malloc(total * sizeof(float)))) {
+            free(b);
+            return err_set(e, "%s: out of memory converting %zu weights to F32 (%zu MB)", dir,
+                           total, total * sizeof(float) >> 20);
         }
-        if (st_convert_f32(b[i].file, t, f->converted + off, e)) {
+        if (convert_all(b, nb, f->converted, e)) {
             free(b);
             return -1;
         }
-        *b[i].slot = f->converted + off;
-        off += t->numel;
+        size_t off = 0;
+        for (size_t i = 0; i < nb; i++) {
+            if (!needs_f32(&b[i])) continue;
+            *b[i].slot = f->converted + off;
+            off += b[i].t->numel;
+        }
     }
     if (c->tie_word_embeddings) f->w.global[GW_LM_HEAD] = f->w.global[GW_EMBED];
     /* A file none of whose weights is used in place (all BF16, say) is
@@ -361,6 +541,7 @@ void model_files_close(model_files *f) {
     free(f->files);
     free(f->file_names);
     free(f->converted);
+    if (f->shared) munmap(f->shared, f->shared_len);
     free((void *)f->w.layer);
     free(f);
 }

@@ -5,6 +5,9 @@
 BUILD=${BUILD:-build}
 BIN=${BIN:-bin}
 export BUILD BIN
+# F32 copies of BF16/F16 weights go under the build, not into ~/.cache.
+PEFTPS_CACHE_DIR="$BUILD/cache/f32"
+export PEFTPS_CACHE_DIR
 passed=0
 failed=0
 failures=""

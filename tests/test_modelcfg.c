@@ -8,11 +8,14 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <dirent.h>
+#include <fcntl.h>
 #include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "model.h"
@@ -20,9 +23,15 @@
 
 static char tmpdir[64];
 
+static char cachedir[96];
+
+/* The F32 cache of BF16/F16 weights goes under the test directory, never
+ * into the user's home. */
 static int setup_dir(void **state) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/peftps-cfg-XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
+    if (!mkdtemp(tmpdir)) return -1;
+    snprintf(cachedir, sizeof cachedir, "%s/f32-cache", tmpdir);
+    return setenv("PEFTPS_CACHE_DIR", cachedir, 1);
 }
 
 static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
@@ -506,6 +515,102 @@ static void test_dir_tied_bf16_f16(void **state) {
     model_files_close(f);
 }
 
+/* Files in the cache directory, and the inode of the last one seen. */
+static int cache_files(ino_t *ino) {
+    DIR *d = opendir(cachedir);
+    int n = 0;
+    struct dirent *de;
+    while (d && (de = readdir(d)))
+        if (de->d_name[0] != '.') {
+            n++;
+            char p[400];
+            struct stat st;
+            snprintf(p, sizeof p, "%s/%s", cachedir, de->d_name);
+            if (ino && stat(p, &st) == 0) *ino = st.st_ino;
+        }
+    if (d) closedir(d);
+    return n;
+}
+
+/* Every weight of a and b holds the same values. */
+static void same_weights(const model_files *a, const model_files *b) {
+    const model_config *c = model_files_config(a);
+    for (int layer = MODEL_GLOBAL; layer < c->num_layers; layer++)
+        for (int kind = 0; kind < (layer == MODEL_GLOBAL ? GW_COUNT : LW_COUNT); kind++) {
+            size_t n = model_weight_shape(c, layer, kind, NULL, NULL);
+            const model_weights *wa = model_files_weights(a), *wb = model_files_weights(b);
+            const float *pa = layer == MODEL_GLOBAL ? wa->global[kind] : wa->layer[layer][kind];
+            const float *pb = layer == MODEL_GLOBAL ? wb->global[kind] : wb->layer[layer][kind];
+            if (n) assert_memory_equal(pa, pb, n * sizeof(float));
+        }
+}
+
+/* How many weight elements of f equal x. */
+static int count_value(const model_files *f, float x) {
+    const model_config *c = model_files_config(f);
+    const model_weights *w = model_files_weights(f);
+    int n = 0;
+    for (int layer = MODEL_GLOBAL; layer < c->num_layers; layer++)
+        for (int kind = 0; kind < (layer == MODEL_GLOBAL ? GW_COUNT : LW_COUNT); kind++) {
+            size_t m = model_weight_shape(c, layer, kind, NULL, NULL);
+            const float *p = layer == MODEL_GLOBAL ? w->global[kind] : w->layer[layer][kind];
+            for (size_t i = 0; i < m; i++) n += p[i] == x;
+        }
+    return n;
+}
+
+/* BF16 weights become F32 once, in a cache file every later open maps
+ * (shared between processes); a weights file changed in place gets a new
+ * copy; without a usable cache each process converts for itself. */
+static void test_dir_f32_cache(void **state) {
+    const char *dir = subdir("cached");
+    write_tiny(dir, TINY_CFG(""), (tiny_opts){ST_BF16, 0, 1, NULL, NULL, NULL});
+    int before = cache_files(NULL);
+    model_files *f, *g;
+    err e;
+    if (model_files_open(&f, dir, &e)) fail_msg("%s", e.msg);
+    check_values(f, 1, ".f32"); /* every weight lies in the cache file's mapping */
+    ino_t ino = 0, again = 0;
+    assert_int_equal(cache_files(&ino), before + 1);
+    if (model_files_open(&g, dir, &e)) fail_msg("%s", e.msg);
+    check_values(g, 1, ".f32");
+    assert_int_equal(cache_files(&again), before + 1); /* the same file, not rewritten */
+    assert_int_equal(again, ino);
+    model_files_close(g);
+    model_files_close(f);
+
+    /* The last weight's last element changed in place, same header, later
+     * modification time: the values come from the new bytes. */
+    char path[512];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    FILE *fp = fopen(path, "r+b");
+    assert_non_null(fp);
+    assert_int_equal(fseek(fp, -2, SEEK_END), 0);
+    uint16_t v = st_f32_to_bf16(99.0f);
+    assert_int_equal(fwrite(&v, 2, 1, fp), 1);
+    fclose(fp);
+    struct timespec later[2] = {{0, UTIME_OMIT}, {time(NULL) + 5, 0}};
+    assert_int_equal(utimensat(AT_FDCWD, path, later, 0), 0);
+    if (model_files_open(&f, dir, &e)) fail_msg("%s", e.msg);
+    assert_int_equal(cache_files(NULL), before + 2);
+    assert_true(in_file_mapping(model_files_weights(f)->global[GW_EMBED], ".f32"));
+    setenv("PEFTPS_CACHE_DIR", "", 1); /* no cache: converted in this process */
+    if (model_files_open(&g, dir, &e)) fail_msg("%s", e.msg);
+    assert_false(in_file_mapping(model_files_weights(g)->global[GW_EMBED], ".f32"));
+    same_weights(f, g);
+    assert_int_equal(count_value(g, 99.0f), 1); /* val() never gives 99 */
+    model_files_close(g);
+    model_files_close(f);
+
+    /* A cache directory that cannot be made: a warning, and the same weights. */
+    setenv("PEFTPS_CACHE_DIR", "/proc/peftps-no-such-cache", 1);
+    if (model_files_open(&g, dir, &e)) fail_msg("%s", e.msg);
+    assert_false(in_file_mapping(model_files_weights(g)->global[GW_EMBED], ".f32"));
+    assert_int_equal(count_value(g, 99.0f), 1);
+    model_files_close(g);
+    setenv("PEFTPS_CACHE_DIR", cachedir, 1);
+}
+
 static void test_dir_sharded(void **state) {
     const char *dir = subdir("sharded");
     write_tiny(dir, TINY_CFG(""), (tiny_opts){ST_F32, 2, 1, NULL, NULL, NULL});
@@ -638,6 +743,7 @@ int main(void) {
         cmocka_unit_test(test_weight_names_shapes),
         cmocka_unit_test(test_dir_single_f32),
         cmocka_unit_test(test_dir_tied_bf16_f16),
+        cmocka_unit_test(test_dir_f32_cache),
         cmocka_unit_test(test_dir_sharded),
         cmocka_unit_test(test_dir_qwen2_bias),
         cmocka_unit_test(test_dir_errors),
