@@ -210,13 +210,22 @@ static char *cache_dir(void) {
     return home && *home ? join(home, ".cache/peftps") : NULL;
 }
 
-/* The cache file's name: the base's fingerprint (config and headers) and
- * each weights file's identity and modification time, so that a file
- * rewritten in place under the same header gets a new copy. */
-static int cache_key(const model_files *f, const char *dir, char hex[65], err *e) {
+/* Whether a binding's tensor needs converting (not F32, or misaligned). */
+static int needs_f32(const binding *b) {
+    return b->t->dtype != ST_F32 || (uintptr_t)b->t->data % _Alignof(float);
+}
+
+/* The cache file's name: the base's fingerprint (config and headers), the
+ * converted tensors in their order in the file, and each weights file's
+ * identity and modification time, so that a file rewritten in place under
+ * the same header gets a new copy. */
+static int cache_key(const model_files *f, const char *dir, const binding *b, size_t nb,
+                     char hex[65], err *e) {
     sha256_ctx h;
     sha256_init(&h);
     sha256_update(&h, f->fingerprint, 64);
+    for (size_t i = 0; i < nb; i++)
+        if (needs_f32(&b[i])) sha256_update(&h, b[i].t->name, strlen(b[i].t->name) + 1);
     for (int i = 0; i < f->n_files; i++) {
         char *p = join(dir, f->file_names[i]);
         struct stat st;
@@ -249,11 +258,6 @@ static void *map_cached(const char *path, size_t len) {
     }
     close(fd);
     return p;
-}
-
-/* Whether a binding's tensor needs converting (not F32, or misaligned). */
-static int needs_f32(const binding *b) {
-    return b->t->dtype != ST_F32 || (uintptr_t)b->t->data % _Alignof(float);
 }
 
 /* Converts every binding that needs it, in order, into dst. */
@@ -321,7 +325,7 @@ static int bind_cached(model_files *f, const char *dir, binding *b, size_t nb, s
     char key[65], path[4096];
     err ce = {{0}};
     int rc = 0;
-    if (cache_key(f, dir, key, &ce) < 0 || fs_mkdir_p(cdir, &ce) < 0) goto fallback;
+    if (cache_key(f, dir, b, nb, key, &ce) < 0 || fs_mkdir_p(cdir, &ce) < 0) goto fallback;
     snprintf(path, sizeof path, "%s/%s.f32", cdir, key);
     size_t len = total * sizeof(float);
     void *p = map_cached(path, len);
