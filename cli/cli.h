@@ -16,18 +16,4 @@ int cmd_compare(int argc, char **argv);
 int cmd_export(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 
-/* An option that takes a value: its name and where the value goes. */
-typedef struct cli_opt {
-    const char *name;
-    const char **value;
-} cli_opt;
-
-/* When argv[*i] is the name of one of the n opts, stores the argument after
- * it in that option's value, moves *i onto it and returns 1; returns 0 when
- * argv[*i] names none of them. When the value is missing, prints "peftps
- * CMD: OPTION needs a value" and then usage (unless NULL) to stderr and
- * returns -1. */
-int cli_opt_take(const char *cmd, const char *usage, const cli_opt *opts, int n, int argc,
-                 char **argv, int *i);
-
 #endif

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "cmdline.h"
 #include "config.h"
 #include "fsutil.h"
 #include "log.h"
@@ -564,8 +565,8 @@ int cmd_compare(int argc, char **argv) {
             rc = 0;
             goto done;
         }
-        const cli_opt opts[] = {{"--workers", &workers}, {"--out", &out}};
-        int took = cli_opt_take("compare", compare_usage, opts, 2, argc, argv, &i);
+        const cmdline_opt opts[] = {{"--workers", &workers}, {"--out", &out}};
+        int took = cmdline_take_value("peftps compare", compare_usage, opts, 2, argc, argv, &i);
         if (took < 0) goto done;
         if (took) continue;
         if (a[0] == '-' && a[1]) {

@@ -9,6 +9,7 @@
 
 #include "ckpt.h"
 #include "cli.h"
+#include "cmdline.h"
 #include "config.h"
 #include "export.h"
 #include "log.h"
@@ -86,10 +87,10 @@ int cmd_export(int argc, char **argv) {
             rc = 0;
             goto done;
         }
-        const cli_opt opts[] = {{"--format", &format},           {"--out", &out},
-                                {"--experiment", &o.experiment}, {"--model", &o.model_dir},
-                                {"--step", &step_text},          {"--shard-size", &shard_text}};
-        int took = cli_opt_take("export", usage, opts, 6, argc, argv, &i);
+        const cmdline_opt opts[] = {{"--format", &format},           {"--out", &out},
+                                    {"--experiment", &o.experiment}, {"--model", &o.model_dir},
+                                    {"--step", &step_text},          {"--shard-size", &shard_text}};
+        int took = cmdline_take_value("peftps export", usage, opts, 6, argc, argv, &i);
         if (took < 0) goto done;
         if (took) continue;
         if (a[0] == '-' && a[1]) {

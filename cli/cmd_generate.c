@@ -10,6 +10,7 @@
 
 #include "ckpt.h"
 #include "cli.h"
+#include "cmdline.h"
 #include "config.h"
 #include "export.h"
 #include "generate.h"
@@ -141,16 +142,16 @@ int cmd_generate(int argc, char **argv) {
             add_special = 0;
             continue;
         }
-        const cli_opt opts[] = {{"--prompt", &prompt},
-                                {"--adapter", &adapter},
-                                {"--experiment", &xo.experiment},
-                                {num_names[0], &num_opt[0]},
-                                {num_names[1], &num_opt[1]},
-                                {num_names[2], &num_opt[2]},
-                                {num_names[3], &num_opt[3]},
-                                {num_names[4], &num_opt[4]},
-                                {num_names[5], &num_opt[5]}};
-        int took = cli_opt_take("generate", usage, opts, 9, argc, argv, &i);
+        const cmdline_opt opts[] = {{"--prompt", &prompt},
+                                    {"--adapter", &adapter},
+                                    {"--experiment", &xo.experiment},
+                                    {num_names[0], &num_opt[0]},
+                                    {num_names[1], &num_opt[1]},
+                                    {num_names[2], &num_opt[2]},
+                                    {num_names[3], &num_opt[3]},
+                                    {num_names[4], &num_opt[4]},
+                                    {num_names[5], &num_opt[5]}};
+        int took = cmdline_take_value("peftps generate", usage, opts, 9, argc, argv, &i);
         if (took < 0) goto done;
         if (took) continue;
         if (a[0] == '-' && a[1]) {

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 
 #include "cli.h"
+#include "cmdline.h"
 #include "data.h"
 #include "model.h"
 #include "tokenizer.h"
@@ -192,12 +193,12 @@ int cmd_tokenize(int argc, char **argv) {
             return 0;
         }
         const char *v = NULL;
-        const cli_opt opts[] = {{"--text", &text},
-                                {"--decode", &decode},
-                                {"--data", &file},
-                                {"--cache-dir", &cache_dir},
-                                {"--seq-len", &v}};
-        int took = cli_opt_take("tokenize", NULL, opts, 5, argc, argv, &i);
+        const cmdline_opt opts[] = {{"--text", &text},
+                                    {"--decode", &decode},
+                                    {"--data", &file},
+                                    {"--cache-dir", &cache_dir},
+                                    {"--seq-len", &v}};
+        int took = cmdline_take_value("peftps tokenize", NULL, opts, 5, argc, argv, &i);
         if (took < 0) return 2;
         if (took && !v) continue;
         if (took) { /* --seq-len */

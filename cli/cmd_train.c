@@ -8,57 +8,13 @@
 #include <string.h>
 
 #include "cli.h"
+#include "cmdline.h"
 #include "config.h"
 #include "fsutil.h"
 #include "log.h"
 #include "pbtext.h"
 #include "progress.h"
 #include "train.h"
-
-/* Common to train and eval: the experiment file and its --set overrides. */
-static int load_experiment(int *argc, char **argv, const char *usage, Peftps__Experiment **out,
-                           char ***rest) {
-    config_args sets;
-    err e;
-    if (config_parse_args(argc, argv, &sets, &e) < 0) {
-        fprintf(stderr, "peftps %s: %s\n", argv[0], e.msg);
-        return 2;
-    }
-    const char *path = NULL;
-    int n = 0;
-    for (int i = 1; i < *argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            fputs(usage, stdout);
-            config_args_free(&sets);
-            return -1;
-        }
-        if (argv[i][0] == '-' && argv[i][1]) {
-            argv[++n] = argv[i]; /* the command's own options, kept in order */
-            continue;
-        }
-        if (path) {
-            fprintf(stderr, "peftps %s: more than one experiment file ('%s', '%s')\n%s", argv[0],
-                    path, argv[i], usage);
-            config_args_free(&sets);
-            return 2;
-        }
-        path = argv[i];
-    }
-    if (!path) {
-        fprintf(stderr, "peftps %s: no experiment file given\n%s", argv[0], usage);
-        config_args_free(&sets);
-        return 2;
-    }
-    *argc = n + 1;
-    *rest = argv;
-    int rc = config_load(path, sets.sets, sets.nsets, out, NULL, &e);
-    config_args_free(&sets);
-    if (rc < 0) {
-        fprintf(stderr, "%s\n", e.msg);
-        return 2;
-    }
-    return 0;
-}
 
 static const char train_usage[] =
     "usage: peftps train EXPERIMENT.pbtxt [--set PATH=VALUE ...]\n\n"
@@ -82,11 +38,10 @@ static void report_eval(FILE *metrics, uint64_t step, double loss, long ntok) {
 
 int cmd_train(int argc, char **argv) {
     Peftps__Experiment *ex = NULL;
-    char **rest;
-    int rc = load_experiment(&argc, argv, train_usage, &ex, &rest);
-    if (rc) return rc < 0 ? 0 : rc;
+    int rc = cmdline_experiment("peftps train", train_usage, NULL, &argc, argv, &ex);
+    if (rc) return rc == 1 ? 0 : rc;
     if (argc > 1) {
-        fprintf(stderr, "peftps train: unknown option '%s'\n%s", rest[1], train_usage);
+        fprintf(stderr, "peftps train: unknown option '%s'\n%s", argv[1], train_usage);
         config_free(ex);
         return 2;
     }
@@ -177,29 +132,15 @@ static const char eval_usage[] =
 
 int cmd_eval(int argc, char **argv) {
     const char *adapter = NULL;
-    /* Take --adapter out before the shared parsing sees it. */
-    int n = 1;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--adapter") || !strncmp(argv[i], "--adapter=", 10)) {
-            if (argv[i][9] == '=') {
-                adapter = argv[i] + 10;
-            } else if (i + 1 < argc) {
-                adapter = argv[++i];
-            } else {
-                fprintf(stderr, "peftps eval: --adapter needs a file\n%s", eval_usage);
-                return 2;
-            }
-            continue;
-        }
-        argv[n++] = argv[i];
-    }
-    argc = n;
+    const char *const valued[] = {"--adapter", NULL};
     Peftps__Experiment *ex = NULL;
-    char **rest;
-    int rc = load_experiment(&argc, argv, eval_usage, &ex, &rest);
-    if (rc) return rc < 0 ? 0 : rc;
-    if (argc > 1) {
-        fprintf(stderr, "peftps eval: unknown option '%s'\n%s", rest[1], eval_usage);
+    int rc = cmdline_experiment("peftps eval", eval_usage, valued, &argc, argv, &ex);
+    if (rc) return rc == 1 ? 0 : rc;
+    const cmdline_opt opts[] = {{"--adapter", &adapter}};
+    for (int i = 1; i < argc; i++) {
+        int took = cmdline_take_value("peftps eval", eval_usage, opts, 1, argc, argv, &i);
+        if (took > 0) continue;
+        if (!took) fprintf(stderr, "peftps eval: unknown option '%s'\n%s", argv[i], eval_usage);
         config_free(ex);
         return 2;
     }

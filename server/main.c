@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cmdline.h"
 #include "config.h"
 #include "log.h"
 #include "stopsig.h"
@@ -51,66 +52,45 @@ static void on_hangup(int sig) {
 
 int main(int argc, char **argv) {
     log_init("server");
-    config_args sets;
-    err e;
-    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
-        fprintf(stderr, "peftps-server: %s\n%s", e.msg, usage);
-        return 2;
-    }
-    server_opts opts = {0, NULL, SERVER_RESUME_LATEST, 0};
-    const char *path = NULL;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(usage, stdout);
-            config_args_free(&sets);
-            return 0;
-        } else if (!strcmp(a, "--index") && i + 1 < argc) {
-            char *end;
-            long v = strtol(argv[++i], &end, 10);
-            if (*end || v < 0 || v > 1 << 20) {
-                fprintf(stderr, "peftps-server: --index %s is not a server index\n", argv[i]);
-                config_args_free(&sets);
-                return 2;
-            }
-            opts.index = (int)v;
-        } else if (!strcmp(a, "--resume-step") && i + 1 < argc) {
-            char *end;
-            unsigned long long v = strtoull(argv[++i], &end, 10);
-            if (*end || !*argv[i] || argv[i][0] == '-') {
-                fprintf(stderr, "peftps-server: --resume-step %s is not a step\n", argv[i]);
-                config_args_free(&sets);
-                return 2;
-            }
-            opts.resume_step = v;
-        } else if (!strcmp(a, "--listen") && i + 1 < argc) {
-            opts.listen = argv[++i];
-        } else if (!strcmp(a, "--linger")) {
-            opts.linger = 1;
-        } else if (a[0] == '-' && a[1]) {
-            fprintf(stderr, "peftps-server: unknown option '%s'\n%s", a, usage);
-            config_args_free(&sets);
-            return 2;
-        } else if (path) {
-            fprintf(stderr, "peftps-server: more than one experiment file\n%s", usage);
-            config_args_free(&sets);
-            return 2;
-        } else {
-            path = a;
-        }
-    }
-    if (!path) {
-        fprintf(stderr, "peftps-server: no experiment file given\n%s", usage);
-        config_args_free(&sets);
-        return 2;
-    }
+    const char *const valued[] = {"--index", "--listen", "--resume-step", NULL};
     Peftps__Experiment *ex = NULL;
-    int rc = config_load(path, sets.sets, sets.nsets, &ex, NULL, &e);
-    config_args_free(&sets);
-    if (rc < 0) {
-        fprintf(stderr, "%s\n", e.msg);
+    int rc = cmdline_experiment("peftps-server", usage, valued, &argc, argv, &ex);
+    if (rc) return rc == 1 ? 0 : rc;
+    server_opts opts = {0, NULL, SERVER_RESUME_LATEST, 0};
+    const char *index = NULL, *resume = NULL;
+    const cmdline_opt takes[] = {
+        {"--index", &index}, {"--listen", &opts.listen}, {"--resume-step", &resume}};
+    for (int i = 1; i < argc; i++) {
+        int took = cmdline_take_value("peftps-server", usage, takes, 3, argc, argv, &i);
+        if (took > 0) continue;
+        if (took == 0 && !strcmp(argv[i], "--linger")) {
+            opts.linger = 1;
+            continue;
+        }
+        if (took == 0) fprintf(stderr, "peftps-server: unknown option '%s'\n%s", argv[i], usage);
+        config_free(ex);
         return 2;
     }
+    char *end;
+    if (index) {
+        long v = strtol(index, &end, 10);
+        if (!*index || *end || v < 0 || v > 1 << 20) {
+            fprintf(stderr, "peftps-server: --index %s is not a server index\n", index);
+            config_free(ex);
+            return 2;
+        }
+        opts.index = (int)v;
+    }
+    if (resume) {
+        unsigned long long v = strtoull(resume, &end, 10);
+        if (!*resume || *end || resume[0] == '-') {
+            fprintf(stderr, "peftps-server: --resume-step %s is not a step\n", resume);
+            config_free(ex);
+            return 2;
+        }
+        opts.resume_step = v;
+    }
+    err e;
     server *s = NULL;
     if (server_open(&s, ex, &opts, &e) < 0) {
         fprintf(stderr, "peftps-server: %s\n", e.msg);

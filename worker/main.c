@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "cmdline.h"
 #include "config.h"
 #include "log.h"
 #include "stopsig.h"
@@ -35,43 +36,20 @@ static void on_signal(int sig) {
 
 int main(int argc, char **argv) {
     log_init("worker");
-    config_args sets;
-    err e;
-    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
-        fprintf(stderr, "peftps-worker: %s\n%s", e.msg, usage);
-        return 2;
-    }
-    const char *path = NULL;
+    Peftps__Experiment *ex = NULL;
+    int rc = cmdline_experiment("peftps-worker", usage, NULL, &argc, argv, &ex);
+    if (rc) return rc == 1 ? 0 : rc;
     int linger = 0;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            fputs(usage, stdout);
-            config_args_free(&sets);
-            return 0;
-        }
         if (!strcmp(argv[i], "--linger")) {
             linger = 1;
             continue;
         }
-        if ((argv[i][0] == '-' && argv[i][1]) || path) {
-            fprintf(stderr, "peftps-worker: unexpected argument '%s'\n%s", argv[i], usage);
-            config_args_free(&sets);
-            return 2;
-        }
-        path = argv[i];
-    }
-    if (!path) {
-        fprintf(stderr, "peftps-worker: no experiment file given\n%s", usage);
-        config_args_free(&sets);
+        fprintf(stderr, "peftps-worker: unknown option '%s'\n%s", argv[i], usage);
+        config_free(ex);
         return 2;
     }
-    Peftps__Experiment *ex = NULL;
-    int rc = config_load(path, sets.sets, sets.nsets, &ex, NULL, &e);
-    config_args_free(&sets);
-    if (rc < 0) {
-        fprintf(stderr, "%s\n", e.msg);
-        return 2;
-    }
+    err e;
     worker *w = NULL;
     if (worker_open(&w, ex, &e) < 0) {
         fprintf(stderr, "peftps-worker: %s\n", e.msg);
