@@ -1,8 +1,8 @@
-/* Generation (generate.h): the decoder of model.c run token by token over a
- * per-layer KV cache, composed from the kernels of kernels.h and the hooks
- * of peft.h in model.c's order, so that its logits match model_forward's to
- * float rounding (model_forward is the reference path, kept here behind the
- * same API); sampling and the incremental detokenizer over tokenizer.h. */
+/* Generation (generate.h): model.c's decoder layers (model_layer_forward)
+ * run a chunk of tokens at a time over a per-layer KV cache, so that its
+ * logits match model_forward's to float rounding (model_forward is the
+ * reference path, kept here behind the same API); sampling and the
+ * incremental detokenizer over tokenizer.h. */
 #include "generate.h"
 
 #include <math.h>
@@ -28,7 +28,7 @@ struct generator {
     float *kc, *vc;
     float *rope_cos, *rope_sin; /* (S, D/2) */
     /* scratch of one chunk of GEN_CHUNK tokens */
-    float *x, *ln, *rstd, *q, *atty, *proj, *gate, *up, *h, *attsc;
+    float *x, *ln, *rstd, *q, *atty, *gate, *up, *h, *attsc;
     float *last; /* (V) */
     float *mem;  /* every buffer above */
 
@@ -74,7 +74,6 @@ static size_t gen_layout(generator *g, float *base) {
         VIEW(g->rstd, N);
         VIEW(g->q, N * qd);
         VIEW(g->atty, N * qd);
-        VIEW(g->proj, N * C);
         VIEW(g->gate, N * IC);
         VIEW(g->up, N * IC);
         VIEW(g->h, N * IC);
@@ -182,58 +181,46 @@ const float *generate_last_logits(const generator *g) {
  * last row's always to g->last. */
 static void gen_chunk(generator *g, const int32_t *tokens, int N, float *logits) {
     const model_config *c = g->v.cfg;
-    int C = c->hidden_size, IC = c->intermediate_size, V = c->vocab_size;
-    int Hq = c->num_heads, Hkv = c->num_kv_heads, D = c->head_dim;
-    int qd = Hq * D, kvd = Hkv * D;
+    int C = c->hidden_size, V = c->vocab_size, kvd = c->num_kv_heads * c->head_dim;
     size_t S = (size_t)g->P + g->cap;
     int pos0 = g->P + g->n; /* cache entries before the chunk: prefix and past tokens */
-    float eps = c->rms_norm_eps;
 
     embedding_forward(g->x, tokens, model_view_weight(&g->v, MODEL_GLOBAL, GW_EMBED), N, C);
+    /* Every cache entry before the chunk (the method's prefix, then past
+     * tokens) acts as a prefix all of its queries see; within the chunk
+     * attention is causal. The stream is updated in place. */
+    model_layer_io io = {.in = g->x,
+                         .mid = g->x,
+                         .out = g->x,
+                         .ln = g->ln,
+                         .rstd1 = g->rstd,
+                         .rstd2 = g->rstd,
+                         .q = g->q,
+                         .atty = g->atty,
+                         .gate = g->gate,
+                         .up = g->up,
+                         .h = g->h,
+                         .attsc = g->attsc,
+                         .rope_cos = g->rope_cos,
+                         .rope_sin = g->rope_sin,
+                         .pstride = (size_t)kvd,
+                         .P = pos0,
+                         .B = 1,
+                         .T = N,
+                         .pos0 = pos0};
     for (int l = 0; l < c->num_layers; l++) {
         float *kl = g->kc + (size_t)l * S * kvd, *vl = g->vc + (size_t)l * S * kvd;
-        float *k = kl + (size_t)pos0 * kvd, *v = vl + (size_t)pos0 * kvd; /* (N, kvd) */
-
-        rmsnorm_forward(g->ln, g->rstd, g->x, model_view_weight(&g->v, l, LW_INPUT_NORM), N, C,
-                        eps);
-        linear_forward(g->q, g->ln, model_view_weight(&g->v, l, LW_Q),
-                       model_view_bias(&g->v, l, LW_Q_BIAS), N, C, qd);
-        model_view_hook(&g->v, l, LW_Q, g->ln, g->q, N);
-        linear_forward(k, g->ln, model_view_weight(&g->v, l, LW_K),
-                       model_view_bias(&g->v, l, LW_K_BIAS), N, C, kvd);
-        model_view_hook(&g->v, l, LW_K, g->ln, k, N);
-        linear_forward(v, g->ln, model_view_weight(&g->v, l, LW_V),
-                       model_view_bias(&g->v, l, LW_V_BIAS), N, C, kvd);
-        model_view_hook(&g->v, l, LW_V, g->ln, v, N);
-        rope_forward(g->q, g->q, g->rope_cos, g->rope_sin, 1, N, Hq, D, pos0);
-        rope_forward(k, k, g->rope_cos, g->rope_sin, 1, N, Hkv, D, pos0);
-        /* Every cache entry before the chunk acts as a prefix all of its
-         * queries see; within the chunk attention is causal. */
-        attention_forward(g->atty, g->attsc, g->q, k, v, pos0 ? kl : NULL, pos0 ? vl : NULL,
-                          (size_t)kvd, 1, N, pos0, Hq, Hkv, D);
-        linear_forward(g->proj, g->atty, model_view_weight(&g->v, l, LW_O), NULL, N, qd, C);
-        model_view_hook(&g->v, l, LW_O, g->atty, g->proj, N);
-        residual_forward(g->x, g->x, g->proj, (size_t)N * C);
-
-        rmsnorm_forward(g->ln, g->rstd, g->x, model_view_weight(&g->v, l, LW_POST_NORM), N, C, eps);
-        linear_forward(g->gate, g->ln, model_view_weight(&g->v, l, LW_GATE), NULL, N, C, IC);
-        model_view_hook(&g->v, l, LW_GATE, g->ln, g->gate, N);
-        linear_forward(g->up, g->ln, model_view_weight(&g->v, l, LW_UP), NULL, N, C, IC);
-        model_view_hook(&g->v, l, LW_UP, g->ln, g->up, N);
-        swiglu_forward(g->h, g->gate, g->up, N, IC);
-        linear_forward(g->proj, g->h, model_view_weight(&g->v, l, LW_DOWN), NULL, N, IC, C);
-        model_view_hook(&g->v, l, LW_DOWN, g->h, g->proj, N);
-        residual_forward(g->x, g->x, g->proj, (size_t)N * C);
+        io.k = kl + (size_t)pos0 * kvd; /* (N, kvd): the chunk's own cache rows */
+        io.v = vl + (size_t)pos0 * kvd;
+        io.kp = pos0 ? kl : NULL;
+        io.vp = pos0 ? vl : NULL;
+        model_layer_forward(&g->v, l, &io);
     }
     /* Without a request for every row only the last is projected: the
      * vocabulary product dominates a long prompt otherwise. */
-    int first = logits ? 0 : N - 1, rows = N - first;
-    const float *xs = g->x + (size_t)first * C;
-    rmsnorm_forward(g->ln, g->rstd, xs, model_view_weight(&g->v, MODEL_GLOBAL, GW_FINAL_NORM), rows,
-                    C, eps);
+    int first = logits ? 0 : N - 1;
     float *dst = logits ? logits : g->last;
-    linear_forward(dst, g->ln, model_view_lm_head(&g->v), NULL, rows, C, V);
-    model_view_hook(&g->v, MODEL_GLOBAL, GW_LM_HEAD, g->ln, dst, rows);
+    model_head_forward(&g->v, dst, g->ln, g->rstd, g->x + (size_t)first * C, N - first);
     if (logits) memcpy(g->last, logits + (size_t)(N - 1) * V, (size_t)V * sizeof(float));
     g->n += N;
 }

@@ -300,59 +300,88 @@ const float *model_logits(const model *m) {
 
 /* ---- forward ------------------------------------------------------------------ */
 
-static void layer_forward(model *m, int l, float *next, int B, int T) {
-    const model_config *c = m->v.cfg;
-    int N = B * T, C = c->hidden_size, IC = c->intermediate_size;
+void model_layer_forward(const model_view *v, int l, const model_layer_io *io) {
+    const model_config *c = v->cfg;
+    int B = io->B, T = io->T, N = B * T, C = c->hidden_size, IC = c->intermediate_size;
     int Hq = c->num_heads, Hkv = c->num_kv_heads, D = c->head_dim;
     int qd = Hq * D, kvd = Hkv * D;
-    layer_acts *a = acts(m, l);
-    float *ln = m->ln;
+    float *ln = io->ln;
 
     /* q, k and v in one team job, then their hooks (each adds to its own
      * output only, so the order of the products does not matter). */
-    rmsnorm_forward(ln, a->rstd1, a->resid, model_view_weight(&m->v, l, LW_INPUT_NORM), N, C,
+    rmsnorm_forward(ln, io->rstd1, io->in, model_view_weight(v, l, LW_INPUT_NORM), N, C,
                     c->rms_norm_eps);
-    float *qkv[3] = {a->q, a->k, a->v};
-    const float *wqkv[3] = {model_view_weight(&m->v, l, LW_Q), model_view_weight(&m->v, l, LW_K),
-                            model_view_weight(&m->v, l, LW_V)};
-    const float *bqkv[3] = {model_view_bias(&m->v, l, LW_Q_BIAS),
-                            model_view_bias(&m->v, l, LW_K_BIAS),
-                            model_view_bias(&m->v, l, LW_V_BIAS)};
+    float *qkv[3] = {io->q, io->k, io->v};
+    const float *wqkv[3] = {model_view_weight(v, l, LW_Q), model_view_weight(v, l, LW_K),
+                            model_view_weight(v, l, LW_V)};
+    const float *bqkv[3] = {model_view_bias(v, l, LW_Q_BIAS), model_view_bias(v, l, LW_K_BIAS),
+                            model_view_bias(v, l, LW_V_BIAS)};
     int oqkv[3] = {qd, kvd, kvd};
     linears_forward(3, qkv, ln, wqkv, bqkv, N, C, oqkv);
-    model_view_hook(&m->v, l, LW_Q, ln, a->q, N);
-    model_view_hook(&m->v, l, LW_K, ln, a->k, N);
-    model_view_hook(&m->v, l, LW_V, ln, a->v, N);
-    rope_forward(a->q, a->q, m->rope_cos, m->rope_sin, B, T, Hq, D, m->fP);
-    rope_forward(a->k, a->k, m->rope_cos, m->rope_sin, B, T, Hkv, D, m->fP);
+    model_view_hook(v, l, LW_Q, ln, io->q, N);
+    model_view_hook(v, l, LW_K, ln, io->k, N);
+    model_view_hook(v, l, LW_V, ln, io->v, N);
+    rope_forward(io->q, io->q, io->rope_cos, io->rope_sin, B, T, Hq, D, io->pos0);
+    rope_forward(io->k, io->k, io->rope_cos, io->rope_sin, B, T, Hkv, D, io->pos0);
 
-    const float *kp, *vp;
-    size_t pstride;
-    int P = model_view_prefix(&m->v, l, &kp, &vp, &pstride);
-    if (a->probs)
-        attention_forward_keep(a->atty, a->probs, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq,
-                               Hkv, D);
+    if (io->probs)
+        attention_forward_keep(io->atty, io->probs, io->q, io->k, io->v, io->kp, io->vp,
+                               io->pstride, B, T, io->P, Hq, Hkv, D);
     else
-        attention_forward(a->atty, m->attsc, a->q, a->k, a->v, kp, vp, pstride, B, T, P, Hq, Hkv,
-                          D);
+        attention_forward(io->atty, io->attsc, io->q, io->k, io->v, io->kp, io->vp, io->pstride, B,
+                          T, io->P, Hq, Hkv, D);
     /* o_proj's output lands on the residual stream directly; its hook adds
      * its term there, which is the same sum. */
-    linear_residual_forward(a->resid2, a->resid, a->atty, model_view_weight(&m->v, l, LW_O), N, qd,
-                            C);
-    model_view_hook(&m->v, l, LW_O, a->atty, a->resid2, N);
+    linear_residual_forward(io->mid, io->in, io->atty, model_view_weight(v, l, LW_O), N, qd, C);
+    model_view_hook(v, l, LW_O, io->atty, io->mid, N);
 
-    rmsnorm_forward(ln, a->rstd2, a->resid2, model_view_weight(&m->v, l, LW_POST_NORM), N, C,
+    rmsnorm_forward(ln, io->rstd2, io->mid, model_view_weight(v, l, LW_POST_NORM), N, C,
                     c->rms_norm_eps);
-    float *gu[2] = {a->gate, a->up};
-    const float *wgu[2] = {model_view_weight(&m->v, l, LW_GATE),
-                           model_view_weight(&m->v, l, LW_UP)};
+    float *gu[2] = {io->gate, io->up};
+    const float *wgu[2] = {model_view_weight(v, l, LW_GATE), model_view_weight(v, l, LW_UP)};
     int ogu[2] = {IC, IC};
     linears_forward(2, gu, ln, wgu, NULL, N, C, ogu);
-    model_view_hook(&m->v, l, LW_GATE, ln, a->gate, N);
-    model_view_hook(&m->v, l, LW_UP, ln, a->up, N);
-    swiglu_forward(a->h, a->gate, a->up, N, IC);
-    linear_residual_forward(next, a->resid2, a->h, model_view_weight(&m->v, l, LW_DOWN), N, IC, C);
-    model_view_hook(&m->v, l, LW_DOWN, a->h, next, N);
+    model_view_hook(v, l, LW_GATE, ln, io->gate, N);
+    model_view_hook(v, l, LW_UP, ln, io->up, N);
+    swiglu_forward(io->h, io->gate, io->up, N, IC);
+    linear_residual_forward(io->out, io->mid, io->h, model_view_weight(v, l, LW_DOWN), N, IC, C);
+    model_view_hook(v, l, LW_DOWN, io->h, io->out, N);
+}
+
+void model_head_forward(const model_view *v, float *logits, float *ln, float *rstd, const float *x,
+                        int rows) {
+    const model_config *c = v->cfg;
+    rmsnorm_forward(ln, rstd, x, model_view_weight(v, MODEL_GLOBAL, GW_FINAL_NORM), rows,
+                    c->hidden_size, c->rms_norm_eps);
+    linear_forward(logits, ln, model_view_lm_head(v), NULL, rows, c->hidden_size, c->vocab_size);
+    model_view_hook(v, MODEL_GLOBAL, GW_LM_HEAD, ln, logits, rows);
+}
+
+/* Layer l of the model's own forward: the stored activations of l. */
+static void layer_forward(model *m, int l, float *next, int B, int T) {
+    layer_acts *a = acts(m, l);
+    model_layer_io io = {.in = a->resid,
+                         .mid = a->resid2,
+                         .out = next,
+                         .ln = m->ln,
+                         .rstd1 = a->rstd1,
+                         .rstd2 = a->rstd2,
+                         .q = a->q,
+                         .k = a->k,
+                         .v = a->v,
+                         .atty = a->atty,
+                         .gate = a->gate,
+                         .up = a->up,
+                         .h = a->h,
+                         .probs = a->probs,
+                         .attsc = m->attsc,
+                         .rope_cos = m->rope_cos,
+                         .rope_sin = m->rope_sin,
+                         .B = B,
+                         .T = T,
+                         .pos0 = m->fP};
+    io.P = model_view_prefix(&m->v, l, &io.kp, &io.vp, &io.pstride);
+    model_layer_forward(&m->v, l, &io);
 }
 
 /* Tokens in [0, V) and labels -100 or in [0, V); logs the first offender. */
@@ -407,10 +436,7 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
                       model_view_weight(&m->v, MODEL_GLOBAL, GW_EMBED), N, C);
     for (int l = 0; l < L; l++)
         layer_forward(m, l, l + 1 < L ? acts(m, l + 1)->resid : m->resid_out, B, T);
-    rmsnorm_forward(m->lnf, m->rstdf, m->resid_out,
-                    model_view_weight(&m->v, MODEL_GLOBAL, GW_FINAL_NORM), N, C, c->rms_norm_eps);
-    linear_forward(m->logits, m->lnf, model_view_lm_head(&m->v), NULL, N, C, V);
-    model_view_hook(&m->v, MODEL_GLOBAL, GW_LM_HEAD, m->lnf, m->logits, N);
+    model_head_forward(&m->v, m->logits, m->lnf, m->rstdf, m->resid_out, N);
     m->fB = B;
     m->fT = T;
     double loss = 0.0;

@@ -103,6 +103,35 @@ void model_view_hook(const model_view *v, int layer, int kind, const float *x, f
 int model_view_prefix(const model_view *v, int layer, const float **k, const float **val,
                       size_t *stride);
 
+/* Where one decoder layer's forward reads and writes, for B sequences of T
+ * tokens (N = B*T rows): model_forward's stored activations, or the scratch
+ * and KV cache of generate.c. */
+typedef struct model_layer_io {
+    const float *in;       /* (N,C) the residual stream into the layer */
+    float *mid;            /* (N,C) the stream after attention; may be in */
+    float *out;            /* (N,C) the stream out of the layer; may be mid */
+    float *ln;             /* (N,C) scratch for a norm's output */
+    float *rstd1, *rstd2;  /* (N) the two norms' reciprocal RMS; may be one */
+    float *q, *k, *v;      /* (N,Hq*D), (N,Hkv*D), (N,Hkv*D); rotated here */
+    float *atty;           /* (N,Hq*D) attention output */
+    float *gate, *up, *h;  /* (N,I) */
+    float *probs;          /* (B,Hq,T,P+T) attention probabilities kept, or NULL */
+    float *attsc;          /* without probs: (T,P+T) scratch */
+    const float *rope_cos; /* rotary tables (rope_init) covering pos0 + T */
+    const float *rope_sin;
+    const float *kp, *vp; /* (P, pstride) keys and values every token sees, */
+    size_t pstride;       /* used as given (a prefix, or past tokens' cache) */
+    int P;
+    int B, T, pos0; /* shape; the first token's rotary position */
+} model_layer_io;
+
+/* Layer `layer` of v's model over io, the method's hooks included. */
+void model_layer_forward(const model_view *v, int layer, const model_layer_io *io);
+/* logits (rows,V) of the final norm of x (rows,C) through lm_head and its
+ * hook; ln (rows,C) and rstd (rows) receive the norm. */
+void model_head_forward(const model_view *v, float *logits, float *ln, float *rstd, const float *x,
+                        int rows);
+
 /* A base model opened from a Hugging Face directory. */
 typedef struct model_files model_files;
 
