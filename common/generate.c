@@ -58,28 +58,22 @@ static size_t gen_layout(generator *g, float *base) {
     size_t qd = (size_t)c->num_heads * c->head_dim, kvd = (size_t)c->num_kv_heads * c->head_dim;
     size_t S = (size_t)g->P + (size_t)g->cap, L = (size_t)c->num_layers, N = GEN_CHUNK;
     size_t off = 0;
-#define VIEW(ptr, count)                                                                           \
-    do {                                                                                           \
-        if (base) (ptr) = base + off;                                                              \
-        off += ((size_t)(count) + 15) & ~(size_t)15;                                               \
-    } while (0)
-    VIEW(g->last, c->vocab_size);
+    g->last = model_arena_take(base, &off, c->vocab_size);
     if (g->use_cache) {
-        VIEW(g->kc, L * S * kvd);
-        VIEW(g->vc, L * S * kvd);
-        VIEW(g->rope_cos, S * (size_t)(c->head_dim / 2));
-        VIEW(g->rope_sin, S * (size_t)(c->head_dim / 2));
-        VIEW(g->x, N * C);
-        VIEW(g->ln, N * C);
-        VIEW(g->rstd, N);
-        VIEW(g->q, N * qd);
-        VIEW(g->atty, N * qd);
-        VIEW(g->gate, N * IC);
-        VIEW(g->up, N * IC);
-        VIEW(g->h, N * IC);
-        VIEW(g->attsc, N * S);
+        g->kc = model_arena_take(base, &off, L * S * kvd);
+        g->vc = model_arena_take(base, &off, L * S * kvd);
+        g->rope_cos = model_arena_take(base, &off, S * (size_t)(c->head_dim / 2));
+        g->rope_sin = model_arena_take(base, &off, S * (size_t)(c->head_dim / 2));
+        g->x = model_arena_take(base, &off, N * C);
+        g->ln = model_arena_take(base, &off, N * C);
+        g->rstd = model_arena_take(base, &off, N);
+        g->q = model_arena_take(base, &off, N * qd);
+        g->atty = model_arena_take(base, &off, N * qd);
+        g->gate = model_arena_take(base, &off, N * IC);
+        g->up = model_arena_take(base, &off, N * IC);
+        g->h = model_arena_take(base, &off, N * IC);
+        g->attsc = model_arena_take(base, &off, N * S);
     }
-#undef VIEW
     return off;
 }
 
@@ -122,9 +116,9 @@ int generate_open(generator **out, const model_config *cfg, const model_weights 
     gen_layout(g, g->mem);
     if (use_cache) {
         rope_init(g->rope_cos, g->rope_sin, g->P + g->cap, cfg);
-        if (p && p->method->reserve && p->method->reserve(p, 1, GEN_CHUNK, e) < 0) {
+        if (peft_reserve(p, 1, GEN_CHUNK, e) < 0) {
             generate_close(g);
-            return err_wrap(e, "generate: method %s", p->method->name);
+            return err_wrap(e, "generate");
         }
     } else if (model_create(&g->m, cfg, w, p, 1, max_tokens, e) < 0) {
         generate_close(g);

@@ -158,56 +158,47 @@ static size_t layout(model *m, float *base, int grads) {
     size_t V = c->vocab_size, qd = (size_t)c->num_heads * c->head_dim;
     size_t kvd = (size_t)c->num_kv_heads * c->head_dim, S = (size_t)m->P + m->T;
     size_t off = 0, probs = keep_probs(m, grads) ? (size_t)m->B * c->num_heads * m->T * S : 0;
-#define VIEW(ptr, count)                                                                           \
-    do {                                                                                           \
-        if (base) (ptr) = base + off;                                                              \
-        off += ((size_t)(count) + 15) & ~(size_t)15;                                               \
-    } while (0)
-    VIEW(m->rope_cos, S * (c->head_dim / 2));
-    VIEW(m->rope_sin, S * (c->head_dim / 2));
+    m->rope_cos = model_arena_take(base, &off, S * (c->head_dim / 2));
+    m->rope_sin = model_arena_take(base, &off, S * (c->head_dim / 2));
     for (int l = 0; l < m->n_store; l++) {
         layer_acts *a = &m->layers[l];
-        VIEW(a->resid, N * C);
-        VIEW(a->rstd1, N);
-        VIEW(a->q, N * qd);
-        VIEW(a->k, N * kvd);
-        VIEW(a->v, N * kvd);
-        VIEW(a->atty, N * qd);
-        VIEW(a->resid2, N * C);
-        VIEW(a->rstd2, N);
-        VIEW(a->gate, N * IC);
-        VIEW(a->up, N * IC);
-        VIEW(a->h, N * IC);
-        if (probs)
-            VIEW(a->probs, probs);
-        else if (base)
-            a->probs = NULL;
+        a->resid = model_arena_take(base, &off, N * C);
+        a->rstd1 = model_arena_take(base, &off, N);
+        a->q = model_arena_take(base, &off, N * qd);
+        a->k = model_arena_take(base, &off, N * kvd);
+        a->v = model_arena_take(base, &off, N * kvd);
+        a->atty = model_arena_take(base, &off, N * qd);
+        a->resid2 = model_arena_take(base, &off, N * C);
+        a->rstd2 = model_arena_take(base, &off, N);
+        a->gate = model_arena_take(base, &off, N * IC);
+        a->up = model_arena_take(base, &off, N * IC);
+        a->h = model_arena_take(base, &off, N * IC);
+        a->probs = probs ? model_arena_take(base, &off, probs) : NULL;
     }
-    VIEW(m->resid_out, N * C);
-    VIEW(m->rstdf, N);
-    VIEW(m->lnf, N * C);
-    VIEW(m->logits, N * V);
-    VIEW(m->lse, N);
-    VIEW(m->ln, N * C);
-    VIEW(m->attsc, 2 * (size_t)m->T * S);
+    m->resid_out = model_arena_take(base, &off, N * C);
+    m->rstdf = model_arena_take(base, &off, N);
+    m->lnf = model_arena_take(base, &off, N * C);
+    m->logits = model_arena_take(base, &off, N * V);
+    m->lse = model_arena_take(base, &off, N);
+    m->ln = model_arena_take(base, &off, N * C);
+    m->attsc = model_arena_take(base, &off, 2 * (size_t)m->T * S);
     if (grads) {
         size_t chunk = ce_rows(N, V);
-        VIEW(m->xhat, N * C);
-        VIEW(m->dresid, N * C);
-        VIEW(m->dln, N * C);
-        VIEW(m->dxhat, N * C);
-        VIEW(m->datty, N * qd);
-        VIEW(m->dq, N * qd);
-        VIEW(m->dk, N * kvd);
-        VIEW(m->dv, N * kvd);
-        VIEW(m->dh, N * IC);
-        VIEW(m->dgate, N * IC);
-        VIEW(m->dup, N * IC);
-        VIEW(m->dkp, (size_t)m->P * kvd);
-        VIEW(m->dvp, (size_t)m->P * kvd);
-        VIEW(m->dlogits, chunk * V);
+        m->xhat = model_arena_take(base, &off, N * C);
+        m->dresid = model_arena_take(base, &off, N * C);
+        m->dln = model_arena_take(base, &off, N * C);
+        m->dxhat = model_arena_take(base, &off, N * C);
+        m->datty = model_arena_take(base, &off, N * qd);
+        m->dq = model_arena_take(base, &off, N * qd);
+        m->dk = model_arena_take(base, &off, N * kvd);
+        m->dv = model_arena_take(base, &off, N * kvd);
+        m->dh = model_arena_take(base, &off, N * IC);
+        m->dgate = model_arena_take(base, &off, N * IC);
+        m->dup = model_arena_take(base, &off, N * IC);
+        m->dkp = model_arena_take(base, &off, (size_t)m->P * kvd);
+        m->dvp = model_arena_take(base, &off, (size_t)m->P * kvd);
+        m->dlogits = model_arena_take(base, &off, chunk * V);
     }
-#undef VIEW
     return off;
 }
 
@@ -278,9 +269,9 @@ int model_create(model **out, const model_config *cfg, const model_weights *w, p
     m->labels = m->tokens + N;
     layout(m, m->mem, p != NULL);
     rope_init(m->rope_cos, m->rope_sin, m->P + T, cfg);
-    if (p && p->method->reserve && p->method->reserve(p, B, T, e) < 0) {
+    if (peft_reserve(p, B, T, e) < 0) {
         model_free(m);
-        return err_wrap(e, "model: method %s", p->method->name);
+        return err_wrap(e, "model");
     }
     *out = m;
     return 0;

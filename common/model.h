@@ -125,6 +125,15 @@ typedef struct model_layer_io {
     int B, T, pos0; /* shape; the first token's rotary position */
 } model_layer_io;
 
+/* Carves count floats at *off from an arena of views; offsets advance by
+ * multiples of 16 floats, so views of a 64-byte aligned base stay aligned.
+ * With base NULL (a first pass that sizes the arena) returns NULL. */
+static inline float *model_arena_take(float *base, size_t *off, size_t count) {
+    float *p = base ? base + *off : NULL;
+    *off += (count + 15) & ~(size_t)15;
+    return p;
+}
+
 /* Layer `layer` of v's model over io, the method's hooks included. */
 void model_layer_forward(const model_view *v, int layer, const model_layer_io *io);
 /* logits (rows,V) of the final norm of x (rows,C) through lm_head and its

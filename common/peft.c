@@ -102,6 +102,11 @@ int peft_calibrate(peft *p, model *m, peft_batch_fn fn, void *ctx, int batches, 
     return 0;
 }
 
+int peft_reserve(peft *p, int B, int T, err *e) {
+    if (!p || !p->method->reserve || p->method->reserve(p, B, T, e) == 0) return 0;
+    return err_wrap(e, "method %s", p->method->name);
+}
+
 void peft_init(peft *p, uint64_t seed) {
     if (p->method->init) p->method->init(p, seed);
     peft_refresh(p);

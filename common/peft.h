@@ -125,6 +125,9 @@ int peft_create(peft **out, const Peftps__Method *config, const model_config *cf
                 const model_weights *base, err *e);
 int peft_calibrate(peft *p, model *m, peft_batch_fn fn, void *ctx, int batches, err *e);
 void peft_init(peft *p, uint64_t seed);
+/* The method's scratch for forwards of up to B x T tokens (its reserve
+ * hook); nothing to do without a method (p NULL) or hook. */
+int peft_reserve(peft *p, int B, int T, err *e);
 void peft_free(peft *p);
 
 /* Declares a trainable tensor (for create hooks); returns its index. */
