@@ -558,23 +558,15 @@ int cmd_compare(int argc, char **argv) {
         fprintf(stderr, "peftps compare: out of memory\n");
         goto done;
     }
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(compare_usage, stdout);
-            rc = 0;
-            goto done;
-        }
-        const cmdline_opt opts[] = {{"--workers", &workers}, {"--out", &out}};
-        int took = cmdline_take_value("peftps compare", compare_usage, opts, 2, argc, argv, &i);
-        if (took < 0) goto done;
-        if (took) continue;
-        if (a[0] == '-' && a[1]) {
-            fprintf(stderr, "peftps compare: unknown option '%s'\n%s", a, compare_usage);
-            goto done;
-        }
-        files[nfiles++] = a;
+    const cmdline_opt opts[] = {{"--workers", &workers}, {"--out", &out}};
+    rc = cmdline_parse("peftps compare", compare_usage, opts, 2, NULL, 0, "experiment", files, argc,
+                       argc, argv);
+    if (rc) {
+        rc = rc == 1 ? 0 : 2;
+        goto done;
     }
+    rc = 2;
+    while (nfiles < argc && files[nfiles]) nfiles++;
     char *end;
     long nw = strtol(workers, &end, 10);
     if (!*workers || *end || nw < 1 || nw > 1024) {

@@ -80,30 +80,15 @@ int cmd_export(int argc, char **argv) {
     o.sets = sets.sets;
     o.nsets = sets.nsets;
     int rc = 2;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            fputs(usage, stdout);
-            rc = 0;
-            goto done;
-        }
-        const cmdline_opt opts[] = {{"--format", &format},           {"--out", &out},
-                                    {"--experiment", &o.experiment}, {"--model", &o.model_dir},
-                                    {"--step", &step_text},          {"--shard-size", &shard_text}};
-        int took = cmdline_take_value("peftps export", usage, opts, 6, argc, argv, &i);
-        if (took < 0) goto done;
-        if (took) continue;
-        if (a[0] == '-' && a[1]) {
-            fprintf(stderr, "peftps export: unknown option '%s'\n%s", a, usage);
-            goto done;
-        } else if (source) {
-            fprintf(stderr, "peftps export: more than one source ('%s', '%s')\n%s", source, a,
-                    usage);
-            goto done;
-        } else {
-            source = a;
-        }
+    const cmdline_opt opts[] = {{"--format", &format},           {"--out", &out},
+                                {"--experiment", &o.experiment}, {"--model", &o.model_dir},
+                                {"--step", &step_text},          {"--shard-size", &shard_text}};
+    rc = cmdline_parse("peftps export", usage, opts, 6, NULL, 0, "source", &source, 1, argc, argv);
+    if (rc) {
+        rc = rc == 1 ? 0 : 2;
+        goto done;
     }
+    rc = 2;
     if (!source || !out) {
         fprintf(stderr, "peftps export: %s\n%s", !source ? "no SOURCE given" : "--out is required",
                 usage);

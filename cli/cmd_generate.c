@@ -127,44 +127,19 @@ int cmd_generate(int argc, char **argv) {
     xo.nsets = sets.nsets;
     generate_opts go;
     generate_opts_default(&go);
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            fputs(usage, stdout);
-            rc = 0;
-            goto done;
-        }
-        if (!strcmp(a, "--no-kv-cache")) {
-            use_cache = 0;
-            continue;
-        }
-        if (!strcmp(a, "--no-special")) {
-            add_special = 0;
-            continue;
-        }
-        const cmdline_opt opts[] = {{"--prompt", &prompt},
-                                    {"--adapter", &adapter},
-                                    {"--experiment", &xo.experiment},
-                                    {num_names[0], &num_opt[0]},
-                                    {num_names[1], &num_opt[1]},
-                                    {num_names[2], &num_opt[2]},
-                                    {num_names[3], &num_opt[3]},
-                                    {num_names[4], &num_opt[4]},
-                                    {num_names[5], &num_opt[5]}};
-        int took = cmdline_take_value("peftps generate", usage, opts, 9, argc, argv, &i);
-        if (took < 0) goto done;
-        if (took) continue;
-        if (a[0] == '-' && a[1]) {
-            fprintf(stderr, "peftps generate: unknown option '%s'\n%s", a, usage);
-            goto done;
-        } else if (model_dir) {
-            fprintf(stderr, "peftps generate: more than one model directory ('%s', '%s')\n%s",
-                    model_dir, a, usage);
-            goto done;
-        } else {
-            model_dir = a;
-        }
+    const cmdline_opt opts[] = {
+        {"--prompt", &prompt},       {"--adapter", &adapter},     {"--experiment", &xo.experiment},
+        {num_names[0], &num_opt[0]}, {num_names[1], &num_opt[1]}, {num_names[2], &num_opt[2]},
+        {num_names[3], &num_opt[3]}, {num_names[4], &num_opt[4]}, {num_names[5], &num_opt[5]}};
+    const cmdline_flag flags[] = {{"--no-kv-cache", &use_cache, 0},
+                                  {"--no-special", &add_special, 0}};
+    rc = cmdline_parse("peftps generate", usage, opts, 9, flags, 2, "model directory", &model_dir,
+                       1, argc, argv);
+    if (rc) {
+        rc = rc == 1 ? 0 : 2;
+        goto done;
     }
+    rc = 2;
     if (!model_dir || !prompt) {
         fprintf(stderr, "peftps generate: %s\n%s",
                 !model_dir ? "no MODEL_DIR given" : "--prompt is required", usage);

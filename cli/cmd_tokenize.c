@@ -14,30 +14,29 @@
 #include "model.h"
 #include "tokenizer.h"
 
-static void usage(FILE *out) {
-    fprintf(out, "usage: peftps tokenize MODEL_DIR --text STRING [--no-special]\n"
-                 "       peftps tokenize MODEL_DIR --decode \"ID ID ...\" [--skip-special]\n"
-                 "       peftps tokenize MODEL_DIR --data FILE [--seq-len N] [--cache-dir DIR]\n"
-                 "\n"
-                 "Uses MODEL_DIR/tokenizer.json (MODEL_DIR may also name the tokenizer.json\n"
-                 "itself), with BOS/EOS from tokenizer_config.json or config.json beside it.\n"
-                 "\n"
-                 "  --text STRING    prints the ids of STRING, space-separated; \"-\" reads\n"
-                 "                   standard input. The tokenizer's template tokens (Llama 3's\n"
-                 "                   BOS) are added unless --no-special.\n"
-                 "  --decode IDS     prints the text of the ids (separated by spaces or commas);\n"
-                 "                   --skip-special leaves special tokens out.\n"
-                 "  --data FILE      tokenizes a .txt or .jsonl data file as training reads it\n"
-                 "                   and writes its token cache (FILE.peftps-cache, or in\n"
-                 "                   --cache-dir DIR), or finds the cache current; prints the\n"
-                 "                   records, tokens, tokens with loss and, with --seq-len N,\n"
-                 "                   the windows of N+1 tokens. Ids are checked against the\n"
-                 "                   vocab_size of MODEL_DIR/config.json when there is one.\n"
-                 "  -h, --help       this help\n"
-                 "\n"
-                 "Exits 0, 1 on a failure while working, or 2 with one error line on bad usage\n"
-                 "or bad input.\n");
-}
+static const char usage[] =
+    "usage: peftps tokenize MODEL_DIR --text STRING [--no-special]\n"
+    "       peftps tokenize MODEL_DIR --decode \"ID ID ...\" [--skip-special]\n"
+    "       peftps tokenize MODEL_DIR --data FILE [--seq-len N] [--cache-dir DIR]\n"
+    "\n"
+    "Uses MODEL_DIR/tokenizer.json (MODEL_DIR may also name the tokenizer.json\n"
+    "itself), with BOS/EOS from tokenizer_config.json or config.json beside it.\n"
+    "\n"
+    "  --text STRING    prints the ids of STRING, space-separated; \"-\" reads\n"
+    "                   standard input. The tokenizer's template tokens (Llama 3's\n"
+    "                   BOS) are added unless --no-special.\n"
+    "  --decode IDS     prints the text of the ids (separated by spaces or commas);\n"
+    "                   --skip-special leaves special tokens out.\n"
+    "  --data FILE      tokenizes a .txt or .jsonl data file as training reads it\n"
+    "                   and writes its token cache (FILE.peftps-cache, or in\n"
+    "                   --cache-dir DIR), or finds the cache current; prints the\n"
+    "                   records, tokens, tokens with loss and, with --seq-len N,\n"
+    "                   the windows of N+1 tokens. Ids are checked against the\n"
+    "                   vocab_size of MODEL_DIR/config.json when there is one.\n"
+    "  -h, --help       this help\n"
+    "\n"
+    "Exits 0, 1 on a failure while working, or 2 with one error line on bad usage\n"
+    "or bad input.\n";
 
 /* Reads all of a stream (standard input) into a NUL-terminated string. */
 static char *read_stream(FILE *f, size_t *len) {
@@ -186,49 +185,31 @@ static int tokenize_data(const char *model_dir, const char *file, int seq_len,
 int cmd_tokenize(int argc, char **argv) {
     const char *model_dir = NULL, *text = NULL, *decode = NULL, *file = NULL, *cache_dir = NULL;
     int add_special = 1, skip_special = 0, seq_len = 0;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            return 0;
+    const char *seq_text = NULL;
+    const cmdline_opt opts[] = {{"--text", &text},
+                                {"--decode", &decode},
+                                {"--data", &file},
+                                {"--cache-dir", &cache_dir},
+                                {"--seq-len", &seq_text}};
+    const cmdline_flag flags[] = {{"--no-special", &add_special, 0},
+                                  {"--skip-special", &skip_special, 1}};
+    int rc = cmdline_parse("peftps tokenize", usage, opts, 5, flags, 2, "model directory",
+                           &model_dir, 1, argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (seq_text) {
+        char *end;
+        errno = 0;
+        long n = strtol(seq_text, &end, 10);
+        if (end == seq_text || *end || errno || n < 1 || n > INT32_MAX - 1) {
+            fprintf(stderr, "peftps tokenize: --seq-len %s is not a positive integer\n", seq_text);
+            return 2;
         }
-        const char *v = NULL;
-        const cmdline_opt opts[] = {{"--text", &text},
-                                    {"--decode", &decode},
-                                    {"--data", &file},
-                                    {"--cache-dir", &cache_dir},
-                                    {"--seq-len", &v}};
-        int took = cmdline_take_value("peftps tokenize", NULL, opts, 5, argc, argv, &i);
-        if (took < 0) return 2;
-        if (took && !v) continue;
-        if (took) { /* --seq-len */
-            char *end;
-            errno = 0;
-            long n = strtol(v, &end, 10);
-            if (end == v || *end || errno || n < 1 || n > INT32_MAX - 1) {
-                fprintf(stderr, "peftps tokenize: --seq-len %s is not a positive integer\n", v);
-                return 2;
-            }
-            seq_len = (int)n;
-        } else if (!strcmp(a, "--no-special"))
-            add_special = 0;
-        else if (!strcmp(a, "--skip-special"))
-            skip_special = 1;
-        else if (a[0] == '-' && a[1]) {
-            fprintf(stderr, "peftps tokenize: unknown option '%s'\n", a);
-            usage(stderr);
-            return 2;
-        } else if (model_dir) {
-            fprintf(stderr, "peftps tokenize: more than one model directory ('%s', '%s')\n",
-                    model_dir, a);
-            return 2;
-        } else
-            model_dir = a;
+        seq_len = (int)n;
     }
     if (!model_dir || (!!text + !!decode + !!file) != 1) {
         fprintf(stderr, "peftps tokenize: give a model directory and one of --text, --decode, "
                         "--data\n");
-        usage(stderr);
+        fputs(usage, stderr);
         return 2;
     }
     if (file) return tokenize_data(model_dir, file, seq_len, cache_dir);
@@ -238,7 +219,6 @@ int cmd_tokenize(int argc, char **argv) {
         fprintf(stderr, "peftps tokenize: %s\n", e.msg);
         return 2;
     }
-    int rc;
     if (text) {
         size_t len = strlen(text);
         char *in = NULL;

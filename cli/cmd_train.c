@@ -40,8 +40,7 @@ int cmd_train(int argc, char **argv) {
     Peftps__Experiment *ex = NULL;
     int rc = cmdline_experiment("peftps train", train_usage, NULL, &argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
-    if (argc > 1) {
-        fprintf(stderr, "peftps train: unknown option '%s'\n%s", argv[1], train_usage);
+    if (cmdline_parse("peftps train", train_usage, NULL, 0, NULL, 0, NULL, NULL, 0, argc, argv)) {
         config_free(ex);
         return 2;
     }
@@ -137,10 +136,7 @@ int cmd_eval(int argc, char **argv) {
     int rc = cmdline_experiment("peftps eval", eval_usage, valued, &argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     const cmdline_opt opts[] = {{"--adapter", &adapter}};
-    for (int i = 1; i < argc; i++) {
-        int took = cmdline_take_value("peftps eval", eval_usage, opts, 1, argc, argv, &i);
-        if (took > 0) continue;
-        if (!took) fprintf(stderr, "peftps eval: unknown option '%s'\n%s", argv[i], eval_usage);
+    if (cmdline_parse("peftps eval", eval_usage, opts, 1, NULL, 0, NULL, NULL, 0, argc, argv)) {
         config_free(ex);
         return 2;
     }

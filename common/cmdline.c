@@ -57,17 +57,44 @@ done:
     return rc;
 }
 
-int cmdline_take_value(const char *prog, const char *usage, const cmdline_opt *opts, int n,
-                       int argc, char **argv, int *i) {
-    const char *a = argv[*i];
-    for (int k = 0; k < n; k++) {
-        if (strcmp(a, opts[k].name)) continue;
-        if (*i + 1 >= argc) {
-            fprintf(stderr, "%s: %s needs a value\n%s", prog, a, usage ? usage : "");
-            return -1;
+int cmdline_parse(const char *prog, const char *usage, const cmdline_opt *opts, int nopts,
+                  const cmdline_flag *flags, int nflags, const char *what, const char **positional,
+                  int maxpos, int argc, char **argv) {
+    int npos = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            fputs(usage, stdout);
+            return 1;
         }
-        *opts[k].value = argv[++*i];
-        return 1;
+        int k = 0;
+        while (k < nopts && strcmp(a, opts[k].name)) k++;
+        if (k < nopts) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "%s: %s needs a value\n%s", prog, a, usage);
+                return 2;
+            }
+            *opts[k].value = argv[++i];
+            continue;
+        }
+        for (k = 0; k < nflags && strcmp(a, flags[k].name); k++) continue;
+        if (k < nflags) {
+            *flags[k].set = flags[k].value;
+            continue;
+        }
+        if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "%s: unknown option '%s'\n%s", prog, a, usage);
+            return 2;
+        }
+        if (npos == maxpos) {
+            if (maxpos == 1)
+                fprintf(stderr, "%s: more than one %s ('%s', '%s')\n%s", prog, what, positional[0],
+                        a, usage);
+            else
+                fprintf(stderr, "%s: unexpected argument '%s'\n%s", prog, a, usage);
+            return 2;
+        }
+        positional[npos++] = a;
     }
     return 0;
 }

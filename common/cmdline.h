@@ -19,15 +19,27 @@ typedef struct cmdline_opt {
  * `valued` (a NULL-terminated list, may be NULL) with the argument after it.
  * Returns 0 with *out loaded; 1 when --help or -h printed usage; 2 when it
  * printed an error (bad --set, no file or two, an experiment that does not
- * load), after which the program exits with 2. */
+ * load), after which the program exits with 2. The rest of the command line
+ * is then for cmdline_parse with maxpos 0. */
 int cmdline_experiment(const char *prog, const char *usage, const char *const *valued, int *argc,
                        char **argv, Peftps__Experiment **out);
 
-/* When argv[*i] is the name of one of the n opts, stores the argument after
- * it in that option's value, moves *i onto it and returns 1; returns 0 when
- * argv[*i] names none of them. When the value is missing, prints "PROG:
- * OPTION needs a value" and then usage (unless NULL) and returns -1. */
-int cmdline_take_value(const char *prog, const char *usage, const cmdline_opt *opts, int n,
-                       int argc, char **argv, int *i);
+/* An option without a value: *set = value when it is given. */
+typedef struct cmdline_flag {
+    const char *name;
+    int *set;
+    int value;
+} cmdline_flag;
+
+/* The options of argv[1 .. argc-1]: --help or -h prints usage to stdout;
+ * an option of opts takes the next argument as its value ("needs a value"
+ * when there is none); a flag sets its variable; any other option is
+ * unknown; the arguments that are no option fill positional[0 .. maxpos-1]
+ * in order (the caller sets them NULL first), `what` naming them in the
+ * message when there are more ("more than one WHAT" for maxpos 1). Returns
+ * 0, 1 after --help, or 2 after printing an error (then usage) to stderr. */
+int cmdline_parse(const char *prog, const char *usage, const cmdline_opt *opts, int nopts,
+                  const cmdline_flag *flags, int nflags, const char *what, const char **positional,
+                  int maxpos, int argc, char **argv);
 
 #endif

@@ -60,14 +60,8 @@ int main(int argc, char **argv) {
     const char *index = NULL, *resume = NULL;
     const cmdline_opt takes[] = {
         {"--index", &index}, {"--listen", &opts.listen}, {"--resume-step", &resume}};
-    for (int i = 1; i < argc; i++) {
-        int took = cmdline_take_value("peftps-server", usage, takes, 3, argc, argv, &i);
-        if (took > 0) continue;
-        if (took == 0 && !strcmp(argv[i], "--linger")) {
-            opts.linger = 1;
-            continue;
-        }
-        if (took == 0) fprintf(stderr, "peftps-server: unknown option '%s'\n%s", argv[i], usage);
+    const cmdline_flag flags[] = {{"--linger", &opts.linger, 1}};
+    if (cmdline_parse("peftps-server", usage, takes, 3, flags, 1, NULL, NULL, 0, argc, argv)) {
         config_free(ex);
         return 2;
     }

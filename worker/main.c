@@ -40,12 +40,8 @@ int main(int argc, char **argv) {
     int rc = cmdline_experiment("peftps-worker", usage, NULL, &argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     int linger = 0;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--linger")) {
-            linger = 1;
-            continue;
-        }
-        fprintf(stderr, "peftps-worker: unknown option '%s'\n%s", argv[i], usage);
+    const cmdline_flag flags[] = {{"--linger", &linger, 1}};
+    if (cmdline_parse("peftps-worker", usage, NULL, 0, flags, 1, NULL, NULL, 0, argc, argv)) {
         config_free(ex);
         return 2;
     }
