@@ -11,11 +11,13 @@
 #define PEFTPS_TESTS_GRADCHECK_H
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "model.h"
+#include "pbtext.h"
 #include "peft.h"
 #include "rng.h"
 
@@ -264,6 +266,30 @@ out:
     peft_free(p);
     gc_base_free(&b);
     return rc;
+}
+
+/* A method block from its text, as it stands inside `method { ... }` of an
+ * experiment ("lora { r: 4 alpha: 8 }"), printf-style. A block that does
+ * not parse is a bug of the test: reported, then the program stops. Free
+ * with gc_method_free once the method created from it is freed (a method
+ * keeps its block). */
+static inline Peftps__Method *gc_method(const char *fmt, ...) {
+    char text[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    ProtobufCMessage *m = NULL;
+    err e = {{0}};
+    if (pbtext_parse(&peftps__method__descriptor, text, strlen(text), "method", &m, NULL, &e) < 0) {
+        fprintf(stderr, "gc_method(\"%s\"): %s\n", text, e.msg);
+        abort();
+    }
+    return (Peftps__Method *)m;
+}
+
+static inline void gc_method_free(Peftps__Method *m) {
+    if (m) protobuf_c_message_free_unpacked(&m->base, NULL);
 }
 
 #endif

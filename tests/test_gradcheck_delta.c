@@ -21,98 +21,6 @@
 #include "peft.h"
 #include "rng.h"
 
-/* ---- configuration blocks ------------------------------------------------ */
-
-typedef struct block {
-    Peftps__Method method;
-    Peftps__LayerWise lw;
-    Peftps__AttentionHeads ah;
-    Peftps__Subnetwork sn;
-    Peftps__Module modules[12];
-    uint32_t layers[8], heads[8];
-} block;
-
-static const Peftps__Module seven[7] = {
-    PEFTPS__MODULE__Q_PROJ,    PEFTPS__MODULE__K_PROJ,    PEFTPS__MODULE__V_PROJ,
-    PEFTPS__MODULE__O_PROJ,    PEFTPS__MODULE__GATE_PROJ, PEFTPS__MODULE__UP_PROJ,
-    PEFTPS__MODULE__DOWN_PROJ,
-};
-
-static const Peftps__Module nine[9] = {
-    PEFTPS__MODULE__Q_PROJ,
-    PEFTPS__MODULE__K_PROJ,
-    PEFTPS__MODULE__V_PROJ,
-    PEFTPS__MODULE__O_PROJ,
-    PEFTPS__MODULE__GATE_PROJ,
-    PEFTPS__MODULE__UP_PROJ,
-    PEFTPS__MODULE__DOWN_PROJ,
-    PEFTPS__MODULE__INPUT_LAYERNORM,
-    PEFTPS__MODULE__POST_ATTENTION_LAYERNORM,
-};
-
-/* first/last < 0 leave the field unset. */
-static const Peftps__Method *lw_block(block *b, int first, int last, const Peftps__Module *mods,
-                                      size_t n) {
-    Peftps__Method m = PEFTPS__METHOD__INIT;
-    Peftps__LayerWise lw = PEFTPS__LAYER_WISE__INIT;
-    b->method = m;
-    b->lw = lw;
-    b->lw.has_first_layer = first >= 0;
-    b->lw.first_layer = first >= 0 ? (uint32_t)first : 0;
-    b->lw.has_last_layer = last >= 0;
-    b->lw.last_layer = last >= 0 ? (uint32_t)last : 0;
-    if (n) memcpy(b->modules, mods, n * sizeof *mods);
-    b->lw.n_modules = n;
-    b->lw.modules = b->modules;
-    b->method.kind_case = PEFTPS__METHOD__KIND_LAYER_WISE;
-    b->method.layer_wise = &b->lw;
-    return &b->method;
-}
-
-/* top_k < 0 leaves it unset. */
-static const Peftps__Method *heads_block(block *b, const uint32_t *layers, size_t nl,
-                                         const uint32_t *heads, size_t nh, int top_k,
-                                         const Peftps__Module *proj, size_t np) {
-    Peftps__Method m = PEFTPS__METHOD__INIT;
-    Peftps__AttentionHeads ah = PEFTPS__ATTENTION_HEADS__INIT;
-    b->method = m;
-    b->ah = ah;
-    if (nl) memcpy(b->layers, layers, nl * sizeof *layers);
-    if (nh) memcpy(b->heads, heads, nh * sizeof *heads);
-    if (np) memcpy(b->modules, proj, np * sizeof *proj);
-    b->ah.n_layers = nl;
-    b->ah.layers = b->layers;
-    b->ah.n_heads = nh;
-    b->ah.heads = b->heads;
-    b->ah.has_top_k = top_k >= 0;
-    b->ah.top_k = top_k >= 0 ? (uint32_t)top_k : 0;
-    b->ah.n_projections = np;
-    b->ah.projections = b->modules;
-    b->method.kind_case = PEFTPS__METHOD__KIND_ATTENTION_HEADS;
-    b->method.attention_heads = &b->ah;
-    return &b->method;
-}
-
-static const Peftps__Method *subnet_block(block *b, float sparsity, Peftps__MaskSelection sel,
-                                          const Peftps__Module *mods, size_t n) {
-    Peftps__Method m = PEFTPS__METHOD__INIT;
-    Peftps__Subnetwork sn = PEFTPS__SUBNETWORK__INIT;
-    b->method = m;
-    b->sn = sn;
-    b->sn.has_sparsity = 1;
-    b->sn.sparsity = sparsity;
-    b->sn.has_selection = 1;
-    b->sn.selection = sel;
-    if (n) memcpy(b->modules, mods, n * sizeof *mods);
-    b->sn.n_modules = n;
-    b->sn.modules = b->modules;
-    b->method.kind_case = PEFTPS__METHOD__KIND_SUBNETWORK;
-    b->method.subnetwork = &b->sn;
-    return &b->method;
-}
-
-/* ---- fixtures ------------------------------------------------------------- */
-
 /* Calibration batch i of the tiny model. */
 static int batch_fn(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e) {
     (void)e;
@@ -124,6 +32,7 @@ static int batch_fn(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e) 
 
 typedef struct fx {
     gc_base b;
+    Peftps__Method *meth; /* the method block p keeps */
     peft *p;
     model *m;
     int32_t tokens[GC_B * GC_T], labels[GC_B * GC_T];
@@ -142,11 +51,17 @@ static void fx_base(fx *f, int bias) {
     gc_batch(&f->b.cfg, f->tokens, f->labels, GC_B, GC_T, 11);
 }
 
-/* Creates the method and its model; calibrates when asked; inits (zero
- * deltas) with `seed`. */
-static void fx_method(fx *f, const Peftps__Method *meth, int calibrate, uint64_t seed) {
+/* Creates the method of the block text (printf-style, see gc_method) and
+ * its model; calibrates when asked; inits (zero deltas) with `seed`. */
+static void fx_method(fx *f, int calibrate, uint64_t seed, const char *fmt, ...) {
+    char text[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
     err e = {{0}};
-    if (peft_create(&f->p, meth, &f->b.cfg, &f->b.w, &e) < 0) fail_msg("create: %s", e.msg);
+    f->meth = gc_method("%s", text);
+    if (peft_create(&f->p, f->meth, &f->b.cfg, &f->b.w, &e) < 0) fail_msg("create: %s", e.msg);
     if (model_create(&f->m, &f->b.cfg, &f->b.w, f->p, GC_B, GC_T, &e) < 0)
         fail_msg("model: %s", e.msg);
     if (calibrate && peft_calibrate(f->p, f->m, batch_fn, &f->b.cfg, CALIB_BATCHES, &e) < 0)
@@ -157,8 +72,10 @@ static void fx_method(fx *f, const Peftps__Method *meth, int calibrate, uint64_t
 static void fx_close_method(fx *f) {
     if (f->m) model_free(f->m);
     peft_free(f->p);
+    gc_method_free(f->meth);
     f->m = NULL;
     f->p = NULL;
+    f->meth = NULL;
 }
 
 static void fx_close(fx *f) {
@@ -196,12 +113,11 @@ typedef struct dense_ref {
 } dense_ref;
 
 static void dense_open(dense_ref *d, fx *like) {
-    block blk;
     memset(d, 0, sizeof *d);
     d->f.b = like->b; /* shares the base: never freed through d */
     memcpy(d->f.tokens, like->tokens, sizeof d->f.tokens);
     memcpy(d->f.labels, like->labels, sizeof d->f.labels);
-    fx_method(&d->f, lw_block(&blk, 0, 1, NULL, 0), 0, 1);
+    fx_method(&d->f, 0, 1, "layer_wise { first_layer: 0 last_layer: 1 }");
     peft_zero_grads(d->f.p);
     long n;
     model_forward(d->f.m, d->f.tokens, d->f.labels, GC_B, GC_T, &n);
@@ -229,10 +145,9 @@ static void assert_near(double got, double want, double tol, const char *what, s
 static void test_layerwise_layout(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 1);
     /* Defaults: the last layer, all nine modules plus the three biases. */
-    fx_method(&f, lw_block(&blk, -1, -1, NULL, 0), 0, 1);
+    fx_method(&f, 0, 1, "layer_wise {}");
     assert_int_equal(f.p->n_tensors, 12);
     assert_int_equal(f.p->first_trainable_layer, 1);
     assert_shape(f.p, "model.layers.1.self_attn.q_proj.weight.delta", 2, 16, 16);
@@ -254,8 +169,8 @@ static void test_layerwise_layout(void **state) {
     fx_close_method(&f);
 
     /* first_layer alone reaches the last layer; chosen modules only. */
-    Peftps__Module two[2] = {PEFTPS__MODULE__V_PROJ, PEFTPS__MODULE__POST_ATTENTION_LAYERNORM};
-    fx_method(&f, lw_block(&blk, 0, -1, two, 2), 0, 1);
+    fx_method(&f, 0, 1,
+              "layer_wise { first_layer: 0 modules: [V_PROJ, POST_ATTENTION_LAYERNORM] }");
     assert_int_equal(f.p->n_tensors, 6); /* v, its bias and the norm, in 2 layers */
     assert_int_equal(f.p->first_trainable_layer, 0);
     assert_shape(f.p, "model.layers.0.self_attn.v_proj.bias.delta", 1, 8, 0);
@@ -265,9 +180,8 @@ static void test_layerwise_layout(void **state) {
 static void test_gradcheck_layerwise_bias(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 1);
-    fx_method(&f, lw_block(&blk, 0, 1, NULL, 0), 0, 1);
+    fx_method(&f, 0, 1, "layer_wise { first_layer: 0 last_layer: 1 }");
     assert_int_equal(f.p->n_tensors, 24);
     gradcheck(&f, "layer_wise");
     fx_close(&f);
@@ -276,9 +190,10 @@ static void test_gradcheck_layerwise_bias(void **state) {
 static void test_gradcheck_layerwise_nobias(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 0);
-    fx_method(&f, lw_block(&blk, 1, 1, nine, 9), 0, 1);
+    fx_method(&f, 0, 1,
+              "layer_wise { first_layer: 1 last_layer: 1 modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, "
+              "GATE_PROJ, UP_PROJ, DOWN_PROJ, INPUT_LAYERNORM, POST_ATTENTION_LAYERNORM] }");
     assert_int_equal(f.p->n_tensors, 9);
     assert_int_equal(peft_find_tensor(f.p, "model.layers.1.self_attn.q_proj.bias.delta"), -1);
     gradcheck(&f, "layer_wise");
@@ -295,8 +210,7 @@ static void counting_backward(peft *p, int layer, int kind, const float *x, cons
 }
 
 static void backward_calls(fx *f, int first, int *out) {
-    block blk;
-    fx_method(f, lw_block(&blk, first, 1, NULL, 0), 0, 1);
+    fx_method(f, 0, 1, "layer_wise { first_layer: %d last_layer: 1 }", first);
     counting = layerwise_method;
     counting.linear_backward = counting_backward;
     f->p->method = &counting;
@@ -329,10 +243,8 @@ static void test_layerwise_stops_at_first_layer(void **state) {
 static void test_heads_layout_gqa(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 1);
-    uint32_t l1[1] = {1}, h01[2] = {1, 0};
-    fx_method(&f, heads_block(&blk, l1, 1, h01, 2, -1, NULL, 0), 0, 1);
+    fx_method(&f, 0, 1, "attention_heads { layers: [1] heads: [1, 0] }");
     assert_int_equal(f.p->n_tensors, 4);
     assert_int_equal(f.p->first_trainable_layer, 1);
     assert_shape(f.p, "model.layers.1.self_attn.q_proj.heads.delta", 2, 8, 16);
@@ -346,9 +258,7 @@ static void test_heads_layout_gqa(void **state) {
     fx_close_method(&f);
 
     /* Heads 1 and 2 sit on different kv heads; only k and o. */
-    uint32_t h12[2] = {1, 2};
-    Peftps__Module ko[2] = {PEFTPS__MODULE__K_PROJ, PEFTPS__MODULE__O_PROJ};
-    fx_method(&f, heads_block(&blk, NULL, 0, h12, 2, -1, ko, 2), 0, 1);
+    fx_method(&f, 0, 1, "attention_heads { heads: [1, 2] projections: [K_PROJ, O_PROJ] }");
     assert_int_equal(f.p->n_tensors, 4);
     assert_int_equal(f.p->first_trainable_layer, 0);
     assert_shape(f.p, "model.layers.0.self_attn.k_proj.heads.delta", 2, 8, 16);
@@ -361,16 +271,13 @@ static void test_heads_layout_gqa(void **state) {
 static void test_gradcheck_heads(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 1);
-    uint32_t h013[3] = {0, 1, 3};
-    fx_method(&f, heads_block(&blk, NULL, 0, h013, 3, -1, NULL, 0), 0, 1);
+    fx_method(&f, 0, 1, "attention_heads { heads: [0, 1, 3] }");
     gradcheck(&f, "heads");
     fx_close_method(&f);
     fx_close(&f);
     fx_base(&f, 0);
-    uint32_t h2[1] = {2};
-    fx_method(&f, heads_block(&blk, NULL, 0, h2, 1, -1, NULL, 0), 0, 1);
+    fx_method(&f, 0, 1, "attention_heads { heads: [2] }");
     gradcheck(&f, "heads/nobias");
     fx_close(&f);
 }
@@ -380,12 +287,11 @@ static void test_gradcheck_heads(void **state) {
 static void test_heads_match_dense(void **state) {
     (void)state;
     fx f;
-    block blk;
     dense_ref d;
     fx_base(&f, 1);
     dense_open(&d, &f);
     uint32_t h13[2] = {1, 3}; /* kv heads 0 and 1 */
-    fx_method(&f, heads_block(&blk, NULL, 0, h13, 2, -1, NULL, 0), 0, 1);
+    fx_method(&f, 0, 1, "attention_heads { heads: [%u, %u] }", h13[0], h13[1]);
     peft_zero_grads(f.p);
     long n;
     model_forward(f.m, f.tokens, f.labels, GC_B, GC_T, &n);
@@ -467,10 +373,9 @@ static int by_value_desc(const void *a, const void *b) {
 static void test_heads_top_k(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 1);
     const int K = 3, LH = 8;
-    fx_method(&f, heads_block(&blk, NULL, 0, NULL, 0, K, NULL, 0), 1, 1);
+    fx_method(&f, 1, 1, "attention_heads { top_k: %d }", K);
     ranked fd[8], mine[8];
     for (int i = 0; i < LH; i++) {
         fd[i] = (ranked){fd_importance(&f, i / 4, i % 4), i};
@@ -558,9 +463,8 @@ static uint32_t *top_k_by_sorting(const double *score, size_t n, size_t k) {
 static void test_subnet_magnitude(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 1);
-    fx_method(&f, subnet_block(&blk, 0.9f, PEFTPS__MASK_SELECTION__MAGNITUDE, NULL, 0), 0, 1);
+    fx_method(&f, 0, 1, "subnetwork { sparsity: 0.9 selection: MAGNITUDE }");
     assert_int_equal(f.p->n_tensors, 14); /* q..down of 2 layers */
     assert_int_equal(f.p->first_trainable_layer, 0);
     /* k_proj has 8*16 = 128 entries: round(12.8) = 13 train. */
@@ -602,12 +506,13 @@ static void test_select_largest(void **state) {
 static void test_subnet_random(void **state) {
     (void)state;
     fx f, g;
-    block blk;
     fx_base(&f, 1);
     fx_base(&g, 1);
-    const Peftps__Method *m = subnet_block(&blk, 0.75f, PEFTPS__MASK_SELECTION__RANDOM, nine, 9);
-    fx_method(&f, m, 0, 42);
-    fx_method(&g, m, 0, 42);
+    const char *random75 =
+        "subnetwork { sparsity: 0.75 selection: RANDOM modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, "
+        "GATE_PROJ, UP_PROJ, DOWN_PROJ, INPUT_LAYERNORM, POST_ATTENTION_LAYERNORM] }";
+    fx_method(&f, 0, 42, random75);
+    fx_method(&g, 0, 42, random75);
     assert_int_equal(f.p->n_tensors, 18);
     assert_masks_valid(f.p, &f.b.cfg, 0.75f);
     for (int t = 0; t < f.p->n_tensors; t++) {
@@ -617,7 +522,7 @@ static void test_subnet_random(void **state) {
         assert_memory_equal(a, b, k1 * sizeof *a);
     }
     fx_close_method(&g);
-    fx_method(&g, m, 0, 43);
+    fx_method(&g, 0, 43, random75);
     int differ = 0;
     for (int t = 0; t < f.p->n_tensors; t++) {
         size_t k1, k2;
@@ -627,7 +532,10 @@ static void test_subnet_random(void **state) {
     assert_true(differ >= f.p->n_tensors - 2);
     /* Not the magnitude mask in disguise. */
     fx_close_method(&g);
-    fx_method(&g, subnet_block(&blk, 0.75f, PEFTPS__MASK_SELECTION__MAGNITUDE, nine, 9), 0, 42);
+    fx_method(
+        &g, 0, 42,
+        "subnetwork { sparsity: 0.75 selection: MAGNITUDE modules: [Q_PROJ, K_PROJ, V_PROJ, "
+        "O_PROJ, GATE_PROJ, UP_PROJ, DOWN_PROJ, INPUT_LAYERNORM, POST_ATTENTION_LAYERNORM] }");
     size_t k1;
     const uint32_t *a = subnet_indices(f.p, 0, &k1), *b = subnet_indices(g.p, 0, &k1);
     assert_true(memcmp(a, b, k1 * sizeof *a) != 0);
@@ -652,13 +560,14 @@ static void test_subnet_random(void **state) {
 static void test_subnet_gradient(void **state) {
     (void)state;
     fx f, d;
-    block blk, dblk;
     fx_base(&f, 1);
     fx_base(&d, 1);
     const float sparsity = 0.8f;
-    fx_method(&f, subnet_block(&blk, sparsity, PEFTPS__MASK_SELECTION__GRADIENT, NULL, 0), 1, 1);
+    fx_method(&f, 1, 1, "subnetwork { sparsity: %.9g selection: GRADIENT }", sparsity);
     assert_masks_valid(f.p, &f.b.cfg, sparsity);
-    fx_method(&d, lw_block(&dblk, 0, 1, seven, 7), 0, 1);
+    fx_method(&d, 0, 1,
+              "layer_wise { first_layer: 0 last_layer: 1 modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, "
+              "GATE_PROJ, UP_PROJ, DOWN_PROJ] }");
     double *fisher = calloc(d.p->n_params, sizeof *fisher);
     assert_non_null(fisher);
     for (int i = 0; i < CALIB_BATCHES; i++) {
@@ -704,9 +613,11 @@ static void test_subnet_gradient(void **state) {
 static void test_gradcheck_subnet(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 1);
-    fx_method(&f, subnet_block(&blk, 0.5f, PEFTPS__MASK_SELECTION__MAGNITUDE, nine, 9), 0, 1);
+    fx_method(
+        &f, 0, 1,
+        "subnetwork { sparsity: 0.5 selection: MAGNITUDE modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, "
+        "GATE_PROJ, UP_PROJ, DOWN_PROJ, INPUT_LAYERNORM, POST_ATTENTION_LAYERNORM] }");
     gradcheck(&f, "subnetwork");
     fx_close(&f);
 }
@@ -715,11 +626,13 @@ static void test_gradcheck_subnet(void **state) {
 static void test_subnet_match_dense(void **state) {
     (void)state;
     fx f;
-    block blk;
     dense_ref d;
     fx_base(&f, 1);
     dense_open(&d, &f);
-    fx_method(&f, subnet_block(&blk, 0.7f, PEFTPS__MASK_SELECTION__RANDOM, nine, 9), 0, 3);
+    fx_method(
+        &f, 0, 3,
+        "subnetwork { sparsity: 0.7 selection: RANDOM modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, "
+        "GATE_PROJ, UP_PROJ, DOWN_PROJ, INPUT_LAYERNORM, POST_ATTENTION_LAYERNORM] }");
     peft_zero_grads(f.p);
     long n;
     model_forward(f.m, f.tokens, f.labels, GC_B, GC_T, &n);
@@ -819,64 +732,70 @@ static void place_subnet(fx *f, int layer, int kind, float *w) {
 static void test_merge(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 1);
-    fx_method(&f, lw_block(&blk, 1, 1, NULL, 0), 0, 1);
+    fx_method(&f, 0, 1, "layer_wise { first_layer: 1 last_layer: 1 }");
     check_merge(&f, place_layerwise);
     fx_close_method(&f);
-    uint32_t l1[1] = {1}, h03[2] = {0, 3};
-    fx_method(&f, heads_block(&blk, l1, 1, h03, 2, -1, NULL, 0), 0, 1);
+    fx_method(&f, 0, 1, "attention_heads { layers: [1] heads: [0, 3] }");
     check_merge(&f, place_heads);
     fx_close_method(&f);
-    fx_method(&f, subnet_block(&blk, 0.6f, PEFTPS__MASK_SELECTION__RANDOM, nine, 9), 0, 5);
+    fx_method(
+        &f, 0, 5,
+        "subnetwork { sparsity: 0.6 selection: RANDOM modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, "
+        "GATE_PROJ, UP_PROJ, DOWN_PROJ, INPUT_LAYERNORM, POST_ATTENTION_LAYERNORM] }");
     check_merge(&f, place_subnet);
     fx_close(&f);
 }
 
 /* ---- errors ---------------------------------------------------------------- */
 
-static void expect_error(fx *f, const Peftps__Method *m, const char *needle) {
+/* peft_create of method m fails with a message containing needle; frees m. */
+static void expect_error_of(fx *f, Peftps__Method *m, const char *needle) {
     err e = {{0}};
     peft *p = NULL;
     assert_int_equal(peft_create(&p, m, &f->b.cfg, &f->b.w, &e), -1);
     assert_null(p);
+    gc_method_free(m);
     if (!strstr(e.msg, needle)) fail_msg("error \"%s\" does not say \"%s\"", e.msg, needle);
+}
+
+static void expect_error(fx *f, const char *method, const char *needle) {
+    expect_error_of(f, gc_method("%s", method), needle);
 }
 
 static void test_errors(void **state) {
     (void)state;
     fx f;
-    block blk;
     fx_base(&f, 1);
-    expect_error(&f, lw_block(&blk, 0, 2, NULL, 0),
+    expect_error(&f, "layer_wise { first_layer: 0 last_layer: 2 }",
                  "layer_wise: layer 2 is beyond the model's 2 layers (0..1)");
-    expect_error(&f, lw_block(&blk, 1, 0, NULL, 0), "first_layer 1 is above last_layer 0");
-    Peftps__Module bad[1] = {(Peftps__Module)0};
-    expect_error(&f, lw_block(&blk, 0, 1, bad, 1), "layer_wise.modules: entry 0 is not a module");
-    uint32_t h9[1] = {4}, h0[1] = {0}, l5[1] = {5};
-    expect_error(&f, heads_block(&blk, NULL, 0, h9, 1, -1, NULL, 0),
+    expect_error(&f, "layer_wise { first_layer: 1 last_layer: 0 }",
+                 "first_layer 1 is above last_layer 0");
+    expect_error(&f, "layer_wise { first_layer: 0 last_layer: 1 modules: [MODULE_UNSPECIFIED] }",
+                 "layer_wise.modules: entry 0 is not a module");
+    expect_error(&f, "attention_heads { heads: [4] }",
                  "head 4 does not exist: the model has 4 (0 to 3)");
-    expect_error(&f, heads_block(&blk, NULL, 0, h0, 1, 2, NULL, 0), "either heads or top_k");
-    expect_error(&f, heads_block(&blk, NULL, 0, NULL, 0, -1, NULL, 0), "set heads");
-    expect_error(&f, heads_block(&blk, NULL, 0, NULL, 0, 9, NULL, 0),
-                 "top_k 9 must be between 1 and the 8");
-    expect_error(&f, heads_block(&blk, l5, 1, h0, 1, -1, NULL, 0),
+    expect_error(&f, "attention_heads { heads: [0] top_k: 2 }", "either heads or top_k");
+    expect_error(&f, "attention_heads {}", "set heads");
+    expect_error(&f, "attention_heads { top_k: 9 }", "top_k 9 must be between 1 and the 8");
+    expect_error(&f, "attention_heads { layers: [5] heads: [0] }",
                  "attention_heads.layers: layer 5 does not exist");
-    Peftps__Module up[1] = {PEFTPS__MODULE__UP_PROJ};
-    expect_error(&f, heads_block(&blk, NULL, 0, h0, 1, -1, up, 1),
+    expect_error(&f, "attention_heads { heads: [0] projections: [UP_PROJ] }",
                  "attention_heads.projections: module up_proj is not supported");
-    expect_error(&f, subnet_block(&blk, 1.0f, PEFTPS__MASK_SELECTION__MAGNITUDE, NULL, 0),
+    expect_error(&f, "subnetwork { sparsity: 1 selection: MAGNITUDE }",
                  "sparsity 1 must be at least 0 and below 1");
-    expect_error(&f, subnet_block(&blk, 0.999f, PEFTPS__MASK_SELECTION__MAGNITUDE, NULL, 0),
+    expect_error(&f, "subnetwork { sparsity: 0.999 selection: MAGNITUDE }",
                  "leaves no entry of model.layers.0.self_attn.q_proj.weight");
-    expect_error(&f, subnet_block(&blk, 0.5f, (Peftps__MaskSelection)7, NULL, 0),
-                 "selection 7 is not MAGNITUDE, RANDOM or GRADIENT");
+    /* A selection no text can name (the parser refuses it): set by hand. */
+    Peftps__Method *m = gc_method("subnetwork { sparsity: 0.5 }");
+    m->subnetwork->has_selection = 1;
+    m->subnetwork->selection = (Peftps__MaskSelection)7;
+    expect_error_of(&f, m, "selection 7 is not MAGNITUDE, RANDOM or GRADIENT");
 
     /* top_k cannot rank without batches. */
     err e = {{0}};
-    assert_int_equal(
-        peft_create(&f.p, heads_block(&blk, NULL, 0, NULL, 0, 2, NULL, 0), &f.b.cfg, &f.b.w, &e),
-        0);
+    f.meth = gc_method("attention_heads { top_k: 2 }");
+    assert_int_equal(peft_create(&f.p, f.meth, &f.b.cfg, &f.b.w, &e), 0);
     assert_int_equal(f.p->n_tensors, 0);
     assert_int_equal(heads_chosen(f.p, NULL, NULL, 0), -1);
     assert_int_equal(model_create(&f.m, &f.b.cfg, &f.b.w, f.p, GC_B, GC_T, &e), 0);
