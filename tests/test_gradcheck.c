@@ -20,91 +20,44 @@
 #include "rng.h"
 #include "safetensors.h"
 
-/* ---- configuration blocks ------------------------------------------------ */
-
-typedef struct method_block {
-    Peftps__Method method;
-    Peftps__LoRA lora;
-    Peftps__Prefix prefix;
-    Peftps__Full full;
-    Peftps__Module modules[8];
-    uint32_t layers[4];
-} method_block;
-
-static const Peftps__Module all_seven[7] = {
-    PEFTPS__MODULE__Q_PROJ,    PEFTPS__MODULE__K_PROJ,    PEFTPS__MODULE__V_PROJ,
-    PEFTPS__MODULE__O_PROJ,    PEFTPS__MODULE__GATE_PROJ, PEFTPS__MODULE__UP_PROJ,
-    PEFTPS__MODULE__DOWN_PROJ,
-};
-
-/* LoRA r, alpha; modules NULL for the default (q, v); layers NULL for all. */
-static const Peftps__Method *lora_block(method_block *b, uint32_t r, float alpha, int rslora,
-                                        float dropout, const Peftps__Module *mods, size_t n_mods,
-                                        const uint32_t *layers, size_t n_layers) {
-    Peftps__Method m = PEFTPS__METHOD__INIT;
-    Peftps__LoRA l = PEFTPS__LO_RA__INIT;
-    b->method = m;
-    b->lora = l;
-    b->lora.has_r = 1;
-    b->lora.r = r;
-    b->lora.has_alpha = 1;
-    b->lora.alpha = alpha;
-    b->lora.has_use_rslora = 1;
-    b->lora.use_rslora = rslora;
-    b->lora.has_dropout = 1;
-    b->lora.dropout = dropout;
-    if (n_mods) memcpy(b->modules, mods, n_mods * sizeof *mods);
-    b->lora.n_target_modules = n_mods;
-    b->lora.target_modules = b->modules;
-    if (n_layers) memcpy(b->layers, layers, n_layers * sizeof *layers);
-    b->lora.n_layers = n_layers;
-    b->lora.layers = b->layers;
-    b->method.kind_case = PEFTPS__METHOD__KIND_LORA;
-    b->method.lora = &b->lora;
-    return &b->method;
-}
-
-static const Peftps__Method *prefix_block(method_block *b, uint32_t tokens, uint32_t hidden) {
-    Peftps__Method m = PEFTPS__METHOD__INIT;
-    Peftps__Prefix x = PEFTPS__PREFIX__INIT;
-    b->method = m;
-    b->prefix = x;
-    b->prefix.has_num_virtual_tokens = 1;
-    b->prefix.num_virtual_tokens = tokens;
-    b->prefix.has_projection_hidden = 1;
-    b->prefix.projection_hidden = hidden;
-    b->method.kind_case = PEFTPS__METHOD__KIND_PREFIX;
-    b->method.prefix = &b->prefix;
-    return &b->method;
-}
-
-static const Peftps__Method *full_block(method_block *b) {
-    Peftps__Method m = PEFTPS__METHOD__INIT;
-    Peftps__Full f = PEFTPS__FULL__INIT;
-    b->method = m;
-    b->full = f;
-    b->method.kind_case = PEFTPS__METHOD__KIND_FULL;
-    b->method.full = &b->full;
-    return &b->method;
-}
-
 /* A created and initialised method over a tiny base. */
 typedef struct fixture {
     gc_base base;
-    method_block block;
+    Peftps__Method *method; /* the block p keeps */
     peft *p;
 } fixture;
 
-static void fixture_open(fixture *f, const Peftps__Method *m, int tied, uint64_t seed) {
+/* The method of the block text (printf-style, see gc_method) over the
+ * tiny base, initialised with seed. */
+static void fixture_open(fixture *f, int tied, uint64_t seed, const char *fmt, ...) {
+    char text[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
     err e = {{0}};
     assert_int_equal(gc_base_create(&f->base, tied, 1234), 0);
-    if (peft_create(&f->p, m, &f->base.cfg, &f->base.w, &e) < 0) fail_msg("%s", e.msg);
+    f->method = gc_method("%s", text);
+    if (peft_create(&f->p, f->method, &f->base.cfg, &f->base.w, &e) < 0) fail_msg("%s", e.msg);
     peft_init(f->p, seed);
 }
 
 static void fixture_close(fixture *f) {
     peft_free(f->p);
+    gc_method_free(f->method);
     gc_base_free(&f->base);
+}
+
+/* peft_create of the block text fails over base with a message containing
+ * needle. */
+static void expect_create_error(gc_base *base, const char *method, const char *needle) {
+    err e = {{0}};
+    peft *p = NULL;
+    Peftps__Method *m = gc_method("%s", method);
+    assert_int_equal(peft_create(&p, m, &base->cfg, &base->w, &e), -1);
+    assert_null(p);
+    gc_method_free(m);
+    if (!strstr(e.msg, needle)) fail_msg("error \"%s\" does not say \"%s\"", e.msg, needle);
 }
 
 static void random_fill(float *v, size_t n, uint64_t seed, float scale) {
@@ -201,7 +154,7 @@ static void test_module_helpers(void **state) {
  * allocation (a calibrating method) keeps the values; bad declarations fail. */
 static void test_tensor_table(void **state) {
     fixture f;
-    fixture_open(&f, lora_block(&f.block, 4, 8, 0, 0, NULL, 0, NULL, 0), 0, 1);
+    fixture_open(&f, 0, 1, "lora { r: 4 alpha: 8 }");
     peft *p = f.p;
     assert_int_equal((uintptr_t)p->params % 64, 0);
     assert_int_equal((uintptr_t)p->grads % 64, 0);
@@ -258,7 +211,7 @@ static size_t lora_expected(const model_config *c, int r, unsigned mask, int lay
 
 static void test_lora_layout(void **state) {
     fixture f;
-    fixture_open(&f, lora_block(&f.block, 4, 8, 0, 0, NULL, 0, NULL, 0), 0, 1);
+    fixture_open(&f, 0, 1, "lora { r: 4 alpha: 8 }");
     const model_config *c = &f.base.cfg;
     assert_int_equal(f.p->n_tensors, 8);
     assert_int_equal(peft_num_trainable(f.p),
@@ -276,8 +229,9 @@ static void test_lora_layout(void **state) {
         -1);
     fixture_close(&f);
 
-    uint32_t l1[1] = {1};
-    fixture_open(&f, lora_block(&f.block, 3, 6, 0, 0, all_seven, 7, l1, 1), 0, 1);
+    fixture_open(&f, 0, 1,
+                 "lora { r: 3 alpha: 6 target_modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, GATE_PROJ, "
+                 "UP_PROJ, DOWN_PROJ] layers: [1] }");
     assert_int_equal(f.p->n_tensors, 14);
     assert_int_equal(peft_num_trainable(f.p), lora_expected(c, 3, PEFT_LINEARS, 1));
     assert_int_equal(f.p->first_trainable_layer, 1);
@@ -293,37 +247,31 @@ static void test_lora_layout(void **state) {
     err e = {{0}};
     gc_base base;
     assert_int_equal(gc_base_create(&base, 0, 1), 0);
-    method_block mb;
     peft *p;
-    uint32_t l5[1] = {5};
-    assert_int_equal(
-        peft_create(&p, lora_block(&mb, 4, 8, 0, 0, NULL, 0, l5, 1), &base.cfg, &base.w, &e), -1);
-    assert_non_null(strstr(e.msg, "method lora: lora.layers: layer 5 does not exist"));
-    assert_int_equal(
-        peft_create(&p, lora_block(&mb, 0, 8, 0, 0, NULL, 0, NULL, 0), &base.cfg, &base.w, &e), -1);
-    assert_non_null(strstr(e.msg, "lora.r is 0"));
-    assert_int_equal(
-        peft_create(&p, lora_block(&mb, 4, 8, 0, 1.0f, NULL, 0, NULL, 0), &base.cfg, &base.w, &e),
-        -1);
-    assert_non_null(strstr(e.msg, "lora.dropout is 1"));
-    Peftps__Module norm[1] = {PEFTPS__MODULE__POST_ATTENTION_LAYERNORM};
-    assert_int_equal(
-        peft_create(&p, lora_block(&mb, 4, 8, 0, 0, norm, 1, NULL, 0), &base.cfg, &base.w, &e), -1);
-    assert_non_null(strstr(e.msg, "post_attention_layernorm is not supported"));
+    expect_create_error(&base, "lora { r: 4 alpha: 8 layers: [5] }",
+                        "method lora: lora.layers: layer 5 does not exist");
+    expect_create_error(&base, "lora { r: 0 alpha: 8 }", "lora.r is 0");
+    expect_create_error(&base, "lora { r: 4 alpha: 8 dropout: 1 }", "lora.dropout is 1");
+    expect_create_error(&base, "lora { r: 4 alpha: 8 target_modules: [POST_ATTENTION_LAYERNORM] }",
+                        "post_attention_layernorm is not supported");
     /* PEFT's defaults without r and alpha: r = 8, alpha = 8 */
-    lora_block(&mb, 0, 0, 0, 0, NULL, 0, NULL, 0);
-    mb.lora.has_r = mb.lora.has_alpha = 0;
-    assert_int_equal(peft_create(&p, &mb.method, &base.cfg, &base.w, &e), 0);
+    Peftps__Method *defaults = gc_method("lora {}");
+    assert_int_equal(peft_create(&p, defaults, &base.cfg, &base.w, &e), 0);
     assert_int_equal(peft_num_trainable(p),
                      lora_expected(&base.cfg, 8, PEFT_BIT(LW_Q) | PEFT_BIT(LW_V), 2));
     peft_free(p);
+    gc_method_free(defaults);
     gc_base_free(&base);
 }
 
 static void test_lora_init(void **state) {
     fixture f, g;
-    fixture_open(&f, lora_block(&f.block, 4, 8, 0, 0, all_seven, 7, NULL, 0), 0, 42);
-    fixture_open(&g, lora_block(&g.block, 4, 8, 0, 0, all_seven, 7, NULL, 0), 0, 42);
+    fixture_open(&f, 0, 42,
+                 "lora { r: 4 alpha: 8 target_modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, GATE_PROJ, "
+                 "UP_PROJ, DOWN_PROJ] }");
+    fixture_open(&g, 0, 42,
+                 "lora { r: 4 alpha: 8 target_modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, GATE_PROJ, "
+                 "UP_PROJ, DOWN_PROJ] }");
     assert_memory_equal(f.p->params, g.p->params, f.p->n_params * sizeof(float));
     for (int i = 0; i < f.p->n_tensors; i++) {
         const peft_tensor *t = &f.p->tensors[i];
@@ -343,7 +291,9 @@ static void test_lora_init(void **state) {
         if (i >= 2) assert_memory_not_equal(v, peft_param(f.p, i - 2), 16 * sizeof(float));
     }
     fixture_close(&g);
-    fixture_open(&g, lora_block(&g.block, 4, 8, 0, 0, all_seven, 7, NULL, 0), 0, 43);
+    fixture_open(&g, 0, 43,
+                 "lora { r: 4 alpha: 8 target_modules: [Q_PROJ, K_PROJ, V_PROJ, O_PROJ, GATE_PROJ, "
+                 "UP_PROJ, DOWN_PROJ] }");
     assert_memory_not_equal(peft_param(f.p, 0), peft_param(g.p, 0), 64 * sizeof(float));
     fixture_close(&g);
     fixture_close(&f);
@@ -362,7 +312,8 @@ static void lora_mask(uint64_t seed, uint64_t step, uint64_t shard, int a, float
 static void lora_hooks_case(int rslora, float dropout, int training) {
     fixture f;
     const int r = 4, n = 10, layer = 1, kind = LW_V, in = 16, out = 8;
-    fixture_open(&f, lora_block(&f.block, r, 8, rslora, dropout, NULL, 0, NULL, 0), 0, 3);
+    fixture_open(&f, 0, 3, "lora { r: %d alpha: 8 use_rslora: %s dropout: %.9g }", r,
+                 rslora ? "true" : "false", dropout);
     peft *p = f.p;
     err e = {{0}};
     assert_int_equal(p->method->reserve(p, 2, 5, &e), 0);
@@ -457,7 +408,7 @@ static void test_lora_hooks(void **state) {
 static void test_lora_dropout_stream(void **state) {
     fixture f;
     const int n = 10, in = 16, out = 16;
-    fixture_open(&f, lora_block(&f.block, 4, 8, 0, 0.5f, NULL, 0, NULL, 0), 0, 3);
+    fixture_open(&f, 0, 3, "lora { r: 4 alpha: 8 dropout: 0.5 }");
     peft *p = f.p;
     err e = {{0}};
     assert_int_equal(p->method->reserve(p, 2, 5, &e), 0);
@@ -489,7 +440,7 @@ static void test_lora_dropout_stream(void **state) {
 
 static void test_prefix_layout(void **state) {
     fixture f;
-    fixture_open(&f, prefix_block(&f.block, 50, 0), 0, 5);
+    fixture_open(&f, 0, 5, "prefix { num_virtual_tokens: 50 }");
     peft *p = f.p;
     const int td = 2 * 4, row = 2 * 2 * td; /* Hkv*D; L*2*token_dim */
     assert_int_equal(p->n_tensors, 1);
@@ -538,10 +489,8 @@ static void test_prefix_layout(void **state) {
 
     gc_base b;
     assert_int_equal(gc_base_create(&b, 0, 1), 0);
-    method_block mb;
-    prefix_block(&mb, 0, 0);
-    assert_int_equal(peft_create(&p, &mb.method, &b.cfg, &b.w, &e), -1);
-    assert_non_null(strstr(e.msg, "prefix.num_virtual_tokens must be set"));
+    expect_create_error(&b, "prefix { num_virtual_tokens: 0 }",
+                        "prefix.num_virtual_tokens must be set");
     gc_base_free(&b);
 }
 
@@ -573,7 +522,7 @@ static void prefix_reference(peft *p, double *table, int P, int td, int hid, int
 static void test_prefix_projection(void **state) {
     fixture f;
     const int P = 3, td = 8, hid = 6, row = 32;
-    fixture_open(&f, prefix_block(&f.block, P, hid), 0, 5);
+    fixture_open(&f, 0, 5, "prefix { num_virtual_tokens: %d projection_hidden: %d }", P, hid);
     peft *p = f.p;
     assert_int_equal(p->n_tensors, 5);
     size_t want = (size_t)P * td + hid * td + hid + (size_t)row * hid + row;
@@ -650,7 +599,7 @@ static size_t full_expected(const model_config *c) {
 static void test_full_layout(void **state) {
     for (int tied = 0; tied < 2; tied++) {
         fixture f;
-        fixture_open(&f, full_block(&f.block), tied, 5);
+        fixture_open(&f, tied, 5, "full {}");
         peft *p = f.p;
         const model_config *c = &f.base.cfg;
         assert_int_equal(p->n_tensors, 2 * 12 + 2 + !tied);
@@ -690,7 +639,7 @@ static void test_full_layout(void **state) {
 /* Gradient hooks of full fine-tuning against double loops. */
 static void test_full_hooks(void **state) {
     fixture f;
-    fixture_open(&f, full_block(&f.block), 1, 5);
+    fixture_open(&f, 1, 5, "full {}");
     peft *p = f.p;
     const int n = 10, C = 16, q = 16, V = 32;
     float x[10 * 16], dy[10 * 32], dx[10 * 16], dx_copy[10 * 16];
@@ -754,18 +703,18 @@ static void test_save_load(void **state) {
     snprintf(path2, sizeof path2, "%s/prefix.safetensors", dir);
     err e = {{0}};
     fixture f, g;
-    fixture_open(&f, lora_block(&f.block, 4, 8, 0, 0, NULL, 0, NULL, 0), 0, 1);
+    fixture_open(&f, 0, 1, "lora { r: 4 alpha: 8 }");
     gc_perturb(f.p, 0.3f, 2);
     if (peft_save(f.p, path, &e) < 0) fail_msg("%s", e.msg);
 
-    fixture_open(&g, lora_block(&g.block, 4, 8, 0, 0, NULL, 0, NULL, 0), 0, 2);
+    fixture_open(&g, 0, 2, "lora { r: 4 alpha: 8 }");
     assert_memory_not_equal(f.p->params, g.p->params, f.p->n_params * sizeof(float));
     if (peft_load(g.p, path, &e) < 0) fail_msg("%s", e.msg);
     assert_memory_equal(f.p->params, g.p->params, f.p->n_params * sizeof(float));
     fixture_close(&g);
 
     /* another rank: the shape error names tensor and shapes; nothing changes */
-    fixture_open(&g, lora_block(&g.block, 8, 8, 0, 0, NULL, 0, NULL, 0), 0, 2);
+    fixture_open(&g, 0, 2, "lora { r: 8 alpha: 8 }");
     float *before = malloc(g.p->n_params * sizeof(float));
     memcpy(before, g.p->params, g.p->n_params * sizeof(float));
     assert_int_equal(peft_load(g.p, path, &e), -1);
@@ -776,14 +725,13 @@ static void test_save_load(void **state) {
     fixture_close(&g);
 
     /* more modules than the file has: the missing tensor is named */
-    fixture_open(&g, lora_block(&g.block, 4, 8, 0, 0, all_seven, 3, NULL, 0), 0, 2);
+    fixture_open(&g, 0, 2, "lora { r: 4 alpha: 8 target_modules: [Q_PROJ, K_PROJ, V_PROJ] }");
     assert_int_equal(peft_load(g.p, path, &e), -1);
     assert_non_null(
         strstr(e.msg, "has no tensor base_model.model.model.layers.0.self_attn.k_proj.lora_A"));
     fixture_close(&g);
     /* fewer: the surplus tensor is named */
-    uint32_t l0[1] = {0};
-    fixture_open(&g, lora_block(&g.block, 4, 8, 0, 0, NULL, 0, l0, 1), 0, 2);
+    fixture_open(&g, 0, 2, "lora { r: 4 alpha: 8 layers: [0] }");
     assert_int_equal(peft_load(g.p, path, &e), -1);
     assert_non_null(strstr(e.msg, "tensor base_model.model.model.layers.1."));
     assert_non_null(strstr(e.msg, "is not one that method lora trains"));
@@ -805,7 +753,7 @@ static void test_save_load(void **state) {
             bf[t->offset + j] = st_f32_to_bf16(f.p->params[t->offset + j]);
     }
     if (st_write(adapter, entries, 8, NULL, &e) < 0) fail_msg("%s", e.msg);
-    fixture_open(&g, lora_block(&g.block, 4, 8, 0, 0, NULL, 0, NULL, 0), 0, 2);
+    fixture_open(&g, 0, 2, "lora { r: 4 alpha: 8 }");
     if (peft_load(g.p, dir, &e) < 0) fail_msg("%s", e.msg);
     for (int i = 0; i < 8; i++) {
         const peft_tensor *t = &g.p->tensors[i];
@@ -827,8 +775,8 @@ static void test_save_load(void **state) {
     fixture_close(&f);
 
     /* the projection's table follows a load */
-    fixture_open(&f, prefix_block(&f.block, 3, 6), 0, 1);
-    fixture_open(&g, prefix_block(&g.block, 3, 6), 0, 2);
+    fixture_open(&f, 0, 1, "prefix { num_virtual_tokens: 3 projection_hidden: 6 }");
+    fixture_open(&g, 0, 2, "prefix { num_virtual_tokens: 3 projection_hidden: 6 }");
     if (peft_save(f.p, path2, &e) < 0) fail_msg("%s", e.msg);
     if (peft_load(g.p, path2, &e) < 0) fail_msg("%s", e.msg);
     const float *k1, *k2, *v1, *v2;
@@ -853,12 +801,13 @@ static void test_lora_zero_b_is_base(void **state) {
     err e = {{0}};
     model *base = NULL, *m = NULL;
     peft *p = NULL;
-    method_block mb;
+    Peftps__Method *meth =
+        gc_method("lora { r: 4 alpha: 16 dropout: 0.3 target_modules: [Q_PROJ, K_PROJ, V_PROJ, "
+                  "O_PROJ, GATE_PROJ, UP_PROJ, DOWN_PROJ] }");
     int32_t tokens[GC_B * GC_T], labels[GC_B * GC_T];
     gc_batch(&b.cfg, tokens, labels, GC_B, GC_T, 11);
     if (model_create(&base, &b.cfg, &b.w, NULL, GC_B, GC_T, &e) < 0) fail_msg("%s", e.msg);
-    if (peft_create(&p, lora_block(&mb, 4, 16, 0, 0.3f, all_seven, 7, NULL, 0), &b.cfg, &b.w, &e) <
-            0 ||
+    if (peft_create(&p, meth, &b.cfg, &b.w, &e) < 0 ||
         model_create(&m, &b.cfg, &b.w, p, GC_B, GC_T, &e) < 0)
         fail_msg("%s", e.msg);
     peft_init(p, 3);
@@ -878,40 +827,44 @@ static void test_lora_zero_b_is_base(void **state) {
     model_free(m);
     model_free(base);
     peft_free(p);
+    gc_method_free(meth);
     gc_base_free(&b);
 }
 
-static void gradcheck(const char *label, const Peftps__Method *m, int tied, float perturb,
-                      int training) {
+/* Finite differences of every tensor of the method of the block text. */
+static void gradcheck(const char *label, int tied, float perturb, int training,
+                      const char *method) {
+    Peftps__Method *m = gc_method("%s", method);
     gc_opts o = {
         .label = label, .method = m, .tied = tied, .perturb = perturb, .training = training};
     int failures = gc_run(&o);
+    gc_method_free(m);
     if (failures != 0)
         fail_msg("%s: %d gradient entries disagree (or setup failed)", label, failures);
 }
 
+#define ALL_SEVEN "[Q_PROJ, K_PROJ, V_PROJ, O_PROJ, GATE_PROJ, UP_PROJ, DOWN_PROJ]"
+
 static void test_gradcheck_lora(void **state) {
-    method_block mb;
-    uint32_t l1[1] = {1};
     /* B made non-zero, or A would get no gradient to check */
-    gradcheck("lora-qv", lora_block(&mb, 4, 8, 0, 0, NULL, 0, NULL, 0), 0, 0.1f, 0);
-    gradcheck("lora-all", lora_block(&mb, 3, 6, 0, 0, all_seven, 7, NULL, 0), 0, 0.1f, 0);
-    gradcheck("lora-rslora", lora_block(&mb, 4, 8, 1, 0, all_seven, 7, l1, 1), 0, 0.1f, 0);
+    gradcheck("lora-qv", 0, 0.1f, 0, "lora { r: 4 alpha: 8 }");
+    gradcheck("lora-all", 0, 0.1f, 0, "lora { r: 3 alpha: 6 target_modules: " ALL_SEVEN " }");
+    gradcheck("lora-rslora", 0, 0.1f, 0,
+              "lora { r: 4 alpha: 8 use_rslora: true target_modules: " ALL_SEVEN " layers: [1] }");
     /* the dropout mask is fixed by (seed, step, shard), so the loss is a
      * deterministic function of the parameters and can be differentiated */
-    gradcheck("lora-drop", lora_block(&mb, 4, 8, 0, 0.3f, all_seven, 7, NULL, 0), 1, 0.1f, 1);
+    gradcheck("lora-drop", 1, 0.1f, 1,
+              "lora { r: 4 alpha: 8 dropout: 0.3 target_modules: " ALL_SEVEN " }");
 }
 
 static void test_gradcheck_prefix(void **state) {
-    method_block mb;
-    gradcheck("prefix", prefix_block(&mb, 3, 0), 0, 0, 0);
-    gradcheck("prefix-proj", prefix_block(&mb, 3, 6), 0, 0, 0);
+    gradcheck("prefix", 0, 0, 0, "prefix { num_virtual_tokens: 3 }");
+    gradcheck("prefix-proj", 0, 0, 0, "prefix { num_virtual_tokens: 3 projection_hidden: 6 }");
 }
 
 static void test_gradcheck_full(void **state) {
-    method_block mb;
-    gradcheck("full", full_block(&mb), 0, 0, 0);
-    gradcheck("full-tied", full_block(&mb), 1, 0, 0);
+    gradcheck("full", 0, 0, 0, "full {}");
+    gradcheck("full-tied", 1, 0, 0, "full {}");
 }
 
 int main(void) {
