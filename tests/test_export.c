@@ -174,6 +174,27 @@ static export_source *open_source(const char *source, const char *experiment,
     return s;
 }
 
+/* Trains `block` on model_dir for `steps` steps (0: initialised, then
+ * perturbed) into a fresh directory NAME_src, whose path goes to src, and
+ * opens it as a source. *trained receives the tensors written (n floats;
+ * the caller frees them) unless trained is NULL. */
+static export_source *source_of(char *src, size_t src_n, const char *name, const char *model_dir,
+                                const char *block, int steps, float **trained, size_t *n) {
+    char dir[128];
+    snprintf(dir, sizeof dir, "%s_src", name);
+    tmp_dir(src, src_n, dir);
+    Peftps__Experiment *ex = load_exp(model_dir, block, NULL);
+    size_t count;
+    float *t = make_source(src, ex, steps, &count);
+    config_free(ex);
+    if (trained)
+        *trained = t;
+    else
+        free(t);
+    if (n) *n = count;
+    return open_source(src, NULL, NULL);
+}
+
 static void assert_params(const peft *p, const float *want, size_t n) {
     assert_int_equal(p->n_params, n);
     for (int i = 0; i < p->n_tensors; i++) {
@@ -304,14 +325,10 @@ static const char lora_block[] = "lora { r: 4 alpha: 8 dropout: 0.05 "
 static void test_lora_peft_round_trip(void **state) {
     (void)state;
     char src[512], out[512];
-    tmp_dir(src, sizeof src, "lora_src");
     tmp_dir(out, sizeof out, "lora_peft");
-    Peftps__Experiment *ex = load_exp(TINY, lora_block, NULL);
     size_t n;
-    float *trained = make_source(src, ex, 3, &n);
-    config_free(ex);
-
-    export_source *s = open_source(src, NULL, NULL);
+    float *trained;
+    export_source *s = source_of(src, sizeof src, "lora", TINY, lora_block, 3, &trained, &n);
     assert_int_equal(s->kind, EXPORT_TRAIN_DIR);
     assert_params(s->p, trained, n);
     err e;
@@ -390,14 +407,11 @@ static void test_lora_peft_round_trip(void **state) {
 static void test_lora_config_all_layers(void **state) {
     (void)state;
     char src[512], out[512];
-    tmp_dir(src, sizeof src, "lora_all_src");
     tmp_dir(out, sizeof out, "lora_all_peft");
     const char *block = "lora { r: 2 alpha: 2.5 use_rslora: true }";
-    Peftps__Experiment *ex = load_exp(TINY, block, NULL);
     size_t n;
-    float *trained = make_source(src, ex, 0, &n);
-    config_free(ex);
-    export_source *s = open_source(src, NULL, NULL);
+    float *trained;
+    export_source *s = source_of(src, sizeof src, "lora_all", TINY, block, 0, &trained, &n);
     err e;
     if (export_peft(s, out, &e) < 0) fail_msg("%s", e.msg);
     json_t *c = load_json(out, "adapter_config.json");
@@ -418,14 +432,11 @@ static void test_lora_config_all_layers(void **state) {
 static void test_prefix_peft_round_trip(void **state) {
     (void)state;
     char src[512], out[512];
-    tmp_dir(src, sizeof src, "prefix_src");
     tmp_dir(out, sizeof out, "prefix_peft");
     const char *block = "prefix { num_virtual_tokens: 3 }";
-    Peftps__Experiment *ex = load_exp(TINY, block, NULL);
     size_t n;
-    float *trained = make_source(src, ex, 3, &n);
-    config_free(ex);
-    export_source *s = open_source(src, NULL, NULL);
+    float *trained;
+    export_source *s = source_of(src, sizeof src, "prefix", TINY, block, 3, &trained, &n);
     err e;
     if (export_peft(s, out, &e) < 0) fail_msg("%s", e.msg);
 
@@ -503,14 +514,9 @@ static double rel_worst(const char *label, const float *a, const float *b, size_
 static void test_prefix_projection_exports_table(void **state) {
     (void)state;
     char src[512], out[512];
-    tmp_dir(src, sizeof src, "prefix_proj_src");
     tmp_dir(out, sizeof out, "prefix_proj_peft");
     const char *block = "prefix { num_virtual_tokens: 2 projection_hidden: 8 }";
-    Peftps__Experiment *ex = load_exp(TINY, block, NULL);
-    size_t n;
-    free(make_source(src, ex, 2, &n));
-    config_free(ex);
-    export_source *s = open_source(src, NULL, NULL);
+    export_source *s = source_of(src, sizeof src, "prefix_proj", TINY, block, 2, NULL, NULL);
     err e;
     if (export_peft(s, out, &e) < 0) fail_msg("%s", e.msg);
     json_t *c = load_json(out, "adapter_config.json");
@@ -556,17 +562,10 @@ static void test_prefix_projection_exports_table(void **state) {
  * compares logits; returns the source for further checks (close it). */
 static export_source *check_merged(const char *name, const char *model_dir, const char *block,
                                    int steps, size_t shard_bytes, char *out, size_t out_n) {
-    char src[512];
-    char sname[128], oname[128];
-    snprintf(sname, sizeof sname, "%s_src", name);
+    char src[512], oname[128];
     snprintf(oname, sizeof oname, "%s_merged", name);
-    tmp_dir(src, sizeof src, sname);
     tmp_dir(out, out_n, oname);
-    Peftps__Experiment *ex = load_exp(model_dir, block, NULL);
-    size_t n;
-    free(make_source(src, ex, steps, &n));
-    config_free(ex);
-    export_source *s = open_source(src, NULL, NULL);
+    export_source *s = source_of(src, sizeof src, name, model_dir, block, steps, NULL, NULL);
     err e;
     if (export_merged(s, out, shard_bytes, &e) < 0) fail_msg("%s: %s", name, e.msg);
 
@@ -704,22 +703,15 @@ static void test_refusals(void **state) {
     (void)state;
     char src[512], out[512];
     err e;
-    tmp_dir(src, sizeof src, "refuse_prefix_src");
     tmp_dir(out, sizeof out, "refuse_out");
-    Peftps__Experiment *ex = load_exp(TINY, "prefix { num_virtual_tokens: 2 }", NULL);
-    size_t n;
-    free(make_source(src, ex, 0, &n));
-    config_free(ex);
-    export_source *s = open_source(src, NULL, NULL);
+    export_source *s = source_of(src, sizeof src, "refuse_prefix", TINY,
+                                 "prefix { num_virtual_tokens: 2 }", 0, NULL, NULL);
     assert_int_equal(export_merged(s, out, 0, &e), -1);
     assert_non_null(strstr(e.msg, "--format peft"));
     export_close(s);
 
-    tmp_dir(src, sizeof src, "refuse_lw_src");
-    ex = load_exp(TINY, "layer_wise { first_layer: 1 }", NULL);
-    free(make_source(src, ex, 0, &n));
-    config_free(ex);
-    s = open_source(src, NULL, NULL);
+    s = source_of(src, sizeof src, "refuse_lw", TINY, "layer_wise { first_layer: 1 }", 0, NULL,
+                  NULL);
     assert_int_equal(export_peft(s, out, &e), -1);
     assert_non_null(strstr(e.msg, "no Hugging Face PEFT format"));
     assert_non_null(strstr(e.msg, "--format merged"));
