@@ -34,7 +34,9 @@ PROTO_C  := $(patsubst proto/%.proto,$(BUILD)/proto/%.pb-c.c,$(PROTOS))
 PROTO_H  := $(PROTO_C:.c=.h)
 PROTO_O  := $(PROTO_C:.c=.o)
 
-COMMON_SRC := $(wildcard common/*.c)
+# common/ is split into rooms by floor (base, config, model, methods, data,
+# train, net); every room's sources go into one library.
+COMMON_SRC := $(wildcard common/*/*.c)
 COMMON_O   := $(patsubst %.c,$(BUILD)/%.o,$(COMMON_SRC)) $(PROTO_O)
 LIB        := $(BUILD)/libpeftps.a
 
@@ -86,6 +88,10 @@ $(BIN)/peftps-worker: $(WORKER_O) $(LIB)
 	$(CC) $(CFLAGS) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 $(BUILD)/tests/%: $(BUILD)/tests/%.o $(LIB)
+	$(CC) $(CFLAGS) $(LDFLAGS) $^ -o $@ $(LDLIBS) $(CMOCKA_LIBS)
+
+# The plotter is the front end's (cli/), not the library's.
+$(BUILD)/tests/test_svgplot: $(BUILD)/tests/test_svgplot.o $(BUILD)/cli/svgplot.o $(LIB)
 	$(CC) $(CFLAGS) $(LDFLAGS) $^ -o $@ $(LDLIBS) $(CMOCKA_LIBS)
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

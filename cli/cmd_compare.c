@@ -1,8 +1,8 @@
 /* `peftps compare`: several experiments (one per method, same task) each
  * trained through `peftps run` (cli/cmd_run.c) on a local cluster, then one
  * table of what each cost and gained, a JSON record of it and one SVG plot of
- * the loss curves (common/svgplot.h) read from each run's metrics.jsonl.
- * Eval before training is that of `peftps eval` (common/train.h); peak
+ * the loss curves (cli/svgplot.h) read from each run's metrics.jsonl.
+ * Eval before training is that of `peftps eval` (common/train/train.h); peak
  * memory is read from /proc while the server and workers run. */
 #include <dirent.h>
 #include <errno.h>
@@ -19,14 +19,14 @@
 #include <unistd.h>
 
 #include "cli.h"
-#include "cmdline.h"
-#include "config.h"
-#include "fsutil.h"
-#include "log.h"
-#include "progress.h"
-#include "stopsig.h"
+#include "config/cmdline.h"
+#include "config/config.h"
+#include "base/fsutil.h"
+#include "base/log.h"
+#include "base/progress.h"
+#include "base/stopsig.h"
 #include "svgplot.h"
-#include "train.h"
+#include "train/train.h"
 
 static const char compare_usage[] =
     "usage: peftps compare EXPERIMENT.pbtxt... [--workers N] [--out DIR] [--set PATH=VALUE ...]\n\n"

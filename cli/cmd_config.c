@@ -6,8 +6,8 @@
 #include <string.h>
 
 #include "cli.h"
-#include "config.h"
-#include "pbtext.h"
+#include "config/config.h"
+#include "config/pbtext.h"
 
 static void usage(FILE *out) {
     fprintf(out, "usage: peftps config check FILE.pbtxt [--set PATH=VALUE ...]\n"

@@ -1,18 +1,18 @@
 /* `peftps export SOURCE --format peft|merged|tensors --out PATH`: what a run
  * trained, as a Hugging Face PEFT adapter, a merged model directory or a
- * safetensors file of raw tensors, over common/export.h. */
+ * safetensors file of raw tensors, over common/train/export.h. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
-#include "ckpt.h"
+#include "train/ckpt.h"
 #include "cli.h"
-#include "cmdline.h"
-#include "config.h"
-#include "export.h"
-#include "log.h"
+#include "config/cmdline.h"
+#include "config/config.h"
+#include "train/export.h"
+#include "base/log.h"
 
 static const char usage[] =
     "usage: peftps export SOURCE --format peft|merged|tensors --out PATH [options]\n\n"

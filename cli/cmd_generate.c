@@ -1,21 +1,22 @@
 /* `peftps generate MODEL_DIR --prompt TEXT`: samples a continuation from a
  * base model, optionally with a trained adapter, streaming the text as it
- * comes; common/generate.h does the work, common/export.h opens adapters and
- * common/tokenizer.h turns text into ids and back. */
+ * comes; common/model/generate.h does the work, common/train/export.h opens adapters and
+ * common/data/tokenizer.h turns text into ids and back. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "ckpt.h"
+#include "train/ckpt.h"
 #include "cli.h"
-#include "cmdline.h"
-#include "config.h"
-#include "export.h"
-#include "generate.h"
-#include "log.h"
-#include "tokenizer.h"
+#include "config/cmdline.h"
+#include "config/config.h"
+#include "train/export.h"
+#include "model/generate.h"
+#include "data/textstream.h"
+#include "base/log.h"
+#include "data/tokenizer.h"
 
 static const char usage[] =
     "usage: peftps generate MODEL_DIR --prompt TEXT [options]\n\n"
@@ -71,7 +72,7 @@ static char *read_stdin(size_t *len) {
 }
 
 typedef struct printer {
-    generate_text text;
+    textstream text;
     err e;
     int failed;
 } printer;
@@ -80,7 +81,7 @@ typedef struct printer {
 static int print_token(void *ctx, int32_t id) {
     printer *pr = ctx;
     char *piece;
-    if (generate_text_push(&pr->text, id, &piece, &pr->e) < 0) {
+    if (textstream_push(&pr->text, id, &piece, &pr->e) < 0) {
         pr->failed = 1;
         return 1;
     }
@@ -240,7 +241,7 @@ int cmd_generate(int argc, char **argv) {
     if (tok_eos(t) >= 0) stop[n_stop++] = tok_eos(t);
     if (cfg->eos_token_id >= 0 && cfg->eos_token_id != tok_eos(t))
         stop[n_stop++] = cfg->eos_token_id;
-    generate_text_init(&pr.text, t);
+    textstream_init(&pr.text, t);
     double t0 = now_s();
     if (generate_run(g, ids, n_ids, &go, stop, n_stop, print_token, &pr, &out, &n_out, &e) < 0)
         goto fail;
@@ -249,7 +250,7 @@ int cmd_generate(int argc, char **argv) {
         goto fail;
     }
     char *rest;
-    if (generate_text_flush(&pr.text, &rest, &e) < 0) goto fail;
+    if (textstream_flush(&pr.text, &rest, &e) < 0) goto fail;
     fputs(rest, stdout);
     free(rest);
     fputc('\n', stdout);
@@ -265,7 +266,7 @@ fail:
     fflush(stdout);
     fprintf(stderr, "peftps generate: %s\n", e.msg);
 cleanup:
-    generate_text_free(&pr.text);
+    textstream_free(&pr.text);
     generate_close(g);
     if (src)
         export_close(src);

@@ -1,5 +1,5 @@
 /* `peftps inspect CKPT_DIR [--step N]`: lists the checkpoints of an LMDB
- * checkpoint directory (common/ckpt.h) and describes one of them tensor by
+ * checkpoint directory (common/train/ckpt.h) and describes one of them tensor by
  * tensor, with the L2 norms of parameters and AdamW moments. Read-only: safe
  * while a server writes to the same directory. */
 #include <ctype.h>
@@ -11,7 +11,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "ckpt.h"
+#include "train/ckpt.h"
 #include "cli.h"
 
 static void usage(FILE *out) {

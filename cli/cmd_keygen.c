@@ -1,11 +1,11 @@
 /* `peftps keygen OUT_PREFIX`: a new CURVE key pair for a server or a worker,
- * written by common/curve.c as OUT_PREFIX.key (secret) and OUT_PREFIX.pub,
+ * written by common/net/curve.c as OUT_PREFIX.key (secret) and OUT_PREFIX.pub,
  * the files cluster.curve names. */
 #include <stdio.h>
 #include <string.h>
 
 #include "cli.h"
-#include "curve.h"
+#include "net/curve.h"
 
 static const char keygen_usage[] =
     "usage: peftps keygen OUT_PREFIX\n\n"

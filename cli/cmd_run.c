@@ -2,7 +2,7 @@
  * server(s) and N workers as child processes (peftps-server and
  * peftps-worker from the directory of this very binary), shows the server's
  * progress line, forwards Ctrl-C, waits, then evaluates the final tensors in
- * process (common/train.h) and appends the eval line to metrics.jsonl, so
+ * process (common/train/train.h) and appends the eval line to metrics.jsonl, so
  * the outputs are those of `peftps train` (cli/cmd_train.c). */
 #include <errno.h>
 #include <limits.h>
@@ -16,11 +16,11 @@
 #include <unistd.h>
 
 #include "cli.h"
-#include "config.h"
-#include "log.h"
-#include "progress.h"
-#include "stopsig.h"
-#include "train.h"
+#include "config/config.h"
+#include "base/log.h"
+#include "base/progress.h"
+#include "base/stopsig.h"
+#include "train/train.h"
 
 static const char run_usage[] =
     "usage: peftps run EXPERIMENT.pbtxt [--workers N] [--set PATH=VALUE ...]\n\n"

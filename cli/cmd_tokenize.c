@@ -1,6 +1,6 @@
-/* `peftps tokenize MODEL_DIR ...`: the model's tokenizer (common/tokenizer.h)
+/* `peftps tokenize MODEL_DIR ...`: the model's tokenizer (common/data/tokenizer.h)
  * from the command line: text to ids, ids to text, and a data file into its
- * token cache (common/data.h), so that training starts from a ready cache. */
+ * token cache (common/data/data.h), so that training starts from a ready cache. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -9,10 +9,10 @@
 #include <sys/stat.h>
 
 #include "cli.h"
-#include "cmdline.h"
-#include "data.h"
-#include "model.h"
-#include "tokenizer.h"
+#include "config/cmdline.h"
+#include "data/data.h"
+#include "model/model.h"
+#include "data/tokenizer.h"
 
 static const char usage[] =
     "usage: peftps tokenize MODEL_DIR --text STRING [--no-special]\n"

@@ -1,5 +1,5 @@
 /* `peftps train` and `peftps eval`: one experiment in one process, over
- * common/train.h. Training writes OUTPUT/metrics.jsonl (a JSON object per
+ * common/train/train.h. Training writes OUTPUT/metrics.jsonl (a JSON object per
  * step), OUTPUT/tensors.safetensors (the trained tensors) and
  * OUTPUT/experiment.pbtxt (the resolved experiment). */
 #include <math.h>
@@ -8,13 +8,13 @@
 #include <string.h>
 
 #include "cli.h"
-#include "cmdline.h"
-#include "config.h"
-#include "fsutil.h"
-#include "log.h"
-#include "pbtext.h"
-#include "progress.h"
-#include "train.h"
+#include "config/cmdline.h"
+#include "config/config.h"
+#include "base/fsutil.h"
+#include "base/log.h"
+#include "config/pbtext.h"
+#include "base/progress.h"
+#include "train/train.h"
 
 static const char train_usage[] =
     "usage: peftps train EXPERIMENT.pbtxt [--set PATH=VALUE ...]\n\n"

@@ -4,7 +4,7 @@
 #include <string.h>
 
 #include "cli.h"
-#include "log.h"
+#include "base/log.h"
 
 typedef struct {
     const char *name;

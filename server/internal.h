@@ -7,14 +7,14 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "ckpt.h"
-#include "log.h"
-#include "curve.h"
-#include "httpd.h"
-#include "progress.h"
+#include "train/ckpt.h"
+#include "base/log.h"
+#include "net/curve.h"
+#include "net/httpd.h"
+#include "base/progress.h"
 #include "server.h"
-#include "train.h"
-#include "wire.h"
+#include "train/train.h"
+#include "net/wire.h"
 
 /* A worker (or a peer) that holds no parameters yet. */
 #define NO_VERSION UINT64_MAX

@@ -1,5 +1,5 @@
 /* `peftps-server`: the parameter server program. Reads the experiment
- * (common/config.h), runs server/server.c until the last step, and maps the
+ * (common/config/config.h), runs server/server.c until the last step, and maps the
  * outcome to an exit status: 0 done, 1 failed while running, 2 bad usage or
  * input (including a refused checkpoint), 128+signal when stopped. */
 #include <signal.h>
@@ -7,10 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cmdline.h"
-#include "config.h"
-#include "log.h"
-#include "stopsig.h"
+#include "config/cmdline.h"
+#include "config/config.h"
+#include "base/log.h"
+#include "base/stopsig.h"
 #include "server.h"
 
 static const char usage[] =

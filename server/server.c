@@ -1,7 +1,7 @@
 /* The parameter server's state machine (see server.h): a ROUTER socket, a
  * table of registered workers, the shard slots of the current step, and the
  * event loop that ties them together with visible timeouts and heartbeats.
- * Arithmetic is common/train.h's, so a step gives the bits of trainer_step;
+ * Arithmetic is common/train/train.h's, so a step gives the bits of trainer_step;
  * with several servers, peers.c joins their norms. */
 #include "internal.h"
 
@@ -16,11 +16,11 @@
 
 #include <zmq.h>
 
-#include "config.h"
-#include "fsutil.h"
-#include "log.h"
-#include "optim.h"
-#include "pbtext.h"
+#include "config/config.h"
+#include "base/fsutil.h"
+#include "base/log.h"
+#include "train/optim.h"
+#include "config/pbtext.h"
 
 /* More registrations than this are refused: a table that any peer can grow
  * must have a bound. */

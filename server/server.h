@@ -3,14 +3,14 @@
  * registers workers, hands out the shards of each step, sums the pushed
  * gradients in shard order, updates, checkpoints and writes the outputs.
  * server/main.c is the program around it; the messages are those of
- * common/wire.h, the arithmetic that of common/train.h, the checkpoints
- * those of common/ckpt.h. */
+ * common/net/wire.h, the arithmetic that of common/train/train.h, the checkpoints
+ * those of common/train/ckpt.h. */
 #ifndef PEFTPS_SERVER_H
 #define PEFTPS_SERVER_H
 
 #include <stdint.h>
 
-#include "err.h"
+#include "base/err.h"
 #include "peftps.pb-c.h"
 
 typedef struct server server;

@@ -16,10 +16,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model.h"
-#include "pbtext.h"
-#include "peft.h"
-#include "rng.h"
+#include "model/model.h"
+#include "config/pbtext.h"
+#include "model/peft.h"
+#include "methods/registry.h"
+#include "base/rng.h"
 
 /* The tiny model: 2 layers, hidden 16, 4 query heads and 2 kv heads of 4,
  * intermediate 24, vocabulary 32; batches of B=2 sequences of T=5. */
@@ -249,7 +250,7 @@ static inline int gc_run(const gc_opts *o) {
         printf("%s: out of memory\n", o->label);
         goto out;
     }
-    if (peft_create(&p, o->method, &b.cfg, &b.w, &e) < 0 ||
+    if (methods_create(&p, o->method, &b.cfg, &b.w, &e) < 0 ||
         model_create(&m, &b.cfg, &b.w, p, GC_B, GC_T, &e) < 0 ||
         (o->prepare && o->prepare(p, m, o->ctx, &e) < 0)) {
         printf("%s: %s\n", o->label, e.msg);

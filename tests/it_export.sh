@@ -1,6 +1,6 @@
 #!/bin/sh
 # `peftps export` and `peftps generate` as a user runs them (cli/cmd_export.c,
-# cli/cmd_generate.c over common/export.h and common/generate.h): train LoRA,
+# cli/cmd_generate.c over common/train/export.h and common/model/generate.h): train LoRA,
 # prefix and layer-wise examples for a few steps, export them in each format,
 # check the files, generate with each adapter kind (reproducible per seed, the
 # same greedy text with and without the KV cache, a merged model like its

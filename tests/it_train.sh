@@ -4,7 +4,7 @@
 # tensors reproduce the run's own final eval and lower the eval loss below the
 # untrained model's, the written experiment reruns to the same bits, and bad
 # input fails with exit 2 and a message. Run from the repository root with
-# $BIN set (tests/run.sh does); uses cli/cmd_train.c over common/train.h.
+# $BIN set (tests/run.sh does); uses cli/cmd_train.c over common/train/train.h.
 BIN=${BIN:-bin}
 PEFTPS="$BIN/peftps"
 STEPS=30

@@ -1,4 +1,4 @@
-/* Tests of common/ckpt.c: bit-identical round trips, pruning, latest step,
+/* Tests of common/train/ckpt.c: bit-identical round trips, pruning, latest step,
  * CRC checks against bytes damaged in data.mdb, fingerprint and layout
  * refusals, map growth from a tiny map, a writer SIGKILLed mid-write, and
  * directories that are not checkpoints. Temporary directories live in /tmp. */
@@ -21,7 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "ckpt.h"
+#include "train/ckpt.h"
 
 /* ---- helpers -------------------------------------------------------------- */
 

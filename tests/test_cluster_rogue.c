@@ -26,11 +26,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "config.h"
-#include "curve.h"
-#include "model.h"
-#include "train.h"
-#include "wire.h"
+#include "config/config.h"
+#include "net/curve.h"
+#include "model/model.h"
+#include "train/train.h"
+#include "net/wire.h"
 
 #define EXP "examples/lora.pbtxt"
 #define STEPS "12"

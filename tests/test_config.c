@@ -1,4 +1,4 @@
-/* Tests of common/config.c: every default written into the experiment, each
+/* Tests of common/config/config.c: every default written into the experiment, each
  * check of meaning with the exact location of its error (file:line:col, the
  * file, or the --set that caused it), overrides in order, the fingerprint
  * and the --set argument helper. Model directories and data files are
@@ -17,8 +17,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "config.h"
-#include "sha256.h"
+#include "config/config.h"
+#include "base/sha256.h"
 
 static char tmp[64];
 

@@ -1,4 +1,4 @@
-/* Tests of common/data.c: windows and labels of .tokens files written here,
+/* Tests of common/data/data.c: windows and labels of .tokens files written here,
  * the (step, shard) -> sequences map and its wrap-around, every error, and
  * that the committed fixtures tests/fixtures/tiny*.tokens load. TEXT and
  * JSONL through a small byte-level tokenizer written here: the packed
@@ -19,8 +19,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "data.h"
-#include "tokenizer.h"
+#include "data/data.h"
+#include "data/tokenizer.h"
 
 static char dir[64];
 

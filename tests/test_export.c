@@ -1,4 +1,4 @@
-/* Export (common/export.h) end to end on the tiny fixtures: trained LoRA and
+/* Export (common/train/export.h) end to end on the tiny fixtures: trained LoRA and
  * prefix tensors survive the PEFT layout and come back through init_from
  * bit for bit; the adapter's key names, shapes and adapter_config.json
  * fields are PEFT's, asserted one by one; a merged model gives the logits of
@@ -21,14 +21,15 @@
 
 #include <cmocka.h>
 
-#include "ckpt.h"
-#include "config.h"
-#include "export.h"
-#include "pbtext.h"
-#include "peft.h"
-#include "rng.h"
-#include "safetensors.h"
-#include "train.h"
+#include "train/ckpt.h"
+#include "config/config.h"
+#include "train/export.h"
+#include "config/pbtext.h"
+#include "model/peft.h"
+#include "methods/registry.h"
+#include "base/rng.h"
+#include "model/safetensors.h"
+#include "train/train.h"
 
 #define TINY "tests/fixtures/tiny-llama"
 #define TIED "tests/fixtures/reference/tied"
@@ -134,7 +135,7 @@ static float *make_source(const char *dir, const Peftps__Experiment *ex, int ste
         p = t->p;
     } else {
         if (model_files_open(&mf, ex->model->path, &e) < 0 ||
-            peft_create(&p, ex->method, model_files_config(mf), model_files_weights(mf), &e) < 0)
+            methods_create(&p, ex->method, model_files_config(mf), model_files_weights(mf), &e) < 0)
             fail_msg("%s", e.msg);
         peft_init(p, ex->seed);
     }

@@ -1,4 +1,4 @@
-/* Generation (common/generate.h) on the tiny model: the KV-cache logits of
+/* Generation (common/model/generate.h) on the tiny model: the KV-cache logits of
  * every position equal the full recompute through model_forward (fed one
  * token at a time, in small chunks, and across the chunk size), for the base
  * and with LoRA, prefix tuning (with and without projection), layer-wise and
@@ -19,12 +19,14 @@
 
 #include <cmocka.h>
 
-#include "config.h"
-#include "generate.h"
-#include "pbtext.h"
-#include "peft.h"
-#include "rng.h"
-#include "tokenizer.h"
+#include "config/config.h"
+#include "model/generate.h"
+#include "data/textstream.h"
+#include "config/pbtext.h"
+#include "model/peft.h"
+#include "methods/registry.h"
+#include "base/rng.h"
+#include "data/tokenizer.h"
 
 #define TINY "tests/fixtures/tiny-llama"
 
@@ -78,7 +80,7 @@ static peft *make_method(const char *block) {
     assert_true(n_blocks_made < 32);
     blocks_made[n_blocks_made++] = ex; /* the peft points into it */
     peft *p = NULL;
-    if (peft_create(&p, ex->method, cfg, weights, &e) < 0) fail_msg("%s: %s", block, e.msg);
+    if (methods_create(&p, ex->method, cfg, weights, &e) < 0) fail_msg("%s: %s", block, e.msg);
     peft_init(p, 4);
     rng r;
     rng_seed(&r, 17, 0, 0, 0);
@@ -433,12 +435,12 @@ static void test_stops_and_limits(void **state) {
 
 /* Pushes the bytes of s one id each (the fixture's ids are bytes) and
  * returns the pieces joined by '|'. */
-static void pieces(generate_text *st, const char *s, size_t n, char *out, size_t cap) {
+static void pieces(textstream *st, const char *s, size_t n, char *out, size_t cap) {
     out[0] = '\0';
     err e;
     for (size_t i = 0; i < n; i++) {
         char *piece;
-        if (generate_text_push(st, (unsigned char)s[i], &piece, &e) < 0) fail_msg("%s", e.msg);
+        if (textstream_push(st, (unsigned char)s[i], &piece, &e) < 0) fail_msg("%s", e.msg);
         strncat(out, piece, cap - strlen(out) - 1);
         strncat(out, "|", cap - strlen(out) - 1);
         free(piece);
@@ -452,8 +454,8 @@ static void test_text_stream(void **state) {
     if (tok_open(&t, TINY, &e) < 0)
         fail_msg("%s (run tests/reference/make_tiny_tokenizer.py)", e.msg);
     assert_int_equal(tok_vocab_size(t), 256);
-    generate_text st;
-    generate_text_init(&st, t);
+    textstream st;
+    textstream_init(&st, t);
     char out[256];
     /* 2-byte é and 4-byte 😀 come out whole, on the token that completes them */
     const char text[] = "a\xc3\xa9z\xf0\x9f\x98\x80!";
@@ -473,18 +475,18 @@ static void test_text_stream(void **state) {
     pieces(&st, "\xe2\x82", 2, out, sizeof out);
     assert_string_equal(out, "||");
     char *rest;
-    assert_int_equal(generate_text_flush(&st, &rest, &e), 0);
+    assert_int_equal(textstream_flush(&st, &rest, &e), 0);
     assert_string_equal(rest, "\xef\xbf\xbd");
     free(rest);
-    assert_int_equal(generate_text_flush(&st, &rest, &e), 0);
+    assert_int_equal(textstream_flush(&st, &rest, &e), 0);
     assert_string_equal(rest, "");
     free(rest);
     /* an id outside the vocabulary is an error and leaves the stream usable */
     char *piece;
-    assert_int_equal(generate_text_push(&st, 100000, &piece, &e), -1);
+    assert_int_equal(textstream_push(&st, 100000, &piece, &e), -1);
     pieces(&st, "ok", 2, out, sizeof out);
     assert_string_equal(out, "o|k|");
-    generate_text_free(&st);
+    textstream_free(&st);
     tok_close(t);
 }
 

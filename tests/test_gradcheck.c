@@ -16,9 +16,10 @@
 #include <unistd.h>
 
 #include "gradcheck.h"
-#include "peft.h"
-#include "rng.h"
-#include "safetensors.h"
+#include "model/peft.h"
+#include "methods/registry.h"
+#include "base/rng.h"
+#include "model/safetensors.h"
 
 /* A created and initialised method over a tiny base. */
 typedef struct fixture {
@@ -38,7 +39,7 @@ static void fixture_open(fixture *f, int tied, uint64_t seed, const char *fmt, .
     err e = {{0}};
     assert_int_equal(gc_base_create(&f->base, tied, 1234), 0);
     f->method = gc_method("%s", text);
-    if (peft_create(&f->p, f->method, &f->base.cfg, &f->base.w, &e) < 0) fail_msg("%s", e.msg);
+    if (methods_create(&f->p, f->method, &f->base.cfg, &f->base.w, &e) < 0) fail_msg("%s", e.msg);
     peft_init(f->p, seed);
 }
 
@@ -54,7 +55,7 @@ static void expect_create_error(gc_base *base, const char *method, const char *n
     err e = {{0}};
     peft *p = NULL;
     Peftps__Method *m = gc_method("%s", method);
-    assert_int_equal(peft_create(&p, m, &base->cfg, &base->w, &e), -1);
+    assert_int_equal(methods_create(&p, m, &base->cfg, &base->w, &e), -1);
     assert_null(p);
     gc_method_free(m);
     if (!strstr(e.msg, needle)) fail_msg("error \"%s\" does not say \"%s\"", e.msg, needle);
@@ -85,23 +86,23 @@ static void test_registry(void **state) {
     static const char *const names[] = {
         "", "lora", "prefix", "layer_wise", "attention_heads", "subnetwork", "full"};
     Peftps__Method m = PEFTPS__METHOD__INIT;
-    assert_null(peft_method_find(&m));
-    assert_null(peft_method_find(NULL));
+    assert_null(methods_find(&m));
+    assert_null(methods_find(NULL));
     for (int k = PEFTPS__METHOD__KIND_LORA; k <= PEFTPS__METHOD__KIND_FULL; k++) {
         m.kind_case = (Peftps__Method__KindCase)k;
-        const peft_method *pm = peft_method_find(&m);
+        const peft_method *pm = methods_find(&m);
         assert_non_null(pm);
         assert_string_equal(pm->name, names[k]);
     }
     m.kind_case = (Peftps__Method__KindCase)7;
-    assert_null(peft_method_find(&m));
+    assert_null(methods_find(&m));
 
     gc_base b;
     assert_int_equal(gc_base_create(&b, 0, 1), 0);
     Peftps__Method none = PEFTPS__METHOD__INIT;
     peft *p = (peft *)&b; /* must be overwritten with NULL */
     err e = {{0}};
-    assert_int_equal(peft_create(&p, &none, &b.cfg, &b.w, &e), -1);
+    assert_int_equal(methods_create(&p, &none, &b.cfg, &b.w, &e), -1);
     assert_null(p);
     assert_non_null(strstr(e.msg, "no method block"));
     gc_base_free(&b);
@@ -256,7 +257,7 @@ static void test_lora_layout(void **state) {
                         "post_attention_layernorm is not supported");
     /* PEFT's defaults without r and alpha: r = 8, alpha = 8 */
     Peftps__Method *defaults = gc_method("lora {}");
-    assert_int_equal(peft_create(&p, defaults, &base.cfg, &base.w, &e), 0);
+    assert_int_equal(methods_create(&p, defaults, &base.cfg, &base.w, &e), 0);
     assert_int_equal(peft_num_trainable(p),
                      lora_expected(&base.cfg, 8, PEFT_BIT(LW_Q) | PEFT_BIT(LW_V), 2));
     peft_free(p);
@@ -807,7 +808,7 @@ static void test_lora_zero_b_is_base(void **state) {
     int32_t tokens[GC_B * GC_T], labels[GC_B * GC_T];
     gc_batch(&b.cfg, tokens, labels, GC_B, GC_T, 11);
     if (model_create(&base, &b.cfg, &b.w, NULL, GC_B, GC_T, &e) < 0) fail_msg("%s", e.msg);
-    if (peft_create(&p, meth, &b.cfg, &b.w, &e) < 0 ||
+    if (methods_create(&p, meth, &b.cfg, &b.w, &e) < 0 ||
         model_create(&m, &b.cfg, &b.w, p, GC_B, GC_T, &e) < 0)
         fail_msg("%s", e.msg);
     peft_init(p, 3);

@@ -15,11 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "delta.h"
+#include "methods/delta.h"
 #include "gradcheck.h"
-#include "methods.h"
-#include "peft.h"
-#include "rng.h"
+#include "methods/registry.h"
+#include "model/peft.h"
+#include "base/rng.h"
 
 /* Calibration batch i of the tiny model. */
 static int batch_fn(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e) {
@@ -61,7 +61,7 @@ static void fx_method(fx *f, int calibrate, uint64_t seed, const char *fmt, ...)
     va_end(ap);
     err e = {{0}};
     f->meth = gc_method("%s", text);
-    if (peft_create(&f->p, f->meth, &f->b.cfg, &f->b.w, &e) < 0) fail_msg("create: %s", e.msg);
+    if (methods_create(&f->p, f->meth, &f->b.cfg, &f->b.w, &e) < 0) fail_msg("create: %s", e.msg);
     if (model_create(&f->m, &f->b.cfg, &f->b.w, f->p, GC_B, GC_T, &e) < 0)
         fail_msg("model: %s", e.msg);
     if (calibrate && peft_calibrate(f->p, f->m, batch_fn, &f->b.cfg, CALIB_BATCHES, &e) < 0)
@@ -753,7 +753,7 @@ static void test_merge(void **state) {
 static void expect_error_of(fx *f, Peftps__Method *m, const char *needle) {
     err e = {{0}};
     peft *p = NULL;
-    assert_int_equal(peft_create(&p, m, &f->b.cfg, &f->b.w, &e), -1);
+    assert_int_equal(methods_create(&p, m, &f->b.cfg, &f->b.w, &e), -1);
     assert_null(p);
     gc_method_free(m);
     if (!strstr(e.msg, needle)) fail_msg("error \"%s\" does not say \"%s\"", e.msg, needle);
@@ -795,7 +795,7 @@ static void test_errors(void **state) {
     /* top_k cannot rank without batches. */
     err e = {{0}};
     f.meth = gc_method("attention_heads { top_k: 2 }");
-    assert_int_equal(peft_create(&f.p, f.meth, &f.b.cfg, &f.b.w, &e), 0);
+    assert_int_equal(methods_create(&f.p, f.meth, &f.b.cfg, &f.b.w, &e), 0);
     assert_int_equal(f.p->n_tensors, 0);
     assert_int_equal(heads_chosen(f.p, NULL, NULL, 0), -1);
     assert_int_equal(model_create(&f.m, &f.b.cfg, &f.b.w, f.p, GC_B, GC_T, &e), 0);

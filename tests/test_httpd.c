@@ -1,4 +1,4 @@
-/* Tests of common/httpd.c: the exact Prometheus text of counters, gauges and
+/* Tests of common/net/httpd.c: the exact Prometheus text of counters, gauges and
  * histograms (cumulative buckets, inclusive bounds, special values), every
  * registration error, and the HTTP side over a real TCP connection on an
  * ephemeral loopback port with a plain socket client: status codes, content
@@ -22,7 +22,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
-#include "httpd.h"
+#include "net/httpd.h"
 
 static const char prom_type[] = "text/plain; version=0.0.4; charset=utf-8";
 

@@ -1,4 +1,4 @@
-/* Tests of common/kernels.c: each backward against central finite
+/* Tests of common/model/kernels.c: each backward against central finite
  * differences of its forward on small random inputs, forwards against
  * direct double-precision formulas, and the numerically delicate cases
  * (large scores and logits, ignored labels, causal blocks, rope scaling).
@@ -22,7 +22,7 @@
 
 #include <cmocka.h>
 
-#include "kernels.h"
+#include "model/kernels.h"
 
 #define FD_H 1e-2f
 #define FD_TOL 2e-3

@@ -1,5 +1,5 @@
-/* Tests of common/modelcfg.c (config.json, weight names and shapes) and
- * common/modelfile.c (opening a model directory: single file, shards, tied
+/* Tests of common/model/modelcfg.c (config.json, weight names and shapes) and
+ * common/model/modelfile.c (opening a model directory: single file, shards, tied
  * embeddings, BF16 conversion, fingerprints and every binding error). Model
  * directories are written with st_write into a temporary directory. */
 #include <setjmp.h>
@@ -18,8 +18,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "model.h"
-#include "safetensors.h"
+#include "model/model.h"
+#include "model/safetensors.h"
 
 static char tmpdir[64];
 

@@ -1,4 +1,4 @@
-/* Tests of common/rng.c and common/optim.c: the random streams against the
+/* Tests of common/base/rng.c and common/train/optim.c: the random streams against the
  * published xoshiro256** and splitmix64 definitions and basic statistics;
  * AdamW, clipping and the schedule against a PyTorch run written by
  * tests/reference/make_optim_fixture.py (tests/fixtures/reference/optim_adamw.bin). */
@@ -14,8 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "optim.h"
-#include "rng.h"
+#include "train/optim.h"
+#include "base/rng.h"
 
 #define FIXTURE "tests/fixtures/reference/optim_adamw.bin"
 

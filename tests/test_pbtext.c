@@ -1,4 +1,4 @@
-/* Tests of common/pbtext.c: every scalar type and its limits (on the
+/* Tests of common/config/pbtext.c: every scalar type and its limits (on the
  * test-only messages of proto/testmsg.proto), the exact file:line:col of each
  * error class, dotted-path overrides, field locations, the canonical writer
  * and parse(print(m)) == m on every example in examples/. */
@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pbtext.h"
+#include "config/pbtext.h"
 #include "peftps.pb-c.h"
 #include "testmsg.pb-c.h"
 

@@ -26,10 +26,11 @@
 
 #include <cmocka.h>
 
-#include "kernels.h"
-#include "model.h"
-#include "peft.h"
-#include "safetensors.h"
+#include "model/kernels.h"
+#include "model/model.h"
+#include "model/peft.h"
+#include "methods/registry.h"
+#include "model/safetensors.h"
 
 #define REF_DIR "tests/fixtures/reference"
 #define TINY_DIR "tests/fixtures/tiny-llama"
@@ -204,7 +205,7 @@ static int run_case(const char *variant, const char *name) {
     const Peftps__Method *mcfg = method_for(&mc, name);
     peft *p = NULL;
     if (mcfg) {
-        if (peft_create(&p, mcfg, cfg, w, &e) < 0) fail_msg("%s/%s: %s", variant, name, e.msg);
+        if (methods_create(&p, mcfg, cfg, w, &e) < 0) fail_msg("%s/%s: %s", variant, name, e.msg);
         peft_init(p, 1234);
     }
     int ok = 1, n_params = 0, n_grads = 0;
@@ -350,7 +351,7 @@ static void partial_backward_case(const char *name) {
     const model_weights *w = model_files_weights(mf);
     method_cfg mc;
     peft *p;
-    if (peft_create(&p, method_for(&mc, name), cfg, w, &e) < 0) fail_msg("%s", e.msg);
+    if (methods_create(&p, method_for(&mc, name), cfg, w, &e) < 0) fail_msg("%s", e.msg);
     peft_init(p, 7);
     peft_refresh(p);
     float *first = malloc(p->n_params * sizeof(float));

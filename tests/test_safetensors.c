@@ -1,5 +1,5 @@
-/* Tests of common/safetensors.c (reader, writer, half-precision conversions)
- * and of the hashes it sits beside, common/sha256.c and common/crc32c.c.
+/* Tests of common/model/safetensors.c (reader, writer, half-precision conversions)
+ * and of the hashes it sits beside, common/base/sha256.c and common/base/crc32c.c.
  * Conversion references are digests of numpy/PyTorch results (see the
  * comments at each constant). */
 #include <setjmp.h>
@@ -17,9 +17,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "crc32c.h"
-#include "safetensors.h"
-#include "sha256.h"
+#include "base/crc32c.h"
+#include "model/safetensors.h"
+#include "base/sha256.h"
 
 /* ---- helpers -------------------------------------------------------------- */
 /* Run from the repository root (the fuzz corpus is read from tests/fuzz). */

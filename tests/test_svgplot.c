@@ -1,4 +1,4 @@
-/* Tests of common/svgplot.c: tick placement against hand-worked ranges,
+/* Tests of cli/svgplot.c: tick placement against hand-worked ranges,
  * points landing on the pixels the layout implies, breaks at non-finite
  * points, escaping, the errors, and that the SVG is well-formed XML (a small
  * checker here, and Python's xml.etree when /usr/bin/python3 is there). */
@@ -15,7 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "svgplot.h"
+#include "cli/svgplot.h"
 
 /* ---- ticks ---------------------------------------------------------------- */
 

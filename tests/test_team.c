@@ -1,4 +1,4 @@
-/* Tests of common/team.c and of the parallel paths of kernels.c and
+/* Tests of common/base/team.c and of the parallel paths of kernels.c and
  * model.c: every task runs once, nested and concurrent calls stay correct,
  * the products cut into parts and the row loops agree with direct double
  * formulas at sizes where they are cut, and a training step gives the same
@@ -21,11 +21,12 @@
 #include <cblas.h>
 #include <cmocka.h>
 
-#include "kernels.h"
-#include "model.h"
-#include "peft.h"
-#include "rng.h"
-#include "team.h"
+#include "model/kernels.h"
+#include "model/model.h"
+#include "model/peft.h"
+#include "methods/registry.h"
+#include "base/rng.h"
+#include "base/team.h"
 
 extern char **environ;
 
@@ -436,7 +437,7 @@ static float *step_outputs(int which, size_t *n) {
     peft *p;
     model *m;
     int B = 4, T = 128;
-    if (peft_create(&p, &mc, &cfg, &w, &e) < 0 || model_create(&m, &cfg, &w, p, B, T, &e) < 0)
+    if (methods_create(&p, &mc, &cfg, &w, &e) < 0 || model_create(&m, &cfg, &w, p, B, T, &e) < 0)
         fail_msg("%s: %s", methods[which], e.msg);
     peft_init(p, 5);
     /* LoRA's B starts at zero; move it so every gradient is non-trivial. */

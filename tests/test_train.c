@@ -1,4 +1,4 @@
-/* The one-process trainer (common/train.h) end to end: 20 AdamW steps of LoRA
+/* The one-process trainer (common/train/train.h) end to end: 20 AdamW steps of LoRA
  * and of full fine-tuning against the PyTorch runs recorded by
  * tests/reference/make_train_fixture.py (loss, lr and grad norm of every step,
  * and the final tensors), then properties no fixture can show: the loss falls
@@ -33,10 +33,10 @@
 
 #include <cmocka.h>
 
-#include "config.h"
-#include "peft.h"
-#include "safetensors.h"
-#include "train.h"
+#include "config/config.h"
+#include "model/peft.h"
+#include "model/safetensors.h"
+#include "train/train.h"
 
 #define REF_DIR "tests/fixtures/reference"
 #define LORA_INIT REF_DIR "/train_lora_init.safetensors"

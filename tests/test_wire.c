@@ -1,4 +1,4 @@
-/* Tests of common/wire.c over real ZeroMQ ROUTER/DEALER pairs, on inproc://
+/* Tests of common/net/wire.c over real ZeroMQ ROUTER/DEALER pairs, on inproc://
  * and on tcp://127.0.0.1 with a free port: round trips of every body, every
  * malformed message rejected with its own message while the socket stays in
  * sync, zero-copy lending, the ZMQ_MAXMSGSIZE drop, and the fuzz seeds of
@@ -16,8 +16,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "crc32c.h"
-#include "wire.h"
+#include "base/crc32c.h"
+#include "net/wire.h"
 
 #include "tests/fuzz/fuzz_wire.c"
 

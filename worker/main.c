@@ -1,15 +1,15 @@
 /* `peftps-worker`: the stateless worker program. Reads the experiment
- * (common/config.h) and runs worker/worker.c; exit status 0 when a server
+ * (common/config/config.h) and runs worker/worker.c; exit status 0 when a server
  * said Shutdown, 1 on a failure while working, 2 on bad usage or input or
  * when a server refuses this worker, 128+signal when stopped. */
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "cmdline.h"
-#include "config.h"
-#include "log.h"
-#include "stopsig.h"
+#include "config/cmdline.h"
+#include "config/config.h"
+#include "base/log.h"
+#include "base/stopsig.h"
 #include "worker.h"
 
 static const char usage[] =

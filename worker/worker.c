@@ -17,13 +17,13 @@
 
 #include <zmq.h>
 
-#include "config.h"
-#include "curve.h"
-#include "httpd.h"
-#include "log.h"
-#include "progress.h"
-#include "train.h"
-#include "wire.h"
+#include "config/config.h"
+#include "net/curve.h"
+#include "net/httpd.h"
+#include "base/log.h"
+#include "base/progress.h"
+#include "train/train.h"
+#include "net/wire.h"
 
 #define NO_VERSION UINT64_MAX
 /* Reconnect delays double from the first to the cap. */

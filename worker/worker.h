@@ -1,13 +1,13 @@
 /* The stateless worker: maps the frozen base read-only, registers with each
  * parameter server (server/), and loops pulling parameters, computing the
- * gradient of the shards it is assigned (common/train.h's
- * trainer_shard_grad) and pushing them back over common/wire.h. It keeps
+ * gradient of the shards it is assigned (common/train/train.h's
+ * trainer_shard_grad) and pushing them back over common/net/wire.h. It keeps
  * nothing worth saving: killed at any moment, the servers give its shards
  * to others. worker/main.c is the program around it. */
 #ifndef PEFTPS_WORKER_H
 #define PEFTPS_WORKER_H
 
-#include "err.h"
+#include "base/err.h"
 #include "peftps.pb-c.h"
 
 typedef struct worker worker;

@@ -11,14 +11,15 @@
 #include <string.h>
 #include <time.h>
 
-#include "kernels.h"
-#include "model.h"
-#include "optim.h"
-#include "peft.h"
-#include "progress.h"
-#include "rng.h"
-#include "safetensors.h"
-#include "team.h"
+#include "model/kernels.h"
+#include "model/model.h"
+#include "train/optim.h"
+#include "model/peft.h"
+#include "methods/registry.h"
+#include "base/progress.h"
+#include "base/rng.h"
+#include "model/safetensors.h"
+#include "base/team.h"
 
 typedef struct shape {
     const char *name;
@@ -322,7 +323,7 @@ int main(int argc, char **argv) {
     err e;
     peft *p;
     model *m;
-    if (peft_create(&p, &mcfg, &cfg, &w, &e) < 0 ||
+    if (methods_create(&p, &mcfg, &cfg, &w, &e) < 0 ||
         model_create(&m, &cfg, &w, p, s->batch, s->seq, &e) < 0) {
         fprintf(stderr, "bench_train: %s\n", e.msg);
         return 1;

@@ -3,7 +3,7 @@
 pretraining text: the 256 byte tokens under the GPT-2 byte-to-unicode
 mapping, the most frequent merges up to --vocab-size, and two special tokens
 for BOS and EOS. Writes OUT/tokenizer.json in Hugging Face's format (read by
-common/tokenizer.c and by Hugging Face tokenizers) and OUT/tokenizer_config.json.
+common/data/tokenizer.c and by Hugging Face tokenizers) and OUT/tokenizer_config.json.
 Used by `make base-model`; tests/it_demo.sh checks the result.
 
 usage: bpe.py OUT_DIR TEXT.jsonl... [--vocab-size 512]

@@ -1,7 +1,7 @@
 // Encodes lines of text with the Hugging Face reference tokenizer
 // (@huggingface/tokenizers, installed by `make test` into build/cache/npm) to
 // show that the bundled examples/base-model/tokenizer.json is read by Hugging
-// Face's own code the way common/tokenizer.c reads it (tests/it_demo.sh).
+// Face's own code the way common/data/tokenizer.c reads it (tests/it_demo.sh).
 //
 //   node tests/demo/tokref.mjs NPM_PREFIX MODEL_DIR < lines   prints the ids of
 //   each line, BOS included, space-separated, one line per input line

@@ -1,4 +1,4 @@
-/* libFuzzer target for common/pbtext.c: any bytes are parsed as an
+/* libFuzzer target for common/config/pbtext.c: any bytes are parsed as an
  * Experiment (proto/peftps.proto) and as a TestScalars (proto/testmsg.proto,
  * every scalar type). What parses must print and parse back to the same
  * bytes, print the same text again, and free cleanly; a first line
@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pbtext.h"
+#include "config/pbtext.h"
 #include "peftps.pb-c.h"
 #include "testmsg.pb-c.h"
 

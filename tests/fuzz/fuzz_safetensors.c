@@ -1,11 +1,11 @@
-/* libFuzzer target for the safetensors reader (common/safetensors.c): any
+/* libFuzzer target for the safetensors reader (common/model/safetensors.c): any
  * byte string must either open, with every tensor inside the input, or fail
  * with a message; never crash or read out of bounds. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "safetensors.h"
+#include "model/safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     st_file *f;

@@ -1,4 +1,4 @@
-/* libFuzzer target for the wire decoder (common/wire.c, wire_decode): any
+/* libFuzzer target for the wire decoder (common/net/wire.c, wire_decode): any
  * set of frames must either decode into views that lie inside the frames
  * and agree with their headers, or fail with a message; never crash or read
  * out of bounds. tests/test_wire.c includes this file to run the seeds.
@@ -11,8 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "crc32c.h"
-#include "wire.h"
+#include "base/crc32c.h"
+#include "net/wire.h"
 
 #define FUZZ_WIRE_MAX_FRAMES 64
 

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Reference numbers for the C model (common/model.c, common/kernels.c).
+"""Reference numbers for the C model (common/model/model.c, common/model/kernels.c).
 
 Builds tiny Llama-family models in plain PyTorch, written from the
 architecture (no transformers, no peft), and records in float64 the logits,

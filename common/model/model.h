@@ -1,0 +1,189 @@
+/* The decoder-only transformer of the Llama family (Llama, Mistral, Qwen2,
+ * SmolLM, TinyLlama): configuration from config.json, the frozen base
+ * weights, and forward/backward over a batch. The model never asks which
+ * fine-tuning method is active: it calls the hooks of the `peft` object
+ * (peft.h) for effective weights, extra linear terms, prefix keys/values and
+ * gradients. Kernels live in kernels.h; files are read by safetensors.h. */
+#ifndef PEFTPS_MODEL_H
+#define PEFTPS_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/err.h"
+
+/* Weights of one decoder layer, in Hugging Face order. nn.Linear weights are
+ * (out, in), row-major. */
+typedef enum {
+    LW_Q = 0,      /* (Hq*D, C) */
+    LW_K,          /* (Hkv*D, C) */
+    LW_V,          /* (Hkv*D, C) */
+    LW_O,          /* (C, Hq*D) */
+    LW_GATE,       /* (I, C) */
+    LW_UP,         /* (I, C) */
+    LW_DOWN,       /* (C, I) */
+    LW_INPUT_NORM, /* (C) */
+    LW_POST_NORM,  /* (C) */
+    LW_Q_BIAS,     /* (Hq*D), only with attention_bias */
+    LW_K_BIAS,     /* (Hkv*D) */
+    LW_V_BIAS,     /* (Hkv*D) */
+    LW_COUNT
+} layer_weight;
+
+/* Weights outside the layers; used with layer index MODEL_GLOBAL. */
+typedef enum { GW_EMBED = 0, GW_FINAL_NORM, GW_LM_HEAD, GW_COUNT } global_weight;
+#define MODEL_GLOBAL (-1)
+
+typedef enum { ROPE_NONE = 0, ROPE_LINEAR, ROPE_LLAMA3 } rope_scaling_type;
+
+typedef struct model_config {
+    int vocab_size;        /* V */
+    int hidden_size;       /* C */
+    int intermediate_size; /* I */
+    int num_layers;        /* L */
+    int num_heads;         /* Hq */
+    int num_kv_heads;      /* Hkv, divides Hq */
+    int head_dim;          /* D; hidden_size/num_heads unless config.json says */
+    int max_position_embeddings;
+    float rms_norm_eps;
+    float rope_theta;
+    rope_scaling_type rope_scaling;
+    float rope_factor;
+    float rope_low_freq_factor;                /* llama3 */
+    float rope_high_freq_factor;               /* llama3 */
+    int rope_original_max_position_embeddings; /* llama3 */
+    int attention_bias;
+    int tie_word_embeddings;
+    int bos_token_id, eos_token_id; /* -1 when absent */
+} model_config;
+
+/* Parses a Hugging Face config.json text (architectures of the Llama family;
+ * rope_theta/rope_scaling at top level or inside rope_parameters). `path` is
+ * used in messages only. */
+int model_config_parse(model_config *cfg, const char *json_text, const char *path, err *e);
+
+/* Rows and columns of a weight (cols is 1 for vectors); layer may be
+ * MODEL_GLOBAL with a global_weight kind. Returns 0 for an absent weight
+ * (a bias without attention_bias). */
+size_t model_weight_shape(const model_config *cfg, int layer, int kind, int *rows, int *cols);
+
+/* The Hugging Face tensor name of a weight, e.g. "model.layers.3.self_attn.q_proj.weight". */
+void model_weight_name(const model_config *cfg, int layer, int kind, char *buf, size_t n);
+
+/* Pointers to the frozen base weights (F32), typically into read-only mapped
+ * files. lm_head == embed when tie_word_embeddings. Absent biases are NULL. */
+typedef struct model_weights {
+    const float *global[GW_COUNT];
+    const float *(*layer)[LW_COUNT]; /* num_layers entries */
+} model_weights;
+
+typedef struct peft peft;
+typedef struct model model;
+
+/* What a forward reads: the base and the method (NULL: none), which may
+ * replace weights, add to linears' outputs and put a prefix before the keys
+ * and values. model.c and generate.c both read through it. */
+typedef struct model_view {
+    const model_config *cfg;
+    const model_weights *w;
+    peft *p;
+} model_view;
+
+/* The weight (layer, kind) in use: the method's when it replaces it, else
+ * the base's. A bias is NULL for a model without attention_bias; a tied
+ * lm_head is the embedding in use. */
+const float *model_view_weight(const model_view *v, int layer, int kind);
+const float *model_view_bias(const model_view *v, int layer, int kind);
+const float *model_view_lm_head(const model_view *v);
+/* The method's addition to y (n rows), the output of linear (layer, kind)
+ * for input x; nothing without a method or hook. */
+void model_view_hook(const model_view *v, int layer, int kind, const float *x, float *y, int n);
+/* The method's prefix positions before layer's keys and values (0: none),
+ * with their rows (stride floats apart) in *k and *val. */
+int model_view_prefix(const model_view *v, int layer, const float **k, const float **val,
+                      size_t *stride);
+
+/* Where one decoder layer's forward reads and writes, for B sequences of T
+ * tokens (N = B*T rows): model_forward's stored activations, or the scratch
+ * and KV cache of generate.c. */
+typedef struct model_layer_io {
+    const float *in;       /* (N,C) the residual stream into the layer */
+    float *mid;            /* (N,C) the stream after attention; may be in */
+    float *out;            /* (N,C) the stream out of the layer; may be mid */
+    float *ln;             /* (N,C) scratch for a norm's output */
+    float *rstd1, *rstd2;  /* (N) the two norms' reciprocal RMS; may be one */
+    float *q, *k, *v;      /* (N,Hq*D), (N,Hkv*D), (N,Hkv*D); rotated here */
+    float *atty;           /* (N,Hq*D) attention output */
+    float *gate, *up, *h;  /* (N,I) */
+    float *probs;          /* (B,Hq,T,P+T) attention probabilities kept, or NULL */
+    float *attsc;          /* without probs: (T,P+T) scratch */
+    const float *rope_cos; /* rotary tables (rope_init) covering pos0 + T */
+    const float *rope_sin;
+    const float *kp, *vp; /* (P, pstride) keys and values every token sees, */
+    size_t pstride;       /* used as given (a prefix, or past tokens' cache) */
+    int P;
+    int B, T, pos0; /* shape; the first token's rotary position */
+} model_layer_io;
+
+/* Carves count floats at *off from an arena of views; offsets advance by
+ * multiples of 16 floats, so views of a 64-byte aligned base stay aligned.
+ * With base NULL (a first pass that sizes the arena) returns NULL. */
+static inline float *model_arena_take(float *base, size_t *off, size_t count) {
+    float *p = base ? base + *off : NULL;
+    *off += (count + 15) & ~(size_t)15;
+    return p;
+}
+
+/* Layer `layer` of v's model over io, the method's hooks included. */
+void model_layer_forward(const model_view *v, int layer, const model_layer_io *io);
+/* logits (rows,V) of the final norm of x (rows,C) through lm_head and its
+ * hook; ln (rows,C) and rstd (rows) receive the norm. */
+void model_head_forward(const model_view *v, float *logits, float *ln, float *rstd, const float *x,
+                        int rows);
+
+/* A base model opened from a Hugging Face directory. */
+typedef struct model_files model_files;
+
+/* Opens DIR/config.json and DIR/model.safetensors (or the shards of
+ * model.safetensors.index.json), maps them read-only and binds every weight.
+ * BF16/F16 weights are converted to F32 once, at load. */
+int model_files_open(model_files **out, const char *dir, err *e);
+const model_config *model_files_config(const model_files *f);
+const model_weights *model_files_weights(const model_files *f);
+/* Hex digest of config.json and the safetensors headers: equal on every
+ * machine that holds the same base. */
+const char *model_files_fingerprint(const model_files *f);
+void model_files_close(model_files *f);
+
+/* Creates a model over cfg and base weights (both must outlive it) for
+ * batches of at most B sequences of T tokens; activations are allocated here,
+ * once. p may be NULL (no method: inference of the base). With p, calls the
+ * method's reserve(B, T) and sizes the rotary tables and prefix buffers for
+ * the prefix length the method reports now, which must not grow later.
+ * Fails on an inconsistent config (heads not a multiple of kv heads, odd
+ * head_dim), a missing base weight, or out of memory. */
+int model_create(model **out, const model_config *cfg, const model_weights *w, peft *p, int B,
+                 int T, err *e);
+void model_free(model *m);
+
+/* Forward over tokens (B,T). With labels (B,T) (-100 = ignored) returns the
+ * SUM of token cross-entropies and writes the number of counted tokens to
+ * *n_tokens; without labels returns 0. Labels are already shifted by the
+ * caller: position t is scored against labels[t] (for plain language
+ * modelling labels[t] = tokens[t+1], and the last position -100). B and T may
+ * be below the capacity. Returns NAN, having logged why, when B or T exceeds
+ * the capacity, a token is outside the vocabulary, a label is neither -100
+ * nor inside it, or the method's prefix grew past its length at create. */
+double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int B, int T,
+                     long *n_tokens);
+
+/* Backward of the last forward's summed loss, scaled by loss_scale, into the
+ * gradients of the trainable tensors of the peft object (accumulating: the
+ * caller zeroes them). Stops below the lowest layer holding a trainable
+ * tensor; frozen weight gradients are never computed. */
+void model_backward(model *m, float loss_scale);
+
+/* Logits (B,T,V) of the last forward. */
+const float *model_logits(const model *m);
+
+#endif

@@ -1,0 +1,551 @@
+/* Opens a base model directory in Hugging Face layout (model.h): config.json
+ * through modelcfg.c, the weights through safetensors.c (one file or the
+ * shards of model.safetensors.index.json), and its fingerprint (sha256.c).
+ * BF16 and F16 weights become F32 in a cache file that every process of the
+ * machine maps (fsutil.c for the directory). */
+#include "model/model.h"
+#include "base/fsutil.h"
+#include "base/log.h"
+#include "model/safetensors.h"
+#include "base/sha256.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* config.json and the index are a few kB; the bound keeps a wrong path (a
+ * weights file named config.json) from being read whole. */
+#define MAX_TEXT (64u << 20)
+
+struct model_files {
+    model_config cfg;
+    model_weights w;
+    st_file **files; /* one, or the shards sorted by file name */
+    char **file_names;
+    int n_files;
+    float *converted; /* every BF16/F16 weight as F32, one allocation, or */
+    void *shared;     /* the same in the cache file, mapped */
+    size_t shared_len;
+    char fingerprint[65];
+};
+
+static char *join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+static int read_text(const char *path, char **out, size_t *len, err *e) {
+    *out = NULL;
+    FILE *fp = fopen(path, "rb");
+    if (!fp) return err_errno(e, "%s", path);
+    char *buf = NULL;
+    size_t n = 0, cap = 0;
+    for (;;) {
+        if (cap - n < 4096) {
+            cap = cap ? 2 * cap : 8192;
+            char *nb = cap <= MAX_TEXT + 8192 ? realloc(buf, cap + 1) : NULL;
+            if (!nb) {
+                free(buf);
+                fclose(fp);
+                return err_set(e, "%s: larger than %u bytes or out of memory", path, MAX_TEXT);
+            }
+            buf = nb;
+        }
+        size_t r = fread(buf + n, 1, cap - n, fp);
+        n += r;
+        if (r == 0) break;
+    }
+    int bad = ferror(fp);
+    fclose(fp);
+    if (bad) {
+        free(buf);
+        return err_set(e, "%s: read error", path);
+    }
+    buf[n] = '\0';
+    if (strlen(buf) != n) {
+        free(buf);
+        return err_set(e, "%s: contains a NUL byte; not a JSON text", path);
+    }
+    *out = buf;
+    *len = n;
+    return 0;
+}
+
+static int file_exists(const char *path) {
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Reads the index: the distinct shard names (sorted) into f->file_names and
+ * the weight map (kept for lookups) into *map. */
+static int read_index(model_files *f, const char *dir, const char *path, json_t **map, err *e) {
+    char *text;
+    size_t len;
+    if (read_text(path, &text, &len, e)) return -1;
+    json_error_t je;
+    json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
+    free(text);
+    if (!root) return err_set(e, "%s:%d:%d: invalid JSON: %s", path, je.line, je.column, je.text);
+    json_t *wm = json_object_get(root, "weight_map");
+    if (!json_is_object(wm)) {
+        json_decref(root);
+        return err_set(e, "%s: missing object \"weight_map\"", path);
+    }
+    size_t n = json_object_size(wm);
+    f->file_names = calloc(n ? n : 1, sizeof *f->file_names);
+    if (!f->file_names) {
+        json_decref(root);
+        return err_set(e, "%s: out of memory", path);
+    }
+    const char *k;
+    json_t *v;
+    json_object_foreach(wm, k, v) {
+        const char *s = json_is_string(v) ? json_string_value(v) : NULL;
+        /* Shards live beside the index: a path elsewhere is refused. */
+        if (!s || !*s || strchr(s, '/') || strcmp(s, ".") == 0 || strcmp(s, "..") == 0) {
+            err_set(e, "%s: weight_map entry \"%.200s\" is not a file name in %s", path, k, dir);
+            json_decref(root); /* after the message: k belongs to root */
+            return -1;
+        }
+        int seen = 0;
+        for (int i = 0; i < f->n_files && !seen; i++) seen = strcmp(f->file_names[i], s) == 0;
+        if (!seen && !(f->file_names[f->n_files++] = strdup(s))) {
+            json_decref(root);
+            return err_set(e, "%s: out of memory", path);
+        }
+    }
+    if (f->n_files == 0) {
+        json_decref(root);
+        return err_set(e, "%s: \"weight_map\" is empty", path);
+    }
+    qsort(f->file_names, (size_t)f->n_files, sizeof *f->file_names, cmp_str);
+    *map = json_incref(wm);
+    json_decref(root);
+    return 0;
+}
+
+static int is_vector(int layer, int kind) {
+    if (layer == MODEL_GLOBAL) return kind == GW_FINAL_NORM;
+    return kind == LW_INPUT_NORM || kind == LW_POST_NORM || kind >= LW_Q_BIAS;
+}
+
+/* One weight to bind: where it is and where its pointer goes. */
+typedef struct binding {
+    const st_file *file;
+    const st_tensor *t;
+    const float **slot;
+} binding;
+
+/* Finds weight `name` in the directory's files, or fails naming it. */
+static int locate(model_files *f, json_t *map, const char *dir, const char *name,
+                  const st_file **file, const st_tensor **t, err *e) {
+    if (!map) {
+        *file = f->files[0];
+        if (!(*t = st_find(*file, name)))
+            return err_set(e, "%s: missing tensor '%s'", st_path(*file), name);
+        return 0;
+    }
+    json_t *v = json_object_get(map, name);
+    if (!v)
+        return err_set(e,
+                       "%s/model.safetensors.index.json: missing tensor '%s' (not in weight_map)",
+                       dir, name);
+    const char *shard = json_string_value(v);
+    char **hit = bsearch(&shard, f->file_names, (size_t)f->n_files, sizeof *f->file_names, cmp_str);
+    *file = f->files[hit - f->file_names]; /* every mapped name was collected */
+    if (!(*t = st_find(*file, name)))
+        return err_set(e, "%s: missing tensor '%s' (the index places it in this shard)",
+                       st_path(*file), name);
+    return 0;
+}
+
+static void shape_str(const int64_t *shape, int ndim, char *buf, size_t n) {
+    size_t k = (size_t)snprintf(buf, n, "[");
+    for (int i = 0; i < ndim && k < n; i++)
+        k += (size_t)snprintf(buf + k, n - k, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (k < n) snprintf(buf + k, n - k, "]");
+}
+
+static int check_tensor(const model_files *f, const st_file *file, const st_tensor *t, int layer,
+                        int kind, err *e) {
+    int rows, cols;
+    model_weight_shape(&f->cfg, layer, kind, &rows, &cols);
+    int64_t want[2] = {rows, cols};
+    int nd = is_vector(layer, kind) ? 1 : 2;
+    int ok = t->ndim == nd && t->shape[0] == want[0] && (nd == 1 || t->shape[1] == want[1]);
+    if (!ok) {
+        char got[256], exp[64];
+        shape_str(t->shape, t->ndim, got, sizeof got);
+        shape_str(want, nd, exp, sizeof exp);
+        return err_set(e, "%s: tensor '%s' has shape %s, but config.json implies %s", st_path(file),
+                       t->name, got, exp);
+    }
+    if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16)
+        return err_set(e, "%s: tensor '%s' has dtype %s; base weights must be F32, F16 or BF16",
+                       st_path(file), t->name, st_dtype_name(t->dtype));
+    return 0;
+}
+
+/* ---- the F32 cache of BF16/F16 weights ---------------------------------------- */
+
+/* PEFTPS_CACHE_DIR, else $XDG_CACHE_HOME/peftps, else ~/.cache/peftps; NULL
+ * when PEFTPS_CACHE_DIR is set empty (no cache) or no home is known. */
+static char *cache_dir(void) {
+    const char *env = getenv("PEFTPS_CACHE_DIR");
+    if (env) return *env ? strdup(env) : NULL;
+    const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    if (xdg && *xdg) return join(xdg, "peftps");
+    return home && *home ? join(home, ".cache/peftps") : NULL;
+}
+
+/* Whether a binding's tensor needs converting (not F32, or misaligned). */
+static int needs_f32(const binding *b) {
+    return b->t->dtype != ST_F32 || (uintptr_t)b->t->data % _Alignof(float);
+}
+
+/* The cache file's name: the base's fingerprint (config and headers), the
+ * converted tensors in their order in the file, and each weights file's
+ * identity and modification time, so that a file rewritten in place under
+ * the same header gets a new copy. */
+static int cache_key(const model_files *f, const char *dir, const binding *b, size_t nb,
+                     char hex[65], err *e) {
+    sha256_ctx h;
+    sha256_init(&h);
+    sha256_update(&h, f->fingerprint, 64);
+    for (size_t i = 0; i < nb; i++)
+        if (needs_f32(&b[i])) sha256_update(&h, b[i].t->name, strlen(b[i].t->name) + 1);
+    for (int i = 0; i < f->n_files; i++) {
+        char *p = join(dir, f->file_names[i]);
+        struct stat st;
+        int bad = !p || stat(p, &st) != 0;
+        if (bad) {
+            err_errno(e, "%s", p ? p : dir);
+            free(p);
+            return -1;
+        }
+        free(p);
+        int64_t id[5] = {(int64_t)st.st_dev, (int64_t)st.st_ino, (int64_t)st.st_size,
+                         (int64_t)st.st_mtim.tv_sec, (int64_t)st.st_mtim.tv_nsec};
+        sha256_update(&h, id, sizeof id);
+    }
+    uint8_t d[32];
+    sha256_final(&h, d);
+    sha256_hex(d, hex);
+    return 0;
+}
+
+/* Maps path read-only and shared if it holds exactly len bytes. */
+static void *map_cached(const char *path, size_t len) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    struct stat st;
+    void *p = NULL;
+    if (fstat(fd, &st) == 0 && (size_t)st.st_size == len) {
+        p = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) p = NULL;
+    }
+    close(fd);
+    return p;
+}
+
+/* Converts every binding that needs it, in order, into dst. */
+static int convert_all(binding *b, size_t nb, float *dst, err *e) {
+    size_t off = 0;
+    for (size_t i = 0; i < nb; i++) {
+        if (!needs_f32(&b[i])) continue;
+        if (st_convert_f32(b[i].file, b[i].t, dst + off, e)) return -1;
+        off += b[i].t->numel;
+    }
+    return 0;
+}
+
+/* Writes the converted weights (total floats) to the cache file `path`
+ * through a temporary file and a rename, so that a reader sees all of it or
+ * none; space is reserved first, so a full disk is an error, not a fault.
+ * Returns -1 when the cache cannot be written, -2 when a weight cannot be
+ * converted (bad input, whatever the cache). */
+static int cache_write(const char *path, binding *b, size_t nb, size_t total, err *e) {
+    size_t len = total * sizeof(float);
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return err_errno(e, "%s", tmp);
+    int rc = -1, fa = posix_fallocate(fd, 0, (off_t)len);
+    void *p = MAP_FAILED;
+    if (fa) {
+        errno = fa;
+        err_errno(e, "%s: reserving %zu MB", tmp, len >> 20);
+        goto out;
+    }
+    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        err_errno(e, "%s: mmap", tmp);
+        goto out;
+    }
+    if (convert_all(b, nb, p, e) < 0) {
+        rc = -2;
+        goto out;
+    }
+    if (msync(p, len, MS_SYNC) != 0) {
+        err_errno(e, "%s: msync", tmp);
+        goto out;
+    }
+    if (rename(tmp, path) != 0) {
+        err_errno(e, "renaming %s to %s", tmp, path);
+        goto out;
+    }
+    rc = 0;
+out:
+    if (p != MAP_FAILED) munmap(p, len);
+    close(fd);
+    if (rc) unlink(tmp);
+    return rc;
+}
+
+/* Binds the weights that need converting to the machine's shared F32 copy
+ * in the cache directory, writing it when absent. Returns 1 when bound, 0
+ * when there is no usable cache (the caller converts privately; a reason is
+ * logged), -1 when a weight cannot be converted at all. */
+static int bind_cached(model_files *f, const char *dir, binding *b, size_t nb, size_t total,
+                       err *e) {
+    char *cdir = cache_dir();
+    if (!cdir) return 0;
+    char key[65], path[4096];
+    err ce = {{0}};
+    int rc = 0;
+    if (cache_key(f, dir, b, nb, key, &ce) < 0 || fs_mkdir_p(cdir, &ce) < 0) goto fallback;
+    snprintf(path, sizeof path, "%s/%s.f32", cdir, key);
+    size_t len = total * sizeof(float);
+    void *p = map_cached(path, len);
+    if (p) {
+        log_info("%s: BF16/F16 weights as F32 from the cache %s (shared)", dir, path);
+    } else {
+        int w = cache_write(path, b, nb, total, &ce);
+        if (w == -2) { /* the weights themselves are bad */
+            *e = ce;
+            rc = -1;
+            goto out;
+        }
+        if (w < 0) goto fallback;
+        if (!(p = map_cached(path, len))) {
+            err_errno(&ce, "%s: mapping the file just written", path);
+            goto fallback;
+        }
+        log_info("%s: BF16/F16 weights converted to F32 into the cache %s (%zu MB, shared by "
+                 "this machine's processes)",
+                 dir, path, len >> 20);
+    }
+    f->shared = p;
+    f->shared_len = len;
+    size_t off = 0;
+    for (size_t i = 0; i < nb; i++) {
+        if (!needs_f32(&b[i])) continue;
+        *b[i].slot = (const float *)p + off;
+        off += b[i].t->numel;
+    }
+    rc = 1;
+    goto out;
+fallback:
+    log_warn("%s: no F32 cache (%s); converting in this process, %zu MB not shared (set "
+             "PEFTPS_CACHE_DIR to a writable directory)",
+             dir, ce.msg, total * sizeof(float) >> 20);
+out:
+    free(cdir);
+    return rc;
+}
+
+static int bind_all(model_files *f, json_t *map, const char *dir, err *e) {
+    const model_config *c = &f->cfg;
+    size_t cap = GW_COUNT + (size_t)c->num_layers * LW_COUNT, nb = 0;
+    binding *b = calloc(cap, sizeof *b);
+    f->w.layer = calloc((size_t)c->num_layers, sizeof *f->w.layer);
+    if (!b || !f->w.layer) {
+        free(b);
+        return err_set(e, "%s: out of memory", dir);
+    }
+    char name[256];
+    for (int layer = MODEL_GLOBAL; layer < c->num_layers; layer++) {
+        int kinds = layer == MODEL_GLOBAL ? GW_COUNT : LW_COUNT;
+        for (int kind = 0; kind < kinds; kind++) {
+            if (!model_weight_shape(c, layer, kind, NULL, NULL)) continue;
+            /* Tied: the head is the embedding, whatever the file holds. */
+            if (layer == MODEL_GLOBAL && kind == GW_LM_HEAD && c->tie_word_embeddings) continue;
+            model_weight_name(c, layer, kind, name, sizeof name);
+            binding *x = &b[nb++];
+            x->slot = layer == MODEL_GLOBAL ? &f->w.global[kind] : &f->w.layer[layer][kind];
+            if (locate(f, map, dir, name, &x->file, &x->t, e) ||
+                check_tensor(f, x->file, x->t, layer, kind, e)) {
+                if (layer == MODEL_GLOBAL && kind == GW_LM_HEAD)
+                    err_wrap(e, "tie_word_embeddings is false");
+                free(b);
+                return -1;
+            }
+        }
+    }
+    /* F32 stays in the mapping (shared by all processes of the machine);
+     * the rest is converted once per machine into the cache file, which
+     * every process maps, or, without a usable cache, into one private
+     * allocation of 4 bytes per weight in every process. */
+    size_t total = 0;
+    for (size_t i = 0; i < nb; i++) {
+        if (needs_f32(&b[i]))
+            total += b[i].t->numel;
+        else
+            *b[i].slot = b[i].t->data;
+    }
+    int cached = total ? bind_cached(f, dir, b, nb, total, e) : 0;
+    if (cached < 0) {
+        free(b);
+        return -1;
+    }
+    if (total && !cached) {
+        if (!(f->converted = malloc(total * sizeof(float)))) {
+            free(b);
+            return err_set(e, "%s: out of memory converting %zu weights to F32 (%zu MB)", dir,
+                           total, total * sizeof(float) >> 20);
+        }
+        if (convert_all(b, nb, f->converted, e)) {
+            free(b);
+            return -1;
+        }
+        size_t off = 0;
+        for (size_t i = 0; i < nb; i++) {
+            if (!needs_f32(&b[i])) continue;
+            *b[i].slot = f->converted + off;
+            off += b[i].t->numel;
+        }
+    }
+    if (c->tie_word_embeddings) f->w.global[GW_LM_HEAD] = f->w.global[GW_EMBED];
+    /* A file none of whose weights is used in place (all BF16, say) is
+     * unmapped now rather than kept until close. */
+    for (int i = 0; i < f->n_files; i++) {
+        int used = 0;
+        for (size_t j = 0; j < nb && !used; j++)
+            used = b[j].file == f->files[i] && *b[j].slot == b[j].t->data;
+        if (!used) {
+            st_close(f->files[i]);
+            f->files[i] = NULL;
+        }
+    }
+    free(b);
+    return 0;
+}
+
+/* Each piece is preceded by its length so that no two different sequences
+ * of pieces hash alike. */
+static void hash_piece(sha256_ctx *h, const void *p, size_t n) {
+    uint8_t len[8];
+    for (int i = 0; i < 8; i++) len[i] = (uint8_t)((uint64_t)n >> (8 * i));
+    sha256_update(h, len, 8);
+    sha256_update(h, p, n);
+}
+
+static int open_dir(model_files *f, const char *dir, err *e) {
+    char *cfg_path = join(dir, "config.json");
+    char *single = join(dir, "model.safetensors");
+    char *index = join(dir, "model.safetensors.index.json");
+    char *text = NULL;
+    json_t *map = NULL;
+    size_t len = 0;
+    int rc = -1;
+    if (!cfg_path || !single || !index) {
+        err_set(e, "%s: out of memory", dir);
+        goto out;
+    }
+    if (read_text(cfg_path, &text, &len, e) || model_config_parse(&f->cfg, text, cfg_path, e))
+        goto out;
+    if (file_exists(single)) {
+        f->file_names = calloc(1, sizeof *f->file_names);
+        if (!f->file_names || !(f->file_names[0] = strdup("model.safetensors"))) {
+            err_set(e, "%s: out of memory", dir);
+            goto out;
+        }
+        f->n_files = 1;
+    } else if (file_exists(index)) {
+        if (read_index(f, dir, index, &map, e)) goto out;
+    } else {
+        err_set(e, "%s: neither model.safetensors nor model.safetensors.index.json exists", dir);
+        goto out;
+    }
+    f->files = calloc((size_t)f->n_files, sizeof *f->files);
+    if (!f->files) {
+        err_set(e, "%s: out of memory", dir);
+        goto out;
+    }
+    for (int i = 0; i < f->n_files; i++) {
+        char *p = join(dir, f->file_names[i]);
+        int bad = !p ? err_set(e, "%s: out of memory", dir) : st_open(&f->files[i], p, e);
+        free(p);
+        if (bad) goto out;
+    }
+    sha256_ctx h;
+    uint8_t d[32];
+    sha256_init(&h);
+    hash_piece(&h, text, len);
+    for (int i = 0; i < f->n_files; i++) {
+        size_t hl;
+        const void *hp = st_header(f->files[i], &hl);
+        hash_piece(&h, hp, hl);
+    }
+    sha256_final(&h, d);
+    sha256_hex(d, f->fingerprint);
+    if (bind_all(f, map, dir, e)) goto out;
+    rc = 0;
+out:
+    json_decref(map);
+    free(text);
+    free(cfg_path);
+    free(single);
+    free(index);
+    return rc;
+}
+
+int model_files_open(model_files **out, const char *dir, err *e) {
+    *out = NULL;
+    model_files *f = calloc(1, sizeof *f);
+    if (!f) return err_set(e, "%s: out of memory", dir);
+    if (open_dir(f, dir, e)) {
+        model_files_close(f);
+        return -1;
+    }
+    *out = f;
+    return 0;
+}
+
+const model_config *model_files_config(const model_files *f) {
+    return &f->cfg;
+}
+
+const model_weights *model_files_weights(const model_files *f) {
+    return &f->w;
+}
+
+const char *model_files_fingerprint(const model_files *f) {
+    return f->fingerprint;
+}
+
+void model_files_close(model_files *f) {
+    if (!f) return;
+    for (int i = 0; i < f->n_files; i++) {
+        if (f->files) st_close(f->files[i]);
+        free(f->file_names[i]);
+    }
+    free(f->files);
+    free(f->file_names);
+    free(f->converted);
+    if (f->shared) munmap(f->shared, f->shared_len);
+    free((void *)f->w.layer);
+    free(f);
+}

@@ -1,0 +1,210 @@
+/* One experiment in one process, and the two halves of a training step that
+ * workers and the parameter server share; see train.h. */
+#include "train/train.h"
+#include "methods/registry.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/log.h"
+
+int train_calibration_batches(const Peftps__Method *m) {
+    if (m->kind_case == PEFTPS__METHOD__KIND_ATTENTION_HEADS && m->attention_heads->has_top_k &&
+        m->attention_heads->top_k > 0)
+        return (int)m->attention_heads->calibration_batches;
+    if (m->kind_case == PEFTPS__METHOD__KIND_SUBNETWORK &&
+        m->subnetwork->selection == PEFTPS__MASK_SELECTION__GRADIENT)
+        return (int)m->subnetwork->calibration_batches;
+    return 0;
+}
+
+/* Calibration batch i: training sequences i*rows .. i*rows+rows-1. */
+static int trainer_calibration_batch(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e) {
+    trainer *t = ctx;
+    (void)e;
+    for (int r = 0; r < t->rows; r++)
+        data_sequence(t->train, (uint64_t)i * (uint64_t)t->rows + (uint64_t)r,
+                      tokens + (size_t)r * (size_t)t->T, labels + (size_t)r * (size_t)t->T);
+    return 0;
+}
+
+int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err *e) {
+    *out = NULL;
+    trainer *t = calloc(1, sizeof *t);
+    if (!t) return err_set(e, "out of memory");
+    t->exp = exp;
+    const Peftps__Data *d = exp->data;
+    t->rows = (int)(d->batch_size / d->shards_per_step);
+    t->T = (int)d->seq_len;
+
+    if (model_files_open(&t->files, exp->model->path, e) < 0) goto fail;
+    const model_config *cfg = model_files_config(t->files);
+    const model_weights *w = model_files_weights(t->files);
+    data_opts opts = {.format = d->format,
+                      .seq_len = t->T,
+                      .vocab_size = cfg->vocab_size,
+                      .tokenizer_path = exp->model->path};
+    if (data_open(&t->train, d->train, &opts, e) < 0) goto fail;
+    if (d->eval && d->eval[0] && data_open(&t->eval, d->eval, &opts, e) < 0) goto fail;
+
+    if (methods_create(&t->p, exp->method, cfg, w, e) < 0) goto fail;
+    if (model_create(&t->m, cfg, w, t->p, t->rows, t->T, e) < 0) goto fail;
+    size_t nbt = (size_t)t->rows * (size_t)t->T;
+    t->tokens = malloc(nbt * sizeof *t->tokens);
+    t->labels = malloc(nbt * sizeof *t->labels);
+    if (!t->tokens || !t->labels) {
+        err_set(e, "out of memory");
+        goto fail;
+    }
+    int calib = train_calibration_batches(exp->method);
+    if (calib > 0) {
+        log_info("calibrating %s on %d batches of %d sequences", t->p->method->name, calib,
+                 t->rows);
+        peft_set_step(t->p, 0, exp->seed, 0, 0);
+        if (peft_calibrate(t->p, t->m, trainer_calibration_batch, t, calib, e) < 0) goto fail;
+    }
+    peft_init(t->p, exp->seed);
+    if (exp->init_from && exp->init_from[0] && peft_load(t->p, exp->init_from, e) < 0) {
+        err_wrap(e, "init_from");
+        goto fail;
+    }
+    if (training) {
+        t->grad_sum = malloc(t->p->n_params * sizeof *t->grad_sum);
+        if (!t->grad_sum) {
+            err_set(e, "out of memory");
+            goto fail;
+        }
+        if (optim_create(&t->opt, t->p->n_params, exp->optimizer, e) < 0) goto fail;
+        t->have_opt = 1;
+    }
+    *out = t;
+    return 0;
+fail:
+    trainer_close(t);
+    return -1;
+}
+
+void trainer_close(trainer *t) {
+    if (!t) return;
+    if (t->have_opt) optim_free(&t->opt);
+    free(t->grad_sum);
+    free(t->tokens);
+    free(t->labels);
+    model_free(t->m);
+    peft_free(t->p);
+    data_close(t->train);
+    data_close(t->eval);
+    model_files_close(t->files);
+    free(t);
+}
+
+int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
+                       err *e) {
+    const Peftps__Data *d = t->exp->data;
+    if (data_shard(t->train, step, shard, d->shards_per_step, d->batch_size, t->tokens, t->labels,
+                   e) < 0)
+        return -1;
+    peft_set_step(t->p, 1, t->exp->seed, step, shard);
+    peft_zero_grads(t->p);
+    *loss_sum = model_forward(t->m, t->tokens, t->labels, t->rows, t->T, n_tokens);
+    model_backward(t->m, 1.0f);
+    return 0;
+}
+
+void train_grad_mean(float *grads, size_t n, long n_tokens) {
+    /* One multiply per element, the same on every server. */
+    float inv = n_tokens > 0 ? (float)(1.0 / (double)n_tokens) : 0.0f;
+    for (size_t i = 0; i < n; i++) grads[i] *= inv;
+}
+
+double train_grad_sumsq(const peft_tensor *tensors, int n_tensors, const float *grads,
+                        double *each) {
+    double total = 0.0;
+    for (int i = 0; i < n_tensors; i++) {
+        double s = optim_grad_sumsq(grads + tensors[i].offset, tensors[i].numel);
+        if (each) each[i] = s;
+        total += s;
+    }
+    return total;
+}
+
+void train_apply(optim *o, const Peftps__Optimizer *ocfg, float *params, float *grads, size_t n,
+                 double norm, double lr) {
+    float coef = optim_clip_coef(norm, ocfg->max_grad_norm);
+    if (coef < 1.0f)
+        for (size_t i = 0; i < n; i++) grads[i] *= coef;
+    optim_step(o, params, grads, lr);
+}
+
+double train_update(optim *o, const Peftps__Optimizer *ocfg, const peft_tensor *tensors,
+                    int n_tensors, float *params, float *grads, size_t n, long n_tokens,
+                    double lr) {
+    train_grad_mean(grads, n, n_tokens);
+    double norm = sqrt(train_grad_sumsq(tensors, n_tensors, grads, NULL));
+    train_apply(o, ocfg, params, grads, n, norm, lr);
+    return norm;
+}
+
+void trainer_drop_compute(trainer *t) {
+    model_free(t->m);
+    t->m = NULL;
+    data_close(t->train);
+    t->train = NULL;
+    data_close(t->eval);
+    t->eval = NULL;
+    free(t->tokens);
+    free(t->labels);
+    t->tokens = t->labels = NULL;
+}
+
+int trainer_step(trainer *t, uint64_t step, train_step_stats *st, err *e) {
+    const Peftps__Data *d = t->exp->data;
+    peft *p = t->p;
+    double loss = 0.0;
+    long ntok = 0;
+    for (uint32_t s = 0; s < d->shards_per_step; s++) {
+        double ls;
+        long nt;
+        if (trainer_shard_grad(t, step, s, &ls, &nt, e) < 0) return -1;
+        /* Shard order, as the server sums them. */
+        if (s == 0)
+            memcpy(t->grad_sum, p->grads, p->n_params * sizeof *p->grads);
+        else
+            for (size_t i = 0; i < p->n_params; i++) t->grad_sum[i] += p->grads[i];
+        loss += ls;
+        ntok += nt;
+    }
+    double lr = optim_lr(t->exp->optimizer, t->exp->schedule, step);
+    st->grad_norm = train_update(&t->opt, t->exp->optimizer, p->tensors, p->n_tensors, p->params,
+                                 t->grad_sum, p->n_params, ntok, lr);
+    peft_refresh(p);
+    st->loss = ntok > 0 ? loss / (double)ntok : 0.0;
+    st->n_tokens = ntok;
+    st->lr = lr;
+    return 0;
+}
+
+int trainer_eval(trainer *t, double *mean_loss, long *n_tokens, err *e) {
+    if (!t->eval) return err_set(e, "the experiment has no eval data (data.eval)");
+    const Peftps__Data *d = t->exp->data;
+    uint64_t want = (uint64_t)d->eval_batches * d->batch_size;
+    uint64_t have = data_num_windows(t->eval);
+    if (want > have) want = have;
+    double loss = 0.0;
+    long ntok = 0;
+    peft_set_step(t->p, 0, t->exp->seed, 0, 0);
+    for (uint64_t w = 0; w < want;) {
+        int rows = 0;
+        for (; rows < t->rows && w < want; rows++, w++)
+            if (data_window(t->eval, w, t->tokens + (size_t)rows * (size_t)t->T,
+                            t->labels + (size_t)rows * (size_t)t->T, e) < 0)
+                return -1;
+        long nt = 0;
+        loss += model_forward(t->m, t->tokens, t->labels, rows, t->T, &nt);
+        ntok += nt;
+    }
+    *mean_loss = ntok > 0 ? loss / (double)ntok : 0.0;
+    *n_tokens = ntok;
+    return 0;
+}

@@ -1,0 +1,107 @@
+/* One experiment in one process: the base model, the method's trainable
+ * tensors, the data and the optimizer, and the two halves of a training step
+ * that the distributed system splits between workers (the gradient of one
+ * shard) and the parameter server (sum shards in order, then update). The
+ * one-process trainer runs both halves in the same order with the same
+ * arithmetic, so its tensors are what a cluster of any size produces. Used by
+ * cli/cmd_train.c and cli/cmd_eval.c; the worker (worker/) and the parameter
+ * server (server/) use the halves, the server the update's pieces. */
+#ifndef PEFTPS_TRAIN_H
+#define PEFTPS_TRAIN_H
+
+#include <stdint.h>
+
+#include "data/data.h"
+#include "base/err.h"
+#include "model/model.h"
+#include "train/optim.h"
+#include "model/peft.h"
+#include "peftps.pb-c.h"
+
+typedef struct trainer {
+    const Peftps__Experiment *exp;
+    model_files *files;
+    model *m;
+    peft *p;
+    data *train; /* NULL when opened for evaluation only */
+    data *eval;  /* NULL when the experiment has no eval data */
+    optim opt;
+    int have_opt;
+    float *grad_sum;          /* p->n_params: shard gradients summed in shard order */
+    int rows;                 /* sequences per shard (batch_size / shards_per_step) */
+    int T;                    /* seq_len */
+    int32_t *tokens, *labels; /* rows*T each */
+} trainer;
+
+/* What one optimizer step did. */
+typedef struct train_step_stats {
+    double loss;      /* mean token loss over the step's batch */
+    long n_tokens;    /* tokens that carried loss */
+    double lr;        /* learning rate applied */
+    double grad_norm; /* global norm of the mean gradient, before clipping */
+} train_step_stats;
+
+/* Calibration batches the method needs before init (top_k heads, a GRADIENT
+ * mask), or 0 when it chooses what trains without gradients. */
+int train_calibration_batches(const Peftps__Method *m);
+
+/* Opens the base model, creates the method, calibrates it when it needs
+ * gradients to choose what trains, initialises it from the seed (or from
+ * exp->init_from), and opens the data. With `training` the train data and
+ * the optimizer are set up too; without it only what evaluation needs. */
+int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err *e);
+void trainer_close(trainer *t);
+
+/* Gradient of the summed token loss of shard `shard` of step `step` into
+ * t->p->grads (zeroed first), at the current parameters; the worker's half.
+ * Writes the shard's summed loss and its count of loss-carrying tokens. */
+int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
+                       err *e);
+
+/* The server's half: given the sum over the step's shards of the summed-loss
+ * gradients (in `grads`, modified), divide by n_tokens, clip by the global
+ * norm and take one AdamW step on params at the step's learning rate.
+ * `tensors` lists the flat layout (norms are summed per tensor, in order, so
+ * that servers holding disjoint tensor sets can combine their partial sums
+ * into the same bits). Returns the norm before clipping. */
+double train_update(optim *o, const Peftps__Optimizer *ocfg, const peft_tensor *tensors,
+                    int n_tensors, float *params, float *grads, size_t n, long n_tokens, double lr);
+
+/* The pieces of train_update, for servers that hold disjoint sets of
+ * tensors and must together reach the bits of one train_update over all of
+ * them. Each server runs train_grad_mean and train_grad_sumsq on its own
+ * tensors, the per-tensor sums are added in global tensor order (as
+ * train_grad_sumsq adds them), and each server runs train_apply with the
+ * square root of that total. */
+
+/* The mean gradient: grads[i] *= 1/n_tokens for i < n, the factor rounded
+ * to float once (0 when n_tokens is 0). */
+void train_grad_mean(float *grads, size_t n, long n_tokens);
+
+/* Sum of squares of each listed tensor's gradient (optim_grad_sumsq over its
+ * view), stored in each[i] when `each` is not NULL; returns their total,
+ * added in list order. */
+double train_grad_sumsq(const peft_tensor *tensors, int n_tensors, const float *grads,
+                        double *each);
+
+/* Clips the n floats of grads by the global norm `norm` against
+ * ocfg->max_grad_norm (optim_clip_coef) and takes one AdamW step of o on
+ * params at rate lr. */
+void train_apply(optim *o, const Peftps__Optimizer *ocfg, float *params, float *grads, size_t n,
+                 double norm, double lr);
+
+/* Frees what computing needs (the model and its activations, the data, the
+ * batch buffers), keeping the mapped base and the method with its tensors:
+ * what the parameter server keeps once the method is initialised. Afterwards
+ * only t->p, t->files and t->exp may be used. */
+void trainer_drop_compute(trainer *t);
+
+/* One whole step in process: every shard in order, summed, then updated. */
+int trainer_step(trainer *t, uint64_t step, train_step_stats *st, err *e);
+
+/* Mean token loss on the eval data (or, without eval data, nothing: returns
+ * -1 with e set). Uses eval_batches batches of batch_size sequences at most,
+ * read from the start of the file. */
+int trainer_eval(trainer *t, double *mean_loss, long *n_tokens, err *e);
+
+#endif
