@@ -25,7 +25,9 @@
 #include "base/log.h"
 #include "base/progress.h"
 #include "base/stopsig.h"
+#include "spawn.h"
 #include "svgplot.h"
+#include "train/metrics.h"
 #include "train/train.h"
 
 static const char compare_usage[] =
@@ -212,8 +214,10 @@ static void sample_memory(cmp_row *r, pid_t run) {
 
 /* Runs `peftps run` for one experiment, sampling memory; returns its exit
  * status (or 128+signal), -1 with e set when it could not start. */
-static int run_cluster(cmp_row *r, const char *self, char *const *sets, int nsets,
-                       const char *workers, err *e) {
+static int run_cluster(cmp_row *r, const char *self, char *const *sets, int nsets, int workers,
+                       err *e) {
+    char nw[16];
+    snprintf(nw, sizeof nw, "%d", workers);
     char **argv = calloc((size_t)(2 * nsets + 8), sizeof *argv);
     if (!argv) return err_set(e, "out of memory");
     int na = 0;
@@ -221,44 +225,28 @@ static int run_cluster(cmp_row *r, const char *self, char *const *sets, int nset
     argv[na++] = "run";
     argv[na++] = (char *)r->file;
     argv[na++] = "--workers";
-    argv[na++] = (char *)workers;
+    argv[na++] = nw;
     for (int i = 0; i < nsets; i++) {
         argv[na++] = "--set";
         argv[na++] = sets[i];
     }
     argv[na] = NULL;
-    fflush(stdout);
-    fflush(stderr);
-    pid_t pid = fork();
-    if (pid < 0) {
-        free(argv);
-        return err_errno(e, "fork");
-    }
-    if (pid == 0) {
-        signal(SIGINT, SIG_DFL);
-        signal(SIGTERM, SIG_DFL);
-        execv(self, argv);
-        fprintf(stderr, "peftps compare: cannot start %s: %s\n", self, strerror(errno));
-        _exit(127);
-    }
+    pid_t pid = spawn_start("peftps compare", argv, 0, e);
     free(argv);
+    if (pid < 0) return -1;
     double t0 = progress_now();
     int status;
     for (;;) {
-        pid_t w = waitpid(pid, &status, WNOHANG);
+        pid_t w = spawn_poll(pid, &status);
         if (w == pid) break;
-        if (w < 0 && errno != EINTR) {
-            return err_errno(e, "waiting for peftps run");
-        }
+        if (w < 0) return err_errno(e, "waiting for peftps run");
         /* Ctrl-C reaches the run too (same process group): it checkpoints and
          * stops its cluster; we wait for that, then stop. */
         if (cmp_signal == SIGTERM) kill(pid, SIGTERM);
         sample_memory(r, pid);
-        struct timespec nap = {0, 50 * 1000 * 1000};
-        nanosleep(&nap, NULL);
     }
     r->wall_s = progress_now() - t0;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return spawn_code(status);
 }
 
 static int push(double **a, size_t *n, size_t *cap, double v) {
@@ -273,55 +261,42 @@ static int push(double **a, size_t *n, size_t *cap, double v) {
     return 0;
 }
 
+/* What read_metrics gathers while metrics_read goes through the lines. */
+typedef struct cmp_curves {
+    cmp_row *r;
+    size_t cap_s, cap_l, cap_es, cap_el, n_l, n_el, n_step;
+    double inv_tps, bytes;
+} cmp_curves;
+
+static int cmp_line(void *ctx, const metrics_line *l, err *e) {
+    cmp_curves *c = ctx;
+    cmp_row *r = c->r;
+    if (l->kind == METRICS_STEP) {
+        if (l->tokens_per_s > 0) c->inv_tps += 1.0 / l->tokens_per_s;
+        c->bytes += (double)l->bytes_in + (double)l->bytes_out;
+        c->n_step++;
+        if (push(&r->step, &r->n, &c->cap_s, (double)l->step) < 0 ||
+            push(&r->loss, &c->n_l, &c->cap_l, l->loss) < 0)
+            return err_set(e, "out of memory");
+    } else if (push(&r->eval_step, &r->n_eval, &c->cap_es, (double)l->step) < 0 ||
+               push(&r->eval_loss, &c->n_el, &c->cap_el, l->loss) < 0) {
+        return err_set(e, "out of memory");
+    }
+    return 0;
+}
+
 /* Reads OUT/metrics.jsonl: the step lines (loss, tokens_per_s, bytes) and
  * the eval lines. */
 static int read_metrics(cmp_row *r, err *e) {
     char path[4200];
     snprintf(path, sizeof path, "%s/metrics.jsonl", r->out);
-    FILE *f = fopen(path, "r");
-    if (!f) return err_errno(e, "%s", path);
-    char *line = NULL;
-    size_t lcap = 0, lineno = 0, n_step = 0;
-    size_t cap_s = 0, cap_l = 0, cap_es = 0, cap_el = 0, n_l = 0, n_el = 0;
-    double inv_tps = 0, bytes = 0;
-    int rc = 0;
+    cmp_curves c = {.r = r};
     r->n = r->n_eval = 0;
-    while (getline(&line, &lcap, f) > 0) {
-        lineno++;
-        json_error_t je;
-        json_t *o = json_loads(line, 0, &je);
-        if (!json_is_object(o)) {
-            json_decref(o);
-            rc = err_set(e, "%s:%zu: not a JSON object", path, lineno);
-            break;
-        }
-        json_t *step = json_object_get(o, "step"), *loss = json_object_get(o, "loss");
-        json_t *ev = json_object_get(o, "eval_loss");
-        double s = json_number_value(step);
-        if (json_is_number(loss)) {
-            double tps = json_number_value(json_object_get(o, "tokens_per_s"));
-            if (tps > 0) inv_tps += 1.0 / tps;
-            bytes += json_number_value(json_object_get(o, "bytes_in")) +
-                     json_number_value(json_object_get(o, "bytes_out"));
-            n_step++;
-            if (push(&r->step, &r->n, &cap_s, s) < 0 ||
-                push(&r->loss, &n_l, &cap_l, json_number_value(loss)) < 0)
-                rc = err_set(e, "out of memory");
-        } else if (json_is_number(ev)) {
-            if (push(&r->eval_step, &r->n_eval, &cap_es, s) < 0 ||
-                push(&r->eval_loss, &n_el, &cap_el, json_number_value(ev)) < 0)
-                rc = err_set(e, "out of memory");
-        }
-        json_decref(o);
-        if (rc) break;
-    }
-    free(line);
-    fclose(f);
-    if (rc) return rc;
-    if (n_step == 0) return err_set(e, "%s: no training steps recorded", path);
+    if (metrics_read(path, cmp_line, &c, e) != 0) return -1;
+    if (c.n_step == 0) return err_set(e, "%s: no training steps recorded", path);
     /* Tokens over the time of the steps: the harmonic mean of the rates. */
-    r->tokens_per_s = inv_tps > 0 ? (double)n_step / inv_tps : NAN;
-    r->bytes_per_step = bytes / (double)n_step;
+    r->tokens_per_s = c.inv_tps > 0 ? (double)c.n_step / c.inv_tps : NAN;
+    r->bytes_per_step = c.bytes / (double)c.n_step;
     r->eval_after = r->n_eval ? r->eval_loss[r->n_eval - 1] : NAN;
     /* A trailing mean over a thirtieth of the run keeps the curves readable. */
     size_t w = r->n / 30 > 1 ? r->n / 30 : 1;
@@ -533,22 +508,18 @@ done:
     return rc;
 }
 
-/* argv[0] of `peftps`: this very binary, which runs the clusters. */
-static int self_path(char *buf, size_t n, err *e) {
-    ssize_t k = readlink("/proc/self/exe", buf, n - 1);
-    if (k < 0) return err_errno(e, "reading /proc/self/exe");
-    buf[k] = '\0';
-    return 0;
-}
-
 int cmd_compare(int argc, char **argv) {
     config_args sets;
     err e;
+    /* The command, for compare.md: how to measure it again. */
+    char *typed = spawn_command_line(argv, argc);
     if (config_parse_args(&argc, argv, &sets, &e) < 0) {
+        free(typed);
         fprintf(stderr, "peftps compare: %s\n%s", e.msg, compare_usage);
         return 2;
     }
-    const char *out = "out/compare", *workers = "2";
+    const char *out = "out/compare";
+    int nw = 2;
     const char **files = calloc((size_t)argc, sizeof *files);
     int nfiles = 0, rc = 2;
     cmp_row *rows = NULL;
@@ -558,22 +529,16 @@ int cmd_compare(int argc, char **argv) {
         fprintf(stderr, "peftps compare: out of memory\n");
         goto done;
     }
-    const cmdline_opt opts[] = {{"--workers", &workers}, {"--out", &out}};
-    rc = cmdline_parse("peftps compare", compare_usage, opts, 2, NULL, 0, "experiment", files, argc,
-                       argc, argv);
+    const cmdline_opt opts[] = {CMDLINE_INT("--workers", &nw, 1, 1024),
+                                CMDLINE_STR("--out", &out)};
+    rc = cmdline_parse("peftps compare", compare_usage, opts, 2, "experiment", files, argc, argc,
+                       argv);
     if (rc) {
         rc = rc == 1 ? 0 : 2;
         goto done;
     }
     rc = 2;
     while (nfiles < argc && files[nfiles]) nfiles++;
-    char *end;
-    long nw = strtol(workers, &end, 10);
-    if (!*workers || *end || nw < 1 || nw > 1024) {
-        fprintf(stderr, "peftps compare: --workers takes a number from 1 to 1024\n%s",
-                compare_usage);
-        goto done;
-    }
     if (nfiles == 0) {
         fprintf(stderr, "peftps compare: no experiment file given\n%s", compare_usage);
         goto done;
@@ -614,7 +579,7 @@ int cmd_compare(int argc, char **argv) {
                      (unsigned long long)rows[0].steps, rows[0].tokens_per_step);
     }
     char self[4096];
-    if (fs_mkdir_p(out, &e) < 0 || self_path(self, sizeof self, &e) < 0) {
+    if (fs_mkdir_p(out, &e) < 0 || spawn_self(self, sizeof self, 0, &e) < 0) {
         fprintf(stderr, "peftps compare: %s\n", e.msg);
         rc = 1;
         goto done;
@@ -633,14 +598,14 @@ int cmd_compare(int argc, char **argv) {
         runsets[sets.nsets] = set_out;
         runsets[sets.nsets + 1] = set_ckpt;
         int ns = sets.nsets + 2;
-        printf("== %s (%s), %d of %d: %s --workers %s\n", r->name, r->file, i + 1, nfiles, r->out,
-               workers);
+        printf("== %s (%s), %d of %d: %s --workers %d\n", r->name, r->file, i + 1, nfiles, r->out,
+               nw);
         fflush(stdout);
         Peftps__Experiment *ex = NULL;
         int st = -1;
         if (config_load(r->file, runsets, ns, &ex, NULL, &e) == 0 &&
             measure_before(r, ex, &e) == 0 && remove_tree(ckpt, &e) == 0)
-            st = run_cluster(r, self, runsets, ns, workers, &e);
+            st = run_cluster(r, self, runsets, ns, nw, &e);
         config_free(ex);
         if (st < 0) {
             fprintf(stderr, "peftps compare: %s: %s\n", r->file, e.msg);
@@ -662,22 +627,13 @@ int cmd_compare(int argc, char **argv) {
     }
     stopsig_restore(&sigs);
 
-    /* The command, for compare.md: how to measure it again. */
-    size_t cl = 64;
-    for (int i = 0; i < argc; i++) cl += strlen(argv[i]) + 1;
-    for (int i = 0; i < sets.nsets; i++) cl += strlen(sets.sets[i]) + 8;
-    cmdline = malloc(cl);
-    if (cmdline) {
-        size_t k = (size_t)snprintf(cmdline, cl, "peftps compare");
-        for (int i = 1; i < argc; i++) k += (size_t)snprintf(cmdline + k, cl - k, " %s", argv[i]);
-        for (int i = 0; i < sets.nsets; i++)
-            k += (size_t)snprintf(cmdline + k, cl - k, " --set %s", sets.sets[i]);
-    }
+    if (typed) cmdline = malloc(strlen(typed) + 8);
+    if (cmdline) snprintf(cmdline, strlen(typed) + 8, "peftps %s", typed);
     printf("\n");
     print_table(stdout, rows, nfiles, 0);
     rc = cmp_signal ? 130 : failed ? 1 : 0;
     if (write_markdown(out, rows, nfiles, cmdline ? cmdline : "peftps compare", &e) < 0 ||
-        write_json(out, rows, nfiles, (int)nw, &e) < 0 || write_plot(out, rows, nfiles, &e) < 0) {
+        write_json(out, rows, nfiles, nw, &e) < 0 || write_plot(out, rows, nfiles, &e) < 0) {
         fprintf(stderr, "peftps compare: %s\n", e.msg);
         rc = 1;
     } else {
@@ -689,6 +645,7 @@ done:
     free(runsets);
     free(files);
     free(cmdline);
+    free(typed);
     config_args_free(&sets);
     return rc;
 }

@@ -74,16 +74,19 @@ int cmd_export(int argc, char **argv) {
         fprintf(stderr, "peftps export: %s\n%s", e.msg, usage);
         return 2;
     }
-    const char *source = NULL, *format = NULL, *out = NULL, *step_text = NULL, *shard_text = NULL;
+    const char *source = NULL, *format = NULL, *out = NULL, *shard_text = NULL;
     export_opts o;
     export_opts_default(&o);
     o.sets = sets.sets;
     o.nsets = sets.nsets;
     int rc = 2;
-    const cmdline_opt opts[] = {{"--format", &format},           {"--out", &out},
-                                {"--experiment", &o.experiment}, {"--model", &o.model_dir},
-                                {"--step", &step_text},          {"--shard-size", &shard_text}};
-    rc = cmdline_parse("peftps export", usage, opts, 6, NULL, 0, "source", &source, 1, argc, argv);
+    const cmdline_opt opts[] = {CMDLINE_STR("--format", &format),
+                                CMDLINE_STR("--out", &out),
+                                CMDLINE_STR("--experiment", &o.experiment),
+                                CMDLINE_STR("--model", &o.model_dir),
+                                CMDLINE_UINT("--step", &o.step, 0, CMDLINE_UINT_MAX),
+                                CMDLINE_STR("--shard-size", &shard_text)};
+    rc = cmdline_parse("peftps export", usage, opts, 6, "source", &source, 1, argc, argv);
     if (rc) {
         rc = rc == 1 ? 0 : 2;
         goto done;
@@ -100,16 +103,6 @@ int cmd_export(int argc, char **argv) {
         fprintf(stderr, "peftps export: --format must be peft, merged or tensors%s%s%s\n%s",
                 format ? " (not '" : "", format ? format : "", format ? "')" : "", usage);
         goto done;
-    }
-    if (step_text) {
-        char *end;
-        errno = 0;
-        unsigned long long v = strtoull(step_text, &end, 10);
-        if (end == step_text || *end || errno || step_text[0] == '-') {
-            fprintf(stderr, "peftps export: --step '%s' is not a step number\n", step_text);
-            goto done;
-        }
-        o.step = v;
     }
     size_t shard = 0;
     if (shard_text && parse_size(shard_text, &shard) < 0) {

@@ -15,6 +15,7 @@
 #include "train/export.h"
 #include "model/generate.h"
 #include "data/textstream.h"
+#include "base/fsutil.h"
 #include "base/log.h"
 #include "data/tokenizer.h"
 
@@ -47,30 +48,6 @@ static const char usage[] =
     "  -h, --help             this help\n\n"
     "The text goes to standard output; the token count and speed to standard error.\n";
 
-/* Reads standard input whole. */
-static char *read_stdin(size_t *len) {
-    size_t cap = 1 << 16, n = 0;
-    char *p = malloc(cap + 1);
-    while (p) {
-        n += fread(p + n, 1, cap - n, stdin);
-        if (n < cap) break;
-        char *q = realloc(p, 2 * cap + 1);
-        if (!q) {
-            free(p);
-            return NULL;
-        }
-        p = q;
-        cap *= 2;
-    }
-    if (!p || ferror(stdin)) {
-        free(p);
-        return NULL;
-    }
-    p[n] = '\0';
-    *len = n;
-    return p;
-}
-
 typedef struct printer {
     textstream text;
     err e;
@@ -91,192 +68,172 @@ static int print_token(void *ctx, int32_t id) {
     return 0;
 }
 
-static int parse_num(const char *opt, const char *s, double lo, double hi, double *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (end == s || *end || errno || !(v >= lo && v <= hi)) {
-        fprintf(stderr, "peftps generate: %s '%s' must be a number from %g to %g\n", opt, s, lo,
-                hi);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-int cmd_generate(int argc, char **argv) {
+/* What the command line asks for. */
+typedef struct gen_args {
+    const char *model_dir, *prompt, *adapter;
+    size_t prompt_len;
+    char *stdin_text; /* the prompt, when read from standard input */
+    int use_cache, add_special;
     config_args sets;
+    export_opts xo;
+    generate_opts go;
+} gen_args;
+
+/* The options into a; 0, 1 after --help, 2 after an error. */
+static int gen_parse(gen_args *a, int argc, char **argv) {
     err e;
-    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
+    if (config_parse_args(&argc, argv, &a->sets, &e) < 0) {
         fprintf(stderr, "peftps generate: %s\n%s", e.msg, usage);
         return 2;
     }
-    const char *model_dir = NULL, *prompt = NULL, *adapter = NULL;
-    const char *num_opt[6] = {0};
-    static const char *const num_names[6] = {"--max-new-tokens", "--temperature", "--top-k",
-                                             "--top-p",          "--seed",        "--step"};
-    int use_cache = 1, add_special = 1, rc = 2;
-    export_opts xo;
-    export_opts_default(&xo);
-    xo.sets = sets.sets;
-    xo.nsets = sets.nsets;
-    generate_opts go;
-    generate_opts_default(&go);
+    a->use_cache = a->add_special = 1;
+    export_opts_default(&a->xo);
+    a->xo.sets = a->sets.sets;
+    a->xo.nsets = a->sets.nsets;
+    generate_opts_default(&a->go);
     const cmdline_opt opts[] = {
-        {"--prompt", &prompt},       {"--adapter", &adapter},     {"--experiment", &xo.experiment},
-        {num_names[0], &num_opt[0]}, {num_names[1], &num_opt[1]}, {num_names[2], &num_opt[2]},
-        {num_names[3], &num_opt[3]}, {num_names[4], &num_opt[4]}, {num_names[5], &num_opt[5]}};
-    const cmdline_flag flags[] = {{"--no-kv-cache", &use_cache, 0},
-                                  {"--no-special", &add_special, 0}};
-    rc = cmdline_parse("peftps generate", usage, opts, 9, flags, 2, "model directory", &model_dir,
-                       1, argc, argv);
-    if (rc) {
-        rc = rc == 1 ? 0 : 2;
-        goto done;
-    }
-    rc = 2;
-    if (!model_dir || !prompt) {
+        CMDLINE_STR("--prompt", &a->prompt),
+        CMDLINE_STR("--adapter", &a->adapter),
+        CMDLINE_STR("--experiment", &a->xo.experiment),
+        CMDLINE_INT("--max-new-tokens", &a->go.max_new_tokens, 0, 1 << 20),
+        CMDLINE_FLOAT("--temperature", &a->go.temperature, 0, 1e6),
+        CMDLINE_INT("--top-k", &a->go.top_k, 0, 1 << 30),
+        CMDLINE_FLOAT("--top-p", &a->go.top_p, 0, 1),
+        CMDLINE_UINT("--seed", &a->go.seed, 0, CMDLINE_UINT_MAX),
+        CMDLINE_UINT("--step", &a->xo.step, 0, CMDLINE_UINT_MAX),
+        CMDLINE_SET("--no-kv-cache", &a->use_cache, 0),
+        CMDLINE_SET("--no-special", &a->add_special, 0)};
+    int rc = cmdline_parse("peftps generate", usage, opts, 11, "model directory", &a->model_dir, 1,
+                           argc, argv);
+    if (rc) return rc;
+    if (!a->model_dir || !a->prompt) {
         fprintf(stderr, "peftps generate: %s\n%s",
-                !model_dir ? "no MODEL_DIR given" : "--prompt is required", usage);
-        goto done;
+                !a->model_dir ? "no MODEL_DIR given" : "--prompt is required", usage);
+        return 2;
     }
-    double v;
-    if (num_opt[0]) {
-        if (parse_num("--max-new-tokens", num_opt[0], 0, 1 << 20, &v) < 0) goto done;
-        go.max_new_tokens = (int)v;
-    }
-    if (num_opt[1]) {
-        if (parse_num("--temperature", num_opt[1], 0, 1e6, &v) < 0) goto done;
-        go.temperature = (float)v;
-    }
-    if (num_opt[2]) {
-        if (parse_num("--top-k", num_opt[2], 0, 1 << 30, &v) < 0) goto done;
-        go.top_k = (int)v;
-    }
-    if (num_opt[3]) {
-        if (parse_num("--top-p", num_opt[3], 0, 1, &v) < 0) goto done;
-        go.top_p = (float)v;
-    }
-    if (num_opt[4]) {
-        char *end;
-        errno = 0;
-        go.seed = strtoull(num_opt[4], &end, 10);
-        if (end == num_opt[4] || *end || errno || num_opt[4][0] == '-') {
-            fprintf(stderr, "peftps generate: --seed '%s' is not a non-negative integer\n",
-                    num_opt[4]);
-            goto done;
+    a->prompt_len = strlen(a->prompt);
+    if (!strcmp(a->prompt, "-")) {
+        if (fs_read_stream(stdin, 0, &a->stdin_text, &a->prompt_len, &e) < 0) {
+            fprintf(stderr, "peftps generate: reading the prompt from standard input: %s\n",
+                    e.msg);
+            return 2;
         }
+        a->prompt = a->stdin_text;
     }
-    if (num_opt[5]) {
-        char *end;
-        errno = 0;
-        xo.step = strtoull(num_opt[5], &end, 10);
-        if (end == num_opt[5] || *end || errno || num_opt[5][0] == '-') {
-            fprintf(stderr, "peftps generate: --step '%s' is not a step number\n", num_opt[5]);
-            goto done;
-        }
-    }
+    return 0;
+}
 
-    char *stdin_text = NULL;
-    size_t prompt_len = strlen(prompt);
-    if (!strcmp(prompt, "-")) {
-        if (!(stdin_text = read_stdin(&prompt_len))) {
-            fprintf(stderr, "peftps generate: cannot read the prompt from standard input\n");
-            goto done;
-        }
-        prompt = stdin_text;
-    }
+/* The prompt's token ids; an empty prompt starts from BOS, the model's own
+ * beginning. */
+static int gen_prompt_ids(const gen_args *a, tok *t, int32_t **ids, size_t *n, err *e) {
+    if (tok_encode(t, a->prompt, a->prompt_len, a->add_special, ids, n, e) < 0) return -1;
+    if (*n > 0) return 0;
+    int32_t bos = tok_bos(t);
+    free(*ids);
+    if (bos < 0 || !(*ids = malloc(sizeof **ids)))
+        return err_set(e, "the prompt is empty and the tokenizer has no BOS token to start from");
+    (*ids)[0] = bos;
+    *n = 1;
+    return 0;
+}
 
-    tok *t = NULL;
-    export_source *src = NULL;
-    model_files *files = NULL;
-    generator *g = NULL;
-    int32_t *ids = NULL, *out = NULL;
-    size_t n_ids = 0, n_out = 0;
-    printer pr = {.failed = 0};
-    if (tok_open(&t, model_dir, &e) < 0 ||
-        tok_encode(t, prompt, prompt_len, add_special, &ids, &n_ids, &e) < 0)
-        goto fail_input;
-    if (n_ids == 0) {
-        /* An empty prompt starts from BOS, the model's own beginning. */
-        int32_t bos = tok_bos(t);
-        if (bos < 0 || !(ids = malloc(sizeof *ids))) {
-            err_set(&e, "the prompt is empty and the tokenizer has no BOS token to start from");
-            goto fail_input;
-        }
-        ids[0] = bos;
-        n_ids = 1;
-    }
-    rc = 1;
-    peft *p = NULL;
-    if (adapter) {
-        xo.model_dir = model_dir;
-        if (export_open(&src, adapter, &xo, &e) < 0) goto fail;
-        files = src->files;
-        p = src->p;
-        log_info("adapter %s: method %s, %zu trained parameters", adapter, p->method->name,
-                 peft_num_trainable(p));
-    } else if (model_files_open(&files, model_dir, &e) < 0) {
-        goto fail;
-    }
+/* The base, with the adapter when one is given (then *src owns the files). */
+static int gen_open_model(gen_args *a, export_source **src, model_files **files, peft **p,
+                          err *e) {
+    if (!a->adapter) return model_files_open(files, a->model_dir, e);
+    a->xo.model_dir = a->model_dir;
+    if (export_open(src, a->adapter, &a->xo, e) < 0) return -1;
+    *files = (*src)->files;
+    *p = (*src)->p;
+    log_info("adapter %s: method %s, %zu trained parameters", a->adapter, (*p)->method->name,
+             peft_num_trainable(*p));
+    return 0;
+}
+
+/* Generates after ids, printing the text as it comes, then the speed. */
+static int gen_print(const gen_args *a, const model_files *files, peft *p, tok *t,
+                     const int32_t *ids, size_t n_ids, err *e) {
     const model_config *cfg = model_files_config(files);
-    if (n_ids + (size_t)go.max_new_tokens > (size_t)cfg->max_position_embeddings)
+    int max_new = a->go.max_new_tokens;
+    if (n_ids + (size_t)max_new > (size_t)cfg->max_position_embeddings)
         log_warn("the prompt (%zu tokens) and %d new tokens go past the model's %d positions",
-                 n_ids, go.max_new_tokens, cfg->max_position_embeddings);
-    if (n_ids + (size_t)go.max_new_tokens > (1u << 30)) {
-        err_set(&e, "a prompt of %zu tokens is too long", n_ids);
-        goto fail;
-    }
-    if (generate_open(&g, cfg, model_files_weights(files), p, (int)n_ids + go.max_new_tokens,
-                      use_cache, &e) < 0)
-        goto fail;
-    int32_t stop[2];
-    int n_stop = 0;
+                 n_ids, max_new, cfg->max_position_embeddings);
+    if (n_ids + (size_t)max_new > (1u << 30))
+        return err_set(e, "a prompt of %zu tokens is too long", n_ids);
+    generator *g = NULL;
+    if (generate_open(&g, cfg, model_files_weights(files), p, (int)n_ids + max_new, a->use_cache,
+                      e) < 0)
+        return -1;
+    int32_t stop[2], *out = NULL;
+    int n_stop = 0, rc = -1;
     if (tok_eos(t) >= 0) stop[n_stop++] = tok_eos(t);
     if (cfg->eos_token_id >= 0 && cfg->eos_token_id != tok_eos(t))
         stop[n_stop++] = cfg->eos_token_id;
+    printer pr = {.failed = 0};
     textstream_init(&pr.text, t);
-    double t0 = now_s();
-    if (generate_run(g, ids, n_ids, &go, stop, n_stop, print_token, &pr, &out, &n_out, &e) < 0)
-        goto fail;
-    if (pr.failed) {
-        e = pr.e;
-        goto fail;
-    }
+    size_t n_out = 0;
     char *rest;
-    if (textstream_flush(&pr.text, &rest, &e) < 0) goto fail;
-    fputs(rest, stdout);
-    free(rest);
-    fputc('\n', stdout);
+    double t0 = now_s();
+    if (generate_run(g, ids, n_ids, &a->go, stop, n_stop, print_token, &pr, &out, &n_out, e) < 0)
+        goto done;
+    if (pr.failed) {
+        *e = pr.e;
+        goto done;
+    }
+    if (textstream_flush(&pr.text, &rest, e) < 0) goto done;
+    printf("%s\n", rest);
     fflush(stdout);
+    free(rest);
     double dt = now_s() - t0;
     log_info("%zu prompt tokens, %zu generated in %.2f s (%.1f tokens/s%s)", n_ids, n_out, dt,
-             dt > 0 ? (double)n_out / dt : 0.0, use_cache ? "" : ", without the KV cache");
+             dt > 0 ? (double)n_out / dt : 0.0, a->use_cache ? "" : ", without the KV cache");
     rc = 0;
-    goto cleanup;
-fail_input:
-    rc = 2;
-fail:
-    fflush(stdout);
-    fprintf(stderr, "peftps generate: %s\n", e.msg);
-cleanup:
+done:
     textstream_free(&pr.text);
     generate_close(g);
+    free(out);
+    return rc;
+}
+
+int cmd_generate(int argc, char **argv) {
+    gen_args a = {0};
+    int rc = gen_parse(&a, argc, argv);
+    if (rc) {
+        free(a.stdin_text);
+        config_args_free(&a.sets);
+        return rc == 1 ? 0 : 2;
+    }
+    err e;
+    tok *t = NULL;
+    export_source *src = NULL;
+    model_files *files = NULL;
+    peft *p = NULL;
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    rc = 2; /* the prompt is input */
+    if (tok_open(&t, a.model_dir, &e) == 0 && gen_prompt_ids(&a, t, &ids, &n_ids, &e) == 0) {
+        rc = 1;
+        if (gen_open_model(&a, &src, &files, &p, &e) == 0 &&
+            gen_print(&a, files, p, t, ids, n_ids, &e) == 0)
+            rc = 0;
+    }
+    if (rc) {
+        fflush(stdout);
+        fprintf(stderr, "peftps generate: %s\n", e.msg);
+    }
     if (src)
         export_close(src);
     else
         model_files_close(files);
     tok_close(t);
     free(ids);
-    free(out);
-    free(stdin_text);
-done:
-    config_args_free(&sets);
+    free(a.stdin_text);
+    config_args_free(&a.sets);
     return rc;
 }

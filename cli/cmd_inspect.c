@@ -13,24 +13,24 @@
 
 #include "train/ckpt.h"
 #include "cli.h"
+#include "config/cmdline.h"
 
-static void usage(FILE *out) {
-    fprintf(out, "usage: peftps inspect CKPT_DIR [--step N]\n"
-                 "\n"
-                 "Lists the checkpoints held in CKPT_DIR (an LMDB environment written by the\n"
-                 "parameter server, checkpoint.path of the experiment): step, data position,\n"
-                 "optimizer update count, time written and fingerprints. Then describes the\n"
-                 "latest checkpoint (or step N): every trainable tensor with its shape, element\n"
-                 "count and the L2 norms of its parameters and of the AdamW moments m and v,\n"
-                 "and the method's state blobs with their sizes. Every value read is checked\n"
-                 "against its CRC-32C. Opens the directory read-only; a server may be writing.\n"
-                 "\n"
-                 "options:\n"
-                 "  --step N     describe checkpoint N instead of the latest\n"
-                 "  -h, --help   this help\n"
-                 "\n"
-                 "Exits 0, or 2 with one error line on bad usage or an unreadable checkpoint.\n");
-}
+static const char usage[] =
+    "usage: peftps inspect CKPT_DIR [--step N]\n"
+    "\n"
+    "Lists the checkpoints held in CKPT_DIR (an LMDB environment written by the\n"
+    "parameter server, checkpoint.path of the experiment): step, data position,\n"
+    "optimizer update count, time written and fingerprints. Then describes the\n"
+    "latest checkpoint (or step N): every trainable tensor with its shape, element\n"
+    "count and the L2 norms of its parameters and of the AdamW moments m and v,\n"
+    "and the method's state blobs with their sizes. Every value read is checked\n"
+    "against its CRC-32C. Opens the directory read-only; a server may be writing.\n"
+    "\n"
+    "options:\n"
+    "  --step N     describe checkpoint N instead of the latest\n"
+    "  -h, --help   this help\n"
+    "\n"
+    "Exits 0, or 2 with one error line on bad usage or an unreadable checkpoint.\n";
 
 /* Names come from disk: show bytes a terminal would interpret as \xNN. */
 static void print_escaped(const char *s, int width) {
@@ -139,56 +139,15 @@ static void print_checkpoint(const ckpt_data *d, int latest) {
     }
 }
 
-static int parse_step(const char *s, uint64_t *step) {
-    if (!*s || !isdigit((unsigned char)*s)) return -1;
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end || v == UINT64_MAX) return -1;
-    *step = (uint64_t)v;
-    return 0;
-}
-
 int cmd_inspect(int argc, char **argv) {
-    const char *dir = NULL, *step_arg = NULL;
-    int options = 1;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (options && !strcmp(a, "--")) {
-            options = 0;
-        } else if (options && (!strcmp(a, "--help") || !strcmp(a, "-h"))) {
-            usage(stdout);
-            return 0;
-        } else if (options && !strcmp(a, "--step")) {
-            if (i + 1 == argc) {
-                fprintf(stderr, "peftps inspect: --step needs a step number\n");
-                usage(stderr);
-                return 2;
-            }
-            step_arg = argv[++i];
-        } else if (options && !strncmp(a, "--step=", 7)) {
-            step_arg = a + 7;
-        } else if (options && a[0] == '-' && a[1]) {
-            fprintf(stderr, "peftps inspect: unknown option '%s'\n", a);
-            usage(stderr);
-            return 2;
-        } else if (dir) {
-            fprintf(stderr, "peftps inspect: one checkpoint directory at a time ('%s', '%s')\n",
-                    dir, a);
-            usage(stderr);
-            return 2;
-        } else {
-            dir = a;
-        }
-    }
-    if (!dir) {
-        fprintf(stderr, "peftps inspect: which checkpoint directory?\n");
-        usage(stderr);
-        return 2;
-    }
+    const char *dir = NULL;
     uint64_t step = CKPT_LATEST;
-    if (step_arg && parse_step(step_arg, &step) < 0) {
-        fprintf(stderr, "peftps inspect: --step '%s' is not a step number\n", step_arg);
+    const cmdline_opt opts[] = {CMDLINE_UINT("--step", &step, 0, CMDLINE_UINT_MAX)};
+    int rc = cmdline_parse("peftps inspect", usage, opts, 1, "checkpoint directory", &dir, 1, argc,
+                           argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!dir) {
+        fprintf(stderr, "peftps inspect: which checkpoint directory?\n%s", usage);
         return 2;
     }
 
@@ -196,7 +155,8 @@ int cmd_inspect(int argc, char **argv) {
     ckpt *c = NULL;
     ckpt_info *info = NULL;
     ckpt_data d = {0};
-    int n = 0, rc = 2;
+    int n = 0;
+    rc = 2;
     if (ckpt_open(&c, dir, 0, NULL, &e) < 0 || ckpt_list(c, &info, &n, &e) < 0 ||
         ckpt_read(c, step, &d, &e) < 0)
         goto done;

@@ -10,6 +10,7 @@
 
 #include "cli.h"
 #include "config/cmdline.h"
+#include "base/fsutil.h"
 #include "data/data.h"
 #include "model/model.h"
 #include "data/tokenizer.h"
@@ -37,30 +38,6 @@ static const char usage[] =
     "\n"
     "Exits 0, 1 on a failure while working, or 2 with one error line on bad usage\n"
     "or bad input.\n";
-
-/* Reads all of a stream (standard input) into a NUL-terminated string. */
-static char *read_stream(FILE *f, size_t *len) {
-    size_t cap = 65536, n = 0;
-    char *p = malloc(cap);
-    while (p) {
-        n += fread(p + n, 1, cap - n - 1, f);
-        if (ferror(f) || feof(f)) break;
-        char *q = realloc(p, cap * 2);
-        if (!q) {
-            free(p);
-            return NULL;
-        }
-        p = q;
-        cap *= 2;
-    }
-    if (!p || ferror(f)) {
-        free(p);
-        return NULL;
-    }
-    p[n] = '\0';
-    *len = n;
-    return p;
-}
 
 static int print_ids(tok *t, const char *text, size_t len, int add_special) {
     int32_t *ids;
@@ -127,14 +104,10 @@ static int model_vocab_size(const char *model_dir, int *vocab, err *e) {
     struct stat st;
     *vocab = 0;
     if (stat(model_dir, &st) != 0 || !S_ISDIR(st.st_mode)) return 0;
-    char path[4096];
-    snprintf(path, sizeof path, "%s/config.json", model_dir);
-    FILE *f = fopen(path, "rb");
-    if (!f) return errno == ENOENT ? 0 : err_errno(e, "cannot open %s", path);
+    char path[4096], *text;
     size_t len;
-    char *text = read_stream(f, &len);
-    fclose(f);
-    if (!text) return err_set(e, "cannot read %s", path);
+    snprintf(path, sizeof path, "%s/config.json", model_dir);
+    if (fs_read_file(path, 0, &text, &len, e) < 0) return errno == ENOENT ? 0 : -1;
     model_config cfg;
     int rc = model_config_parse(&cfg, text, path, e);
     free(text);
@@ -185,27 +158,16 @@ static int tokenize_data(const char *model_dir, const char *file, int seq_len,
 int cmd_tokenize(int argc, char **argv) {
     const char *model_dir = NULL, *text = NULL, *decode = NULL, *file = NULL, *cache_dir = NULL;
     int add_special = 1, skip_special = 0, seq_len = 0;
-    const char *seq_text = NULL;
-    const cmdline_opt opts[] = {{"--text", &text},
-                                {"--decode", &decode},
-                                {"--data", &file},
-                                {"--cache-dir", &cache_dir},
-                                {"--seq-len", &seq_text}};
-    const cmdline_flag flags[] = {{"--no-special", &add_special, 0},
-                                  {"--skip-special", &skip_special, 1}};
-    int rc = cmdline_parse("peftps tokenize", usage, opts, 5, flags, 2, "model directory",
-                           &model_dir, 1, argc, argv);
+    const cmdline_opt opts[] = {CMDLINE_STR("--text", &text),
+                                CMDLINE_STR("--decode", &decode),
+                                CMDLINE_STR("--data", &file),
+                                CMDLINE_STR("--cache-dir", &cache_dir),
+                                CMDLINE_INT("--seq-len", &seq_len, 1, INT32_MAX - 1),
+                                CMDLINE_SET("--no-special", &add_special, 0),
+                                CMDLINE_SET("--skip-special", &skip_special, 1)};
+    int rc = cmdline_parse("peftps tokenize", usage, opts, 7, "model directory", &model_dir, 1,
+                           argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
-    if (seq_text) {
-        char *end;
-        errno = 0;
-        long n = strtol(seq_text, &end, 10);
-        if (end == seq_text || *end || errno || n < 1 || n > INT32_MAX - 1) {
-            fprintf(stderr, "peftps tokenize: --seq-len %s is not a positive integer\n", seq_text);
-            return 2;
-        }
-        seq_len = (int)n;
-    }
     if (!model_dir || (!!text + !!decode + !!file) != 1) {
         fprintf(stderr, "peftps tokenize: give a model directory and one of --text, --decode, "
                         "--data\n");
@@ -222,8 +184,8 @@ int cmd_tokenize(int argc, char **argv) {
     if (text) {
         size_t len = strlen(text);
         char *in = NULL;
-        if (!strcmp(text, "-") && !(in = read_stream(stdin, &len))) {
-            fprintf(stderr, "peftps tokenize: cannot read standard input\n");
+        if (!strcmp(text, "-") && fs_read_stream(stdin, 0, &in, &len, &e) < 0) {
+            fprintf(stderr, "peftps tokenize: reading standard input: %s\n", e.msg);
             tok_close(t);
             return 1;
         }

@@ -14,6 +14,7 @@
 #include "base/log.h"
 #include "config/pbtext.h"
 #include "base/progress.h"
+#include "train/metrics.h"
 #include "train/train.h"
 
 static const char train_usage[] =
@@ -28,25 +29,20 @@ static const char train_usage[] =
     "options:\n"
     "  --set PATH=VALUE   override a field, e.g. --set optimizer.lr=3e-4 (repeatable)\n";
 
-static void report_eval(FILE *metrics, uint64_t step, double loss, long ntok) {
-    fprintf(metrics, "{\"step\":%llu,\"eval_loss\":%.6f,\"eval_ppl\":%.4f,\"eval_tokens\":%ld}\n",
-            (unsigned long long)step, loss, exp(loss), ntok);
-    fflush(metrics);
-    log_info("step %llu: eval loss %.4f, perplexity %.3f (%ld tokens)", (unsigned long long)step,
-             loss, exp(loss), ntok);
+/* The eval line of step `step`, written and logged. */
+static int train_report_eval(trainer *t, metrics *m, uint64_t step, err *e) {
+    metrics_line l = {.kind = METRICS_EVAL, .step = step};
+    if (trainer_eval(t, &l.loss, &l.tokens, e) < 0) return -1;
+    return metrics_write(m, &l, e);
 }
 
 int cmd_train(int argc, char **argv) {
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps train", train_usage, NULL, &argc, argv, &ex);
+    int rc = cmdline_experiment("peftps train", train_usage, NULL, 0, argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
-    if (cmdline_parse("peftps train", train_usage, NULL, 0, NULL, 0, NULL, NULL, 0, argc, argv)) {
-        config_free(ex);
-        return 2;
-    }
     err e;
     trainer *t = NULL;
-    FILE *metrics = NULL;
+    metrics mf = {0};
     char path[4096];
     rc = 1;
     if (fs_mkdir_p(ex->output_dir, &e) < 0) goto done;
@@ -59,12 +55,7 @@ int cmd_train(int argc, char **argv) {
     if (trainer_open(&t, ex, 1, &e) < 0) goto done;
     log_info("%s: %s, %zu trainable parameters", ex->name, t->p->method->name,
              peft_num_trainable(t->p));
-    snprintf(path, sizeof path, "%s/metrics.jsonl", ex->output_dir);
-    metrics = fopen(path, "w");
-    if (!metrics) {
-        err_errno(&e, "%s", path);
-        goto done;
-    }
+    if (metrics_open(&mf, ex->output_dir, 0, &e) < 0) goto done;
     uint64_t total = ex->schedule->total_steps;
     uint32_t every = ex->data->eval_every;
     progress pr;
@@ -78,11 +69,10 @@ int cmd_train(int argc, char **argv) {
         /* Every input token is processed, whether or not it carries loss. */
         double toks = (double)ex->data->batch_size * (double)ex->data->seq_len;
         tok_total += toks;
-        fprintf(metrics,
-                "{\"step\":%llu,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6f,\"tokens\":%ld,"
-                "\"tokens_per_s\":%.1f}\n",
-                (unsigned long long)(s + 1), st.loss, st.lr, st.grad_norm, st.n_tokens, toks / dt);
-        fflush(metrics);
+        metrics_line l = {.kind = METRICS_STEP, .step = s + 1, .loss = st.loss,
+                          .tokens = st.n_tokens, .lr = st.lr, .grad_norm = st.grad_norm,
+                          .tokens_per_s = toks / dt};
+        if (metrics_write(&mf, &l, &e) < 0) goto done;
         if (!isfinite(st.loss)) {
             err_set(&e, "step %llu: loss is %g; lower optimizer.lr or check the data",
                     (unsigned long long)(s + 1), st.loss);
@@ -93,27 +83,20 @@ int cmd_train(int argc, char **argv) {
                  tok_total / (progress_now() - pr.start));
         progress_update(&pr, s + 1, detail);
         if (t->eval && every > 0 && (s + 1) % every == 0 && s + 1 < total) {
-            double el;
-            long nt;
             progress_end(&pr);
-            if (trainer_eval(t, &el, &nt, &e) < 0) goto done;
-            report_eval(metrics, s + 1, el, nt);
+            if (train_report_eval(t, &mf, s + 1, &e) < 0) goto done;
         }
     }
     progress_end(&pr);
-    if (t->eval) {
-        double el;
-        long nt;
-        if (trainer_eval(t, &el, &nt, &e) < 0) goto done;
-        report_eval(metrics, total, el, nt);
-    }
+    if (t->eval && train_report_eval(t, &mf, total, &e) < 0) goto done;
+    if (metrics_close(&mf, &e) < 0) goto done;
     snprintf(path, sizeof path, "%s/tensors.safetensors", ex->output_dir);
     if (peft_save(t->p, path, &e) < 0) goto done;
     log_info("wrote %s", path);
     rc = 0;
 done:
     if (rc) fprintf(stderr, "peftps train: %s\n", e.msg);
-    if (metrics) fclose(metrics);
+    metrics_close(&mf, NULL);
     trainer_close(t);
     config_free(ex);
     return rc;
@@ -131,15 +114,10 @@ static const char eval_usage[] =
 
 int cmd_eval(int argc, char **argv) {
     const char *adapter = NULL;
-    const char *const valued[] = {"--adapter", NULL};
+    const cmdline_opt opts[] = {CMDLINE_STR("--adapter", &adapter)};
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps eval", eval_usage, valued, &argc, argv, &ex);
+    int rc = cmdline_experiment("peftps eval", eval_usage, opts, 1, argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
-    const cmdline_opt opts[] = {{"--adapter", &adapter}};
-    if (cmdline_parse("peftps eval", eval_usage, opts, 1, NULL, 0, NULL, NULL, 0, argc, argv)) {
-        config_free(ex);
-        return 2;
-    }
     err e;
     trainer *t = NULL;
     rc = 1;

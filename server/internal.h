@@ -13,6 +13,7 @@
 #include "net/httpd.h"
 #include "base/progress.h"
 #include "server.h"
+#include "train/metrics.h"
 #include "train/train.h"
 #include "net/wire.h"
 
@@ -117,7 +118,7 @@ struct server {
     int final_sent;
 
     ckpt *ck;
-    FILE *metrics;
+    metrics metrics; /* server 0's metrics.jsonl */
     httpd *http; /* /healthz, /livez and /metrics (cluster.metrics_port) */
     httpd_server_metrics hm;
     progress pr;

@@ -52,38 +52,14 @@ static void on_hangup(int sig) {
 
 int main(int argc, char **argv) {
     log_init("server");
-    const char *const valued[] = {"--index", "--listen", "--resume-step", NULL};
-    Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps-server", usage, valued, &argc, argv, &ex);
-    if (rc) return rc == 1 ? 0 : rc;
     server_opts opts = {0, NULL, SERVER_RESUME_LATEST, 0};
-    const char *index = NULL, *resume = NULL;
-    const cmdline_opt takes[] = {
-        {"--index", &index}, {"--listen", &opts.listen}, {"--resume-step", &resume}};
-    const cmdline_flag flags[] = {{"--linger", &opts.linger, 1}};
-    if (cmdline_parse("peftps-server", usage, takes, 3, flags, 1, NULL, NULL, 0, argc, argv)) {
-        config_free(ex);
-        return 2;
-    }
-    char *end;
-    if (index) {
-        long v = strtol(index, &end, 10);
-        if (!*index || *end || v < 0 || v > 1 << 20) {
-            fprintf(stderr, "peftps-server: --index %s is not a server index\n", index);
-            config_free(ex);
-            return 2;
-        }
-        opts.index = (int)v;
-    }
-    if (resume) {
-        unsigned long long v = strtoull(resume, &end, 10);
-        if (!*resume || *end || resume[0] == '-') {
-            fprintf(stderr, "peftps-server: --resume-step %s is not a step\n", resume);
-            config_free(ex);
-            return 2;
-        }
-        opts.resume_step = v;
-    }
+    const cmdline_opt takes[] = {CMDLINE_INT("--index", &opts.index, 0, 1 << 20),
+                                 CMDLINE_STR("--listen", &opts.listen),
+                                 CMDLINE_UINT("--resume-step", &opts.resume_step, 0, CMDLINE_UINT_MAX),
+                                 CMDLINE_SET("--linger", &opts.linger, 1)};
+    Peftps__Experiment *ex = NULL;
+    int rc = cmdline_experiment("peftps-server", usage, takes, 4, argc, argv, &ex);
+    if (rc) return rc == 1 ? 0 : rc;
     err e;
     server *s = NULL;
     if (server_open(&s, ex, &opts, &e) < 0) {

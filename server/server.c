@@ -155,36 +155,6 @@ static int layout_build(server *s, err *e) {
 
 /* ---- outputs ------------------------------------------------------------------------ */
 
-/* Keeps the step lines of metrics.jsonl up to `step` (and the eval lines
- * among them): on resume the later steps are computed again and must appear
- * once. */
-static int metrics_open(server *s, err *e) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", s->exp->output_dir);
-    char *kept = NULL;
-    size_t nkept = 0;
-    FILE *old = s->step > 0 ? fopen(path, "r") : NULL;
-    if (old) {
-        FILE *mem = open_memstream(&kept, &nkept);
-        char line[4096];
-        while (mem && fgets(line, sizeof line, old)) {
-            unsigned long long st;
-            if (sscanf(line, "{\"step\":%llu", &st) == 1 && st <= s->step) fputs(line, mem);
-        }
-        if (mem) fclose(mem);
-        fclose(old);
-    }
-    s->metrics = fopen(path, "w");
-    if (!s->metrics) {
-        free(kept);
-        return err_errno(e, "%s", path);
-    }
-    if (kept) fwrite(kept, 1, nkept, s->metrics);
-    free(kept);
-    fflush(s->metrics);
-    return 0;
-}
-
 static int write_experiment(const server *s, err *e) {
     char *text = NULL, path[4096];
     if (pbtext_print(&s->exp->base, &text, e) < 0) return -1;
@@ -354,7 +324,7 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
     httpd_set(s->hm.checkpoint_step, (double)s->step);
     if (opts->index == 0) {
         if (fs_mkdir_p(exp->output_dir, e) < 0 || write_experiment(s, e) < 0 ||
-            metrics_open(s, e) < 0)
+            metrics_open(&s->metrics, s->exp->output_dir, s->step, e) < 0)
             goto fail;
     }
     server_log(
@@ -376,7 +346,7 @@ void server_close(server *s) {
     if (s->link) zmq_close(s->link);
     if (s->zap) curve_zap_stop(s->zap);
     if (s->ctx) zmq_ctx_term(s->ctx);
-    if (s->metrics) fclose(s->metrics);
+    metrics_close(&s->metrics, NULL);
     ckpt_close(s->ck);
     if (s->have_opt) optim_free(&s->opt);
     if (s->shards)
@@ -664,13 +634,6 @@ static void on_pull(server *s, const wire_msg *m, worker_rec *w) {
 
 /* ---- aggregation -------------------------------------------------------------------- */
 
-static void fold(server *s, uint32_t shard, const float *g) {
-    if (shard == 0)
-        memcpy(s->grad_sum, g, s->n * sizeof *g);
-    else
-        for (size_t i = 0; i < s->n; i++) s->grad_sum[i] += g[i];
-}
-
 static float *buf_get(server *s) {
     if (s->n_pool > 0) return s->pool[--s->n_pool];
     return aligned_alloc(64, (s->n * sizeof(float) + 63) / 64 * 64);
@@ -703,7 +666,7 @@ static int advance(server *s, err *e) {
         while (s->next_fold < s->n_shards) {
             shard_slot *q = slot(s, s->step, s->next_fold);
             if (q->state != SHARD_RECEIVED || !q->buf) break;
-            fold(s, s->next_fold, q->buf);
+            train_fold(s->grad_sum, q->buf, s->n, s->next_fold);
             s->pool[s->n_pool++] = q->buf;
             q->buf = NULL;
             s->next_fold++;
@@ -819,7 +782,7 @@ static int on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
     if (s->sync == PEFTPS__SYNC_MODE__ASYNC) {
         rc = async_apply(s, g->step, sl, &s->fail);
     } else if (g->step == s->step && g->shard == s->next_fold) {
-        fold(s, g->shard, s->inbuf);
+        train_fold(s->grad_sum, s->inbuf, s->n, g->shard);
         s->next_fold++;
         rc = advance(s, &s->fail);
     } else {
@@ -897,13 +860,13 @@ static int step_record(server *s, double loss, long ntok, double lr, double norm
     double toks = (double)s->exp->data->batch_size * (double)s->exp->data->seq_len;
     for (uint32_t i = 0; i < s->n_shards; i++) slot(s, s->step, i)->state = SHARD_PENDING;
     s->step++;
-    if (s->metrics) {
-        fprintf(s->metrics,
-                "{\"step\":%llu,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6f,\"tokens\":%ld,"
-                "\"tokens_per_s\":%.1f,\"bytes_in\":%llu,\"bytes_out\":%llu}\n",
-                (unsigned long long)s->step, mean, lr, norm, ntok, dt > 0 ? toks / dt : 0.0,
-                (unsigned long long)s->bytes_in, (unsigned long long)s->bytes_out);
-        fflush(s->metrics);
+    if (s->metrics.f) {
+        /* Not fatal: a full disk stops the run at the next checkpoint, with its path. */
+        metrics_line l = {.kind = METRICS_STEP, .step = s->step, .loss = mean, .tokens = ntok,
+                          .lr = lr, .grad_norm = norm, .tokens_per_s = dt > 0 ? toks / dt : 0.0,
+                          .has_bytes = 1, .bytes_in = s->bytes_in, .bytes_out = s->bytes_out};
+        err we;
+        if (metrics_write(&s->metrics, &l, &we) < 0) server_log(s, LOG_WARN, "%s", we.msg);
     }
     char detail[200];
     snprintf(detail, sizeof detail, "loss %.4f  %.0f tok/s  %.1f KiB/step  %d workers", mean,

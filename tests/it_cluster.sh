@@ -6,7 +6,8 @@
 # and restarted from its LMDB checkpoint; metrics.jsonl holds every step
 # once; a mismatched or damaged checkpoint is refused; with CURVE an
 # unlisted key cannot register, and SIGHUP admits a key added to the file; `peftps run` writes what train writes, and
-# stops cleanly on Ctrl-C and resumes.
+# stops cleanly on Ctrl-C and resumes; when its server is SIGKILLed it names
+# it, exits 137 and prints the command that resumes to the same tensors.
 # Two servers splitting the tensors give the bits of one. SSP and ASYNC
 # (not bit-identical) apply every shard of every step once, under faults.
 # Run by tests/run.sh with $BIN; needs the fixtures of tests/fixtures/.
@@ -338,4 +339,28 @@ grep -q "stopping on a signal at step [1-9]" "$T/runint.log" || fail "the server
 grep -q "resuming from the checkpoint of step [1-9]" "$T/runint2.log" || fail "run did not resume"
 same_tensors "$T/ref300" "$T/runint"
 steps_once "$T/runint" 300
+echo "peftps run names a dead server, exits non-zero and says how to resume"
+bg rundead "$BIN/peftps" run $EXP --workers 2 --set output_dir="$T/rundead" \
+    --set schedule.total_steps=300 --set checkpoint.every_steps=10
+rp=$LAST
+wait_log "$T/rundead.log" "checkpoint of step [0-9]* written" 30
+sp=$(ps -o pid=,comm= --ppid $rp | awk '$2 == "peftps-server" { print $1 }')
+[ -n "$sp" ] || fail "no peftps-server under peftps run $rp"
+kids=$(ps -o pid= --ppid $rp)
+kill -9 $sp
+wait_pid $rp 30
+rc=$?
+[ $rc = 137 ] || fail "peftps run after its server was killed: exit $rc, wanted the server's 137"
+for k in $kids; do kill -0 "$k" 2>/dev/null && fail "process $k outlived peftps run"; done
+grep -q "server 0 (pid $sp) was killed by signal 9" "$T/rundead.log" ||
+    fail "the dead server was not named"
+resume=$(sed -n '/resume with$/{n;s/^ *//;p;}' "$T/rundead.log")
+case "$resume" in
+"peftps run $EXP --workers 2 --set output_dir=$T/rundead "*) ;;
+*) fail "no command to resume with: '$resume'" ;;
+esac
+eval "\"\$BIN\"/$resume" >"$T/rundead2.log" 2>&1 || fail "the resume command failed: $?"
+grep -q "resuming from the checkpoint of step [1-9]" "$T/rundead2.log" || fail "did not resume"
+same_tensors "$T/ref300" "$T/rundead"
+steps_once "$T/rundead" 300
 echo "ok"

@@ -36,15 +36,11 @@ static void on_signal(int sig) {
 
 int main(int argc, char **argv) {
     log_init("worker");
-    Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps-worker", usage, NULL, &argc, argv, &ex);
-    if (rc) return rc == 1 ? 0 : rc;
     int linger = 0;
-    const cmdline_flag flags[] = {{"--linger", &linger, 1}};
-    if (cmdline_parse("peftps-worker", usage, NULL, 0, flags, 1, NULL, NULL, 0, argc, argv)) {
-        config_free(ex);
-        return 2;
-    }
+    const cmdline_opt opts[] = {CMDLINE_SET("--linger", &linger, 1)};
+    Peftps__Experiment *ex = NULL;
+    int rc = cmdline_experiment("peftps-worker", usage, opts, 1, argc, argv, &ex);
+    if (rc) return rc == 1 ? 0 : rc;
     err e;
     worker *w = NULL;
     if (worker_open(&w, ex, &e) < 0) {

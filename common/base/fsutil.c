@@ -51,3 +51,64 @@ int fs_write_text(const char *path, const char *text, err *e) {
     free(tmp);
     return 0;
 }
+
+int fs_read_stream(FILE *f, size_t max, char **out, size_t *len, err *e) {
+    size_t cap = 0, n = 0;
+    char *buf = NULL;
+    *out = NULL;
+    for (;;) {
+        if (cap - n < 4096) {
+            cap = cap ? 2 * cap : 65536;
+            char *nb = realloc(buf, cap + 1);
+            if (!nb) {
+                free(buf);
+                errno = ENOMEM;
+                return err_set(e, "out of memory");
+            }
+            buf = nb;
+        }
+        size_t r = fread(buf + n, 1, cap - n, f);
+        n += r;
+        if (max > 0 && n > max) {
+            free(buf);
+            errno = EFBIG;
+            return err_set(e, "larger than %zu bytes", max);
+        }
+        if (r == 0) break;
+    }
+    if (ferror(f)) {
+        int saved = errno;
+        free(buf);
+        err_errno(e, "read error");
+        errno = saved;
+        return -1;
+    }
+    buf[n] = '\0';
+    *out = buf;
+    *len = n;
+    return 0;
+}
+
+int fs_read_file(const char *path, size_t max, char **out, size_t *len, err *e) {
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        int saved = errno;
+        err_errno(e, "%s", path);
+        errno = saved;
+        return -1;
+    }
+    int rc = fs_read_stream(f, max, out, len, e);
+    int saved = errno;
+    fclose(f);
+    if (rc < 0) err_wrap(e, "%s", path);
+    errno = saved;
+    return rc;
+}
+
+char *fs_join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}

@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 
 #include "model/model.h"
+#include "base/fsutil.h"
 #include "base/sha256.h"
 
 #define DEFAULT_SERVER "tcp://127.0.0.1:5555"
@@ -435,36 +436,14 @@ static int check_ranges(const checker *c, const Peftps__Experiment *exp) {
     return 0;
 }
 
-static int read_text(const char *path, char **out) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
-    size_t cap = 4096, n = 0;
-    char *b = malloc(cap);
-    while (b) {
-        size_t k = fread(b + n, 1, cap - n - 1, f);
-        n += k;
-        if (n + 1 < cap) break;
-        char *nb = realloc(b, cap *= 2);
-        if (!nb) free(b);
-        b = nb;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (!b || bad) {
-        free(b);
-        return -1;
-    }
-    b[n] = 0;
-    *out = b;
-    return 0;
-}
-
 /* Layer and head indices against the model's config.json. */
 static int check_model(const checker *c, const Peftps__Experiment *exp) {
     char cfg_path[4096];
     snprintf(cfg_path, sizeof cfg_path, "%s/config.json", exp->model->path);
     char *text;
-    if (read_text(cfg_path, &text))
+    size_t len;
+    err re;
+    if (fs_read_file(cfg_path, 0, &text, &len, &re) < 0)
         return fail(c, "model.path", "model.path \"%s\": cannot read config.json: %s",
                     exp->model->path, strerror(errno));
     model_config mc;

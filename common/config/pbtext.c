@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/fsutil.h"
+
 #define MEMBER(msg, off) ((void *)((char *)(msg) + (off)))
 #define CMEMBER(msg, off) ((const void *)((const char *)(msg) + (off)))
 
@@ -1320,24 +1322,17 @@ int pbtext_parse_file(const ProtobufCMessageDescriptor *desc, const char *path,
     *out = NULL;
     FILE *f = fopen(path, "rb");
     if (!f) return err_errno(e, "%s: error: cannot read", path);
-    strbuf b = {0};
-    char chunk[65536];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) buf_put(&b, chunk, n);
-    int failed = ferror(f);
+    char *text;
+    size_t len;
+    int rc = fs_read_stream(f, 0, &text, &len, e);
     int saved = errno;
     fclose(f);
-    if (failed) {
-        buf_free(&b);
-        errno = saved;
-        return err_errno(e, "%s: error: cannot read", path);
-    }
-    if (b.oom) {
-        buf_free(&b);
+    errno = saved;
+    if (rc < 0 && saved == ENOMEM)
         return err_set(e, "%s: error: out of memory reading the file", path);
-    }
-    int rc = pbtext_parse(desc, b.p ? b.p : "", b.n, path, out, locs, e);
-    buf_free(&b);
+    if (rc < 0) return err_errno(e, "%s: error: cannot read", path);
+    rc = pbtext_parse(desc, text, len, path, out, locs, e);
+    free(text);
     return rc;
 }
 

@@ -19,6 +19,7 @@
 /* Normalizers (NFC, ...) use libutf8proc. */
 #include <utf8proc.h>
 
+#include "base/fsutil.h"
 #include "base/sha256.h"
 
 /* ---- growable arrays ---------------------------------------------------- */
@@ -1658,34 +1659,6 @@ static void load_decoder(tok *t, const json_t *d) {
 
 /* ---- files -------------------------------------------------------------- */
 
-/* Reads a whole file; *data is NUL-terminated. Returns 0, or -1 with errno
- * kept (ENOENT tells a missing file from a broken one). */
-static int read_file(const char *path, char **data, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
-    buf b = {0};
-    char chunk[65536];
-    size_t got;
-    while ((got = fread(chunk, 1, sizeof chunk, f)) > 0)
-        if (buf_put(&b, chunk, got)) {
-            fclose(f);
-            free(b.p);
-            errno = ENOMEM;
-            return -1;
-        }
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        free(b.p);
-        errno = EIO;
-        return -1;
-    }
-    if (!b.p && buf_put(&b, "", 0)) return -1;
-    *data = b.p;
-    *len = b.n;
-    return 0;
-}
-
 /* tokenizer.json's path and its directory, from a file or directory path. */
 static int resolve_paths(const char *path, char **file, char **dir, err *e) {
     struct stat st;
@@ -1708,13 +1681,6 @@ static int resolve_paths(const char *path, char **file, char **dir, err *e) {
     return 0;
 }
 
-static char *join_path(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p) snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 /* The files beside tokenizer.json that change the ids data gets (BOS/EOS). */
 static const char *const sidecars[] = {"tokenizer_config.json", "config.json"};
 
@@ -1735,11 +1701,10 @@ static int fingerprint_file(sha256_ctx *c, const char *name, const char *data, s
 
 static int fingerprint_sidecars(sha256_ctx *c, const char *dir, err *e) {
     for (size_t i = 0; i < sizeof sidecars / sizeof sidecars[0]; i++) {
-        char *p = join_path(dir, sidecars[i]), *data = NULL;
+        char *p = fs_join(dir, sidecars[i]), *data = NULL;
         size_t len = 0;
         if (!p) return err_set(e, "out of memory");
-        if (read_file(p, &data, &len) != 0 && errno != ENOENT) {
-            err_errno(e, "cannot read %s", p);
+        if (fs_read_file(p, 0, &data, &len, e) != 0 && errno != ENOENT) {
             free(p);
             return -1;
         }
@@ -1754,8 +1719,7 @@ int tok_fingerprint_path(const char *path, char hex[65], err *e) {
     char *file, *dir, *data;
     size_t len;
     if (resolve_paths(path, &file, &dir, e)) return -1;
-    if (read_file(file, &data, &len) != 0) {
-        err_errno(e, "cannot read %s", file);
+    if (fs_read_file(file, 0, &data, &len, e) != 0) {
         free(file);
         free(dir);
         return -1;
@@ -1807,7 +1771,7 @@ static int load_special_ids(tok *t, err *e) {
     t->bos = t->eos = -1;
     int have_bos = 0, have_eos = 0;
     for (size_t i = 0; i < 2; i++) {
-        char *p = join_path(t->dir, sidecars[i]);
+        char *p = fs_join(t->dir, sidecars[i]);
         if (!p) return err_set(e, "out of memory");
         json_error_t je;
         /* Integers as reals: tokenizer_config.json files hold values such as
@@ -1861,10 +1825,7 @@ int tok_open(tok **out, const char *path, err *e) {
     size_t len;
     json_t *root = NULL;
     if (resolve_paths(path, &t->path, &t->dir, e)) goto fail;
-    if (read_file(t->path, &data, &len) != 0) {
-        err_errno(e, "cannot read %s", t->path);
-        goto fail;
-    }
+    if (fs_read_file(t->path, 0, &data, &len, e) != 0) goto fail;
     sha256_ctx c;
     sha256_init(&c);
     fingerprint_file(&c, "tokenizer.json", data, len);

@@ -35,47 +35,14 @@ struct model_files {
     char fingerprint[65];
 };
 
-static char *join(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p) snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
+/* A JSON text file whole; a NUL byte inside is refused. */
 static int read_text(const char *path, char **out, size_t *len, err *e) {
-    *out = NULL;
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return err_errno(e, "%s", path);
-    char *buf = NULL;
-    size_t n = 0, cap = 0;
-    for (;;) {
-        if (cap - n < 4096) {
-            cap = cap ? 2 * cap : 8192;
-            char *nb = cap <= MAX_TEXT + 8192 ? realloc(buf, cap + 1) : NULL;
-            if (!nb) {
-                free(buf);
-                fclose(fp);
-                return err_set(e, "%s: larger than %u bytes or out of memory", path, MAX_TEXT);
-            }
-            buf = nb;
-        }
-        size_t r = fread(buf + n, 1, cap - n, fp);
-        n += r;
-        if (r == 0) break;
-    }
-    int bad = ferror(fp);
-    fclose(fp);
-    if (bad) {
-        free(buf);
-        return err_set(e, "%s: read error", path);
-    }
-    buf[n] = '\0';
-    if (strlen(buf) != n) {
-        free(buf);
+    if (fs_read_file(path, MAX_TEXT, out, len, e) < 0) return -1;
+    if (strlen(*out) != *len) {
+        free(*out);
+        *out = NULL;
         return err_set(e, "%s: contains a NUL byte; not a JSON text", path);
     }
-    *out = buf;
-    *len = n;
     return 0;
 }
 
@@ -206,8 +173,8 @@ static char *cache_dir(void) {
     const char *env = getenv("PEFTPS_CACHE_DIR");
     if (env) return *env ? strdup(env) : NULL;
     const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
-    if (xdg && *xdg) return join(xdg, "peftps");
-    return home && *home ? join(home, ".cache/peftps") : NULL;
+    if (xdg && *xdg) return fs_join(xdg, "peftps");
+    return home && *home ? fs_join(home, ".cache/peftps") : NULL;
 }
 
 /* Whether a binding's tensor needs converting (not F32, or misaligned). */
@@ -227,7 +194,7 @@ static int cache_key(const model_files *f, const char *dir, const binding *b, si
     for (size_t i = 0; i < nb; i++)
         if (needs_f32(&b[i])) sha256_update(&h, b[i].t->name, strlen(b[i].t->name) + 1);
     for (int i = 0; i < f->n_files; i++) {
-        char *p = join(dir, f->file_names[i]);
+        char *p = fs_join(dir, f->file_names[i]);
         struct stat st;
         int bad = !p || stat(p, &st) != 0;
         if (bad) {
@@ -453,9 +420,9 @@ static void hash_piece(sha256_ctx *h, const void *p, size_t n) {
 }
 
 static int open_dir(model_files *f, const char *dir, err *e) {
-    char *cfg_path = join(dir, "config.json");
-    char *single = join(dir, "model.safetensors");
-    char *index = join(dir, "model.safetensors.index.json");
+    char *cfg_path = fs_join(dir, "config.json");
+    char *single = fs_join(dir, "model.safetensors");
+    char *index = fs_join(dir, "model.safetensors.index.json");
     char *text = NULL;
     json_t *map = NULL;
     size_t len = 0;
@@ -485,7 +452,7 @@ static int open_dir(model_files *f, const char *dir, err *e) {
         goto out;
     }
     for (int i = 0; i < f->n_files; i++) {
-        char *p = join(dir, f->file_names[i]);
+        char *p = fs_join(dir, f->file_names[i]);
         int bad = !p ? err_set(e, "%s: out of memory", dir) : st_open(&f->files[i], p, e);
         free(p);
         if (bad) goto out;

@@ -112,6 +112,13 @@ int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_s
     return 0;
 }
 
+void train_fold(float *sum, const float *g, size_t n, uint32_t shard) {
+    if (shard == 0)
+        memcpy(sum, g, n * sizeof *g);
+    else
+        for (size_t i = 0; i < n; i++) sum[i] += g[i];
+}
+
 void train_grad_mean(float *grads, size_t n, long n_tokens) {
     /* One multiply per element, the same on every server. */
     float inv = n_tokens > 0 ? (float)(1.0 / (double)n_tokens) : 0.0f;
@@ -167,11 +174,7 @@ int trainer_step(trainer *t, uint64_t step, train_step_stats *st, err *e) {
         double ls;
         long nt;
         if (trainer_shard_grad(t, step, s, &ls, &nt, e) < 0) return -1;
-        /* Shard order, as the server sums them. */
-        if (s == 0)
-            memcpy(t->grad_sum, p->grads, p->n_params * sizeof *p->grads);
-        else
-            for (size_t i = 0; i < p->n_params; i++) t->grad_sum[i] += p->grads[i];
+        train_fold(t->grad_sum, p->grads, p->n_params, s);
         loss += ls;
         ntok += nt;
     }

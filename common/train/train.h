@@ -58,6 +58,12 @@ void trainer_close(trainer *t);
 int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
                        err *e);
 
+/* Adds shard `shard`'s gradient g (n floats) into sum, in the order every
+ * trainer and server must take: shard 0 copies, each next shard adds. The
+ * shards folded in ascending order through this one function are what makes
+ * `peftps train` and a cluster of any size agree to the bit. */
+void train_fold(float *sum, const float *g, size_t n, uint32_t shard);
+
 /* The server's half: given the sum over the step's shards of the summed-loss
  * gradients (in `grads`, modified), divide by n_tokens, clip by the global
  * norm and take one AdamW step on params at the step's learning rate.

@@ -1,0 +1,62 @@
+/* OUTPUT/metrics.jsonl, one JSON object a line: a step line per optimizer
+ * step (step, loss, lr, grad_norm, tokens, tokens_per_s, and the server's
+ * bytes_in, bytes_out) and an eval line per evaluation (step, eval_loss,
+ * eval_ppl, eval_tokens). The one writer and reader of that file, for
+ * `peftps train` and `run` (cli/), the parameter server (server/) and
+ * `peftps compare`. */
+#ifndef PEFTPS_METRICS_H
+#define PEFTPS_METRICS_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "base/err.h"
+
+typedef enum metrics_kind { METRICS_STEP, METRICS_EVAL } metrics_kind;
+
+/* One line of the file. */
+typedef struct metrics_line {
+    metrics_kind kind;
+    uint64_t step;       /* steps done when the line was written (1 for the first) */
+    double loss;         /* step: mean training loss of the step; eval: eval loss */
+    long tokens;         /* step: tokens that carried loss; eval: eval tokens */
+    double lr;           /* step lines: learning rate applied */
+    double grad_norm;    /* step lines: global gradient norm before clipping */
+    double tokens_per_s; /* step lines: input tokens per second of the step */
+    int has_bytes;       /* step lines of the server: the wire traffic below */
+    uint64_t bytes_in, bytes_out;
+} metrics_line;
+
+/* An open metrics.jsonl being written. */
+typedef struct metrics {
+    FILE *f;
+    char path[4200];
+} metrics;
+
+/* Keep every line already there and append (`peftps run` after its cluster). */
+#define METRICS_KEEP_ALL UINT64_MAX
+
+/* Opens DIR/metrics.jsonl for writing, keeping the lines already there whose
+ * step is at most keep_through (0: none, a new file; a resumed server keeps
+ * those of the steps its checkpoint holds, so that steps computed again
+ * appear once; METRICS_KEEP_ALL: every line, appending). Errors name the
+ * file. */
+int metrics_open(metrics *m, const char *dir, uint64_t keep_through, err *e);
+
+/* Writes one line and flushes it, so that a reader of the file follows the
+ * run; an eval line is also logged (log_info) with its perplexity. Errors
+ * name the file. */
+int metrics_write(metrics *m, const metrics_line *l, err *e);
+
+/* Closes the file (nothing when it was never opened); errors name it. */
+int metrics_close(metrics *m, err *e);
+
+/* Reads the file at path, calling each(ctx, line) for every step and eval
+ * line in order (lines of other kinds are skipped). Stops at the first
+ * nonzero return of each (returned) or at a line that is not a JSON object
+ * ("PATH:LINE: not a JSON object"); -1 with e set when the file cannot be
+ * read. */
+int metrics_read(const char *path, int (*each)(void *ctx, const metrics_line *l, err *e),
+                 void *ctx, err *e);
+
+#endif
