@@ -15,8 +15,8 @@ SAN      ?=
 DEB_PKGS := gcc make pkg-config libc6-dev \
             libzmq3-dev libprotobuf-c-dev protobuf-c-compiler \
             libopenblas-dev liblmdb-dev libcmocka-dev libjansson-dev libpcre2-dev \
-            libutf8proc-dev libmicrohttpd-dev yamllint iproute2 python3 wordnet-base bible-kjv
-PKGS     := libzmq libprotobuf-c openblas lmdb jansson libpcre2-8 libutf8proc libmicrohttpd
+            libutf8proc-dev libmicrohttpd-dev libsodium-dev yamllint iproute2 python3 wordnet-base bible-kjv
+PKGS     := libzmq libprotobuf-c openblas lmdb jansson libpcre2-8 libutf8proc libmicrohttpd libsodium
 
 # Recursively expanded on purpose: pkg-config is only asked when a recipe
 # runs, after `deps` has had the chance to install it.

@@ -18,7 +18,7 @@
 #include <unistd.h>
 
 #include "config/config.h"
-#include "base/sha256.h"
+#include "base/hash.h"
 
 static char tmp[64];
 
@@ -536,7 +536,7 @@ static void test_fingerprint(void **state) {
              "  batch_size: 8\n  shards_per_step: 8\n  eval_every: 0\n  eval_batches: 8\n}\n",
              tmp, tmp);
     char want[65], got[65];
-    sha256_hex_of(text, strlen(text), want);
+    hash_sha256_hex_of(text, strlen(text), want);
     config_fingerprint(x, got);
     assert_string_equal(got, want);
 

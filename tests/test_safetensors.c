@@ -1,5 +1,5 @@
 /* Tests of common/model/safetensors.c (reader, writer, half-precision conversions)
- * and of the hashes it sits beside, common/base/sha256.c and common/base/crc32c.c.
+ * and of the hashes it sits beside, common/base/hash.c (libsodium's SHA-256) and common/base/crc32c.c.
  * Conversion references are digests of numpy/PyTorch results (see the
  * comments at each constant). */
 #include <setjmp.h>
@@ -19,7 +19,7 @@
 
 #include "base/crc32c.h"
 #include "model/safetensors.h"
-#include "base/sha256.h"
+#include "base/hash.h"
 
 /* ---- helpers -------------------------------------------------------------- */
 /* Run from the repository root (the fuzz corpus is read from tests/fuzz). */
@@ -99,7 +99,7 @@ static void expect_bad_header(const char *header, size_t data_len, const char *w
 /* ---- hashes --------------------------------------------------------------- */
 
 static void sha_hex_str(const char *s, char hex[65]) {
-    sha256_hex_of(s, strlen(s), hex);
+    hash_sha256_hex_of(s, strlen(s), hex);
 }
 
 static void test_sha256_vectors(void **state) {
@@ -113,15 +113,15 @@ static void test_sha256_vectors(void **state) {
     /* One million 'a', fed in uneven pieces to exercise the block buffer. */
     char *a = malloc(1000000);
     memset(a, 'a', 1000000);
-    sha256_ctx c;
+    hash_sha256 c;
     uint8_t d[32];
-    sha256_init(&c);
+    hash_sha256_init(&c);
     for (size_t i = 0, step = 1; i < 1000000; i += step, step = step % 131 + 1)
-        sha256_update(&c, a + i, i + step > 1000000 ? 1000000 - i : step);
-    sha256_final(&c, d);
-    sha256_hex(d, hex);
+        hash_sha256_update(&c, a + i, i + step > 1000000 ? 1000000 - i : step);
+    hash_sha256_final(&c, d);
+    hash_hex(d, hex);
     assert_string_equal(hex, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
-    sha256_hex_of(a, 1000000, hex);
+    hash_sha256_hex_of(a, 1000000, hex);
     assert_string_equal(hex, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
     /* Lengths around the padding boundary (55, 56, 64 bytes) against
      * Python's hashlib. */
@@ -131,7 +131,7 @@ static void test_sha256_vectors(void **state) {
         "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb"};
     static const size_t pad_len[3] = {55, 56, 64};
     for (int i = 0; i < 3; i++) {
-        sha256_hex_of("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        hash_sha256_hex_of("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
                       pad_len[i], hex);
         assert_string_equal(hex, pad_ref[i]);
     }
@@ -238,7 +238,7 @@ static void test_half_against_numpy_torch(void **state) {
     /* Every F16 value to F32: numpy float16.astype(float32), bitwise. */
     uint32_t *all = malloc(65536 * 4);
     for (int i = 0; i < 65536; i++) all[i] = f32_bits(st_f16_to_f32((uint16_t)i));
-    sha256_hex_of(all, 65536 * 4, hex);
+    hash_sha256_hex_of(all, 65536 * 4, hex);
     assert_string_equal(hex, "f4fdd084f85448d28c84f20fabf4022ba938e40b7f382d2727dec6f41ac6267a");
     /* Every finite F16 survives F32 and back. */
     for (int i = 0; i < 65536; i++)
@@ -252,10 +252,10 @@ static void test_half_against_numpy_torch(void **state) {
     uint16_t *h = malloc((size_t)n * 2);
     float f;
     for (int i = 0; i < n; i++) memcpy(&f, &p[i], 4), h[i] = st_f32_to_f16(f);
-    sha256_hex_of(h, (size_t)n * 2, hex); /* numpy astype(float16) */
+    hash_sha256_hex_of(h, (size_t)n * 2, hex); /* numpy astype(float16) */
     assert_string_equal(hex, "3fc38468f000c8e017abaab268c354f41da0315fd39c1441455995a0e1fdcc16");
     for (int i = 0; i < n; i++) memcpy(&f, &p[i], 4), h[i] = st_f32_to_bf16(f);
-    sha256_hex_of(h, (size_t)n * 2, hex); /* torch .to(torch.bfloat16) */
+    hash_sha256_hex_of(h, (size_t)n * 2, hex); /* torch .to(torch.bfloat16) */
     assert_string_equal(hex, "f3881a2fba384413708632f4d65688013a7857974f2dc260cbdffca2c4c67755");
     free(h);
     free(p);

@@ -23,7 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "base/sha256.h"
+#include "base/hash.h"
 #include "data/tokenizer.h"
 
 #define REF_DIR "tests/reference/tokenizer"
@@ -190,7 +190,7 @@ static void file_sha256(const char *path, char hex[65]) {
     size_t n = 0;
     char *p = read_all(path, &n);
     if (!p) fail_msg("cannot read %s", path);
-    sha256_hex_of(p, n, hex);
+    hash_sha256_hex_of(p, n, hex);
     free(p);
 }
 

@@ -1,7 +1,7 @@
 /* Experiment files (see config.h): defaults and checks of meaning over the
  * text-format reader of pbtext.c, each error located at its field through
  * pbtext_locs. The model's config.json is read with model_config_parse
- * (modelcfg.c) to check layer and head indices; sha256.c hashes fingerprints. */
+ * (modelcfg.c) to check layer and head indices; base/hash.h hashes fingerprints. */
 #include "config/config.h"
 
 #include <errno.h>
@@ -15,7 +15,7 @@
 
 #include "model/model.h"
 #include "base/fsutil.h"
-#include "base/sha256.h"
+#include "base/hash.h"
 
 #define DEFAULT_SERVER "tcp://127.0.0.1:5555"
 
@@ -570,7 +570,7 @@ fail:
 /* ---- fingerprint and arguments ------------------------------------------ */
 
 static void hash_sink(void *ctx, const char *data, size_t n) {
-    sha256_update(ctx, data, n);
+    hash_sha256_update(ctx, data, n);
 }
 
 void config_fingerprint(const Peftps__Experiment *exp, char hex[65]) {
@@ -580,12 +580,12 @@ void config_fingerprint(const Peftps__Experiment *exp, char hex[65]) {
     copy.output_dir = NULL;
     copy.cluster = NULL;
     copy.checkpoint = NULL;
-    sha256_ctx c;
+    hash_sha256 c;
     uint8_t d[32];
-    sha256_init(&c);
+    hash_sha256_init(&c);
     pbtext_write(&copy.base, hash_sink, &c);
-    sha256_final(&c, d);
-    sha256_hex(d, hex);
+    hash_sha256_final(&c, d);
+    hash_hex(d, hex);
 }
 
 int config_parse_args(int *argc, char **argv, config_args *args, err *e) {

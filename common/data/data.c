@@ -1,6 +1,6 @@
 /* Token streams cut into windows, with loss masks; the (step, shard) ->
  * sequence map of data-parallel training. See data.h. Text formats are
- * tokenized with tokenizer.h and cached (SHA-256 keys from sha256.h); works
+ * tokenized with tokenizer.h and cached (SHA-256 keys from base/hash.h); works
  * with the generated Peftps__DataFormat of proto/peftps.proto. */
 #include "data/data.h"
 
@@ -15,7 +15,7 @@
 #include <unistd.h>
 
 #include "base/log.h"
-#include "base/sha256.h"
+#include "base/hash.h"
 #include "data/tokenizer.h"
 
 struct data {
@@ -428,7 +428,7 @@ static int open_text(data *d, const char *path, Peftps__DataFormat format, const
     void *src;
     size_t len;
     if (map_file(path, &src, &len, e)) return -1;
-    sha256_hex_of(src, len, k.source_sha);
+    hash_sha256_hex_of(src, len, k.source_sha);
     d->cache_path = cache_path_for(path, o->cache_dir);
     if (!d->cache_path) {
         if (src) munmap(src, len);

@@ -20,7 +20,7 @@
 #include <utf8proc.h>
 
 #include "base/fsutil.h"
-#include "base/sha256.h"
+#include "base/hash.h"
 
 /* ---- growable arrays ---------------------------------------------------- */
 
@@ -1686,20 +1686,20 @@ static const char *const sidecars[] = {"tokenizer_config.json", "config.json"};
 
 /* Hashes one file into the fingerprint, framed by its name and length so
  * that no two sets of files give the same stream. */
-static int fingerprint_file(sha256_ctx *c, const char *name, const char *data, size_t len) {
+static int fingerprint_file(hash_sha256 *c, const char *name, const char *data, size_t len) {
     unsigned char n8[8];
     for (int i = 0; i < 8; i++) n8[i] = (unsigned char)((uint64_t)len >> (8 * i));
-    sha256_update(c, name, strlen(name) + 1);
+    hash_sha256_update(c, name, strlen(name) + 1);
     if (!data) {
-        sha256_update(c, "absent", 6);
+        hash_sha256_update(c, "absent", 6);
         return 0;
     }
-    sha256_update(c, n8, 8);
-    sha256_update(c, data, len);
+    hash_sha256_update(c, n8, 8);
+    hash_sha256_update(c, data, len);
     return 0;
 }
 
-static int fingerprint_sidecars(sha256_ctx *c, const char *dir, err *e) {
+static int fingerprint_sidecars(hash_sha256 *c, const char *dir, err *e) {
     for (size_t i = 0; i < sizeof sidecars / sizeof sidecars[0]; i++) {
         char *p = fs_join(dir, sidecars[i]), *data = NULL;
         size_t len = 0;
@@ -1724,15 +1724,15 @@ int tok_fingerprint_path(const char *path, char hex[65], err *e) {
         free(dir);
         return -1;
     }
-    sha256_ctx c;
-    sha256_init(&c);
+    hash_sha256 c;
+    hash_sha256_init(&c);
     fingerprint_file(&c, "tokenizer.json", data, len);
     free(data);
     int rc = fingerprint_sidecars(&c, dir, e);
     if (rc == 0) {
         uint8_t d[32];
-        sha256_final(&c, d);
-        sha256_hex(d, hex);
+        hash_sha256_final(&c, d);
+        hash_hex(d, hex);
     }
     free(file);
     free(dir);
@@ -1826,13 +1826,13 @@ int tok_open(tok **out, const char *path, err *e) {
     json_t *root = NULL;
     if (resolve_paths(path, &t->path, &t->dir, e)) goto fail;
     if (fs_read_file(t->path, 0, &data, &len, e) != 0) goto fail;
-    sha256_ctx c;
-    sha256_init(&c);
+    hash_sha256 c;
+    hash_sha256_init(&c);
     fingerprint_file(&c, "tokenizer.json", data, len);
     if (fingerprint_sidecars(&c, t->dir, e)) goto fail;
     uint8_t d[32];
-    sha256_final(&c, d);
-    sha256_hex(d, t->fingerprint);
+    hash_sha256_final(&c, d);
+    hash_hex(d, t->fingerprint);
 
     json_error_t je;
     root = json_loadb(data, len, JSON_ALLOW_NUL, &je);

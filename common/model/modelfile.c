@@ -1,13 +1,13 @@
 /* Opens a base model directory in Hugging Face layout (model.h): config.json
  * through modelcfg.c, the weights through safetensors.c (one file or the
- * shards of model.safetensors.index.json), and its fingerprint (sha256.c).
+ * shards of model.safetensors.index.json), and its fingerprint (base/hash.h).
  * BF16 and F16 weights become F32 in a cache file that every process of the
  * machine maps (fsutil.c for the directory). */
 #include "model/model.h"
 #include "base/fsutil.h"
 #include "base/log.h"
 #include "model/safetensors.h"
-#include "base/sha256.h"
+#include "base/hash.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -188,11 +188,11 @@ static int needs_f32(const binding *b) {
  * the same header gets a new copy. */
 static int cache_key(const model_files *f, const char *dir, const binding *b, size_t nb,
                      char hex[65], err *e) {
-    sha256_ctx h;
-    sha256_init(&h);
-    sha256_update(&h, f->fingerprint, 64);
+    hash_sha256 h;
+    hash_sha256_init(&h);
+    hash_sha256_update(&h, f->fingerprint, 64);
     for (size_t i = 0; i < nb; i++)
-        if (needs_f32(&b[i])) sha256_update(&h, b[i].t->name, strlen(b[i].t->name) + 1);
+        if (needs_f32(&b[i])) hash_sha256_update(&h, b[i].t->name, strlen(b[i].t->name) + 1);
     for (int i = 0; i < f->n_files; i++) {
         char *p = fs_join(dir, f->file_names[i]);
         struct stat st;
@@ -205,11 +205,11 @@ static int cache_key(const model_files *f, const char *dir, const binding *b, si
         free(p);
         int64_t id[5] = {(int64_t)st.st_dev, (int64_t)st.st_ino, (int64_t)st.st_size,
                          (int64_t)st.st_mtim.tv_sec, (int64_t)st.st_mtim.tv_nsec};
-        sha256_update(&h, id, sizeof id);
+        hash_sha256_update(&h, id, sizeof id);
     }
     uint8_t d[32];
-    sha256_final(&h, d);
-    sha256_hex(d, hex);
+    hash_sha256_final(&h, d);
+    hash_hex(d, hex);
     return 0;
 }
 
@@ -412,11 +412,11 @@ static int bind_all(model_files *f, json_t *map, const char *dir, err *e) {
 
 /* Each piece is preceded by its length so that no two different sequences
  * of pieces hash alike. */
-static void hash_piece(sha256_ctx *h, const void *p, size_t n) {
+static void hash_piece(hash_sha256 *h, const void *p, size_t n) {
     uint8_t len[8];
     for (int i = 0; i < 8; i++) len[i] = (uint8_t)((uint64_t)n >> (8 * i));
-    sha256_update(h, len, 8);
-    sha256_update(h, p, n);
+    hash_sha256_update(h, len, 8);
+    hash_sha256_update(h, p, n);
 }
 
 static int open_dir(model_files *f, const char *dir, err *e) {
@@ -457,17 +457,17 @@ static int open_dir(model_files *f, const char *dir, err *e) {
         free(p);
         if (bad) goto out;
     }
-    sha256_ctx h;
+    hash_sha256 h;
     uint8_t d[32];
-    sha256_init(&h);
+    hash_sha256_init(&h);
     hash_piece(&h, text, len);
     for (int i = 0; i < f->n_files; i++) {
         size_t hl;
         const void *hp = st_header(f->files[i], &hl);
         hash_piece(&h, hp, hl);
     }
-    sha256_final(&h, d);
-    sha256_hex(d, f->fingerprint);
+    hash_sha256_final(&h, d);
+    hash_hex(d, f->fingerprint);
     if (bind_all(f, map, dir, e)) goto out;
     rc = 0;
 out:
