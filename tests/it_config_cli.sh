@@ -94,4 +94,26 @@ run 2 config check a.pbtxt b.pbtxt
 run 2 config check examples/lora.pbtxt --bogus
 run 2 config frobnicate
 run 2 config
-echo "ok: $n examples, overrides, errors and usage"
+
+# Typed options of every command: one message for a number out of range or
+# not a number, status 2, before anything starts.
+first_err_is() {
+    [ "$(head -n 1 "$tmp/err")" = "$1" ] || fail "wanted error '$1', got '$(head -n 1 "$tmp/err")'"
+}
+run 2 run examples/lora.pbtxt --workers 0
+first_err_is "peftps run: --workers must be a number from 1 to 1024 (not '0')"
+run 2 run examples/lora.pbtxt --workers=3x
+first_err_is "peftps run: --workers must be a number from 1 to 1024 (not '3x')"
+run 2 compare examples/lora.pbtxt --workers 2000
+first_err_is "peftps compare: --workers must be a number from 1 to 1024 (not '2000')"
+run 2 inspect /nonexistent --step -1
+first_err_is "peftps inspect: --step must be a number from 0 to 9007199254740992 (not '-1')"
+run 2 generate /nonexistent --prompt x --temperature nan
+first_err_is "peftps generate: --temperature must be a number from 0 to 1e+06 (not 'nan')"
+run 2 tokenize /nonexistent --data x --seq-len 0
+first_err_is "peftps tokenize: --seq-len must be a number from 1 to 2147483646 (not '0')"
+run 2 export /nonexistent --out x --step 1.5
+first_err_is "peftps export: --step must be a number from 0 to 9007199254740992 (not '1.5')"
+"$BIN/peftps-server" examples/lora.pbtxt --index -1 >"$tmp/out" 2>"$tmp/err" && fail "--index -1"
+first_err_is "peftps-server: --index must be a number from 0 to 1048576 (not '-1')"
+echo "ok: $n examples, overrides, errors, usage and typed options"
