@@ -6,26 +6,30 @@
 #include <string.h>
 
 #include "cli.h"
+#include "config/cmdline.h"
 #include "config/config.h"
 #include "config/pbtext.h"
 
+static const char check_usage[] =
+    "usage: peftps config check FILE.pbtxt [--set PATH=VALUE ...]\n"
+    "\n"
+    "Reads an experiment file (protobuf text format, message peftps.Experiment),\n"
+    "applies the --set overrides in order, fills every default and checks it:\n"
+    "required fields, value ranges, modules, that the files it names exist, and\n"
+    "layer and head indices against model.path/config.json. Prints the resolved\n"
+    "experiment to stdout (with its fingerprint as a comment) and exits 0, or\n"
+    "prints one error line FILE:LINE:COL: error: ... to stderr and exits 2.\n"
+    "\n"
+    "options:\n"
+    "  --set PATH=VALUE  override one field, e.g. --set optimizer.lr=3e-4,\n"
+    "                    --set method.lora.r=16 (selects lora), --set\n"
+    "                    method.lora.target_modules=[Q_PROJ,V_PROJ]; repeatable\n"
+    "  -h, --help        this help\n"
+    "\n"
+    "Relative paths in the experiment are taken from the current directory.\n";
+
 static void usage(FILE *out) {
-    fprintf(out, "usage: peftps config check FILE.pbtxt [--set PATH=VALUE ...]\n"
-                 "\n"
-                 "Reads an experiment file (protobuf text format, message peftps.Experiment),\n"
-                 "applies the --set overrides in order, fills every default and checks it:\n"
-                 "required fields, value ranges, modules, that the files it names exist, and\n"
-                 "layer and head indices against model.path/config.json. Prints the resolved\n"
-                 "experiment to stdout (with its fingerprint as a comment) and exits 0, or\n"
-                 "prints one error line FILE:LINE:COL: error: ... to stderr and exits 2.\n"
-                 "\n"
-                 "options:\n"
-                 "  --set PATH=VALUE  override one field, e.g. --set optimizer.lr=3e-4,\n"
-                 "                    --set method.lora.r=16 (selects lora), --set\n"
-                 "                    method.lora.target_modules=[Q_PROJ,V_PROJ]; repeatable\n"
-                 "  -h, --help        this help\n"
-                 "\n"
-                 "Relative paths in the experiment are taken from the current directory.\n");
+    fputs(check_usage, out);
 }
 
 static void stdout_sink(void *ctx, const char *data, size_t n) {
@@ -47,31 +51,18 @@ static int check(int argc, char **argv) {
         return 2;
     }
     const char *file = NULL;
-    int bad = 0, options = 1;
-    for (int i = 1; i < argc; i++) {
-        if (options && !strcmp(argv[i], "--")) {
-            options = 0;
-            continue;
-        }
-        if (options && argv[i][0] == '-' && argv[i][1]) {
-            fprintf(stderr, "peftps config check: unknown option '%s'\n", argv[i]);
-            bad = 1;
-        } else if (file) {
-            fprintf(stderr, "peftps config check: one experiment file at a time ('%s', '%s')\n",
-                    file, argv[i]);
-            bad = 1;
-        } else {
-            file = argv[i];
-        }
+    int rc = cmdline_parse("peftps config check", check_usage, NULL, 0, "experiment file", &file, 1,
+                           argc, argv);
+    if (rc == 0 && !file) {
+        fprintf(stderr, "peftps config check: which experiment file?\n%s", check_usage);
+        rc = 2;
     }
-    if (!file && !bad) fprintf(stderr, "peftps config check: which experiment file?\n");
-    if (!file || bad) {
-        usage(stderr);
+    if (rc) {
         config_args_free(&args);
-        return 2;
+        return rc == 1 ? 0 : 2;
     }
     Peftps__Experiment *exp;
-    int rc = config_load(file, args.sets, args.nsets, &exp, NULL, &e);
+    rc = config_load(file, args.sets, args.nsets, &exp, NULL, &e);
     config_args_free(&args);
     if (rc) {
         fprintf(stderr, "%s\n", e.msg);

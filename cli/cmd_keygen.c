@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "config/cmdline.h"
 #include "net/curve.h"
 
 static const char keygen_usage[] =
@@ -20,19 +21,19 @@ static const char keygen_usage[] =
     "e.g. `peftps keygen server && peftps keygen worker && cat worker.pub > authorized`.\n";
 
 int cmd_keygen(int argc, char **argv) {
-    if (argc == 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
-        fputs(keygen_usage, stdout);
-        return 0;
-    }
-    if (argc != 2 || (argv[1][0] == '-' && argv[1][1])) {
+    const char *prefix = NULL;
+    int rc = cmdline_parse("peftps keygen", keygen_usage, NULL, 0, "OUT_PREFIX", &prefix, 1, argc,
+                           argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!prefix) {
         fprintf(stderr, "peftps keygen: give one OUT_PREFIX\n%s", keygen_usage);
         return 2;
     }
     err e;
-    if (curve_keygen(argv[1], &e) < 0) {
+    if (curve_keygen(prefix, &e) < 0) {
         fprintf(stderr, "peftps keygen: %s\n", e.msg);
         return 1;
     }
-    printf("wrote %s.key (secret) and %s.pub\n", argv[1], argv[1]);
+    printf("wrote %s.key (secret) and %s.pub\n", prefix, prefix);
     return 0;
 }
