@@ -508,54 +508,16 @@ done:
     return rc;
 }
 
-int cmd_compare(int argc, char **argv) {
-    config_args sets;
+/* Loads every experiment first, so that a typo in the last one does not
+ * wait for the first to train; 0, or -1 after printing why. */
+static int cmp_load(cmp_row *rows, const char **files, int nfiles, const config_args *sets,
+                    const char *out) {
     err e;
-    /* The command, for compare.md: how to measure it again. */
-    char *typed = spawn_command_line(argv, argc);
-    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
-        free(typed);
-        fprintf(stderr, "peftps compare: %s\n%s", e.msg, compare_usage);
-        return 2;
-    }
-    const char *out = "out/compare";
-    int nw = 2;
-    const char **files = calloc((size_t)argc, sizeof *files);
-    int nfiles = 0, rc = 2;
-    cmp_row *rows = NULL;
-    char **runsets = NULL;
-    char *cmdline = NULL;
-    if (!files) {
-        fprintf(stderr, "peftps compare: out of memory\n");
-        goto done;
-    }
-    const cmdline_opt opts[] = {CMDLINE_INT("--workers", &nw, 1, 1024),
-                                CMDLINE_STR("--out", &out)};
-    rc = cmdline_parse("peftps compare", compare_usage, opts, 2, "experiment", files, argc, argc,
-                       argv);
-    if (rc) {
-        rc = rc == 1 ? 0 : 2;
-        goto done;
-    }
-    rc = 2;
-    while (nfiles < argc && files[nfiles]) nfiles++;
-    if (nfiles == 0) {
-        fprintf(stderr, "peftps compare: no experiment file given\n%s", compare_usage);
-        goto done;
-    }
-    rows = calloc((size_t)nfiles, sizeof *rows);
-    runsets = calloc((size_t)sets.nsets + 2, sizeof *runsets);
-    if (!rows || !runsets) {
-        fprintf(stderr, "peftps compare: out of memory\n");
-        goto done;
-    }
-    /* Load every experiment first: a typo in the last one should not wait
-     * for the first to train. */
     for (int i = 0; i < nfiles; i++) {
         Peftps__Experiment *ex = NULL;
-        if (config_load(files[i], sets.sets, sets.nsets, &ex, NULL, &e) < 0) {
+        if (config_load(files[i], sets->sets, sets->nsets, &ex, NULL, &e) < 0) {
             fprintf(stderr, "%s\n", e.msg);
-            goto done;
+            return -1;
         }
         cmp_row *r = &rows[i];
         r->file = files[i];
@@ -571,12 +533,105 @@ int cmd_compare(int argc, char **argv) {
                         "peftps compare: %s and %s are both named \"%s\"; their outputs would "
                         "collide (give each its own name)\n",
                         rows[j].file, r->file, r->name);
-                goto done;
+                return -1;
             }
         if (r->steps != rows[0].steps || r->tokens_per_step != rows[0].tokens_per_step)
             log_warn("%s trains %llu steps of %.0f tokens, %s %llu of %.0f: not like for like",
                      r->file, (unsigned long long)r->steps, r->tokens_per_step, rows[0].file,
                      (unsigned long long)rows[0].steps, rows[0].tokens_per_step);
+    }
+    return 0;
+}
+
+/* Experiment i of n: its eval before training, its run into r->out (a
+ * previous checkpoint there removed), its metrics; sets r->ok. */
+static void cmp_run_one(cmp_row *r, int i, int n, const char *self, const config_args *sets,
+                        int workers) {
+    char set_out[4200], set_ckpt[4300], ckpt[4200];
+    snprintf(ckpt, sizeof ckpt, "%s/ckpt", r->out);
+    snprintf(set_out, sizeof set_out, "output_dir=%s", r->out);
+    snprintf(set_ckpt, sizeof set_ckpt, "checkpoint.path=%s", ckpt);
+    char **runsets = calloc((size_t)sets->nsets + 2, sizeof *runsets);
+    err e;
+    if (!runsets) {
+        fprintf(stderr, "peftps compare: out of memory\n");
+        return;
+    }
+    for (int j = 0; j < sets->nsets; j++) runsets[j] = sets->sets[j];
+    runsets[sets->nsets] = set_out;
+    runsets[sets->nsets + 1] = set_ckpt;
+    int ns = sets->nsets + 2;
+    printf("== %s (%s), %d of %d: %s --workers %d\n", r->name, r->file, i + 1, n, r->out, workers);
+    fflush(stdout);
+    Peftps__Experiment *ex = NULL;
+    int st = -1;
+    if (config_load(r->file, runsets, ns, &ex, NULL, &e) == 0 && measure_before(r, ex, &e) == 0 &&
+        remove_tree(ckpt, &e) == 0)
+        st = run_cluster(r, self, runsets, ns, workers, &e);
+    config_free(ex);
+    free(runsets);
+    if (st < 0) {
+        fprintf(stderr, "peftps compare: %s: %s\n", r->file, e.msg);
+    } else if (st != 0) {
+        fprintf(stderr, "peftps compare: %s: peftps run exited with status %d\n", r->file, st);
+    } else if (read_metrics(r, &e) < 0) {
+        fprintf(stderr, "peftps compare: %s: %s\n", r->file, e.msg);
+    } else {
+        r->ok = 1;
+        if (isfinite(r->eval_after))
+            printf("%s: after %llu steps: eval loss %.4f  perplexity %.3f  (run took %.0f s)\n",
+                   r->name, (unsigned long long)r->steps, r->eval_after, exp(r->eval_after),
+                   r->wall_s);
+        else
+            printf("%s: %llu steps (run took %.0f s); no eval data\n", r->name,
+                   (unsigned long long)r->steps, r->wall_s);
+    }
+}
+
+/* The table on stdout, and compare.md, compare.json and loss.svg under out. */
+static int cmp_report(const char *out, const cmp_row *rows, int n, const char *cmdline,
+                      int workers) {
+    err e;
+    printf("\n");
+    print_table(stdout, rows, n, 0);
+    if (write_markdown(out, rows, n, cmdline ? cmdline : "peftps compare", &e) < 0 ||
+        write_json(out, rows, n, workers, &e) < 0 || write_plot(out, rows, n, &e) < 0) {
+        fprintf(stderr, "peftps compare: %s\n", e.msg);
+        return -1;
+    }
+    printf("\nwrote %s/compare.md, %s/compare.json and %s/loss.svg\n", out, out, out);
+    return 0;
+}
+
+int cmd_compare(int argc, char **argv) {
+    config_args sets;
+    err e;
+    /* The command, for compare.md: how to measure it again. */
+    char *cmdline = spawn_command_line("peftps", argv, argc);
+    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
+        free(cmdline);
+        fprintf(stderr, "peftps compare: %s\n%s", e.msg, compare_usage);
+        return 2;
+    }
+    const char *out = "out/compare";
+    int nw = 2, nfiles = 0, rc = 2;
+    const char **files = calloc((size_t)argc, sizeof *files);
+    cmp_row *rows = calloc((size_t)argc, sizeof *rows);
+    const cmdline_opt opts[] = {CMDLINE_INT("--workers", &nw, 1, 1024), CMDLINE_STR("--out", &out)};
+    if (!files || !rows) {
+        fprintf(stderr, "peftps compare: out of memory\n");
+        goto done;
+    }
+    rc = cmdline_parse("peftps compare", compare_usage, opts, 2, "experiment", files, argc, argc,
+                       argv);
+    while (nfiles < argc && files[nfiles]) nfiles++;
+    if (rc == 0 && nfiles == 0) {
+        fprintf(stderr, "peftps compare: no experiment file given\n%s", compare_usage);
+        rc = 2;
+    }
+    if (rc || cmp_load(rows, files, nfiles, &sets, out) < 0) {
+        rc = rc == 1 ? 0 : 2;
+        goto done;
     }
     char self[4096];
     if (fs_mkdir_p(out, &e) < 0 || spawn_self(self, sizeof self, 0, &e) < 0) {
@@ -584,68 +639,21 @@ int cmd_compare(int argc, char **argv) {
         rc = 1;
         goto done;
     }
-
     stopsig sigs;
     stopsig_catch(&sigs, cmp_on_signal);
     int failed = 0;
     for (int i = 0; i < nfiles && !cmp_signal; i++) {
-        cmp_row *r = &rows[i];
-        char set_out[4200], set_ckpt[4300], ckpt[4200];
-        snprintf(ckpt, sizeof ckpt, "%s/ckpt", r->out);
-        snprintf(set_out, sizeof set_out, "output_dir=%s", r->out);
-        snprintf(set_ckpt, sizeof set_ckpt, "checkpoint.path=%s", ckpt);
-        for (int j = 0; j < sets.nsets; j++) runsets[j] = sets.sets[j];
-        runsets[sets.nsets] = set_out;
-        runsets[sets.nsets + 1] = set_ckpt;
-        int ns = sets.nsets + 2;
-        printf("== %s (%s), %d of %d: %s --workers %d\n", r->name, r->file, i + 1, nfiles, r->out,
-               nw);
-        fflush(stdout);
-        Peftps__Experiment *ex = NULL;
-        int st = -1;
-        if (config_load(r->file, runsets, ns, &ex, NULL, &e) == 0 &&
-            measure_before(r, ex, &e) == 0 && remove_tree(ckpt, &e) == 0)
-            st = run_cluster(r, self, runsets, ns, nw, &e);
-        config_free(ex);
-        if (st < 0) {
-            fprintf(stderr, "peftps compare: %s: %s\n", r->file, e.msg);
-        } else if (st != 0) {
-            fprintf(stderr, "peftps compare: %s: peftps run exited with status %d\n", r->file, st);
-        } else if (read_metrics(r, &e) < 0) {
-            fprintf(stderr, "peftps compare: %s: %s\n", r->file, e.msg);
-        } else {
-            r->ok = 1;
-            if (isfinite(r->eval_after))
-                printf("%s: after %llu steps: eval loss %.4f  perplexity %.3f  (run took %.0f s)\n",
-                       r->name, (unsigned long long)r->steps, r->eval_after, exp(r->eval_after),
-                       r->wall_s);
-            else
-                printf("%s: %llu steps (run took %.0f s); no eval data\n", r->name,
-                       (unsigned long long)r->steps, r->wall_s);
-        }
-        failed += !r->ok;
+        cmp_run_one(&rows[i], i, nfiles, self, &sets, nw);
+        failed += !rows[i].ok;
     }
     stopsig_restore(&sigs);
-
-    if (typed) cmdline = malloc(strlen(typed) + 8);
-    if (cmdline) snprintf(cmdline, strlen(typed) + 8, "peftps %s", typed);
-    printf("\n");
-    print_table(stdout, rows, nfiles, 0);
     rc = cmp_signal ? 130 : failed ? 1 : 0;
-    if (write_markdown(out, rows, nfiles, cmdline ? cmdline : "peftps compare", &e) < 0 ||
-        write_json(out, rows, nfiles, nw, &e) < 0 || write_plot(out, rows, nfiles, &e) < 0) {
-        fprintf(stderr, "peftps compare: %s\n", e.msg);
-        rc = 1;
-    } else {
-        printf("\nwrote %s/compare.md, %s/compare.json and %s/loss.svg\n", out, out, out);
-    }
+    if (cmp_report(out, rows, nfiles, cmdline, nw) < 0) rc = 1;
 done:
     for (int i = 0; rows && i < nfiles; i++) row_free(&rows[i]);
     free(rows);
-    free(runsets);
     free(files);
     free(cmdline);
-    free(typed);
     config_args_free(&sets);
     return rc;
 }

@@ -97,18 +97,17 @@ static int gen_parse(gen_args *a, int argc, char **argv) {
     a->xo.sets = a->sets.sets;
     a->xo.nsets = a->sets.nsets;
     generate_opts_default(&a->go);
-    const cmdline_opt opts[] = {
-        CMDLINE_STR("--prompt", &a->prompt),
-        CMDLINE_STR("--adapter", &a->adapter),
-        CMDLINE_STR("--experiment", &a->xo.experiment),
-        CMDLINE_INT("--max-new-tokens", &a->go.max_new_tokens, 0, 1 << 20),
-        CMDLINE_FLOAT("--temperature", &a->go.temperature, 0, 1e6),
-        CMDLINE_INT("--top-k", &a->go.top_k, 0, 1 << 30),
-        CMDLINE_FLOAT("--top-p", &a->go.top_p, 0, 1),
-        CMDLINE_UINT("--seed", &a->go.seed, 0, CMDLINE_UINT_MAX),
-        CMDLINE_UINT("--step", &a->xo.step, 0, CMDLINE_UINT_MAX),
-        CMDLINE_SET("--no-kv-cache", &a->use_cache, 0),
-        CMDLINE_SET("--no-special", &a->add_special, 0)};
+    const cmdline_opt opts[] = {CMDLINE_STR("--prompt", &a->prompt),
+                                CMDLINE_STR("--adapter", &a->adapter),
+                                CMDLINE_STR("--experiment", &a->xo.experiment),
+                                CMDLINE_INT("--max-new-tokens", &a->go.max_new_tokens, 0, 1 << 20),
+                                CMDLINE_FLOAT("--temperature", &a->go.temperature, 0, 1e6),
+                                CMDLINE_INT("--top-k", &a->go.top_k, 0, 1 << 30),
+                                CMDLINE_FLOAT("--top-p", &a->go.top_p, 0, 1),
+                                CMDLINE_UINT("--seed", &a->go.seed, 0, CMDLINE_UINT_MAX),
+                                CMDLINE_UINT("--step", &a->xo.step, 0, CMDLINE_UINT_MAX),
+                                CMDLINE_SET("--no-kv-cache", &a->use_cache, 0),
+                                CMDLINE_SET("--no-special", &a->add_special, 0)};
     int rc = cmdline_parse("peftps generate", usage, opts, 11, "model directory", &a->model_dir, 1,
                            argc, argv);
     if (rc) return rc;
@@ -120,8 +119,7 @@ static int gen_parse(gen_args *a, int argc, char **argv) {
     a->prompt_len = strlen(a->prompt);
     if (!strcmp(a->prompt, "-")) {
         if (fs_read_stream(stdin, 0, &a->stdin_text, &a->prompt_len, &e) < 0) {
-            fprintf(stderr, "peftps generate: reading the prompt from standard input: %s\n",
-                    e.msg);
+            fprintf(stderr, "peftps generate: reading the prompt from standard input: %s\n", e.msg);
             return 2;
         }
         a->prompt = a->stdin_text;
@@ -144,8 +142,7 @@ static int gen_prompt_ids(const gen_args *a, tok *t, int32_t **ids, size_t *n, e
 }
 
 /* The base, with the adapter when one is given (then *src owns the files). */
-static int gen_open_model(gen_args *a, export_source **src, model_files **files, peft **p,
-                          err *e) {
+static int gen_open_model(gen_args *a, export_source **src, model_files **files, peft **p, err *e) {
     if (!a->adapter) return model_files_open(files, a->model_dir, e);
     a->xo.model_dir = a->model_dir;
     if (export_open(src, a->adapter, &a->xo, e) < 0) return -1;

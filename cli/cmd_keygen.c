@@ -22,8 +22,8 @@ static const char keygen_usage[] =
 
 int cmd_keygen(int argc, char **argv) {
     const char *prefix = NULL;
-    int rc = cmdline_parse("peftps keygen", keygen_usage, NULL, 0, "OUT_PREFIX", &prefix, 1, argc,
-                           argv);
+    int rc =
+        cmdline_parse("peftps keygen", keygen_usage, NULL, 0, "OUT_PREFIX", &prefix, 1, argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     if (!prefix) {
         fprintf(stderr, "peftps keygen: give one OUT_PREFIX\n%s", keygen_usage);

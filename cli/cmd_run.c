@@ -48,36 +48,33 @@ static void run_on_signal(int sig) {
 
 /* A cluster on this machine, from the command line to the last exit. */
 typedef struct run_state {
-    const char *path;  /* the experiment file */
-    config_args sets;  /* the user's --set pairs, passed on to every process */
-    char *command;     /* the command line as typed: what resumes the run */
+    const char *path; /* the experiment file */
+    config_args sets; /* the user's --set pairs, passed on to every process */
+    char *command;    /* the command line as typed: what resumes the run */
     int n_workers, n_servers;
     Peftps__Experiment *ex;
-    char tmp[32];      /* private directory of the ipc:// endpoints */
-    char *endpoints;   /* cluster.servers=["ipc://TMP/server-0", ...] */
-    char **args;       /* argv of the children, filled in by run_start */
+    char tmp[32];    /* private directory of the ipc:// endpoints */
+    char *endpoints; /* cluster.servers=["ipc://TMP/server-0", ...] */
+    char **args;     /* argv of the children, filled in by run_start */
     pid_t *servers, *workers;
     int servers_left, workers_left, workers_failed;
-    int status;        /* the exit status the run takes from its servers; -1 none yet */
-    int stopping;      /* we asked the servers to stop (signal, or no worker left) */
-    int server_died;   /* a server ended on its own with a failure */
+    int status;      /* the exit status the run takes from its servers; -1 none yet */
+    int stopping;    /* we asked the servers to stop (signal, or no worker left) */
+    int server_died; /* a server ended on its own with a failure */
 } run_state;
 
 /* The command line: --workers and the experiment, with the --set pairs. */
 static int run_parse(run_state *r, int argc, char **argv) {
     err e;
-    char *typed = spawn_command_line(argv, argc);
-    size_t n = typed ? strlen(typed) + 8 : 0;
-    if (typed && (r->command = malloc(n))) snprintf(r->command, n, "peftps %s", typed);
-    free(typed);
+    r->command = spawn_command_line("peftps", argv, argc);
     if (config_parse_args(&argc, argv, &r->sets, &e) < 0) {
         fprintf(stderr, "peftps run: %s\n%s", e.msg, run_usage);
         return 2;
     }
     r->n_workers = 1;
     const cmdline_opt opts[] = {CMDLINE_INT("--workers", &r->n_workers, 1, 1024)};
-    int rc = cmdline_parse("peftps run", run_usage, opts, 1, "experiment file", &r->path, 1, argc,
-                           argv);
+    int rc =
+        cmdline_parse("peftps run", run_usage, opts, 1, "experiment file", &r->path, 1, argc, argv);
     if (rc) return rc;
     if (!r->path) {
         fprintf(stderr, "peftps run: no experiment file given\n%s", run_usage);

@@ -69,8 +69,12 @@ int cmd_train(int argc, char **argv) {
         /* Every input token is processed, whether or not it carries loss. */
         double toks = (double)ex->data->batch_size * (double)ex->data->seq_len;
         tok_total += toks;
-        metrics_line l = {.kind = METRICS_STEP, .step = s + 1, .loss = st.loss,
-                          .tokens = st.n_tokens, .lr = st.lr, .grad_norm = st.grad_norm,
+        metrics_line l = {.kind = METRICS_STEP,
+                          .step = s + 1,
+                          .loss = st.loss,
+                          .tokens = st.n_tokens,
+                          .lr = st.lr,
+                          .grad_norm = st.grad_norm,
                           .tokens_per_s = toks / dt};
         if (metrics_write(&mf, &l, &e) < 0) goto done;
         if (!isfinite(st.loss)) {

@@ -79,13 +79,14 @@ static int spawn_plain(const char *a) {
     return 1;
 }
 
-char *spawn_command_line(char *const *argv, int argc) {
+char *spawn_command_line(const char *prefix, char *const *argv, int argc) {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     if (!f) return NULL;
+    fputs(prefix, f);
     for (int i = 0; i < argc; i++) {
-        if (i) fputc(' ', f);
+        fputc(' ', f);
         if (spawn_plain(argv[i])) {
             fputs(argv[i], f);
             continue;

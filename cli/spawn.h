@@ -39,9 +39,9 @@ void spawn_kill(const pid_t *pids, int n, int sig);
 /* The index of p among pids[0 .. n-1], or -1. */
 int spawn_find(const pid_t *pids, int n, pid_t p);
 
-/* A command line as a shell reads it back: argv[0 .. argc-1] joined by
- * spaces, each quoted when it holds anything but [A-Za-z0-9_./=:,+-@%].
- * Returns a malloc'd string, NULL when out of memory. */
-char *spawn_command_line(char *const *argv, int argc);
+/* A command line as a shell reads it back: prefix, then argv[0 .. argc-1],
+ * joined by spaces, each argument quoted when it holds anything but
+ * [A-Za-z0-9_./=:,+-@%]. Returns a malloc'd string, NULL when out of memory. */
+char *spawn_command_line(const char *prefix, char *const *argv, int argc);
 
 #endif

@@ -119,7 +119,7 @@ struct server {
 
     ckpt *ck;
     metrics metrics; /* server 0's metrics.jsonl */
-    httpd *http; /* /healthz, /livez and /metrics (cluster.metrics_port) */
+    httpd *http;     /* /healthz, /livez and /metrics (cluster.metrics_port) */
     httpd_server_metrics hm;
     progress pr;
     uint64_t bytes_in, bytes_out; /* this step's messages */

@@ -53,10 +53,10 @@ static void on_hangup(int sig) {
 int main(int argc, char **argv) {
     log_init("server");
     server_opts opts = {0, NULL, SERVER_RESUME_LATEST, 0};
-    const cmdline_opt takes[] = {CMDLINE_INT("--index", &opts.index, 0, 1 << 20),
-                                 CMDLINE_STR("--listen", &opts.listen),
-                                 CMDLINE_UINT("--resume-step", &opts.resume_step, 0, CMDLINE_UINT_MAX),
-                                 CMDLINE_SET("--linger", &opts.linger, 1)};
+    const cmdline_opt takes[] = {
+        CMDLINE_INT("--index", &opts.index, 0, 1 << 20), CMDLINE_STR("--listen", &opts.listen),
+        CMDLINE_UINT("--resume-step", &opts.resume_step, 0, CMDLINE_UINT_MAX),
+        CMDLINE_SET("--linger", &opts.linger, 1)};
     Peftps__Experiment *ex = NULL;
     int rc = cmdline_experiment("peftps-server", usage, takes, 4, argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;

@@ -862,9 +862,16 @@ static int step_record(server *s, double loss, long ntok, double lr, double norm
     s->step++;
     if (s->metrics.f) {
         /* Not fatal: a full disk stops the run at the next checkpoint, with its path. */
-        metrics_line l = {.kind = METRICS_STEP, .step = s->step, .loss = mean, .tokens = ntok,
-                          .lr = lr, .grad_norm = norm, .tokens_per_s = dt > 0 ? toks / dt : 0.0,
-                          .has_bytes = 1, .bytes_in = s->bytes_in, .bytes_out = s->bytes_out};
+        metrics_line l = {.kind = METRICS_STEP,
+                          .step = s->step,
+                          .loss = mean,
+                          .tokens = ntok,
+                          .lr = lr,
+                          .grad_norm = norm,
+                          .tokens_per_s = dt > 0 ? toks / dt : 0.0,
+                          .has_bytes = 1,
+                          .bytes_in = s->bytes_in,
+                          .bytes_out = s->bytes_out};
         err we;
         if (metrics_write(&s->metrics, &l, &we) < 0) server_log(s, LOG_WARN, "%s", we.msg);
     }

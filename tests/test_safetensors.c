@@ -1,6 +1,6 @@
 /* Tests of common/model/safetensors.c (reader, writer, half-precision conversions)
- * and of the hashes it sits beside, common/base/hash.c (libsodium's SHA-256) and common/base/crc32c.c.
- * Conversion references are digests of numpy/PyTorch results (see the
+ * and of the hashes it sits beside, common/base/hash.c (libsodium's SHA-256) and
+ * common/base/crc32c.c. Conversion references are digests of numpy/PyTorch results (see the
  * comments at each constant). */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -132,7 +132,7 @@ static void test_sha256_vectors(void **state) {
     static const size_t pad_len[3] = {55, 56, 64};
     for (int i = 0; i < 3; i++) {
         hash_sha256_hex_of("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-                      pad_len[i], hex);
+                           pad_len[i], hex);
         assert_string_equal(hex, pad_ref[i]);
     }
     free(a);

@@ -26,11 +26,16 @@ typedef struct cmdline_opt {
     double min, max;
 } cmdline_opt;
 
-#define CMDLINE_STR(n, p) {(n), CMDLINE_STRING, (p), 0, 0}
-#define CMDLINE_SET(n, p, v) {(n), CMDLINE_FLAG, (p), (v), 0}
-#define CMDLINE_INT(n, p, lo, hi) {(n), CMDLINE_INT, (p), (lo), (hi)}
-#define CMDLINE_UINT(n, p, lo, hi) {(n), CMDLINE_UINT, (p), (lo), (hi)}
-#define CMDLINE_FLOAT(n, p, lo, hi) {(n), CMDLINE_FLOAT, (p), (lo), (hi)}
+#define CMDLINE_STR(n, p)                                                                          \
+    { (n), CMDLINE_STRING, (p), 0, 0 }
+#define CMDLINE_SET(n, p, v)                                                                       \
+    { (n), CMDLINE_FLAG, (p), (v), 0 }
+#define CMDLINE_INT(n, p, lo, hi)                                                                  \
+    { (n), CMDLINE_INT, (p), (lo), (hi) }
+#define CMDLINE_UINT(n, p, lo, hi)                                                                 \
+    { (n), CMDLINE_UINT, (p), (lo), (hi) }
+#define CMDLINE_FLOAT(n, p, lo, hi)                                                                \
+    { (n), CMDLINE_FLOAT, (p), (lo), (hi) }
 
 /* The largest whole number a CMDLINE_UINT takes (steps, seeds): 2^53, up
  * to which every integer is exact in the double a range is kept in. */

@@ -99,8 +99,8 @@ static int metrics_parse(json_t *o, metrics_line *l) {
     return 0;
 }
 
-int metrics_read(const char *path, int (*each)(void *ctx, const metrics_line *l, err *e),
-                 void *ctx, err *e) {
+int metrics_read(const char *path, int (*each)(void *ctx, const metrics_line *l, err *e), void *ctx,
+                 err *e) {
     FILE *f = fopen(path, "r");
     if (!f) return err_errno(e, "%s", path);
     char *text = NULL;

@@ -56,7 +56,7 @@ int metrics_close(metrics *m, err *e);
  * nonzero return of each (returned) or at a line that is not a JSON object
  * ("PATH:LINE: not a JSON object"); -1 with e set when the file cannot be
  * read. */
-int metrics_read(const char *path, int (*each)(void *ctx, const metrics_line *l, err *e),
-                 void *ctx, err *e);
+int metrics_read(const char *path, int (*each)(void *ctx, const metrics_line *l, err *e), void *ctx,
+                 err *e);
 
 #endif
