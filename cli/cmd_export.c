@@ -12,6 +12,7 @@
 #include "config/cmdline.h"
 #include "config/config.h"
 #include "train/export.h"
+#include "base/fsutil.h"
 #include "base/log.h"
 
 static const char usage[] =
@@ -41,11 +42,6 @@ static const char usage[] =
     "                     (default 4GB); larger models are written in shards with\n"
     "                     model.safetensors.index.json\n"
     "  -h, --help         this help\n";
-
-static int ends_with(const char *s, const char *suffix) {
-    size_t n = strlen(s), k = strlen(suffix);
-    return n >= k && !strcmp(s + n - k, suffix);
-}
 
 /* "4GB", "500MB", "65536": bytes, powers of 1000 as Hugging Face counts them. */
 static int parse_size(const char *s, size_t *out) {
@@ -97,7 +93,7 @@ int cmd_export(int argc, char **argv) {
                 usage);
         goto done;
     }
-    if (!format && ends_with(out, ".safetensors")) format = "tensors";
+    if (!format && fs_ends_with(out, ".safetensors")) format = "tensors";
     if (!format ||
         (strcmp(format, "peft") && strcmp(format, "merged") && strcmp(format, "tensors"))) {
         fprintf(stderr, "peftps export: --format must be peft, merged or tensors%s%s%s\n%s",

@@ -112,3 +112,8 @@ char *fs_join(const char *dir, const char *name) {
     if (p) snprintf(p, n, "%s/%s", dir, name);
     return p;
 }
+
+int fs_ends_with(const char *path, const char *suffix) {
+    size_t n = strlen(path), k = strlen(suffix);
+    return n >= k && !strcmp(path + n - k, suffix);
+}

@@ -27,6 +27,9 @@ int fs_read_stream(FILE *f, size_t max, char **out, size_t *len, err *e);
  * from a broken one). */
 int fs_read_file(const char *path, size_t max, char **out, size_t *len, err *e);
 
+/* Whether path ends with suffix (".jsonl"). */
+int fs_ends_with(const char *path, const char *suffix);
+
 /* "DIR/NAME", malloc'd; NULL when out of memory. */
 char *fs_join(const char *dir, const char *name);
 

@@ -106,11 +106,6 @@ static int default_string(char **s, const char *fmt, const char *a) {
     return 0;
 }
 
-static int ends_with(const char *s, const char *suffix) {
-    size_t n = strlen(s), k = strlen(suffix);
-    return n >= k && !strcmp(s + n - k, suffix);
-}
-
 static int fill_method(Peftps__Method *m) {
     switch (m->kind_case) {
     case PEFTPS__METHOD__KIND_LORA: {
@@ -160,7 +155,7 @@ int config_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext
         const char *base = strrchr(path, '/');
         base = base ? base + 1 : path;
         size_t n = strlen(base);
-        if (ends_with(base, ".pbtxt")) n -= strlen(".pbtxt");
+        if (fs_ends_with(base, ".pbtxt")) n -= strlen(".pbtxt");
         if (!n) base = "experiment", n = strlen(base);
         exp->name = strndup(base, n);
         if (!exp->name) goto oom;
@@ -187,14 +182,8 @@ int config_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext
     if (ENSURE(exp->data, peftps__data__descriptor)) goto oom;
     Peftps__Data *d = exp->data;
     if ((!d->has_format || d->format == PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED) && d->train) {
-        Peftps__DataFormat f;
-        if (ends_with(d->train, ".tokens"))
-            f = PEFTPS__DATA_FORMAT__TOKENS;
-        else if (ends_with(d->train, ".txt"))
-            f = PEFTPS__DATA_FORMAT__TEXT;
-        else if (ends_with(d->train, ".jsonl"))
-            f = PEFTPS__DATA_FORMAT__JSONL;
-        else
+        Peftps__DataFormat f = config_data_format_of(d->train);
+        if (f == PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED)
             return fail(&c, "data.train",
                         "cannot tell the format of data.train \"%s\" from its ending (.tokens, "
                         ".txt or .jsonl); set data.format to TOKENS, TEXT or JSONL",
@@ -626,4 +615,11 @@ void config_args_free(config_args *args) {
     free(args->sets);
     args->sets = NULL;
     args->nsets = 0;
+}
+
+Peftps__DataFormat config_data_format_of(const char *path) {
+    if (fs_ends_with(path, ".tokens")) return PEFTPS__DATA_FORMAT__TOKENS;
+    if (fs_ends_with(path, ".txt")) return PEFTPS__DATA_FORMAT__TEXT;
+    if (fs_ends_with(path, ".jsonl")) return PEFTPS__DATA_FORMAT__JSONL;
+    return PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED;
 }

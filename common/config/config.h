@@ -45,6 +45,11 @@ int config_check(const Peftps__Experiment *exp, const char *path, const pbtext_l
 /* Lower-case hex SHA-256 of the canonical text of exp with output_dir,
  * cluster and checkpoint left out: equal for every run of the same resolved
  * experiment wherever it runs and whatever it writes to. */
+/* The data format a file's name implies (.tokens, .txt, .jsonl), or
+ * DATA_FORMAT_UNSPECIFIED when its ending says none: the one rule for the
+ * default of data.format and for data files opened without an experiment. */
+Peftps__DataFormat config_data_format_of(const char *path);
+
 void config_fingerprint(const Peftps__Experiment *exp, char hex[65]);
 
 /* The `--set PATH=VALUE` options of a command line. */

@@ -14,8 +14,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "base/log.h"
 #include "base/hash.h"
+#include "base/log.h"
+#include "config/config.h"
 #include "data/tokenizer.h"
 
 struct data {
@@ -37,20 +38,10 @@ static uint32_t token_at(const data *d, uint64_t i) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static int ends_with(const char *s, const char *suffix) {
-    size_t n = strlen(s), k = strlen(suffix);
-    return n >= k && strcmp(s + n - k, suffix) == 0;
-}
-
 static int resolve_format(const char *path, Peftps__DataFormat f, Peftps__DataFormat *out, err *e) {
     if (f == PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED) {
-        if (ends_with(path, ".tokens"))
-            f = PEFTPS__DATA_FORMAT__TOKENS;
-        else if (ends_with(path, ".txt"))
-            f = PEFTPS__DATA_FORMAT__TEXT;
-        else if (ends_with(path, ".jsonl"))
-            f = PEFTPS__DATA_FORMAT__JSONL;
-        else
+        f = config_data_format_of(path);
+        if (f == PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED)
             return err_set(e,
                            "%s: cannot tell the data format from the name (expected .tokens, "
                            ".txt or .jsonl); set data.format",
@@ -68,7 +59,7 @@ static int resolve_format(const char *path, Peftps__DataFormat f, Peftps__DataFo
 }
 
 int data_needs_tokenizer(const char *path, Peftps__DataFormat format) {
-    Peftps__DataFormat f;
+    Peftps__DataFormat f = PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED;
     return resolve_format(path, format, &f, NULL) == 0 && f != PEFTPS__DATA_FORMAT__TOKENS;
 }
 
@@ -502,7 +493,7 @@ int data_open(data **out, const char *path, const data_opts *o, err *e) {
     if (o->seq_len < 1) return err_set(e, "%s: seq_len is %d, must be >= 1", path, o->seq_len);
     if (o->vocab_size < 1)
         return err_set(e, "%s: vocab_size is %d, must be >= 1", path, o->vocab_size);
-    Peftps__DataFormat format;
+    Peftps__DataFormat format = PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED;
     if (resolve_format(path, o->format, &format, e) != 0) return -1;
     data *d = calloc(1, sizeof *d);
     if (!d || !(d->path = strdup(path))) {
