@@ -36,6 +36,56 @@ static int train_report_eval(trainer *t, metrics *m, uint64_t step, err *e) {
     return metrics_write(m, &l, e);
 }
 
+/* OUTPUT/experiment.pbtxt: the resolved experiment. */
+static int train_write_experiment(const Peftps__Experiment *ex, err *e) {
+    char path[4096], *text = NULL;
+    if (fs_mkdir_p(ex->output_dir, e) < 0 || pbtext_print(&ex->base, &text, e) < 0) return -1;
+    snprintf(path, sizeof path, "%s/experiment.pbtxt", ex->output_dir);
+    int rc = fs_write_text(path, text, e);
+    free(text);
+    return rc;
+}
+
+/* Every step, with its metrics line, the progress line and the eval lines
+ * of eval_every; the final eval is the caller's. */
+static int train_steps(trainer *t, metrics *mf, err *e) {
+    const Peftps__Experiment *ex = t->exp;
+    uint64_t total = ex->schedule->total_steps;
+    uint32_t every = ex->data->eval_every;
+    /* Every input token is processed, whether or not it carries loss. */
+    double toks = (double)ex->data->batch_size * (double)ex->data->seq_len, tok_total = 0;
+    progress pr;
+    progress_start(&pr, total);
+    for (uint64_t s = 0; s < total; s++) {
+        double t0 = progress_now();
+        train_step_stats st;
+        if (trainer_step(t, s, &st, e) < 0) return -1;
+        double dt = progress_now() - t0;
+        tok_total += toks;
+        metrics_line l = {.kind = METRICS_STEP,
+                          .step = s + 1,
+                          .loss = st.loss,
+                          .tokens = st.n_tokens,
+                          .lr = st.lr,
+                          .grad_norm = st.grad_norm,
+                          .tokens_per_s = toks / dt};
+        if (metrics_write(mf, &l, e) < 0) return -1;
+        if (!isfinite(st.loss))
+            return err_set(e, "step %llu: loss is %g; lower optimizer.lr or check the data",
+                           (unsigned long long)(s + 1), st.loss);
+        char detail[160];
+        snprintf(detail, sizeof detail, "loss %.4f  lr %.2e  %.0f tok/s", st.loss, st.lr,
+                 tok_total / (progress_now() - pr.start));
+        progress_update(&pr, s + 1, detail);
+        if (t->eval && every > 0 && (s + 1) % every == 0 && s + 1 < total) {
+            progress_end(&pr);
+            if (train_report_eval(t, mf, s + 1, e) < 0) return -1;
+        }
+    }
+    progress_end(&pr);
+    return 0;
+}
+
 int cmd_train(int argc, char **argv) {
     Peftps__Experiment *ex = NULL;
     int rc = cmdline_experiment("peftps train", train_usage, NULL, 0, argc, argv, &ex);
@@ -45,54 +95,11 @@ int cmd_train(int argc, char **argv) {
     metrics mf = {0};
     char path[4096];
     rc = 1;
-    if (fs_mkdir_p(ex->output_dir, &e) < 0) goto done;
-    char *text = NULL;
-    if (pbtext_print(&ex->base, &text, &e) < 0) goto done;
-    snprintf(path, sizeof path, "%s/experiment.pbtxt", ex->output_dir);
-    int wrc = fs_write_text(path, text, &e);
-    free(text);
-    if (wrc < 0) goto done;
-    if (trainer_open(&t, ex, 1, &e) < 0) goto done;
+    if (train_write_experiment(ex, &e) < 0 || trainer_open(&t, ex, 1, &e) < 0) goto done;
     log_info("%s: %s, %zu trainable parameters", ex->name, t->p->method->name,
              peft_num_trainable(t->p));
-    if (metrics_open(&mf, ex->output_dir, 0, &e) < 0) goto done;
-    uint64_t total = ex->schedule->total_steps;
-    uint32_t every = ex->data->eval_every;
-    progress pr;
-    progress_start(&pr, total);
-    double tok_total = 0;
-    for (uint64_t s = 0; s < total; s++) {
-        double t0 = progress_now();
-        train_step_stats st;
-        if (trainer_step(t, s, &st, &e) < 0) goto done;
-        double dt = progress_now() - t0;
-        /* Every input token is processed, whether or not it carries loss. */
-        double toks = (double)ex->data->batch_size * (double)ex->data->seq_len;
-        tok_total += toks;
-        metrics_line l = {.kind = METRICS_STEP,
-                          .step = s + 1,
-                          .loss = st.loss,
-                          .tokens = st.n_tokens,
-                          .lr = st.lr,
-                          .grad_norm = st.grad_norm,
-                          .tokens_per_s = toks / dt};
-        if (metrics_write(&mf, &l, &e) < 0) goto done;
-        if (!isfinite(st.loss)) {
-            err_set(&e, "step %llu: loss is %g; lower optimizer.lr or check the data",
-                    (unsigned long long)(s + 1), st.loss);
-            goto done;
-        }
-        char detail[160];
-        snprintf(detail, sizeof detail, "loss %.4f  lr %.2e  %.0f tok/s", st.loss, st.lr,
-                 tok_total / (progress_now() - pr.start));
-        progress_update(&pr, s + 1, detail);
-        if (t->eval && every > 0 && (s + 1) % every == 0 && s + 1 < total) {
-            progress_end(&pr);
-            if (train_report_eval(t, &mf, s + 1, &e) < 0) goto done;
-        }
-    }
-    progress_end(&pr);
-    if (t->eval && train_report_eval(t, &mf, total, &e) < 0) goto done;
+    if (metrics_open(&mf, ex->output_dir, 0, &e) < 0 || train_steps(t, &mf, &e) < 0) goto done;
+    if (t->eval && train_report_eval(t, &mf, ex->schedule->total_steps, &e) < 0) goto done;
     if (metrics_close(&mf, &e) < 0) goto done;
     snprintf(path, sizeof path, "%s/tensors.safetensors", ex->output_dir);
     if (peft_save(t->p, path, &e) < 0) goto done;
