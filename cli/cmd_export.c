@@ -63,6 +63,26 @@ static int parse_size(const char *s, size_t *out) {
     return *out ? 0 : -1;
 }
 
+/* Writes SOURCE to out in the format asked for. */
+static int export_write(const char *source, const char *format, const export_opts *o,
+                        const char *out, size_t shard, export_kind kind, err *e) {
+    if (!strcmp(format, "tensors")) {
+        if (export_tensors(source, o, out, e) < 0) return -1;
+        log_info("wrote %s", out);
+        return 0;
+    }
+    export_source *s;
+    if (export_open(&s, source, o, e) < 0) return -1;
+    if (kind == EXPORT_CHECKPOINT)
+        log_info("%s: checkpoint of step %llu", source, (unsigned long long)s->step);
+    int rc = !strcmp(format, "peft") ? export_peft(s, out, e) : export_merged(s, out, shard, e);
+    if (rc == 0)
+        log_info("wrote %s (%s, method %s over %s)", out, format, s->p->method->name,
+                 s->exp->model->path);
+    export_close(s);
+    return rc;
+}
+
 int cmd_export(int argc, char **argv) {
     config_args sets;
     err e;
@@ -75,14 +95,13 @@ int cmd_export(int argc, char **argv) {
     export_opts_default(&o);
     o.sets = sets.sets;
     o.nsets = sets.nsets;
-    int rc = 2;
     const cmdline_opt opts[] = {CMDLINE_STR("--format", &format),
                                 CMDLINE_STR("--out", &out),
                                 CMDLINE_STR("--experiment", &o.experiment),
                                 CMDLINE_STR("--model", &o.model_dir),
                                 CMDLINE_UINT("--step", &o.step, 0, CMDLINE_UINT_MAX),
                                 CMDLINE_STR("--shard-size", &shard_text)};
-    rc = cmdline_parse("peftps export", usage, opts, 6, "source", &source, 1, argc, argv);
+    int rc = cmdline_parse("peftps export", usage, opts, 6, "source", &source, 1, argc, argv);
     if (rc) {
         rc = rc == 1 ? 0 : 2;
         goto done;
@@ -113,26 +132,10 @@ int cmd_export(int argc, char **argv) {
     }
 
     rc = 1;
-    if (!strcmp(format, "tensors")) {
-        if (export_tensors(source, &o, out, &e) < 0) goto fail;
-        log_info("wrote %s", out);
+    if (export_write(source, format, &o, out, shard, kind, &e) < 0)
+        fprintf(stderr, "peftps export: %s\n", e.msg);
+    else
         rc = 0;
-        goto done;
-    }
-    export_source *s;
-    if (export_open(&s, source, &o, &e) < 0) goto fail;
-    if (kind == EXPORT_CHECKPOINT)
-        log_info("%s: checkpoint of step %llu", source, (unsigned long long)s->step);
-    int wrc = !strcmp(format, "peft") ? export_peft(s, out, &e) : export_merged(s, out, shard, &e);
-    if (wrc == 0)
-        log_info("wrote %s (%s, method %s over %s)", out, format, s->p->method->name,
-                 s->exp->model->path);
-    export_close(s);
-    if (wrc < 0) goto fail;
-    rc = 0;
-    goto done;
-fail:
-    fprintf(stderr, "peftps export: %s\n", e.msg);
 done:
     config_args_free(&sets);
     return rc;
