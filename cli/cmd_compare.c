@@ -21,6 +21,7 @@
 #include "cli.h"
 #include "config/cmdline.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/fsutil.h"
 #include "base/log.h"
 #include "base/progress.h"
@@ -588,7 +589,7 @@ int cmd_compare(int argc, char **argv) {
      * for the first to train. */
     for (int i = 0; i < nfiles; i++) {
         Peftps__Experiment *ex = NULL;
-        if (config_load(files[i], sets.sets, sets.nsets, &ex, NULL, &e) < 0) {
+        if (experiment_load(files[i], sets.sets, sets.nsets, &ex, NULL, &e) < 0) {
             fprintf(stderr, "%s\n", e.msg);
             goto done;
         }
@@ -638,7 +639,7 @@ int cmd_compare(int argc, char **argv) {
         fflush(stdout);
         Peftps__Experiment *ex = NULL;
         int st = -1;
-        if (config_load(r->file, runsets, ns, &ex, NULL, &e) == 0 &&
+        if (experiment_load(r->file, runsets, ns, &ex, NULL, &e) == 0 &&
             measure_before(r, ex, &e) == 0 && remove_tree(ckpt, &e) == 0)
             st = run_cluster(r, self, runsets, ns, workers, &e);
         config_free(ex);

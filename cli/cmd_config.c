@@ -7,6 +7,7 @@
 
 #include "cli.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "config/pbtext.h"
 
 static void usage(FILE *out) {
@@ -71,7 +72,7 @@ static int check(int argc, char **argv) {
         return 2;
     }
     Peftps__Experiment *exp;
-    int rc = config_load(file, args.sets, args.nsets, &exp, NULL, &e);
+    int rc = experiment_load(file, args.sets, args.nsets, &exp, NULL, &e);
     config_args_free(&args);
     if (rc) {
         fprintf(stderr, "%s\n", e.msg);

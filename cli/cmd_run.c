@@ -17,6 +17,7 @@
 
 #include "cli.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/log.h"
 #include "base/progress.h"
 #include "base/stopsig.h"
@@ -157,7 +158,7 @@ int cmd_run(int argc, char **argv) {
         return 2;
     }
     Peftps__Experiment *ex = NULL;
-    if (config_load(path, sets.sets, sets.nsets, &ex, NULL, &e) < 0) {
+    if (experiment_load(path, sets.sets, sets.nsets, &ex, NULL, &e) < 0) {
         fprintf(stderr, "%s\n", e.msg);
         config_args_free(&sets);
         return 2;

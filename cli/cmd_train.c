@@ -10,6 +10,7 @@
 #include "cli.h"
 #include "config/cmdline.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/fsutil.h"
 #include "base/log.h"
 #include "config/pbtext.h"
@@ -38,7 +39,7 @@ static void report_eval(FILE *metrics, uint64_t step, double loss, long ntok) {
 
 int cmd_train(int argc, char **argv) {
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps train", train_usage, NULL, &argc, argv, &ex);
+    int rc = experiment_from_cmdline("peftps train", train_usage, NULL, &argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     if (cmdline_parse("peftps train", train_usage, NULL, 0, NULL, 0, NULL, NULL, 0, argc, argv)) {
         config_free(ex);
@@ -133,7 +134,7 @@ int cmd_eval(int argc, char **argv) {
     const char *adapter = NULL;
     const char *const valued[] = {"--adapter", NULL};
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps eval", eval_usage, valued, &argc, argv, &ex);
+    int rc = experiment_from_cmdline("peftps eval", eval_usage, valued, &argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     const cmdline_opt opts[] = {{"--adapter", &adapter}};
     if (cmdline_parse("peftps eval", eval_usage, opts, 1, NULL, 0, NULL, NULL, 0, argc, argv)) {

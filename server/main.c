@@ -9,6 +9,7 @@
 
 #include "config/cmdline.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/log.h"
 #include "base/stopsig.h"
 #include "server.h"
@@ -54,7 +55,7 @@ int main(int argc, char **argv) {
     log_init("server");
     const char *const valued[] = {"--index", "--listen", "--resume-step", NULL};
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps-server", usage, valued, &argc, argv, &ex);
+    int rc = experiment_from_cmdline("peftps-server", usage, valued, &argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     server_opts opts = {0, NULL, SERVER_RESUME_LATEST, 0};
     const char *index = NULL, *resume = NULL;

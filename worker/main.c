@@ -8,6 +8,7 @@
 
 #include "config/cmdline.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/log.h"
 #include "base/stopsig.h"
 #include "worker.h"
@@ -37,7 +38,7 @@ static void on_signal(int sig) {
 int main(int argc, char **argv) {
     log_init("worker");
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps-worker", usage, NULL, &argc, argv, &ex);
+    int rc = experiment_from_cmdline("peftps-worker", usage, NULL, &argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     int linger = 0;
     const cmdline_flag flags[] = {{"--linger", &linger, 1}};

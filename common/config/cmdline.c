@@ -12,49 +12,39 @@ static int is_valued(const char *const *valued, const char *a) {
     return 0;
 }
 
-int cmdline_experiment(const char *prog, const char *usage, const char *const *valued, int *argc,
-                       char **argv, Peftps__Experiment **out) {
-    *out = NULL;
-    config_args sets;
+int cmdline_experiment_args(const char *prog, const char *usage, const char *const *valued,
+                            int *argc, char **argv, const char **path, config_args *sets) {
+    *path = NULL;
     err e;
-    if (config_parse_args(argc, argv, &sets, &e) < 0) {
+    if (config_parse_args(argc, argv, sets, &e) < 0) {
         fprintf(stderr, "%s: %s\n%s", prog, e.msg, usage);
         return 2;
     }
-    const char *path = NULL;
-    int n = 0, rc = 2;
+    int n = 0;
     for (int i = 1; i < *argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             fputs(usage, stdout);
-            rc = 1;
-            goto done;
+            return 1;
         }
         if (a[0] == '-' && a[1]) { /* the program's own options, kept in order */
             argv[++n] = argv[i];
             if (is_valued(valued, a) && i + 1 < *argc) argv[++n] = argv[++i];
             continue;
         }
-        if (path) {
-            fprintf(stderr, "%s: more than one experiment file ('%s', '%s')\n%s", prog, path, a,
+        if (*path) {
+            fprintf(stderr, "%s: more than one experiment file ('%s', '%s')\n%s", prog, *path, a,
                     usage);
-            goto done;
+            return 2;
         }
-        path = a;
+        *path = a;
     }
-    if (!path) {
+    if (!*path) {
         fprintf(stderr, "%s: no experiment file given\n%s", prog, usage);
-        goto done;
+        return 2;
     }
     *argc = n + 1;
-    if (config_load(path, sets.sets, sets.nsets, out, NULL, &e) < 0) {
-        fprintf(stderr, "%s\n", e.msg);
-        goto done;
-    }
-    rc = 0;
-done:
-    config_args_free(&sets);
-    return rc;
+    return 0;
 }
 
 int cmdline_parse(const char *prog, const char *usage, const cmdline_opt *opts, int nopts,

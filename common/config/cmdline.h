@@ -5,7 +5,7 @@
 #ifndef PEFTPS_CMDLINE_H
 #define PEFTPS_CMDLINE_H
 
-#include "peftps.pb-c.h"
+#include "config/config.h"
 
 /* An option that takes a value: its name and where the value goes. */
 typedef struct cmdline_opt {
@@ -13,16 +13,17 @@ typedef struct cmdline_opt {
     const char **value;
 } cmdline_opt;
 
-/* Loads the experiment a command line names: takes out the --set options,
- * then the one argument that is not an option (the file), and leaves the
- * other options in argv[1 .. *argc-1], in order, each option named in
- * `valued` (a NULL-terminated list, may be NULL) with the argument after it.
- * Returns 0 with *out loaded; 1 when --help or -h printed usage; 2 when it
- * printed an error (bad --set, no file or two, an experiment that does not
- * load), after which the program exits with 2. The rest of the command line
- * is then for cmdline_parse with maxpos 0. */
-int cmdline_experiment(const char *prog, const char *usage, const char *const *valued, int *argc,
-                       char **argv, Peftps__Experiment **out);
+/* Takes apart a command line that names an experiment: takes out the --set
+ * options into *sets (free with config_args_free, also after a failure),
+ * then the one argument that is not an option (the file, *path), and
+ * leaves the other options in argv[1 .. *argc-1], in order, each option
+ * named in `valued` (a NULL-terminated list, may be NULL) with the argument
+ * after it. Returns 0; 1 when --help or -h printed usage; 2 when it printed
+ * an error (bad --set, no file or two), after which the program exits with
+ * 2. train/experiment.h's experiment_from_cmdline then loads the file; the
+ * rest of the command line is for cmdline_parse with maxpos 0. */
+int cmdline_experiment_args(const char *prog, const char *usage, const char *const *valued,
+                            int *argc, char **argv, const char **path, config_args *sets);
 
 /* An option without a value: *set = value when it is given. */
 typedef struct cmdline_flag {
