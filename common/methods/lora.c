@@ -335,33 +335,41 @@ static json_t *json_number_of(float f) {
     return json_real(short_double(f));
 }
 
+/* layers_to_transform: null for every layer, else the chosen ones. */
+static json_t *lora_layers_json(const peft *p, err *e) {
+    const Peftps__LoRA *l = p->config->lora;
+    const model_config *cfg = p->cfg;
+    unsigned char *chosen = malloc((size_t)cfg->num_layers);
+    if (!chosen) {
+        err_set(e, "out of memory");
+        return NULL;
+    }
+    if (peft_layer_list(cfg, l->layers, l->n_layers, "lora.layers", chosen, e) < 0) {
+        free(chosen);
+        return NULL;
+    }
+    int all = 1;
+    for (int i = 0; i < cfg->num_layers; i++) all &= chosen[i];
+    json_t *layers = all ? json_null() : json_array();
+    for (int i = 0; i < cfg->num_layers && layers && !all; i++)
+        if (chosen[i]) json_array_append_new(layers, json_integer(i));
+    free(chosen);
+    if (!layers) err_set(e, "out of memory");
+    return layers;
+}
+
 /* LoraConfig's fields: ours from the block, the rest at PEFT's defaults. */
 static int lora_adapter_config_write(const peft *p, json_t *o, err *e) {
     const Peftps__LoRA *l = p->config->lora;
-    const model_config *cfg = p->cfg;
     unsigned mask;
     if (peft_module_mask(l->target_modules, l->n_target_modules, PEFT_BIT(LW_Q) | PEFT_BIT(LW_V),
                          PEFT_LINEARS, "lora.target_modules", &mask, e) < 0)
         return -1;
+    json_t *layers = lora_layers_json(p, e);
+    if (!layers) return -1;
     json_t *tm = json_array();
     for (int k = LW_Q; k <= LW_DOWN; k++)
         if (mask & PEFT_BIT(k)) json_array_append_new(tm, json_string(peft_weight_module_name(k)));
-    unsigned char *chosen = malloc((size_t)cfg->num_layers);
-    if (!chosen || peft_layer_list(cfg, l->layers, l->n_layers, "lora.layers", chosen, e) < 0) {
-        free(chosen);
-        json_decref(tm);
-        return chosen ? -1 : err_set(e, "out of memory");
-    }
-    int all = 1;
-    for (int i = 0; i < cfg->num_layers; i++) all &= chosen[i];
-    json_t *layers = json_null();
-    if (!all) {
-        json_decref(layers);
-        layers = json_array();
-        for (int i = 0; i < cfg->num_layers; i++)
-            if (chosen[i]) json_array_append_new(layers, json_integer(i));
-    }
-    free(chosen);
     float alpha = l->has_alpha ? l->alpha : LORA_DEFAULT_ALPHA;
     uint32_t r = l->has_r ? l->r : LORA_DEFAULT_R;
     json_object_set_new(o, "alora_invocation_tokens", json_null());

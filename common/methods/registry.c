@@ -26,7 +26,8 @@ const peft_method *methods_find(const Peftps__Method *config) {
 const peft_method *methods_find_peft_type(const char *peft_type) {
     for (size_t i = 0; peft_type && i < METHODS_TABLE_SIZE; i++) {
         const peft_method *m = methods_table[i];
-        if (m && m->peft_type && !strcmp(m->peft_type, peft_type)) return m;
+        if (m && m->peft_type && m->adapter_config_read && !strcmp(m->peft_type, peft_type))
+            return m;
     }
     return NULL;
 }
