@@ -21,6 +21,7 @@
 #include "cli.h"
 #include "config/cmdline.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/fsutil.h"
 #include "base/log.h"
 #include "base/progress.h"
@@ -515,7 +516,7 @@ static int cmp_load(cmp_row *rows, const char **files, int nfiles, const config_
     err e;
     for (int i = 0; i < nfiles; i++) {
         Peftps__Experiment *ex = NULL;
-        if (config_load(files[i], sets->sets, sets->nsets, &ex, NULL, &e) < 0) {
+        if (experiment_load(files[i], sets->sets, sets->nsets, &ex, NULL, &e) < 0) {
             fprintf(stderr, "%s\n", e.msg);
             return -1;
         }
@@ -565,8 +566,8 @@ static void cmp_run_one(cmp_row *r, int i, int n, const char *self, const config
     fflush(stdout);
     Peftps__Experiment *ex = NULL;
     int st = -1;
-    if (config_load(r->file, runsets, ns, &ex, NULL, &e) == 0 && measure_before(r, ex, &e) == 0 &&
-        remove_tree(ckpt, &e) == 0)
+    if (experiment_load(r->file, runsets, ns, &ex, NULL, &e) == 0 &&
+        measure_before(r, ex, &e) == 0 && remove_tree(ckpt, &e) == 0)
         st = run_cluster(r, self, runsets, ns, workers, &e);
     config_free(ex);
     free(runsets);

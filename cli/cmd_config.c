@@ -8,6 +8,7 @@
 #include "cli.h"
 #include "config/cmdline.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "config/pbtext.h"
 
 static const char check_usage[] =
@@ -62,7 +63,7 @@ static int check(int argc, char **argv) {
         return rc == 1 ? 0 : 2;
     }
     Peftps__Experiment *exp;
-    rc = config_load(file, args.sets, args.nsets, &exp, NULL, &e);
+    rc = experiment_load(file, args.sets, args.nsets, &exp, NULL, &e);
     config_args_free(&args);
     if (rc) {
         fprintf(stderr, "%s\n", e.msg);

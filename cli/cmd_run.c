@@ -18,6 +18,7 @@
 #include "config/cmdline.h"
 #include "config/config.h"
 #include "spawn.h"
+#include "train/experiment.h"
 #include "train/metrics.h"
 #include "train/train.h"
 
@@ -80,7 +81,7 @@ static int run_parse(run_state *r, int argc, char **argv) {
         fprintf(stderr, "peftps run: no experiment file given\n%s", run_usage);
         return 2;
     }
-    if (config_load(r->path, r->sets.sets, r->sets.nsets, &r->ex, NULL, &e) < 0) {
+    if (experiment_load(r->path, r->sets.sets, r->sets.nsets, &r->ex, NULL, &e) < 0) {
         fprintf(stderr, "%s\n", e.msg);
         return 2;
     }

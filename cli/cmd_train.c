@@ -10,6 +10,7 @@
 #include "cli.h"
 #include "config/cmdline.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/fsutil.h"
 #include "base/log.h"
 #include "config/pbtext.h"
@@ -88,7 +89,7 @@ static int train_steps(trainer *t, metrics *mf, err *e) {
 
 int cmd_train(int argc, char **argv) {
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps train", train_usage, NULL, 0, argc, argv, &ex);
+    int rc = experiment_from_cmdline("peftps train", train_usage, NULL, 0, argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     err e;
     trainer *t = NULL;
@@ -127,7 +128,7 @@ int cmd_eval(int argc, char **argv) {
     const char *adapter = NULL;
     const cmdline_opt opts[] = {CMDLINE_STR("--adapter", &adapter)};
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps eval", eval_usage, opts, 1, argc, argv, &ex);
+    int rc = experiment_from_cmdline("peftps eval", eval_usage, opts, 1, argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     err e;
     trainer *t = NULL;

@@ -9,6 +9,7 @@
 
 #include "config/cmdline.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/log.h"
 #include "base/stopsig.h"
 #include "server.h"
@@ -58,7 +59,7 @@ int main(int argc, char **argv) {
         CMDLINE_UINT("--resume-step", &opts.resume_step, 0, CMDLINE_UINT_MAX),
         CMDLINE_SET("--linger", &opts.linger, 1)};
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps-server", usage, takes, 4, argc, argv, &ex);
+    int rc = experiment_from_cmdline("peftps-server", usage, takes, 4, argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     err e;
     server *s = NULL;

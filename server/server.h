@@ -25,7 +25,7 @@ typedef struct server_opts {
     int linger;           /* after the last step, keep answering until server_stop */
 } server_opts;
 
-/* Prepares the server of exp (resolved by config_load): opens the base
+/* Prepares the server of exp (resolved by experiment_load): opens the base
  * read-only and initialises the method exactly as trainer_open does, keeps
  * only its share of the tensors (all with one server; several servers split
  * them by a deterministic size-balanced partition), sets up AdamW and, with

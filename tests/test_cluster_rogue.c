@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "config/config.h"
+#include "train/experiment.h"
 #include "net/curve.h"
 #include "model/model.h"
 #include "train/train.h"
@@ -141,7 +142,7 @@ static void cluster_setup(cluster *c, const char *extra_set) {
     char *sets[8];
     for (int i = 0; i < n; i++) sets[i] = c->sets[i];
     err e;
-    if (config_load(EXP, sets, n, &c->exp, NULL, &e) < 0) fail_msg("%s", e.msg);
+    if (experiment_load(EXP, sets, n, &c->exp, NULL, &e) < 0) fail_msg("%s", e.msg);
     config_fingerprint(c->exp, c->exp_fp);
     model_files *mf;
     if (model_files_open(&mf, c->exp->model->path, &e) < 0) fail_msg("%s", e.msg);

@@ -1,4 +1,6 @@
-/* Tests of common/config/config.c: every default written into the experiment, each
+/* Tests of loading an experiment (common/train/experiment.c over
+ * common/config/config.c and each method's defaults and checks in
+ * common/methods/): every default written into the experiment, each
  * check of meaning with the exact location of its error (file:line:col, the
  * file, or the --set that caused it), overrides in order, the fingerprint
  * and the --set argument helper. Model directories and data files are
@@ -18,6 +20,7 @@
 #include <unistd.h>
 
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/hash.h"
 
 static char tmp[64];
@@ -92,7 +95,7 @@ static const char *write_exp(const char *name, const char *body) {
 static Peftps__Experiment *load_ok(const char *path, char **sets, int nsets) {
     Peftps__Experiment *x = NULL;
     err e;
-    if (config_load(path, sets, nsets, &x, NULL, &e)) fail_msg("%s", e.msg);
+    if (experiment_load(path, sets, nsets, &x, NULL, &e)) fail_msg("%s", e.msg);
     assert_non_null(x);
     return x;
 }
@@ -113,7 +116,7 @@ static void load_fails(const char *path, char **sets, int nsets, const char *wan
             full[n++] = *want;
     }
     full[n] = 0;
-    assert_int_equal(config_load(path, sets, nsets, &x, &locs, &e), -1);
+    assert_int_equal(experiment_load(path, sets, nsets, &x, &locs, &e), -1);
     assert_null(x);
     assert_null(locs);
     assert_string_equal(e.msg, full);
@@ -438,7 +441,7 @@ static void test_required_and_files(void **state) {
     Peftps__Experiment *x = NULL;
     err e;
     const char *p = write_exp("m5.pbtxt", "model { path: \"@/badmodel\" }\n" L_LORA L_DATA L_SCHED);
-    assert_int_equal(config_load(p, NULL, 0, &x, NULL, &e), -1);
+    assert_int_equal(experiment_load(p, NULL, 0, &x, NULL, &e), -1);
     char prefix[512];
     snprintf(prefix, sizeof prefix, "%s:1:9: error: model.path: ", p);
     assert_memory_equal(e.msg, prefix, strlen(prefix));
@@ -471,7 +474,7 @@ static void test_relative_paths(void **state) {
     assert_int_equal(chdir(tmp), 0);
     Peftps__Experiment *x = NULL;
     err e;
-    int rc = config_load(p, NULL, 0, &x, NULL, &e);
+    int rc = experiment_load(p, NULL, 0, &x, NULL, &e);
     assert_int_equal(chdir(cwd), 0);
     if (rc) fail_msg("%s", e.msg);
     config_free(x);
@@ -491,7 +494,7 @@ static void test_sets(void **state) {
     Peftps__Experiment *x = NULL;
     pbtext_locs *locs = NULL;
     err e;
-    if (config_load(p, sets, 3, &x, &locs, &e)) fail_msg("%s", e.msg);
+    if (experiment_load(p, sets, 3, &x, &locs, &e)) fail_msg("%s", e.msg);
     assert_int_equal(x->optimizer->lr, 2e-4f);
     assert_int_equal(x->method->kind_case, PEFTPS__METHOD__KIND_PREFIX);
     assert_int_equal(x->method->prefix->num_virtual_tokens, 7);

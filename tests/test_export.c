@@ -23,6 +23,7 @@
 
 #include "train/ckpt.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "train/export.h"
 #include "config/pbtext.h"
 #include "model/peft.h"
@@ -93,7 +94,7 @@ static Peftps__Experiment *load_exp(const char *model_dir, const char *method, c
     write_text(path, text);
     Peftps__Experiment *ex = NULL;
     err e;
-    if (config_load(path, NULL, 0, &ex, NULL, &e) < 0) fail_msg("%s\n%s", text, e.msg);
+    if (experiment_load(path, NULL, 0, &ex, NULL, &e) < 0) fail_msg("%s\n%s", text, e.msg);
     return ex;
 }
 

@@ -255,7 +255,7 @@ static void test_lora_layout(void **state) {
     expect_create_error(&base, "lora { r: 4 alpha: 8 dropout: 1 }", "lora.dropout is 1");
     expect_create_error(&base, "lora { r: 4 alpha: 8 target_modules: [POST_ATTENTION_LAYERNORM] }",
                         "post_attention_layernorm is not supported");
-    /* PEFT's defaults without r and alpha: r = 8, alpha = 8 */
+    /* lora.c's defaults without r and alpha: r = 8 (alpha 16) */
     Peftps__Method *defaults = gc_method("lora {}");
     assert_int_equal(methods_create(&p, defaults, &base.cfg, &base.w, &e), 0);
     assert_int_equal(peft_num_trainable(p),

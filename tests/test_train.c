@@ -34,6 +34,7 @@
 #include <cmocka.h>
 
 #include "config/config.h"
+#include "train/experiment.h"
 #include "model/peft.h"
 #include "model/safetensors.h"
 #include "train/train.h"
@@ -47,8 +48,8 @@
 
 /* ---- experiments ---------------------------------------------------------------- */
 
-/* Loads experiment text through a temporary file with config_load, as
- * `peftps train` would, with --set overrides; returns config_load's result. */
+/* Loads experiment text through a temporary file with experiment_load, as
+ * `peftps train` would, with --set overrides; returns experiment_load's result. */
 static int exp_load_text(const char *text, char *const *sets, int nsets, Peftps__Experiment **ex,
                          err *e) {
     char path[] = "/tmp/peftps_test_train_XXXXXX.pbtxt";
@@ -57,7 +58,7 @@ static int exp_load_text(const char *text, char *const *sets, int nsets, Peftps_
     size_t n = strlen(text);
     assert_true(write(fd, text, n) == (ssize_t)n);
     close(fd);
-    int rc = config_load(path, sets, nsets, ex, NULL, e);
+    int rc = experiment_load(path, sets, nsets, ex, NULL, e);
     unlink(path);
     return rc;
 }

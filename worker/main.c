@@ -8,6 +8,7 @@
 
 #include "config/cmdline.h"
 #include "config/config.h"
+#include "train/experiment.h"
 #include "base/log.h"
 #include "base/stopsig.h"
 #include "worker.h"
@@ -39,7 +40,7 @@ int main(int argc, char **argv) {
     int linger = 0;
     const cmdline_opt opts[] = {CMDLINE_SET("--linger", &linger, 1)};
     Peftps__Experiment *ex = NULL;
-    int rc = cmdline_experiment("peftps-worker", usage, opts, 1, argc, argv, &ex);
+    int rc = experiment_from_cmdline("peftps-worker", usage, opts, 1, argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     err e;
     worker *w = NULL;

@@ -96,25 +96,18 @@ int cmdline_parse(const char *prog, const char *usage, const cmdline_opt *opts, 
     return 0;
 }
 
-int cmdline_experiment(const char *prog, const char *usage, const cmdline_opt *opts, int nopts,
-                       int argc, char **argv, Peftps__Experiment **out) {
-    *out = NULL;
-    config_args sets;
+int cmdline_experiment_args(const char *prog, const char *usage, const cmdline_opt *opts, int nopts,
+                            int argc, char **argv, const char **path, config_args *sets) {
+    *path = NULL;
     err e;
-    if (config_parse_args(&argc, argv, &sets, &e) < 0) {
+    if (config_parse_args(&argc, argv, sets, &e) < 0) {
         fprintf(stderr, "%s: %s\n%s", prog, e.msg, usage);
         return 2;
     }
-    const char *path = NULL;
-    int rc = cmdline_parse(prog, usage, opts, nopts, "experiment file", &path, 1, argc, argv);
-    if (rc == 0 && !path) {
+    int rc = cmdline_parse(prog, usage, opts, nopts, "experiment file", path, 1, argc, argv);
+    if (rc == 0 && !*path) {
         fprintf(stderr, "%s: no experiment file given\n%s", prog, usage);
         rc = 2;
     }
-    if (rc == 0 && config_load(path, sets.sets, sets.nsets, out, NULL, &e) < 0) {
-        fprintf(stderr, "%s\n", e.msg);
-        rc = 2;
-    }
-    config_args_free(&sets);
     return rc;
 }

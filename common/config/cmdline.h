@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#include "peftps.pb-c.h"
+#include "config/config.h"
 
 typedef enum cmdline_type {
     CMDLINE_STRING, /* value: const char ** */
@@ -54,13 +54,14 @@ typedef struct cmdline_opt {
 int cmdline_parse(const char *prog, const char *usage, const cmdline_opt *opts, int nopts,
                   const char *what, const char **positional, int maxpos, int argc, char **argv);
 
-/* A program that takes one experiment file: takes out the --set options,
- * parses the rest as cmdline_parse does with the one positional argument
- * the file, and loads the experiment with the overrides. Returns 0 with *out
- * loaded; 1 when --help or -h printed usage; 2 when it printed an error (bad
- * option or --set, no file or two, an experiment that does not load), after
- * which the program exits with 2. */
-int cmdline_experiment(const char *prog, const char *usage, const cmdline_opt *opts, int nopts,
-                       int argc, char **argv, Peftps__Experiment **out);
+/* Takes apart a command line that names one experiment file: takes out the
+ * --set options into *sets (free with config_args_free, also after a
+ * failure), then parses the rest as cmdline_parse does with the one
+ * positional argument the file (*path). Returns 0; 1 when --help or -h
+ * printed usage; 2 when it printed an error (bad option or --set, no file or
+ * two), after which the program exits with 2. train/experiment.h's
+ * experiment_from_cmdline then loads the file. */
+int cmdline_experiment_args(const char *prog, const char *usage, const cmdline_opt *opts, int nopts,
+                            int argc, char **argv, const char **path, config_args *sets);
 
 #endif

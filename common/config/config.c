@@ -1,7 +1,8 @@
-/* Experiment files (see config.h): defaults and checks of meaning over the
+/* Experiment files (see config.h): parsing with overrides, and the defaults
+ * and checks of meaning of the blocks every experiment has, over the
  * text-format reader of pbtext.c, each error located at its field through
- * pbtext_locs. The model's config.json is read with model_config_parse
- * (modelcfg.c) to check layer and head indices; base/hash.h hashes fingerprints. */
+ * pbtext_locs; base/hash.h hashes fingerprints. The method block and the
+ * model's config.json are the business of train/experiment.c. */
 #include "config/config.h"
 
 #include <errno.h>
@@ -13,19 +14,12 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "model/model.h"
 #include "base/fsutil.h"
 #include "base/hash.h"
 
 #define DEFAULT_SERVER "tcp://127.0.0.1:5555"
 
 /* ---- locating errors ----------------------------------------------------- */
-
-typedef struct checker {
-    const char *path; /* the experiment file */
-    const pbtext_locs *locs;
-    err *e;
-} checker;
 
 /* The position of `field`, or of the list it is an element of. */
 static int locate(const pbtext_locs *locs, const char *field, pbtext_pos *pos) {
@@ -37,12 +31,7 @@ static int locate(const pbtext_locs *locs, const char *field, pbtext_pos *pos) {
     return pbtext_locate(locs, parent, pos);
 }
 
-/* Fails with msg located at the first of the '|'-separated fields that was
- * set somewhere, else at the file. */
-static int fail(const checker *c, const char *fields, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int fail(const checker *c, const char *fields, const char *fmt, ...) {
+int config_fail(const config_checker *c, const char *fields, const char *fmt, ...) {
     char msg[ERR_MAX];
     va_list ap;
     va_start(ap, fmt);
@@ -75,18 +64,7 @@ static void *new_msg(const ProtobufCMessageDescriptor *d) {
 /* Creates *slot when absent; -1 when out of memory. */
 #define ENSURE(slot, desc) ((slot) || ((slot) = new_msg(&(desc))) ? 0 : -1)
 
-#define DEFAULT(msg, field, v)                                                                     \
-    do {                                                                                           \
-        if (!(msg)->has_##field) (msg)->has_##field = 1, (msg)->field = (v);                       \
-    } while (0)
-
-/* An enum left out or set to its UNSPECIFIED zero takes v. */
-#define DEFAULT_ENUM(msg, field, v)                                                                \
-    do {                                                                                           \
-        if (!(msg)->has_##field || (msg)->field == 0) (msg)->has_##field = 1, (msg)->field = (v);  \
-    } while (0)
-
-static int default_modules(Peftps__Module **arr, size_t *n, Peftps__Module first,
+int config_default_modules(Peftps__Module **arr, size_t *n, Peftps__Module first,
                            Peftps__Module last) {
     if (*n) return 0;
     size_t k = (size_t)(last - first) + 1;
@@ -106,51 +84,9 @@ static int default_string(char **s, const char *fmt, const char *a) {
     return 0;
 }
 
-static int fill_method(Peftps__Method *m) {
-    switch (m->kind_case) {
-    case PEFTPS__METHOD__KIND_LORA: {
-        Peftps__LoRA *c = m->lora;
-        DEFAULT(c, r, 8);
-        DEFAULT(c, alpha, 16.0f);
-        DEFAULT(c, dropout, 0.0f);
-        DEFAULT(c, use_rslora, 0);
-        if (!c->n_target_modules) {
-            c->target_modules = malloc(2 * sizeof *c->target_modules);
-            if (!c->target_modules) return -1;
-            c->target_modules[0] = PEFTPS__MODULE__Q_PROJ;
-            c->target_modules[1] = PEFTPS__MODULE__V_PROJ;
-            c->n_target_modules = 2;
-        }
-        return 0;
-    }
-    case PEFTPS__METHOD__KIND_PREFIX:
-        DEFAULT(m->prefix, num_virtual_tokens, 20);
-        DEFAULT(m->prefix, projection_hidden, 0);
-        return 0;
-    case PEFTPS__METHOD__KIND_LAYER_WISE:
-        /* first_layer and last_layer depend on the model; layerwise.c
-         * resolves them when absent. */
-        return default_modules(&m->layer_wise->modules, &m->layer_wise->n_modules,
-                               PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__POST_ATTENTION_LAYERNORM);
-    case PEFTPS__METHOD__KIND_ATTENTION_HEADS:
-        DEFAULT(m->attention_heads, calibration_batches, 8);
-        return default_modules(&m->attention_heads->projections, &m->attention_heads->n_projections,
-                               PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__O_PROJ);
-    case PEFTPS__METHOD__KIND_SUBNETWORK:
-        /* 0.99 as subnet.c assumes when unset. */
-        DEFAULT(m->subnetwork, sparsity, 0.99f);
-        DEFAULT_ENUM(m->subnetwork, selection, PEFTPS__MASK_SELECTION__MAGNITUDE);
-        DEFAULT(m->subnetwork, calibration_batches, 8);
-        return default_modules(&m->subnetwork->modules, &m->subnetwork->n_modules,
-                               PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__DOWN_PROJ);
-    default:
-        return 0;
-    }
-}
-
 int config_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext_locs *locs,
                          err *e) {
-    checker c = {path, locs, e};
+    config_checker c = {path, locs, e};
     if (!exp->name) {
         const char *base = strrchr(path, '/');
         base = base ? base + 1 : path;
@@ -160,42 +96,41 @@ int config_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext
         exp->name = strndup(base, n);
         if (!exp->name) goto oom;
     }
-    DEFAULT(exp, seed, 42);
+    CONFIG_DEFAULT(exp, seed, 42);
     if (default_string(&exp->output_dir, "out/%s", exp->name)) goto oom;
-
-    if (exp->method && fill_method(exp->method)) goto oom;
 
     if (ENSURE(exp->optimizer, peftps__optimizer__descriptor)) goto oom;
     Peftps__Optimizer *o = exp->optimizer;
-    DEFAULT(o, lr, 1e-3f);
-    DEFAULT(o, beta1, 0.9f);
-    DEFAULT(o, beta2, 0.999f);
-    DEFAULT(o, eps, 1e-8f);
-    DEFAULT(o, weight_decay, 0.01f);
-    DEFAULT(o, max_grad_norm, 1.0f);
+    CONFIG_DEFAULT(o, lr, 1e-3f);
+    CONFIG_DEFAULT(o, beta1, 0.9f);
+    CONFIG_DEFAULT(o, beta2, 0.999f);
+    CONFIG_DEFAULT(o, eps, 1e-8f);
+    CONFIG_DEFAULT(o, weight_decay, 0.01f);
+    CONFIG_DEFAULT(o, max_grad_norm, 1.0f);
 
     if (ENSURE(exp->schedule, peftps__schedule__descriptor)) goto oom;
-    DEFAULT(exp->schedule, warmup_steps, 0);
-    DEFAULT_ENUM(exp->schedule, decay, PEFTPS__DECAY__LINEAR);
-    DEFAULT(exp->schedule, min_lr, 0.0f);
+    CONFIG_DEFAULT(exp->schedule, warmup_steps, 0);
+    CONFIG_DEFAULT_ENUM(exp->schedule, decay, PEFTPS__DECAY__LINEAR);
+    CONFIG_DEFAULT(exp->schedule, min_lr, 0.0f);
 
     if (ENSURE(exp->data, peftps__data__descriptor)) goto oom;
     Peftps__Data *d = exp->data;
     if ((!d->has_format || d->format == PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED) && d->train) {
         Peftps__DataFormat f = config_data_format_of(d->train);
         if (f == PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED)
-            return fail(&c, "data.train",
-                        "cannot tell the format of data.train \"%s\" from its ending (.tokens, "
-                        ".txt or .jsonl); set data.format to TOKENS, TEXT or JSONL",
-                        d->train);
+            return config_fail(
+                &c, "data.train",
+                "cannot tell the format of data.train \"%s\" from its ending (.tokens, "
+                ".txt or .jsonl); set data.format to TOKENS, TEXT or JSONL",
+                d->train);
         d->has_format = 1;
         d->format = f;
     }
-    DEFAULT(d, seq_len, 128);
-    DEFAULT(d, batch_size, 8);
-    DEFAULT(d, shards_per_step, d->batch_size);
-    DEFAULT(d, eval_every, 0);
-    DEFAULT(d, eval_batches, 8);
+    CONFIG_DEFAULT(d, seq_len, 128);
+    CONFIG_DEFAULT(d, batch_size, 8);
+    CONFIG_DEFAULT(d, shards_per_step, d->batch_size);
+    CONFIG_DEFAULT(d, eval_every, 0);
+    CONFIG_DEFAULT(d, eval_batches, 8);
 
     if (ENSURE(exp->cluster, peftps__cluster__descriptor)) goto oom;
     Peftps__Cluster *cl = exp->cluster;
@@ -204,16 +139,16 @@ int config_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext
         if (!cl->servers || !(cl->servers[0] = strdup(DEFAULT_SERVER))) goto oom;
         cl->n_servers = 1;
     }
-    DEFAULT_ENUM(cl, sync, PEFTPS__SYNC_MODE__BSP);
-    DEFAULT(cl, staleness, 0);
-    DEFAULT(cl, heartbeat_ms, 1000);
-    DEFAULT(cl, worker_timeout_ms, 10000);
-    DEFAULT(cl, metrics_port, 0);
+    CONFIG_DEFAULT_ENUM(cl, sync, PEFTPS__SYNC_MODE__BSP);
+    CONFIG_DEFAULT(cl, staleness, 0);
+    CONFIG_DEFAULT(cl, heartbeat_ms, 1000);
+    CONFIG_DEFAULT(cl, worker_timeout_ms, 10000);
+    CONFIG_DEFAULT(cl, metrics_port, 0);
 
     if (ENSURE(exp->checkpoint, peftps__checkpoint__descriptor)) goto oom;
     if (default_string(&exp->checkpoint->path, "%s/ckpt", exp->output_dir)) goto oom;
-    DEFAULT(exp->checkpoint, every_steps, 100);
-    DEFAULT(exp->checkpoint, resume, 1);
+    CONFIG_DEFAULT(exp->checkpoint, every_steps, 100);
+    CONFIG_DEFAULT(exp->checkpoint, resume, 1);
     return 0;
 oom:
     return err_set(e, "%s: error: out of memory filling defaults", path);
@@ -227,9 +162,8 @@ static const char *module_name(Peftps__Module m) {
     return v ? v->name : "?";
 }
 
-/* Every entry of a module list lies in [lo, hi] and appears once. */
-static int check_modules(const checker *c, const char *field, const Peftps__Module *mods, size_t n,
-                         Peftps__Module lo, Peftps__Module hi) {
+int config_check_modules(const config_checker *c, const char *field, const Peftps__Module *mods,
+                         size_t n, Peftps__Module lo, Peftps__Module hi) {
     char at[160], allowed[256] = "";
     size_t len = 0;
     for (int m = lo; m <= (int)hi; m++)
@@ -238,294 +172,167 @@ static int check_modules(const checker *c, const char *field, const Peftps__Modu
     for (size_t i = 0; i < n; i++) {
         snprintf(at, sizeof at, "%s[%zu]", field, i);
         if (mods[i] < lo || mods[i] > hi)
-            return fail(c, at, "%s cannot hold %s; allowed: %s", field, module_name(mods[i]),
-                        allowed);
+            return config_fail(c, at, "%s cannot hold %s; allowed: %s", field, module_name(mods[i]),
+                               allowed);
         for (size_t j = 0; j < i; j++)
             if (mods[j] == mods[i])
-                return fail(c, at, "%s lists %s twice", field, module_name(mods[i]));
+                return config_fail(c, at, "%s lists %s twice", field, module_name(mods[i]));
     }
     return 0;
 }
 
-/* Indices of a list are below limit (when limit > 0) and appear once. */
-static int check_indices(const checker *c, const char *field, const uint32_t *v, size_t n,
+int config_check_indices(const config_checker *c, const char *field, const uint32_t *v, size_t n,
                          long limit, const char *what) {
     char at[160];
     for (size_t i = 0; i < n; i++) {
         snprintf(at, sizeof at, "%s[%zu]", field, i);
         if (limit > 0 && v[i] >= (uint64_t)limit)
-            return fail(c, at, "%s: %s %u does not exist; the model has %ld %ss (0 to %ld)", field,
-                        what, v[i], limit, what, limit - 1);
+            return config_fail(c, at, "%s: %s %u does not exist; the model has %ld %ss (0 to %ld)",
+                               field, what, v[i], limit, what, limit - 1);
         for (size_t j = 0; j < i; j++)
-            if (v[j] == v[i]) return fail(c, at, "%s lists %s %u twice", field, what, v[i]);
+            if (v[j] == v[i]) return config_fail(c, at, "%s lists %s %u twice", field, what, v[i]);
     }
     return 0;
 }
 
 /* What stat says of a path that must exist: 0 when it is of the wanted kind
  * ('d' directory, 'f' regular file, 'a' either). */
-static int check_path(const checker *c, const char *field, const char *p, int kind) {
+static int check_path(const config_checker *c, const char *field, const char *p, int kind) {
     struct stat st;
     if (stat(p, &st) != 0)
-        return fail(c, field, "%s \"%s\": %s (relative paths start at the current directory)",
-                    field, p, strerror(errno));
+        return config_fail(c, field,
+                           "%s \"%s\": %s (relative paths start at the current directory)", field,
+                           p, strerror(errno));
     if (kind == 'd' && !S_ISDIR(st.st_mode))
-        return fail(c, field, "%s \"%s\" is not a directory", field, p);
+        return config_fail(c, field, "%s \"%s\" is not a directory", field, p);
     if (kind == 'f' && S_ISDIR(st.st_mode))
-        return fail(c, field, "%s \"%s\" is a directory, not a file", field, p);
+        return config_fail(c, field, "%s \"%s\" is a directory, not a file", field, p);
     return 0;
 }
 
-static int check_method(const checker *c, const Peftps__Method *m) {
-    switch (m->kind_case) {
-    case PEFTPS__METHOD__KIND_LORA: {
-        const Peftps__LoRA *l = m->lora;
-        if (l->r == 0) return fail(c, "method.lora.r", "method.lora.r must be > 0");
-        if (!(l->alpha > 0))
-            return fail(c, "method.lora.alpha", "method.lora.alpha must be > 0, got %g",
-                        (double)l->alpha);
-        if (!(l->dropout >= 0 && l->dropout < 1))
-            return fail(c, "method.lora.dropout", "method.lora.dropout must be in [0, 1), got %g",
-                        (double)l->dropout);
-        if (check_modules(c, "method.lora.target_modules", l->target_modules, l->n_target_modules,
-                          PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__DOWN_PROJ))
-            return -1;
-        return check_indices(c, "method.lora.layers", l->layers, l->n_layers, 0, "layer");
-    }
-    case PEFTPS__METHOD__KIND_PREFIX:
-        if (m->prefix->num_virtual_tokens == 0)
-            return fail(c, "method.prefix.num_virtual_tokens",
-                        "method.prefix.num_virtual_tokens must be > 0");
-        return 0;
-    case PEFTPS__METHOD__KIND_LAYER_WISE: {
-        const Peftps__LayerWise *w = m->layer_wise;
-        if (w->has_first_layer && w->has_last_layer && w->first_layer > w->last_layer)
-            return fail(c, "method.layer_wise.first_layer",
-                        "method.layer_wise.first_layer (%u) must not be above last_layer (%u)",
-                        w->first_layer, w->last_layer);
-        return check_modules(c, "method.layer_wise.modules", w->modules, w->n_modules,
-                             PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__POST_ATTENTION_LAYERNORM);
-    }
-    case PEFTPS__METHOD__KIND_ATTENTION_HEADS: {
-        const Peftps__AttentionHeads *h = m->attention_heads;
-        if (h->n_heads && h->has_top_k)
-            return fail(c, "method.attention_heads.top_k|method.attention_heads.heads",
-                        "method.attention_heads: set either heads or top_k, not both");
-        if (!h->n_heads && !h->has_top_k)
-            return fail(c, "method.attention_heads",
-                        "method.attention_heads: set heads (query-head indices) or top_k");
-        if (h->has_top_k && h->top_k == 0)
-            return fail(c, "method.attention_heads.top_k",
-                        "method.attention_heads.top_k must be > 0");
-        if (h->has_top_k && h->calibration_batches == 0)
-            return fail(c, "method.attention_heads.calibration_batches",
-                        "method.attention_heads.calibration_batches must be > 0 with top_k "
-                        "(importance is measured on calibration batches)");
-        if (check_modules(c, "method.attention_heads.projections", h->projections, h->n_projections,
-                          PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__O_PROJ) ||
-            check_indices(c, "method.attention_heads.layers", h->layers, h->n_layers, 0, "layer"))
-            return -1;
-        return check_indices(c, "method.attention_heads.heads", h->heads, h->n_heads, 0, "head");
-    }
-    case PEFTPS__METHOD__KIND_SUBNETWORK: {
-        const Peftps__Subnetwork *s = m->subnetwork;
-        if (!(s->sparsity > 0 && s->sparsity < 1))
-            return fail(c, "method.subnetwork.sparsity",
-                        "method.subnetwork.sparsity must be in (0, 1), got %g",
-                        (double)s->sparsity);
-        if (s->selection == PEFTPS__MASK_SELECTION__GRADIENT && s->calibration_batches == 0)
-            return fail(c, "method.subnetwork.calibration_batches|method.subnetwork.selection",
-                        "method.subnetwork.calibration_batches must be > 0 with a GRADIENT mask");
-        return check_modules(c, "method.subnetwork.modules", s->modules, s->n_modules,
-                             PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__DOWN_PROJ);
-    }
-    case PEFTPS__METHOD__KIND_FULL:
-        return 0;
-    default:
-        return fail(c, "method",
-                    "the method block must choose one of lora, prefix, layer_wise, "
-                    "attention_heads, subnetwork, full");
-    }
-}
-
-static int check_ranges(const checker *c, const Peftps__Experiment *exp) {
+static int check_ranges(const config_checker *c, const Peftps__Experiment *exp) {
     const Peftps__Optimizer *o = exp->optimizer;
     if (!(o->lr > 0))
-        return fail(c, "optimizer.lr", "optimizer.lr must be > 0, got %g", (double)o->lr);
+        return config_fail(c, "optimizer.lr", "optimizer.lr must be > 0, got %g", (double)o->lr);
     if (!(o->beta1 >= 0 && o->beta1 < 1))
-        return fail(c, "optimizer.beta1", "optimizer.beta1 must be in [0, 1), got %g",
-                    (double)o->beta1);
+        return config_fail(c, "optimizer.beta1", "optimizer.beta1 must be in [0, 1), got %g",
+                           (double)o->beta1);
     if (!(o->beta2 >= 0 && o->beta2 < 1))
-        return fail(c, "optimizer.beta2", "optimizer.beta2 must be in [0, 1), got %g",
-                    (double)o->beta2);
+        return config_fail(c, "optimizer.beta2", "optimizer.beta2 must be in [0, 1), got %g",
+                           (double)o->beta2);
     if (!(o->eps > 0))
-        return fail(c, "optimizer.eps", "optimizer.eps must be > 0, got %g", (double)o->eps);
+        return config_fail(c, "optimizer.eps", "optimizer.eps must be > 0, got %g", (double)o->eps);
     if (!(o->weight_decay >= 0 && isfinite(o->weight_decay)))
-        return fail(c, "optimizer.weight_decay", "optimizer.weight_decay must be >= 0, got %g",
-                    (double)o->weight_decay);
+        return config_fail(c, "optimizer.weight_decay",
+                           "optimizer.weight_decay must be >= 0, got %g", (double)o->weight_decay);
     if (!(o->max_grad_norm >= 0 && isfinite(o->max_grad_norm)))
-        return fail(c, "optimizer.max_grad_norm",
-                    "optimizer.max_grad_norm must be >= 0 (0 disables clipping), got %g",
-                    (double)o->max_grad_norm);
+        return config_fail(c, "optimizer.max_grad_norm",
+                           "optimizer.max_grad_norm must be >= 0 (0 disables clipping), got %g",
+                           (double)o->max_grad_norm);
     if (!isfinite(o->lr))
-        return fail(c, "optimizer.lr", "optimizer.lr must be finite, got %g", (double)o->lr);
+        return config_fail(c, "optimizer.lr", "optimizer.lr must be finite, got %g", (double)o->lr);
 
     const Peftps__Schedule *s = exp->schedule;
     if (s->warmup_steps > s->total_steps)
-        return fail(c, "schedule.warmup_steps|schedule.total_steps",
-                    "schedule.warmup_steps (%u) must not exceed schedule.total_steps (%u)",
-                    s->warmup_steps, s->total_steps);
+        return config_fail(c, "schedule.warmup_steps|schedule.total_steps",
+                           "schedule.warmup_steps (%u) must not exceed schedule.total_steps (%u)",
+                           s->warmup_steps, s->total_steps);
     if (!(s->min_lr >= 0 && s->min_lr <= o->lr))
-        return fail(c, "schedule.min_lr|optimizer.lr",
-                    "schedule.min_lr must be in [0, optimizer.lr = %g], got %g", (double)o->lr,
-                    (double)s->min_lr);
+        return config_fail(c, "schedule.min_lr|optimizer.lr",
+                           "schedule.min_lr must be in [0, optimizer.lr = %g], got %g",
+                           (double)o->lr, (double)s->min_lr);
 
     const Peftps__Data *d = exp->data;
-    if (d->seq_len == 0) return fail(c, "data.seq_len", "data.seq_len must be > 0");
-    if (d->batch_size == 0) return fail(c, "data.batch_size", "data.batch_size must be > 0");
+    if (d->seq_len == 0) return config_fail(c, "data.seq_len", "data.seq_len must be > 0");
+    if (d->batch_size == 0) return config_fail(c, "data.batch_size", "data.batch_size must be > 0");
     if (d->shards_per_step == 0)
-        return fail(c, "data.shards_per_step", "data.shards_per_step must be > 0");
+        return config_fail(c, "data.shards_per_step", "data.shards_per_step must be > 0");
     if (d->batch_size % d->shards_per_step)
-        return fail(c, "data.shards_per_step|data.batch_size",
-                    "data.batch_size (%u) must be a multiple of data.shards_per_step (%u)",
-                    d->batch_size, d->shards_per_step);
+        return config_fail(c, "data.shards_per_step|data.batch_size",
+                           "data.batch_size (%u) must be a multiple of data.shards_per_step (%u)",
+                           d->batch_size, d->shards_per_step);
     if (d->eval && d->eval_batches == 0)
-        return fail(c, "data.eval_batches", "data.eval_batches must be > 0 when data.eval is set");
+        return config_fail(c, "data.eval_batches",
+                           "data.eval_batches must be > 0 when data.eval is set");
 
     const Peftps__Cluster *cl = exp->cluster;
     if (cl->staleness > 0 && cl->sync != PEFTPS__SYNC_MODE__SSP)
-        return fail(c, "cluster.staleness|cluster.sync",
-                    "cluster.staleness applies only with sync: SSP (bounded staleness)");
+        return config_fail(c, "cluster.staleness|cluster.sync",
+                           "cluster.staleness applies only with sync: SSP (bounded staleness)");
     if (cl->heartbeat_ms == 0)
-        return fail(c, "cluster.heartbeat_ms", "cluster.heartbeat_ms must be > 0");
+        return config_fail(c, "cluster.heartbeat_ms", "cluster.heartbeat_ms must be > 0");
     if (cl->worker_timeout_ms <= cl->heartbeat_ms)
-        return fail(c, "cluster.worker_timeout_ms|cluster.heartbeat_ms",
-                    "cluster.worker_timeout_ms (%u) must exceed cluster.heartbeat_ms (%u)",
-                    cl->worker_timeout_ms, cl->heartbeat_ms);
+        return config_fail(c, "cluster.worker_timeout_ms|cluster.heartbeat_ms",
+                           "cluster.worker_timeout_ms (%u) must exceed cluster.heartbeat_ms (%u)",
+                           cl->worker_timeout_ms, cl->heartbeat_ms);
     if (cl->metrics_port > 65535)
-        return fail(c, "cluster.metrics_port", "cluster.metrics_port %u is not a TCP port",
-                    cl->metrics_port);
+        return config_fail(c, "cluster.metrics_port", "cluster.metrics_port %u is not a TCP port",
+                           cl->metrics_port);
     for (size_t i = 0; i < cl->n_servers; i++) {
         char at[64];
         const char *ep = cl->servers[i];
         snprintf(at, sizeof at, "cluster.servers[%zu]", i);
         if (strncmp(ep, "tcp://", 6) && strncmp(ep, "ipc://", 6) && strncmp(ep, "inproc://", 9))
-            return fail(c, at,
-                        "cluster.servers entry \"%s\" is not a ZeroMQ endpoint (tcp://HOST:PORT, "
-                        "ipc://PATH)",
-                        ep);
+            return config_fail(
+                c, at,
+                "cluster.servers entry \"%s\" is not a ZeroMQ endpoint (tcp://HOST:PORT, "
+                "ipc://PATH)",
+                ep);
         for (size_t j = 0; j < i; j++)
             if (!strcmp(cl->servers[j], ep))
-                return fail(c, at, "cluster.servers lists \"%s\" twice", ep);
+                return config_fail(c, at, "cluster.servers lists \"%s\" twice", ep);
     }
     if (exp->checkpoint->every_steps == 0)
-        return fail(c, "checkpoint.every_steps", "checkpoint.every_steps must be > 0");
-    if (!exp->name[0]) return fail(c, "name", "name must not be empty");
-    if (!exp->output_dir[0]) return fail(c, "output_dir", "output_dir must not be empty");
+        return config_fail(c, "checkpoint.every_steps", "checkpoint.every_steps must be > 0");
+    if (!exp->name[0]) return config_fail(c, "name", "name must not be empty");
+    if (!exp->output_dir[0]) return config_fail(c, "output_dir", "output_dir must not be empty");
     return 0;
 }
 
-/* Layer and head indices against the model's config.json. */
-static int check_model(const checker *c, const Peftps__Experiment *exp) {
-    char cfg_path[4096];
-    snprintf(cfg_path, sizeof cfg_path, "%s/config.json", exp->model->path);
-    char *text;
-    size_t len;
-    err re;
-    if (fs_read_file(cfg_path, 0, &text, &len, &re) < 0)
-        return fail(c, "model.path", "model.path \"%s\": cannot read config.json: %s",
-                    exp->model->path, strerror(errno));
-    model_config mc;
-    err me;
-    int rc = model_config_parse(&mc, text, cfg_path, &me);
-    free(text);
-    if (rc) return fail(c, "model.path", "model.path: %s", me.msg);
-    long L = mc.num_layers, H = mc.num_heads;
-    const Peftps__Method *m = exp->method;
-    switch (m->kind_case) {
-    case PEFTPS__METHOD__KIND_LORA:
-        if (check_indices(c, "method.lora.layers", m->lora->layers, m->lora->n_layers, L, "layer"))
-            return -1;
-        break;
-    case PEFTPS__METHOD__KIND_LAYER_WISE: {
-        const Peftps__LayerWise *w = m->layer_wise;
-        if (w->has_first_layer && w->first_layer >= L)
-            return fail(c, "method.layer_wise.first_layer",
-                        "method.layer_wise.first_layer %u does not exist; the model has %ld "
-                        "layers (0 to %ld)",
-                        w->first_layer, L, L - 1);
-        if (w->has_last_layer && w->last_layer >= L)
-            return fail(c, "method.layer_wise.last_layer",
-                        "method.layer_wise.last_layer %u does not exist; the model has %ld "
-                        "layers (0 to %ld)",
-                        w->last_layer, L, L - 1);
-        break;
-    }
-    case PEFTPS__METHOD__KIND_ATTENTION_HEADS: {
-        const Peftps__AttentionHeads *h = m->attention_heads;
-        if (check_indices(c, "method.attention_heads.layers", h->layers, h->n_layers, L, "layer") ||
-            check_indices(c, "method.attention_heads.heads", h->heads, h->n_heads, H, "head"))
-            return -1;
-        long pairs = (h->n_layers ? (long)h->n_layers : L) * H;
-        if (h->has_top_k && h->top_k > pairs)
-            return fail(c, "method.attention_heads.top_k",
-                        "method.attention_heads.top_k %u exceeds the %ld (layer, head) pairs to "
-                        "choose from",
-                        h->top_k, pairs);
-        break;
-    }
-    default:
-        break;
-    }
-    if (mc.max_position_embeddings > 0 && exp->data->seq_len > (uint32_t)mc.max_position_embeddings)
-        return fail(c, "data.seq_len",
-                    "data.seq_len %u exceeds the model's max_position_embeddings %d",
-                    exp->data->seq_len, mc.max_position_embeddings);
-    return 0;
-}
-
-int config_check(const Peftps__Experiment *exp, const char *path, const pbtext_locs *locs, err *e) {
-    checker c = {path, locs, e};
+int config_check_required(const config_checker *c, const Peftps__Experiment *exp,
+                          const char *method_hint) {
     if (!exp->model || !exp->model->path || !exp->model->path[0])
-        return fail(&c, "model.path|model",
-                    "model.path is required: a Hugging Face model directory with config.json");
-    if (!exp->method)
-        return fail(&c, NULL,
-                    "a method block is required, e.g. method { lora { r: 8 } } (one of lora, "
-                    "prefix, layer_wise, attention_heads, subnetwork, full)");
+        return config_fail(c, "model.path|model",
+                           "model.path is required: a Hugging Face model directory with "
+                           "config.json");
+    if (!exp->method) return config_fail(c, NULL, "a method block is required, %s", method_hint);
     if (!exp->data || !exp->data->train || !exp->data->train[0])
-        return fail(&c, "data.train|data", "data.train is required: the training data file");
+        return config_fail(c, "data.train|data", "data.train is required: the training data file");
     if (!exp->schedule || !exp->schedule->has_total_steps || exp->schedule->total_steps == 0)
-        return fail(&c, "schedule.total_steps", "schedule.total_steps is required and must be > 0");
+        return config_fail(c, "schedule.total_steps",
+                           "schedule.total_steps is required and must be > 0");
     if (!exp->optimizer || !exp->cluster || !exp->checkpoint || !exp->name || !exp->output_dir)
-        return err_set(e, "%s: error: defaults were not filled before checking", path);
-    if (check_method(&c, exp->method) || check_ranges(&c, exp)) return -1;
+        return err_set(c->e, "%s: error: defaults were not filled before checking", c->path);
+    return 0;
+}
 
-    if (check_path(&c, "model.path", exp->model->path, 'd')) return -1;
-    if (check_path(&c, "data.train", exp->data->train, 'f')) return -1;
-    if (exp->data->eval && check_path(&c, "data.eval", exp->data->eval, 'f')) return -1;
-    if (exp->init_from && check_path(&c, "init_from", exp->init_from, 'a')) return -1;
+int config_check_values(const config_checker *c, const Peftps__Experiment *exp) {
+    if (check_ranges(c, exp)) return -1;
+    if (check_path(c, "model.path", exp->model->path, 'd')) return -1;
+    if (check_path(c, "data.train", exp->data->train, 'f')) return -1;
+    if (exp->data->eval && check_path(c, "data.eval", exp->data->eval, 'f')) return -1;
+    if (exp->init_from && check_path(c, "init_from", exp->init_from, 'a')) return -1;
     const Peftps__Curve *cv = exp->cluster->curve;
-    if (cv && cv->server_keys && check_path(&c, "cluster.curve.server_keys", cv->server_keys, 'f'))
+    if (cv && cv->server_keys && check_path(c, "cluster.curve.server_keys", cv->server_keys, 'f'))
         return -1;
-    if (cv && cv->worker_keys && check_path(&c, "cluster.curve.worker_keys", cv->worker_keys, 'f'))
+    if (cv && cv->worker_keys && check_path(c, "cluster.curve.worker_keys", cv->worker_keys, 'f'))
         return -1;
     if (cv && cv->authorized_keys &&
-        check_path(&c, "cluster.curve.authorized_keys", cv->authorized_keys, 'f'))
+        check_path(c, "cluster.curve.authorized_keys", cv->authorized_keys, 'f'))
         return -1;
-    return check_model(&c, exp);
+    return 0;
 }
 
-/* ---- loading ------------------------------------------------------------- */
+/* ---- parsing ------------------------------------------------------------- */
 
 void config_free(Peftps__Experiment *exp) {
     if (exp) protobuf_c_message_free_unpacked(&exp->base, NULL);
 }
 
-int config_load(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
-                pbtext_locs **locs_out, err *e) {
+int config_parse(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
+                 pbtext_locs **locs_out, err *e) {
     *out = NULL;
-    if (locs_out) *locs_out = NULL;
+    *locs_out = NULL;
     pbtext_locs *locs = pbtext_locs_new();
     if (!locs) return err_set(e, "%s: error: out of memory", path);
     ProtobufCMessage *m = NULL;
@@ -542,13 +349,8 @@ int config_load(const char *path, char *const *sets, int nsets, Peftps__Experime
         free(label);
         if (rc) goto fail;
     }
-    Peftps__Experiment *exp = (Peftps__Experiment *)m;
-    if (config_fill_defaults(exp, path, locs, e) || config_check(exp, path, locs, e)) goto fail;
-    *out = exp;
-    if (locs_out)
-        *locs_out = locs;
-    else
-        pbtext_locs_free(locs);
+    *out = (Peftps__Experiment *)m;
+    *locs_out = locs;
     return 0;
 fail:
     if (m) protobuf_c_message_free_unpacked(m, NULL);

@@ -446,3 +446,37 @@ out:
     free(labels);
     return rc;
 }
+
+/* ---- hooks shared by the delta methods ---------------------------------- */
+
+delta_set *delta_of(peft *p) {
+    return p->state;
+}
+
+void delta_method_init(peft *p, uint64_t seed) {
+    (void)seed;
+    for (int i = 0; i < p->n_tensors; i++)
+        memset(peft_param(p, i), 0, p->tensors[i].numel * sizeof(float));
+}
+
+void delta_method_refresh(peft *p) {
+    delta_refresh(delta_of(p), p);
+}
+
+int delta_method_reserve(peft *p, int B, int T, err *e) {
+    return delta_reserve(delta_of(p), B, T, e);
+}
+
+const float *delta_method_weight(peft *p, int layer, int kind) {
+    return delta_weight(delta_of(p), layer, kind);
+}
+
+void delta_method_merge(peft *p, int layer, int kind, float *w) {
+    delta_merge(delta_of(p), p, layer, kind, w);
+}
+
+void delta_method_linear_backward(peft *p, int layer, int kind, const float *x, const float *dy,
+                                  float *dx, int n) {
+    (void)dx;
+    delta_backward(delta_of(p), p, layer, kind, x, dy, n);
+}

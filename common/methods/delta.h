@@ -122,6 +122,26 @@ void delta_merge(delta_set *ds, peft *p, int layer, int kind, float *w);
  * written to idx in ascending index order. Exact and deterministic. */
 void delta_select_largest(const float *v, size_t n, size_t k, uint32_t *idx);
 
+/* ---- hooks shared by the delta methods -------------------------------------
+ * The peft_method hooks that only pass through to the set, for a method
+ * whose p->state begins with its delta_set (is one, or is a struct whose
+ * first member is one). */
+
+/* The delta_set at the start of p->state. */
+delta_set *delta_of(peft *p);
+/* init: every tensor zero, so that the first forward is the base model's. */
+void delta_method_init(peft *p, uint64_t seed);
+/* refresh, reserve, weight, merge: delta_refresh, delta_reserve,
+ * delta_weight and delta_merge of the set. */
+void delta_method_refresh(peft *p);
+int delta_method_reserve(peft *p, int B, int T, err *e);
+const float *delta_method_weight(peft *p, int layer, int kind);
+void delta_method_merge(peft *p, int layer, int kind, float *w);
+/* linear_backward: delta_backward of the set (the deltas add nothing to dx
+ * beyond what the effective weight gave). */
+void delta_method_linear_backward(peft *p, int layer, int kind, const float *x, const float *dy,
+                                  float *dx, int n);
+
 /* Queries of the methods' state, for export, reports and tests. */
 
 /* attention_heads: the chosen (layer, query head) pairs in (layer, head) order;

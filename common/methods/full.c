@@ -153,6 +153,7 @@ static void full_destroy(peft *p) {
 
 const peft_method full_method = {
     .name = "full",
+    .example = "full {}",
     .create = full_create,
     .init = full_init,
     .weight = full_weight,

@@ -1,20 +1,25 @@
 /* The attention_heads method: deltas on the rows of q, k, v and the columns
  * of o that belong to chosen query heads (GQA-aware), the heads given in the
  * config or the top_k by gate-gradient importance (Michel et al. 2019) on
- * calibration batches. Deltas and gradients are delta.c's. */
+ * calibration batches. Deltas, gradients and the hooks that pass through to
+ * them are delta.c's; this file owns the config block (defaults, checks)
+ * and the choice of heads. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "methods/delta.h"
 #include "base/log.h"
+#include "methods/delta.h"
 #include "methods/registry.h"
 #include "model/model.h"
 #include "model/peft.h"
 
+/* Calibration batches of a top_k block that does not say. */
+#define HEADS_DEFAULT_CALIBRATION 8
+
 typedef struct heads_state {
-    delta_set ds;
+    delta_set ds;            /* first, for delta.h's shared hooks */
     unsigned proj;           /* PEFT_BIT of LW_Q, LW_K, LW_V, LW_O */
     unsigned char *in_layer; /* num_layers: layer is a candidate */
     int *chosen_layer, *chosen_head, n_chosen;
@@ -251,29 +256,6 @@ static int heads_calibrate(peft *p, model *m, peft_batch_fn fn, void *ctx, int b
     return 0;
 }
 
-static void heads_init(peft *p, uint64_t seed) {
-    (void)seed;
-    for (int i = 0; i < p->n_tensors; i++) {
-        float *t = peft_param(p, i);
-        for (size_t j = 0; j < p->tensors[i].numel; j++) t[j] = 0.0f;
-    }
-}
-
-static void heads_refresh(peft *p) {
-    heads_state *s = p->state;
-    delta_refresh(&s->ds, p);
-}
-
-static int heads_reserve(peft *p, int B, int T, err *e) {
-    heads_state *s = p->state;
-    return delta_reserve(&s->ds, B, T, e);
-}
-
-static const float *heads_weight(peft *p, int layer, int kind) {
-    heads_state *s = p->state;
-    return delta_weight(&s->ds, layer, kind);
-}
-
 static void heads_linear_backward(peft *p, int layer, int kind, const float *x, const float *dy,
                                   float *dx, int n) {
     heads_state *s = p->state;
@@ -292,24 +274,79 @@ static void heads_linear_backward(peft *p, int layer, int kind, const float *x, 
         }
         s->seen[layer] = 1;
     }
-    delta_backward(&s->ds, p, layer, kind, x, dy, n);
+    delta_method_linear_backward(p, layer, kind, x, dy, dx, n);
 }
 
-static void heads_merge(peft *p, int layer, int kind, float *w) {
-    heads_state *s = p->state;
-    delta_merge(&s->ds, p, layer, kind, w);
+/* ---- the experiment's attention_heads block ------------------------------- */
+
+static int heads_defaults(Peftps__Method *m) {
+    CONFIG_DEFAULT(m->attention_heads, calibration_batches, HEADS_DEFAULT_CALIBRATION);
+    return config_default_modules(&m->attention_heads->projections,
+                                  &m->attention_heads->n_projections, PEFTPS__MODULE__Q_PROJ,
+                                  PEFTPS__MODULE__O_PROJ);
+}
+
+static int heads_check(const config_checker *c, const Peftps__Method *m) {
+    const Peftps__AttentionHeads *h = m->attention_heads;
+    if (h->n_heads && h->has_top_k)
+        return config_fail(c, "method.attention_heads.top_k|method.attention_heads.heads",
+                           "method.attention_heads: set either heads or top_k, not both");
+    if (!h->n_heads && !h->has_top_k)
+        return config_fail(c, "method.attention_heads",
+                           "method.attention_heads: set heads (query-head indices) or top_k");
+    if (h->has_top_k && h->top_k == 0)
+        return config_fail(c, "method.attention_heads.top_k",
+                           "method.attention_heads.top_k must be > 0");
+    if (h->has_top_k && h->calibration_batches == 0)
+        return config_fail(c, "method.attention_heads.calibration_batches",
+                           "method.attention_heads.calibration_batches must be > 0 with top_k "
+                           "(importance is measured on calibration batches)");
+    if (config_check_modules(c, "method.attention_heads.projections", h->projections,
+                             h->n_projections, PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__O_PROJ) ||
+        config_check_indices(c, "method.attention_heads.layers", h->layers, h->n_layers, 0,
+                             "layer"))
+        return -1;
+    return config_check_indices(c, "method.attention_heads.heads", h->heads, h->n_heads, 0, "head");
+}
+
+static int heads_check_model(const config_checker *c, const Peftps__Method *m,
+                             const model_config *cfg) {
+    const Peftps__AttentionHeads *h = m->attention_heads;
+    long L = cfg->num_layers, H = cfg->num_heads;
+    if (config_check_indices(c, "method.attention_heads.layers", h->layers, h->n_layers, L,
+                             "layer") ||
+        config_check_indices(c, "method.attention_heads.heads", h->heads, h->n_heads, H, "head"))
+        return -1;
+    long pairs = (h->n_layers ? (long)h->n_layers : L) * H;
+    if (h->has_top_k && h->top_k > pairs)
+        return config_fail(c, "method.attention_heads.top_k",
+                           "method.attention_heads.top_k %u exceeds the %ld (layer, head) pairs "
+                           "to choose from",
+                           h->top_k, pairs);
+    return 0;
+}
+
+/* top_k heads are ranked on calibration batches; explicit heads need none. */
+static int heads_calibration_batches(const Peftps__Method *m) {
+    const Peftps__AttentionHeads *h = m->attention_heads;
+    return h->has_top_k && h->top_k > 0 ? (int)h->calibration_batches : 0;
 }
 
 const peft_method heads_method = {
     .name = "attention_heads",
+    .example = "attention_heads { heads: [0] }",
+    .defaults = heads_defaults,
+    .check = heads_check,
+    .check_model = heads_check_model,
+    .calibration_batches = heads_calibration_batches,
     .create = heads_create,
     .calibrate = heads_calibrate,
-    .init = heads_init,
-    .refresh = heads_refresh,
-    .reserve = heads_reserve,
-    .weight = heads_weight,
+    .init = delta_method_init,
+    .refresh = delta_method_refresh,
+    .reserve = delta_method_reserve,
+    .weight = delta_method_weight,
     .linear_backward = heads_linear_backward,
-    .merge = heads_merge,
+    .merge = delta_method_merge,
     .destroy = heads_destroy,
 };
 

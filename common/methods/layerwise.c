@@ -1,10 +1,12 @@
 /* The layer_wise method: dense deltas on the chosen modules of the layers
- * first_layer..last_layer, everything else frozen. The deltas, W_eff and the
- * gradients are delta.c's; this file reads the config block (peftps.proto). */
+ * first_layer..last_layer, everything else frozen. The deltas, W_eff, the
+ * gradients and the hooks that pass through to them are delta.c's; this
+ * file owns the config block (peftps.proto): its defaults, its checks and
+ * what it declares. */
 #include <stdlib.h>
 
-#include "methods/delta.h"
 #include "base/log.h"
+#include "methods/delta.h"
 #include "model/peft.h"
 
 static void lw_destroy(peft *p) {
@@ -54,40 +56,52 @@ static int lw_create(peft *p, err *e) {
     return 0;
 }
 
-/* Deltas start at zero: the first forward is the base model's. */
-static void lw_init(peft *p, uint64_t seed) {
-    (void)seed;
-    for (int i = 0; i < p->n_tensors; i++) {
-        float *t = peft_param(p, i);
-        for (size_t j = 0; j < p->tensors[i].numel; j++) t[j] = 0.0f;
-    }
+static int lw_defaults(Peftps__Method *m) {
+    /* first_layer and last_layer depend on the model; create resolves them
+     * when absent. */
+    return config_default_modules(&m->layer_wise->modules, &m->layer_wise->n_modules,
+                                  PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__POST_ATTENTION_LAYERNORM);
 }
 
-static void lw_refresh(peft *p) {
-    delta_refresh(p->state, p);
+static int lw_check(const config_checker *c, const Peftps__Method *m) {
+    const Peftps__LayerWise *w = m->layer_wise;
+    if (w->has_first_layer && w->has_last_layer && w->first_layer > w->last_layer)
+        return config_fail(c, "method.layer_wise.first_layer",
+                           "method.layer_wise.first_layer (%u) must not be above last_layer (%u)",
+                           w->first_layer, w->last_layer);
+    return config_check_modules(c, "method.layer_wise.modules", w->modules, w->n_modules,
+                                PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__POST_ATTENTION_LAYERNORM);
 }
 
-static const float *lw_weight(peft *p, int layer, int kind) {
-    return delta_weight(p->state, layer, kind);
-}
-
-static void lw_linear_backward(peft *p, int layer, int kind, const float *x, const float *dy,
-                               float *dx, int n) {
-    (void)dx;
-    delta_backward(p->state, p, layer, kind, x, dy, n);
-}
-
-static void lw_merge(peft *p, int layer, int kind, float *w) {
-    delta_merge(p->state, p, layer, kind, w);
+static int lw_check_model(const config_checker *c, const Peftps__Method *m,
+                          const model_config *cfg) {
+    const Peftps__LayerWise *w = m->layer_wise;
+    long L = cfg->num_layers;
+    if (w->has_first_layer && w->first_layer >= L)
+        return config_fail(c, "method.layer_wise.first_layer",
+                           "method.layer_wise.first_layer %u does not exist; the model has %ld "
+                           "layers (0 to %ld)",
+                           w->first_layer, L, L - 1);
+    if (w->has_last_layer && w->last_layer >= L)
+        return config_fail(c, "method.layer_wise.last_layer",
+                           "method.layer_wise.last_layer %u does not exist; the model has %ld "
+                           "layers (0 to %ld)",
+                           w->last_layer, L, L - 1);
+    return 0;
 }
 
 const peft_method layerwise_method = {
     .name = "layer_wise",
+    .example = "layer_wise { first_layer: 0 }",
+    .defaults = lw_defaults,
+    .check = lw_check,
+    .check_model = lw_check_model,
     .create = lw_create,
-    .init = lw_init,
-    .refresh = lw_refresh,
-    .weight = lw_weight,
-    .linear_backward = lw_linear_backward,
-    .merge = lw_merge,
+    .init = delta_method_init,
+    .refresh = delta_method_refresh,
+    .reserve = delta_method_reserve,
+    .weight = delta_method_weight,
+    .linear_backward = delta_method_linear_backward,
+    .merge = delta_method_merge,
     .destroy = lw_destroy,
 };

@@ -2,15 +2,22 @@
  * trained keys and values in front of every layer's attention, either
  * trained directly ("prompt_embeddings") or produced by PEFT's
  * prefix_projection MLP (Embedding -> Linear -> tanh -> Linear). Implements
- * the peft_method of peft.h; the model (model.c) reads prefix() and feeds
- * prefix_backward(); peft.c registers it. */
+ * the peft_method of peft.h: the model (model.c) reads prefix() and feeds
+ * prefix_backward(), the experiment loader calls its defaults and checks,
+ * export.c its adapter_config.json reader and writer (jansson) and its
+ * prompt_embeddings writer (safetensors.h); methods/registry.c registers it. */
 #include <cblas.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "model/peft.h"
 #include "base/rng.h"
+#include "model/peft.h"
+#include "model/safetensors.h"
+
+/* The default of an experiment's prefix block: PEFT's examples' 20. */
+#define PREFIX_DEFAULT_TOKENS 20
 
 typedef struct prefix_state {
     int P;      /* virtual tokens */
@@ -184,9 +191,107 @@ static void prefix_destroy(peft *p) {
     p->state = NULL;
 }
 
+/* ---- the experiment's prefix block ---------------------------------------- */
+
+static int prefix_defaults(Peftps__Method *m) {
+    CONFIG_DEFAULT(m->prefix, num_virtual_tokens, PREFIX_DEFAULT_TOKENS);
+    CONFIG_DEFAULT(m->prefix, projection_hidden, 0);
+    return 0;
+}
+
+static int prefix_check(const config_checker *c, const Peftps__Method *m) {
+    if (m->prefix->num_virtual_tokens == 0)
+        return config_fail(c, "method.prefix.num_virtual_tokens",
+                           "method.prefix.num_virtual_tokens must be > 0");
+    return 0;
+}
+
+/* ---- the PEFT adapter --------------------------------------------------------- */
+
+/* PrefixTuningConfig's fields. The saved table is the keys and values
+ * themselves (prefix_projection false) whatever produced them. */
+static int prefix_adapter_config_write(const peft *p, json_t *o, err *e) {
+    (void)e;
+    const Peftps__Prefix *x = p->config->prefix;
+    const model_config *cfg = p->cfg;
+    int td = cfg->num_kv_heads * cfg->head_dim;
+    uint32_t hidden = x->has_projection_hidden ? x->projection_hidden : 0;
+    json_object_set_new(o, "encoder_hidden_size", json_integer(hidden ? (json_int_t)hidden : td));
+    json_object_set_new(o, "modules_to_save", json_null());
+    /* PEFT sets these for grouped-query attention: the prefix holds keys and
+     * values, so its heads are the kv heads. */
+    json_object_set_new(o, "num_attention_heads", json_integer(cfg->num_kv_heads));
+    json_object_set_new(o, "num_layers", json_integer(cfg->num_layers));
+    json_object_set_new(o, "num_transformer_submodules", json_integer(1));
+    json_object_set_new(o, "num_virtual_tokens", json_integer(x->num_virtual_tokens));
+    json_object_set_new(o, "peft_type", json_string("PREFIX_TUNING"));
+    json_object_set_new(o, "prefix_projection", json_false());
+    json_object_set_new(o, "token_dim", json_integer(td));
+    return 0;
+}
+
+static int prefix_adapter_config_read(const char *path, const json_t *root, const model_config *cfg,
+                                      Peftps__Method *m, err *e) {
+    Peftps__Prefix *x = malloc(sizeof *x);
+    if (!x) return err_set(e, "out of memory");
+    peftps__prefix__init(x);
+    m->kind_case = PEFTPS__METHOD__KIND_PREFIX;
+    m->prefix = x;
+    const json_t *nv = json_object_get(root, "num_virtual_tokens");
+    if (!json_is_integer(nv) || json_integer_value(nv) < 1 || json_integer_value(nv) > 65536)
+        return err_set(e, "%s: \"num_virtual_tokens\" must be an integer from 1 to 65536", path);
+    x->has_num_virtual_tokens = 1;
+    x->num_virtual_tokens = (uint32_t)json_integer_value(nv);
+    /* The saved table holds the keys and values themselves, whatever
+     * produced them: no projection at inference. */
+    x->has_projection_hidden = 1;
+    x->projection_hidden = 0;
+    const json_t *sub = json_object_get(root, "num_transformer_submodules");
+    if (sub && !json_is_null(sub) && (!json_is_integer(sub) || json_integer_value(sub) != 1))
+        return err_set(e, "%s: \"num_transformer_submodules\" must be 1 (a decoder-only model)",
+                       path);
+    if (!cfg) return 0;
+    const json_t *nl = json_object_get(root, "num_layers");
+    if (nl && !json_is_null(nl) &&
+        (!json_is_integer(nl) || json_integer_value(nl) != cfg->num_layers))
+        return err_set(e,
+                       "%s: \"num_layers\" is not the model's %d layers: an adapter of another "
+                       "model",
+                       path, cfg->num_layers);
+    const json_t *td = json_object_get(root, "token_dim");
+    long long want = (long long)cfg->num_kv_heads * cfg->head_dim;
+    if (td && !json_is_null(td) && (!json_is_integer(td) || json_integer_value(td) != want))
+        return err_set(e,
+                       "%s: \"token_dim\" is %s but the model's keys have %lld values "
+                       "(kv heads x head_dim): an adapter of another model, or saved by a PEFT "
+                       "older than its grouped-query attention support",
+                       path, json_is_integer(td) ? "another number" : "not a number", want);
+    return 0;
+}
+
+/* prompt_embeddings (P, L*2*td): per virtual token, each layer's key then
+ * value, as PEFT's get_prompt reshapes it. That is the layout of the table
+ * the model reads (prefix_prefix), so the table is written as it is: with a
+ * projection, its output, not the MLP's weights. */
+static int prefix_adapter_save(const peft *p, const char *path, err *e) {
+    const prefix_state *s = p->state;
+    st_entry en = {.name = "prompt_embeddings", .dtype = ST_F32, .ndim = 2};
+    en.data = s->hidden ? s->table : p->params + p->tensors[s->emb].offset;
+    en.shape[0] = s->P;
+    en.shape[1] = s->row;
+    return st_write(path, &en, 1, "{\"format\": \"pt\"}", e);
+}
+
 /* No merge: a prefix changes no weight, so peft_merge refuses. */
 const peft_method prefix_method = {
     .name = "prefix",
+    .example = "prefix { num_virtual_tokens: 20 }",
+    .defaults = prefix_defaults,
+    .check = prefix_check,
+    .peft_type = "PREFIX_TUNING",
+    .adapter_config_write = prefix_adapter_config_write,
+    .adapter_config_read = prefix_adapter_config_read,
+    .adapter_save = prefix_adapter_save,
     .create = prefix_create,
     .init = prefix_init,
     .refresh = prefix_refresh,

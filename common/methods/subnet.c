@@ -1,23 +1,30 @@
 /* The subnetwork method: a fixed sparse mask over the chosen modules of
  * every layer, by weight magnitude, at random (rng.h), or by accumulated
  * squared gradients on calibration batches (the Fisher mask of Sung et al.
- * 2021); only masked entries train. Deltas and gradients are delta.c's. */
+ * 2021); only masked entries train. Deltas, gradients and the hooks that
+ * pass through to them are delta.c's; this file owns the config block
+ * (defaults, checks) and the choice of the mask. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "methods/delta.h"
 #include "base/log.h"
+#include "base/rng.h"
+#include "methods/delta.h"
 #include "methods/registry.h"
 #include "model/peft.h"
-#include "base/rng.h"
+
+/* An unset sparsity: 99% frozen. */
+#define SUBNET_DEFAULT_SPARSITY 0.99f
+/* Calibration batches of a GRADIENT mask that does not say. */
+#define SUBNET_DEFAULT_CALIBRATION 8
 
 /* Keeps the mask streams rng_seed(seed, layer, kind, tag) apart from the
  * per-step streams (seed, step, shard, ...) and from PEFT_STREAM_INIT. */
 #define SUBNET_STREAM_MASK UINT64_C(0x4d41534b00000000)
 
 typedef struct subnet_state {
-    delta_set ds;
+    delta_set ds; /* first, for delta.h's shared hooks */
     Peftps__MaskSelection selection;
     float sparsity;
     float **fisher; /* GRADIENT calibration: per entry, summed squared gradients */
@@ -67,7 +74,7 @@ static int subnet_create(peft *p, err *e) {
     p->state = s;
     if (delta_init(&s->ds, cfg, p->base, e) < 0) return err_wrap(e, "subnetwork");
     /* Unset: 99% frozen by weight magnitude, which needs no data. */
-    s->sparsity = c->has_sparsity ? c->sparsity : 0.99f;
+    s->sparsity = c->has_sparsity ? c->sparsity : SUBNET_DEFAULT_SPARSITY;
     s->selection =
         c->has_selection && c->selection != PEFTPS__MASK_SELECTION__MASK_SELECTION_UNSPECIFIED
             ? c->selection
@@ -190,10 +197,7 @@ static int random_mask(delta_entry *d, rng *r, uint32_t *idx) {
  * knows the experiment's seed. */
 static void subnet_init(peft *p, uint64_t seed) {
     subnet_state *s = p->state;
-    for (int i = 0; i < p->n_tensors; i++) {
-        float *t = peft_param(p, i);
-        for (size_t j = 0; j < p->tensors[i].numel; j++) t[j] = 0.0f;
-    }
+    delta_method_init(p, seed);
     if (s->selection == PEFTPS__MASK_SELECTION__RANDOM) {
         for (int i = 0; i < s->ds.n; i++) {
             delta_entry *d = &s->ds.entries[i];
@@ -217,21 +221,6 @@ static void subnet_init(peft *p, uint64_t seed) {
                   unmasked, s->ds.n);
 }
 
-static void subnet_refresh(peft *p) {
-    subnet_state *s = p->state;
-    delta_refresh(&s->ds, p);
-}
-
-static int subnet_reserve(peft *p, int B, int T, err *e) {
-    subnet_state *s = p->state;
-    return delta_reserve(&s->ds, B, T, e);
-}
-
-static const float *subnet_weight(peft *p, int layer, int kind) {
-    subnet_state *s = p->state;
-    return delta_weight(&s->ds, layer, kind);
-}
-
 static void subnet_linear_backward(peft *p, int layer, int kind, const float *x, const float *dy,
                                    float *dx, int n) {
     subnet_state *s = p->state;
@@ -241,24 +230,54 @@ static void subnet_linear_backward(peft *p, int layer, int kind, const float *x,
         if (d) delta_dense_grad(d, x, dy, n, s->batch[d - s->ds.entries]);
         return;
     }
-    delta_backward(&s->ds, p, layer, kind, x, dy, n);
+    delta_method_linear_backward(p, layer, kind, x, dy, dx, n);
 }
 
-static void subnet_merge(peft *p, int layer, int kind, float *w) {
-    subnet_state *s = p->state;
-    delta_merge(&s->ds, p, layer, kind, w);
+/* ---- the experiment's subnetwork block ------------------------------------ */
+
+static int subnet_defaults(Peftps__Method *m) {
+    Peftps__Subnetwork *c = m->subnetwork;
+    CONFIG_DEFAULT(c, sparsity, SUBNET_DEFAULT_SPARSITY);
+    CONFIG_DEFAULT_ENUM(c, selection, PEFTPS__MASK_SELECTION__MAGNITUDE);
+    CONFIG_DEFAULT(c, calibration_batches, SUBNET_DEFAULT_CALIBRATION);
+    return config_default_modules(&c->modules, &c->n_modules, PEFTPS__MODULE__Q_PROJ,
+                                  PEFTPS__MODULE__DOWN_PROJ);
+}
+
+static int subnet_check(const config_checker *c, const Peftps__Method *m) {
+    const Peftps__Subnetwork *s = m->subnetwork;
+    if (!(s->sparsity > 0 && s->sparsity < 1))
+        return config_fail(c, "method.subnetwork.sparsity",
+                           "method.subnetwork.sparsity must be in (0, 1), got %g",
+                           (double)s->sparsity);
+    if (s->selection == PEFTPS__MASK_SELECTION__GRADIENT && s->calibration_batches == 0)
+        return config_fail(c, "method.subnetwork.calibration_batches|method.subnetwork.selection",
+                           "method.subnetwork.calibration_batches must be > 0 with a GRADIENT "
+                           "mask");
+    return config_check_modules(c, "method.subnetwork.modules", s->modules, s->n_modules,
+                                PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__DOWN_PROJ);
+}
+
+/* A GRADIENT mask is chosen on calibration batches; the others need none. */
+static int subnet_calibration_batches(const Peftps__Method *m) {
+    const Peftps__Subnetwork *s = m->subnetwork;
+    return s->selection == PEFTPS__MASK_SELECTION__GRADIENT ? (int)s->calibration_batches : 0;
 }
 
 const peft_method subnet_method = {
     .name = "subnetwork",
+    .example = "subnetwork { sparsity: 0.99 }",
+    .defaults = subnet_defaults,
+    .check = subnet_check,
+    .calibration_batches = subnet_calibration_batches,
     .create = subnet_create,
     .calibrate = subnet_calibrate,
     .init = subnet_init,
-    .refresh = subnet_refresh,
-    .reserve = subnet_reserve,
-    .weight = subnet_weight,
+    .refresh = delta_method_refresh,
+    .reserve = delta_method_reserve,
+    .weight = delta_method_weight,
     .linear_backward = subnet_linear_backward,
-    .merge = subnet_merge,
+    .merge = delta_method_merge,
     .destroy = subnet_destroy,
 };
 

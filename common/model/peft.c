@@ -49,9 +49,7 @@ static int peft_grow_buffers(peft *p, size_t old_n, err *e) {
 int peft_create(peft **out, const peft_method *m, const Peftps__Method *config,
                 const model_config *cfg, const model_weights *base, err *e) {
     *out = NULL;
-    if (!m)
-        return err_set(e, "the experiment has no method block: set one of lora, prefix, "
-                          "layer_wise, attention_heads, subnetwork or full");
+    if (!m) return err_set(e, "the experiment has no method block");
     peft *p = calloc(1, sizeof *p);
     if (!p) return err_set(e, "out of memory");
     p->method = m;

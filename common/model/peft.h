@@ -16,8 +16,13 @@
 #include <stdint.h>
 
 #include "base/err.h"
+#include "config/config.h"
 #include "model/model.h"
 #include "peftps.pb-c.h"
+
+/* jansson's JSON value, for the PEFT adapter hooks (only the methods with
+ * a PEFT format include <jansson.h>). */
+struct json_t;
 
 #define PEFT_NAME_MAX 160
 #define PEFT_MAX_DIMS 4
@@ -37,6 +42,47 @@ typedef int (*peft_batch_fn)(void *ctx, int i, int32_t *tokens, int32_t *labels,
 
 typedef struct peft_method {
     const char *name; /* as in the config: "lora", "prefix", ... */
+    /* A small block of the method to quote in messages: "lora { r: 8 }". */
+    const char *example;
+
+    /* ---- the method's block of the experiment (config/config.h) ---- */
+
+    /* Writes the method's defaults into the unset fields of its block, so
+     * that printing the experiment shows every value the run uses. Fails
+     * (-1) only when out of memory. Optional. */
+    int (*defaults)(Peftps__Method *config);
+    /* Checks the filled block's values on their own, before the model is
+     * read; each failure through config_fail, naming the field
+     * ("method.lora.r"). Optional. */
+    int (*check)(const config_checker *c, const Peftps__Method *config);
+    /* Checks the block against the model's configuration (layer and head
+     * indices), after check passed, the same way. Optional. */
+    int (*check_model)(const config_checker *c, const Peftps__Method *config,
+                       const model_config *cfg);
+    /* How many calibration batches the block asks for before init (the
+     * calibrate hook then chooses what trains from their gradients), or 0
+     * when it needs none. Optional (none). */
+    int (*calibration_batches)(const Peftps__Method *config);
+
+    /* ---- Hugging Face PEFT adapter (train/export.h); all NULL for a
+     * method PEFT does not have ---- */
+
+    /* The peft_type of its adapter_config.json: "LORA". */
+    const char *peft_type;
+    /* Adds the method's fields of adapter_config.json to the JSON object o
+     * (the common ones, task_type, base model, ..., are the caller's). */
+    int (*adapter_config_write)(const peft *p, struct json_t *o, err *e);
+    /* Reads the method's fields of adapter_config.json (`root`, read from
+     * `path`, whose peft_type is this method's) into the empty block
+     * `config`, setting its kind; with cfg (may be NULL) also checks the
+     * adapter against the model. Fails naming the file and the field, also
+     * on settings the method does not implement. */
+    int (*adapter_config_read)(const char *path, const struct json_t *root, const model_config *cfg,
+                               Peftps__Method *config, err *e);
+    /* Writes adapter_model.safetensors, the tensors as PEFT saves them. */
+    int (*adapter_save)(const peft *p, const char *path, err *e);
+
+    /* ---- the trainable tensors and the model's hooks ---- */
 
     /* Declares the trainable tensors (peft_add_tensor) and any method state
      * from the config block; may not touch params (not yet allocated). */
@@ -84,8 +130,9 @@ typedef struct peft_method {
      * reparameterisation MLP). Optional. */
     void (*end_backward)(peft *p);
 
-    /* Adds the method's trained change into a copy of a base weight
-     * (merged export). Optional when the method changes no weight. */
+    /* Adds the method's trained change into a copy of a base weight: its
+     * whole contribution to a merged export (peft_merge). Optional when the
+     * method changes no weight (merged export then refuses it). */
     void (*merge)(peft *p, int layer, int kind, float *w);
     void (*destroy)(peft *p);
 } peft_method;
@@ -119,8 +166,8 @@ struct peft {
 /* Creates method m (configured by its block `config`) over a base, declares
  * its tensors and allocates params and grads (zeroed). Does not initialise:
  * call peft_calibrate when needed, then peft_init. m NULL (no method block)
- * fails with a message listing the methods. The registry
- * (methods/registry.h) finds m from the block: methods_create does both. */
+ * fails. The registry (methods/registry.h) finds m from the block:
+ * methods_create does both, naming the methods when the block names none. */
 int peft_create(peft **out, const peft_method *m, const Peftps__Method *config,
                 const model_config *cfg, const model_weights *base, err *e);
 int peft_calibrate(peft *p, model *m, peft_batch_fn fn, void *ctx, int batches, err *e);

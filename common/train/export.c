@@ -2,7 +2,9 @@
  * checkpoint (ckpt.h), a file or a PEFT adapter over their base and method
  * (model.h, peft.h; train.h for methods that calibrate), and writes them as
  * a PEFT adapter, a merged model directory or raw tensors (safetensors.h),
- * with the JSON files through jansson. */
+ * with the JSON files through jansson. What is particular to a method (its
+ * adapter_config.json fields and tensors, its merge, its calibration) is
+ * asked of it through the registry (methods/registry.h). */
 #include "train/export.h"
 #include "methods/registry.h"
 
@@ -15,6 +17,7 @@
 #include <unistd.h>
 
 #include "train/ckpt.h"
+#include "train/experiment.h"
 #include "config/config.h"
 #include "base/fsutil.h"
 #include "base/log.h"
@@ -22,12 +25,6 @@
 #include "model/safetensors.h"
 
 #define EXPORT_PATH_MAX 4096
-
-/* The modules PEFT names in target_modules, in layer_weight order. */
-static const char *const lora_modules[] = {
-    [LW_Q] = "q_proj",       [LW_K] = "k_proj",   [LW_V] = "v_proj",       [LW_O] = "o_proj",
-    [LW_GATE] = "gate_proj", [LW_UP] = "up_proj", [LW_DOWN] = "down_proj",
-};
 
 /* ---- small file helpers --------------------------------------------------------- */
 
@@ -106,23 +103,6 @@ static int write_json(const char *path, json_t *root, size_t flags, err *e) {
     return rc;
 }
 
-/* A float as the shortest decimal that reads back to it, as a double: what
- * Python writes for the same setting (0.05, not 0.0500000007...). */
-static double short_double(float f) {
-    char buf[32];
-    for (int prec = 1; prec <= 9; prec++) {
-        snprintf(buf, sizeof buf, "%.*g", prec, (double)f);
-        if (strtof(buf, NULL) == f) break;
-    }
-    return strtod(buf, NULL);
-}
-
-/* A whole number as a JSON integer (PEFT writes lora_alpha: 16), else a real. */
-static json_t *json_number_of(float f) {
-    if (f == (float)(long long)f && f > -1e15f && f < 1e15f) return json_integer((long long)f);
-    return json_real(short_double(f));
-}
-
 /* ---- kinds and experiments -------------------------------------------------------- */
 
 void export_opts_default(export_opts *o) {
@@ -160,7 +140,7 @@ int export_kind_of(const char *source, export_kind *kind, err *e) {
 }
 
 /* Parses an experiment file and applies overrides and defaults as
- * config_load does, without config_check: the data files an experiment
+ * experiment_load does, without experiment_check: the data files an experiment
  * names need not exist to read its tensors (the method checks its block). */
 static int load_experiment(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
                            err *e) {
@@ -170,8 +150,8 @@ static int load_experiment(const char *path, char *const *sets, int nsets, Peftp
     Peftps__Experiment *exp = (Peftps__Experiment *)m;
     for (int i = 0; i < nsets; i++)
         if (pbtext_set(m, sets[i], e) < 0) goto fail;
-    if (config_fill_defaults(exp, path, NULL, e) < 0) goto fail;
-    if (!exp->method || exp->method->kind_case == PEFTPS__METHOD__KIND__NOT_SET) {
+    if (experiment_fill_defaults(exp, path, NULL, e) < 0) goto fail;
+    if (!methods_find(exp->method)) {
         err_set(e, "%s: error: the experiment has no method block", path);
         goto fail;
     }
@@ -196,8 +176,6 @@ static int set_model_path(Peftps__Experiment *exp, const char *dir, err *e) {
     return 0;
 }
 
-/* The rule trainer_open applies (train.c): these methods choose what trains
- * from gradients on training batches, which only trainer_open reproduces. */
 /* ---- checkpoints -------------------------------------------------------------------- */
 
 /* The checkpoints of one run: one environment, or one per server. */
@@ -343,166 +321,6 @@ static int ckpts_load(const ckpt_set *cs, const char *dir, peft *p, err *e) {
 
 /* ---- PEFT adapter_config.json, read ------------------------------------------------- */
 
-static int json_flag(const json_t *root, const char *key) {
-    return json_is_true(json_object_get(root, key));
-}
-
-/* Whether a field holds something other than PEFT's "nothing" (absent,
- * null, false, or an empty list or object). */
-static int json_set(const json_t *root, const char *key) {
-    const json_t *v = json_object_get(root, key);
-    if (!v || json_is_null(v) || json_is_false(v)) return 0;
-    if (json_is_array(v)) return json_array_size(v) > 0;
-    if (json_is_object(v)) return json_object_size(v) > 0;
-    return 1;
-}
-
-static int read_lora(const char *path, const json_t *root, const model_config *cfg,
-                     Peftps__Method *m, err *e) {
-    Peftps__LoRA *l = malloc(sizeof *l);
-    if (!l) return err_set(e, "out of memory");
-    peftps__lo_ra__init(l);
-    m->kind_case = PEFTPS__METHOD__KIND_LORA;
-    m->lora = l;
-    static const char *const unsupported[] = {
-        "use_dora",
-        "lora_bias",
-        "fan_in_fan_out",
-        "rank_pattern",
-        "alpha_pattern",
-        "modules_to_save",
-        "layer_replication",
-        "target_parameters",
-        "exclude_modules",
-        "trainable_token_indices",
-        "alora_invocation_tokens",
-    };
-    for (size_t i = 0; i < sizeof unsupported / sizeof unsupported[0]; i++)
-        if (json_set(root, unsupported[i]))
-            return err_set(e, "%s: \"%s\" is set; peftps's LoRA does not implement it", path,
-                           unsupported[i]);
-    const json_t *bias = json_object_get(root, "bias");
-    if (bias && !json_is_null(bias) &&
-        !(json_is_string(bias) && !strcmp(json_string_value(bias), "none")))
-        return err_set(e, "%s: \"bias\" must be \"none\" (peftps's LoRA trains no bias)", path);
-    const json_t *r = json_object_get(root, "r");
-    if (!json_is_integer(r) || json_integer_value(r) < 1 || json_integer_value(r) > 65536)
-        return err_set(e, "%s: \"r\" must be an integer from 1 to 65536", path);
-    l->has_r = 1;
-    l->r = (uint32_t)json_integer_value(r);
-    const json_t *alpha = json_object_get(root, "lora_alpha");
-    if (!json_is_number(alpha)) return err_set(e, "%s: \"lora_alpha\" must be a number", path);
-    l->has_alpha = 1;
-    l->alpha = (float)json_number_value(alpha);
-    const json_t *drop = json_object_get(root, "lora_dropout");
-    if (drop && !json_is_null(drop)) {
-        if (!json_is_number(drop)) return err_set(e, "%s: \"lora_dropout\" must be a number", path);
-        l->has_dropout = 1;
-        l->dropout = (float)json_number_value(drop);
-    }
-    l->has_use_rslora = 1;
-    l->use_rslora = json_flag(root, "use_rslora");
-
-    const json_t *tm = json_object_get(root, "target_modules");
-    unsigned mask = 0;
-    if (json_is_string(tm)) {
-        if (strcmp(json_string_value(tm), "all-linear"))
-            return err_set(e,
-                           "%s: \"target_modules\" is the regular expression \"%s\"; peftps "
-                           "needs a list of module names (q_proj, k_proj, v_proj, o_proj, "
-                           "gate_proj, up_proj, down_proj) or \"all-linear\"",
-                           path, json_string_value(tm));
-        mask = PEFT_LINEARS;
-    } else if (json_is_array(tm) && json_array_size(tm) > 0) {
-        size_t i;
-        const json_t *v;
-        json_array_foreach(tm, i, v) {
-            int kind = -1;
-            for (int k = LW_Q; k <= LW_DOWN && json_is_string(v); k++)
-                if (!strcmp(json_string_value(v), lora_modules[k])) kind = k;
-            if (kind < 0)
-                return err_set(e,
-                               "%s: target_modules[%zu] is not one of q_proj, k_proj, v_proj, "
-                               "o_proj, gate_proj, up_proj, down_proj",
-                               path, i);
-            mask |= PEFT_BIT(kind);
-        }
-    } else {
-        return err_set(e, "%s: \"target_modules\" must be a non-empty list of module names", path);
-    }
-    l->target_modules = malloc(LW_COUNT * sizeof *l->target_modules);
-    if (!l->target_modules) return err_set(e, "out of memory");
-    for (int k = LW_Q; k <= LW_DOWN; k++)
-        if (mask & PEFT_BIT(k))
-            l->target_modules[l->n_target_modules++] =
-                (Peftps__Module)(PEFTPS__MODULE__Q_PROJ + (k - LW_Q));
-
-    const json_t *pat = json_object_get(root, "layers_pattern");
-    if (pat && !json_is_null(pat)) {
-        const json_t *one =
-            json_is_array(pat) && json_array_size(pat) == 1 ? json_array_get(pat, 0) : pat;
-        if (!json_is_string(one) || strcmp(json_string_value(one), "layers"))
-            return err_set(e, "%s: \"layers_pattern\" must be \"layers\" for Llama models", path);
-    }
-    const json_t *ltt = json_object_get(root, "layers_to_transform");
-    if (ltt && !json_is_null(ltt)) {
-        size_t n = json_is_array(ltt) ? json_array_size(ltt) : 1;
-        l->layers = malloc((n ? n : 1) * sizeof *l->layers);
-        if (!l->layers) return err_set(e, "out of memory");
-        for (size_t i = 0; i < n; i++) {
-            const json_t *v = json_is_array(ltt) ? json_array_get(ltt, i) : ltt;
-            if (!json_is_integer(v) || json_integer_value(v) < 0 ||
-                (cfg && json_integer_value(v) >= cfg->num_layers) ||
-                json_integer_value(v) > UINT32_MAX)
-                return err_set(e,
-                               "%s: layers_to_transform entry %zu is not a layer index of the "
-                               "model%s",
-                               path, i, cfg ? "" : " (a non-negative integer)");
-            l->layers[l->n_layers++] = (uint32_t)json_integer_value(v);
-        }
-    }
-    return 0;
-}
-
-static int read_prefix(const char *path, const json_t *root, const model_config *cfg,
-                       Peftps__Method *m, err *e) {
-    Peftps__Prefix *x = malloc(sizeof *x);
-    if (!x) return err_set(e, "out of memory");
-    peftps__prefix__init(x);
-    m->kind_case = PEFTPS__METHOD__KIND_PREFIX;
-    m->prefix = x;
-    const json_t *nv = json_object_get(root, "num_virtual_tokens");
-    if (!json_is_integer(nv) || json_integer_value(nv) < 1 || json_integer_value(nv) > 65536)
-        return err_set(e, "%s: \"num_virtual_tokens\" must be an integer from 1 to 65536", path);
-    x->has_num_virtual_tokens = 1;
-    x->num_virtual_tokens = (uint32_t)json_integer_value(nv);
-    /* The saved table holds the keys and values themselves, whatever
-     * produced them: no projection at inference. */
-    x->has_projection_hidden = 1;
-    x->projection_hidden = 0;
-    const json_t *sub = json_object_get(root, "num_transformer_submodules");
-    if (sub && !json_is_null(sub) && (!json_is_integer(sub) || json_integer_value(sub) != 1))
-        return err_set(e, "%s: \"num_transformer_submodules\" must be 1 (a decoder-only model)",
-                       path);
-    if (!cfg) return 0;
-    const json_t *nl = json_object_get(root, "num_layers");
-    if (nl && !json_is_null(nl) &&
-        (!json_is_integer(nl) || json_integer_value(nl) != cfg->num_layers))
-        return err_set(e,
-                       "%s: \"num_layers\" is not the model's %d layers: an adapter of another "
-                       "model",
-                       path, cfg->num_layers);
-    const json_t *td = json_object_get(root, "token_dim");
-    long long want = (long long)cfg->num_kv_heads * cfg->head_dim;
-    if (td && !json_is_null(td) && (!json_is_integer(td) || json_integer_value(td) != want))
-        return err_set(e,
-                       "%s: \"token_dim\" is %s but the model's keys have %lld values "
-                       "(kv heads x head_dim): an adapter of another model, or saved by a PEFT "
-                       "older than its grouped-query attention support",
-                       path, json_is_integer(td) ? "another number" : "not a number", want);
-    return 0;
-}
-
 int export_read_adapter_config(const char *dir, const model_config *cfg, Peftps__Method **method,
                                char **base_model, err *e) {
     *method = NULL;
@@ -530,15 +348,15 @@ int export_read_adapter_config(const char *dir, const model_config *cfg, Peftps_
         err_set(e, "%s: \"task_type\" must be \"CAUSAL_LM\" (a language-model adapter)", path);
         goto out;
     }
-    if (type && !strcmp(type, "LORA")) {
-        if (read_lora(path, root, cfg, m, e) < 0) goto out;
-    } else if (type && !strcmp(type, "PREFIX_TUNING")) {
-        if (read_prefix(path, root, cfg, m, e) < 0) goto out;
-    } else {
-        err_set(e, "%s: peft_type %s%s%s is not supported (LORA and PREFIX_TUNING are)", path,
-                type ? "\"" : "", type ? type : "missing", type ? "\"" : "");
+    const peft_method *pm = methods_find_peft_type(type);
+    if (!pm) {
+        char types[128];
+        methods_list(METHODS_PEFT_TYPES, ", ", " and ", types, sizeof types);
+        err_set(e, "%s: peft_type %s%s%s is not supported (%s are)", path, type ? "\"" : "",
+                type ? type : "missing", type ? "\"" : "", types);
         goto out;
     }
+    if (pm->adapter_config_read(path, root, cfg, m, e) < 0) goto out;
     const char *base = json_string_value(json_object_get(root, "base_model_name_or_path"));
     if (base_model && base && !(*base_model = strdup(base))) {
         err_set(e, "out of memory");
@@ -658,7 +476,7 @@ int export_open(export_source **out, const char *source, const export_opts *o, e
 
     /* The method over its base: calibrating methods through the trainer,
      * whose calibration is the one training did. */
-    if (train_calibration_batches(s->exp->method) > 0) {
+    if (methods_calibration_batches(s->exp->method) > 0) {
         free(s->exp->init_from); /* replaced below by the trained tensors */
         s->exp->init_from = NULL;
         if (trainer_open(&s->t, s->exp, 0, e) < 0) {
@@ -716,100 +534,19 @@ fail:
 
 /* ---- PEFT layout, written ----------------------------------------------------------- */
 
-static int lora_config_json(const export_source *s, json_t *o, err *e) {
-    const Peftps__LoRA *l = s->exp->method->lora;
-    const model_config *cfg = model_files_config(s->files);
-    unsigned mask;
-    if (peft_module_mask(l->target_modules, l->n_target_modules, PEFT_BIT(LW_Q) | PEFT_BIT(LW_V),
-                         PEFT_LINEARS, "lora.target_modules", &mask, e) < 0)
-        return -1;
-    json_t *tm = json_array();
-    for (int k = LW_Q; k <= LW_DOWN; k++)
-        if (mask & PEFT_BIT(k)) json_array_append_new(tm, json_string(lora_modules[k]));
-    unsigned char *chosen = malloc((size_t)cfg->num_layers);
-    if (!chosen || peft_layer_list(cfg, l->layers, l->n_layers, "lora.layers", chosen, e) < 0) {
-        free(chosen);
-        json_decref(tm);
-        return chosen ? -1 : err_set(e, "out of memory");
-    }
-    int all = 1;
-    for (int i = 0; i < cfg->num_layers; i++) all &= chosen[i];
-    json_t *layers = json_null();
-    if (!all) {
-        json_decref(layers);
-        layers = json_array();
-        for (int i = 0; i < cfg->num_layers; i++)
-            if (chosen[i]) json_array_append_new(layers, json_integer(i));
-    }
-    free(chosen);
-    /* lora.c's defaults, should a block come without them. */
-    float alpha = l->has_alpha ? l->alpha : 8.0f;
-    uint32_t r = l->has_r ? l->r : 8;
-    json_object_set_new(o, "alora_invocation_tokens", json_null());
-    json_object_set_new(o, "alpha_pattern", json_object());
-    json_object_set_new(o, "arrow_config", json_null());
-    json_object_set_new(o, "bias", json_string("none"));
-    json_object_set_new(o, "corda_config", json_null());
-    json_object_set_new(o, "ensure_weight_tying", json_false());
-    json_object_set_new(o, "eva_config", json_null());
-    json_object_set_new(o, "exclude_modules", json_null());
-    json_object_set_new(o, "fan_in_fan_out", json_false());
-    json_object_set_new(o, "init_lora_weights", json_true());
-    json_object_set_new(o, "layer_replication", json_null());
-    json_object_set_new(o, "layers_pattern", json_null());
-    json_object_set_new(o, "layers_to_transform", layers);
-    json_object_set_new(o, "loftq_config", json_object());
-    json_object_set_new(o, "lora_alpha", json_number_of(alpha));
-    json_object_set_new(o, "lora_bias", json_false());
-    json_object_set_new(o, "lora_dropout",
-                        json_real(short_double(l->has_dropout ? l->dropout : 0)));
-    json_object_set_new(o, "megatron_config", json_null());
-    json_object_set_new(o, "megatron_core", json_string("megatron.core"));
-    json_object_set_new(o, "modules_to_save", json_null());
-    json_object_set_new(o, "peft_type", json_string("LORA"));
-    json_object_set_new(o, "qalora_group_size", json_integer(16));
-    json_object_set_new(o, "r", json_integer(r));
-    json_object_set_new(o, "rank_pattern", json_object());
-    json_object_set_new(o, "target_modules", tm);
-    json_object_set_new(o, "target_parameters", json_null());
-    json_object_set_new(o, "trainable_token_indices", json_null());
-    json_object_set_new(o, "use_dora", json_false());
-    json_object_set_new(o, "use_qalora", json_false());
-    json_object_set_new(o, "use_rslora", json_boolean(l->use_rslora));
-    return 0;
-}
-
-static void prefix_config_json(const export_source *s, json_t *o) {
-    const Peftps__Prefix *x = s->exp->method->prefix;
-    const model_config *cfg = model_files_config(s->files);
-    int td = cfg->num_kv_heads * cfg->head_dim;
-    uint32_t hidden = x->has_projection_hidden ? x->projection_hidden : 0;
-    json_object_set_new(o, "encoder_hidden_size", json_integer(hidden ? (json_int_t)hidden : td));
-    json_object_set_new(o, "modules_to_save", json_null());
-    /* PEFT sets these for grouped-query attention: the prefix holds keys and
-     * values, so its heads are the kv heads. */
-    json_object_set_new(o, "num_attention_heads", json_integer(cfg->num_kv_heads));
-    json_object_set_new(o, "num_layers", json_integer(cfg->num_layers));
-    json_object_set_new(o, "num_transformer_submodules", json_integer(1));
-    json_object_set_new(o, "num_virtual_tokens", json_integer(x->num_virtual_tokens));
-    json_object_set_new(o, "peft_type", json_string("PREFIX_TUNING"));
-    json_object_set_new(o, "prefix_projection", json_false());
-    json_object_set_new(o, "token_dim", json_integer(td));
-}
-
 static int no_peft_format(const export_source *s, err *e) {
+    char names[128];
+    methods_list(METHODS_ADAPTER_NAMES, ", ", " and ", names, sizeof names);
     return err_set(e,
-                   "method %s has no Hugging Face PEFT format (PEFT has LoRA and prefix tuning); "
-                   "export it with --format merged (a complete model) or --format tensors (the "
-                   "trained tensors)",
-                   s->p->method->name);
+                   "method %s has no Hugging Face PEFT format (%s have one); export it with "
+                   "--format merged (a complete model) or --format tensors (the trained tensors)",
+                   s->p->method->name, names);
 }
 
 int export_adapter_config(const export_source *s, char **text, err *e) {
     *text = NULL;
-    Peftps__Method__KindCase kind = s->exp->method->kind_case;
-    if (kind != PEFTPS__METHOD__KIND_LORA && kind != PEFTPS__METHOD__KIND_PREFIX)
-        return no_peft_format(s, e);
+    const peft_method *pm = s->p->method;
+    if (!pm->adapter_config_write) return no_peft_format(s, e);
     json_t *o = json_object();
     if (!o) return err_set(e, "out of memory");
     json_object_set_new(o, "auto_mapping", json_null());
@@ -817,50 +554,14 @@ int export_adapter_config(const export_source *s, char **text, err *e) {
     json_object_set_new(o, "inference_mode", json_true());
     json_object_set_new(o, "revision", json_null());
     json_object_set_new(o, "task_type", json_string("CAUSAL_LM"));
-    if (kind == PEFTPS__METHOD__KIND_LORA) {
-        if (lora_config_json(s, o, e) < 0) {
-            json_decref(o);
-            return -1;
-        }
-    } else {
-        prefix_config_json(s, o);
+    if (pm->adapter_config_write(s->p, o, e) < 0) {
+        json_decref(o);
+        return -1;
     }
     /* As PEFT writes it: json.dumps(indent=2, sort_keys=True). */
     *text = json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(15));
     json_decref(o);
     return *text ? 0 : err_set(e, "out of memory formatting adapter_config.json");
-}
-
-/* prompt_embeddings (P, L*2*td): per virtual token, each layer's key then
- * value, as PEFT's get_prompt reshapes it; read through prefix(), so a
- * projection's output is what gets written. */
-static int write_prefix_table(const export_source *s, const char *path, err *e) {
-    peft *p = s->p;
-    const model_config *cfg = model_files_config(s->files);
-    int L = cfg->num_layers;
-    size_t td = (size_t)cfg->num_kv_heads * cfg->head_dim, row = (size_t)L * 2 * td;
-    const float *k, *v;
-    size_t stride;
-    int P = p->method->prefix(p, 0, &k, &v, &stride);
-    float *table = malloc((size_t)P * row * sizeof *table);
-    if (!table) return err_set(e, "out of memory for a prefix table of %d x %zu", P, row);
-    for (int l = 0; l < L; l++) {
-        if (p->method->prefix(p, l, &k, &v, &stride) != P) {
-            free(table);
-            return err_set(e, "prefix: layer %d has another number of virtual tokens", l);
-        }
-        for (int j = 0; j < P; j++) {
-            float *dst = table + (size_t)j * row + (size_t)l * 2 * td;
-            memcpy(dst, k + (size_t)j * stride, td * sizeof(float));
-            memcpy(dst + td, v + (size_t)j * stride, td * sizeof(float));
-        }
-    }
-    st_entry en = {.name = "prompt_embeddings", .dtype = ST_F32, .ndim = 2, .data = table};
-    en.shape[0] = P;
-    en.shape[1] = (int64_t)row;
-    int rc = st_write(path, &en, 1, "{\"format\": \"pt\"}", e);
-    free(table);
-    return rc;
 }
 
 int export_peft(const export_source *s, const char *dir, err *e) {
@@ -870,12 +571,7 @@ int export_peft(const export_source *s, const char *dir, err *e) {
     int rc = -1;
     if (fs_mkdir_p(dir, e) < 0 || path_join(path, dir, "adapter_model.safetensors", e) < 0)
         goto out;
-    if (s->exp->method->kind_case == PEFTPS__METHOD__KIND_LORA) {
-        /* lora.c names its tensors as PEFT's state dict does. */
-        if (peft_save(s->p, path, e) < 0) goto out;
-    } else if (write_prefix_table(s, path, e) < 0) {
-        goto out;
-    }
+    if (s->p->method->adapter_save(s->p, path, e) < 0) goto out;
     size_t n = strlen(config);
     char *text = realloc(config, n + 2);
     if (!text) {

@@ -77,7 +77,8 @@ int export_open(export_source **out, const char *source, const export_opts *o, e
 void export_close(export_source *s);
 
 /* Writes DIR/adapter_config.json and DIR/adapter_model.safetensors as
- * Hugging Face PEFT saves them (DIR is created). LoRA: the tensors under
+ * Hugging Face PEFT saves them (DIR is created), the method's part through
+ * its adapter hooks (peft.h; lora.c and prefix.c have them). LoRA: the tensors under
  * their PEFT names (base_model.model.model.layers.N.self_attn.q_proj.lora_A
  * .weight (r, in), ...lora_B.weight (out, r)) and LoraConfig's fields
  * (peft_type "LORA", r, lora_alpha, lora_dropout, use_rslora, target_modules,
@@ -115,7 +116,8 @@ int export_merged(export_source *s, const char *dir, size_t shard_bytes, err *e)
  * I/O errors. */
 int export_tensors(const char *source, const export_opts *o, const char *path, err *e);
 
-/* Reads DIR/adapter_config.json of a Hugging Face PEFT adapter into *method
+/* Reads DIR/adapter_config.json of a Hugging Face PEFT adapter into *method,
+ * through the adapter_config_read hook of the method of its peft_type
  * (free with protobuf_c_message_free_unpacked(&m->base, NULL)): LORA becomes
  * a lora block (r, alpha, dropout, use_rslora, target_modules,
  * layers_to_transform as layers), PREFIX_TUNING a prefix block without

@@ -9,16 +9,6 @@
 
 #include "base/log.h"
 
-int train_calibration_batches(const Peftps__Method *m) {
-    if (m->kind_case == PEFTPS__METHOD__KIND_ATTENTION_HEADS && m->attention_heads->has_top_k &&
-        m->attention_heads->top_k > 0)
-        return (int)m->attention_heads->calibration_batches;
-    if (m->kind_case == PEFTPS__METHOD__KIND_SUBNETWORK &&
-        m->subnetwork->selection == PEFTPS__MASK_SELECTION__GRADIENT)
-        return (int)m->subnetwork->calibration_batches;
-    return 0;
-}
-
 /* Calibration batch i: training sequences i*rows .. i*rows+rows-1. */
 static int trainer_calibration_batch(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e) {
     trainer *t = ctx;
@@ -57,7 +47,7 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
         err_set(e, "out of memory");
         goto fail;
     }
-    int calib = train_calibration_batches(exp->method);
+    int calib = methods_calibration_batches(exp->method);
     if (calib > 0) {
         log_info("calibrating %s on %d batches of %d sequences", t->p->method->name, calib,
                  t->rows);

@@ -41,12 +41,9 @@ typedef struct train_step_stats {
     double grad_norm; /* global norm of the mean gradient, before clipping */
 } train_step_stats;
 
-/* Calibration batches the method needs before init (top_k heads, a GRADIENT
- * mask), or 0 when it chooses what trains without gradients. */
-int train_calibration_batches(const Peftps__Method *m);
-
 /* Opens the base model, creates the method, calibrates it when it needs
- * gradients to choose what trains, initialises it from the seed (or from
+ * gradients to choose what trains (methods_calibration_batches of
+ * methods/registry.h), initialises it from the seed (or from
  * exp->init_from), and opens the data. With `training` the train data and
  * the optimizer are set up too; without it only what evaluation needs. */
 int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err *e);
