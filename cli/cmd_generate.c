@@ -148,6 +148,11 @@ static int gen_open_model(gen_args *a, export_source **src, model_files **files,
     if (export_open(src, a->adapter, &a->xo, e) < 0) return -1;
     *files = (*src)->files;
     *p = (*src)->p;
+    if ((*p)->num_labels > 0)
+        return err_set(e,
+                       "%s is a sequence-classification adapter (a score head, no language-model "
+                       "head trained): it classifies, it does not generate; use peftps eval",
+                       a->adapter);
     log_info("adapter %s: method %s, %zu trained parameters", a->adapter, (*p)->method->name,
              peft_num_trainable(*p));
     return 0;

@@ -229,10 +229,13 @@ static int run_eval(const Peftps__Experiment *ex, err *e) {
     metrics_line l = {.kind = METRICS_EVAL, .step = ex->schedule->total_steps};
     int rc = -1;
     if (trainer_open(&t, ex, 0, e) == 0 && peft_load(t->p, path, e) == 0 &&
-        trainer_eval(t, &l.loss, &l.tokens, e) == 0 &&
-        metrics_open(&m, ex->output_dir, METRICS_KEEP_ALL, e) == 0 &&
-        metrics_write(&m, &l, e) == 0 && metrics_close(&m, e) == 0)
-        rc = 0;
+        trainer_eval(t, &l.loss, &l.tokens, e) == 0) {
+        l.num_labels = t->n_labels; /* classification: the counts behind the accuracy */
+        l.confusion = t->eval_confusion;
+        if (metrics_open(&m, ex->output_dir, METRICS_KEEP_ALL, e) == 0 &&
+            metrics_write(&m, &l, e) == 0 && metrics_close(&m, e) == 0)
+            rc = 0;
+    }
     metrics_close(&m, NULL);
     trainer_close(t);
     return rc;

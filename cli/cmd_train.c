@@ -23,7 +23,9 @@ static const char train_usage[] =
     "Trains the experiment's method in this process (no server, no workers) and\n"
     "writes, under the experiment's output_dir:\n"
     "  metrics.jsonl          one JSON object per step: step, loss, lr, grad_norm,\n"
-    "                         tokens, tokens_per_s (and eval_loss, eval_ppl on eval steps)\n"
+    "                         tokens, tokens_per_s (and eval_loss, eval_ppl on eval steps;\n"
+    "                         for classification eval_accuracy, eval_correct,\n"
+    "                         eval_sequences and eval_confusion[true][predicted])\n"
     "  tensors.safetensors    the trained tensors, by name\n"
     "  experiment.pbtxt       the resolved experiment\n"
     "The result is bit-identical to `peftps run` with any number of workers.\n\n"
@@ -32,7 +34,10 @@ static const char train_usage[] =
 
 /* The eval line of step `step`, written and logged. */
 static int train_report_eval(trainer *t, metrics *m, uint64_t step, err *e) {
-    metrics_line l = {.kind = METRICS_EVAL, .step = step};
+    metrics_line l = {.kind = METRICS_EVAL,
+                      .step = step,
+                      .num_labels = t->n_labels,
+                      .confusion = t->eval_confusion};
     if (trainer_eval(t, &l.loss, &l.tokens, e) < 0) return -1;
     return metrics_write(m, &l, e);
 }
@@ -117,6 +122,8 @@ done:
 static const char eval_usage[] =
     "usage: peftps eval EXPERIMENT.pbtxt [--adapter FILE] [--set PATH=VALUE ...]\n\n"
     "Prints the mean token loss and perplexity on the experiment's eval data\n"
+    "(for sequence classification: the mean loss per sequence, the accuracy and\n"
+    "each class's correct/total with what it was mistaken for)\n"
     "(data.eval; at most data.eval_batches batches), for the base model with the\n"
     "method freshly initialised (which leaves LoRA and the delta methods equal to\n"
     "the base) or with trained tensors from --adapter.\n\n"
@@ -143,7 +150,15 @@ int cmd_eval(int argc, char **argv) {
     double loss;
     long ntok;
     if (trainer_eval(t, &loss, &ntok, &e) < 0) goto done;
-    printf("eval loss %.6f  perplexity %.4f  tokens %ld\n", loss, exp(loss), ntok);
+    if (t->n_labels) {
+        long correct, total;
+        double acc = trainer_eval_accuracy(t, &correct, &total);
+        printf("eval loss %.6f  accuracy %.4f  correct %ld  sequences %ld\n", loss, acc, correct,
+               total);
+        trainer_eval_report(t, stdout);
+    } else {
+        printf("eval loss %.6f  perplexity %.4f  tokens %ld\n", loss, exp(loss), ntok);
+    }
     rc = 0;
 done:
     if (rc) fprintf(stderr, "peftps eval: %s\n", e.msg);

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/clshead.h"
 #include "model/model.h"
 #include "config/pbtext.h"
 #include "model/peft.h"
@@ -70,6 +71,10 @@ static inline void gc_config(model_config *cfg, int tied) {
     cfg->tie_word_embeddings = tied;
     cfg->bos_token_id = 1;
     cfg->eos_token_id = 2;
+    cfg->pad_token_id = -1;
+    /* The score head's init std: large enough that the head passes back
+     * gradients big enough to check through the layers. */
+    cfg->initializer_range = 0.5f;
 }
 
 /* Random base weights from `seed`: matrices N(0, 1/in) so that every
@@ -137,6 +142,27 @@ static inline void gc_batch(const model_config *cfg, int32_t *tokens, int32_t *l
         labels[i] = (int32_t)(rng_u64(&g) % (uint64_t)cfg->vocab_size);
     }
     labels[1] = -100;
+}
+
+/* The pad id of classification batches. */
+#define GC_PAD 0
+
+/* A classification batch (B,T) of K classes: random tokens other than
+ * GC_PAD, with sequence 0 ending in two pads (so that it pools position
+ * T-3) and the others unpadded (T-1); each sequence's class at its pooled
+ * position (clshead_last_token), -100 elsewhere. */
+static inline void gc_cls_batch(const model_config *cfg, int32_t *tokens, int32_t *labels, int B,
+                                int T, int K, uint64_t seed) {
+    rng g;
+    rng_seed(&g, seed, 992, 0, 0);
+    for (int i = 0; i < B * T; i++) {
+        tokens[i] = 1 + (int32_t)(rng_u64(&g) % (uint64_t)(cfg->vocab_size - 1));
+        labels[i] = -100;
+    }
+    tokens[T - 1] = tokens[T - 2] = GC_PAD;
+    for (int b = 0; b < B; b++)
+        labels[b * T + clshead_last_token(tokens + b * T, T, GC_PAD)] =
+            (int32_t)(rng_u64(&g) % (uint64_t)K);
 }
 
 /* Adds N(0, scale^2) noise to every parameter (e.g. so that LoRA's B is not
@@ -228,10 +254,11 @@ static inline int gc_check(peft *p, model *m, const int32_t *tokens, const int32
 typedef struct gc_opts {
     const char *label;
     const Peftps__Method *method;
-    int tied;      /* tie_word_embeddings */
-    float perturb; /* gc_perturb scale after init; 0 keeps the init */
-    int training;  /* peft_set_step's training flag (dropout) */
-    int samples;   /* entries per tensor; 0 means 12 */
+    int tied;       /* tie_word_embeddings */
+    float perturb;  /* gc_perturb scale after init; 0 keeps the init */
+    int training;   /* peft_set_step's training flag (dropout) */
+    int samples;    /* entries per tensor; 0 means 12 */
+    int num_labels; /* > 0: sequence classification with a score head of that many classes */
     /* Optional, after model_create and before peft_init, e.g. calibration;
      * returns 0 or -1 with e set. */
     int (*prepare)(peft *p, model *m, void *ctx, err *e);
@@ -251,6 +278,7 @@ static inline int gc_run(const gc_opts *o) {
         goto out;
     }
     if (methods_create(&p, o->method, &b.cfg, &b.w, &e) < 0 ||
+        (o->num_labels && clshead_add(p, o->num_labels, GC_PAD, 99, &e) < 0) ||
         model_create(&m, &b.cfg, &b.w, p, GC_B, GC_T, &e) < 0 ||
         (o->prepare && o->prepare(p, m, o->ctx, &e) < 0)) {
         printf("%s: %s\n", o->label, e.msg);
@@ -260,7 +288,10 @@ static inline int gc_run(const gc_opts *o) {
     if (o->perturb > 0) gc_perturb(p, o->perturb, 5);
     peft_set_step(p, o->training, 7, 3, 1);
     int32_t tokens[GC_B * GC_T], labels[GC_B * GC_T];
-    gc_batch(&b.cfg, tokens, labels, GC_B, GC_T, 11);
+    if (o->num_labels)
+        gc_cls_batch(&b.cfg, tokens, labels, GC_B, GC_T, o->num_labels, 11);
+    else
+        gc_batch(&b.cfg, tokens, labels, GC_B, GC_T, 11);
     rc = gc_check(p, m, tokens, labels, o->samples ? o->samples : 12, o->label);
 out:
     if (m) model_free(m);

@@ -540,6 +540,89 @@ static void test_text_errors(void **state) {
     expect_text_error(txt, o, ": ", "has no EOS token");
 }
 
+/* ---- sequence classification -------------------------------------------------- */
+
+static char *cls_names[] = {"noun", "verb", "adj"};
+
+static data_opts cls_opts(int seq_len, const char *tokenizer) {
+    data_opts o = text_opts(seq_len, tokenizer);
+    o.labels = cls_names;
+    o.n_labels = 3;
+    o.pad_id = EOS;
+    return o;
+}
+
+/* One record a window: template + text, cut to T, padded with pad_id; the
+ * class (by name or index) at the last non-pad position, M elsewhere. */
+static void test_classification_records(void **state) {
+    (void)state;
+    const char *tk = write_tokenizer("</s>");
+    const char *path =
+        write_str("cls.jsonl", "{\"text\": \"hello\", \"label\": \"verb\"}\n"
+                               "\n"
+                               "{\"text\": \"aa world\", \"label\": 2}\n"
+                               "{\"label\": \"noun\", \"text\": \"hellohellohello\"}\n");
+    data *d;
+    err e = {{0}};
+    data_opts o = cls_opts(5, tk);
+    if (data_open(&d, path, &o, &e) != 0) fail_msg("%s", e.msg);
+    assert_int_equal(data_num_records(d), 3);
+    assert_int_equal(data_num_windows(d), 3);
+    assert_int_equal(data_num_loss_tokens(d), 3);
+    const int32_t t0[] = {BOS, HELLO, EOS, EOS, EOS}, l0[] = {M, 1, M, M, M};
+    expect_window(d, 0, t0, l0);
+    const int32_t t1[] = {BOS, AA, GWOR, 'l', 'd'}, l1[] = {M, M, M, M, 2};
+    expect_window(d, 1, t1, l1);
+    const int32_t t2[] = {BOS, HELLO, HELLO, HELLO, EOS}, l2[] = {M, M, M, 0, M};
+    data_close(d);
+    /* Cut to T = 3: the last position pools. */
+    o = cls_opts(3, tk);
+    if (data_open(&d, path, &o, &e) != 0) fail_msg("%s", e.msg);
+    const int32_t t2c[] = {BOS, HELLO, HELLO}, l2c[] = {M, M, 0};
+    expect_window(d, 2, t2c, l2c);
+    assert_false(data_cache_reused(d)); /* T is part of the cache's key */
+    data_close(d);
+    o = cls_opts(5, tk);
+    if (data_open(&d, path, &o, &e) != 0) fail_msg("%s", e.msg);
+    expect_window(d, 2, t2, l2);
+    data_close(d);
+    /* The same file as language-model text is another cache. */
+    data_opts lm = text_opts(5, tk);
+    if (data_open(&d, path, &lm, &e) != 0) fail_msg("%s", e.msg);
+    assert_false(data_cache_reused(d));
+    assert_int_equal(data_num_loss_tokens(d), 2 + 5 + 4); /* text and EOS of each record */
+    data_close(d);
+}
+
+static void test_classification_errors(void **state) {
+    (void)state;
+    const char *tk = write_tokenizer("</s>");
+    data_opts o = cls_opts(4, tk);
+    static const struct {
+        const char *text, *where, *what;
+    } cases[] = {
+        {"{\"text\": \"aa\", \"label\": \"verb\"}\n{\"text\": \"aa\", \"label\": \"Verb\"}\n",
+         ":2:", "\"label\" \"Verb\" is not one of the task's labels (noun, verb, adj)"},
+        {"{\"text\": \"aa\", \"label\": 3}\n", ":1:", "\"label\" 3 is not a class index (0 to 2)"},
+        {"{\"text\": \"aa\", \"label\": -1}\n", ":1:", "is not a class index"},
+        {"{\"text\": \"aa\", \"label\": true}\n", ":1:", "\"label\" is a boolean, not a class"},
+        {"{\"text\": \"aa\"}\n", ":1:", "needs \"label\""},
+        {"{\"prompt\": \"aa\", \"label\": 0}\n", ":1:", "needs \"text\" and \"label\""},
+        {"{\"text\": \"\", \"label\": 0}\n", ":1:", "\"text\" is empty"},
+        {"[1]\n", ":1:", "a JSON object"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "cbad%zu.jsonl", i);
+        expect_text_error(write_str(name, cases[i].text), o, cases[i].where, cases[i].what);
+    }
+    expect_text_error(write_str("cls.txt", "aa"), o, ": ", "reads JSONL records");
+    data_opts nopad = o;
+    nopad.pad_id = -1;
+    expect_text_error(write_str("cls2.jsonl", "{\"text\": \"aa\", \"label\": 0}\n"), nopad, ": ",
+                      "pad id -1");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_windows_and_labels),
@@ -550,6 +633,8 @@ int main(void) {
         cmocka_unit_test(test_text_packing),
         cmocka_unit_test(test_cache),
         cmocka_unit_test(test_text_errors),
+        cmocka_unit_test(test_classification_records),
+        cmocka_unit_test(test_classification_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -757,7 +757,10 @@ static void test_adapter_config_errors(void **state) {
          "[\"q_proj\"], \"layers_to_transform\": [2]}",
          "layers_to_transform"},
         {"{\"peft_type\": \"IA3\"}", "IA3"},
-        {"{\"peft_type\": \"LORA\", \"task_type\": \"SEQ_CLS\", \"r\": 4}", "task_type"},
+        {"{\"peft_type\": \"LORA\", \"task_type\": \"TOKEN_CLS\", \"r\": 4}", "task_type"},
+        {"{\"peft_type\": \"LORA\", \"task_type\": \"SEQ_CLS\", \"r\": 4, \"lora_alpha\": 8, "
+         "\"modules_to_save\": [\"score\", \"lm_head\"]}",
+         "\"modules_to_save\" lists \"lm_head\""},
         {"{\"peft_type\": \"PREFIX_TUNING\", \"num_virtual_tokens\": 4, \"token_dim\": 64, "
          "\"num_layers\": 2}",
          "token_dim"},

@@ -863,6 +863,23 @@ static void test_gradcheck_prefix(void **state) {
     gradcheck("prefix-proj", 0, 0, 0, "prefix { num_virtual_tokens: 3 projection_hidden: 6 }");
 }
 
+/* Sequence classification: the score head's gradient, and through it
+ * (the gradient of the pooled hidden states) the method's. */
+static void gradcheck_cls(const char *label, int K, const char *method) {
+    Peftps__Method *m = gc_method("%s", method);
+    gc_opts o = {.label = label, .method = m, .perturb = 0.1f, .num_labels = K};
+    int failures = gc_run(&o);
+    gc_method_free(m);
+    if (failures != 0)
+        fail_msg("%s: %d gradient entries disagree (or setup failed)", label, failures);
+}
+
+static void test_gradcheck_classification(void **state) {
+    gradcheck_cls("cls-lora", 3, "lora { r: 3 alpha: 6 target_modules: " ALL_SEVEN " }");
+    gradcheck_cls("cls-prefix", 4, "prefix { num_virtual_tokens: 3 }");
+    gradcheck_cls("cls-layerwise", 2, "layer_wise { first_layer: 1 last_layer: 1 }");
+}
+
 static void test_gradcheck_full(void **state) {
     gradcheck("full", 0, 0, 0, "full {}");
     gradcheck("full-tied", 1, 0, 0, "full {}");
@@ -886,6 +903,7 @@ int main(void) {
         cmocka_unit_test(test_gradcheck_lora),
         cmocka_unit_test(test_gradcheck_prefix),
         cmocka_unit_test(test_gradcheck_full),
+        cmocka_unit_test(test_gradcheck_classification),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -26,6 +26,7 @@
 
 #include <cmocka.h>
 
+#include "model/clshead.h"
 #include "model/kernels.h"
 #include "model/model.h"
 #include "model/peft.h"
@@ -199,13 +200,23 @@ static int run_case(const char *variant, const char *name) {
     if (model_files_open(&mf, dir, &e) < 0) fail_msg("%s", e.msg);
     const model_config *cfg = model_files_config(mf);
     const model_weights *w = model_files_weights(mf);
-    assert_int_equal(cfg->vocab_size, f.V);
+    /* cls_METHOD: sequence classification (make_cls_fixture.py), whose
+     * logits are (B, num_labels) and whose pad is the model's EOS. */
+    int cls = !strncmp(name, "cls_", 4), K = 0;
+    if (cls) {
+        const st_tensor *sc = st_find(f.st, "param:" CLSHEAD_TENSOR);
+        assert_non_null(sc);
+        K = (int)sc->shape[0];
+    } else {
+        assert_int_equal(cfg->vocab_size, f.V);
+    }
 
     method_cfg mc;
-    const Peftps__Method *mcfg = method_for(&mc, name);
+    const Peftps__Method *mcfg = method_for(&mc, cls ? name + 4 : name);
     peft *p = NULL;
     if (mcfg) {
         if (methods_create(&p, mcfg, cfg, w, &e) < 0) fail_msg("%s/%s: %s", variant, name, e.msg);
+        if (cls && clshead_add(p, K, cfg->eos_token_id, 1234, &e) < 0) fail_msg("%s", e.msg);
         peft_init(p, 1234);
     }
     int ok = 1, n_params = 0, n_grads = 0;
@@ -232,7 +243,10 @@ static int run_case(const char *variant, const char *name) {
     printf("  %-4s %-66s ref %.9f  c %.9f (%.2e rel)\n", loss_ok ? "OK" : "BAD", "loss_sum",
            f.loss_sum, loss, dl / fabs(f.loss_sum));
     ok &= loss_ok;
-    ok &= compare("logits", model_logits(m), f.logits, (size_t)f.B * f.T * f.V);
+    if (cls)
+        ok &= compare("class logits", model_class_logits(m), f.logits, (size_t)f.B * K);
+    else
+        ok &= compare("logits", model_logits(m), f.logits, (size_t)f.B * f.T * f.V);
 
     if (p) {
         model_backward(m, 1.0f / (float)n_tokens);
@@ -273,6 +287,15 @@ static void test_tiny_llama(void **state) {
     (void)state;
     static const char *const cases[] = {"base",        "lora_qv", "lora_all", "prefix",
                                         "prefix_proj", "layer1",  "full",     NULL};
+    run_variant("tiny-llama", cases);
+}
+
+/* Sequence classification against transformers' LlamaForSequenceClassification
+ * (the score head over the last non-pad token), with LoRA: loss, class
+ * logits and every gradient, the head's and the factors' through it. */
+static void test_classification(void **state) {
+    (void)state;
+    static const char *const cases[] = {"cls_lora_qv", NULL};
     run_variant("tiny-llama", cases);
 }
 
@@ -610,7 +633,7 @@ int main(void) {
         cmocka_unit_test(test_rope_llama3),   cmocka_unit_test(test_head_dim),
         cmocka_unit_test(test_partial_batch), cmocka_unit_test(test_errors),
         cmocka_unit_test(test_protocol),      cmocka_unit_test(test_partial_backward),
-        cmocka_unit_test(test_prefix_grows),
+        cmocka_unit_test(test_prefix_grows),  cmocka_unit_test(test_classification),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

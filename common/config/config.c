@@ -289,6 +289,43 @@ static int check_ranges(const config_checker *c, const Peftps__Experiment *exp) 
     return 0;
 }
 
+/* A classification task: its labels, and data it can read. */
+static int check_task(const config_checker *c, const Peftps__Experiment *exp) {
+    const Peftps__Task *t = exp->task;
+    if (!t || t->kind_case != PEFTPS__TASK__KIND_SEQUENCE_CLASSIFICATION) return 0;
+    const Peftps__SequenceClassification *sc = t->sequence_classification;
+    if (sc->n_labels < 2)
+        return config_fail(
+            c, "task.sequence_classification.labels|task.sequence_classification",
+            "task.sequence_classification.labels needs at least 2 class names, got %zu",
+            sc->n_labels);
+    for (size_t i = 0; i < sc->n_labels; i++) {
+        char at[96];
+        snprintf(at, sizeof at, "task.sequence_classification.labels[%zu]", i);
+        if (!sc->labels[i][0])
+            return config_fail(c, at, "task.sequence_classification.labels[%zu] is empty", i);
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(sc->labels[i], sc->labels[j]))
+                return config_fail(
+                    c, at,
+                    "task.sequence_classification.labels lists \"%s\" twice (entries %zu "
+                    "and %zu)",
+                    sc->labels[i], j, i);
+    }
+    if (exp->data->format != PEFTPS__DATA_FORMAT__JSONL)
+        return config_fail(c, "data.format|data.train",
+                           "sequence classification reads JSONL records {\"text\": ..., \"label\": "
+                           "...}; data.train \"%s\" is not JSONL",
+                           exp->data->train);
+    return 0;
+}
+
+int config_num_labels(const Peftps__Experiment *exp) {
+    const Peftps__Task *t = exp->task;
+    if (!t || t->kind_case != PEFTPS__TASK__KIND_SEQUENCE_CLASSIFICATION) return 0;
+    return (int)t->sequence_classification->n_labels;
+}
+
 int config_check_required(const config_checker *c, const Peftps__Experiment *exp,
                           const char *method_hint) {
     if (!exp->model || !exp->model->path || !exp->model->path[0])
@@ -307,7 +344,7 @@ int config_check_required(const config_checker *c, const Peftps__Experiment *exp
 }
 
 int config_check_values(const config_checker *c, const Peftps__Experiment *exp) {
-    if (check_ranges(c, exp)) return -1;
+    if (check_ranges(c, exp) || check_task(c, exp)) return -1;
     if (check_path(c, "model.path", exp->model->path, 'd')) return -1;
     if (check_path(c, "data.train", exp->data->train, 'f')) return -1;
     if (exp->data->eval && check_path(c, "data.eval", exp->data->eval, 'f')) return -1;

@@ -110,6 +110,10 @@ Peftps__DataFormat config_data_format_of(const char *path);
  * experiment wherever it runs and whatever it writes to. */
 void config_fingerprint(const Peftps__Experiment *exp, char hex[65]);
 
+/* The number of classes of a sequence_classification task, 0 for causal
+ * language modelling (no task block, or causal_lm). */
+int config_num_labels(const Peftps__Experiment *exp);
+
 /* The `--set PATH=VALUE` options of a command line. */
 typedef struct config_args {
     char **sets; /* pointers into argv */

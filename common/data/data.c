@@ -18,6 +18,7 @@
 #include "base/log.h"
 #include "config/config.h"
 #include "data/tokenizer.h"
+#include "model/clshead.h"
 
 struct data {
     char *path; /* for messages */
@@ -30,6 +31,7 @@ struct data {
     char *cache_path;
     int cache_reused;
     int seq_len;
+    int n_labels; /* classification: each window is a record, its last id the class */
 };
 
 /* Token i of the stream, whatever the host's byte order. */
@@ -104,6 +106,11 @@ static int check_stream(data *d, const data_opts *o, int bytes_offsets, err *e) 
     d->n_windows = d->n_tokens / need;
     for (uint64_t i = 0; i < d->n_tokens; i++) {
         uint32_t id = token_at(d, i);
+        if (d->n_labels && i % need == need - 1) {
+            if (id < (uint32_t)d->n_labels) continue;
+            return err_set(e, "%s: record %llu has class %u, not below the %d labels", d->path,
+                           (unsigned long long)(i / need), id, d->n_labels);
+        }
         if (id < (uint32_t)o->vocab_size) continue;
         if (bytes_offsets)
             return err_set(e,
@@ -140,6 +147,8 @@ typedef struct {
     unsigned char *ids, *mask;
     size_t n, cap;
     uint64_t n_loss, n_records;
+    const data_opts *cls; /* classification: the labels, seq_len, pad_id; else NULL */
+    uint64_t n_cut;       /* classification records cut to seq_len */
 } stream;
 
 static int stream_add(stream *s, const int32_t *ids, size_t n, int target) {
@@ -232,12 +241,90 @@ static const char *record_string(const json_t *rec, const char *key, size_t *len
     return json_string_value(v);
 }
 
+/* The class index of a record's "label": a name of the task, or an index. */
+static int record_label(const json_t *rec, const data_opts *o, int *label, err *e) {
+    const json_t *v = json_object_get(rec, "label");
+    if (!v) return err_set(e, "a classification record needs \"label\" (a class name or index)");
+    if (json_is_integer(v)) {
+        json_int_t i = json_integer_value(v);
+        if (i < 0 || i >= o->n_labels)
+            return err_set(e, "\"label\" %lld is not a class index (0 to %d)", (long long)i,
+                           o->n_labels - 1);
+        *label = (int)i;
+        return 0;
+    }
+    if (!json_is_string(v))
+        return err_set(e, "\"label\" is %s, not a class name or index", json_type_name(v));
+    const char *name = json_string_value(v);
+    for (int i = 0; i < o->n_labels; i++)
+        if (!strcmp(name, o->labels[i])) {
+            *label = i;
+            return 0;
+        }
+    char list[512];
+    size_t n = 0;
+    list[0] = '\0';
+    for (int i = 0; i < o->n_labels && n < sizeof list - 8; i++)
+        n += (size_t)snprintf(list + n, sizeof list - n, "%s%s", i ? ", " : "", o->labels[i]);
+    if (n >= sizeof list - 8) snprintf(list + sizeof list - 8, 8, ", ...");
+    return err_set(e, "\"label\" \"%s\" is not one of the task's labels (%s)", name, list);
+}
+
+/* A classification record: one window of seq_len tokens, padded, with the
+ * mask at the pooled position, then the class index. */
+static int cls_record(stream *s, tok *t, const json_t *rec, err *e) {
+    const data_opts *o = s->cls;
+    size_t tl = 0;
+    int has_t, label = 0;
+    const char *text = record_string(rec, "text", &tl, &has_t, e);
+    if (has_t && !text) return -1;
+    if (!has_t) return err_set(e, "a classification record needs \"text\" and \"label\"");
+    if (tl == 0) return err_set(e, "\"text\" is empty");
+    if (record_label(rec, o, &label, e)) return -1;
+    const int32_t *pre, *post;
+    size_t npre, npost, n;
+    tok_template(t, &pre, &npre, &post, &npost);
+    int32_t *ids;
+    if (tok_encode(t, text, tl, 0, &ids, &n, e)) return err_wrap(e, "\"text\"");
+    size_t T = (size_t)o->seq_len, all = npre + n + npost;
+    int32_t *row = malloc(T * sizeof *row);
+    unsigned char *mask = calloc(T, 1);
+    if (!row || !mask) {
+        free(ids);
+        free(row);
+        free(mask);
+        return err_set(e, "out of memory");
+    }
+    /* As a tokenizer with truncation to seq_len: the first T tokens. */
+    for (size_t i = 0; i < T; i++)
+        row[i] = i < npre       ? pre[i]
+                 : i < npre + n ? ids[i - npre]
+                 : i < all      ? post[i - npre - n]
+                                : o->pad_id;
+    free(ids);
+    if (all > T) s->n_cut++;
+    mask[clshead_last_token(row, (int)T, o->pad_id)] = 1;
+    int rc = 0;
+    for (size_t i = 0; i < T && !rc; i++) rc = stream_add(s, row + i, 1, mask[i]);
+    int32_t cls = label;
+    if (!rc) rc = stream_add(s, &cls, 1, 0);
+    free(row);
+    free(mask);
+    if (rc) return err_set(e, "out of memory");
+    s->n_records++;
+    return 0;
+}
+
 /* One JSONL line: checks its shape and adds its record. */
 static int jsonl_line(stream *s, tok *t, const char *line, size_t len, err *e) {
     json_error_t je;
     json_t *rec = json_loadb(line, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &je);
     if (!rec) return err_set(e, "invalid JSON at column %d: %s", je.column, je.text);
     int rc = -1;
+    if (s->cls && json_is_object(rec)) {
+        rc = cls_record(s, t, rec, e);
+        goto done;
+    }
     size_t tl = 0, pl = 0, cl = 0;
     int has_t, has_p, has_c;
     const char *text, *prompt, *completion;
@@ -416,6 +503,26 @@ static int open_text(data *d, const char *path, Peftps__DataFormat format, const
         snprintf(k.tok_fp, sizeof k.tok_fp, "%s", tok_fingerprint(o->tokenizer));
     else if (tok_fingerprint_path(o->tokenizer_path, k.tok_fp, e))
         return err_wrap(e, "%s: tokenizer", path);
+    if (o->n_labels > 0) {
+        if (format != PEFTPS__DATA_FORMAT__JSONL)
+            return err_set(e,
+                           "%s: sequence classification reads JSONL records {\"text\": ..., "
+                           "\"label\": ...}, not TEXT",
+                           path);
+        /* Records are padded to seq_len and labelled by index: the cache of
+         * one task is not another's, nor a language model's. */
+        hash_sha256 c;
+        uint8_t dg[32];
+        char num[64];
+        hash_sha256_init(&c);
+        hash_sha256_update(&c, k.tok_fp, strlen(k.tok_fp));
+        snprintf(num, sizeof num, "|classify|%d|%d|", o->seq_len, o->pad_id);
+        hash_sha256_update(&c, num, strlen(num));
+        for (int i = 0; i < o->n_labels; i++)
+            hash_sha256_update(&c, o->labels[i], strlen(o->labels[i]) + 1);
+        hash_sha256_final(&c, dg);
+        hash_hex(dg, k.tok_fp);
+    }
     void *src;
     size_t len;
     if (map_file(path, &src, &len, e)) return -1;
@@ -437,7 +544,7 @@ static int open_text(data *d, const char *path, Peftps__DataFormat format, const
         if (src) munmap(src, len);
         return err_wrap(e, "%s: tokenizer", path);
     }
-    stream s = {0};
+    stream s = {.cls = o->n_labels > 0 ? o : NULL};
     int rc = 0;
     if (tok_eos(t) < 0)
         rc = err_set(e,
@@ -458,6 +565,9 @@ static int open_text(data *d, const char *path, Peftps__DataFormat format, const
     }
     log_info("%s: %llu records, %llu tokens; writing the token cache %s", path,
              (unsigned long long)s.n_records, (unsigned long long)s.n, d->cache_path);
+    if (s.n_cut)
+        log_warn("%s: %llu of %llu records are longer than seq_len %d tokens and were cut to it",
+                 path, (unsigned long long)s.n_cut, (unsigned long long)s.n_records, o->seq_len);
     err we;
     if (cache_write(d, &k, &s, &we) == 0) {
         free(s.ids);
@@ -495,12 +605,16 @@ int data_open(data **out, const char *path, const data_opts *o, err *e) {
         return err_set(e, "%s: vocab_size is %d, must be >= 1", path, o->vocab_size);
     Peftps__DataFormat format = PEFTPS__DATA_FORMAT__DATA_FORMAT_UNSPECIFIED;
     if (resolve_format(path, o->format, &format, e) != 0) return -1;
+    if (o->n_labels > 0 && (o->pad_id < 0 || o->pad_id >= o->vocab_size))
+        return err_set(e, "%s: pad id %d for classification records is not in the vocabulary", path,
+                       o->pad_id);
     data *d = calloc(1, sizeof *d);
     if (!d || !(d->path = strdup(path))) {
         free(d);
         return err_set(e, "%s: out of memory", path);
     }
     d->seq_len = o->seq_len;
+    d->n_labels = o->n_labels > 0 ? o->n_labels : 0;
     int rc = format == PEFTPS__DATA_FORMAT__TOKENS ? open_tokens(d, path, o, e)
                                                    : open_text(d, path, format, o, e);
     if (rc != 0) {
@@ -553,6 +667,12 @@ static void read_window(const data *d, uint64_t w, int32_t *tokens, int32_t *lab
     const uint64_t base = w * ((uint64_t)T + 1);
     /* Ids were checked below vocab_size <= INT32_MAX: the casts are exact. */
     for (int t = 0; t < T; t++) tokens[t] = (int32_t)token_at(d, base + (uint64_t)t);
+    if (d->n_labels) {
+        /* A classification record: its class at the masked position. */
+        int32_t cls = (int32_t)token_at(d, base + (uint64_t)T);
+        for (int t = 0; t < T; t++) labels[t] = d->mask[base + (uint64_t)t] ? cls : DATA_IGNORE;
+        return;
+    }
     for (int t = 0; t < T; t++) {
         uint64_t i = base + (uint64_t)t + 1;
         labels[t] = d->mask && !d->mask[i] ? DATA_IGNORE : (int32_t)token_at(d, i);

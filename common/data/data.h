@@ -19,6 +19,14 @@
  *            packed one after another. Prompt and completion are encoded
  *            separately, so a token never spans their boundary. Blank lines
  *            are skipped; other keys of a record are ignored.
+ *            With a classification task (data_opts.n_labels > 0) each
+ *            record is {"text": "...", "label": NAME or INDEX} and becomes
+ *            one window of its own, never packed: template-prefix + text
+ *            tokens + template-suffix, cut to seq_len, then padded with
+ *            pad_id; the label sits at the position transformers pools
+ *            (clshead_last_token of model/clshead.h) and every other label
+ *            is DATA_IGNORE. A label that is not one of the names, or an
+ *            index outside them, is refused naming FILE:LINE.
  *
  * The cache: tokens and loss mask of a .txt/.jsonl file are written to
  * FILE.peftps-cache (or CACHE_DIR/BASENAME.peftps-cache with
@@ -57,6 +65,11 @@ typedef struct data_opts {
     struct tok *tokenizer;
     const char *tokenizer_path;
     const char *cache_dir; /* NULL: the cache sits beside the data file */
+    /* Sequence classification when n_labels > 0 (JSONL only): the class
+     * names in index order, and the id that pads each record to seq_len. */
+    char *const *labels;
+    int n_labels;
+    int pad_id;
 } data_opts;
 
 /* 1 when the format (or, when UNSPECIFIED, the file name's ending .txt or

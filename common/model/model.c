@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/clshead.h"
 #include "model/kernels.h"
 #include "base/log.h"
 #include "model/peft.h"
@@ -71,6 +72,8 @@ struct model {
     float *dh, *dgate, *dup; /* (N,I) */
     float *dkp, *dvp;        /* (P,Hkv*D) */
     float *dlogits;          /* (ce_rows,V) */
+
+    clshead *cls; /* the score head in place of lm_head (sequence classification), or NULL */
 
     int32_t *tokens, *labels; /* (N) copies of the last forward's batch */
     int fB, fT, fP;           /* the last forward's shape and rotary offset; fB 0: none */
@@ -178,7 +181,10 @@ static size_t layout(model *m, float *base, int grads) {
     m->resid_out = model_arena_take(base, &off, N * C);
     m->rstdf = model_arena_take(base, &off, N);
     m->lnf = model_arena_take(base, &off, N * C);
-    m->logits = model_arena_take(base, &off, N * V);
+    /* A score head (sequence classification) replaces lm_head: no (N,V)
+     * logits, which for a large vocabulary would be most of the memory. */
+    size_t LV = m->v.p && m->v.p->num_labels > 0 ? 0 : V;
+    m->logits = model_arena_take(base, &off, N * LV);
     m->lse = model_arena_take(base, &off, N);
     m->ln = model_arena_take(base, &off, N * C);
     m->attsc = model_arena_take(base, &off, 2 * (size_t)m->T * S);
@@ -197,7 +203,7 @@ static size_t layout(model *m, float *base, int grads) {
         m->dup = model_arena_take(base, &off, N * IC);
         m->dkp = model_arena_take(base, &off, (size_t)m->P * kvd);
         m->dvp = model_arena_take(base, &off, (size_t)m->P * kvd);
-        m->dlogits = model_arena_take(base, &off, chunk * V);
+        m->dlogits = model_arena_take(base, &off, chunk * LV);
     }
     return off;
 }
@@ -269,6 +275,11 @@ int model_create(model **out, const model_config *cfg, const model_weights *w, p
     m->labels = m->tokens + N;
     layout(m, m->mem, p != NULL);
     rope_init(m->rope_cos, m->rope_sin, m->P + T, cfg);
+    if (p && p->num_labels > 0 &&
+        clshead_create(&m->cls, B, p->num_labels, cfg->hidden_size, e) < 0) {
+        model_free(m);
+        return err_wrap(e, "model");
+    }
     if (peft_reserve(p, B, T, e) < 0) {
         model_free(m);
         return err_wrap(e, "model");
@@ -280,13 +291,18 @@ int model_create(model **out, const model_config *cfg, const model_weights *w, p
 void model_free(model *m) {
     if (!m) return;
     free(m->mem);
+    clshead_free(m->cls);
     free(m->layers);
     free(m->tokens);
     free(m);
 }
 
 const float *model_logits(const model *m) {
-    return m->logits;
+    return m->cls ? NULL : m->logits;
+}
+
+const float *model_class_logits(const model *m) {
+    return m->cls && m->fB ? clshead_logits(m->cls) : NULL;
 }
 
 /* ---- forward ------------------------------------------------------------------ */
@@ -384,7 +400,7 @@ static int check_batch(const model *m, const int32_t *tokens, const int32_t *lab
                       tokens[i], i, V - 1);
             return -1;
         }
-        if (labels && labels[i] != -100 && (labels[i] < 0 || labels[i] >= V)) {
+        if (labels && !m->cls && labels[i] != -100 && (labels[i] < 0 || labels[i] >= V)) {
             log_error("model_forward: label %d at position %d is neither -100 nor in 0..%d",
                       labels[i], i, V - 1);
             return -1;
@@ -427,10 +443,26 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
                       model_view_weight(&m->v, MODEL_GLOBAL, GW_EMBED), N, C);
     for (int l = 0; l < L; l++)
         layer_forward(m, l, l + 1 < L ? acts(m, l + 1)->resid : m->resid_out, B, T);
+    double loss = 0.0;
+    if (m->cls) {
+        /* Sequence classification: the score head reads the final norm's
+         * output; lm_head is not used. */
+        long count;
+        rmsnorm_forward(m->lnf, m->rstdf, m->resid_out,
+                        model_view_weight(&m->v, MODEL_GLOBAL, GW_FINAL_NORM), N, C,
+                        c->rms_norm_eps);
+        loss = clshead_forward(m->cls, m->v.p, m->lnf, m->tokens, labels ? m->labels : NULL, B, T,
+                               &count);
+        if (n_tokens) *n_tokens = count;
+        team_blas_leave();
+        if (isnan(loss)) return NAN;
+        m->fB = B;
+        m->fT = T;
+        return labels ? loss : 0.0;
+    }
     model_head_forward(&m->v, m->logits, m->lnf, m->rstdf, m->resid_out, N);
     m->fB = B;
     m->fT = T;
-    double loss = 0.0;
     if (labels) {
         long count;
         loss = crossentropy_forward(m->lse, m->logits, m->labels, N, V, &count);
@@ -545,7 +577,9 @@ void model_backward(model *m, float loss_scale) {
     const float *head = model_view_lm_head(&m->v);
     float *dln = first < L || norm_trains(m, MODEL_GLOBAL, GW_FINAL_NORM) ? m->dln : NULL;
     int chunk = (int)ce_rows((size_t)N, (size_t)V);
-    for (int r0 = 0; r0 < N; r0 += chunk) {
+    /* With a score head in place of lm_head, the head gives dln. */
+    if (m->cls) clshead_backward(m->cls, p, dln, m->fT, loss_scale);
+    for (int r0 = 0; !m->cls && r0 < N; r0 += chunk) {
         int n = N - r0 < chunk ? N - r0 : chunk;
         const float *dlogits = m->dlogits;
         crossentropy_grad(m->dlogits, m->logits + (size_t)r0 * V, m->lse + r0, m->labels + r0, n, V,

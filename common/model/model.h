@@ -55,6 +55,8 @@ typedef struct model_config {
     int attention_bias;
     int tie_word_embeddings;
     int bos_token_id, eos_token_id; /* -1 when absent */
+    int pad_token_id;               /* -1 when absent */
+    float initializer_range;        /* std of transformers' normal init; 0.02 when absent */
 } model_config;
 
 /* Parses a Hugging Face config.json text (architectures of the Llama family;
@@ -183,7 +185,16 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
  * tensor; frozen weight gradients are never computed. */
 void model_backward(model *m, float loss_scale);
 
-/* Logits (B,T,V) of the last forward. */
+/* Logits (B,T,V) of the last forward; NULL with a score head (below). */
 const float *model_logits(const model *m);
+
+/* With a score head (p->num_labels > 0, model/clshead.h) the forward is
+ * sequence classification: labels (B,T) hold each sequence's class index at
+ * its pooled position (clshead_last_token) and -100 elsewhere, the return
+ * is the sum of the sequences' cross-entropies over the classes and
+ * *n_tokens the number of labelled sequences; lm_head is not computed.
+ * This returns the class logits (B, num_labels) of the last forward, or
+ * NULL without a head. */
+const float *model_class_logits(const model *m);
 
 #endif

@@ -121,6 +121,7 @@ static int parse_obj(model_config *cfg, json_t *root, const char *path, err *e) 
     cfg->rms_norm_eps = 1e-6f;
     cfg->rope_theta = 10000.0f;
     cfg->rope_factor = 1.0f;
+    cfg->initializer_range = 0.02f; /* transformers' LlamaConfig default */
     if (get_int(root, "vocab_size", &cfg->vocab_size, 1, path, e) ||
         get_int(root, "hidden_size", &cfg->hidden_size, 1, path, e) ||
         get_int(root, "intermediate_size", &cfg->intermediate_size, 1, path, e) ||
@@ -134,7 +135,9 @@ static int parse_obj(model_config *cfg, json_t *root, const char *path, err *e) 
         get_bool(root, "attention_bias", &cfg->attention_bias, path, e) ||
         get_bool(root, "tie_word_embeddings", &cfg->tie_word_embeddings, path, e) ||
         get_token(root, "bos_token_id", &cfg->bos_token_id, path, e) ||
-        get_token(root, "eos_token_id", &cfg->eos_token_id, path, e))
+        get_token(root, "eos_token_id", &cfg->eos_token_id, path, e) ||
+        get_token(root, "pad_token_id", &cfg->pad_token_id, path, e) ||
+        get_num(root, "initializer_range", &cfg->initializer_range, 0, path, e))
         return -1;
 
     json_t *rp = json_object_get(root, "rope_parameters");

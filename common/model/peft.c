@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "model/clshead.h"
 #include "model/safetensors.h"
 
 /* Tensors start on 16-float (64-byte) boundaries so that each one is
@@ -57,6 +58,8 @@ int peft_create(peft **out, const peft_method *m, const Peftps__Method *config,
     p->base = base;
     p->config = config;
     p->first_trainable_layer = cfg->num_layers;
+    p->score = -1;
+    p->pad_id = -1;
     if (m->create(p, e) < 0) {
         err_wrap(e, "method %s", m->name);
         peft_free(p);
@@ -277,7 +280,9 @@ int peft_save(const peft *p, const char *path, err *e) {
     return 0;
 }
 
-int peft_load(peft *p, const char *where, err *e) {
+/* peft_load, and with head_optional peft_load_without_head. */
+static int peft_load_tensors(peft *p, const char *where, int head_optional, int *head_loaded,
+                             err *e) {
     /* A PEFT adapter directory holds its tensors in adapter_model.safetensors. */
     char path[4096];
     struct stat sb;
@@ -297,6 +302,10 @@ int peft_load(peft *p, const char *where, err *e) {
     for (int i = 0; i < p->n_tensors; i++) {
         const peft_tensor *t = &p->tensors[i];
         const st_tensor *st = st_find(f, t->name);
+        int head = p->num_labels > 0 && i == p->score;
+        if (!st && head) st = st_find(f, CLSHEAD_TENSOR_PROMPT);
+        if (head && head_loaded) *head_loaded = st != NULL;
+        if (!st && head && head_optional) continue; /* keeps its values */
         char want[96], have[96];
         if (!st) {
             err_set(e, "%s has no tensor %s, which method %s trains", path, t->name,
@@ -316,7 +325,8 @@ int peft_load(peft *p, const char *where, err *e) {
     }
     for (int i = 0; i < st_count(f); i++) {
         const st_tensor *st = st_tensor_at(f, i);
-        if (peft_find_tensor(p, st->name) < 0) {
+        if (peft_find_tensor(p, st->name) < 0 &&
+            !(p->num_labels > 0 && !strcmp(st->name, CLSHEAD_TENSOR_PROMPT))) {
             err_set(e,
                     "%s: tensor %s is not one that method %s trains (a file of another "
                     "method or model?)",
@@ -331,4 +341,13 @@ out:
     free(staged);
     st_close(f);
     return rc;
+}
+
+int peft_load(peft *p, const char *where, err *e) {
+    return peft_load_tensors(p, where, 0, NULL, e);
+}
+
+int peft_load_without_head(peft *p, const char *where, int *head_loaded, err *e) {
+    *head_loaded = 0;
+    return peft_load_tensors(p, where, 1, head_loaded, e);
 }

@@ -156,6 +156,14 @@ struct peft {
      * layer is not computed, and embed_backward is called only at -1. */
     int first_trainable_layer;
 
+    /* Sequence classification (model/clshead.h): the index of the score
+     * head's tensor (num_labels, C), one more tensor of the layout, and the
+     * pad id that finds each sequence's last token. num_labels is 0 for
+     * causal language modelling (what a zeroed peft says too); score is
+     * valid only when num_labels > 0. Set by clshead_add, never by a
+     * method. */
+    int score, num_labels, pad_id;
+
     /* Per forward: training (dropout on) and the stream for its randomness. */
     int training;
     uint64_t seed, step, shard;
@@ -243,5 +251,10 @@ int peft_save(const peft *p, const char *path, err *e);
  * is missing, has another shape or another dtype, or when the file holds a
  * tensor the method does not train; params are unchanged on failure. */
 int peft_load(peft *p, const char *path, err *e);
+/* As peft_load, but a file without the score head of sequence
+ * classification (model/clshead.h) is accepted and the head keeps its
+ * values; *head_loaded tells whether the file had it. For a classifier that
+ * starts from a causal-LM adapter of the same method (init_from). */
+int peft_load_without_head(peft *p, const char *path, int *head_loaded, err *e);
 
 #endif

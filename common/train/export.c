@@ -22,6 +22,7 @@
 #include "base/fsutil.h"
 #include "base/log.h"
 #include "config/pbtext.h"
+#include "model/clshead.h"
 #include "model/safetensors.h"
 
 #define EXPORT_PATH_MAX 4096
@@ -321,6 +322,58 @@ static int ckpts_load(const ckpt_set *cs, const char *dir, peft *p, err *e) {
 
 /* ---- PEFT adapter_config.json, read ------------------------------------------------- */
 
+/* A SEQ_CLS adapter's modules_to_save: what PeftModelForSequenceClassification
+ * adds itself (score, classifier) and nothing else; removed from root once
+ * checked, as the methods' readers refuse other modules_to_save. */
+static int export_seq_cls_modules(const char *path, json_t *root, err *e) {
+    json_t *mts = json_object_get(root, "modules_to_save");
+    if (!mts || json_is_null(mts)) return 0;
+    size_t i;
+    json_t *v;
+    if (!json_is_array(mts))
+        return err_set(e, "%s: \"modules_to_save\" must be a list of module names", path);
+    json_array_foreach(mts, i, v) {
+        const char *name = json_is_string(v) ? json_string_value(v) : "";
+        if (strcmp(name, "score") && strcmp(name, "classifier"))
+            return err_set(e,
+                           "%s: \"modules_to_save\" lists \"%s\"; peftps trains only the "
+                           "classification head score besides the method",
+                           path, name);
+    }
+    json_object_del(root, "modules_to_save");
+    return 0;
+}
+
+/* The head of a SEQ_CLS adapter directory: its number of labels from the
+ * score tensor's rows (0 for a CAUSAL_LM adapter). */
+static int peft_dir_num_labels(const char *dir, int *num_labels, err *e) {
+    char path[EXPORT_PATH_MAX];
+    *num_labels = 0;
+    if (path_join(path, dir, "adapter_config.json", e) < 0) return -1;
+    json_error_t je;
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!root) return err_set(e, "%s:%d:%d: %s", path, je.line, je.column, je.text);
+    const char *task = json_string_value(json_object_get(root, "task_type"));
+    int cls = task && !strcmp(task, "SEQ_CLS");
+    json_decref(root);
+    if (!cls) return 0;
+    if (path_join(path, dir, "adapter_model.safetensors", e) < 0) return -1;
+    st_file *f;
+    if (st_open(&f, path, e) < 0) return -1;
+    const st_tensor *t = st_find(f, CLSHEAD_TENSOR);
+    if (!t) t = st_find(f, CLSHEAD_TENSOR_PROMPT);
+    int rc = 0;
+    if (!t || t->ndim != 2 || t->shape[0] < 2 || t->shape[0] > 65536)
+        rc = err_set(e,
+                     "%s: a SEQ_CLS adapter needs the head %s (labels, hidden) with at least 2 "
+                     "labels",
+                     path, CLSHEAD_TENSOR);
+    else
+        *num_labels = (int)t->shape[0];
+    st_close(f);
+    return rc;
+}
+
 int export_read_adapter_config(const char *dir, const model_config *cfg, Peftps__Method **method,
                                char **base_model, err *e) {
     *method = NULL;
@@ -343,11 +396,17 @@ int export_read_adapter_config(const char *dir, const model_config *cfg, Peftps_
     }
     const char *type = json_string_value(json_object_get(root, "peft_type"));
     const json_t *task = json_object_get(root, "task_type");
+    const char *task_name = json_is_string(task) ? json_string_value(task) : NULL;
     if (task && !json_is_null(task) &&
-        !(json_is_string(task) && !strcmp(json_string_value(task), "CAUSAL_LM"))) {
-        err_set(e, "%s: \"task_type\" must be \"CAUSAL_LM\" (a language-model adapter)", path);
+        !(task_name && (!strcmp(task_name, "CAUSAL_LM") || !strcmp(task_name, "SEQ_CLS")))) {
+        err_set(e,
+                "%s: \"task_type\" must be \"CAUSAL_LM\" (a language-model adapter) or "
+                "\"SEQ_CLS\" (sequence classification)",
+                path);
         goto out;
     }
+    if (task_name && !strcmp(task_name, "SEQ_CLS") && export_seq_cls_modules(path, root, e) < 0)
+        goto out;
     const peft_method *pm = methods_find_peft_type(type);
     if (!pm) {
         char types[128];
@@ -410,9 +469,34 @@ static int peft_dir_experiment(export_source *s, const char *dir, const char *mo
     peftps__experiment__init(exp);
     exp->method = m;
     s->exp = exp;
-    int rc = set_model_path(exp, where, e);
+    int rc = set_model_path(exp, where, e), K;
     free(base);
-    return rc;
+    if (rc < 0 || peft_dir_num_labels(dir, &K, e) < 0) return -1;
+    if (K > 0) {
+        /* The class names are not in a PEFT adapter: transformers' defaults. */
+        Peftps__Task *t = malloc(sizeof *t);
+        Peftps__SequenceClassification *sc = malloc(sizeof *sc);
+        char **labels = calloc((size_t)K, sizeof *labels);
+        if (!t || !sc || !labels) {
+            free(t);
+            free(sc);
+            free(labels);
+            return err_set(e, "out of memory");
+        }
+        peftps__task__init(t);
+        peftps__sequence_classification__init(sc);
+        t->kind_case = PEFTPS__TASK__KIND_SEQUENCE_CLASSIFICATION;
+        t->sequence_classification = sc;
+        sc->labels = labels;
+        sc->n_labels = (size_t)K;
+        exp->task = t;
+        for (int i = 0; i < K; i++)
+            if (asprintf(&labels[i], "LABEL_%d", i) < 0) {
+                labels[i] = NULL;
+                return err_set(e, "out of memory");
+            }
+    }
+    return 0;
 }
 
 int export_open(export_source **out, const char *source, const export_opts *o, err *e) {
@@ -490,7 +574,8 @@ int export_open(export_source **out, const char *source, const export_opts *o, e
     } else {
         if (model_files_open(&s->files, s->exp->model->path, e) < 0) goto fail;
         if (methods_create(&s->p, s->exp->method, model_files_config(s->files),
-                           model_files_weights(s->files), e) < 0)
+                           model_files_weights(s->files), e) < 0 ||
+            train_add_task(s->p, s->exp, model_files_config(s->files), e) < 0)
             goto fail;
         peft_init(s->p, s->exp->seed);
     }
@@ -558,10 +643,52 @@ int export_adapter_config(const export_source *s, char **text, err *e) {
         json_decref(o);
         return -1;
     }
+    if (s->p->num_labels > 0) {
+        /* Sequence classification: PeftModelForSequenceClassification's
+         * task, and the head saved whole as a module to save. */
+        json_t *mts = json_array();
+        json_array_append_new(mts, json_string("score"));
+        json_object_set_new(o, "task_type", json_string("SEQ_CLS"));
+        json_object_set_new(o, "modules_to_save", mts);
+    }
     /* As PEFT writes it: json.dumps(indent=2, sort_keys=True). */
     *text = json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS | JSON_REAL_PRECISION(15));
     json_decref(o);
     return *text ? 0 : err_set(e, "out of memory formatting adapter_config.json");
+}
+
+/* The score head of sequence classification, added to the adapter file the
+ * method wrote (each method writes its own tensors) under PEFT's saved key
+ * of a module to save (clshead_adapter_name). A file that already holds it
+ * (a method that saves every tensor by name) is left alone. */
+static int export_add_head(const peft *p, const char *path, err *e) {
+    st_file *f;
+    if (st_open(&f, path, e) < 0) return -1;
+    if (st_find(f, CLSHEAD_TENSOR) || st_find(f, CLSHEAD_TENSOR_PROMPT)) {
+        st_close(f);
+        return 0;
+    }
+    int n = st_count(f), rc;
+    st_entry *en = calloc((size_t)n + 1, sizeof *en);
+    if (!en) {
+        st_close(f);
+        return err_set(e, "out of memory");
+    }
+    for (int i = 0; i < n; i++) {
+        const st_tensor *t = st_tensor_at(f, i);
+        en[i] = (st_entry){.name = t->name, .dtype = t->dtype, .ndim = t->ndim, .data = t->data};
+        memcpy(en[i].shape, t->shape, sizeof en[i].shape);
+    }
+    const peft_tensor *h = &p->tensors[p->score];
+    en[n] = (st_entry){
+        .name = clshead_adapter_name(p), .dtype = ST_F32, .ndim = 2, .data = p->params + h->offset};
+    en[n].shape[0] = h->shape[0];
+    en[n].shape[1] = h->shape[1];
+    /* st_write renames a new file over the mapped one: the entries stay valid. */
+    rc = st_write(path, en, n + 1, "{\"format\": \"pt\"}", e);
+    free(en);
+    st_close(f);
+    return rc;
 }
 
 int export_peft(const export_source *s, const char *dir, err *e) {
@@ -571,7 +698,9 @@ int export_peft(const export_source *s, const char *dir, err *e) {
     int rc = -1;
     if (fs_mkdir_p(dir, e) < 0 || path_join(path, dir, "adapter_model.safetensors", e) < 0)
         goto out;
-    if (s->p->method->adapter_save(s->p, path, e) < 0) goto out;
+    if (s->p->method->adapter_save(s->p, path, e) < 0 ||
+        (s->p->num_labels > 0 && export_add_head(s->p, path, e) < 0))
+        goto out;
     size_t n = strlen(config);
     char *text = realloc(config, n + 2);
     if (!text) {
@@ -727,6 +856,11 @@ static int write_index(const char *dir, const mweight *ws, int n, int shards, er
 
 int export_merged(export_source *s, const char *dir, size_t shard_bytes, err *e) {
     const model_config *cfg = model_files_config(s->files);
+    if (s->p->num_labels > 0)
+        return err_set(e,
+                       "a merged model of sequence classification (LlamaForSequenceClassification) "
+                       "is not supported; export the adapter with --format peft (SEQ_CLS) "
+                       "or the tensors with --format tensors");
     if (!s->p->method->merge)
         return err_set(e,
                        "method %s changes no base weight, so there is nothing to merge; export "

@@ -45,7 +45,29 @@ int metrics_open(metrics *m, const char *dir, uint64_t keep_through, err *e) {
 
 int metrics_write(metrics *m, const metrics_line *l, err *e) {
     unsigned long long step = (unsigned long long)l->step;
-    if (l->kind == METRICS_EVAL) {
+    if (l->kind == METRICS_EVAL && l->num_labels > 0) {
+        int K = l->num_labels;
+        long correct = 0, total = 0;
+        for (int g = 0; g < K; g++)
+            for (int p = 0; p < K; p++) {
+                total += l->confusion[(size_t)g * K + p];
+                if (g == p) correct += l->confusion[(size_t)g * K + p];
+            }
+        double acc = total ? (double)correct / (double)total : 0.0;
+        fprintf(m->f,
+                "{\"step\":%llu,\"eval_loss\":%.6f,\"eval_accuracy\":%.6f,\"eval_correct\":%ld,"
+                "\"eval_sequences\":%ld,\"eval_confusion\":[",
+                step, l->loss, acc, correct, total);
+        for (int g = 0; g < K; g++) {
+            fprintf(m->f, "%s[", g ? "," : "");
+            for (int p = 0; p < K; p++)
+                fprintf(m->f, "%s%ld", p ? "," : "", l->confusion[(size_t)g * K + p]);
+            fprintf(m->f, "]");
+        }
+        fprintf(m->f, "]}\n");
+        log_info("step %llu: eval loss %.4f, accuracy %.4f (%ld of %ld sequences)", step, l->loss,
+                 acc, correct, total);
+    } else if (l->kind == METRICS_EVAL) {
         fprintf(m->f, "{\"step\":%llu,\"eval_loss\":%.6f,\"eval_ppl\":%.4f,\"eval_tokens\":%ld}\n",
                 step, l->loss, exp(l->loss), l->tokens);
         log_info("step %llu: eval loss %.4f, perplexity %.3f (%ld tokens)", step, l->loss,

@@ -1,7 +1,8 @@
 /* OUTPUT/metrics.jsonl, one JSON object a line: a step line per optimizer
  * step (step, loss, lr, grad_norm, tokens, tokens_per_s, and the server's
  * bytes_in, bytes_out) and an eval line per evaluation (step, eval_loss,
- * eval_ppl, eval_tokens). The one writer and reader of that file, for
+ * eval_ppl, eval_tokens; for sequence classification eval_accuracy,
+ * eval_correct, eval_sequences, eval_confusion). The one writer and reader of that file, for
  * `peftps train` and `run` (cli/), the parameter server (server/) and
  * `peftps compare`. */
 #ifndef PEFTPS_METRICS_H
@@ -25,6 +26,13 @@ typedef struct metrics_line {
     double tokens_per_s; /* step lines: input tokens per second of the step */
     int has_bytes;       /* step lines of the server: the wire traffic below */
     uint64_t bytes_in, bytes_out;
+    /* Eval lines of sequence classification (num_labels > 0): tokens is the
+     * number of sequences, and confusion[g*num_labels+p] (num_labels^2,
+     * borrowed) counts sequences of class g predicted as p; written as
+     * eval_accuracy, eval_correct, eval_sequences and eval_confusion instead
+     * of eval_ppl and eval_tokens. Not read back (metrics_read leaves 0). */
+    int num_labels;
+    const long *confusion;
 } metrics_line;
 
 /* An open metrics.jsonl being written. */

@@ -8,6 +8,8 @@
 #include <string.h>
 
 #include "base/log.h"
+#include "config/config.h"
+#include "model/clshead.h"
 
 /* Calibration batch i: training sequences i*rows .. i*rows+rows-1. */
 static int trainer_calibration_batch(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e) {
@@ -16,6 +18,22 @@ static int trainer_calibration_batch(void *ctx, int i, int32_t *tokens, int32_t 
     for (int r = 0; r < t->rows; r++)
         data_sequence(t->train, (uint64_t)i * (uint64_t)t->rows + (uint64_t)r,
                       tokens + (size_t)r * (size_t)t->T, labels + (size_t)r * (size_t)t->T);
+    return 0;
+}
+
+int train_pad_id(const model_config *cfg, err *e) {
+    if (cfg->pad_token_id >= 0) return cfg->pad_token_id;
+    if (cfg->eos_token_id >= 0) return cfg->eos_token_id;
+    return err_set(e, "the model's config.json has neither pad_token_id nor eos_token_id: "
+                      "sequence classification pads records with one of them");
+}
+
+int train_add_task(peft *p, const Peftps__Experiment *exp, const model_config *cfg, err *e) {
+    int K = config_num_labels(exp);
+    if (K == 0) return 0;
+    int pad = train_pad_id(cfg, e);
+    if (pad < 0) return -1;
+    if (clshead_add(p, K, pad, exp->seed, e) < 0) return err_wrap(e, "sequence classification");
     return 0;
 }
 
@@ -35,10 +53,22 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
                       .seq_len = t->T,
                       .vocab_size = cfg->vocab_size,
                       .tokenizer_path = exp->model->path};
+    t->n_labels = config_num_labels(exp);
+    if (t->n_labels) {
+        opts.labels = exp->task->sequence_classification->labels;
+        opts.n_labels = t->n_labels;
+        if ((opts.pad_id = train_pad_id(cfg, e)) < 0) goto fail;
+        t->eval_confusion = calloc((size_t)t->n_labels * t->n_labels, sizeof *t->eval_confusion);
+        if (!t->eval_confusion) {
+            err_set(e, "out of memory");
+            goto fail;
+        }
+    }
     if (data_open(&t->train, d->train, &opts, e) < 0) goto fail;
     if (d->eval && d->eval[0] && data_open(&t->eval, d->eval, &opts, e) < 0) goto fail;
 
     if (methods_create(&t->p, exp->method, cfg, w, e) < 0) goto fail;
+    if (train_add_task(t->p, exp, cfg, e) < 0) goto fail;
     if (model_create(&t->m, cfg, w, t->p, t->rows, t->T, e) < 0) goto fail;
     size_t nbt = (size_t)t->rows * (size_t)t->T;
     t->tokens = malloc(nbt * sizeof *t->tokens);
@@ -55,9 +85,19 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
         if (peft_calibrate(t->p, t->m, trainer_calibration_batch, t, calib, e) < 0) goto fail;
     }
     peft_init(t->p, exp->seed);
-    if (exp->init_from && exp->init_from[0] && peft_load(t->p, exp->init_from, e) < 0) {
-        err_wrap(e, "init_from");
-        goto fail;
+    if (exp->init_from && exp->init_from[0]) {
+        /* A classifier may start from a language-model adapter: its head
+         * then keeps the seeded initialisation. */
+        int head = 1;
+        if ((t->n_labels ? peft_load_without_head(t->p, exp->init_from, &head, e)
+                         : peft_load(t->p, exp->init_from, e)) < 0) {
+            err_wrap(e, "init_from");
+            goto fail;
+        }
+        if (!head)
+            log_info("init_from %s has no classification head; the head starts from its "
+                     "initialisation",
+                     exp->init_from);
     }
     if (training) {
         t->grad_sum = malloc(t->p->n_params * sizeof *t->grad_sum);
@@ -79,6 +119,7 @@ void trainer_close(trainer *t) {
     if (!t) return;
     if (t->have_opt) optim_free(&t->opt);
     free(t->grad_sum);
+    free(t->eval_confusion);
     free(t->tokens);
     free(t->labels);
     model_free(t->m);
@@ -186,6 +227,8 @@ int trainer_eval(trainer *t, double *mean_loss, long *n_tokens, err *e) {
     if (want > have) want = have;
     double loss = 0.0;
     long ntok = 0;
+    int K = t->n_labels;
+    if (K) memset(t->eval_confusion, 0, (size_t)K * K * sizeof *t->eval_confusion);
     peft_set_step(t->p, 0, t->exp->seed, 0, 0);
     for (uint64_t w = 0; w < want;) {
         int rows = 0;
@@ -196,8 +239,52 @@ int trainer_eval(trainer *t, double *mean_loss, long *n_tokens, err *e) {
         long nt = 0;
         loss += model_forward(t->m, t->tokens, t->labels, rows, t->T, &nt);
         ntok += nt;
+        const float *logits = K ? model_class_logits(t->m) : NULL;
+        for (int r = 0; logits && r < rows; r++) {
+            const int32_t *lab = t->labels + (size_t)r * t->T;
+            int gold = -1;
+            for (int i = 0; i < t->T && gold < 0; i++)
+                if (lab[i] != DATA_IGNORE) gold = lab[i];
+            if (gold < 0) continue;
+            const float *z = logits + (size_t)r * K;
+            int pred = 0;
+            for (int k = 1; k < K; k++)
+                if (z[k] > z[pred]) pred = k;
+            t->eval_confusion[(size_t)gold * K + pred]++;
+        }
     }
     *mean_loss = ntok > 0 ? loss / (double)ntok : 0.0;
     *n_tokens = ntok;
     return 0;
+}
+
+double trainer_eval_accuracy(const trainer *t, long *correct, long *total) {
+    long c = 0, n = 0;
+    for (int g = 0; g < t->n_labels; g++)
+        for (int p = 0; p < t->n_labels; p++) {
+            long v = t->eval_confusion[(size_t)g * t->n_labels + p];
+            n += v;
+            if (g == p) c += v;
+        }
+    if (correct) *correct = c;
+    if (total) *total = n;
+    return n ? (double)c / (double)n : 0.0;
+}
+
+void trainer_eval_report(const trainer *t, FILE *out) {
+    int K = t->n_labels;
+    char *const *names = t->exp->task->sequence_classification->labels;
+    for (int g = 0; g < K; g++) {
+        const long *row = t->eval_confusion + (size_t)g * K;
+        long n = 0;
+        for (int p = 0; p < K; p++) n += row[p];
+        fprintf(out, "  %-12s %ld/%ld", names[g], row[g], n);
+        int first = 1;
+        for (int p = 0; p < K; p++)
+            if (p != g && row[p]) {
+                fprintf(out, "%s%s %ld", first ? "  (predicted as: " : ", ", names[p], row[p]);
+                first = 0;
+            }
+        fprintf(out, "%s\n", first ? "" : ")");
+    }
 }

@@ -10,6 +10,7 @@
 #define PEFTPS_TRAIN_H
 
 #include <stdint.h>
+#include <stdio.h>
 
 #include "data/data.h"
 #include "base/err.h"
@@ -31,6 +32,12 @@ typedef struct trainer {
     int rows;                 /* sequences per shard (batch_size / shards_per_step) */
     int T;                    /* seq_len */
     int32_t *tokens, *labels; /* rows*T each */
+    /* Sequence classification: the number of labels (0: language
+     * modelling) and, after trainer_eval, its counts: eval_confusion[g*K+p]
+     * sequences of class g predicted as p (argmax of the logits, the lower
+     * index on ties). */
+    int n_labels;
+    long *eval_confusion;
 } trainer;
 
 /* What one optimizer step did. */
@@ -40,6 +47,19 @@ typedef struct train_step_stats {
     double lr;        /* learning rate applied */
     double grad_norm; /* global norm of the mean gradient, before clipping */
 } train_step_stats;
+
+/* The id that pads classification records: config.json's pad_token_id,
+ * else its eos_token_id (what transformers users set as pad); fails when
+ * the model has neither. */
+int train_pad_id(const model_config *cfg, err *e);
+
+/* Adds what the experiment's task trains besides the method, to a method
+ * just created over cfg: the score head of sequence classification
+ * (model/clshead.h), initialised from exp->seed; nothing for causal
+ * language modelling. Every process that builds the experiment's tensor
+ * layout calls it right after methods_create, so that the layout is the
+ * same everywhere. */
+int train_add_task(peft *p, const Peftps__Experiment *exp, const model_config *cfg, err *e);
 
 /* Opens the base model, creates the method, calibrates it when it needs
  * gradients to choose what trains (methods_calibration_batches of
@@ -103,8 +123,17 @@ void trainer_drop_compute(trainer *t);
 int trainer_step(trainer *t, uint64_t step, train_step_stats *st, err *e);
 
 /* Mean token loss on the eval data (or, without eval data, nothing: returns
- * -1 with e set). Uses eval_batches batches of batch_size sequences at most,
- * read from the start of the file. */
+ * -1 with e set); for classification the mean loss per sequence, with
+ * t->eval_confusion filled (see trainer_eval_accuracy). Uses eval_batches batches of batch_size
+ * sequences at most, read from the start of the file. */
 int trainer_eval(trainer *t, double *mean_loss, long *n_tokens, err *e);
+
+/* Accuracy of the last classification trainer_eval (correct / total, 0
+ * when nothing was evaluated); *correct and *total when not NULL. */
+double trainer_eval_accuracy(const trainer *t, long *correct, long *total);
+
+/* Writes the per-class counts of the last classification trainer_eval, one
+ * line per class: "  NAME  correct/total  (predicted as: NAME n, ...)". */
+void trainer_eval_report(const trainer *t, FILE *out);
 
 #endif

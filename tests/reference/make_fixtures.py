@@ -208,12 +208,15 @@ def rms_norm(x, w, eps):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def forward(cfg, w, tokens, labels, lora=None, prefix=None, rope_scaled=True, pos0=None):
+def forward(cfg, w, tokens, labels, lora=None, prefix=None, rope_scaled=True, pos0=None,
+            hidden=False):
     """Returns (logits (B,T,V), summed cross-entropy, counted tokens).
     w: weights by HF name (float64). lora: {(layer, module): (A, B, scale)}.
     prefix: (P, L*2*Hkv*D), rows L0.K, L0.V, L1.K, ...; prefix keys are not
     rotated and the real tokens take positions P..P+T-1, as with PEFT's
-    past_key_values (pos0 overrides that start, for the sensitivity check)."""
+    past_key_values (pos0 overrides that start, for the sensitivity check).
+    hidden: return the final norm's output (B,T,C) instead, for heads of
+    other tasks (make_cls_fixture.py)."""
     Bn, Tn = tokens.shape
     Pn = 0 if prefix is None else prefix.shape[0]
     Hq, Hkv, D = cfg.Hq, cfg.Hkv, cfg.D
@@ -260,6 +263,8 @@ def forward(cfg, w, tokens, labels, lora=None, prefix=None, rope_scaled=True, po
         g = lin(h, l, "gate_proj")
         x = x + lin(torch.nn.functional.silu(g) * lin(h, l, "up_proj"), l, "down_proj")
     x = rms_norm(x, w["model.norm.weight"], cfg.eps)
+    if hidden:
+        return x
     head = w["model.embed_tokens.weight"] if cfg.tied else w["lm_head.weight"]
     logits = x @ head.T
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.V), labels.reshape(-1).long(),
