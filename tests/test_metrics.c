@@ -64,6 +64,29 @@ static void test_metrics_bytes(void **state) {
     free(text);
 }
 
+/* A sequence-classification eval line: accuracy and the confusion counts
+ * in place of perplexity, and read back as an eval line. */
+static void test_metrics_classification(void **state) {
+    (void)state;
+    metrics m = {0};
+    err e;
+    const long confusion[] = {3, 1, 0, 4};
+    metrics_line ev = {.kind = METRICS_EVAL,
+                       .step = 5,
+                       .loss = 0.5,
+                       .tokens = 8,
+                       .num_labels = 2,
+                       .confusion = confusion};
+    assert_int_equal(metrics_open(&m, dir, 0, &e), 0);
+    assert_int_equal(metrics_write(&m, &ev, &e), 0);
+    assert_int_equal(metrics_close(&m, &e), 0);
+    char *text = slurp("metrics.jsonl");
+    assert_string_equal(text, "{\"step\":5,\"eval_loss\":0.500000,\"eval_accuracy\":0.875000,"
+                              "\"eval_correct\":7,\"eval_sequences\":8,"
+                              "\"eval_confusion\":[[3,1],[0,4]]}\n");
+    free(text);
+}
+
 /* A server resuming at step 2 keeps the lines of steps 1 and 2 (the eval
  * line of step 2 too) and writes 3.. again; KEEP_ALL appends. */
 static void test_metrics_resume(void **state) {
@@ -138,6 +161,7 @@ int main(void) {
         cmocka_unit_test(test_metrics_bytes),
         cmocka_unit_test(test_metrics_resume),
         cmocka_unit_test(test_metrics_read),
+        cmocka_unit_test(test_metrics_classification),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     char *path = fs_join(dir, "metrics.jsonl");
