@@ -22,6 +22,21 @@ static size_t trailing_replacements(const char *text, size_t len) {
     return n;
 }
 
+/* At a complete boundary: starts afresh from the last id alone, so that
+ * decoding stays short, keeping it as context because decoders such as
+ * SentencePiece's strip the leading space of the first token they see. */
+static int textstream_keep_last(textstream *s, err *e) {
+    char *text;
+    size_t len;
+    s->ids[0] = s->ids[s->n - 1];
+    s->n = 1;
+    if (tok_decode(s->t, s->ids, 1, 1, &text, &len, e) < 0) return -1;
+    free(text);
+    s->emitted = len;
+    s->ctx = 1;
+    return 0;
+}
+
 /* Decodes the held ids and returns the bytes not yet given out: all of them
  * when `all`, else those before an incomplete tail. */
 static int textstream_take(textstream *s, int all, char **piece, err *e) {
@@ -32,7 +47,7 @@ static int textstream_take(textstream *s, int all, char **piece, err *e) {
     size_t tail = all ? 0 : trailing_replacements(text, len);
     /* No character spans more than 4 tokens: a tail cut for longer is not
      * waiting for its end but broken, and goes out as it is. */
-    if (tail && s->n >= 4) tail = 0;
+    if (tail && s->n - s->ctx >= 4) tail = 0;
     size_t end = len - tail;
     size_t from = s->emitted < end ? s->emitted : end;
     size_t n = end - from;
@@ -46,9 +61,9 @@ static int textstream_take(textstream *s, int all, char **piece, err *e) {
     free(text);
     if (tail) {
         s->emitted = end;
-    } else { /* a complete boundary: start afresh, so decoding stays short */
-        s->n = 0;
-        s->emitted = 0;
+    } else if (s->n && textstream_keep_last(s, e) < 0) {
+        free(out);
+        return -1;
     }
     *piece = out;
     return 0;
@@ -71,8 +86,19 @@ int textstream_push(textstream *s, int32_t id, char **piece, err *e) {
     return 0;
 }
 
+int textstream_prime(textstream *s, int32_t id, err *e) {
+    if (s->cap == 0) {
+        s->ids = malloc(8 * sizeof *s->ids);
+        if (!s->ids) return err_set(e, "out of memory");
+        s->cap = 8;
+    }
+    s->ids[0] = id;
+    s->n = 1;
+    return textstream_keep_last(s, e);
+}
+
 int textstream_flush(textstream *s, char **piece, err *e) {
-    if (s->n == 0) {
+    if (s->n == s->ctx) {
         *piece = calloc(1, 1);
         return *piece ? 0 : err_set(e, "out of memory");
     }

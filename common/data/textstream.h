@@ -18,6 +18,7 @@ typedef struct textstream {
     int32_t *ids; /* tokens since the last complete boundary */
     size_t n, cap;
     size_t emitted; /* bytes of their decoding already returned */
+    size_t ctx;     /* ids at the front held as context only (0 or 1) */
 } textstream;
 
 /* Starts an empty stream over tokenizer t (which must outlive it). */
@@ -28,6 +29,10 @@ void textstream_init(textstream *s, const tok *t);
  * longer) is given out as U+FFFD. Errors: the id is not in the vocabulary,
  * out of memory. */
 int textstream_push(textstream *s, int32_t id, char **piece, err *e);
+/* Makes id (e.g. the prompt's last token) the context the next ids are
+ * decoded after, so that a SentencePiece decoder keeps the space in front
+ * of the first generated word. Errors: the id is not in the vocabulary. */
+int textstream_prime(textstream *s, int32_t id, err *e);
 /* Returns whatever is held (an incomplete tail as U+FFFD) and empties the
  * stream. */
 int textstream_flush(textstream *s, char **piece, err *e);
