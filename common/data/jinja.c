@@ -911,7 +911,11 @@ static int parse_body(parser *p, nodevec *out, const char *const *stops, int *wh
     for (;;) {
         token *t = peek(p);
         if (t->kind == T_EOF) {
-            if (stops) return fail(p, "the template ends inside a block: expected %s", stops[0]);
+            if (stops) {
+                int last = 0;
+                while (stops[last + 1]) last++;
+                return fail(p, "the template ends inside a block: expected %s", stops[last]);
+            }
             return 0;
         }
         node *x = NULL;
