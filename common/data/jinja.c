@@ -134,9 +134,12 @@ static int lex_inside(const char *src, size_t a, size_t b, tokvec *tv, err *e) {
                 char d = src[j];
                 if (d == '\\' && j + 1 < b) {
                     char x = src[++j], o = x;
-                    if (x == 'n') o = '\n';
-                    else if (x == 't') o = '\t';
-                    else if (x == 'r') o = '\r';
+                    if (x == 'n')
+                        o = '\n';
+                    else if (x == 't')
+                        o = '\t';
+                    else if (x == 'r')
+                        o = '\r';
                     else if (x != '\\' && x != '\'' && x != '"') {
                         if (jb_put(&s, "\\", 1)) return err_set(e, "out of memory");
                     }
@@ -181,8 +184,8 @@ static int lex(const char *src, size_t len, tokvec *tv, err *e) {
     while (i <= len) {
         /* Find the next tag start. */
         size_t j = i;
-        while (j + 1 < len && !(src[j] == '{' && (src[j + 1] == '{' || src[j + 1] == '%' ||
-                                                  src[j + 1] == '#')))
+        while (j + 1 < len &&
+               !(src[j] == '{' && (src[j + 1] == '{' || src[j + 1] == '%' || src[j + 1] == '#')))
             j++;
         if (j + 1 >= len) j = len;
         size_t ta = i, tb = j;
@@ -206,7 +209,9 @@ static int lex(const char *src, size_t len, tokvec *tv, err *e) {
             }
         }
         if (tb > ta) {
-            token t = {.kind = T_TEXT, .s = strndup(src + ta, tb - ta), .n = tb - ta,
+            token t = {.kind = T_TEXT,
+                       .s = strndup(src + ta, tb - ta),
+                       .n = tb - ta,
                        .line = line_of(src, ta)};
             if (!t.s || tv_push(tv, t)) return err_set(e, "out of memory");
         }
@@ -231,8 +236,8 @@ static int lex(const char *src, size_t len, tokvec *tv, err *e) {
             k++;
         }
         if (k + 1 >= len)
-            return err_set(e, "line %d: a tag opened here is never closed with %s",
-                           line_of(src, j), close);
+            return err_set(e, "line %d: a tag opened here is never closed with %s", line_of(src, j),
+                           close);
         size_t b = k;
         strip_next = b > a && src[b - 1] == '-';
         if (strip_next) b--;
@@ -259,11 +264,11 @@ typedef enum {
     N_NAME,
     N_LIST,
     N_TUPLE,
-    N_DICT, /* kids: key, value, key, value ... */
-    N_ATTR, /* a . s */
-    N_ITEM, /* a [ b ] */
-    N_SLICE, /* a [ kids[1] : kids[2] : kids[3] ] (NULL when absent) */
-    N_CALL,  /* kids[0] callee, then args; kw names in names[] (NULL for positional) */
+    N_DICT,   /* kids: key, value, key, value ... */
+    N_ATTR,   /* a . s */
+    N_ITEM,   /* a [ b ] */
+    N_SLICE,  /* a [ kids[1] : kids[2] : kids[3] ] (NULL when absent) */
+    N_CALL,   /* kids[0] callee, then args; kw names in names[] (NULL for positional) */
     N_FILTER, /* s name, kids[0] the value, then args */
     N_TEST,   /* s name, kids[0] value, then args; flag: negated */
     N_BIN,    /* s operator */
@@ -275,9 +280,9 @@ typedef enum {
     /* statements */
     S_TEXT,
     S_OUT,
-    S_IF,  /* kids[0] cond; body; orelse */
-    S_FOR, /* kids[0] target, kids[1] iterable, kids[2] filter or NULL; body; orelse */
-    S_SET, /* kids[0] target, kids[1] value (or NULL: body) */
+    S_IF,    /* kids[0] cond; body; orelse */
+    S_FOR,   /* kids[0] target, kids[1] iterable, kids[2] filter or NULL; body; orelse */
+    S_SET,   /* kids[0] target, kids[1] value (or NULL: body) */
     S_MACRO, /* s name; kids: parameters as N_NAME (with defaults in names/kids of a N_DICT) */
     S_BREAK,
     S_CONTINUE,
@@ -551,8 +556,7 @@ static node *parse_postfix(parser *p) {
                 return node_free(x), fail(p, "expected a name after '.'"), NULL;
             node *a = mk(p, t->kind == T_NAME ? N_ATTR : N_ITEM);
             if (!a) return node_free(x), NULL;
-            if (t->kind == T_NAME)
-                a->s = strdup(t->s);
+            if (t->kind == T_NAME) a->s = strdup(t->s);
             p->i++;
             a = add_kid(p, a, x);
             if (a && a->kind == N_ITEM) {
@@ -708,8 +712,8 @@ static node *parse_compare(parser *p) {
                 te = parse_args(p, te);
             else if (te && (peek(p)->kind == T_STRING || peek(p)->kind == T_INT ||
                             peek(p)->kind == T_FLOAT ||
-                            (peek(p)->kind == T_NAME && !is_name(p, "and") &&
-                             !is_name(p, "or") && !is_name(p, "else") && !is_name(p, "if")))) {
+                            (peek(p)->kind == T_NAME && !is_name(p, "and") && !is_name(p, "or") &&
+                             !is_name(p, "else") && !is_name(p, "if")))) {
                 /* One argument without parentheses: x is divisibleby 3. */
                 te = add_kid(p, te, parse_concat(p));
                 if (te) {
@@ -1115,8 +1119,8 @@ static int repr(jbuf *b, const json_t *v) {
         json_t *x;
         json_object_foreach((json_t *)v, k, x) {
             json_t *ks = json_string(k);
-            rc = rc || (!first && jb_puts(b, ", ")) || repr(b, ks) || jb_puts(b, ": ") ||
-                 repr(b, x);
+            rc =
+                rc || (!first && jb_puts(b, ", ")) || repr(b, ks) || jb_puts(b, ": ") || repr(b, x);
             json_decref(ks);
             first = 0;
         }
@@ -1317,7 +1321,8 @@ static json_t *get_attr(const json_t *v, const char *name) {
 }
 
 static json_t *get_item(interp *r, const json_t *v, const json_t *k, int line) {
-    if (json_is_object(v) && json_is_string(k)) return json_incref(json_object_get(v, json_string_value(k)));
+    if (json_is_object(v) && json_is_string(k))
+        return json_incref(json_object_get(v, json_string_value(k)));
     if ((json_is_array(v) || json_is_string(v)) && json_is_integer(k)) {
         long long i = json_integer_value(k);
         if (json_is_array(v)) {
@@ -1368,8 +1373,7 @@ static json_t *do_slice(interp *r, const json_t *v, const json_t *ja, const json
     json_decref(items);
     if (json_is_string(v)) {
         jbuf s = {0};
-        for (size_t i = 0; i < json_array_size(out); i++)
-            to_str(&s, json_array_get(out, i));
+        for (size_t i = 0; i < json_array_size(out); i++) to_str(&s, json_array_get(out, i));
         json_decref(out);
         return jstr_from(&s);
     }
@@ -1465,8 +1469,7 @@ static json_t *str_method(interp *r, const json_t *s, const char *name, const ar
         size_t cnt = json_is_array(x) ? json_array_size(x) : 1;
         for (size_t i = 0; i < cnt; i++) {
             json_t *y = json_is_array(x) ? json_array_get(x, i) : x;
-            if (!json_is_string(y))
-                return rfail(r, line, "%s() needs a string", name), NULL;
+            if (!json_is_string(y)) return rfail(r, line, "%s() needs a string", name), NULL;
             size_t m = json_string_length(y);
             if (m <= n && !memcmp(name[0] == 's' ? p : p + n - m, json_string_value(y), m)) ok = 1;
         }
@@ -1506,8 +1509,10 @@ static json_t *str_method(interp *r, const json_t *s, const char *name, const ar
             int letter = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
             if (start && ch >= 'a' && ch <= 'z') ch -= 32;
             if (!start && ch >= 'A' && ch <= 'Z') ch += 32;
-            if (name[0] == 't') start = !letter;
-            else start = 0;
+            if (name[0] == 't')
+                start = !letter;
+            else
+                start = 0;
             c[i] = ch;
         }
         json_t *res = json_stringn(c, n);
@@ -1521,7 +1526,8 @@ static json_t *str_method(interp *r, const json_t *s, const char *name, const ar
         if (json_is_string(sep)) {
             const char *d = json_string_value(sep);
             size_t dl = json_string_length(sep), i = 0, start = 0;
-            if (!dl) return json_decref(out), rfail(r, line, "split() with an empty separator"), NULL;
+            if (!dl)
+                return json_decref(out), rfail(r, line, "split() with an empty separator"), NULL;
             while (i + dl <= n && maxsplit != 0) {
                 if (!memcmp(p + i, d, dl)) {
                     json_array_append_new(out, json_stringn(p + start, i - start));
@@ -1538,7 +1544,8 @@ static json_t *str_method(interp *r, const json_t *s, const char *name, const ar
                 while (i < n && is_space(p[i])) i++;
                 if (i >= n) break;
                 size_t j = i;
-                if (maxsplit == 0) j = n;
+                if (maxsplit == 0)
+                    j = n;
                 else
                     while (j < n && !is_space(p[j])) j++;
                 size_t e2 = j;
@@ -1641,7 +1648,9 @@ static json_t *call(interp *r, const node *x) {
         return NULL;
     }
     if (json_is_object(m) && json_object_get(m, MACRO_KEY)) {
-        res = call_macro(r, (const node *)(uintptr_t)json_integer_value(json_object_get(m, MACRO_KEY)), &a, x->line);
+        res = call_macro(r,
+                         (const node *)(uintptr_t)json_integer_value(json_object_get(m, MACRO_KEY)),
+                         &a, x->line);
     } else if (!strcmp(fn, "raise_exception")) {
         jbuf b = {0};
         to_str(&b, arg(&a, 0, NULL));
@@ -1650,7 +1659,8 @@ static json_t *call(interp *r, const node *x) {
     } else if (!strcmp(fn, "namespace") || !strcmp(fn, "dict")) {
         res = json_object();
         if (a.npos && json_is_object(a.pos[0])) json_object_update(res, a.pos[0]);
-        for (int i = 0; i < a.nkw; i++) json_object_set(res, a.kwn[i], a.kwv[i] ? a.kwv[i] : json_null());
+        for (int i = 0; i < a.nkw; i++)
+            json_object_set(res, a.kwn[i], a.kwv[i] ? a.kwv[i] : json_null());
     } else if (!strcmp(fn, "range")) {
         long long lo = 0, hi, st = 1;
         if (a.npos == 1)
@@ -1664,7 +1674,8 @@ static json_t *call(interp *r, const node *x) {
             rfail(r, x->line, "range() needs a non-zero step and at least one argument");
         } else {
             res = json_array();
-            for (long long i = lo; st > 0 ? i < hi : i > hi; i += st) json_array_append_new(res, json_integer(i));
+            for (long long i = lo; st > 0 ? i < hi : i > hi; i += st)
+                json_array_append_new(res, json_integer(i));
         }
     } else
         rfail(r, x->line, "the function %s() is not defined", fn);
@@ -1704,7 +1715,8 @@ static int run_test(interp *r, const char *name, const json_t *v, const args *a,
         }
         if (json_is_object(c)) return json_is_string(v) && json_object_get(c, json_string_value(v));
         if (json_is_string(c) && json_is_string(v))
-            return memmem(json_string_value(c), json_string_length(c), json_string_value(v), json_string_length(v)) != NULL;
+            return memmem(json_string_value(c), json_string_length(c), json_string_value(v),
+                          json_string_length(v)) != NULL;
         return 0;
     }
     return rfail(r, line, "the test '%s' is not supported", name), 0;
@@ -1781,7 +1793,8 @@ static json_t *apply_filter(interp *r, const char *name, json_t *v, const args *
         return jstr_from(&b);
     }
     if (!strcmp(name, "length") || !strcmp(name, "count")) {
-        if (json_is_string(v)) return json_integer((long long)u8_count(json_string_value(v), json_string_length(v)));
+        if (json_is_string(v))
+            return json_integer((long long)u8_count(json_string_value(v), json_string_length(v)));
         if (json_is_array(v)) return json_integer((long long)json_array_size(v));
         if (json_is_object(v)) return json_integer((long long)json_object_size(v));
         if (!v) return json_integer(0);
@@ -1824,7 +1837,8 @@ static json_t *apply_filter(interp *r, const char *name, json_t *v, const args *
         if (!l) return NULL;
         jbuf b = {0};
         for (size_t i = 0; i < json_array_size(l); i++) {
-            if (i && json_is_string(sep)) jb_put(&b, json_string_value(sep), json_string_length(sep));
+            if (i && json_is_string(sep))
+                jb_put(&b, json_string_value(sep), json_string_length(sep));
             json_t *it = json_array_get(l, i);
             if (json_is_string(attr)) {
                 json_t *av = attr_of(it, json_string_value(attr));
@@ -1837,9 +1851,10 @@ static json_t *apply_filter(interp *r, const char *name, json_t *v, const args *
         return jstr_from(&b);
     }
     if (!strcmp(name, "int") || !strcmp(name, "float") || !strcmp(name, "abs")) {
-        double d = json_is_number(v) ? json_number_value(v)
+        double d = json_is_number(v)   ? json_number_value(v)
                    : json_is_string(v) ? strtod(json_string_value(v), NULL)
-                   : json_is_true(v) ? 1 : 0;
+                   : json_is_true(v)   ? 1
+                                       : 0;
         if (!strcmp(name, "abs")) {
             if (json_is_integer(v)) return json_integer(llabs(json_integer_value(v)));
             return json_real(fabs(d));
@@ -1859,7 +1874,8 @@ static json_t *apply_filter(interp *r, const char *name, json_t *v, const args *
         }
         for (size_t i = 0; i < json_array_size(l) && !r->failed; i++) {
             json_t *it = json_array_get(l, i), *av = attr_of(it, json_string_value(attr));
-            int ok = json_is_string(test) ? run_test(r, json_string_value(test), av, &ta, line) : truthy(av);
+            int ok = json_is_string(test) ? run_test(r, json_string_value(test), av, &ta, line)
+                                          : truthy(av);
             json_decref(av);
             if (ok == (name[0] == 's')) json_array_append(out, it);
         }
@@ -1879,7 +1895,8 @@ static json_t *apply_filter(interp *r, const char *name, json_t *v, const args *
                 for (int k = 1; k < a->npos; k++) rest.pos[rest.npos++] = a->pos[k];
                 mv = apply_filter(r, json_string_value(a->pos[0]), it, &rest, line);
             } else
-                return json_decref(l), json_decref(out), rfail(r, line, "map needs a filter name or attribute="), NULL;
+                return json_decref(l), json_decref(out),
+                       rfail(r, line, "map needs a filter name or attribute="), NULL;
             json_array_append_new(out, mv ? mv : json_null());
         }
         json_decref(l);
@@ -1937,7 +1954,8 @@ static json_t *binop(interp *r, const node *x) {
         jbuf s = {0};
         for (long long i = 0; i < json_integer_value(b); i++) to_str(&s, a);
         res = jstr_from(&s);
-    } else if ((json_is_number(a) || json_is_boolean(a)) && (json_is_number(b) || json_is_boolean(b))) {
+    } else if ((json_is_number(a) || json_is_boolean(a)) &&
+               (json_is_number(b) || json_is_boolean(b))) {
         int ints = !json_is_real(a) && !json_is_real(b);
         long long ia = json_is_integer(a) ? json_integer_value(a) : json_is_true(a);
         long long ib = json_is_integer(b) ? json_integer_value(b) : json_is_true(b);
@@ -1951,8 +1969,11 @@ static json_t *binop(interp *r, const node *x) {
             res = ints ? json_integer(ia - ib) : json_real(fa - fb);
             break;
         case '*':
-            res = op[1] == '*' ? (ints && ib >= 0 ? json_integer((long long)pow((double)ia, (double)ib)) : json_real(pow(fa, fb)))
-                               : ints ? json_integer(ia * ib) : json_real(fa * fb);
+            res = op[1] == '*'
+                      ? (ints && ib >= 0 ? json_integer((long long)pow((double)ia, (double)ib))
+                                         : json_real(pow(fa, fb)))
+                  : ints ? json_integer(ia * ib)
+                         : json_real(fa * fb);
             break;
         case '/':
             if (fb == 0) {
@@ -1960,7 +1981,8 @@ static json_t *binop(interp *r, const node *x) {
                 break;
             }
             if (op[1] == '/')
-                res = ints ? json_integer((long long)floor((double)ia / (double)ib)) : json_real(floor(fa / fb));
+                res = ints ? json_integer((long long)floor((double)ia / (double)ib))
+                           : json_real(floor(fa / fb));
             else
                 res = json_real(fa / fb);
             break;
@@ -2000,7 +2022,8 @@ static json_t *eval(interp *r, const node *x) {
         json_t *d = json_object();
         for (size_t i = 0; i + 1 < x->kids.n; i += 2) {
             json_t *k = eval(r, x->kids.v[i]), *v = eval(r, x->kids.v[i + 1]);
-            if (json_is_string(k)) json_object_set_new(d, json_string_value(k), v ? v : json_null());
+            if (json_is_string(k))
+                json_object_set_new(d, json_string_value(k), v ? v : json_null());
             else
                 json_decref(v);
             json_decref(k);
@@ -2098,7 +2121,8 @@ static int assign(interp *r, const node *target, json_t *v) {
         if (!l) return -1;
         if (json_array_size(l) != target->kids.n) {
             json_decref(l);
-            return rfail(r, target->line, "cannot unpack %zu values into %zu names", json_array_size(l), target->kids.n);
+            return rfail(r, target->line, "cannot unpack %zu values into %zu names",
+                         json_array_size(l), target->kids.n);
         }
         for (size_t i = 0; i < target->kids.n; i++)
             if (assign(r, target->kids.v[i], json_incref(json_array_get(l, i)))) {
@@ -2138,10 +2162,10 @@ static int exec_for(interp *r, const node *x) {
             json_decref(items);
             return rfail(r, x->line, "out of memory");
         }
-        json_t *loop = json_pack("{sIsIsIsIsbsbsI}", "index", (json_int_t)i + 1, "index0",
-                                 (json_int_t)i, "revindex", (json_int_t)(n - i), "revindex0",
-                                 (json_int_t)(n - i - 1), "first", i == 0, "last", i + 1 == n,
-                                 "length", (json_int_t)n);
+        json_t *loop =
+            json_pack("{sIsIsIsIsbsbsI}", "index", (json_int_t)i + 1, "index0", (json_int_t)i,
+                      "revindex", (json_int_t)(n - i), "revindex0", (json_int_t)(n - i - 1),
+                      "first", i == 0, "last", i + 1 == n, "length", (json_int_t)n);
         if (i > 0) json_object_set(loop, "previtem", json_array_get(items, i - 1));
         if (i + 1 < n) json_object_set(loop, "nextitem", json_array_get(items, i + 1));
         set_var(r, "loop", loop);

@@ -31,9 +31,11 @@ static int textstream_keep_last(textstream *s, err *e) {
     s->ids[0] = s->ids[s->n - 1];
     s->n = 1;
     if (tok_decode(s->t, s->ids, 1, 1, &text, &len, e) < 0) return -1;
+    /* A token that is only part of a character is no context: start empty. */
+    int partial = trailing_replacements(text, len) > 0;
     free(text);
-    s->emitted = len;
-    s->ctx = 1;
+    s->n = s->ctx = partial ? 0 : 1;
+    s->emitted = partial ? 0 : len;
     return 0;
 }
 

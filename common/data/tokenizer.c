@@ -745,11 +745,11 @@ typedef enum { NORM_UNICODE, NORM_REPLACE, NORM_PREPEND, NORM_STRIP } norm_kind;
 
 typedef struct {
     norm_kind kind;
-    int form;           /* NORM_UNICODE: utf8proc options */
-    char *from, *to;    /* NORM_REPLACE: literal pattern (or NULL with re) and content;
-                           NORM_PREPEND: to */
-    regex re;           /* NORM_REPLACE with a Regex pattern */
-    int left, right;    /* NORM_STRIP */
+    int form;        /* NORM_UNICODE: utf8proc options */
+    char *from, *to; /* NORM_REPLACE: literal pattern (or NULL with re) and content;
+                        NORM_PREPEND: to */
+    regex re;        /* NORM_REPLACE with a Regex pattern */
+    int left, right; /* NORM_STRIP */
 } norm_step;
 
 /* One decoder of the chain (tokenizers' decode_chain: token strings in,
@@ -758,10 +758,10 @@ typedef enum { DEC_REPLACE, DEC_BYTE_FALLBACK, DEC_FUSE, DEC_STRIP, DEC_METASPAC
 
 typedef struct {
     dec_kind kind;
-    char *from, *to;    /* DEC_REPLACE; DEC_METASPACE: from = replacement */
-    uint32_t content;   /* DEC_STRIP: the character stripped */
-    int start, stop;    /* DEC_STRIP: how many at most; DEC_METASPACE: start = strip
-                           the first token's leading space */
+    char *from, *to;  /* DEC_REPLACE; DEC_METASPACE: from = replacement */
+    uint32_t content; /* DEC_STRIP: the character stripped */
+    int start, stop;  /* DEC_STRIP: how many at most; DEC_METASPACE: start = strip
+                         the first token's leading space */
 } dec_step;
 
 /* A cache of merged words: open addressing over entries whose key bytes and
@@ -827,7 +827,7 @@ struct tok {
 
     dec_step *decs; /* the decoder chain; NULL with n_dec 0 when absent */
     int n_dec;
-    int dec_byte_level; /* the whole decoder is ByteLevel */
+    int dec_byte_level;    /* the whole decoder is ByteLevel */
     char decoder_why[160]; /* why decoding is refused, or "" */
     int32_t byte_ids[256]; /* byte_fallback: the id of <0xNN>, -1 if none */
     int byte_fallback;
@@ -1199,8 +1199,8 @@ static int split_keep(const pt_step *st, const segvec *in, segvec *out) {
 static int pretokenize(tok *t, int k, const char *s, size_t n, i32vec *out, err *e);
 
 /* Replaces every space by `to` (tl bytes) into b. */
-static int replace_all(buf *b, const char *s, size_t n, const char *from, size_t fl,
-                       const char *to, size_t tl) {
+static int replace_all(buf *b, const char *s, size_t n, const char *from, size_t fl, const char *to,
+                       size_t tl) {
     size_t done = 0;
     for (size_t i = 0; fl && i + fl <= n;) {
         if (memcmp(s + i, from, fl)) {
@@ -1222,7 +1222,8 @@ static int metaspace(tok *t, int k, pt_step *st, const char *s, size_t n, i32vec
     st->mapped.n = 0;
     int lead = n >= 1 && s[0] == ' ';
     if (!lead && n >= rl && !memcmp(s, st->replacement, rl)) lead = 1;
-    if (!lead && (st->prepend == PREPEND_ALWAYS || (st->prepend == PREPEND_FIRST && t->first_section)) &&
+    if (!lead &&
+        (st->prepend == PREPEND_ALWAYS || (st->prepend == PREPEND_FIRST && t->first_section)) &&
         buf_put(&st->mapped, st->replacement, rl))
         return err_set(e, "out of memory");
     if (replace_all(&st->mapped, s, n, " ", 1, st->replacement, rl))
@@ -2270,8 +2271,10 @@ static const char *strlist_at(const strlist *l, size_t i, size_t *n) {
 }
 
 static int hexval(char c) {
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                        : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                  : -1;
 }
 
 /* Runs one decoder over in into out (emptied first). */
