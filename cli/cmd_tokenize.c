@@ -11,6 +11,7 @@
 #include "cli.h"
 #include "config/cmdline.h"
 #include "base/fsutil.h"
+#include "data/chat.h"
 #include "data/data.h"
 #include "model/model.h"
 #include "data/tokenizer.h"
@@ -19,6 +20,7 @@ static const char usage[] =
     "usage: peftps tokenize MODEL_DIR --text STRING [--no-special]\n"
     "       peftps tokenize MODEL_DIR --decode \"ID ID ...\" [--skip-special]\n"
     "       peftps tokenize MODEL_DIR --data FILE [--seq-len N] [--cache-dir DIR]\n"
+    "       peftps tokenize MODEL_DIR --chat FILE.jsonl\n"
     "\n"
     "Uses MODEL_DIR/tokenizer.json (MODEL_DIR may also name the tokenizer.json\n"
     "itself), with BOS/EOS from tokenizer_config.json or config.json beside it.\n"
@@ -34,6 +36,11 @@ static const char usage[] =
     "                   records, tokens, tokens with loss and, with --seq-len N,\n"
     "                   the windows of N+1 tokens. Ids are checked against the\n"
     "                   vocab_size of MODEL_DIR/config.json when there is one.\n"
+    "  --chat FILE      for each {\"messages\": [...]} record of a JSONL file: the\n"
+    "                   text the model's chat template renders (\"== record N\" and\n"
+    "                   the text), then one line of id:mask pairs, mask 1 where the\n"
+    "                   token trains (the assistant turns and their end-of-turn\n"
+    "                   tokens), 0 elsewhere: what training on the file learns.\n"
     "  -h, --help       this help\n"
     "\n"
     "Exits 0, 1 on a failure while working, or 2 with one error line on bad usage\n"
@@ -99,6 +106,66 @@ static int print_text(tok *t, const char *list, int skip_special) {
     return 0;
 }
 
+/* --chat: every conversation record rendered, with ids and loss mask. */
+static int print_chat(tok *t, const char *model_dir, const char *file) {
+    err e;
+    chat *c = NULL;
+    size_t len = 0;
+    char *text = NULL;
+    if (fs_read_file(file, 0, &text, &len, &e) < 0) {
+        fprintf(stderr, "peftps tokenize: %s\n", e.msg);
+        return 2;
+    }
+    struct stat st;
+    char *dir = stat(model_dir, &st) == 0 && S_ISDIR(st.st_mode) ? strdup(model_dir) : NULL;
+    if (!dir) {
+        const char *slash = strrchr(model_dir, '/');
+        dir = slash ? strndup(model_dir, (size_t)(slash - model_dir)) : strdup(".");
+    }
+    int rc = dir && chat_open(&c, dir, &e) == 0 ? 0 : 2;
+    free(dir);
+    if (rc) fprintf(stderr, "peftps tokenize: %s\n", e.msg);
+    size_t line = 0, records = 0;
+    for (char *p = text; !rc && p < text + len;) {
+        char *nl = memchr(p, '\n', (size_t)(text + len - p));
+        size_t n = nl ? (size_t)(nl - p) : (size_t)(text + len - p);
+        line++;
+        json_error_t je;
+        int blank = strspn(p, " \t\r") >= n; /* the set has no \n: stops at the line end */
+        json_t *rec = blank ? NULL : json_loadb(p, n, 0, &je);
+        p += n + 1;
+        if (blank) continue;
+        if (!rec || !json_is_object(rec) || !json_object_get(rec, "messages")) {
+            fprintf(stderr, "peftps tokenize: %s:%zu: %s\n", file, line,
+                    rec ? "a record needs \"messages\"" : je.text);
+            json_decref(rec);
+            rc = 2;
+            break;
+        }
+        char *rendered;
+        int32_t *ids;
+        unsigned char *mask;
+        size_t nids;
+        if (chat_encode(c, t, json_object_get(rec, "messages"), &rendered, &ids, &mask, &nids,
+                        &e)) {
+            fprintf(stderr, "peftps tokenize: %s:%zu: %s\n", file, line, e.msg);
+            json_decref(rec);
+            rc = 2;
+            break;
+        }
+        printf("== record %zu (%s:%zu)\n%s\n", ++records, file, line, rendered);
+        for (size_t i = 0; i < nids; i++) printf("%s%d:%d", i ? " " : "", ids[i], mask[i]);
+        printf("\n");
+        free(rendered);
+        free(ids);
+        free(mask);
+        json_decref(rec);
+    }
+    chat_free(c);
+    free(text);
+    return rc;
+}
+
 /* The model's vocab_size from MODEL_DIR/config.json; 0 when there is none. */
 static int model_vocab_size(const char *model_dir, int *vocab, err *e) {
     struct stat st;
@@ -156,7 +223,8 @@ static int tokenize_data(const char *model_dir, const char *file, int seq_len,
 }
 
 int cmd_tokenize(int argc, char **argv) {
-    const char *model_dir = NULL, *text = NULL, *decode = NULL, *file = NULL, *cache_dir = NULL;
+    const char *model_dir = NULL, *text = NULL, *decode = NULL, *file = NULL, *cache_dir = NULL,
+               *chat_file = NULL;
     int add_special = 1, skip_special = 0, seq_len = 0;
     const cmdline_opt opts[] = {CMDLINE_STR("--text", &text),
                                 CMDLINE_STR("--decode", &decode),
@@ -164,13 +232,14 @@ int cmd_tokenize(int argc, char **argv) {
                                 CMDLINE_STR("--cache-dir", &cache_dir),
                                 CMDLINE_INT("--seq-len", &seq_len, 1, INT32_MAX - 1),
                                 CMDLINE_SET("--no-special", &add_special, 0),
-                                CMDLINE_SET("--skip-special", &skip_special, 1)};
-    int rc = cmdline_parse("peftps tokenize", usage, opts, 7, "model directory", &model_dir, 1,
+                                CMDLINE_SET("--skip-special", &skip_special, 1),
+                                CMDLINE_STR("--chat", &chat_file)};
+    int rc = cmdline_parse("peftps tokenize", usage, opts, 8, "model directory", &model_dir, 1,
                            argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
-    if (!model_dir || (!!text + !!decode + !!file) != 1) {
+    if (!model_dir || (!!text + !!decode + !!file + !!chat_file) != 1) {
         fprintf(stderr, "peftps tokenize: give a model directory and one of --text, --decode, "
-                        "--data\n");
+                        "--data, --chat\n");
         fputs(usage, stderr);
         return 2;
     }
@@ -191,7 +260,9 @@ int cmd_tokenize(int argc, char **argv) {
         }
         rc = print_ids(t, in ? in : text, len, add_special);
         free(in);
-    } else
+    } else if (chat_file)
+        rc = print_chat(t, model_dir, chat_file);
+    else
         rc = print_text(t, decode, skip_special);
     tok_close(t);
     return rc;

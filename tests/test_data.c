@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "data/chat.h"
 #include "data/data.h"
 #include "data/tokenizer.h"
 
@@ -364,6 +365,97 @@ static void test_jsonl_masking(void **state) {
     data_close(d);
 }
 
+static void expect_text_error(const char *path, data_opts o, const char *where, const char *what);
+
+/* Writes the small tokenizer's tokenizer_config.json with a chat template:
+ * each message as <s>R:CONTENT</s> (R the role's first letter), and the
+ * generation prompt <s>a:. */
+static const char *write_chat_tokenizer(void) {
+    const char *tk = write_tokenizer("</s>");
+    char p[320];
+    snprintf(p, sizeof p, "%s/tokenizer_config.json", tk);
+    FILE *f = fopen(p, "w");
+    assert_non_null(f);
+    fputs("{\"bos_token\": \"<s>\", \"eos_token\": \"</s>\", \"chat_template\": \"{% for m in "
+          "messages %}<s>{{ m.role[0] }}:{{ m.content }}</s>{% endfor %}{% if "
+          "add_generation_prompt %}<s>a:{% endif %}\"}",
+          f);
+    fclose(f);
+    return tk;
+}
+
+/* Conversations: rendered with the chat template, the loss only on the
+ * assistant turns that train (their content and the </s> that ends them). */
+static void test_chat_masking(void **state) {
+    (void)state;
+    const char *tk = write_chat_tokenizer();
+    const char *path = write_str(
+        "chat.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hello\"}, {\"role\": "
+        "\"assistant\", \"content\": \"aa\"}]}\n"
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"aa\"}, {\"role\": \"user\", "
+        "\"content\": \"aa\"}, {\"role\": \"assistant\", \"content\": \"hello\", \"train\": "
+        "false}, {\"role\": \"user\", \"content\": \"hello\"}, {\"role\": \"assistant\", "
+        "\"content\": \"hello aa\"}]}\n");
+    data *d;
+    err e = {{0}};
+    data_opts o = text_opts(9, tk);
+    if (data_open(&d, path, &o, &e) != 0) fail_msg("%s", e.msg);
+    /* Record 1: <s> u : hello </s> <s> a : aa </s> (10), targets aa </s>.
+     * Record 2: <s>s:aa</s> <s>u:aa</s> <s>a:hello</s> <s>u:hello</s>
+     * <s>a:hello aa</s> (4 x 5 + 7: "hello aa" is hello Ġ aa), targets
+     * hello Ġ aa </s> of the last turn only. */
+    assert_int_equal(data_num_records(d), 2);
+    assert_int_equal(data_num_tokens(d), 37);
+    assert_int_equal(data_num_loss_tokens(d), 6);
+    const int32_t t0[] = {BOS, 'u', ':', HELLO, EOS, BOS, 'a', ':', AA};
+    const int32_t l0[] = {M, M, M, M, M, M, M, AA, EOS};
+    expect_window(d, 0, t0, l0);
+    data_close(d);
+
+    /* The same through tokenize --chat's function, with the text. */
+    tok *t;
+    assert_int_equal(tok_open(&t, tk, &e), 0);
+    chat *c;
+    if (chat_open(&c, tk, &e) != 0) fail_msg("%s", e.msg);
+    json_t *msgs = json_loads("[{\"role\": \"user\", \"content\": \"hello\"}, {\"role\": "
+                              "\"assistant\", \"content\": \"aa\", \"train\": false}]",
+                              0, NULL);
+    char *text;
+    int32_t *ids;
+    unsigned char *mask;
+    size_t n;
+    assert_int_equal(chat_encode(c, t, msgs, &text, &ids, &mask, &n, &e), 0);
+    assert_string_equal(text, "<s>u:hello</s><s>a:aa</s>");
+    assert_int_equal(n, 10);
+    for (size_t i = 0; i < n; i++) assert_int_equal(mask[i], 0);
+    free(text);
+    free(ids);
+    free(mask);
+    json_decref(msgs);
+    /* Errors name the message. */
+    static const char *const bad[][2] = {
+        {"[]", "non-empty list"},
+        {"[{\"role\": \"user\"}]", "messages[0] (user) has no string \"content\""},
+        {"[{\"content\": \"x\"}]", "messages[0] has no string \"role\""},
+        {"[{\"role\": \"assistant\", \"content\": \"x\", \"train\": 1}]", "true or false"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        msgs = json_loads(bad[i][0], 0, NULL);
+        assert_int_equal(chat_encode(c, t, msgs, NULL, &ids, &mask, &n, &e), -1);
+        if (!strstr(e.msg, bad[i][1])) fail_msg("\"%s\" does not say \"%s\"", e.msg, bad[i][1]);
+        json_decref(msgs);
+    }
+    chat_free(c);
+    tok_close(t);
+
+    /* A model without a chat template: the record's error says so. */
+    write_tokenizer("</s>");
+    const char *p2 = write_str("chat2.jsonl", "{\"messages\": [{\"role\": \"user\", "
+                                              "\"content\": \"hello\"}]}\n");
+    expect_text_error(p2, o, ":1: ", "has no chat_template");
+}
+
 static void test_text_packing(void **state) {
     (void)state;
     const char *tk = write_tokenizer("</s>");
@@ -497,7 +589,8 @@ static void test_text_errors(void **state) {
     } cases[] = {
         {"{\"text\": \"aa\"}\n{\"text\": \"aa\",}\n", ":2:", "invalid JSON at column"},
         {"{\"text\": \"aa\"}\n\n[1, 2]\n", ":3:", "a JSON object, this line holds a list"},
-        {"{\"txt\": \"aa\"}\n", ":1:", "needs \"text\", or \"prompt\" and \"completion\""},
+        {"{\"txt\": \"aa\"}\n",
+         ":1:", "needs \"text\", \"prompt\" and \"completion\", or \"messages\""},
         {"{\"text\": 5}\n", ":1:", "\"text\" is a number, not a string"},
         {"{\"prompt\": \"a\", \"completion\": null}\n", ":1:", "\"completion\" is null"},
         {"{\"prompt\": \"a\", \"completion\": \"\"}\n", ":1:", "\"completion\" is empty"},
@@ -630,6 +723,7 @@ int main(void) {
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_fixtures_load),
         cmocka_unit_test(test_jsonl_masking),
+        cmocka_unit_test(test_chat_masking),
         cmocka_unit_test(test_text_packing),
         cmocka_unit_test(test_cache),
         cmocka_unit_test(test_text_errors),

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "data/jinja.h"
+#include "data/tokenizer.h"
 
 struct chat {
     jinja *j;
@@ -120,4 +121,139 @@ void chat_free(chat *c) {
     json_decref(c->bos);
     json_decref(c->eos);
     free(c);
+}
+
+/* Messages checked: each an object with string role and content, train a
+ * boolean when present. */
+static int check_messages(const json_t *messages, err *e) {
+    if (!json_is_array(messages) || json_array_size(messages) == 0)
+        return err_set(e, "\"messages\" must be a non-empty list");
+    size_t i;
+    const json_t *m;
+    json_array_foreach(messages, i, m) {
+        if (!json_is_object(m)) return err_set(e, "messages[%zu] is not an object", i);
+        if (!json_is_string(json_object_get(m, "role")))
+            return err_set(e, "messages[%zu] has no string \"role\"", i);
+        if (!json_is_string(json_object_get(m, "content")))
+            return err_set(e, "messages[%zu] (%s) has no string \"content\"", i,
+                           json_string_value(json_object_get(m, "role")));
+        const json_t *train = json_object_get(m, "train");
+        if (train && !json_is_boolean(train))
+            return err_set(e, "messages[%zu]: \"train\" must be true or false", i);
+    }
+    return 0;
+}
+
+/* Renders messages[0..k) into *text. */
+static int render_first(const chat *c, const json_t *messages, size_t k, int gen, char **text,
+                        size_t *len, err *e) {
+    json_t *part = json_array();
+    for (size_t i = 0; i < k; i++) json_array_append(part, json_array_get(messages, i));
+    int rc = chat_render(c, part, gen, text, len, e);
+    json_decref(part);
+    return rc;
+}
+
+/* How many leading tokens of ids (n) encode text[0..end) alone: the
+ * tokens wholly before the byte end. */
+static int tokens_before(tok *t, const char *text, size_t end, const int32_t *ids, size_t n,
+                         size_t *k, err *e) {
+    int32_t *p;
+    size_t np;
+    if (tok_encode(t, text, end, 0, &p, &np, e)) return -1;
+    size_t i = 0;
+    while (i < np && i < n && p[i] == ids[i]) i++;
+    free(p);
+    *k = i;
+    return 0;
+}
+
+/* Where an assistant turn that starts at byte lb of full ends, from upto
+ * (the conversation rendered up to and including the turn): where upto
+ * ends, when it is how full begins; otherwise, for templates that dress the
+ * last turn differently (Qwen3's empty <think> block), the end of the
+ * longest tail of upto that continues full where the two part. 1 when
+ * found. */
+static int turn_end(const char *full, size_t flen, const char *upto, size_t lu, size_t lb,
+                    size_t *end) {
+    size_t c = 0;
+    while (c < lu && c < flen && upto[c] == full[c]) c++;
+    if (c < lb) return 0;
+    if (c == lu) {
+        *end = lu;
+        return 1;
+    }
+    for (size_t k = lu - c; k > 0; k--)
+        if (c + k <= flen && !memcmp(upto + lu - k, full + c, k)) {
+            *end = c + k;
+            return 1;
+        }
+    return 0;
+}
+
+int chat_encode(const chat *c, struct tok *t, const json_t *messages, char **text, int32_t **ids,
+                unsigned char **mask, size_t *n, err *e) {
+    *ids = NULL;
+    *mask = NULL;
+    *n = 0;
+    if (text) *text = NULL;
+    if (check_messages(messages, e)) return -1;
+    char *full = NULL;
+    size_t flen = 0, nm = json_array_size(messages);
+    if (chat_render(c, messages, 0, &full, &flen, e)) return -1;
+    int32_t *v = NULL;
+    size_t nv = 0;
+    unsigned char *m = NULL;
+    if (tok_encode(t, full, flen, 0, &v, &nv, e)) goto fail;
+    m = calloc(nv ? nv : 1, 1);
+    if (!m) {
+        err_set(e, "out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < nm; i++) {
+        const json_t *msg = json_array_get(messages, i);
+        if (strcmp(json_string_value(json_object_get(msg, "role")), "assistant") ||
+            json_is_false(json_object_get(msg, "train")))
+            continue;
+        char *before = NULL, *upto = NULL;
+        size_t lb = 0, lu = 0;
+        int rc = render_first(c, messages, i, 1, &before, &lb, e) ||
+                 render_first(c, messages, i + 1, 0, &upto, &lu, e);
+        size_t end = 0;
+        int located =
+            !rc && lb <= flen && !memcmp(before, full, lb) &&
+            turn_end(full, flen, upto, lu, lb, &end) &&
+            memmem(full + lb, end - lb, json_string_value(json_object_get(msg, "content")),
+                   json_string_length(json_object_get(msg, "content")));
+        free(before);
+        free(upto);
+        if (rc) goto fail;
+        lu = end;
+        if (!located) {
+            err_set(e,
+                    "cannot locate assistant message %zu: the chat template %s does not render "
+                    "the conversation prefix by prefix (the text before it with the generation "
+                    "prompt is not how the whole conversation begins, or the turn's text is "
+                    "not found after it)",
+                    i, c->path);
+            goto fail;
+        }
+        size_t ks, ke;
+        if (tokens_before(t, full, lb, v, nv, &ks, e) || tokens_before(t, full, lu, v, nv, &ke, e))
+            goto fail;
+        for (size_t k = ks; k < ke; k++) m[k] = 1;
+    }
+    *ids = v;
+    *mask = m;
+    *n = nv;
+    if (text)
+        *text = full;
+    else
+        free(full);
+    return 0;
+fail:
+    free(full);
+    free(v);
+    free(m);
+    return -1;
 }

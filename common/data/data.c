@@ -17,6 +17,7 @@
 #include "base/hash.h"
 #include "base/log.h"
 #include "config/config.h"
+#include "data/chat.h"
 #include "data/tokenizer.h"
 #include "model/clshead.h"
 
@@ -315,8 +316,45 @@ static int cls_record(stream *s, tok *t, const json_t *rec, err *e) {
     return 0;
 }
 
+/* The chat template of the tokenizer's model directory, opened at the first
+ * conversation record. */
+typedef struct {
+    tok *t;
+    chat *c;
+} jsonl_ctx;
+
+/* A conversation record: rendered with the chat template, the loss on the
+ * assistant turns (chat_encode). */
+static int stream_chat(stream *s, jsonl_ctx *x, const json_t *messages, err *e) {
+    if (!x->c) {
+        const char *p = tok_path(x->t);
+        const char *slash = strrchr(p, '/');
+        char *dir = slash ? strndup(p, (size_t)(slash - p) + (slash == p)) : strdup(".");
+        int rc = dir ? chat_open(&x->c, dir, e) : err_set(e, "out of memory");
+        free(dir);
+        if (rc) return -1;
+    }
+    int32_t *ids;
+    unsigned char *mask;
+    size_t n;
+    if (chat_encode(x->c, x->t, messages, NULL, &ids, &mask, &n, e)) return -1;
+    int rc = 0;
+    for (size_t i = 0; i < n && !rc;) {
+        size_t j = i;
+        while (j < n && mask[j] == mask[i]) j++;
+        rc = stream_add(s, ids + i, j - i, mask[i]);
+        i = j;
+    }
+    free(ids);
+    free(mask);
+    if (rc) return err_set(e, "out of memory");
+    s->n_records++;
+    return 0;
+}
+
 /* One JSONL line: checks its shape and adds its record. */
-static int jsonl_line(stream *s, tok *t, const char *line, size_t len, err *e) {
+static int jsonl_line(stream *s, jsonl_ctx *x, const char *line, size_t len, err *e) {
+    tok *t = x->t;
     json_error_t je;
     json_t *rec = json_loadb(line, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &je);
     if (!rec) return err_set(e, "invalid JSON at column %d: %s", je.column, je.text);
@@ -330,6 +368,16 @@ static int jsonl_line(stream *s, tok *t, const char *line, size_t len, err *e) {
     const char *text, *prompt, *completion;
     if (!json_is_object(rec)) {
         err_set(e, "a record is a JSON object, this line holds %s", json_type_name(rec));
+        goto done;
+    }
+    const json_t *messages = json_object_get(rec, "messages");
+    if (messages) {
+        if (json_object_get(rec, "text") || json_object_get(rec, "prompt") ||
+            json_object_get(rec, "completion"))
+            err_set(e, "a record has \"messages\" or \"text\" or \"prompt\"/\"completion\", "
+                       "one of them");
+        else
+            rc = stream_chat(s, x, messages, e);
         goto done;
     }
     text = record_string(rec, "text", &tl, &has_t, e);
@@ -346,7 +394,8 @@ static int jsonl_line(stream *s, tok *t, const char *line, size_t len, err *e) {
         err_set(e, "%s",
                 has_p   ? "\"prompt\" without \"completion\""
                 : has_c ? "\"completion\" without \"prompt\""
-                        : "a record needs \"text\", or \"prompt\" and \"completion\"");
+                        : "a record needs \"text\", \"prompt\" and \"completion\", or "
+                          "\"messages\"");
         goto done;
     }
     if (has_t ? tl == 0 : cl == 0) {
@@ -368,14 +417,18 @@ static int is_blank(const char *p, size_t n) {
 
 static int tokenize_jsonl(stream *s, tok *t, const char *path, const char *text, size_t n, err *e) {
     size_t line = 0;
+    jsonl_ctx x = {.t = t};
     for (size_t i = 0; i < n;) {
         const char *nl = memchr(text + i, '\n', n - i);
         size_t end = nl ? (size_t)(nl - text) : n;
         line++;
-        if (!is_blank(text + i, end - i) && jsonl_line(s, t, text + i, end - i, e))
+        if (!is_blank(text + i, end - i) && jsonl_line(s, &x, text + i, end - i, e)) {
+            chat_free(x.c);
             return err_wrap(e, "%s:%zu", path, line);
+        }
         i = end + 1;
     }
+    chat_free(x.c);
     if (s->n_records == 0) return err_set(e, "%s: holds no record", path);
     return 0;
 }

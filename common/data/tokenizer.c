@@ -1977,8 +1977,10 @@ static int resolve_paths(const char *path, char **file, char **dir, err *e) {
     return 0;
 }
 
-/* The files beside tokenizer.json that change the ids data gets (BOS/EOS). */
-static const char *const sidecars[] = {"tokenizer_config.json", "config.json"};
+/* The files beside tokenizer.json that change the ids data gets: BOS/EOS
+ * (the first two, read by load_special_ids) and the chat template. */
+static const char *const sidecars[] = {"tokenizer_config.json", "config.json",
+                                       "chat_template.jinja"};
 
 /* Hashes one file into the fingerprint, framed by its name and length so
  * that no two sets of files give the same stream. */

@@ -84,7 +84,8 @@ const char *tok_path(const tok *t);
 
 /* Hex SHA-256 over the files that decide the ids this tokenizer produces:
  * tokenizer.json and, when present beside it, tokenizer_config.json and
- * config.json (BOS/EOS). Equal to tok_fingerprint_path of the same path. */
+ * config.json (BOS/EOS, the chat template) and chat_template.jinja. Equal to tok_fingerprint_path
+ * of the same path. */
 const char *tok_fingerprint(const tok *t);
 
 /* The same fingerprint computed from the files alone, without parsing the
