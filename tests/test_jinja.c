@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "base/sha256.h"
+#include "data/chat.h"
 #include "data/jinja.h"
 
 #define FIXTURES "tests/reference/chat/fixtures.json"
@@ -233,6 +234,88 @@ static int check_template(const char *name, const json_t *t, const json_t *spec,
     return bad;
 }
 
+/* The end-of-turn text each template writes after an assistant message. */
+static const char *turn_end_of(const char *name) {
+    if (!strncmp(name, "llama3", 6)) return "<|eot_id|>";
+    if (!strncmp(name, "qwen", 4) || !strcmp(name, "smollm2")) return "<|im_end|>\n";
+    if (!strcmp(name, "gemma3")) return "<end_of_turn>\n";
+    if (!strcmp(name, "mistral-v0.1")) return "</s> ";
+    return "<|end|>\n"; /* phi3, phi3.5 */
+}
+
+/* The assistant turns of every fixture conversation, located by rendering
+ * prefixes (chat_spans): the whole text is the reference's, each turn holds
+ * its message's content and ends with the template's end-of-turn text. */
+static int check_spans(const char *name, const json_t *t, const json_t *spec, const json_t *fx,
+                       int *nturns) {
+    const json_t *convs = json_object_get(fx, "conversations");
+    const json_t *cases = json_object_get(fx, "cases");
+    chat *c;
+    err e = {{0}};
+    if (chat_from_string(&c, json_string_value(t), json_string_length(t),
+                         json_string_value(json_object_get(spec, "bos_token")),
+                         json_string_value(json_object_get(spec, "eos_token")), &e) != 0)
+        fail_msg("%s: %s", name, e.msg);
+    const char *eot = turn_end_of(name);
+    int bad = 0;
+    for (size_t i = 0; i < json_array_size(cases); i++) {
+        const json_t *cs = json_array_get(cases, i);
+        if (strcmp(json_string_value(json_object_get(cs, "template")), name) ||
+            json_is_true(json_object_get(cs, "add_generation_prompt")) ||
+            json_is_true(json_object_get(cs, "tools")) ||
+            !json_is_string(json_object_get(cs, "text")))
+            continue;
+        const json_t *msgs =
+            json_array_get(convs, (size_t)json_integer_value(json_object_get(cs, "conversation")));
+        char *text;
+        size_t len, *sp, ns;
+        if (chat_spans(c, msgs, &text, &len, &sp, &ns, &e) != 0) {
+            fprintf(stderr, "  %s case %zu: %s\n", name, i, e.msg);
+            bad++;
+            continue;
+        }
+        if (strcmp(text, json_string_value(json_object_get(cs, "text")))) bad++;
+        size_t k = 0, m;
+        const json_t *msg;
+        json_array_foreach(msgs, m, msg) {
+            if (strcmp(json_string_value(json_object_get(msg, "role")), "assistant")) continue;
+            if (k >= ns) {
+                bad++;
+                break;
+            }
+            size_t a = sp[2 * k], b = sp[2 * k + 1], el = strlen(eot);
+            const char *content = json_string_value(json_object_get(msg, "content"));
+            /* trim-ing templates keep the content's inside only; Qwen3
+             * keeps only the answer after </think> of earlier turns */
+            char inner[256];
+            const char *think = strstr(content, "</think>");
+            if (think) content = think + 8;
+            size_t cl = strlen(content), lo = 0;
+            while (lo < cl && strchr(" \n", content[lo])) lo++;
+            while (cl > lo && strchr(" \n", content[cl - 1])) cl--;
+            snprintf(inner, sizeof inner, "%.*s", (int)(cl - lo), content + lo);
+            /* Templates that write something after every conversation
+             * (this Llama 3 copy: the assistant header; Phi-3.5: EOS) end
+             * a turn where the texts part, which may be inside the next
+             * special token's text: the end-of-turn is then in the tail. */
+            int trailer = !strcmp(name, "llama3") || !strcmp(name, "phi3.5");
+            int ends = b >= a + el && !memcmp(text + b - el, eot, el);
+            if (trailer && !ends && b > a) ends = memmem(text + a, b - a, eot, el) != NULL;
+            if (!ends || !memmem(text + a, b - a, inner, strlen(inner))) {
+                fprintf(stderr, "  %s case %zu: turn %zu is \"%.*s\"\n", name, i, k, (int)(b - a),
+                        text + a);
+                bad++;
+            }
+            k++;
+            (*nturns)++;
+        }
+        free(text);
+        free(sp);
+    }
+    chat_free(c);
+    return bad;
+}
+
 static void test_reference_templates(void **state) {
     (void)state;
     const char *env = getenv("PEFTPS_CACHE");
@@ -259,7 +342,7 @@ static void test_reference_templates(void **state) {
     json_error_t je;
     json_t *fx = json_load_file(FIXTURES, 0, &je);
     if (!fx) fail_msg(FIXTURES ":%d: %s", je.line, je.text);
-    int bad = 0, n = 0, ntemplates = 0;
+    int bad = 0, n = 0, ntemplates = 0, turns = 0;
     const char *name;
     const json_t *spec;
     json_object_foreach(json_object_get(fx, "templates"), name, spec) {
@@ -270,10 +353,12 @@ static void test_reference_templates(void **state) {
         if (strcmp(hex, json_string_value(json_object_get(spec, "sha256"))))
             fail_msg("the chat template %s differs from the one " FIXTURES " was made from", name);
         bad += check_template(name, t, spec, fx, &n);
+        bad += check_spans(name, t, spec, fx, &turns);
         ntemplates++;
         json_decref(t);
     }
-    printf("  %d renderings of %d templates, %d mismatches\n", n, ntemplates, bad);
+    printf("  %d renderings of %d templates, %d assistant turns located, %d mismatches\n", n,
+           ntemplates, turns, bad);
     json_decref(fx);
     if (bad) fail_msg("%d renderings differ from the reference", bad);
 }

@@ -170,24 +170,95 @@ static int tokens_before(tok *t, const char *text, size_t end, const int32_t *id
 
 /* Where an assistant turn that starts at byte lb of full ends, from upto
  * (the conversation rendered up to and including the turn): where upto
- * ends, when it is how full begins; otherwise, for templates that dress the
- * last turn differently (Qwen3's empty <think> block), the end of the
- * longest tail of upto that continues full where the two part. 1 when
- * found. */
+ * ends, when it is how full begins. Otherwise the two part at some c >= lb
+ * because the template writes the turn differently when it is the last
+ * one: upto has text inserted at c (Qwen3's empty <think> block) and then
+ * continues as full does, and the turn ends where that continuation ends;
+ * or upto has text appended (Phi-3.5's EOS after every conversation), and
+ * the turn ends at c. 1 when found. */
 static int turn_end(const char *full, size_t flen, const char *upto, size_t lu, size_t lb,
                     size_t *end) {
     size_t c = 0;
     while (c < lu && c < flen && upto[c] == full[c]) c++;
     if (c < lb) return 0;
-    if (c == lu) {
-        *end = lu;
-        return 1;
-    }
-    for (size_t k = lu - c; k > 0; k--)
-        if (c + k <= flen && !memcmp(upto + lu - k, full + c, k)) {
+    *end = c;
+    for (size_t d = 1; d < lu - c; d++) { /* the shortest insertion that realigns */
+        size_t k = lu - c - d;
+        if (c + k <= flen && !memcmp(upto + c + d, full + c, k)) {
             *end = c + k;
-            return 1;
+            break;
         }
+    }
+    return 1;
+}
+
+/* The end of a conversation's last turn, which a template may follow with
+ * text it writes at the end of every conversation (Phi-3.5's EOS, a
+ * generation prompt written always): where the text parts from the same
+ * conversation with one more user message. Not before lb + 1; flen when
+ * that rendering fails (a template that refuses it). */
+static size_t last_turn_end(const chat *c, const json_t *messages, const char *full, size_t flen,
+                            size_t lb) {
+    json_t *more = json_copy((json_t *)messages);
+    json_array_append_new(more, json_pack("{ssss}", "role", "user", "content", "\x01"));
+    char *text = NULL;
+    size_t len = 0, k = 0;
+    err e;
+    if (!more || chat_render(c, more, 0, &text, &len, &e)) k = flen;
+    while (k < flen && k < len && text[k] == full[k]) k++;
+    free(text);
+    json_decref(more);
+    return k > lb ? k : flen;
+}
+
+int chat_spans(const chat *c, const json_t *messages, char **text, size_t *len, size_t **spans,
+               size_t *nspans, err *e) {
+    *text = NULL;
+    *spans = NULL;
+    *nspans = 0;
+    if (check_messages(messages, e)) return -1;
+    char *full = NULL;
+    size_t flen = 0, nm = json_array_size(messages), ns = 0;
+    if (chat_render(c, messages, 0, &full, &flen, e)) return -1;
+    size_t *sp = malloc(2 * nm * sizeof *sp);
+    if (!sp) {
+        free(full);
+        return err_set(e, "out of memory");
+    }
+    for (size_t i = 0; i < nm; i++) {
+        const json_t *msg = json_array_get(messages, i);
+        if (strcmp(json_string_value(json_object_get(msg, "role")), "assistant") ||
+            json_is_false(json_object_get(msg, "train")))
+            continue;
+        char *before = NULL, *upto = NULL;
+        size_t lb = 0, lu = 0, end = 0;
+        int rc = render_first(c, messages, i, 1, &before, &lb, e) ||
+                 render_first(c, messages, i + 1, 0, &upto, &lu, e);
+        int located = !rc && lb <= flen && !memcmp(before, full, lb) &&
+                      turn_end(full, flen, upto, lu, lb, &end) && end > lb;
+        free(before);
+        free(upto);
+        if (located && i + 1 == nm && end == flen) end = last_turn_end(c, messages, full, flen, lb);
+        if (!rc && !located)
+            rc = err_set(e,
+                         "cannot locate assistant message %zu: the chat template %s does not "
+                         "render the conversation prefix by prefix (the text before it with the "
+                         "generation prompt is not how the whole conversation begins, or the "
+                         "turn's text is not found after it)",
+                         i, c->path);
+        if (rc) {
+            free(full);
+            free(sp);
+            return -1;
+        }
+        sp[2 * ns] = lb;
+        sp[2 * ns + 1] = end;
+        ns++;
+    }
+    *text = full;
+    if (len) *len = flen;
+    *spans = sp;
+    *nspans = ns;
     return 0;
 }
 
@@ -197,10 +268,9 @@ int chat_encode(const chat *c, struct tok *t, const json_t *messages, char **tex
     *mask = NULL;
     *n = 0;
     if (text) *text = NULL;
-    if (check_messages(messages, e)) return -1;
-    char *full = NULL;
-    size_t flen = 0, nm = json_array_size(messages);
-    if (chat_render(c, messages, 0, &full, &flen, e)) return -1;
+    char *full;
+    size_t flen, *sp, ns;
+    if (chat_spans(c, messages, &full, &flen, &sp, &ns, e)) return -1;
     int32_t *v = NULL;
     size_t nv = 0;
     unsigned char *m = NULL;
@@ -210,39 +280,14 @@ int chat_encode(const chat *c, struct tok *t, const json_t *messages, char **tex
         err_set(e, "out of memory");
         goto fail;
     }
-    for (size_t i = 0; i < nm; i++) {
-        const json_t *msg = json_array_get(messages, i);
-        if (strcmp(json_string_value(json_object_get(msg, "role")), "assistant") ||
-            json_is_false(json_object_get(msg, "train")))
-            continue;
-        char *before = NULL, *upto = NULL;
-        size_t lb = 0, lu = 0;
-        int rc = render_first(c, messages, i, 1, &before, &lb, e) ||
-                 render_first(c, messages, i + 1, 0, &upto, &lu, e);
-        size_t end = 0;
-        int located =
-            !rc && lb <= flen && !memcmp(before, full, lb) &&
-            turn_end(full, flen, upto, lu, lb, &end) &&
-            memmem(full + lb, end - lb, json_string_value(json_object_get(msg, "content")),
-                   json_string_length(json_object_get(msg, "content")));
-        free(before);
-        free(upto);
-        if (rc) goto fail;
-        lu = end;
-        if (!located) {
-            err_set(e,
-                    "cannot locate assistant message %zu: the chat template %s does not render "
-                    "the conversation prefix by prefix (the text before it with the generation "
-                    "prompt is not how the whole conversation begins, or the turn's text is "
-                    "not found after it)",
-                    i, c->path);
-            goto fail;
-        }
+    for (size_t i = 0; i < ns; i++) {
         size_t ks, ke;
-        if (tokens_before(t, full, lb, v, nv, &ks, e) || tokens_before(t, full, lu, v, nv, &ke, e))
+        if (tokens_before(t, full, sp[2 * i], v, nv, &ks, e) ||
+            tokens_before(t, full, sp[2 * i + 1], v, nv, &ke, e))
             goto fail;
         for (size_t k = ks; k < ke; k++) m[k] = 1;
     }
+    free(sp);
     *ids = v;
     *mask = m;
     *n = nv;
@@ -252,8 +297,27 @@ int chat_encode(const chat *c, struct tok *t, const json_t *messages, char **tex
         free(full);
     return 0;
 fail:
+    free(sp);
     free(full);
     free(v);
     free(m);
     return -1;
+}
+
+int chat_from_string(chat **out, const char *src, size_t len, const char *bos, const char *eos,
+                     err *e) {
+    *out = NULL;
+    chat *c = calloc(1, sizeof *c);
+    if (!c || !(c->path = strdup("(template text)"))) {
+        free(c);
+        return err_set(e, "out of memory");
+    }
+    c->bos = json_string(bos ? bos : "");
+    c->eos = json_string(eos ? eos : "");
+    if (jinja_parse(&c->j, src, len, e)) {
+        chat_free(c);
+        return err_wrap(e, "the chat template");
+    }
+    *out = c;
+    return 0;
 }

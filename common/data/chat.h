@@ -27,6 +27,17 @@ int chat_open(chat **out, const char *dir, err *e);
 int chat_render(const chat *c, const json_t *messages, int add_generation_prompt, char **text,
                 size_t *len, err *e);
 
+/* A chat from template text, with the given BOS/EOS strings (NULL: "").
+ * Errors: the template does not parse. */
+int chat_from_string(chat **out, const char *src, size_t len, const char *bos, const char *eos,
+                     err *e);
+
+/* The conversation rendered whole into *text (*len bytes) and the byte
+ * spans [start, end) of its trained assistant turns, as pairs in *spans
+ * (malloc'd, 2 * *nspans values), located as chat_encode describes. */
+int chat_spans(const chat *c, const json_t *messages, char **text, size_t *len, size_t **spans,
+               size_t *nspans, err *e);
+
 /* One conversation as training data: messages (a list of {"role",
  * "content"} objects, an assistant message optionally with "train": false)
  * rendered whole (no generation prompt) and encoded (without the
@@ -36,8 +47,12 @@ int chat_render(const chat *c, const json_t *messages, int add_generation_prompt
  * the tokens of each trained assistant turn: its content and the
  * template's end-of-turn tokens after it. An assistant turn is located by
  * rendering: the text of the messages before it with the generation prompt
- * ends where the turn starts, the text of the messages up to it without
- * one ends where it ends; both must be prefixes of the whole. A token that
+ * ends where the turn starts (it must be how the whole begins), the text of
+ * the messages up to it without one ends where it ends (when a template
+ * dresses the last turn differently, where its tail continues the whole;
+ * for the conversation's last message, not past where the text parts from
+ * the same conversation with one more user message, so that what a
+ * template writes after every conversation is not trained). A token that
  * straddles the start of a turn is a target, one that straddles its end is
  * not. Errors: a message is not an object with string "role" and
  * "content", "train" is not a boolean (naming the message); no message;
