@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "base/hash.h"
+#include "data/textstream.h"
 #include "data/tokenizer.h"
 
 #define REF_DIR "tests/reference/tokenizer"
@@ -790,6 +791,200 @@ static void test_normalizer(void **state) {
     tok_close(t);
 }
 
+/* ---- SentencePiece-style BPE -------------------------------------------- */
+
+#define SP "\xe2\x96\x81" /* U+2581, SentencePiece's space */
+
+/* Ids of the small SentencePiece-style vocabulary: <unk> <s> </s>, the 256
+ * byte tokens <0x00>..<0xFF> at 3.., then pieces. */
+enum { SP_UNK, SP_BOS, SP_EOS, SP_BYTE0, SP_SPACE = 259, SP_A, SP_B, SP_SA, SP_SB, SP_AB, SP_SAB };
+#define SP_BYTE(b) (SP_BYTE0 + (b))
+
+/* A tokenizer.json in Llama 2's layout (Prepend + Replace normalizers, no
+ * pre-tokenizer, byte fallback, the Replace/ByteFallback/Fuse/Strip
+ * decoder); the tests swap parts of it. */
+static json_t *sp_json(void) {
+    json_t *vocab = json_pack("{sisisi}", "<unk>", SP_UNK, "<s>", SP_BOS, "</s>", SP_EOS);
+    for (int b = 0; b < 256; b++) {
+        char name[8];
+        snprintf(name, sizeof name, "<0x%02X>", b);
+        json_object_set_new(vocab, name, json_integer(SP_BYTE(b)));
+    }
+    static const char *const pieces[] = {SP, "a", "b", SP "a", SP "b", "ab", SP "ab"};
+    for (int i = 0; i < 7; i++) json_object_set_new(vocab, pieces[i], json_integer(SP_SPACE + i));
+    json_t *merges = json_pack("[[ss][ss][ss][ss]]", SP, "a", SP, "b", "a", "b", SP "a", "b");
+    json_t *added =
+        json_pack("[{sisssbsb},{sisssbsb},{sisssbsb}]", "id", SP_UNK, "content", "<unk>", "special",
+                  1, "normalized", 0, "id", SP_BOS, "content", "<s>", "special", 1, "normalized", 0,
+                  "id", SP_EOS, "content", "</s>", "special", 1, "normalized", 0);
+    json_t *norm =
+        json_pack("{sss[{ssss},{sss{ss}ss}]}", "type", "Sequence", "normalizers", "type", "Prepend",
+                  "prepend", SP, "type", "Replace", "pattern", "String", " ", "content", SP);
+    json_t *dec =
+        json_pack("{sss[{sss{ss}ss},{ss},{ss},{sssssisi}]}", "type", "Sequence", "decoders", "type",
+                  "Replace", "pattern", "String", SP, "content", " ", "type", "ByteFallback",
+                  "type", "Fuse", "type", "Strip", "content", " ", "start", 1, "stop", 0);
+    return json_pack("{sososos{sssosssbsbso}}", "added_tokens", added, "normalizer", norm,
+                     "decoder", dec, "model", "type", "BPE", "vocab", vocab, "unk_token", "<unk>",
+                     "byte_fallback", 1, "fuse_unk", 1, "merges", merges);
+}
+
+static void expect_text(const tok *t, const int32_t *ids, size_t n, const char *want) {
+    expect_decode(t, ids, n, 0, want, strlen(want));
+}
+
+static void test_sentencepiece_legacy(void **state) {
+    (void)state;
+    tok *t = open_json(sp_json(), "sp-legacy");
+    EXPECT(t, "ab", 0, SP_SAB);
+    EXPECT(t, "a b", 0, SP_SA, SP_SB);
+    EXPECT(t, "  a", 0, SP_SPACE, SP_SPACE, SP_SA);
+    const int32_t none[] = {0};
+    expect_ids(t, "", 0, none, 0); /* Prepend leaves an empty text empty */
+    /* é is no piece: its UTF-8 bytes as <0xC3> <0xA9>; each section between
+     * added tokens gets its own ▁. */
+    EXPECT(t, "\xc3\xa9", 0, SP_SPACE, SP_BYTE(0xC3), SP_BYTE(0xA9));
+    EXPECT(t, "a<s>b", 0, SP_SA, SP_BOS, SP_SB);
+    /* Decoding: ▁ back to spaces, bytes fused into characters, the first
+     * space stripped; a character cut short is U+FFFD. */
+    const int32_t d1[] = {SP_SAB, SP_SB};
+    expect_text(t, d1, 2, "ab b");
+    const int32_t d2[] = {SP_SPACE, SP_BYTE(0xC3), SP_BYTE(0xA9), SP_SA};
+    expect_text(t, d2, 4, "\xc3\xa9 a");
+    const int32_t d3[] = {SP_SA, SP_BYTE(0xC3), SP_SB};
+    expect_text(t, d3, 3, "a\xef\xbf\xbd b");
+    const int32_t d4[] = {SP_BOS, SP_SA};
+    expect_text(t, d4, 2, "<s> a");
+    expect_decode(t, d4, 2, 1, "a", 1);
+    /* Streaming keeps the spaces between words and holds a cut character. */
+    textstream st;
+    textstream_init(&st, t);
+    err e = {{0}};
+    const int32_t ids[] = {SP_SA, SP_SB, SP_SPACE, SP_BYTE(0xC3), SP_BYTE(0xA9), SP_SAB};
+    char got[64] = "", *piece;
+    for (size_t i = 0; i < 6; i++) {
+        assert_int_equal(textstream_push(&st, ids[i], &piece, &e), 0);
+        strcat(got, piece);
+        strcat(got, "|");
+        free(piece);
+    }
+    assert_string_equal(got, "a| b| ||\xc3\xa9| ab|");
+    /* After a prompt's last token, the first word keeps its space. */
+    textstream_free(&st);
+    textstream_init(&st, t);
+    assert_int_equal(textstream_prime(&st, SP_SA, &e), 0);
+    assert_int_equal(textstream_push(&st, SP_SB, &piece, &e), 0);
+    assert_string_equal(piece, " b");
+    free(piece);
+    textstream_free(&st);
+    tok_close(t);
+
+    /* A byte without its <0xNN> token: the character is <unk>. */
+    json_t *j = sp_json();
+    json_object_del(json_object_get(json_object_get(j, "model"), "vocab"), "<0xA9>");
+    t = open_json(j, "sp-nobyte");
+    EXPECT(t, "\xc3\xa9\xc3\xa9", 0, SP_SPACE, SP_UNK);
+    tok_close(t);
+}
+
+/* Metaspace as Mistral v0.3-style files use it, and its options. */
+static void test_sentencepiece_metaspace(void **state) {
+    (void)state;
+    static const struct {
+        const char *scheme;
+        int split;
+        const char *text;
+        int32_t ids[4];
+        size_t n;
+    } cases[] = {
+        {"first", 0, "a b", {SP_SA, SP_SB}, 2},
+        {"first", 0, "<s>a b", {SP_BOS, SP_A, SP_SB}, 3}, /* not the first section */
+        {"first", 1, "a b", {SP_SA, SP_SB}, 2},
+        {"always", 1, "<s>a", {SP_BOS, SP_SA}, 2},
+        {"never", 0, "a b", {SP_A, SP_SB}, 2},
+        {"always", 0, " a", {SP_SA}, 1}, /* a leading space is the ▁ */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        json_t *j = sp_json();
+        json_object_set_new(j, "normalizer", json_null());
+        json_object_set_new(j, "pre_tokenizer",
+                            json_pack("{sssssssb}", "type", "Metaspace", "replacement", SP,
+                                      "prepend_scheme", cases[i].scheme, "split", cases[i].split));
+        json_object_set_new(j, "decoder",
+                            json_pack("{sssssss}", "type", "Metaspace", "replacement", SP,
+                                      "prepend_scheme", cases[i].scheme));
+        char name[32];
+        snprintf(name, sizeof name, "sp-meta%zu", i);
+        tok *t = open_json(j, name);
+        expect_ids(t, cases[i].text, 0, cases[i].ids, cases[i].n);
+        tok_close(t);
+    }
+    /* The Metaspace decoder strips the first token's space, not the others. */
+    json_t *j = sp_json();
+    json_object_set_new(j, "decoder", json_pack("{ssss}", "type", "Metaspace", "replacement", SP));
+    tok *t = open_json(j, "sp-metadec");
+    const int32_t d[] = {SP_SA, SP_SB};
+    expect_text(t, d, 2, "a b");
+    tok_close(t);
+}
+
+/* Strip and Regex Replace normalizers; the errors of the new parts. */
+static void test_sentencepiece_normalizers(void **state) {
+    (void)state;
+    json_t *j = sp_json();
+    json_object_set_new(j, "normalizer",
+                        json_pack("{sss[{sssbsb},{sss{ss}ss},{ssss}]}", "type", "Sequence",
+                                  "normalizers", "type", "Strip", "strip_left", 1, "strip_right", 1,
+                                  "type", "Replace", "pattern", "Regex", " +", "content", SP,
+                                  "type", "Prepend", "prepend", SP));
+    tok *t = open_json(j, "sp-strip");
+    EXPECT(t, "  a    b \t", 0, SP_SA, SP_SB);
+    tok_close(t);
+
+    static const struct {
+        const char *what, *json, *needle;
+    } bad[] = {
+        {"pre_tokenizer", "{\"type\": \"Metaspace\", \"prepend_scheme\": \"sometimes\"}",
+         "prepend_scheme \"sometimes\""},
+        {"pre_tokenizer", "{\"type\": \"Metaspace\", \"replacement\": \"ab\"}",
+         "not one character"},
+        {"normalizer", "{\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}}", "content"},
+        {"normalizer", "{\"type\": \"Prepend\"}", "no \"prepend\""},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        j = sp_json();
+        json_object_set_new(j, bad[i].what, json_loads(bad[i].json, 0, NULL));
+        char name[32];
+        snprintf(name, sizeof name, "sp-bad%zu", i);
+        const char *dir = tpath(name);
+        mkdir(dir, 0777);
+        char p[512];
+        snprintf(p, sizeof p, "%s/tokenizer.json", dir);
+        assert_int_equal(json_dump_file(j, p, JSON_ENSURE_ASCII), 0);
+        json_decref(j);
+        tok *x;
+        err e = {{0}};
+        assert_int_equal(tok_open(&x, dir, &e), -1);
+        if (!strstr(e.msg, bad[i].needle))
+            fail_msg("\"%s\" does not say \"%s\"", e.msg, bad[i].needle);
+        printf("  %s\n", e.msg);
+    }
+    /* A decoder chain mixing ByteLevel with others encodes but does not
+     * decode, and says why. */
+    j = sp_json();
+    json_object_set_new(j, "decoder",
+                        json_pack("{sss[{ss},{ss}]}", "type", "Sequence", "decoders", "type",
+                                  "ByteLevel", "type", "Fuse"));
+    t = open_json(j, "sp-mixed");
+    EXPECT(t, "a", 0, SP_SA);
+    const int32_t d[] = {SP_SA};
+    char *text;
+    err e = {{0}};
+    assert_int_equal(tok_decode(t, d, 1, 0, &text, NULL, &e), -1);
+    assert_non_null(strstr(e.msg, "ByteLevel is supported alone only"));
+    tok_close(t);
+}
+
 static void test_bos_eos(void **state) {
     (void)state;
     tok *t = open_json(tiny_json(0), "specials");
@@ -997,6 +1192,9 @@ int main(void) {
         cmocka_unit_test(test_split_behaviors),
         cmocka_unit_test(test_prefix_space_and_template),
         cmocka_unit_test(test_normalizer),
+        cmocka_unit_test(test_sentencepiece_legacy),
+        cmocka_unit_test(test_sentencepiece_metaspace),
+        cmocka_unit_test(test_sentencepiece_normalizers),
         cmocka_unit_test(test_bos_eos),
         cmocka_unit_test(test_decode_lossy),
         cmocka_unit_test(test_errors),

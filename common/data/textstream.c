@@ -22,19 +22,21 @@ static size_t trailing_replacements(const char *text, size_t len) {
     return n;
 }
 
-/* At a complete boundary: starts afresh from the last id alone, so that
- * decoding stays short, keeping it as context because decoders such as
- * SentencePiece's strip the leading space of the first token they see. */
-static int textstream_keep_last(textstream *s, err *e) {
+/* At a complete boundary: starts afresh from the ids decoded since the
+ * previous boundary (a whole character or more), so that decoding stays
+ * short, keeping them as context because decoders such as SentencePiece's
+ * strip the leading space of the first token they see. */
+static int textstream_keep_group(textstream *s, err *e) {
     char *text;
-    size_t len;
-    s->ids[0] = s->ids[s->n - 1];
-    s->n = 1;
-    if (tok_decode(s->t, s->ids, 1, 1, &text, &len, e) < 0) return -1;
-    /* A token that is only part of a character is no context: start empty. */
+    size_t len, g = s->n - s->ctx;
+    memmove(s->ids, s->ids + s->ctx, g * sizeof *s->ids);
+    s->n = g;
+    if (tok_decode(s->t, s->ids, g, 1, &text, &len, e) < 0) return -1;
+    /* Ids that are not a whole character alone (a broken tail given out)
+     * are no context: start empty. */
     int partial = trailing_replacements(text, len) > 0;
     free(text);
-    s->n = s->ctx = partial ? 0 : 1;
+    s->n = s->ctx = partial ? 0 : g;
     s->emitted = partial ? 0 : len;
     return 0;
 }
@@ -63,7 +65,7 @@ static int textstream_take(textstream *s, int all, char **piece, err *e) {
     free(text);
     if (tail) {
         s->emitted = end;
-    } else if (s->n && textstream_keep_last(s, e) < 0) {
+    } else if (s->n > s->ctx && textstream_keep_group(s, e) < 0) {
         free(out);
         return -1;
     }
@@ -96,7 +98,8 @@ int textstream_prime(textstream *s, int32_t id, err *e) {
     }
     s->ids[0] = id;
     s->n = 1;
-    return textstream_keep_last(s, e);
+    s->ctx = 0;
+    return textstream_keep_group(s, e);
 }
 
 int textstream_flush(textstream *s, char **piece, err *e) {
