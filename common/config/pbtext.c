@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "base/fsutil.h"
+#include "base/utf8.h"
 
 #define MEMBER(msg, off) ((void *)((char *)(msg) + (off)))
 #define CMEMBER(msg, off) ((const void *)((const char *)(msg) + (off)))
@@ -393,57 +394,10 @@ static void list_names(strbuf *b, const void *d, unsigned count, name_at_fn name
 
 /* ---- UTF-8 --------------------------------------------------------------- */
 
-/* Length of the valid UTF-8 sequence at s (1-4), or 0 when invalid. */
-static size_t utf8_len(const unsigned char *s, size_t n) {
-    unsigned c = s[0];
-    if (c < 0x80) return 1;
-    size_t len;
-    unsigned min;
-    uint32_t cp;
-    if (c >= 0xc2 && c <= 0xdf) {
-        len = 2, min = 0x80, cp = c & 0x1f;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        len = 3, min = 0x800, cp = c & 0x0f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        len = 4, min = 0x10000, cp = c & 0x07;
-    } else {
-        return 0;
-    }
-    if (n < len) return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80) return 0;
-        cp = (cp << 6) | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
-    return len;
-}
-
-static int utf8_valid(const char *s, size_t n) {
-    const unsigned char *u = (const unsigned char *)s;
-    for (size_t i = 0; i < n;) {
-        size_t k = utf8_len(u + i, n - i);
-        if (!k) return 0;
-        i += k;
-    }
-    return 1;
-}
-
 static void utf8_put(strbuf *b, uint32_t cp) {
-    if (cp < 0x80) {
-        buf_putc(b, (int)cp);
-    } else if (cp < 0x800) {
-        buf_putc(b, 0xc0 | (cp >> 6));
-        buf_putc(b, 0x80 | (cp & 0x3f));
-    } else if (cp < 0x10000) {
-        buf_putc(b, 0xe0 | (cp >> 12));
-        buf_putc(b, 0x80 | ((cp >> 6) & 0x3f));
-        buf_putc(b, 0x80 | (cp & 0x3f));
-    } else {
-        buf_putc(b, 0xf0 | (cp >> 18));
-        buf_putc(b, 0x80 | ((cp >> 12) & 0x3f));
-        buf_putc(b, 0x80 | ((cp >> 6) & 0x3f));
-        buf_putc(b, 0x80 | (cp & 0x3f));
-    }
+    char u[4];
+    size_t n = utf8_encode(cp, u);
+    for (size_t i = 0; i < n; i++) buf_putc(b, (unsigned char)u[i]);
 }
 
 /* ---- tokenizer ----------------------------------------------------------- */
@@ -861,7 +815,7 @@ static int parse_string_value(parser *P, const ProtobufCFieldDescriptor *f, valu
             return perr_at(P, line, col,
                            "string field \"%s\" cannot hold a NUL byte (bytes fields can)",
                            f->name);
-        if (!utf8_valid(P->str.p, n))
+        if (!utf8_valid(P->str.p, n, NULL))
             return perr_at(P, line, col, "string for field \"%s\" is not valid UTF-8", f->name);
         v->s = malloc(n + 1);
         if (!v->s) return oom(P);
@@ -1378,7 +1332,7 @@ static void move_field(ProtobufCMessage *dst, ProtobufCMessage *src,
 static int raw_string_value(parser *P, const ProtobufCFieldDescriptor *f, const char *s, value *v) {
     size_t n = strlen(s);
     if (f->type == PROTOBUF_C_TYPE_STRING) {
-        if (!utf8_valid(s, n))
+        if (!utf8_valid(s, n, NULL))
             return perr(P, "value for string field \"%s\" is not valid UTF-8", f->name);
         v->s = strdup(s);
         if (!v->s) return oom(P);
@@ -1570,7 +1524,7 @@ static void w_quoted(writer *w, const unsigned char *s, size_t n, int utf8) {
             w_put(w, "\\t", 2);
         } else if (c >= 0x20 && c < 0x7f) {
             w_put(w, (const char *)s + i, 1);
-        } else if (c >= 0x80 && utf8 && (k = utf8_len(s + i, n - i)) > 0) {
+        } else if (c >= 0x80 && utf8 && (k = utf8_valid_at(s + i, n - i)) > 0) {
             w_put(w, (const char *)s + i, k);
             i += k;
             continue;

@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/utf8.h"
+
 /* ---- buffers ------------------------------------------------------------ */
 
 typedef struct {
@@ -1007,23 +1009,6 @@ static int rfail(interp *r, int line, const char *fmt, ...) {
     return err_set(r->e, "line %d: %s", line, msg);
 }
 
-static size_t u8_count(const char *s, size_t n) {
-    size_t c = 0;
-    for (size_t i = 0; i < n; i++) c += ((unsigned char)s[i] & 0xC0) != 0x80;
-    return c;
-}
-
-/* Byte offset of code point k of s. */
-static size_t u8_offset(const char *s, size_t n, size_t k) {
-    size_t i = 0;
-    while (i < n && k > 0) {
-        i++;
-        while (i < n && ((unsigned char)s[i] & 0xC0) == 0x80) i++;
-        k--;
-    }
-    return i;
-}
-
 static int truthy(const json_t *v) {
     if (!v) return 0;
     switch (json_typeof(v)) {
@@ -1332,10 +1317,10 @@ static json_t *get_item(interp *r, const json_t *v, const json_t *k, int line) {
         }
         const char *s = json_string_value(v);
         size_t n = json_string_length(v);
-        long long c = (long long)u8_count(s, n);
+        long long c = (long long)utf8_count(s, n);
         if (i < 0) i += c;
         if (i < 0 || i >= c) return NULL;
-        size_t a = u8_offset(s, n, (size_t)i), b = u8_offset(s, n, (size_t)i + 1);
+        size_t a = utf8_offset(s, n, (size_t)i), b = utf8_offset(s, n, (size_t)i + 1);
         return json_stringn(s + a, b - a);
     }
     if (!v) return NULL;
@@ -1586,7 +1571,7 @@ static json_t *str_method(interp *r, const json_t *s, const char *name, const ar
         long long cnt = 0;
         for (size_t i = 0; i + fl <= n; i++)
             if (!memcmp(p + i, f, fl)) {
-                if (name[0] == 'f') return json_integer((long long)u8_count(p, i));
+                if (name[0] == 'f') return json_integer((long long)utf8_count(p, i));
                 cnt++;
                 if (fl) i += fl - 1;
             }
@@ -1794,7 +1779,7 @@ static json_t *apply_filter(interp *r, const char *name, json_t *v, const args *
     }
     if (!strcmp(name, "length") || !strcmp(name, "count")) {
         if (json_is_string(v))
-            return json_integer((long long)u8_count(json_string_value(v), json_string_length(v)));
+            return json_integer((long long)utf8_count(json_string_value(v), json_string_length(v)));
         if (json_is_array(v)) return json_integer((long long)json_array_size(v));
         if (json_is_object(v)) return json_integer((long long)json_object_size(v));
         if (!v) return json_integer(0);

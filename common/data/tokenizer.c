@@ -21,6 +21,7 @@
 
 #include "base/fsutil.h"
 #include "base/hash.h"
+#include "base/utf8.h"
 
 /* ---- growable arrays ---------------------------------------------------- */
 
@@ -150,93 +151,6 @@ static void u64map_free(u64map *m) {
 
 /* ---- UTF-8 -------------------------------------------------------------- */
 
-/* Bytes of the character led by c (1 for a stray continuation byte, which
- * only reaches here from already validated text by mistake). */
-static size_t utf8_len(unsigned char c) {
-    return c < 0xC0 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-}
-
-/* The length of the sequence a lead byte c starts (2..4) and the range its
- * second byte must fall in; 0 when c cannot lead one. The narrowed ranges
- * refuse overlong forms, surrogates and values past U+10FFFF. */
-static size_t utf8_lead(unsigned char c, unsigned char *lo, unsigned char *hi) {
-    *lo = 0x80;
-    *hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF) return 2;
-    if (c >= 0xE0 && c <= 0xEF) {
-        if (c == 0xE0) *lo = 0xA0;
-        if (c == 0xED) *hi = 0x9F;
-        return 3;
-    }
-    if (c >= 0xF0 && c <= 0xF4) {
-        if (c == 0xF0) *lo = 0x90;
-        if (c == 0xF4) *hi = 0x8F;
-        return 4;
-    }
-    return 0;
-}
-
-/* Length of the valid sequence at s[0..n) (1..4), or 0 when it is not valid. */
-static size_t utf8_valid_at(const unsigned char *s, size_t n) {
-    if (s[0] < 0x80) return 1;
-    unsigned char lo, hi;
-    size_t len = utf8_lead(s[0], &lo, &hi);
-    if (!len || n < 2 || s[1] < lo || s[1] > hi) return 0;
-    for (size_t k = 2; k < len; k++)
-        if (k >= n || s[k] < 0x80 || s[k] > 0xBF) return 0;
-    return len;
-}
-
-/* 1 when s is valid UTF-8; else 0 with the offending byte offset. */
-static int utf8_valid(const char *s, size_t n, size_t *bad) {
-    const unsigned char *u = (const unsigned char *)s;
-    for (size_t i = 0; i < n;) {
-        if (u[i] < 0x80) {
-            i++;
-            continue;
-        }
-        size_t l = utf8_valid_at(u + i, n - i);
-        if (!l) {
-            *bad = i;
-            return 0;
-        }
-        i += l;
-    }
-    return 1;
-}
-
-static uint32_t utf8_decode(const unsigned char *s, size_t *len) {
-    size_t l = utf8_len(s[0]);
-    *len = l;
-    if (l == 1) return s[0];
-    uint32_t c = s[0] & (0xFF >> (l + 1));
-    for (size_t k = 1; k < l; k++) c = (c << 6) | (s[k] & 0x3F);
-    return c;
-}
-
-static size_t utf8_encode(uint32_t c, char *out) {
-    if (c < 0x80) {
-        out[0] = (char)c;
-        return 1;
-    }
-    if (c < 0x800) {
-        out[0] = (char)(0xC0 | (c >> 6));
-        out[1] = (char)(0x80 | (c & 0x3F));
-        return 2;
-    }
-    if (c < 0x10000) {
-        out[0] = (char)(0xE0 | (c >> 12));
-        out[1] = (char)(0x80 | ((c >> 6) & 0x3F));
-        out[2] = (char)(0x80 | (c & 0x3F));
-        return 3;
-    }
-    out[0] = (char)(0xF0 | (c >> 18));
-    out[1] = (char)(0x80 | ((c >> 12) & 0x3F));
-    out[2] = (char)(0x80 | ((c >> 6) & 0x3F));
-    out[3] = (char)(0x80 | (c & 0x3F));
-    return 4;
-}
-
 /* Appends bytes as UTF-8, each maximal invalid subsequence replaced by one
  * U+FFFD: the rule of Rust's from_utf8_lossy and of the WHATWG decoder that
  * the reference uses, so a character cut between tokens decodes alike. */
@@ -249,33 +163,10 @@ static int utf8_lossy_append(buf *out, const unsigned char *s, size_t n) {
             continue;
         }
         if (buf_put(out, s + run, i - run) || buf_put(out, "\xEF\xBF\xBD", 3)) return -1;
-        /* The replaced part: the lead byte and the continuation bytes that
-         * still fitted it (a valid prefix of a sequence cut short). */
-        unsigned char lo, hi;
-        size_t want = utf8_lead(s[i], &lo, &hi), k = 1;
-        if (want && i + 1 < n && s[i + 1] >= lo && s[i + 1] <= hi) {
-            k = 2;
-            while (k < want && i + k < n && s[i + k] >= 0x80 && s[i + k] <= 0xBF) k++;
-        }
-        i += k;
+        i += utf8_invalid_len(s + i, n - i);
         run = i;
     }
     return buf_put(out, s + run, n - run);
-}
-
-/* Unicode White_Space, the class of Rust's char::is_whitespace and of
- * Oniguruma's \s: used by lstrip/rstrip of added tokens. */
-static int is_white_space(uint32_t c) {
-    return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
-           c == 0x205F || c == 0x3000;
-}
-
-/* The character that ends s[0..n) (n > 0, valid UTF-8). */
-static uint32_t utf8_last(const char *s, size_t n, size_t *len) {
-    size_t i = n - 1;
-    while (i > 0 && ((unsigned char)s[i] & 0xC0) == 0x80) i--;
-    return utf8_decode((const unsigned char *)s + i, len);
 }
 
 /* ---- byte-level alphabet ------------------------------------------------ */
@@ -398,7 +289,7 @@ static int rw_escape(rewriter *r, int in_class) {
         }
         break;
     default: {
-        size_t l = utf8_len((unsigned char)c);
+        size_t l = utf8_seq_len((unsigned char)c);
         if (i + 1 + l > r->n) return rw_fail(r, "truncated escape");
         rc = buf_put(r->out, p + i, 1 + l);
         i += 1 + l;
@@ -439,7 +330,7 @@ static int rw_class(rewriter *r) {
             if (rw_escape(r, 1)) return -1;
             continue;
         }
-        size_t l = utf8_len((unsigned char)p[r->i]);
+        size_t l = utf8_seq_len((unsigned char)p[r->i]);
         if (r->i + l > r->n) return rw_fail(r, "truncated character");
         int c = (unsigned char)p[r->i];
         /* A range of plain characters: copied, and under (?i) its other case
@@ -572,7 +463,7 @@ static int pattern_rewrite(const char *p, size_t n, buf *out, char *why, size_t 
             r.atom = here;
             r.i++;
         } else {
-            size_t l = utf8_len((unsigned char)c);
+            size_t l = utf8_seq_len((unsigned char)c);
             if (r.i + l > n) l = n - r.i;
             rc = buf_put(out, p + r.i, l);
             r.atom = strchr("*+?", c) && c ? SIZE_MAX : here;
@@ -685,7 +576,7 @@ static int regex_segments(const regex *re, pcre2_match_context *mc, const char *
         prev = me;
         if (me == ms) {
             if (me >= n) break;
-            pos = me + utf8_len((unsigned char)s[me]);
+            pos = me + utf8_seq_len((unsigned char)s[me]);
         } else
             pos = me;
     }
@@ -947,11 +838,12 @@ static int split_added(tok *t, const trie *tr, const char *s, size_t n, section_
         }
         if (at->lstrip) {
             size_t l;
-            while (start > done && is_white_space(utf8_last(s, start, &l))) start -= l;
+            while (start > done && utf8_is_white_space(utf8_last(s, start, &l))) start -= l;
         }
         if (at->rstrip) {
             size_t l;
-            while (stop < n && is_white_space(utf8_decode((const unsigned char *)s + stop, &l)))
+            while (stop < n &&
+                   utf8_is_white_space(utf8_decode((const unsigned char *)s + stop, &l)))
                 stop += l;
             i = stop;
         }
@@ -1074,7 +966,7 @@ static int bpe_word(tok *t, const char *w, size_t n, i32vec *out, err *e) {
     size_t ns = 0;
     int prev_unknown = 0;
     for (size_t i = 0; i < n;) {
-        size_t l = utf8_len((unsigned char)w[i]);
+        size_t l = utf8_seq_len((unsigned char)w[i]);
         int32_t id = vocab_find(t, w + i, l);
         if (id < 0 && t->byte_fallback) {
             /* The character's bytes as <0xNN> tokens, when all exist. */
@@ -1295,8 +1187,9 @@ static int pretokenize(tok *t, int k, const char *s, size_t n, i32vec *out, err 
  * where the kept part starts. */
 static size_t strip_white(const char *s, size_t *n, int left, int right) {
     size_t a = 0, b = *n, l;
-    while (left && a < b && is_white_space(utf8_decode((const unsigned char *)s + a, &l))) a += l;
-    while (right && b > a && is_white_space(utf8_last(s + a, b - a, &l))) b -= l;
+    while (left && a < b && utf8_is_white_space(utf8_decode((const unsigned char *)s + a, &l)))
+        a += l;
+    while (right && b > a && utf8_is_white_space(utf8_last(s + a, b - a, &l))) b -= l;
     *n = b - a;
     return a;
 }
