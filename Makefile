@@ -202,7 +202,8 @@ base-model: deps
 # What the demo experiments name, in seconds: the KJV and WordNet data, and
 # the random initial weights that examples/demo-pretrain.pbtxt starts from.
 demo-data: $(DEMO_DIR)/kjv-train.jsonl $(DEMO_DIR)/wordnet-train.jsonl \
-           $(DEMO_DIR)/pos-train.jsonl $(DEMO_DIR)/init/model.safetensors
+           $(DEMO_DIR)/pos-train.jsonl $(DEMO_DIR)/wordnet-chat-train.jsonl \
+           $(DEMO_DIR)/init/model.safetensors
 
 $(DEMO_DIR)/kjv-train.jsonl: tests/demo/kjv.py
 	@mkdir -p $(@D)
@@ -216,6 +217,10 @@ $(DEMO_DIR)/wordnet-train.jsonl: tests/demo/wordnet.py
 $(DEMO_DIR)/pos-train.jsonl: tests/demo/wordnet_pos.py tests/demo/wordnet.py
 	@mkdir -p $(@D)
 	/usr/bin/python3 tests/demo/wordnet_pos.py $@ $(DEMO_DIR)/pos-eval.jsonl
+
+$(DEMO_DIR)/wordnet-chat-train.jsonl: tests/demo/wordnet.py
+	@mkdir -p $(@D)
+	/usr/bin/python3 tests/demo/wordnet.py $@ $(DEMO_DIR)/wordnet-chat-eval.jsonl --chat 4000
 
 $(DEMO_DIR)/init/model.safetensors: tests/demo/init_model.py examples/base-model/tokenizer.json
 	/usr/bin/python3 tests/demo/init_model.py $(@D) --tokenizer examples/base-model --seed 1

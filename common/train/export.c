@@ -919,7 +919,8 @@ int export_merged(export_source *s, const char *dir, size_t shard_bytes, err *e)
     if (shards > 1 && write_index(dir, ws, n, shards, e) < 0) goto out;
     if (write_config(s, dir, untie, e) < 0) goto out;
     static const char *const extras[] = {"tokenizer.json", "tokenizer_config.json",
-                                         "special_tokens_map.json", "generation_config.json"};
+                                         "special_tokens_map.json", "generation_config.json",
+                                         "chat_template.jinja"};
     for (size_t i = 0; i < sizeof extras / sizeof extras[0]; i++) {
         char src[EXPORT_PATH_MAX];
         if (path_join(src, s->exp->model->path, extras[i], e) < 0 ||
