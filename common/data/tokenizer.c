@@ -1,8 +1,9 @@
-/* Byte-level BPE as Hugging Face's tokenizer.json describes it (see
- * tokenizer.h): jansson reads the file, PCRE2 runs the pre-tokenizer regexes
- * (Oniguruma syntax rewritten to PCRE2's where the two differ), utf8proc
- * normalizes. The reference it is checked against is tokenizers.js, through
- * tests/test_tokenizer.c and the fixtures of tests/reference/tokenizer/. */
+/* BPE as Hugging Face's tokenizer.json describes it, byte-level and
+ * SentencePiece-style (see tokenizer.h): jansson reads the file, PCRE2 runs
+ * the pre-tokenizer regexes (Oniguruma syntax rewritten to PCRE2's where the
+ * two differ), utf8proc normalizes, base/utf8.h handles UTF-8. The reference it is checked against
+ * is tokenizers.js, through tests/test_tokenizer.c and the fixtures of tests/reference/tokenizer/.
+ */
 #include "data/tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8

@@ -1,9 +1,11 @@
-/* The Hugging Face tokenizer of the GPT-2, Llama-3 and Qwen2/3 families:
- * byte-level BPE read from a tokenizer.json (jansson), with its added tokens,
- * normalizer (utf8proc), pre-tokenizer regexes (PCRE2), post-processor and
- * decoder. data.c tokenizes TEXT/JSONL data with it; cli/cmd_tokenize.c
- * exposes it. Checked against the reference JavaScript implementation by
- * tests/test_tokenizer.c with the fixtures of tests/reference/tokenizer/. */
+/* The Hugging Face tokenizer of the Llama families: byte-level BPE (GPT-2,
+ * Llama 3, Qwen2/3) and SentencePiece-style BPE with byte fallback (Llama 2,
+ * TinyLlama, Mistral, Gemma), read from a tokenizer.json (jansson), with its
+ * added tokens, normalizers (utf8proc for the Unicode forms), pre-tokenizer
+ * regexes (PCRE2), post-processor and decoder chain. data.c tokenizes
+ * TEXT/JSONL data with it; cli/cmd_tokenize.c exposes it. Checked against
+ * the reference JavaScript implementation by tests/test_tokenizer.c with the
+ * fixtures of tests/reference/tokenizer/. */
 #ifndef PEFTPS_TOKENIZER_H
 #define PEFTPS_TOKENIZER_H
 
@@ -16,11 +18,19 @@ typedef struct tok tok;
 
 /* Opens a tokenizer from `path`: a tokenizer.json file, or a directory
  * holding one. Supported: model BPE (merges as "a b" strings or [a, b]
- * pairs, ignore_merges, unk_token); normalizers NFC, NFD, NFKC, NFKD and
- * Sequence of them; pre-tokenizers Split (Regex or String pattern, every
- * behavior, invert), ByteLevel, Digits and Sequence of them; post-processors
+ * pairs, ignore_merges, unk_token, fuse_unk, byte_fallback: a character
+ * without a token becomes its UTF-8 bytes as <0xNN> tokens, or unk_token
+ * when one of them is missing); normalizers NFC, NFD, NFKC, NFKD, Replace
+ * (String or Regex pattern), Prepend (not in front of an empty text), Strip
+ * and Sequence of them; pre-tokenizers Split (Regex or String pattern, every
+ * behavior, invert), ByteLevel, Metaspace (replacement, prepend_scheme
+ * always/first/never, where first is the input's first section before any
+ * added token, or add_prefix_space in older files; split on the replacement
+ * as the Rust library does), Digits and Sequence of them; post-processors
  * ByteLevel, TemplateProcessing, RobertaProcessing, BertProcessing and
- * Sequence; decoder ByteLevel (checked by tok_decode only). BOS/EOS come from
+ * Sequence; decoders ByteLevel alone, or a chain of Replace (String
+ * pattern), ByteFallback, Fuse, Strip and Metaspace (checked by tok_decode
+ * only). BOS/EOS come from
  * tokenizer_config.json beside the file (bos_token/eos_token), else from
  * config.json (bos_token_id/eos_token_id), else are absent.
  * Errors, each naming the file: it cannot be read or is not JSON (with line
@@ -29,8 +39,10 @@ typedef struct tok tok;
  * (named); a merge names a token that is not in the vocabulary; a regex does
  * not compile (with PCRE2's message and offset); bos_token/eos_token is not a
  * token of the vocabulary; a normalizer is set but the build does not link
- * libutf8proc. BPE dropout, byte_fallback and subword prefixes/suffixes are
- * refused by name (not used by byte-level models). */
+ * libutf8proc; a Metaspace replacement is not one character or its
+ * prepend_scheme is unknown; a Replace normalizer lacks its pattern or
+ * content. BPE dropout and subword prefixes/suffixes are refused by name
+ * (no Llama-family file uses them). */
 int tok_open(tok **out, const char *path, err *e);
 
 /* Frees everything; t may be NULL. */
@@ -51,8 +63,12 @@ int tok_encode(tok *t, const char *text, size_t len, int add_special, int32_t **
  * gets its length without the NUL). Byte sequences that are not valid
  * UTF-8 (a character cut between tokens) become U+FFFD; added tokens are
  * written as their content. With skip_special, special added tokens are
- * left out. Errors: an id is not in the vocabulary; the tokenizer's decoder
- * is absent or not ByteLevel. */
+ * left out. With a decoder chain, every token's text (added tokens'
+ * content too) goes through the chain in order and the results are joined:
+ * SentencePiece's ▁ becomes a space, runs of <0xNN> tokens their bytes read
+ * as UTF-8 (invalid parts as above), the first space is stripped. Errors:
+ * an id is not in the vocabulary; the tokenizer's decoder is absent or not
+ * supported (named). */
 int tok_decode(const tok *t, const int32_t *ids, size_t n, int skip_special, char **text,
                size_t *len, err *e);
 
