@@ -738,22 +738,22 @@ static node *parse_not(parser *p) {
     return parse_compare(p);
 }
 
-static node *parse_and(parser *p) {
-    node *x = parse_not(p);
-    while (x && accept_name(p, "and")) {
-        node *y = add_kid(p, mk(p, N_AND), x);
-        x = add_kid(p, y, parse_not(p));
+/* operand (word operand)*, left-associative: and over not, or over and. */
+static node *parse_chain(parser *p, const char *word, nkind kind, node *(*operand)(parser *)) {
+    node *x = operand(p);
+    while (x && accept_name(p, word)) {
+        node *y = add_kid(p, mk(p, kind), x);
+        x = add_kid(p, y, operand(p));
     }
     return x;
 }
 
+static node *parse_and(parser *p) {
+    return parse_chain(p, "and", N_AND, parse_not);
+}
+
 static node *parse_or(parser *p) {
-    node *x = parse_and(p);
-    while (x && accept_name(p, "or")) {
-        node *y = add_kid(p, mk(p, N_OR), x);
-        x = add_kid(p, y, parse_and(p));
-    }
-    return x;
+    return parse_chain(p, "or", N_OR, parse_and);
 }
 
 static node *parse_expr(parser *p) {
@@ -797,29 +797,42 @@ static int block_end(parser *p) {
     return fail(p, "expected the end of the block tag");
 }
 
+/* The rest of a block: its body up to {% end %}, which it consumes. */
+static int parse_until(parser *p, nodevec *body, const char *end) {
+    const char *const stops[] = {end, NULL};
+    int which;
+    if (parse_body(p, body, stops, &which)) return -1;
+    p->i++;
+    return block_end(p);
+}
+
+/* The rest of an if or for: its body, then {% else %} and another body, or
+ * {% end %}; elif (stops[0] "elif", for if only) leaves the parser on it. */
+static int parse_branches(parser *p, node *x, const char *const *stops, const char *end,
+                          int *elif) {
+    int which;
+    *elif = 0;
+    if (parse_body(p, &x->body, stops, &which)) return -1;
+    if (!strcmp(stops[which], "elif")) return *elif = 1, 0;
+    p->i++;
+    if (block_end(p)) return -1;
+    return strcmp(stops[which], "else") ? 0 : parse_until(p, &x->orelse, end);
+}
+
 static node *parse_stmt(parser *p) {
     token *t = peek(p);
     if (t->kind != T_NAME) return fail(p, "expected a statement name"), NULL;
     node *x = NULL;
+    int elif;
     if (accept_name(p, "if") || accept_name(p, "elif")) {
         x = add_kid(p, mk(p, S_IF), parse_expr(p));
         if (!x || block_end(p)) return node_free(x), NULL;
         static const char *const stops[] = {"elif", "else", "endif", NULL};
-        int which;
-        if (parse_body(p, &x->body, stops, &which)) return node_free(x), NULL;
-        if (which == 0) { /* elif: a nested if in orelse; it consumes endif */
+        if (parse_branches(p, x, stops, "endif", &elif)) return node_free(x), NULL;
+        if (elif) { /* a nested if in orelse; it consumes endif */
             node *sub = parse_stmt(p);
             if (!sub || nv_push(&x->orelse, sub)) return node_free(sub), node_free(x), NULL;
-            return x;
         }
-        if (which == 1) {
-            p->i++;
-            if (block_end(p)) return node_free(x), NULL;
-            static const char *const end[] = {"endif", NULL};
-            if (parse_body(p, &x->orelse, end, &which)) return node_free(x), NULL;
-        }
-        p->i++;
-        if (block_end(p)) return node_free(x), NULL;
         return x;
     }
     if (accept_name(p, "for")) {
@@ -832,16 +845,7 @@ static node *parse_stmt(parser *p) {
         accept_name(p, "recursive");
         if (!x || block_end(p)) return node_free(x), NULL;
         static const char *const stops[] = {"else", "endfor", NULL};
-        int which;
-        if (parse_body(p, &x->body, stops, &which)) return node_free(x), NULL;
-        if (which == 0) {
-            p->i++;
-            if (block_end(p)) return node_free(x), NULL;
-            static const char *const end[] = {"endfor", NULL};
-            if (parse_body(p, &x->orelse, end, &which)) return node_free(x), NULL;
-        }
-        p->i++;
-        if (block_end(p)) return node_free(x), NULL;
+        if (parse_branches(p, x, stops, "endfor", &elif)) return node_free(x), NULL;
         return x;
     }
     if (accept_name(p, "set")) {
@@ -853,12 +857,8 @@ static node *parse_stmt(parser *p) {
             return x;
         }
         /* {% set x %}...{% endset %} */
-        if (nv_push(&x->kids, NULL) || block_end(p)) return node_free(x), NULL;
-        static const char *const end[] = {"endset", NULL};
-        int which;
-        if (parse_body(p, &x->body, end, &which)) return node_free(x), NULL;
-        p->i++;
-        if (block_end(p)) return node_free(x), NULL;
+        if (nv_push(&x->kids, NULL) || block_end(p) || parse_until(p, &x->body, "endset"))
+            return node_free(x), NULL;
         return x;
     }
     if (accept_name(p, "macro")) {
@@ -883,12 +883,7 @@ static node *parse_stmt(parser *p) {
             if (!accept_op(p, ",") && !is_op(p, ")"))
                 return node_free(x), fail(p, "expected ',' or ')' in the parameters"), NULL;
         }
-        if (block_end(p)) return node_free(x), NULL;
-        static const char *const end[] = {"endmacro", NULL};
-        int which;
-        if (parse_body(p, &x->body, end, &which)) return node_free(x), NULL;
-        p->i++;
-        if (block_end(p)) return node_free(x), NULL;
+        if (block_end(p) || parse_until(p, &x->body, "endmacro")) return node_free(x), NULL;
         return x;
     }
     if (accept_name(p, "break") || accept_name(p, "continue")) {
@@ -898,12 +893,8 @@ static node *parse_stmt(parser *p) {
     }
     if (accept_name(p, "generation")) {
         x = mk(p, S_BLOCK);
-        if (!x || block_end(p)) return node_free(x), NULL;
-        static const char *const end[] = {"endgeneration", NULL};
-        int which;
-        if (parse_body(p, &x->body, end, &which)) return node_free(x), NULL;
-        p->i++;
-        if (block_end(p)) return node_free(x), NULL;
+        if (!x || block_end(p) || parse_until(p, &x->body, "endgeneration"))
+            return node_free(x), NULL;
         return x;
     }
     fail(p, "statement '%s' is not supported", t->s);
@@ -1735,34 +1726,19 @@ static json_t *attr_of(const json_t *v, const char *path) {
 
 static json_t *apply_filter(interp *r, const char *name, json_t *v, const args *a, int line) {
     if (!strcmp(name, "safe")) return json_incref(v);
-    if (!strcmp(name, "trim")) {
-        if (!json_is_string(v)) {
+    /* The string filters: the method of the value's str(). */
+    static const char *const as_method[][2] = {
+        {"trim", "strip"},  {"upper", "upper"},           {"lower", "lower"},
+        {"title", "title"}, {"capitalize", "capitalize"}, {"replace", "replace"}};
+    for (size_t k = 0; k < sizeof as_method / sizeof as_method[0]; k++)
+        if (!strcmp(name, as_method[k][0])) {
             jbuf b = {0};
             to_str(&b, v);
             json_t *s = jstr_from(&b);
-            json_t *res = str_method(r, s, "strip", a, line);
+            json_t *res = str_method(r, s, as_method[k][1], a, line);
             json_decref(s);
             return res;
         }
-        return str_method(r, v, "strip", a, line);
-    }
-    if (!strcmp(name, "upper") || !strcmp(name, "lower") || !strcmp(name, "title") ||
-        !strcmp(name, "capitalize")) {
-        jbuf b = {0};
-        to_str(&b, v);
-        json_t *s = jstr_from(&b);
-        json_t *res = str_method(r, s, name, a, line);
-        json_decref(s);
-        return res;
-    }
-    if (!strcmp(name, "replace")) {
-        jbuf b = {0};
-        to_str(&b, v);
-        json_t *s = jstr_from(&b);
-        json_t *res = str_method(r, s, name, a, line);
-        json_decref(s);
-        return res;
-    }
     if (!strcmp(name, "string")) {
         jbuf b = {0};
         to_str(&b, v);
@@ -1803,18 +1779,10 @@ static json_t *apply_filter(interp *r, const char *name, json_t *v, const args *
         json_decref(l);
         return res;
     }
-    if (!strcmp(name, "reverse")) {
-        json_t *l = as_list(r, v, line), *out = json_array();
-        if (!l) return json_decref(out), NULL;
-        for (size_t i = json_array_size(l); i-- > 0;) json_array_append(out, json_array_get(l, i));
-        json_decref(l);
-        if (json_is_string(v)) {
-            jbuf b = {0};
-            for (size_t i = 0; i < json_array_size(out); i++) to_str(&b, json_array_get(out, i));
-            json_decref(out);
-            return jstr_from(&b);
-        }
-        return out;
+    if (!strcmp(name, "reverse")) { /* as the slice [::-1] */
+        json_t *back = json_integer(-1), *res = do_slice(r, v, NULL, NULL, back, line);
+        json_decref(back);
+        return res;
     }
     if (!strcmp(name, "join")) {
         json_t *sep = arg(a, 0, "d"), *attr = arg(a, 1, "attribute");
