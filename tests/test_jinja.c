@@ -155,6 +155,16 @@ static void test_errors(void **state) {
     expect_error("{{ 'a' - 1 }}", "{}", "'-' between a string and a int");
     expect_error("{{ x ", "{}", "never closed");
     expect_error("{{ nofunc() }}", "{}", "nofunc");
+    /* Bounds against hostile model files. */
+    expect_error("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "{}", "more than 200 deep");
+    char deep[1200] = "{{ ";
+    for (int i = 0; i < 300; i++) strcat(deep, "(");
+    strcat(deep, "1");
+    for (int i = 0; i < 300; i++) strcat(deep, ")");
+    strcat(deep, " }}");
+    expect_error(deep, "{}", "nested more than 200 deep");
+    expect_error("{{ range(10000000000) | length }}", "{}", "at most 2^20");
+    expect_error("{{ 'ab' * 1000000000000 }}", "{}", "repeated past");
 }
 
 /* ---- the reference renderings ------------------------------------------- */

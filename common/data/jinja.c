@@ -30,7 +30,7 @@ static int jb_put(jbuf *b, const char *s, size_t n) {
         b->p = q;
         b->cap = c;
     }
-    memcpy(b->p + b->n, s, n);
+    if (n) memcpy(b->p + b->n, s, n);
     b->n += n;
     b->p[b->n] = '\0';
     return 0;
@@ -178,6 +178,16 @@ static int lex_inside(const char *src, size_t a, size_t b, tokvec *tv, err *e) {
     return 0;
 }
 
+/* A copy of n bytes, NUL bytes in them included, NUL-terminated. */
+static char *memdup0(const char *s, size_t n) {
+    char *p = malloc(n + 1);
+    if (p) {
+        memcpy(p, s, n);
+        p[n] = '\0';
+    }
+    return p;
+}
+
 /* Splits the template into text and tags, applying the whitespace rules. */
 static int lex(const char *src, size_t len, tokvec *tv, err *e) {
     size_t i = 0;
@@ -212,7 +222,7 @@ static int lex(const char *src, size_t len, tokvec *tv, err *e) {
         }
         if (tb > ta) {
             token t = {.kind = T_TEXT,
-                       .s = strndup(src + ta, tb - ta),
+                       .s = memdup0(src + ta, tb - ta),
                        .n = tb - ta,
                        .line = line_of(src, ta)};
             if (!t.s || tv_push(tv, t)) return err_set(e, "out of memory");
@@ -352,7 +362,14 @@ typedef struct {
     size_t i;
     err *e;
     int failed;
+    int depth; /* nesting of expressions being parsed */
 } parser;
+
+/* Templates come from model files: nesting and output are bounded, so that
+ * no file can exhaust the stack or memory (Python's Jinja has its recursion
+ * limit). */
+#define JINJA_MAX_DEPTH 200
+#define JINJA_MAX_OUTPUT (256u << 20)
 
 static token *peek(parser *p) {
     return &p->tv.v[p->i];
@@ -577,6 +594,10 @@ static node *parse_postfix(parser *p) {
                     continue;
                 }
                 if (is_op(p, "]")) break;
+                if (parts[colons]) {
+                    fail(p, "expected ':' or ']' in a subscript");
+                    break;
+                }
                 parts[colons] = parse_expr(p);
                 if (!parts[colons]) break;
             }
@@ -623,7 +644,19 @@ static node *parse_filtered(parser *p, node *x) {
     return x;
 }
 
+static node *parse_unary_in(parser *p);
+
 static node *parse_unary(parser *p) {
+    if (++p->depth > JINJA_MAX_DEPTH) {
+        p->depth--;
+        return fail(p, "expressions nested more than %d deep", JINJA_MAX_DEPTH), NULL;
+    }
+    node *x = parse_unary_in(p);
+    p->depth--;
+    return x;
+}
+
+static node *parse_unary_in(parser *p) {
     if (accept_op(p, "-")) {
         node *x = mk(p, N_NEG);
         return add_kid(p, x, parse_unary(p));
@@ -819,7 +852,19 @@ static int parse_branches(parser *p, node *x, const char *const *stops, const ch
     return strcmp(stops[which], "else") ? 0 : parse_until(p, &x->orelse, end);
 }
 
+static node *parse_stmt_in(parser *p);
+
 static node *parse_stmt(parser *p) {
+    if (++p->depth > JINJA_MAX_DEPTH) {
+        p->depth--;
+        return fail(p, "blocks nested more than %d deep", JINJA_MAX_DEPTH), NULL;
+    }
+    node *x = parse_stmt_in(p);
+    p->depth--;
+    return x;
+}
+
+static node *parse_stmt_in(parser *p) {
     token *t = peek(p);
     if (t->kind != T_NAME) return fail(p, "expected a statement name"), NULL;
     node *x = NULL;
@@ -987,6 +1032,7 @@ typedef struct {
     err *e;
     int failed;
     int brk, cont; /* a break or continue is unwinding */
+    int calls;     /* macro calls in progress */
 } interp;
 
 static int rfail(interp *r, int line, const char *fmt, ...) {
@@ -1397,6 +1443,8 @@ static json_t *arg(const args *a, int k, const char *name) {
 }
 
 static json_t *call_macro(interp *r, const node *m, const args *a, int line) {
+    if (r->calls >= JINJA_MAX_DEPTH)
+        return rfail(r, line, "macros call each other more than %d deep", JINJA_MAX_DEPTH), NULL;
     /* A macro sees the template's top-level variables and its parameters. */
     int saved = r->n;
     json_t **keep = malloc((size_t)saved * sizeof *keep);
@@ -1418,7 +1466,9 @@ static json_t *call_macro(interp *r, const node *m, const args *a, int line) {
     }
     jbuf saved_out = r->out;
     memset(&r->out, 0, sizeof r->out);
+    r->calls++;
     exec_body(r, &m->body);
+    r->calls--;
     json_t *res = jstr_from(&r->out);
     r->out = saved_out;
     pop_frame(r);
@@ -1646,8 +1696,9 @@ static json_t *call(interp *r, const node *x) {
             hi = json_integer_value(a.pos[1]);
             if (a.npos > 2) st = json_integer_value(a.pos[2]);
         }
-        if (st == 0 || a.npos == 0) {
-            rfail(r, x->line, "range() needs a non-zero step and at least one argument");
+        if (st == 0 || a.npos == 0 || ((double)hi - (double)lo) / (double)st > (1 << 20)) {
+            rfail(r, x->line,
+                  "range() needs a non-zero step, at least one argument and at most 2^20 numbers");
         } else {
             res = json_array();
             for (long long i = lo; st > 0 ? i < hi : i > hi; i += st)
@@ -1905,7 +1956,13 @@ static json_t *binop(interp *r, const node *x) {
         json_array_extend(res, b);
     } else if (!strcmp(op, "*") && json_is_string(a) && json_is_integer(b)) {
         jbuf s = {0};
-        for (long long i = 0; i < json_integer_value(b); i++) to_str(&s, a);
+        long long times = json_integer_value(b);
+        if (times > 0 && json_string_length(a) > 0 &&
+            (unsigned long long)times > JINJA_MAX_OUTPUT / json_string_length(a)) {
+            rfail(r, x->line, "a string repeated past %u bytes", JINJA_MAX_OUTPUT);
+            goto done;
+        }
+        for (long long i = 0; i < times; i++) to_str(&s, a);
         res = jstr_from(&s);
     } else if ((json_is_number(a) || json_is_boolean(a)) &&
                (json_is_number(b) || json_is_boolean(b))) {
@@ -2190,8 +2247,11 @@ static int exec_stmt(interp *r, const node *x) {
 }
 
 static int exec_body(interp *r, const nodevec *body) {
-    for (size_t i = 0; i < body->n && !r->failed && !r->brk && !r->cont; i++)
+    for (size_t i = 0; i < body->n && !r->failed && !r->brk && !r->cont; i++) {
         exec_stmt(r, body->v[i]);
+        if (r->out.n > JINJA_MAX_OUTPUT)
+            rfail(r, body->v[i]->line, "the rendering grows past %u bytes", JINJA_MAX_OUTPUT);
+    }
     return r->failed ? -1 : 0;
 }
 
