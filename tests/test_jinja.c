@@ -18,7 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "base/sha256.h"
+#include "base/hash.h"
 #include "data/chat.h"
 #include "data/jinja.h"
 
@@ -359,7 +359,7 @@ static void test_reference_templates(void **state) {
         json_t *t = fixture_template(spec, cache, cache_ok);
         if (!t) continue;
         char hex[65];
-        sha256_hex_of(json_string_value(t), json_string_length(t), hex);
+        hash_sha256_hex_of(json_string_value(t), json_string_length(t), hex);
         if (strcmp(hex, json_string_value(json_object_get(spec, "sha256"))))
             fail_msg("the chat template %s differs from the one " FIXTURES " was made from", name);
         bad += check_template(name, t, spec, fx, &n);

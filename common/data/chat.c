@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "base/fsutil.h"
 #include "data/jinja.h"
 #include "data/tokenizer.h"
 
@@ -22,18 +23,11 @@ static json_t *token_string(const json_t *cfg, const char *key) {
     return json_string(json_is_string(v) ? json_string_value(v) : "");
 }
 
-static char *join(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (p) snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 int chat_open(chat **out, const char *dir, err *e) {
     *out = NULL;
     chat *c = calloc(1, sizeof *c);
-    char *cfg_path = join(dir, "tokenizer_config.json"),
-         *jinja_path = join(dir, "chat_template.jinja");
+    char *cfg_path = fs_join(dir, "tokenizer_config.json"),
+         *jinja_path = fs_join(dir, "chat_template.jinja");
     json_t *cfg = NULL, *src = NULL;
     if (!c || !cfg_path || !jinja_path) {
         err_set(e, "out of memory");
@@ -59,21 +53,10 @@ int chat_open(chat **out, const char *dir, err *e) {
             src = json_incref((json_t *)t);
         if (src) c->path = strdup(cfg_path);
     }
-    if (!src && access(jinja_path, R_OK) == 0) {
-        FILE *f = fopen(jinja_path, "rb");
+    if (!src && access(jinja_path, F_OK) == 0) {
         char *text = NULL;
         size_t n = 0;
-        if (f && fseek(f, 0, SEEK_END) == 0) {
-            long l = ftell(f);
-            rewind(f);
-            text = l >= 0 ? malloc((size_t)l + 1) : NULL;
-            if (text) n = fread(text, 1, (size_t)l, f);
-        }
-        if (f) fclose(f);
-        if (!text) {
-            err_errno(e, "cannot read %s", jinja_path);
-            goto fail;
-        }
+        if (fs_read_file(jinja_path, 0, &text, &n, e) < 0) goto fail;
         src = json_stringn(text, n);
         free(text);
         c->path = strdup(jinja_path);
