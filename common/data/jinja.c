@@ -644,16 +644,21 @@ static node *parse_filtered(parser *p, node *x) {
     return x;
 }
 
+/* fn one level deeper, refused past JINJA_MAX_DEPTH (what: "expressions"). */
+static node *parse_nested(parser *p, node *(*fn)(parser *), const char *what) {
+    if (++p->depth > JINJA_MAX_DEPTH) {
+        p->depth--;
+        return fail(p, "%s nested more than %d deep", what, JINJA_MAX_DEPTH), NULL;
+    }
+    node *x = fn(p);
+    p->depth--;
+    return x;
+}
+
 static node *parse_unary_in(parser *p);
 
 static node *parse_unary(parser *p) {
-    if (++p->depth > JINJA_MAX_DEPTH) {
-        p->depth--;
-        return fail(p, "expressions nested more than %d deep", JINJA_MAX_DEPTH), NULL;
-    }
-    node *x = parse_unary_in(p);
-    p->depth--;
-    return x;
+    return parse_nested(p, parse_unary_in, "expressions");
 }
 
 static node *parse_unary_in(parser *p) {
@@ -855,13 +860,7 @@ static int parse_branches(parser *p, node *x, const char *const *stops, const ch
 static node *parse_stmt_in(parser *p);
 
 static node *parse_stmt(parser *p) {
-    if (++p->depth > JINJA_MAX_DEPTH) {
-        p->depth--;
-        return fail(p, "blocks nested more than %d deep", JINJA_MAX_DEPTH), NULL;
-    }
-    node *x = parse_stmt_in(p);
-    p->depth--;
-    return x;
+    return parse_nested(p, parse_stmt_in, "blocks");
 }
 
 static node *parse_stmt_in(parser *p) {
