@@ -1,0 +1,245 @@
+/* The memory choices of model.c change no bits: activation recomputation
+ * (model_opts.recompute) gives the losses and gradients of the stored
+ * activations for LoRA, prefix, full and layer-wise training, and the loss
+ * taken over the vocabulary a chunk of rows at a time equals the loss of the
+ * whole logits at once. Uses tests/gradcheck.h's random models. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "gradcheck.h"
+#include "model/kernels.h"
+
+/* A model of `layers` layers (the tiny one otherwise), vocabulary V. */
+static void config_of(model_config *cfg, int layers, int V) {
+    gc_config(cfg, 0);
+    cfg->num_layers = layers;
+    cfg->vocab_size = V;
+    cfg->max_position_embeddings = 1024;
+}
+
+/* A method, its model, and one batch, over base b. */
+typedef struct run {
+    peft *p;
+    model *m;
+} run;
+
+static void run_open(run *r, gc_base *b, const Peftps__Method *meth, int B, int T, int recompute) {
+    err e = {{0}};
+    memset(r, 0, sizeof *r);
+    model_opts o = {.recompute = recompute};
+    if (methods_create(&r->p, meth, &b->cfg, &b->w, &e) < 0 ||
+        model_create_opts(&r->m, &b->cfg, &b->w, r->p, B, T, &o, &e) < 0)
+        fail_msg("%s", e.msg);
+    peft_init(r->p, 99);
+    gc_perturb(r->p, 0.1f, 5);
+    peft_set_step(r->p, 1, 7, 3, 1);
+}
+
+static void run_close(run *r) {
+    model_free(r->m);
+    peft_free(r->p);
+}
+
+/* Two steps' losses and gradients, with and without recomputation, for
+ * the method text: equal bits. Three steps of the same model so that the
+ * recomputed model also runs after a backward. */
+static void recompute_equal(const char *label, const char *method, int layers) {
+    model_config cfg;
+    config_of(&cfg, layers, 32);
+    gc_base b;
+    assert_int_equal(gc_base_create_cfg(&b, &cfg, 1234), 0);
+    Peftps__Method *meth = gc_method("%s", method);
+    int B = 2, T = 7;
+    run a, r;
+    run_open(&a, &b, meth, B, T, 0);
+    run_open(&r, &b, meth, B, T, 1);
+    assert_int_equal(a.p->n_params, r.p->n_params);
+    int32_t tokens[2 * 7], labels[2 * 7];
+    for (int step = 0; step < 3; step++) {
+        gc_batch(&b.cfg, tokens, labels, B, T, 11 + (uint64_t)step);
+        long na, nr;
+        peft_zero_grads(a.p);
+        peft_zero_grads(r.p);
+        double la = model_forward(a.m, tokens, labels, B, T, &na);
+        double lr = model_forward(r.m, tokens, labels, B, T, &nr);
+        model_backward(a.m, 0.25f);
+        model_backward(r.m, 0.25f);
+        printf("%-10s step %d loss %.17g recomputed %.17g\n", label, step, la, lr);
+        assert_int_equal(na, nr);
+        assert_memory_equal(&la, &lr, sizeof la);
+        assert_memory_equal(a.p->grads, r.p->grads, a.p->n_params * sizeof(float));
+        /* a step of plain SGD, so that the next step sees other parameters */
+        for (size_t i = 0; i < a.p->n_params; i++) {
+            a.p->params[i] -= 0.5f * a.p->grads[i];
+            r.p->params[i] -= 0.5f * r.p->grads[i];
+        }
+        peft_refresh(a.p);
+        peft_refresh(r.p);
+    }
+    run_close(&a);
+    run_close(&r);
+    gc_method_free(meth);
+    gc_base_free(&b);
+}
+
+#define ALL_SEVEN "[Q_PROJ, K_PROJ, V_PROJ, O_PROJ, GATE_PROJ, UP_PROJ, DOWN_PROJ]"
+
+static void test_recompute_bits(void **state) {
+    (void)state;
+    recompute_equal("lora", "lora { r: 4 alpha: 8 dropout: 0.2 target_modules: " ALL_SEVEN " }", 4);
+    recompute_equal("prefix", "prefix { num_virtual_tokens: 3 projection_hidden: 6 }", 4);
+    recompute_equal("full", "full { }", 3);
+    recompute_equal("layerwise", "layer_wise { first_layer: 1 last_layer: 2 }", 4);
+    recompute_equal("lora-1layer", "lora { r: 2 alpha: 4 }", 1);
+}
+
+/* Finite differences through the recomputed backward, as test_gradcheck. */
+static void test_recompute_gradcheck(void **state) {
+    (void)state;
+    const char *blocks[][2] = {
+        {"lora-rc", "lora { r: 3 alpha: 6 target_modules: " ALL_SEVEN " }"},
+        {"prefix-rc", "prefix { num_virtual_tokens: 3 projection_hidden: 6 }"},
+        {"full-rc", "full { }"},
+    };
+    for (size_t i = 0; i < sizeof blocks / sizeof blocks[0]; i++) {
+        Peftps__Method *m = gc_method("%s", blocks[i][1]);
+        gc_opts o = {.label = blocks[i][0], .method = m, .perturb = 0.1f, .recompute = 1};
+        int failures = gc_run(&o);
+        gc_method_free(m);
+        if (failures != 0) fail_msg("%s: %d gradient entries disagree", blocks[i][0], failures);
+    }
+}
+
+/* crossentropy_rows + crossentropy_total give crossentropy_forward's bits,
+ * whatever the rows' order of computation. */
+static void test_crossentropy_rows(void **state) {
+    (void)state;
+    int N = 1000, V = 77;
+    float *logits = malloc((size_t)N * V * sizeof *logits), *lse = malloc(N * sizeof *lse);
+    float *lse2 = malloc(N * sizeof *lse2);
+    double *loss = malloc(N * sizeof *loss);
+    int32_t *labels = malloc(N * sizeof *labels);
+    assert_non_null(logits && lse && lse2 && loss && labels);
+    rng g;
+    rng_seed(&g, 5, 6, 7, 8);
+    for (size_t i = 0; i < (size_t)N * V; i++) logits[i] = 4.0f * rng_normal(&g);
+    for (int i = 0; i < N; i++)
+        labels[i] = i % 7 == 3 ? -100 : (int32_t)(rng_u64(&g) % (uint64_t)V);
+    long n1, n2;
+    double want = crossentropy_forward(lse, logits, labels, N, V, &n1);
+    /* in chunks of 300 rows, the last chunk first */
+    for (int r0 = 900; r0 >= 0; r0 -= 300) {
+        int n = N - r0 < 300 ? N - r0 : 300;
+        crossentropy_rows(lse2 + r0, loss + r0, logits + (size_t)r0 * V, labels + r0, n, V);
+    }
+    double got = crossentropy_total(loss, labels, N, &n2);
+    printf("loss %.17g, in chunks %.17g\n", want, got);
+    assert_int_equal(n1, n2);
+    assert_memory_equal(&want, &got, sizeof want);
+    assert_memory_equal(lse, lse2, N * sizeof *lse);
+    /* a wrong row order in the sum would show: the total is not exact */
+    double swapped = 0.0;
+    for (int i = N - 1; i >= 0; i--)
+        if (labels[i] != -100) swapped += loss[i];
+    printf("summed backwards: %.17g\n", swapped);
+
+    /* the gradient in place has the bits of the gradient beside */
+    float *d = malloc((size_t)N * V * sizeof *d);
+    assert_non_null(d);
+    crossentropy_grad(d, logits, lse, labels, N, V, 0.37f);
+    crossentropy_grad(logits, logits, lse, labels, N, V, 0.37f);
+    assert_memory_equal(d, logits, (size_t)N * V * sizeof *d);
+    free(d);
+    free(logits);
+    free(lse);
+    free(lse2);
+    free(loss);
+    free(labels);
+}
+
+/* A vocabulary of 20000 and 2 x 300 tokens: the loss takes lm_head in
+ * chunks of 256 rows (4M floats / 20000 is below the 256-row floor), yet
+ * its bits are those of the whole (600, 20000) logits at once, which a
+ * forward without labels forms. */
+static void test_chunked_loss(void **state) {
+    (void)state;
+    int B = 2, T = 300, V = 20000, N = B * T;
+    model_config cfg;
+    config_of(&cfg, 2, V);
+    gc_base b;
+    assert_int_equal(gc_base_create_cfg(&b, &cfg, 77), 0);
+    Peftps__Method *meth = gc_method("lora { r: 4 alpha: 8 target_modules: " ALL_SEVEN " }");
+    run r;
+    run_open(&r, &b, meth, B, T, 0);
+    int32_t *tokens = malloc(N * sizeof *tokens), *labels = malloc(N * sizeof *labels);
+    float *lse = malloc(N * sizeof *lse);
+    assert_non_null(tokens && labels && lse);
+    gc_batch(&b.cfg, tokens, labels, B, T, 3);
+    labels[N - 1] = -100;
+    long n1, n2;
+    double loss = model_forward(r.m, tokens, labels, B, T, &n1);
+    assert_null(model_logits(r.m)); /* three chunks: never all at once */
+    double zero = model_forward(r.m, tokens, NULL, B, T, NULL);
+    assert_true(zero == 0.0);
+    const float *all = model_logits(r.m);
+    assert_non_null(all);
+    double want = crossentropy_forward(lse, all, labels, N, V, &n2);
+    printf("chunked loss %.17g, whole logits %.17g over %ld tokens\n", loss, want, n1);
+    assert_int_equal(n1, n2);
+    assert_memory_equal(&loss, &want, sizeof loss);
+
+    /* the head's rows in the chunks of the loss have the bits of the whole
+     * product: what the backward's gradient of each chunk reads */
+    float *ln = malloc((size_t)N * cfg.hidden_size * sizeof *ln), *rstd = malloc(N * sizeof *rstd);
+    float *x = malloc((size_t)N * cfg.hidden_size * sizeof *x);
+    float *chunk = malloc((size_t)256 * V * sizeof *chunk);
+    assert_non_null(ln && rstd && x && chunk);
+    rng g;
+    rng_seed(&g, 1, 2, 3, 4);
+    for (size_t i = 0; i < (size_t)N * cfg.hidden_size; i++) x[i] = rng_normal(&g);
+    model_view v = {&b.cfg, &b.w, r.p};
+    float *whole = malloc((size_t)N * V * sizeof *whole);
+    assert_non_null(whole);
+    model_head_forward(&v, whole, ln, rstd, x, N);
+    for (int r0 = 0; r0 < N; r0 += 256) {
+        int n = N - r0 < 256 ? N - r0 : 256;
+        model_head_forward(&v, chunk, ln, rstd, x + (size_t)r0 * cfg.hidden_size, n);
+        assert_memory_equal(chunk, whole + (size_t)r0 * V, (size_t)n * V * sizeof *chunk);
+    }
+    /* and the backward runs from the chunks (its gradients are checked by
+     * finite differences in test_gradcheck, on one chunk) */
+    peft_zero_grads(r.p);
+    model_forward(r.m, tokens, labels, B, T, &n1);
+    model_backward(r.m, 1.0f / (float)n1);
+    double norm = 0.0;
+    for (size_t i = 0; i < r.p->n_params; i++) norm += (double)r.p->grads[i] * r.p->grads[i];
+    assert_true(norm > 0.0 && isfinite(norm));
+    free(whole);
+    free(chunk);
+    free(x);
+    free(ln);
+    free(rstd);
+    free(tokens);
+    free(labels);
+    free(lse);
+    run_close(&r);
+    gc_method_free(meth);
+    gc_base_free(&b);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_crossentropy_rows),
+        cmocka_unit_test(test_chunked_loss),
+        cmocka_unit_test(test_recompute_bits),
+        cmocka_unit_test(test_recompute_gradcheck),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
