@@ -155,6 +155,9 @@ const model_weights *model_files_weights(const model_files *f);
 /* Hex digest of config.json and the safetensors headers: equal on every
  * machine that holds the same base. */
 const char *model_files_fingerprint(const model_files *f);
+/* The dtype (an st_dtype of safetensors.h) the files store every weight in:
+ * ST_BF16 or ST_F16 when all weights are, else ST_F32. */
+int model_files_dtype(const model_files *f);
 void model_files_close(model_files *f);
 
 /* Creates a model over cfg and base weights (both must outlive it) for
