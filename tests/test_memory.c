@@ -13,6 +13,9 @@
 
 #include <cmocka.h>
 
+#include <sys/mman.h>
+
+#include "base/memstat.h"
 #include "gradcheck.h"
 #include "model/kernels.h"
 
@@ -234,12 +237,158 @@ static void test_chunked_loss(void **state) {
     gc_base_free(&b);
 }
 
+/* Llama-3.2-1B's config.json (tests/bench/make_models.py), with `layers`. */
+static void llama_1b(model_config *c, int layers) {
+    memset(c, 0, sizeof *c);
+    c->vocab_size = 128256;
+    c->hidden_size = 2048;
+    c->intermediate_size = 8192;
+    c->num_layers = layers;
+    c->num_heads = 32;
+    c->num_kv_heads = 8;
+    c->head_dim = 64;
+    c->max_position_embeddings = 131072;
+    c->rms_norm_eps = 1e-5f;
+    c->rope_theta = 500000.0f;
+    c->rope_scaling = ROPE_LLAMA3;
+    c->rope_factor = 32.0f;
+    c->rope_low_freq_factor = 1.0f;
+    c->rope_high_freq_factor = 4.0f;
+    c->rope_original_max_position_embeddings = 8192;
+    c->tie_word_embeddings = 1;
+    c->bos_token_id = 128000;
+    c->eos_token_id = 128001;
+}
+
+/* Base weights of cfg that cost no private memory: every weight reads the
+ * same read-only anonymous mapping of zeros (the kernel's zero page), as
+ * large as the largest weight. */
+typedef struct zero_base {
+    model_weights w;
+    const float *(*layers)[LW_COUNT];
+    void *map;
+    size_t len;
+} zero_base;
+
+static void zero_base_open(zero_base *z, const model_config *cfg) {
+    size_t big = 0;
+    for (int k = 0; k < GW_COUNT; k++) {
+        size_t n = model_weight_shape(cfg, MODEL_GLOBAL, k, NULL, NULL);
+        big = n > big ? n : big;
+    }
+    for (int k = 0; k < LW_COUNT; k++) {
+        size_t n = model_weight_shape(cfg, 0, k, NULL, NULL);
+        big = n > big ? n : big;
+    }
+    z->len = big * sizeof(float);
+    z->map = mmap(NULL, z->len, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    assert_true(z->map != MAP_FAILED);
+    z->layers = calloc((size_t)cfg->num_layers, sizeof *z->layers);
+    assert_non_null(z->layers);
+    memset(&z->w, 0, sizeof z->w);
+    z->w.layer = z->layers;
+    for (int k = 0; k < GW_COUNT; k++) z->w.global[k] = z->map;
+    for (int l = 0; l < cfg->num_layers; l++)
+        for (int k = 0; k < LW_COUNT; k++)
+            z->layers[l][k] = model_weight_shape(cfg, l, k, NULL, NULL) ? z->map : NULL;
+}
+
+static void zero_base_close(zero_base *z) {
+    munmap(z->map, z->len);
+    free(z->layers);
+}
+
+static double mib(double bytes) {
+    return bytes / (1 << 20);
+}
+
+/* The Llama-3.2-1B shape as `make bench-sizes` trains it: LoRA r=16 on all
+ * seven projections, seq 512, batch 1, recomputation on. Its workspace for
+ * all 16 layers is sized at create (nothing touched): bounded generously
+ * at 768 MiB, and recomputation must at least halve it. Then a measured
+ * step on the same widths with 2 layers and 64 tokens: the private memory
+ * the step adds (RssAnon) stays within the workspace plus the method's
+ * tensors, gradients and buffers plus 64 MiB, so the accounting above is
+ * what the process pays. Skipped when the machine has under 2 GiB free. */
+static void test_llama_1b_memory(void **state) {
+    (void)state;
+    FILE *mi = fopen("/proc/meminfo", "r");
+    long avail = -1;
+    char line[256];
+    while (mi && fgets(line, sizeof line, mi))
+        if (!strncmp(line, "MemAvailable:", 13)) avail = strtol(line + 13, NULL, 10);
+    if (mi) fclose(mi);
+    if (avail >= 0 && avail < 2L << 20) {
+        printf("SKIP: %ld MiB available, the 1B-shape check needs 2 GiB\n", avail >> 10);
+        skip();
+    }
+    Peftps__Method *meth = gc_method("lora { r: 16 alpha: 32 target_modules: " ALL_SEVEN " }");
+    err e = {{0}};
+    model_config cfg;
+    llama_1b(&cfg, 16);
+    zero_base z;
+    zero_base_open(&z, &cfg);
+    size_t bytes[2];
+    for (int rc = 0; rc < 2; rc++) {
+        peft *p = NULL;
+        model *m = NULL;
+        if (methods_create(&p, meth, &cfg, &z.w, &e) < 0 ||
+            model_create_opts(&m, &cfg, &z.w, p, 1, 512, &(model_opts){.recompute = rc}, &e) < 0)
+            fail_msg("%s", e.msg);
+        bytes[rc] = model_workspace_bytes(m);
+        printf("Llama-3.2-1B, 512 tokens, LoRA r=16 x 7 (%zu parameters): workspace %.0f MiB %s "
+               "recomputation\n",
+               p->n_params, mib((double)bytes[rc]), rc ? "with" : "without");
+        model_free(m);
+        peft_free(p);
+    }
+    zero_base_close(&z);
+    assert_true(bytes[1] <= (size_t)768 << 20);
+    assert_true(2 * bytes[1] <= bytes[0]);
+
+    llama_1b(&cfg, 2);
+    zero_base_open(&z, &cfg);
+    int T = 64;
+    int32_t tokens[64], labels[64];
+    for (int i = 0; i < T; i++) {
+        tokens[i] = (int32_t)((i * 7919) % cfg.vocab_size);
+        labels[i] = (int32_t)((i * 104729 + 3) % cfg.vocab_size);
+    }
+    memstat before, after;
+    assert_int_equal(memstat_read(0, &before), 0);
+    peft *p = NULL;
+    model *m = NULL;
+    if (methods_create(&p, meth, &cfg, &z.w, &e) < 0 ||
+        model_create_opts(&m, &cfg, &z.w, p, 1, T, &(model_opts){.recompute = 1}, &e) < 0)
+        fail_msg("%s", e.msg);
+    peft_init(p, 1);
+    peft_set_step(p, 1, 1, 0, 0);
+    peft_zero_grads(p);
+    long n;
+    double loss = model_forward(m, tokens, labels, 1, T, &n);
+    model_backward(m, 1.0f / (float)n);
+    assert_int_equal(memstat_read(0, &after), 0);
+    /* zero weights: every logit 0, the loss ln V per token */
+    assert_true(fabs(loss / (double)n - log((double)cfg.vocab_size)) < 1e-4);
+    double grew = 1024.0 * (double)(after.private_kib - before.private_kib);
+    double method = 2.0 * (double)p->n_params * sizeof(float);
+    double bound = (double)model_workspace_bytes(m) + 2.0 * method + (64 << 20);
+    printf("2 layers, %d tokens: private memory grew %.1f MiB (workspace %.1f MiB, method "
+           "tensors and gradients %.1f MiB, bound %.1f MiB); mapped %.1f -> %.1f MiB\n",
+           T, mib(grew), mib((double)model_workspace_bytes(m)), mib(method), mib(bound),
+           mib(1024.0 * before.mapped_kib), mib(1024.0 * after.mapped_kib));
+    assert_true(grew <= bound);
+    model_free(m);
+    peft_free(p);
+    zero_base_close(&z);
+    gc_method_free(meth);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_crossentropy_rows),
-        cmocka_unit_test(test_chunked_loss),
-        cmocka_unit_test(test_recompute_bits),
-        cmocka_unit_test(test_recompute_gradcheck),
+        cmocka_unit_test(test_crossentropy_rows), cmocka_unit_test(test_chunked_loss),
+        cmocka_unit_test(test_recompute_bits),    cmocka_unit_test(test_recompute_gradcheck),
+        cmocka_unit_test(test_llama_1b_memory),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

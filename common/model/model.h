@@ -183,6 +183,11 @@ int model_create_opts(model **out, const model_config *cfg, const model_weights 
                       int T, const model_opts *opts, err *e);
 void model_free(model *m);
 
+/* Bytes model_create allocated for activations, gradients and the loss's
+ * chunk of logits: the model's share of a worker's private memory (the
+ * method's tensors and buffers come on top). */
+size_t model_workspace_bytes(const model *m);
+
 /* Forward over tokens (B,T). With labels (B,T) (-100 = ignored) returns the
  * SUM of token cross-entropies and writes the number of counted tokens to
  * *n_tokens; without labels returns 0. Labels are already shifted by the
