@@ -87,6 +87,17 @@ run 0 export "$TMP/lora" --format merged --out "$TMP/lora-merged" &&
         [ -s "$TMP/lora-merged/$f" ] || fail "lora merged export: $f missing"
     done
 run 0 export "$TMP/lw" --format merged --out "$TMP/lw-merged"
+# --dtype: BF16 on request from this F32 base, half the bytes, "bfloat16" in config.json
+run 0 export "$TMP/lora" --format merged --dtype bf16 --out "$TMP/lora-bf16" &&
+    grep -q '"torch_dtype": "bfloat16"' "$TMP/lora-bf16/config.json" &&
+    grep -q '"dtype":"BF16"' "$TMP/lora-bf16/model.safetensors" ||
+    fail "--dtype bf16: no BF16 weights or no bfloat16 in config.json"
+run 0 generate "$TMP/lora-bf16" --prompt "Once" --max-new-tokens 4 --seed 1 ||
+    fail "the BF16 merged model does not generate"
+d=$(($(wc -c <"$TMP/lora-merged/model.safetensors") - 2 * $(wc -c <"$TMP/lora-bf16/model.safetensors")))
+[ "${d#-}" -lt 16384 ] || fail "the BF16 merged model is not half the F32 one (headers aside): $d"
+run 2 export "$TMP/lora" --format merged --dtype f16 --out "$TMP/x" && expect_err "bf16 or f32"
+run 2 export "$TMP/lora" --format peft --dtype bf16 --out "$TMP/x" && expect_err "merged only"
 # tensors: --format implied by the .safetensors ending; the same tensors again
 run 0 export "$TMP/lora" --out "$TMP/lora.safetensors" &&
     cmp -s "$TMP/lora.safetensors" "$TMP/lora/tensors.safetensors" ||
