@@ -10,9 +10,12 @@ runs, /proc/PID/status of the server and the worker is sampled every 0.1 s:
   worker private   the largest RssAnon of the worker: activations,
                    gradients, buffers; what each worker costs alone
   mapped base      the largest resident file-backed pages of the worker
-                   (RssFile + RssShmem): the base as the worker reads it
-                   (BF16 in place, or the F32 cache of a BF16 base), shared
-                   by every process of the machine through the page cache
+                   (RssFile + RssShmem) once training has started: the base
+                   as the worker reads it (BF16 in place, or the F32 cache
+                   of a BF16 base), shared by every process of the machine
+                   through the page cache; the JSON also has the peak over
+                   the whole run (worker_mapped_peak), which includes the
+                   BF16 files while they are converted into the F32 cache
   server private   the largest RssAnon of the server (it opens the base too,
                    for evaluation; its mapped pages are the same files)
   tokens/s         the median of the server's tokens_per_s over the steps
@@ -115,7 +118,8 @@ def run_one(work, name, model, steps, bytes_per_param):
     with open(exp, "w") as f:
         f.write(experiment(work, name, model, steps))
     before = cache_files()
-    peak = {"worker_private": 0, "worker_mapped": 0, "server_private": 0, "server_mapped": 0}
+    peak = {"worker_private": 0, "worker_mapped": 0, "server_private": 0, "server_mapped": 0,
+            "worker_mapped_peak": 0, "server_mapped_peak": 0}
     metrics = f"{work}/out-{name}/metrics.jsonl"
     t0 = time.monotonic()
     first = None
@@ -132,7 +136,9 @@ def run_one(work, name, model, steps, bytes_per_param):
             anon = s.get("RssAnon", 0)
             mapped = s.get("RssFile", 0) + s.get("RssShmem", 0)
             peak[who + "_private"] = max(peak[who + "_private"], anon * 1024)
-            peak[who + "_mapped"] = max(peak[who + "_mapped"], mapped * 1024)
+            peak[who + "_mapped_peak"] = max(peak[who + "_mapped_peak"], mapped * 1024)
+            if first is not None:
+                peak[who + "_mapped"] = max(peak[who + "_mapped"], mapped * 1024)
         if first is None and os.path.exists(metrics) and os.path.getsize(metrics) > 0:
             first = time.monotonic() - t0
         time.sleep(0.1)
