@@ -225,7 +225,7 @@ def main():
             lines.append(f"| {name} | {p} | {why} | | | | |")
             continue
         lines.append(f"| {name} | {p} | {gib(r['worker_private'])} | {gib(r['worker_mapped'])} | "
-                     f"{gib(r['server_private'])} | {r['tokens_per_s']:.0f} | "
+                     f"{gib(r['server_private'])} | {r['tokens_per_s']:.3g} | "
                      f"{r['first_step_s']:.1f} |")
     table = "\n".join(lines) + "\n"
     print(table)
