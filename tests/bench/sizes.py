@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--clean", action="store_true", help="remove each model after its run")
     ap.add_argument("--f32-cache", choices=["auto", "yes", "no"], default="auto",
                     help="whether BF16 bases go through the F32 cache (4 bytes per parameter "
-                    "mapped); auto: yes if the smallest model's run made a cache file")
+                    "mapped); auto: from what the first model's worker mapped")
     a = ap.parse_args()
     names = a.models or list(make_models.MODELS)
     os.makedirs(a.work, exist_ok=True)
@@ -207,8 +207,9 @@ def main():
         print(f"{name}: running {a.steps} steps", flush=True)
         r = run_one(work, name, model, a.steps, bpp)
         r["parameters"] = params
-        if bpp is None:
-            bpp = 4 if r.get("cache_files") else 2
+        if bpp is None and r.get("ok"):
+            # what the worker mapped tells: ~4 bytes per parameter is the F32 cache
+            bpp = 4 if r["worker_mapped"] > 3 * params else 2
         r["bytes_per_parameter_mapped"] = bpp
         rows[name] = r
         if a.clean:
