@@ -1,7 +1,7 @@
 /* Tests of common/train/ckpt.c: bit-identical round trips, pruning, latest step,
  * CRC checks against bytes damaged in data.mdb, fingerprint and layout
- * refusals, map growth from a tiny map, a writer SIGKILLed mid-write, and
- * directories that are not checkpoints. Temporary directories live in /tmp. */
+ * refusals, map growth from a tiny map, a writer SIGKILLed mid-write,
+ * directories that are not checkpoints, and data.mdb truncated or empty. Temporary directories live in /tmp. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -713,6 +713,98 @@ static void test_not_a_checkpoint(void **state) {
     ckpt_close(c);
 }
 
+/* ---- truncated and empty files --------------------------------------------- */
+
+/* Copies the first `len` bytes of src into dst (created). */
+static void copy_prefix(const char *src, const char *dst, size_t len) {
+    FILE *in = fopen(src, "rb"), *out = fopen(dst, "wb");
+    assert_non_null(in);
+    assert_non_null(out);
+    char buf[65536];
+    while (len > 0) {
+        size_t want = len < sizeof buf ? len : sizeof buf;
+        size_t got = fread(buf, 1, want, in);
+        assert_true(got > 0);
+        assert_int_equal(fwrite(buf, 1, got, out), got);
+        len -= got;
+    }
+    fclose(in);
+    fclose(out);
+}
+
+/* data.mdb cut to 25, 50 and 90% (page-aligned, as a copy interrupted or a
+ * full disk leaves it) and a zero-byte data.mdb: refused before LMDB maps
+ * them, by readers and writers alike, naming the file; a whole copy opens. */
+static void test_truncated_file(void **state) {
+    char dir[128], src[160];
+    err e;
+    ckpt *c;
+    path_in(dir, sizeof dir, "whole");
+    assert_int_equal(ckpt_open(&c, dir, 1, NULL, &e), 0);
+    for (uint64_t step = 1; step <= 3; step++) {
+        sample sm;
+        sample_make(&sm, step, 300000);
+        if (ckpt_write(c, &sm.d, &e) < 0) fail_msg("%s", e.msg);
+        sample_free(&sm);
+    }
+    ckpt_close(c);
+    snprintf(src, sizeof src, "%s/data.mdb", dir);
+    struct stat st;
+    assert_int_equal(stat(src, &st), 0);
+    size_t size = (size_t)st.st_size, page = 4096;
+    assert_true(size > 16 * page);
+
+    const int percent[] = {25, 50, 90, 100};
+    for (int i = 0; i < 4; i++) {
+        char cut[128], file[160];
+        snprintf(cut, sizeof cut, "%s/cut%d", tmpdir, percent[i]);
+        assert_int_equal(mkdir(cut, 0777), 0);
+        snprintf(file, sizeof file, "%s/data.mdb", cut);
+        size_t len = size * (size_t)percent[i] / 100 / page * page;
+        copy_prefix(src, file, len);
+        for (int create = 0; create <= 1; create++) {
+            int rc = ckpt_open(&c, cut, create, NULL, &e);
+            if (percent[i] == 100) {
+                if (rc < 0) fail_msg("whole copy: %s", e.msg);
+                ckpt_data d;
+                assert_int_equal(ckpt_read(c, CKPT_LATEST, &d, &e), 0);
+                assert_int_equal(d.step, 3);
+                ckpt_data_free(&d);
+                ckpt_close(c);
+                continue;
+            }
+            assert_int_equal(rc, -1);
+            assert_null(c);
+            assert_err_has(&e, file);
+            assert_err_has(&e, "is truncated");
+            print_message("%d%%, %s: %s\n", percent[i], create ? "writer" : "reader", e.msg);
+        }
+        /* Refused, and left as it was. */
+        assert_int_equal(stat(file, &st), 0);
+        assert_int_equal((size_t)st.st_size, len);
+    }
+
+    /* A zero-byte data.mdb is not "no checkpoint yet": a writer would
+     * silently start again at step 0. */
+    char zero[128], file[160];
+    snprintf(zero, sizeof zero, "%s/zero", tmpdir);
+    assert_int_equal(mkdir(zero, 0777), 0);
+    snprintf(file, sizeof file, "%s/data.mdb", zero);
+    copy_prefix(src, file, 0);
+    for (int create = 0; create <= 1; create++) {
+        assert_int_equal(ckpt_open(&c, zero, create, NULL, &e), -1);
+        assert_err_has(&e, file);
+        assert_err_has(&e, "is empty (0 bytes)");
+    }
+    assert_int_equal(stat(file, &st), 0);
+    assert_int_equal(st.st_size, 0);
+
+    /* Shorter than the two meta pages. */
+    copy_prefix(src, file, page + 100);
+    assert_int_equal(ckpt_open(&c, zero, 0, NULL, &e), -1);
+    assert_err_has(&e, "too short for LMDB's two meta pages");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_roundtrip, setup_dir, teardown_dir),
@@ -723,6 +815,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_map_growth, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_crash_mid_write, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_not_a_checkpoint, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_truncated_file, setup_dir, teardown_dir),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

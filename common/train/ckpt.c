@@ -7,6 +7,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <lmdb.h>
 #include <stdio.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "base/crc32c.h"
 #include "base/log.h"
@@ -295,11 +297,13 @@ static int check_dir(const char *dir, int create, int *fresh, err *e) {
     snprintf(data, n, "%s/data.mdb", dir);
     int rc = stat(data, &st);
     int saved = errno;
-    free(data);
     if (rc == 0) {
         *fresh = 0;
-        return 0;
+        rc = ckpt_check_file(data, e);
+        free(data);
+        return rc;
     }
+    free(data);
     errno = saved;
     if (errno != ENOENT) return err_errno(e, "checkpoint %s/data.mdb", dir);
     if (!create) return err_set(e, "%s holds no data.mdb: not a checkpoint directory", dir);
@@ -311,6 +315,105 @@ static int check_dir(const char *dir, int create, int *fresh, err *e) {
                        "checkpoint.path at a new or empty directory",
                        dir);
     *fresh = 1;
+    return 0;
+}
+
+/* ---- the file against its meta pages ----------------------------------------
+ * LMDB maps data.mdb and trusts it: a page its meta page names past the end
+ * of a truncated file is a SIGBUS on first touch, and a zero-byte file is
+ * taken as a new environment. So before LMDB sees the file, its two meta
+ * pages are read here (layout of LMDB 0.9's MDB_page header and MDB_meta on
+ * a 64-bit host) and the file must hold every page up to the last one the
+ * newer meta says is in use. */
+
+#define LMDB_MAGIC 0xBEEFC0DEu
+#define LMDB_DATA_VERSION 1u
+#define LMDB_P_META 0x08u
+#define LMDB_PAGE_HEADER 16 /* pgno, pad, flags, lower/upper */
+#define LMDB_META_PSIZE 24  /* mm_dbs[FREE_DBI].md_pad holds the page size */
+#define LMDB_META_LAST_PG 120
+#define LMDB_META_TXNID 128
+#define LMDB_META_END 136
+
+_Static_assert(sizeof(size_t) == 8, "the LMDB meta page layout read here is the 64-bit one");
+
+/* One meta page at buf (n bytes available): 1 and its fields when it is one,
+ * 0 when not. */
+static int meta_parse(const unsigned char *buf, size_t n, uint32_t *psize, uint64_t *last_pg,
+                      uint64_t *txnid) {
+    if (n < LMDB_PAGE_HEADER + LMDB_META_END) return 0;
+    uint16_t flags = (uint16_t)(buf[10] | buf[11] << 8);
+    const unsigned char *m = buf + LMDB_PAGE_HEADER;
+    if (!(flags & LMDB_P_META) || get_u32(m) != LMDB_MAGIC || get_u32(m + 4) != LMDB_DATA_VERSION)
+        return 0;
+    *psize = get_u32(m + LMDB_META_PSIZE);
+    *last_pg = get_u64(m + LMDB_META_LAST_PG);
+    *txnid = get_u64(m + LMDB_META_TXNID);
+    return 1;
+}
+
+int ckpt_check_file(const char *path, err *e) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return err_errno(e, "checkpoint %s", path);
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int rc = err_errno(e, "checkpoint %s", path);
+        close(fd);
+        return rc;
+    }
+    uint64_t size = (uint64_t)st.st_size;
+    if (size == 0) {
+        close(fd);
+        return err_set(e,
+                       "checkpoint %s is empty (0 bytes): a first write was interrupted or the "
+                       "file was truncated; it holds no checkpoint. Restore the directory from "
+                       "a copy, or remove it to start from step 0",
+                       path);
+    }
+    unsigned char page[LMDB_PAGE_HEADER + LMDB_META_END];
+    uint32_t psize[2] = {0, 0};
+    uint64_t last[2] = {0, 0}, txn[2] = {0, 0};
+    int ok[2] = {0, 0};
+    ssize_t got = pread(fd, page, sizeof page, 0);
+    ok[0] = got > 0 && meta_parse(page, (size_t)got, &psize[0], &last[0], &txn[0]);
+    /* The page size must be a power of two LMDB could have used. */
+    if (ok[0] && (psize[0] < 512 || psize[0] > 65536 || (psize[0] & (psize[0] - 1)))) ok[0] = 0;
+    if (ok[0]) {
+        got = pread(fd, page, sizeof page, (off_t)psize[0]);
+        ok[1] = got > 0 && meta_parse(page, (size_t)got, &psize[1], &last[1], &txn[1]) &&
+                psize[1] == psize[0];
+    }
+    close(fd);
+    if (!ok[0])
+        return err_set(e,
+                       "%s is not an LMDB file (%" PRIu64
+                       " bytes, no LMDB meta page at its start): not a checkpoint; restore it "
+                       "from a copy",
+                       path, size);
+    if (!ok[1]) {
+        if (size < 2 * (uint64_t)psize[0])
+            return err_set(e,
+                           "checkpoint %s is truncated: %" PRIu64
+                           " bytes, too short for LMDB's two meta pages (%u bytes); restore "
+                           "the directory from a copy",
+                           path, size, 2 * psize[0]);
+        return err_set(e,
+                       "checkpoint %s is damaged: its second LMDB meta page is not one; "
+                       "restore the directory from a copy",
+                       path);
+    }
+    /* LMDB reads the meta of the higher transaction id (the first on ties). */
+    int cur = txn[1] > txn[0] ? 1 : 0;
+    uint64_t need = last[cur] + 1;
+    if (need > UINT64_MAX / psize[cur] || need * psize[cur] > size)
+        return err_set(e,
+                       "checkpoint %s is truncated: %" PRIu64 " bytes, but its LMDB meta page "
+                       "(transaction %" PRIu64 ") says pages up to %" PRIu64
+                       " are in use, %" PRIu64
+                       " bytes; it was cut short (copy interrupted, disk full); restore the "
+                       "directory from a copy",
+                       path, size, txn[cur], last[cur],
+                       need > UINT64_MAX / psize[cur] ? UINT64_MAX : need * psize[cur]);
     return 0;
 }
 

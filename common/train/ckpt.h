@@ -100,12 +100,23 @@ typedef struct ckpt_info {
  * environment holds no checkpoint. Without create the environment is opened
  * read-only and must hold at least one checkpoint. Fails, naming DIR, when:
  * DIR is not a directory or cannot be created; without create, DIR is
- * missing, holds no data.mdb, or holds no checkpoint; with create, DIR holds
+ * missing, holds no data.mdb, or holds no checkpoint; data.mdb fails
+ * ckpt_check_file (empty, truncated); with create, DIR holds
  * files but no data.mdb (a directory of something else: refused rather than
  * written into); data.mdb is not an LMDB file, or an LMDB environment without
  * the peftps format key, or of another format version; LMDB fails (its
  * message is given); memory runs out. */
 int ckpt_open(ckpt **out, const char *dir, int create, const ckpt_options *opt, err *e);
+
+/* Checks an LMDB data file (DIR/data.mdb) before it is mapped: both meta
+ * pages are LMDB's, and the file holds every page the newer one says is in
+ * use. ckpt_open calls it on an existing data.mdb; a mapped file shorter
+ * than that would be a SIGBUS inside LMDB. Fails, naming path, when the file
+ * cannot be read, is empty (0 bytes: an interrupted first write; never taken
+ * as "no checkpoint"), has no LMDB meta page at its start, is shorter than
+ * its two meta pages or than the pages in use ("truncated", with the sizes),
+ * or its second meta page is damaged. */
+int ckpt_check_file(const char *path, err *e);
 
 /* Closes the environment; c may be NULL. */
 void ckpt_close(ckpt *c);
