@@ -1,7 +1,8 @@
 /* Tests of common/train/ckpt.c: bit-identical round trips, pruning, latest step,
  * CRC checks against bytes damaged in data.mdb, fingerprint and layout
  * refusals, map growth from a tiny map, a writer SIGKILLed mid-write,
- * directories that are not checkpoints, and data.mdb truncated or empty. Temporary directories live in /tmp. */
+ * directories that are not checkpoints, and data.mdb truncated or empty. Temporary directories live
+ * in /tmp. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -42,6 +42,8 @@ struct ckpt {
     int rdonly;
     int keep;
     char *dir;
+    uint64_t file_size;   /* of data.mdb when last looked at (value_in_file) */
+    const char *map_base; /* where LMDB mapped it */
 };
 
 /* ---- little-endian encoding ---------------------------------------------- */
@@ -109,6 +111,9 @@ static int put_value(MDB_txn *txn, MDB_dbi dbi, const char *k, const void *paylo
     return 0;
 }
 
+static int value_in_file(ckpt *c, const MDB_val *val);
+static void find_map_base(ckpt *c);
+
 /* The payload of key, checked against its CRC; *p points into the map and is
  * valid until the transaction ends. */
 static int get_value(ckpt *c, MDB_txn *txn, const char *k, const unsigned char **p, size_t *n,
@@ -123,6 +128,11 @@ static int get_value(ckpt *c, MDB_txn *txn, const char *k, const unsigned char *
         return err_set(e,
                        "checkpoint %s: value %s is %zu bytes, too short to hold its CRC; the "
                        "checkpoint is damaged",
+                       c->dir, k, val.mv_size);
+    if (value_in_file(c, &val) < 0)
+        return err_set(e,
+                       "checkpoint %s: value %s (%zu bytes) reaches past the end of data.mdb; "
+                       "the file is truncated or damaged: restore the directory from a copy",
                        c->dir, k, val.mv_size);
     size_t len = val.mv_size - 4;
     uint32_t stored = get_u32((const unsigned char *)val.mv_data + len);
@@ -146,6 +156,7 @@ static int txn_begin(ckpt *c, unsigned flags, MDB_txn **txn, err *e) {
         int rc = mdb_txn_begin(c->env, NULL, flags, txn);
         if (rc == MDB_MAP_RESIZED) {
             rc = mdb_env_set_mapsize(c->env, 0);
+            find_map_base(c);
             if (!rc) continue;
         }
         if (rc)
@@ -408,8 +419,7 @@ int ckpt_check_file(const char *path, err *e) {
     if (need > UINT64_MAX / psize[cur] || need * psize[cur] > size)
         return err_set(e,
                        "checkpoint %s is truncated: %" PRIu64 " bytes, but its LMDB meta page "
-                       "(transaction %" PRIu64 ") says pages up to %" PRIu64
-                       " are in use, %" PRIu64
+                       "(transaction %" PRIu64 ") says pages up to %" PRIu64 " are in use, %" PRIu64
                        " bytes; it was cut short (copy interrupted, disk full); restore the "
                        "directory from a copy",
                        path, size, txn[cur], last[cur],
@@ -533,7 +543,12 @@ int ckpt_open(ckpt **out, const char *dir, int create, const ckpt_options *opt, 
     c->rdonly = !create;
     c->keep = opt && opt->keep > 0 ? opt->keep : CKPT_DEFAULT_KEEP;
     size_t map_size = opt && opt->map_size ? opt->map_size : CKPT_DEFAULT_MAP_SIZE;
-    if (open_env(c, fresh, map_size, e) < 0 || check_format(c, e) < 0) {
+    if (open_env(c, fresh, map_size, e) < 0) {
+        ckpt_close(c);
+        return -1;
+    }
+    find_map_base(c);
+    if (check_format(c, e) < 0) {
         ckpt_close(c);
         return -1;
     }
@@ -546,6 +561,50 @@ void ckpt_close(ckpt *c) {
     if (c->env) mdb_env_close(c->env);
     free(c->dir);
     free(c);
+}
+
+/* 0 when val lies inside data.mdb as it is on disk: a value whose pages a
+ * damaged tree places past the end would be a SIGBUS when read (one outside
+ * the map is on a page a write transaction holds in memory). A writer's
+ * file grows, so the size is looked up again before refusing. */
+static int value_in_file(ckpt *c, const MDB_val *val) {
+    MDB_envinfo info;
+    if (!c->map_base || mdb_env_info(c->env, &info)) return 0;
+    const char *base = c->map_base, *p = val->mv_data;
+    /* A write transaction reads what it wrote from pages in memory. */
+    if (p < base || (size_t)(p - base) >= info.me_mapsize) return 0;
+    uint64_t end = (uint64_t)(p - base) + val->mv_size;
+    if (end <= c->file_size) return 0;
+    mdb_filehandle_t fd;
+    struct stat st;
+    if (mdb_env_get_fd(c->env, &fd) || fstat(fd, &st) < 0) return -1;
+    c->file_size = (uint64_t)st.st_size;
+    return end <= c->file_size ? 0 : -1;
+}
+
+/* Where LMDB mapped data.mdb (LMDB does not say): the mapping at offset 0
+ * of its inode in /proc/self/maps; NULL when not found, and then values are
+ * not bounded (value_in_file). */
+static void find_map_base(ckpt *c) {
+    mdb_filehandle_t fd;
+    struct stat st;
+    if (mdb_env_get_fd(c->env, &fd) || fstat(fd, &st) < 0) return;
+    c->file_size = (uint64_t)st.st_size;
+    FILE *f = fopen("/proc/self/maps", "r");
+    c->map_base = NULL;
+    if (!f) return;
+    char line[4096];
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long start, end, off, ino;
+        unsigned maj, mnr;
+        if (sscanf(line, "%llx-%llx %*s %llx %x:%x %llu", &start, &end, &off, &maj, &mnr, &ino) ==
+                6 &&
+            off == 0 && ino == (unsigned long long)st.st_ino && ino != 0) {
+            c->map_base = (const char *)(uintptr_t)start;
+            break;
+        }
+    }
+    fclose(f);
 }
 
 const char *ckpt_dir(const ckpt *c) {
@@ -793,6 +852,7 @@ int ckpt_write(ckpt *c, const ckpt_data *d, err *e) {
             break;
         }
         int mrc = mdb_env_set_mapsize(c->env, next);
+        find_map_base(c);
         if (mrc) {
             rc = err_set(e, "checkpoint %s: growing the map to %zu bytes: %s", c->dir, next,
                          mdb_strerror(mrc));
