@@ -33,6 +33,10 @@ typedef struct shard_slot {
     double loss_sum; /* once RECEIVED */
     uint64_t n_tokens;
     double norm; /* ASYNC: the norm of its own update */
+    /* A push refused as absurdly large: its bits and its worker, so that
+     * another worker computing the same bits confirms it. */
+    uint32_t suspect_crc;
+    char suspect_by[96];
 } shard_slot;
 
 typedef struct worker_rec {
@@ -44,6 +48,7 @@ typedef struct worker_rec {
     double last_sent; /* our last message to it */
     uint64_t version; /* of the parameters it holds */
     int waiting;      /* server 0: wants work; others: wants a newer version */
+    int offences;     /* pushes refused for non-finite or absurd values */
 } worker_rec;
 
 /* At server 0: the link of server k (1..n_servers-1). */
@@ -104,6 +109,14 @@ struct server {
 
     worker_rec *workers;
     int cap_workers;
+    /* Identities dropped for repeated bad pushes, refused when they say
+     * Hello again (a ring). */
+    unsigned char banned[64][WIRE_IDENTITY_MAX];
+    size_t banned_len[64];
+    int n_banned;
+    /* Per-token gradient norms of accepted pushes: the largest of the last
+     * applied step and of the current one, the scale a push is held to. */
+    double push_norm_prev, push_norm_cur;
 
     void *ctx, *sock;
     curve_keys keys;

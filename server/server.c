@@ -17,6 +17,7 @@
 #include <zmq.h>
 
 #include "config/config.h"
+#include "base/crc32c.h"
 #include "base/fsutil.h"
 #include "base/log.h"
 #include "train/optim.h"
@@ -29,6 +30,13 @@
 #define SERVER_LINGER_MS 2000
 /* ASYNC hands out shards of at most this many steps at once. */
 #define ASYNC_WINDOW 4
+/* A worker whose pushes are refused this many times for non-finite or
+ * absurd values is dropped, and its identity refused. */
+#define SERVER_MAX_OFFENCES 3
+/* A push whose per-token gradient norm exceeds this many times the largest
+ * of the previous and current step's accepted pushes is absurd: refused
+ * unless another worker computes the same bits. */
+#define SERVER_PUSH_NORM_FACTOR 1e4
 
 static volatile sig_atomic_t stop_requested, reload_requested;
 
@@ -599,6 +607,13 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
         peers_on_hello(s, m, (int)k);
         return;
     }
+    for (int i = 0; i < s->n_banned && i < 64; i++)
+        if (s->banned_len[i] == m->id_len && !memcmp(s->banned[i], m->identity, m->id_len)) {
+            REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR,
+                        "%s was dropped after %d refused pushes; restart it to register again", who,
+                        SERVER_MAX_OFFENCES);
+            return;
+        }
     if (w) {
         worker_release(s, w);
     } else if (!(w = worker_add(s))) {
@@ -615,6 +630,7 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
     w->last_seen = progress_now();
     w->version = NO_VERSION;
     w->waiting = 0;
+    w->offences = 0;
     server_log(s, LOG_INFO, "worker %s registered (%d alive)", w->name, workers_alive(s));
     httpd_set(s->hm.workers, workers_alive(s));
     wire_out o;
@@ -725,6 +741,84 @@ static int push_in_time(const server *s, uint64_t step, uint64_t version) {
     }
 }
 
+/* ---- pushes at the boundary ---------------------------------------------------------- */
+
+/* What is wrong with the pushed loss and gradient (now in s->inbuf), in
+ * words, or NULL when nothing is: a NaN or infinity anywhere, or a per-token
+ * norm SERVER_PUSH_NORM_FACTOR times the scale of the accepted pushes
+ * (*absurd set; another worker pushing the same bits confirms it). */
+static const char *push_problem(server *s, const Peftps__Wire__GradPush *g, shard_slot *sl,
+                                const worker_rec *w, double *norm, int *absurd, char *buf,
+                                size_t n) {
+    *absurd = 0;
+    *norm = 0.0;
+    if (!isfinite(g->loss_sum)) {
+        snprintf(buf, n, "its loss_sum is %g", g->loss_sum);
+        return buf;
+    }
+    for (int t = 0; t < s->n_tensors; t++) {
+        const float *x = s->inbuf + s->tensors[t].offset;
+        for (size_t i = 0; i < s->tensors[t].numel; i++)
+            if (!isfinite(x[i])) {
+                snprintf(buf, n, "its gradient of %s holds %g at index %zu", s->tensors[t].name,
+                         (double)x[i], i);
+                return buf;
+            }
+    }
+    double ntok = g->n_tokens > 0 ? (double)g->n_tokens : 1.0;
+    double sumsq = train_grad_sumsq(s->tensors, s->n_tensors, s->inbuf, NULL);
+    *norm = isfinite(sumsq) ? sqrt(sumsq) / ntok : INFINITY;
+    double scale = s->push_norm_prev > s->push_norm_cur ? s->push_norm_prev : s->push_norm_cur;
+    if (scale > 0 && !(*norm <= SERVER_PUSH_NORM_FACTOR * scale)) {
+        uint32_t crc = crc32c(0, s->inbuf, s->n * sizeof(float));
+        if (sl->suspect_by[0] && sl->suspect_crc == crc && strcmp(sl->suspect_by, w->name)) {
+            server_log(s, LOG_WARN,
+                       "shard of step %llu: gradient norm %.3g per token, %.0fx the scale of "
+                       "this run's pushes, confirmed by %s and %s computing the same bits: "
+                       "accepted",
+                       (unsigned long long)g->step, *norm, *norm / scale, sl->suspect_by, w->name);
+            return NULL;
+        }
+        sl->suspect_crc = crc;
+        snprintf(sl->suspect_by, sizeof sl->suspect_by, "%s", w->name);
+        *absurd = 1;
+        snprintf(buf, n,
+                 "its gradient norm is %.3g per token, more than %.0f times the largest "
+                 "accepted in this and the last step (%.3g); it is taken only when another "
+                 "worker computes the same bits",
+                 *norm, SERVER_PUSH_NORM_FACTOR, scale);
+        return buf;
+    }
+    return NULL;
+}
+
+/* A push refused for its values: the shard goes to another worker, the
+ * worker is named, and after SERVER_MAX_OFFENCES refusals dropped. */
+static void push_refuse(server *s, const wire_msg *m, worker_rec *w, shard_slot *sl, int owned,
+                        uint32_t shard, const char *why) {
+    if (owned) sl->state = SHARD_PENDING;
+    w->offences++;
+    server_reply_error(s, m, w->name, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR,
+                       "push of shard %u of step %llu refused: %s; the shard goes to another "
+                       "worker (refusal %d of %d before %s is dropped)",
+                       shard, (unsigned long long)m->env->grad_push->step, why, w->offences,
+                       SERVER_MAX_OFFENCES, w->name);
+    if (w->offences >= SERVER_MAX_OFFENCES) {
+        int n = worker_release(s, w);
+        w->used = 0;
+        int k = s->n_banned++ % 64;
+        memcpy(s->banned[k], w->id, w->id_len);
+        s->banned_len[k] = w->id_len;
+        server_log(s, LOG_WARN,
+                   "worker %s dropped after %d refused pushes (non-finite or absurd "
+                   "gradients); %d shard(s) go to others (%d alive)",
+                   w->name, w->offences, n, workers_alive(s));
+        httpd_add(s->hm.workers_dropped, 1);
+        httpd_set(s->hm.workers, workers_alive(s));
+    }
+    schedule(s);
+}
+
 /* 0 when the push was taken, -1 when it was refused. */
 static int on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
     const Peftps__Wire__GradPush *g = m->env->grad_push;
@@ -774,6 +868,15 @@ static int on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
         schedule(s);
         return -1;
     }
+    char why[400];
+    double norm;
+    int absurd;
+    if (push_problem(s, g, sl, w, &norm, &absurd, why, sizeof why)) {
+        push_refuse(s, m, w, sl, owned, g->shard, why);
+        return -1;
+    }
+    if (norm > s->push_norm_cur) s->push_norm_cur = norm;
+    sl->suspect_by[0] = '\0';
     sl->state = SHARD_RECEIVED;
     httpd_add(s->hm.pushes_accepted, 1);
     sl->loss_sum = g->loss_sum;
@@ -860,6 +963,7 @@ static int step_record(server *s, double loss, long ntok, double lr, double norm
     double dt = now - s->step_start;
     double toks = (double)s->exp->data->batch_size * (double)s->exp->data->seq_len;
     for (uint32_t i = 0; i < s->n_shards; i++) slot(s, s->step, i)->state = SHARD_PENDING;
+    s->push_norm_prev = s->push_norm_cur, s->push_norm_cur = 0.0;
     s->step++;
     if (s->metrics.f) {
         /* Not fatal: a full disk stops the run at the next checkpoint, with its path. */

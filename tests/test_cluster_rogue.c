@@ -2,7 +2,8 @@
  * here over loopback TCP on a free port): garbage, truncated and oversized
  * frames, messages before Hello, wrong fingerprints, and, once registered,
  * wrong shapes, wrong versions, unassigned and out-of-range shards and a
- * duplicate shard. Each gets its Error (or, for an oversized frame, a
+ * duplicate shard, a NaN loss, a NaN gradient and a gradient of 1e30 (after
+ * three such refusals the peer is dropped). Each gets its Error (or, for an oversized frame, a
  * dropped connection), the server keeps running with bounded memory, and
  * after a real worker (bin/peftps-worker) finishes the run the tensors are
  * bit-identical to `peftps train`. With CURVE on, a client whose key is not
@@ -15,6 +16,7 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -443,6 +445,80 @@ static void test_registered_abuse(void **state) {
     assert_true(alive(rc.server));
 }
 
+/* Registers as `name`, takes the first Snapshot and Assign; returns the
+ * shard. */
+static uint32_t join(void *s, trainer *t, const char *name) {
+    wire_out o;
+    send_env(s, wire_hello(&o, name, rc.base_fp, rc.exp_fp, name, 1), NULL, 0);
+    wire_msg m;
+    expect_body(s, PEFTPS__WIRE__ENVELOPE__BODY_WELCOME, &m, "hello");
+    wire_msg_close(&m);
+    Peftps__Wire__Envelope *pull = wire_pull(&o, 0);
+    o.body.pull.has_have_version = 0;
+    send_env(s, pull, NULL, 0);
+    expect_body(s, PEFTPS__WIRE__ENVELOPE__BODY_SNAPSHOT, &m, "first pull");
+    take_snapshot(t, &m);
+    uint64_t version = m.env->snapshot->version;
+    wire_msg_close(&m);
+    expect_body(s, PEFTPS__WIRE__ENVELOPE__BODY_ASSIGN, &m, "first pull");
+    uint32_t shard = m.env->assign->shards[0];
+    assert_int_equal(m.env->assign->version, version);
+    assert_int_equal(version, 0);
+    wire_msg_close(&m);
+    return shard;
+}
+
+/* A registered peer pushing a NaN loss, a NaN gradient and a gradient of
+ * 1e30: each refused at the boundary with the shard handed back, the peer
+ * named, and after the third refusal dropped and its identity refused. */
+static void test_nonfinite_and_huge(void **state) {
+    err e;
+    trainer *t;
+    if (trainer_open(&t, rc.exp, 0, &e) < 0) fail_msg("%s", e.msg);
+    void *s = dealer(&rc, NULL, NULL);
+    uint32_t shard = join(s, t, "rogue-nan");
+    double loss;
+    long ntok;
+    wire_msg m;
+    wire_out o;
+    peft *p = t->p;
+    for (int round = 0; round < 3; round++) {
+        if (trainer_shard_grad(t, 0, shard, &loss, &ntok, &e) < 0) fail_msg("%s", e.msg);
+        if (round == 0) loss = NAN;
+        if (round == 1) p->grads[p->tensors[p->n_tensors - 1].offset + 3] = NAN;
+        if (round == 2)
+            for (size_t i = 0; i < p->n_params; i++) p->grads[i] = 1e30f;
+        push(s, t, 0, 0, shard, loss, ntok, 0);
+        expect_error(s, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "poisoned push");
+        if (round < 2) {
+            /* The shard is free again: ask for work. */
+            send_env(s, wire_pull(&o, 0), NULL, 0);
+            expect_body(s, PEFTPS__WIRE__ENVELOPE__BODY_ASSIGN, &m, "pull after refusal");
+            shard = m.env->assign->shards[0];
+            wire_msg_close(&m);
+        }
+    }
+    /* Dropped: a pull is from an unregistered peer, and a Hello is refused. */
+    send_env(s, wire_pull(&o, 0), NULL, 0);
+    expect_error(s, PEFTPS__WIRE__ERROR_CODE__NOT_REGISTERED, "pull after being dropped");
+    send_env(s, wire_hello(&o, "rogue-nan", rc.base_fp, rc.exp_fp, "rogue-nan", 1), NULL, 0);
+    expect_error(s, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR, "hello after being dropped");
+    zmq_close(s);
+    trainer_close(t);
+    assert_true(alive(rc.server));
+    char cmd[300];
+    const char *lines[] = {
+        "rogue-nan: push of shard .* refused: its loss_sum is nan",
+        "rogue-nan: push of shard .* refused: its gradient of .* holds nan at index 3",
+        "rogue-nan: push of shard .* refused: its gradient norm is .* more than 10000 times",
+        "worker rogue-nan dropped after 3 refused pushes",
+    };
+    for (int i = 0; i < 4; i++) {
+        snprintf(cmd, sizeof cmd, "grep -q '%s' %s/server.log", lines[i], rc.dir);
+        if (system(cmd) != 0) fail_msg("server.log lacks '%s'", lines[i]);
+    }
+}
+
 static void test_run_completes_unchanged(void **state) {
     pid_t w = spawn(&rc, "peftps-worker", "worker.log", NULL, 0);
     int st = wait_status(rc.server, 90);
@@ -547,6 +623,7 @@ int main(void) {
         cmocka_unit_test(test_before_hello_and_bad_hello),
         cmocka_unit_test(test_oversized_frame),
         cmocka_unit_test(test_registered_abuse),
+        cmocka_unit_test(test_nonfinite_and_huge),
         cmocka_unit_test(test_run_completes_unchanged),
     };
     const struct CMUnitTest curve[] = {
