@@ -49,6 +49,9 @@ typedef struct worker_rec {
     uint64_t version; /* of the parameters it holds */
     int waiting;      /* server 0: wants work; others: wants a newer version */
     int offences;     /* pushes refused for non-finite or absurd values */
+    /* Until then its silence is a transfer to it under way (our tensors
+     * queue ahead of our heartbeats); see transfer_s. */
+    double busy_until;
 } worker_rec;
 
 /* At server 0: the link of server k (1..n_servers-1). */
@@ -138,6 +141,9 @@ struct server {
     uint64_t bytes_in, bytes_out; /* this step's messages */
     double step_start;
     double hb_s, timeout_s;
+    /* Seconds a byte of tensors may take (cluster.min_transfer_mbit_s), and
+     * the silence a worker is allowed: timeout_s plus its push. */
+    double s_per_byte, worker_silence_s;
     int finished; /* 1: done, -1: failed with `fail` */
     err fail;
 };

@@ -298,6 +298,7 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
                                                       : 1;
     s->hb_s = cl->heartbeat_ms / 1000.0;
     s->timeout_s = cl->worker_timeout_ms / 1000.0;
+    s->s_per_byte = 8.0 / (cl->min_transfer_mbit_s * 1e6);
     config_fingerprint(exp, s->exp_fp);
 
     if (cl->curve && (cl->curve->server_keys || cl->curve->authorized_keys)) {
@@ -336,6 +337,18 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
             metrics_open(&s->metrics, s->exp->output_dir, s->step, e) < 0)
             goto fail;
     }
+    /* A worker's push of this server's tensors queues its heartbeats
+     * behind it: the time it needs at the slowest rate allowed is not
+     * silence. */
+    double push_s = (double)s->n * sizeof(float) * s->s_per_byte;
+    s->worker_silence_s = s->timeout_s + push_s;
+    if (push_s >= 1.0)
+        server_log(s, LOG_INFO,
+                   "tensors of %.1f MB each way: a worker may be silent for %.1f s "
+                   "(cluster.worker_timeout_ms plus their transfer at "
+                   "cluster.min_transfer_mbit_s %u), longer while this server sends to it",
+                   (double)s->n * sizeof(float) / 1e6, s->worker_silence_s,
+                   cl->min_transfer_mbit_s);
     server_log(
         s, LOG_INFO,
         "%s: server %d of %d holds %d of %d tensors (%zu parameters) of %s, at step %llu/%llu",
@@ -447,9 +460,22 @@ void server_send(server *s, const unsigned char *id, size_t id_len,
     httpd_add(s->hm.bytes_out, (double)nb);
 }
 
+/* Bytes of tensor frames in a message. */
+static uint64_t tensor_bytes(const wire_tensor *t, int n) {
+    uint64_t b = 0;
+    for (int i = 0; i < n; i++) b += t[i].nbytes;
+    return b;
+}
+
 static void send_worker(server *s, worker_rec *w, const Peftps__Wire__Envelope *env,
                         const wire_tensor *t, int n) {
-    w->last_sent = progress_now();
+    double now = progress_now();
+    w->last_sent = now;
+    /* Transfers queued to one worker follow each other on its connection. */
+    if (n > 0) {
+        double from = w->busy_until > now ? w->busy_until : now;
+        w->busy_until = from + (double)tensor_bytes(t, n) * s->s_per_byte;
+    }
     server_send(s, w->id, w->id_len, env, t, n);
 }
 
@@ -631,6 +657,7 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
     w->version = NO_VERSION;
     w->waiting = 0;
     w->offences = 0;
+    w->busy_until = 0;
     server_log(s, LOG_INFO, "worker %s registered (%d alive)", w->name, workers_alive(s));
     httpd_set(s->hm.workers, workers_alive(s));
     wire_out o;
@@ -1057,13 +1084,18 @@ static void tick(server *s) {
     for (int i = 0; i < s->cap_workers; i++) {
         worker_rec *w = &s->workers[i];
         if (!w->used) continue;
-        if (now - w->last_seen > s->timeout_s) {
+        /* Silence counts from what we last heard or, later, the end of
+         * what we were sending it at the slowest rate allowed. */
+        double since = w->busy_until > w->last_seen ? w->busy_until : w->last_seen;
+        if (now - since > s->worker_silence_s) {
             int n = worker_release(s, w);
             w->used = 0;
             dropped = 1;
             server_log(s, LOG_WARN,
-                       "worker %s silent for %.1f s: dropped, %d shard(s) go to others (%d alive)",
-                       w->name, now - w->last_seen, n, workers_alive(s));
+                       "worker %s silent for %.1f s (allowed %.1f s): dropped, %d shard(s) go "
+                       "to others (%d alive)",
+                       w->name, now - w->last_seen, s->worker_silence_s + (since - w->last_seen),
+                       n, workers_alive(s));
             httpd_add(s->hm.workers_dropped, 1);
             httpd_set(s->hm.workers, workers_alive(s));
             continue;

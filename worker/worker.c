@@ -60,6 +60,10 @@ struct worker {
     curve_keys mine;
     char server_public[CURVE_KEY_Z85 + 1];
     double hb_s, timeout_s;
+    /* A server's silence allowed: timeout_s plus the whole table's transfer
+     * at cluster.min_transfer_mbit_s, since its heartbeats queue behind the
+     * tensors it sends (a Welcome or a Snapshot) on the same connection. */
+    double silence_s;
     wire_limits lim;    /* no message may exceed the whole table */
     uint64_t refreshed; /* version the method's derived state was built for */
 
@@ -150,6 +154,14 @@ int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
     if (trainer_open(&w->t, exp, 0, e) < 0) goto fail;
     for (int i = 0; i < w->n_conns; i++) w->conns[i].bytes_out = w->hm.bytes_out;
     if (worker_limits(w, e) < 0) goto fail;
+    double table_bytes = (double)peft_num_trainable(w->t->p) * sizeof(float);
+    double transfer_s = table_bytes * 8.0 / (cl->min_transfer_mbit_s * 1e6);
+    w->silence_s = w->timeout_s + transfer_s;
+    if (transfer_s >= 1.0)
+        log_info("tensors of %.1f MB each way: a server may be silent for %.1f s "
+                 "(cluster.worker_timeout_ms plus their transfer at cluster.min_transfer_mbit_s "
+                 "%u)",
+                 table_bytes / 1e6, w->silence_s, cl->min_transfer_mbit_s);
     log_info("%s: worker %s ready (%s, %zu trainable parameters)", exp->name, w->id,
              w->t->p->method->name, peft_num_trainable(w->t->p));
     *out = w;
@@ -558,9 +570,11 @@ static int loop(worker *w, err *e) {
         for (int i = 0; i < w->n_conns; i++) {
             conn *c = &w->conns[i];
             if (!c->sock) continue;
-            if (c->registered && now - c->last_heard > w->timeout_s) {
-                conn_retry(w, c, "silent for longer than cluster.worker_timeout_ms");
-            } else if (!c->registered && now - c->hello_at > w->timeout_s) {
+            if (c->registered && now - c->last_heard > w->silence_s) {
+                conn_retry(w, c,
+                           "silent for longer than cluster.worker_timeout_ms plus a transfer "
+                           "of the tensors at cluster.min_transfer_mbit_s");
+            } else if (!c->registered && now - c->hello_at > w->silence_s) {
                 conn_retry(w, c, "no answer to Hello");
             } else if (c->registered && now - c->last_sent >= w->hb_s) {
                 wire_out o;

@@ -144,6 +144,8 @@ int config_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext
     CONFIG_DEFAULT(cl, heartbeat_ms, 1000);
     CONFIG_DEFAULT(cl, worker_timeout_ms, 10000);
     CONFIG_DEFAULT(cl, metrics_port, 0);
+    CONFIG_DEFAULT(cl, min_transfer_mbit_s, 100);
+    CONFIG_DEFAULT(cl, server_timeout_ms, 120000);
 
     if (ENSURE(exp->checkpoint, peftps__checkpoint__descriptor)) goto oom;
     if (default_string(&exp->checkpoint->path, "%s/ckpt", exp->output_dir)) goto oom;
@@ -265,6 +267,13 @@ static int check_ranges(const config_checker *c, const Peftps__Experiment *exp) 
         return config_fail(c, "cluster.worker_timeout_ms|cluster.heartbeat_ms",
                            "cluster.worker_timeout_ms (%u) must exceed cluster.heartbeat_ms (%u)",
                            cl->worker_timeout_ms, cl->heartbeat_ms);
+    if (cl->min_transfer_mbit_s == 0)
+        return config_fail(c, "cluster.min_transfer_mbit_s",
+                           "cluster.min_transfer_mbit_s must be > 0 (megabits per second)");
+    if (cl->server_timeout_ms <= cl->heartbeat_ms)
+        return config_fail(c, "cluster.server_timeout_ms|cluster.heartbeat_ms",
+                           "cluster.server_timeout_ms (%u) must exceed cluster.heartbeat_ms (%u)",
+                           cl->server_timeout_ms, cl->heartbeat_ms);
     if (cl->metrics_port > 65535)
         return config_fail(c, "cluster.metrics_port", "cluster.metrics_port %u is not a TCP port",
                            cl->metrics_port);
