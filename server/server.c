@@ -37,6 +37,9 @@
  * of the previous and current step's accepted pushes is absurd: refused
  * unless another worker computes the same bits. */
 #define SERVER_PUSH_NORM_FACTOR 1e4
+/* Before any push is accepted (a new run, a restarted server) there is no
+ * scale: a per-token norm above this is absurd for any model that trains. */
+#define SERVER_PUSH_NORM_FIRST 1e6
 
 static volatile sig_atomic_t stop_requested, reload_requested;
 
@@ -772,8 +775,9 @@ static int push_in_time(const server *s, uint64_t step, uint64_t version) {
 
 /* What is wrong with the pushed loss and gradient (now in s->inbuf), in
  * words, or NULL when nothing is: a NaN or infinity anywhere, or a per-token
- * norm SERVER_PUSH_NORM_FACTOR times the scale of the accepted pushes
- * (*absurd set; another worker pushing the same bits confirms it). */
+ * norm SERVER_PUSH_NORM_FACTOR times the scale of the accepted pushes, or
+ * above SERVER_PUSH_NORM_FIRST before there is one (*absurd set; another
+ * worker pushing the same bits confirms it). */
 static const char *push_problem(server *s, const Peftps__Wire__GradPush *g, shard_slot *sl,
                                 const worker_rec *w, double *norm, int *absurd, char *buf,
                                 size_t n) {
@@ -796,24 +800,32 @@ static const char *push_problem(server *s, const Peftps__Wire__GradPush *g, shar
     double sumsq = train_grad_sumsq(s->tensors, s->n_tensors, s->inbuf, NULL);
     *norm = isfinite(sumsq) ? sqrt(sumsq) / ntok : INFINITY;
     double scale = s->push_norm_prev > s->push_norm_cur ? s->push_norm_prev : s->push_norm_cur;
-    if (scale > 0 && !(*norm <= SERVER_PUSH_NORM_FACTOR * scale)) {
+    double bound = scale > 0 ? SERVER_PUSH_NORM_FACTOR * scale : SERVER_PUSH_NORM_FIRST;
+    if (!(*norm <= bound)) {
         uint32_t crc = crc32c(0, s->inbuf, s->n * sizeof(float));
         if (sl->suspect_by[0] && sl->suspect_crc == crc && strcmp(sl->suspect_by, w->name)) {
             server_log(s, LOG_WARN,
                        "shard of step %llu: gradient norm %.3g per token, %.0fx the scale of "
                        "this run's pushes, confirmed by %s and %s computing the same bits: "
                        "accepted",
-                       (unsigned long long)g->step, *norm, *norm / scale, sl->suspect_by, w->name);
+                       (unsigned long long)g->step, *norm, scale > 0 ? *norm / scale : 0.0,
+                       sl->suspect_by, w->name);
             return NULL;
         }
         sl->suspect_crc = crc;
         snprintf(sl->suspect_by, sizeof sl->suspect_by, "%s", w->name);
         *absurd = 1;
-        snprintf(buf, n,
-                 "its gradient norm is %.3g per token, more than %.0f times the largest "
-                 "accepted in this and the last step (%.3g); it is taken only when another "
-                 "worker computes the same bits",
-                 *norm, SERVER_PUSH_NORM_FACTOR, scale);
+        if (scale > 0)
+            snprintf(buf, n,
+                     "its gradient norm is %.3g per token, more than %.0f times the largest "
+                     "accepted in this and the last step (%.3g); it is taken only when another "
+                     "worker computes the same bits",
+                     *norm, SERVER_PUSH_NORM_FACTOR, scale);
+        else
+            snprintf(buf, n,
+                     "its gradient norm is %.3g per token, more than %.0g before any push set "
+                     "the scale; it is taken only when another worker computes the same bits",
+                     *norm, SERVER_PUSH_NORM_FIRST);
         return buf;
     }
     return NULL;
