@@ -47,10 +47,12 @@ PROGRAMS  := $(BIN)/peftps $(BIN)/peftps-server $(BIN)/peftps-worker
 
 TEST_SRC  := $(wildcard tests/test_*.c)
 TESTS     := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+# Programs the tests run that are not tests themselves (the chaos test's rogue).
+TEST_TOOLS := $(BUILD)/tests/chaos_rogue
 FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS   := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps test check demo asan test-asan fuzz fuzz-build fuzz-run bench bench-sizes install \
+.PHONY: all deps test check chaos demo asan test-asan fuzz fuzz-build fuzz-run bench bench-sizes install \
         uninstall clean format
 .SUFFIXES:
 .SECONDARY:
@@ -116,8 +118,17 @@ test: deps
 
 # demo-data: the demo experiments name data derived from Debian packages,
 # which config checks in the tests expect to exist.
-check: $(PROGRAMS) $(TESTS) demo-data
+check: $(PROGRAMS) $(TESTS) $(TEST_TOOLS) demo-data
 	@BUILD=$(BUILD) BIN=$(BIN) sh tests/run.sh
+
+# The standing chaos test: a seeded 200-step run under 20 worker SIGKILLs,
+# 3 server SIGKILLs with resume, and a rogue peer pushing NaN and huge
+# values, compared bit for bit with `peftps train`. CHAOS_SEED replays one
+# (default: a new seed, printed); `make test` runs a short form (it_chaos).
+CHAOS_SEED ?=
+chaos: deps
+	@$(MAKE) --no-print-directory $(PROGRAMS) $(TEST_TOOLS)
+	@BUILD=$(BUILD) BIN=$(BIN) sh tests/chaos.sh $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 asan:
 	@$(MAKE) --no-print-directory BUILD=build/asan BIN=build/asan/bin OPT=-O1 \

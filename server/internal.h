@@ -49,6 +49,7 @@ typedef struct worker_rec {
     uint64_t version; /* of the parameters it holds */
     int waiting;      /* server 0: wants work; others: wants a newer version */
     int offences;     /* pushes refused for non-finite or absurd values */
+    long accepted;    /* pushes taken since it registered */
     /* Until then its silence is a transfer to it under way (our tensors
      * queue ahead of our heartbeats); see transfer_s. */
     double busy_until;

@@ -660,6 +660,7 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
     w->version = NO_VERSION;
     w->waiting = 0;
     w->offences = 0;
+    w->accepted = 0;
     w->busy_until = 0;
     server_log(s, LOG_INFO, "worker %s registered (%d alive)", w->name, workers_alive(s));
     httpd_set(s->hm.workers, workers_alive(s));
@@ -777,7 +778,7 @@ static int push_in_time(const server *s, uint64_t step, uint64_t version) {
  * words, or NULL when nothing is: a NaN or infinity anywhere, or a per-token
  * norm SERVER_PUSH_NORM_FACTOR times the scale of the accepted pushes, or
  * above SERVER_PUSH_NORM_FIRST before there is one (*absurd set; another
- * worker pushing the same bits confirms it). */
+ * worker with a clean record pushing the same bits confirms it). */
 static const char *push_problem(server *s, const Peftps__Wire__GradPush *g, shard_slot *sl,
                                 const worker_rec *w, double *norm, int *absurd, char *buf,
                                 size_t n) {
@@ -803,7 +804,10 @@ static const char *push_problem(server *s, const Peftps__Wire__GradPush *g, shar
     double bound = scale > 0 ? SERVER_PUSH_NORM_FACTOR * scale : SERVER_PUSH_NORM_FIRST;
     if (!(*norm <= bound)) {
         uint32_t crc = crc32c(0, s->inbuf, s->n * sizeof(float));
-        if (sl->suspect_by[0] && sl->suspect_crc == crc && strcmp(sl->suspect_by, w->name)) {
+        /* The confirming worker has a record: pushes taken, none refused;
+         * a rogue connecting again under a new name has none. */
+        if (sl->suspect_by[0] && sl->suspect_crc == crc && strcmp(sl->suspect_by, w->name) &&
+            w->accepted > 0 && w->offences == 0) {
             server_log(s, LOG_WARN,
                        "shard of step %llu: gradient norm %.3g per token, %.0fx the scale of "
                        "this run's pushes, confirmed by %s and %s computing the same bits: "
@@ -916,6 +920,7 @@ static int on_grad_push(server *s, const wire_msg *m, worker_rec *w) {
     }
     if (norm > s->push_norm_cur) s->push_norm_cur = norm;
     sl->suspect_by[0] = '\0';
+    w->accepted++;
     sl->state = SHARD_RECEIVED;
     httpd_add(s->hm.pushes_accepted, 1);
     sl->loss_sum = g->loss_sum;
@@ -1106,8 +1111,8 @@ static void tick(server *s) {
             server_log(s, LOG_WARN,
                        "worker %s silent for %.1f s (allowed %.1f s): dropped, %d shard(s) go "
                        "to others (%d alive)",
-                       w->name, now - w->last_seen, s->worker_silence_s + (since - w->last_seen),
-                       n, workers_alive(s));
+                       w->name, now - w->last_seen, s->worker_silence_s + (since - w->last_seen), n,
+                       workers_alive(s));
             httpd_add(s->hm.workers_dropped, 1);
             httpd_set(s->hm.workers, workers_alive(s));
             continue;
