@@ -18,8 +18,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "net/httpd.h"
@@ -561,12 +563,100 @@ static void test_concurrent_updates(void **state) {
     httpd_close(h);
 }
 
+/* ---- idle and slow clients ---------------------------------------------------------- */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+#define IDLE_CLIENTS 1000
+
+/* 1,000 connections open from the probe's own address, half of them idle,
+ * half having sent the first bytes of a request and nothing more: /healthz
+ * and /metrics still answer at once (the target is 100 ms; the bound here
+ * is 1 s for a loaded machine), the clients stay connected, and the
+ * silent ones are cut after HTTPD_IDLE_TIMEOUT_S. */
+static void test_idle_connections(void **state) {
+    struct rlimit rl;
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &rl), 0);
+    if (rl.rlim_cur < IDLE_CLIENTS + 256) {
+        rl.rlim_cur = rl.rlim_max < IDLE_CLIENTS + 256 ? rl.rlim_max : IDLE_CLIENTS + 256;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        getrlimit(RLIMIT_NOFILE, &rl);
+        if (rl.rlim_cur < IDLE_CLIENTS + 256) skip();
+    }
+    httpd *h;
+    httpd_server_metrics m;
+    err e;
+    assert_int_equal(httpd_create(&h, &e), 0);
+    assert_int_equal(httpd_server_metrics_init(h, &m, &e), 0);
+    if (httpd_listen(h, "127.0.0.1", 0, &e) < 0) fail_msg("%s", e.msg);
+    httpd_set_ready(h, 1);
+    unsigned port = httpd_port(h);
+    int *fd = malloc(IDLE_CLIENTS * sizeof *fd);
+    assert_non_null(fd);
+    struct sockaddr_in sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    for (int i = 0; i < IDLE_CLIENTS; i++) {
+        fd[i] = socket(AF_INET, SOCK_STREAM, 0);
+        assert_true(fd[i] >= 0);
+        assert_int_equal(connect(fd[i], (struct sockaddr *)&sa, sizeof sa), 0);
+        if (i % 2) assert_int_equal(write(fd[i], "GET /met", 8), 8);
+    }
+    /* Let the daemon take them all in. */
+    struct timespec nap = {0, 300 * 1000 * 1000};
+    nanosleep(&nap, NULL);
+    const char *paths[] = {"/healthz", "/metrics", "/healthz"};
+    for (int k = 0; k < 3; k++) {
+        double t0 = now_s();
+        reply r;
+        fetch(port, "GET", paths[k], &r);
+        double ms = (now_s() - t0) * 1e3;
+        print_message("GET %s with %d idle or slow clients open: %d in %.1f ms\n", paths[k],
+                      IDLE_CLIENTS, r.status, ms);
+        assert_int_equal(r.status, 200);
+        reply_free(&r);
+        if (ms > 1000) fail_msg("GET %s took %.0f ms", paths[k], ms);
+    }
+    /* Held, not refused: no client was closed yet. */
+    int open_now = 0;
+    char c;
+    for (int i = 0; i < IDLE_CLIENTS; i++)
+        open_now += recv(fd[i], &c, 1, MSG_DONTWAIT) < 0 && errno == EAGAIN;
+    assert_int_equal(open_now, IDLE_CLIENTS);
+    /* Silent clients are cut once the idle timeout passed. */
+    struct timespec wait = {HTTPD_IDLE_TIMEOUT_S + 2, 0};
+    nanosleep(&wait, NULL);
+    int closed = 0;
+    for (int i = 0; i < IDLE_CLIENTS; i++) {
+        struct timeval tv = {0, 100000};
+        setsockopt(fd[i], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        char buf[512];
+        ssize_t n = recv(fd[i], buf, sizeof buf, 0);
+        /* EOF, a reset, or an error reply to the half request, then EOF. */
+        closed += n == 0 || (n < 0 && errno == ECONNRESET) ||
+                  (n > 0 && recv(fd[i], buf, sizeof buf, 0) == 0);
+        close(fd[i]);
+    }
+    print_message("%d of %d silent clients cut after %d s\n", closed, IDLE_CLIENTS,
+                  HTTPD_IDLE_TIMEOUT_S);
+    assert_int_equal(closed, IDLE_CLIENTS);
+    free(fd);
+    httpd_close(h);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_exposition_exact),    cmocka_unit_test(test_number_format),
         cmocka_unit_test(test_registration_errors), cmocka_unit_test(test_metric_sets),
         cmocka_unit_test(test_http_endpoints),      cmocka_unit_test(test_liveness),
         cmocka_unit_test(test_listen_errors),       cmocka_unit_test(test_concurrent_updates),
+        cmocka_unit_test(test_idle_connections),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

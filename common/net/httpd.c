@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -364,26 +365,48 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
         snprintf(h->start_msg, sizeof h->start_msg, "%s", msg);
 }
 
+/* How many connections the daemon holds at once: HTTPD_MAX_CONNECTIONS, or
+ * fewer when the descriptor limit (raised to its hard limit first) leaves
+ * less beside HTTPD_FD_RESERVE for the process's own sockets and files. */
+static unsigned connection_limit(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0) return 64;
+    rlim_t want = HTTPD_MAX_CONNECTIONS + HTTPD_FD_RESERVE;
+    if (rl.rlim_cur < want && rl.rlim_cur < rl.rlim_max) {
+        struct rlimit up = rl;
+        up.rlim_cur = rl.rlim_max < want ? rl.rlim_max : want;
+        if (setrlimit(RLIMIT_NOFILE, &up) == 0) rl = up;
+    }
+    if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= want) return HTTPD_MAX_CONNECTIONS;
+    if (rl.rlim_cur < HTTPD_FD_RESERVE + 64) return 64;
+    return (unsigned)(rl.rlim_cur - HTTPD_FD_RESERVE);
+}
+
 static struct MHD_Daemon *start(httpd *h, unsigned flags, const struct sockaddr *sa,
                                 unsigned port) {
     h->start_msg[0] = 0;
-    /* A few scrapers and probes at a time; a client that stalls is cut
-     * after 10 s rather than holding a slot. */
+    /* Idle or slow clients must not starve the probes: epoll holds
+     * thousands of connections at no cost, one address may take only half
+     * of them (a probe from another address always finds room), and a
+     * connection silent for HTTPD_IDLE_TIMEOUT_S is cut. */
+    unsigned limit = connection_limit(), per_ip = limit / 2;
     if (sa)
-        return MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, h,
-                                MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h,
-                                MHD_OPTION_CONNECTION_LIMIT, 16u, MHD_OPTION_CONNECTION_TIMEOUT,
-                                10u, MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_END);
-    return MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, h,
-                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h, MHD_OPTION_CONNECTION_LIMIT,
-                            16u, MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_END);
+        return MHD_start_daemon(
+            flags, (uint16_t)port, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER,
+            on_mhd_log, h, MHD_OPTION_CONNECTION_LIMIT, limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+            per_ip, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTPD_IDLE_TIMEOUT_S,
+            MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_END);
+    return MHD_start_daemon(
+        flags, (uint16_t)port, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h,
+        MHD_OPTION_CONNECTION_LIMIT, limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_ip,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTPD_IDLE_TIMEOUT_S, MHD_OPTION_END);
 }
 
 int httpd_listen(httpd *h, const char *addr, unsigned port, err *e) {
     const char *shown = addr ? addr : "*";
     if (h->daemon) return err_set(e, "http metrics on %s:%u: listening already", shown, port);
     if (port > 65535) return err_set(e, "http metrics: port %u is above 65535", port);
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
     struct MHD_Daemon *d = NULL;
     if (addr) {
         struct sockaddr_in v4;

@@ -87,6 +87,14 @@ int httpd_render(httpd *h, char **text, size_t *len, err *e);
  * listening already. */
 int httpd_listen(httpd *h, const char *addr, unsigned port, err *e);
 
+/* Connections served at once (epoll; fewer when the descriptor limit, which
+ * httpd_listen raises towards its hard limit, leaves less), half of them at
+ * most from one address, each cut after this many seconds of silence: idle
+ * or slow clients cannot keep /healthz from answering. */
+#define HTTPD_MAX_CONNECTIONS 4096
+#define HTTPD_FD_RESERVE 512
+#define HTTPD_IDLE_TIMEOUT_S 5
+
 /* The port being served, or 0 when not listening. */
 unsigned httpd_port(const httpd *h);
 
