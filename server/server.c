@@ -1124,6 +1124,7 @@ static void tick(server *s) {
     }
     if (s->opts.index == 0) peers_tick(s);
     if (dropped) schedule(s);
+    log_flush();
 }
 
 /* Takes the messages waiting on the ROUTER (a bounded batch, so the timers
@@ -1165,6 +1166,7 @@ static int linger(server *s, err *e) {
         if ((it.revents & ZMQ_POLLIN) && drain(s, e) < 0) return -1;
         httpd_heartbeat(s->http);
         reload_keys(s);
+        log_flush();
     }
     return 0;
 }

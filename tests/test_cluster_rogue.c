@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <netinet/in.h>
 #include <time.h>
@@ -126,6 +127,13 @@ static long rss_kib(pid_t pid) {
         if (sscanf(line, "VmRSS: %ld kB", &kib) == 1) break;
     if (f) fclose(f);
     return kib;
+}
+
+static long file_size_of(const char *dir, const char *name) {
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    struct stat st;
+    return stat(path, &st) == 0 ? (long)st.st_size : -1;
 }
 
 static void cluster_setup(cluster *c, const char *extra_set) {
@@ -426,8 +434,10 @@ static void test_registered_abuse(void **state) {
     send_env(s, wire_shutdown(&o, "no"), NULL, 0);
     expect_error(s, PEFTPS__WIRE__ERROR_CODE__MALFORMED, "shutdown from a worker");
 
-    /* A flood of garbage: every message answered, memory bounded. */
+    /* A flood of garbage: every message answered, memory bounded, and the
+     * log holds a few lines of it, not one per message. */
     long before = rss_kib(rc.server);
+    long log_before = file_size_of(rc.dir, "server.log");
     unsigned char junk[4096];
     for (size_t i = 0; i < sizeof junk; i++) junk[i] = (unsigned char)(i * 37 + 1);
     for (int i = 0; i < 2000; i++) {
@@ -439,6 +449,10 @@ static void test_registered_abuse(void **state) {
     long after = rss_kib(rc.server);
     assert_true(before > 0 && after > 0);
     if (after - before > 8 * 1024) fail_msg("server RSS grew from %ld to %ld KiB", before, after);
+    long log_after = file_size_of(rc.dir, "server.log");
+    print_message("2000 junk messages: server.log grew by %ld bytes\n", log_after - log_before);
+    if (log_after - log_before > 4096)
+        fail_msg("server.log grew by %ld bytes for 2000 junk messages", log_after - log_before);
     /* The rogue vanishes holding a shard: the server gives it to others. */
     zmq_close(s);
     trainer_close(t);

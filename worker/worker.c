@@ -566,6 +566,7 @@ static int loop(worker *w, err *e) {
         httpd_set(w->hm.servers, nreg);
         httpd_set_ready(w->http, nreg == w->n_conns && held);
         httpd_heartbeat(w->http);
+        log_flush();
         now = progress_now();
         for (int i = 0; i < w->n_conns; i++) {
             conn *c = &w->conns[i];

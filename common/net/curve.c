@@ -314,7 +314,7 @@ static void zap_answer(zap *z) {
             addr[an] = '\0';
         }
         if (n >= 7 && zmq_msg_size(&part[6]) == 32) zmq_z85_encode(key, zmq_msg_data(&part[6]), 32);
-        log_warn("refused a connection from %s (key %s): %s", addr, key, text);
+        log_msg_format_kind(LOG_WARN, "refused a connection from %s (key %s): %s", addr, key, text);
     }
     zap_send(z->sock, "1.0", 3, 1);
     zap_send(z->sock, zmq_msg_data(&part[1]), zmq_msg_size(&part[1]), 1);
