@@ -66,6 +66,14 @@ typedef struct peer_rec {
     int have_final; /* its final tensors are in the method's params */
 } peer_rec;
 
+/* Checkpoint steps a server told of in its heartbeats (the newest ones). */
+#define PEER_MAX_STEPS 16
+typedef struct peer_steps {
+    int known;
+    int n;
+    uint64_t step[PEER_MAX_STEPS];
+} peer_steps;
+
 struct server {
     const Peftps__Experiment *exp;
     server_opts opts;
@@ -129,6 +137,11 @@ struct server {
 
     /* Server 0: the other servers' links. Server k: its link to server 0. */
     peer_rec *peers;
+    /* Per server: its checkpoint steps as last heard (this server's own
+     * at opts.index), and since when it has been gone (0: linked). */
+    peer_steps *ck_steps;
+    double *gone_since;
+    double server_timeout_s;
     void *link;
     int link_registered;
     double link_heard, link_sent, link_hello;
@@ -210,7 +223,19 @@ void peers_send_final(server *s);
  * when server 0 refuses this server for good. */
 int peers_link_poll(server *s, err *e);
 
-/* Server 0: heartbeats to and timeouts of peer links. */
+/* Server 0: heartbeats to and timeouts of peer links; stops the run (with
+ * s->fail) when one has been gone for cluster.server_timeout_ms. */
 void peers_tick(server *s);
+
+/* Rereads this server's own checkpoint steps (after opening, after each
+ * write), which its heartbeats to the other servers carry. */
+void peers_own_steps(server *s);
+
+/* Writes into buf the advice of a server that cannot go on with its peers:
+ * "restart every server with --resume-step N" and which steps each holds,
+ * N the newest step of which every server holds a checkpoint as far as this
+ * server knows (from their heartbeats, or from their directories beside its
+ * own when it can read them), or why there is none. */
+void peers_resume_advice(server *s, char *buf, size_t n);
 
 #endif

@@ -13,7 +13,10 @@
  * Snapshot. A peer registers with a Hello whose worker_id is "server:k" and
  * the same fingerprints as a worker; its first Heartbeat carries its step,
  * which must equal server 0's (servers that resumed from different
- * checkpoints are refused: restart them all with --resume-step). */
+ * checkpoints are refused: restart them all with --resume-step). Heartbeats
+ * between servers carry their checkpoint steps, so that a server whose
+ * peer is gone for cluster.server_timeout_ms, or that refuses one, names
+ * the step every server can resume from. */
 #include "internal.h"
 
 #include <errno.h>
@@ -25,6 +28,127 @@
 #include <zmq.h>
 
 #include "base/log.h"
+
+/* ---- checkpoint steps of every server -------------------------------------------------- */
+
+/* A heartbeat to another server: our step and our checkpoint steps. */
+static Peftps__Wire__Envelope *peer_heartbeat(server *s, wire_out *o) {
+    Peftps__Wire__Envelope *env = wire_heartbeat(o, s->version, s->step);
+    peer_steps *own = &s->ck_steps[s->opts.index];
+    o->body.heartbeat.n_checkpoint_steps = (size_t)own->n;
+    o->body.heartbeat.checkpoint_steps = own->step;
+    return env;
+}
+
+static void link_send(server *s, const Peftps__Wire__Envelope *env, const wire_tensor *t, int n);
+
+void peers_own_steps(server *s) {
+    peer_steps *own = &s->ck_steps[s->opts.index];
+    uint64_t *steps = NULL;
+    int n = 0;
+    err e;
+    if (ckpt_steps(s->ck, &steps, &n, &e) < 0) {
+        server_log(s, LOG_WARN, "listing this server's checkpoints: %s", e.msg);
+        return;
+    }
+    int first = n > PEER_MAX_STEPS ? n - PEER_MAX_STEPS : 0;
+    own->n = n - first;
+    memcpy(own->step, steps + first, (size_t)own->n * sizeof *steps);
+    own->known = 1;
+    free(steps);
+    /* Tell the others at once: while steps flow, sums replace heartbeats. */
+    wire_out o;
+    if (s->opts.index > 0 && s->link && s->link_registered) {
+        link_send(s, peer_heartbeat(s, &o), NULL, 0);
+    } else if (s->opts.index == 0 && s->sock) {
+        for (int k = 1; k < s->n_servers; k++)
+            if (s->peers[k].used)
+                server_send(s, s->peers[k].id, s->peers[k].id_len, peer_heartbeat(s, &o), NULL, 0);
+    }
+}
+
+static void record_steps(server *s, int k, const Peftps__Wire__Heartbeat *h) {
+    peer_steps *ps = &s->ck_steps[k];
+    size_t n = h->n_checkpoint_steps, first = n > PEER_MAX_STEPS ? n - PEER_MAX_STEPS : 0;
+    ps->n = (int)(n - first);
+    memcpy(ps->step, h->checkpoint_steps + first, (size_t)ps->n * sizeof(uint64_t));
+    ps->known = 1;
+}
+
+static int holds(const peer_steps *ps, uint64_t step) {
+    for (int i = 0; i < ps->n; i++)
+        if (ps->step[i] == step) return 1;
+    return 0;
+}
+
+/* The steps of server k unheard of: from its directory beside ours,
+ * checkpoint.path/server-k, when this machine sees it (one machine, or
+ * shared storage). */
+static void sibling_steps(server *s, int k) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/server-%d", s->exp->checkpoint->path, k);
+    ckpt *c;
+    err e;
+    if (ckpt_open(&c, dir, 0, NULL, &e) < 0) return;
+    uint64_t *steps = NULL;
+    int count = 0;
+    if (ckpt_steps(c, &steps, &count, &e) == 0) {
+        peer_steps *ps = &s->ck_steps[k];
+        int first = count > PEER_MAX_STEPS ? count - PEER_MAX_STEPS : 0;
+        ps->n = count - first;
+        memcpy(ps->step, steps + first, (size_t)ps->n * sizeof *steps);
+        ps->known = 1;
+    }
+    free(steps);
+    ckpt_close(c);
+}
+
+void peers_resume_advice(server *s, char *buf, size_t n) {
+    for (int k = 0; k < s->n_servers; k++)
+        if (!s->ck_steps[k].known) sibling_steps(s, k);
+    char held[600] = "";
+    size_t at = 0;
+    int unknown = -1;
+    for (int k = 0; k < s->n_servers; k++) {
+        const peer_steps *ps = &s->ck_steps[k];
+        if (!ps->known) {
+            if (unknown < 0) unknown = k;
+            continue;
+        }
+        at += (size_t)snprintf(held + at, at < sizeof held ? sizeof held - at : 0,
+                               "%sserver %d holds", at ? "; " : "", k);
+        for (int i = 0; i < ps->n && at < sizeof held; i++)
+            at += (size_t)snprintf(held + at, sizeof held - at, "%s %llu", i ? "," : "",
+                                   (unsigned long long)ps->step[i]);
+        if (ps->n == 0 && at < sizeof held)
+            at += (size_t)snprintf(held + at, sizeof held - at, " none");
+    }
+    if (unknown >= 0) {
+        snprintf(buf, n,
+                 "restart every server with --resume-step N, N a step each of them holds a "
+                 "checkpoint of (`peftps inspect` lists them; server %d's are not known here; "
+                 "%s)",
+                 unknown, held);
+        return;
+    }
+    /* The newest step of this server's list that every other holds too. */
+    const peer_steps *own = &s->ck_steps[s->opts.index];
+    for (int i = own->n - 1; i >= 0; i--) {
+        int all = 1;
+        for (int k = 0; k < s->n_servers && all; k++) all = holds(&s->ck_steps[k], own->step[i]);
+        if (all) {
+            snprintf(buf, n,
+                     "restart every server with --resume-step %llu, the newest step all %d "
+                     "servers hold a checkpoint of (%s)",
+                     (unsigned long long)own->step[i], s->n_servers, held);
+            return;
+        }
+    }
+    snprintf(buf, n,
+             "no step is held in a checkpoint by every server (%s): restart them all with "
+             "fresh checkpoint directories",
+             held);
+}
 
 /* ---- server 0 ----------------------------------------------------------------------- */
 
@@ -125,14 +249,16 @@ void peers_on_message(server *s, const wire_msg *m, peer_rec *p) {
     p->last_seen = progress_now();
     switch (m->env->body_case) {
     case PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT:
+        record_steps(s, k, m->env->heartbeat);
         if (!p->checked) {
             const Peftps__Wire__Heartbeat *h = m->env->heartbeat;
             if (h->step != s->step) {
+                char advice[900];
+                peers_resume_advice(s, advice, sizeof advice);
                 server_reply_error(s, m, who, PEFTPS__WIRE__ERROR_CODE__STALE,
-                                   "server %d is at step %llu, server 0 at step %llu: restart "
-                                   "every server with --resume-step N, a step all of them hold "
-                                   "a checkpoint of",
-                                   k, (unsigned long long)h->step, (unsigned long long)s->step);
+                                   "server %d is at step %llu, server 0 at step %llu: %s", k,
+                                   (unsigned long long)h->step, (unsigned long long)s->step,
+                                   advice);
                 p->used = 0;
                 return;
             }
@@ -182,20 +308,42 @@ int peers_all_final(const server *s) {
     return 1;
 }
 
+/* The run cannot go on without server k: stop, saying how to resume. */
+static void peer_gone(server *s, int k, double for_s) {
+    char advice[900];
+    peers_resume_advice(s, advice, sizeof advice);
+    err_set(&s->fail,
+            "server %d has been gone for %.0f s (cluster.server_timeout_ms): stopping at step "
+            "%llu without a checkpoint; %s",
+            k, for_s, (unsigned long long)s->step, advice);
+    s->finished = -1;
+}
+
 void peers_tick(server *s) {
     double now = progress_now();
     for (int k = 1; k < s->n_servers; k++) {
         peer_rec *p = &s->peers[k];
-        if (!p->used) continue;
+        if (!p->used) {
+            if (s->finished) continue;
+            if (s->gone_since[k] == 0) s->gone_since[k] = now;
+            if (now - s->gone_since[k] > s->server_timeout_s) {
+                peer_gone(s, k, now - s->gone_since[k]);
+                return;
+            }
+            continue;
+        }
+        s->gone_since[k] = 0;
         if (now - p->last_seen > s->timeout_s) {
-            server_log(s, LOG_WARN, "server %d silent for %.1f s; waiting for it to come back", k,
-                       now - p->last_seen);
+            server_log(s, LOG_WARN,
+                       "server %d silent for %.1f s; waiting up to %.0f s for it to come back", k,
+                       now - p->last_seen, s->server_timeout_s);
             p->used = 0;
+            s->gone_since[k] = p->last_seen;
             continue;
         }
         if (now - p->last_sent >= s->hb_s) {
             wire_out o;
-            server_send(s, p->id, p->id_len, wire_heartbeat(&o, s->version, s->step), NULL, 0);
+            server_send(s, p->id, p->id_len, peer_heartbeat(s, &o), NULL, 0);
             p->last_sent = now;
         }
     }
@@ -298,7 +446,7 @@ static int on_link_message(server *s, const wire_msg *m, err *e) {
         s->link_registered = 1;
         server_log(s, LOG_INFO, "linked to server 0");
         /* Our step first, for server 0 to compare; then anything it missed. */
-        link_send(s, wire_heartbeat(&o, s->version, s->step), NULL, 0);
+        link_send(s, peer_heartbeat(s, &o), NULL, 0);
         if (s->own_ready) peers_send_sums(s);
         if (s->final_sent) peers_send_final(s);
         return 0;
@@ -317,6 +465,7 @@ static int on_link_message(server *s, const wire_msg *m, err *e) {
         return err_set(e, "server 0 refused this server: %s", er->message ? er->message : "");
     }
     case PEFTPS__WIRE__ENVELOPE__BODY_HEARTBEAT:
+        record_steps(s, 0, m->env->heartbeat);
         return 0;
     default:
         server_log(s, LOG_WARN, "server 0 sent an unexpected %s",
@@ -343,6 +492,14 @@ int peers_link_poll(server *s, err *e) {
         if (rc < 0) return -1;
     }
     double now = progress_now();
+    if (now - s->link_heard > s->server_timeout_s) {
+        char advice[900];
+        peers_resume_advice(s, advice, sizeof advice);
+        return err_set(e,
+                       "server 0 has been gone for %.0f s (cluster.server_timeout_ms): stopping "
+                       "at step %llu without a checkpoint; %s",
+                       now - s->link_heard, (unsigned long long)s->step, advice);
+    }
     if (s->link_registered && now - s->link_heard > s->timeout_s) {
         server_log(s, LOG_WARN, "server 0 silent for %.1f s; registering again",
                    now - s->link_heard);
@@ -351,7 +508,7 @@ int peers_link_poll(server *s, err *e) {
         link_hello(s);
     } else if (s->link_registered && now - s->link_sent >= s->hb_s) {
         wire_out o;
-        link_send(s, wire_heartbeat(&o, s->version, s->step), NULL, 0);
+        link_send(s, peer_heartbeat(s, &o), NULL, 0);
     }
     return 0;
 }

@@ -218,6 +218,7 @@ static int checkpoint_write(server *s, err *e) {
     for (int i = 0; i < s->cap_workers; i++)
         if (s->workers[i].used && s->workers[i].last_seen < now) s->workers[i].last_seen = now;
     httpd_set(s->hm.checkpoint_step, (double)s->step);
+    peers_own_steps(s);
     server_log(s, LOG_INFO, "checkpoint of step %llu written to %s", (unsigned long long)s->step,
                ckpt_dir(s->ck));
     return 0;
@@ -324,13 +325,17 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
     s->shards = calloc((size_t)s->window * s->n_shards, sizeof *s->shards);
     s->pool = calloc((size_t)s->window * s->n_shards, sizeof *s->pool);
     s->peers = calloc((size_t)s->n_servers, sizeof *s->peers);
-    if (!s->shards || !s->pool || !s->peers) {
+    s->ck_steps = calloc((size_t)s->n_servers, sizeof *s->ck_steps);
+    s->gone_since = calloc((size_t)s->n_servers, sizeof *s->gone_since);
+    s->server_timeout_s = cl->server_timeout_ms / 1000.0;
+    if (!s->shards || !s->pool || !s->peers || !s->ck_steps || !s->gone_since) {
         err_set(e, "out of memory");
         goto fail;
     }
     if (httpd_create(&s->http, e) < 0 || httpd_server_metrics_init(s->http, &s->hm, e) < 0)
         goto fail;
     if (checkpoint_open(s, e) < 0) goto fail;
+    peers_own_steps(s);
     httpd_set(s->hm.total_steps, (double)s->total);
     httpd_set(s->hm.step, (double)s->step);
     httpd_set(s->hm.checkpoint_step, (double)s->step);
@@ -380,6 +385,8 @@ void server_close(server *s) {
     free(s->pool);
     free(s->shards);
     free(s->peers);
+    free(s->ck_steps);
+    free(s->gone_since);
     free(s->workers);
     free(s->owner);
     free(s->kexpect);
@@ -1203,8 +1210,24 @@ int server_run(server *s, err *e) {
             last_tick = now;
         }
     }
+    if (s->finished < 0) {
+        *e = s->fail;
+        return -1;
+    }
     if (s->finished) return s->opts.linger ? linger(s, e) : 0;
     progress_end(&s->pr);
+    if (s->n_servers > 1) {
+        /* A checkpoint of a step another server may not reach would widen
+         * a mismatch: with several servers, only the every_steps ones. */
+        char advice[900];
+        peers_resume_advice(s, advice, sizeof advice);
+        server_log(s, LOG_WARN,
+                   "stopping on a signal at step %llu; no checkpoint written (several servers "
+                   "keep only the checkpoints they all reach); %s",
+                   (unsigned long long)s->step, advice);
+        server_shutdown_workers(s, "the server was stopped");
+        return 1;
+    }
     server_log(s, LOG_WARN, "stopping on a signal at step %llu", (unsigned long long)s->step);
     if (checkpoint_write(s, e) < 0) return -1;
     server_shutdown_workers(s, "the server was stopped");

@@ -8,7 +8,10 @@
 # unlisted key cannot register, and SIGHUP admits a key added to the file; `peftps run` writes what train writes, and
 # stops cleanly on Ctrl-C and resumes; when its server is SIGKILLed it names
 # it, exits 137 and prints the command that resumes to the same tensors.
-# Two servers splitting the tensors give the bits of one. SSP and ASYNC
+# Two servers splitting the tensors give the bits of one; when one is lost
+# a SIGTERM writes no checkpoint and the other stops after
+# cluster.server_timeout_ms naming the --resume-step both can resume from,
+# from which both finish with the same bits. SSP and ASYNC
 # (not bit-identical) apply every shard of every step once, under faults.
 # Run by tests/run.sh with $BIN; needs the fixtures of tests/fixtures/.
 BIN=${BIN:-bin}
@@ -130,6 +133,64 @@ grep -q "registered with server 1 .*: [1-9][0-9]* tensors" "$T/two-worker0.log" 
 [ -d "$T/two/ckpt/server-0" ] && [ -d "$T/two/ckpt/server-1" ] || fail "per-server checkpoints"
 same_tensors "$T/ref60" "$T/two"
 steps_once "$T/two" 60
+
+echo "2 servers, one lost: SIGTERM writes no checkpoint, the other stops naming --resume-step"
+reference ref120 120
+S="--set=cluster.servers=[\"tcp://127.0.0.1:$(free_port)\",\"tcp://127.0.0.1:$(free_port)\"]"
+S="$S --set output_dir=$T/lost --set schedule.total_steps=120 --set checkpoint.every_steps=10"
+S="$S --set cluster.heartbeat_ms=100 --set cluster.worker_timeout_ms=1000"
+S="$S --set cluster.server_timeout_ms=3000"
+bg lost-server0 "$BIN/peftps-server" $EXP $S --index 0
+s0=$LAST
+bg lost-server1 "$BIN/peftps-server" $EXP $S --index 1
+s1=$LAST
+wps=""
+for i in 0 1; do
+    bg "lost-worker$i" "$BIN/peftps-worker" $EXP $S
+    wps="$wps $LAST"
+done
+wait_log "$T/lost-server1.log" "checkpoint of step 30 written" 60
+kill -9 $s1
+wait $s1 2>/dev/null
+sleep 0.5
+# Held checkpoints, listed by `peftps inspect`, before and after a SIGTERM.
+held() {
+    "$BIN/peftps" inspect "$T/lost/ckpt/server-$1" 2>&1 |
+        awk '$1 == "*" {print $2; next} $1 ~ /^[0-9]+$/ && $2 ~ /^[0-9]+$/ {print $1}' | tr '\n' ' '
+}
+before=$(held 0)
+[ -n "$before" ] || fail "peftps inspect lists no step of server 0: $("$BIN/peftps" inspect "$T/lost/ckpt/server-0" 2>&1 | head -5)"
+kill -TERM $s0
+wait_pid $s0 20
+st=$?
+[ $st = 143 ] || fail "server 0 stopped by SIGTERM exited with $st, not 128+15"
+grep -q "no checkpoint written" "$T/lost-server0.log" || fail "no word of the checkpoint not written"
+[ "$(held 0)" = "$before" ] || fail "SIGTERM changed server 0's checkpoints: $before -> $(held 0)"
+# Server 0 again, alone: it waits server_timeout_ms for server 1, then
+# stops naming the step both hold.
+bg lost-server0b "$BIN/peftps-server" $EXP $S --index 0
+s0=$LAST
+wait_pid $s0 30
+st=$?
+[ $st = 1 ] || fail "server 0 without its peer exited with $st"
+grep -q "server 1 has been gone for [0-9]* s" "$T/lost-server0b.log" || fail "server 0 did not name the lost server"
+N=$(sed -n 's/.*--resume-step \([0-9][0-9]*\), the newest step all 2 servers.*/\1/p' "$T/lost-server0b.log" | head -n 1)
+[ -n "$N" ] || fail "no --resume-step N in: $(grep gone "$T/lost-server0b.log")"
+echo "  server 0 said: restart with --resume-step $N"
+case " $(held 0) " in *" $N "*) ;; *) fail "server 0 holds no checkpoint $N: $(held 0)" ;; esac
+case " $(held 1) " in *" $N "*) ;; *) fail "server 1 holds no checkpoint $N: $(held 1)" ;; esac
+for p in $wps; do kill -9 "$p" 2>/dev/null; done
+# Both resume from N and finish with the bits of one process.
+bg lost-server0c "$BIN/peftps-server" $EXP $S --index 0 --resume-step "$N"
+s0=$LAST
+bg lost-server1c "$BIN/peftps-server" $EXP $S --index 1 --resume-step "$N"
+s1=$LAST
+bg lost-worker2 "$BIN/peftps-worker" $EXP $S
+w=$LAST
+wait_pid $s0 60 || fail "server 0 resumed from $N exited with $?"
+wait_pid $s1 10 || fail "server 1 resumed from $N exited with $?"
+wait_pid $w 10 || fail "the worker exited with $?"
+same_tensors "$T/ref120" "$T/lost"
 
 echo "16 workers for 100 steps: no push lost, no step skipped"
 reference ref100 100
