@@ -155,6 +155,7 @@ struct server {
     uint64_t bytes_in, bytes_out; /* this step's messages */
     double step_start;
     double hb_s, timeout_s;
+    double last_trim; /* malloc_trim, see tick */
     /* Seconds a byte of tensors may take (cluster.min_transfer_mbit_s), and
      * the silence a worker is allowed: timeout_s plus its push. */
     double s_per_byte, worker_silence_s;

@@ -6,6 +6,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -40,6 +41,8 @@
 /* Before any push is accepted (a new run, a restarted server) there is no
  * scale: a per-token norm above this is absurd for any model that trains. */
 #define SERVER_PUSH_NORM_FIRST 1e6
+/* Seconds between returns of free heap memory to the system. */
+#define SERVER_TRIM_S 2.0
 
 static volatile sig_atomic_t stop_requested, reload_requested;
 
@@ -1132,6 +1135,13 @@ static void tick(server *s) {
     if (s->opts.index == 0) peers_tick(s);
     if (dropped) schedule(s);
     log_flush();
+    /* Memory that connection storms left free inside malloc's arenas
+     * (libzmq's I/O threads allocate per connection) goes back to the
+     * system, so the footprint returns near its baseline once they end. */
+    if (now - s->last_trim >= SERVER_TRIM_S) {
+        malloc_trim(0);
+        s->last_trim = now;
+    }
 }
 
 /* Takes the messages waiting on the ROUTER (a bounded batch, so the timers

@@ -533,6 +533,39 @@ static void test_nonfinite_and_huge(void **state) {
     }
 }
 
+/* Connection storms: 3,000 connections in waves of 500, each sending a
+ * junk message and going away without a word; once they are gone the
+ * server's memory is back near where it was (bound: 8 MiB over the
+ * baseline; the figures are printed). */
+static void test_connection_storm(void **state) {
+    long base = rss_kib(rc.server), peak = base;
+    for (int wave = 0; wave < 6; wave++) {
+        void *s[500];
+        for (int i = 0; i < 500; i++) {
+            s[i] = dealer(&rc, NULL, NULL);
+            send_raw(s[i], "junk", 4, 0);
+        }
+        /* Every one answered (an Error), so all were connected at once. */
+        for (int i = 0; i < 500; i++) {
+            wire_msg m;
+            if (next_msg(s[i], &m)) wire_msg_close(&m);
+        }
+        long now = rss_kib(rc.server);
+        if (now > peak) peak = now;
+        for (int i = 0; i < 500; i++) zmq_close(s[i]);
+    }
+    /* The server notices the closed connections within its loop ticks. */
+    struct timespec nap = {3, 0};
+    nanosleep(&nap, NULL);
+    long after = rss_kib(rc.server);
+    print_message("server RSS: %ld KiB before 3000 connections, %ld KiB at the peak, %ld KiB "
+                  "after\n",
+                  base, peak, after);
+    assert_true(alive(rc.server));
+    if (after - base > 8 * 1024)
+        fail_msg("server RSS %ld KiB after the storm, %ld KiB before", after, base);
+}
+
 static void test_run_completes_unchanged(void **state) {
     pid_t w = spawn(&rc, "peftps-worker", "worker.log", NULL, 0);
     int st = wait_status(rc.server, 90);
@@ -616,6 +649,42 @@ static void test_curve_unlisted_key(void **state) {
     assert_int_not_equal(system(cmd), 0);
 }
 
+/* 2,000 connections with a key that is not listed, in waves of 500: each
+ * refused (rate-limited log), and the memory of their handshakes returned
+ * once they are gone (bound: 8 MiB over the baseline). */
+static void test_curve_storm(void **state) {
+    long base = rss_kib(cc.server), peak = base;
+    for (int wave = 0; wave < 4; wave++) {
+        void *s[500];
+        for (int i = 0; i < 500; i++) {
+            s[i] = dealer(&cc, &intruder_keys, server_keys.public_key);
+            hello(&cc, s[i], cc.exp_fp, WIRE_PROTOCOL_VERSION);
+        }
+        struct timespec nap = {1, 0};
+        nanosleep(&nap, NULL);
+        long now = rss_kib(cc.server);
+        if (now > peak) peak = now;
+        for (int i = 0; i < 500; i++) zmq_close(s[i]);
+    }
+    struct timespec nap = {3, 0};
+    nanosleep(&nap, NULL);
+    long after = rss_kib(cc.server);
+    print_message("server RSS: %ld KiB before 2000 refused CURVE connections, %ld KiB at the "
+                  "peak, %ld KiB after\n",
+                  base, peak, after);
+    assert_true(alive(cc.server));
+    if (after - base > 8 * 1024)
+        fail_msg("server RSS %ld KiB after the storm, %ld KiB before", after, base);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "grep -c 'refused a connection from' %s/server.log", cc.dir);
+    FILE *p = popen(cmd, "r");
+    int lines = 0;
+    if (p && fscanf(p, "%d", &lines) != 1) lines = -1;
+    if (p) pclose(p);
+    print_message("%d log lines for the refused connections\n", lines);
+    assert_true(lines >= 1 && lines < 100);
+}
+
 static void test_curve_listed_key(void **state) {
     void *s = dealer(&cc, &worker_keys, server_keys.public_key);
     hello(&cc, s, cc.exp_fp, WIRE_PROTOCOL_VERSION);
@@ -638,10 +707,12 @@ int main(void) {
         cmocka_unit_test(test_oversized_frame),
         cmocka_unit_test(test_registered_abuse),
         cmocka_unit_test(test_nonfinite_and_huge),
+        cmocka_unit_test(test_connection_storm),
         cmocka_unit_test(test_run_completes_unchanged),
     };
     const struct CMUnitTest curve[] = {
         cmocka_unit_test(test_curve_unlisted_key),
+        cmocka_unit_test(test_curve_storm),
         cmocka_unit_test(test_curve_listed_key),
     };
     int failed = cmocka_run_group_tests_name("rogue client", rogue, rogue_setup, rogue_teardown);
