@@ -806,6 +806,48 @@ static void test_truncated_file(void **state) {
     assert_err_has(&e, "too short for LMDB's two meta pages");
 }
 
+/* ---- a full disk ------------------------------------------------------------------ */
+
+/* A checkpoint that does not fit on its file system (a 2 MiB tmpfs, when
+ * this test may mount one) is reported as a full disk with the directory,
+ * not as an I/O error, and what was written before stays readable. */
+static void test_disk_full(void **state) {
+    char mnt[128], dir[160], cmd[300];
+    path_in(mnt, sizeof mnt, "small");
+    assert_int_equal(mkdir(mnt, 0777), 0);
+    snprintf(cmd, sizeof cmd, "mount -t tmpfs -o size=2m peftps-test %s 2>/dev/null", mnt);
+    if (geteuid() != 0 || system(cmd) != 0) {
+        print_message("skipped: mounting a small tmpfs needs root\n");
+        skip();
+    }
+    snprintf(dir, sizeof dir, "%s/ck", mnt);
+    ckpt *c;
+    err e;
+    assert_int_equal(ckpt_open(&c, dir, 1, NULL, &e), 0);
+    sample small, big;
+    sample_make(&small, 1, 1000);
+    sample_make(&big, 2, 300000); /* 3.6 MB */
+    if (ckpt_write(c, &small.d, &e) < 0) fail_msg("%s", e.msg);
+    int rc = ckpt_write(c, &big.d, &e);
+    print_message("%s\n", rc < 0 ? e.msg : "written?");
+    snprintf(cmd, sizeof cmd, "umount -l %s", mnt);
+    if (rc == 0) {
+        ckpt_close(c);
+        if (system(cmd) != 0) print_message("could not unmount %s\n", mnt);
+    }
+    assert_int_equal(rc, -1);
+    assert_err_has(&e, dir);
+    assert_err_has(&e, "no space left");
+    ckpt_data d;
+    assert_int_equal(ckpt_read(c, CKPT_LATEST, &d, &e), 0);
+    assert_same(&d, &small.d);
+    ckpt_data_free(&d);
+    ckpt_close(c);
+    sample_free(&small);
+    sample_free(&big);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_roundtrip, setup_dir, teardown_dir),
@@ -817,6 +859,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_crash_mid_write, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_not_a_checkpoint, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_truncated_file, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_disk_full, setup_dir, teardown_dir),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -747,6 +748,26 @@ static void meta_encode(const ckpt_data *d, int64_t now, unsigned char *p) {
     memcpy(p + 64, d->base_fp, strlen(d->base_fp));
 }
 
+/* A failed write, told apart: a full disk (ENOSPC, or the EIO LMDB gives
+ * for a short write when the file system has less room than the
+ * checkpoint) is named as such, with the room left. */
+static int write_error(ckpt *c, const char *what, const ckpt_data *d, int rc, err *e) {
+    struct statvfs fs;
+    uint64_t need = 3 * (uint64_t)d->n_params * sizeof(float);
+    int measured = statvfs(c->dir, &fs) == 0;
+    uint64_t avail = measured ? (uint64_t)fs.f_bavail * fs.f_frsize : 0;
+    if (rc == ENOSPC || rc == EDQUOT || (rc == EIO && measured && avail < need))
+        return err_set(e,
+                       "checkpoint %s: %s step %" PRIu64 ": no space left on its file system "
+                       "(%" PRIu64 " KiB free, the checkpoint needs about %" PRIu64
+                       " KiB%s): free space there or point checkpoint.path at a larger disk; "
+                       "the checkpoints written before are intact",
+                       c->dir, what, d->step, avail / 1024, need / 1024,
+                       rc == EDQUOT ? ", the disk quota is exhausted" : "");
+    return err_set(e, "checkpoint %s: %s step %" PRIu64 ": %s", c->dir, what, d->step,
+                   mdb_strerror(rc));
+}
+
 /* Puts every value of d and prunes. Returns 0, -1 with e set, or 1 when the
  * map is full (the transaction is then gone and nothing was written). */
 static int write_once(ckpt *c, const ckpt_data *d, int64_t now, const unsigned char *table,
@@ -816,14 +837,11 @@ static int write_once(ckpt *c, const ckpt_data *d, int64_t now, const unsigned c
     if (rc) {
         mdb_txn_abort(txn);
         if (rc == MDB_MAP_FULL) return 1;
-        return err_set(e, "checkpoint %s: writing step %" PRIu64 ": %s", c->dir, d->step,
-                       mdb_strerror(rc));
+        return write_error(c, "writing", d, rc, e);
     }
     rc = mdb_txn_commit(txn);
     if (rc == MDB_MAP_FULL) return 1;
-    if (rc)
-        return err_set(e, "checkpoint %s: committing step %" PRIu64 ": %s", c->dir, d->step,
-                       mdb_strerror(rc));
+    if (rc) return write_error(c, "committing", d, rc, e);
     return 0;
 fail:
     free(steps);
