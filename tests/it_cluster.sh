@@ -4,7 +4,8 @@
 # with 16 workers gives tensors bit-identical to `peftps train`; so does a
 # run whose worker is SIGKILLed mid-step, and one whose server is SIGKILLed
 # and restarted from its LMDB checkpoint; metrics.jsonl holds every step
-# once; a mismatched or damaged checkpoint is refused; with CURVE an
+# once; a mismatched, damaged, truncated or empty checkpoint is refused
+# (by the server, inspect and export); with CURVE an
 # unlisted key cannot register, and SIGHUP admits a key added to the file; `peftps run` writes what train writes, and
 # stops cleanly on Ctrl-C and resumes; when its server is SIGKILLed it names
 # it, exits 137 and prints the command that resumes to the same tensors.
@@ -293,6 +294,28 @@ EOF
 rc=$?
 [ $rc = 2 ] || fail "a damaged checkpoint: exit $rc, wanted 2"
 grep -q "CRC" "$T/damaged.log" || fail "damage message: $(cat "$T/damaged.log")"
+# data.mdb cut short (page-aligned, as an interrupted copy or a full disk
+# leaves it) or empty: refused by name by all three readers, no SIGBUS,
+# and an empty one is not taken for "no checkpoint yet".
+size=$(stat -c %s "$T/restart/ckpt/data.mdb")
+for pct in 25 50 90 0; do
+    rm -rf "$T/cut-ckpt"
+    mkdir "$T/cut-ckpt"
+    head -c $((size * pct / 100 / 4096 * 4096)) "$T/restart/ckpt/data.mdb" >"$T/cut-ckpt/data.mdb"
+    for cmd in server inspect export; do
+        case $cmd in
+        server) "$BIN/peftps-server" $EXP $S --set checkpoint.path="$T/cut-ckpt" >"$T/cut.log" 2>&1 ;;
+        inspect) "$BIN/peftps" inspect "$T/cut-ckpt" >"$T/cut.log" 2>&1 ;;
+        export) "$BIN/peftps" export "$T/cut-ckpt" --out "$T/cut.safetensors" >"$T/cut.log" 2>&1 ;;
+        esac
+        rc=$?
+        [ $rc = 1 ] || [ $rc = 2 ] || fail "$cmd on data.mdb cut to $pct%: exit $rc: $(cat "$T/cut.log")"
+        if [ $pct = 0 ]; then want="is empty (0 bytes)"; else want="is truncated"; fi
+        grep -q "cut-ckpt/data.mdb $want" "$T/cut.log" ||
+            fail "$cmd on data.mdb cut to $pct%: $(cat "$T/cut.log")"
+    done
+done
+echo "  data.mdb cut to 25/50/90% or empty: server, inspect and export refuse it: $(head -n 1 "$T/cut.log")"
 "$BIN/peftps-server" $EXP $S --set checkpoint.resume=false >"$T/noresume.log" 2>&1
 rc=$?
 [ $rc = 2 ] || fail "checkpoints present with resume off: exit $rc, wanted 2"
