@@ -151,15 +151,22 @@ static int get_value(ckpt *c, MDB_txn *txn, const char *k, const unsigned char *
 
 /* ---- transactions ---------------------------------------------------------- */
 
-/* Begins a transaction, adopting a map another process has grown. */
+/* Begins a transaction, adopting a map another process has grown. A map
+ * that keeps changing size is a damaged meta page (another process grows it
+ * once per write), not a reason to loop forever. */
 static int txn_begin(ckpt *c, unsigned flags, MDB_txn **txn, err *e) {
-    for (;;) {
+    for (int resized = 0;; resized++) {
         int rc = mdb_txn_begin(c->env, NULL, flags, txn);
-        if (rc == MDB_MAP_RESIZED) {
+        if (rc == MDB_MAP_RESIZED && resized < 8) {
             rc = mdb_env_set_mapsize(c->env, 0);
             find_map_base(c);
             if (!rc) continue;
         }
+        if (rc == MDB_MAP_RESIZED)
+            return err_set(e,
+                           "checkpoint %s: its LMDB map size keeps changing under the reader; "
+                           "data.mdb is damaged: restore the directory from a copy",
+                           c->dir);
         if (rc)
             return err_set(e, "checkpoint %s: starting a transaction: %s", c->dir,
                            mdb_strerror(rc));
