@@ -23,6 +23,8 @@
 #define PEER_SUMSQ_TENSOR "peftps.grad_sumsq"
 /* Hello.worker_id of server k's link to server 0: "server:k". */
 #define PEER_ID_PREFIX "server:"
+/* Identities dropped for bad pushes that are remembered (the newest). */
+#define SERVER_MAX_BANNED 64
 
 typedef enum { SHARD_PENDING, SHARD_ASSIGNED, SHARD_RECEIVED } shard_state;
 
@@ -123,8 +125,8 @@ struct server {
     int cap_workers;
     /* Identities dropped for repeated bad pushes, refused when they say
      * Hello again (a ring). */
-    unsigned char banned[64][WIRE_IDENTITY_MAX];
-    size_t banned_len[64];
+    unsigned char banned[SERVER_MAX_BANNED][WIRE_IDENTITY_MAX];
+    size_t banned_len[SERVER_MAX_BANNED];
     int n_banned;
     /* Per-token gradient norms of accepted pushes: the largest of the last
      * applied step and of the current one, the scale a push is held to. */

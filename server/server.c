@@ -646,7 +646,7 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
         peers_on_hello(s, m, (int)k);
         return;
     }
-    for (int i = 0; i < s->n_banned && i < 64; i++)
+    for (int i = 0; i < s->n_banned && i < SERVER_MAX_BANNED; i++)
         if (s->banned_len[i] == m->id_len && !memcmp(s->banned[i], m->identity, m->id_len)) {
             REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__BAD_TENSOR,
                         "%s was dropped after %d refused pushes; restart it to register again", who,
@@ -664,13 +664,14 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
         w->used = 1;
         memcpy(w->id, m->identity, m->id_len);
         w->id_len = m->id_len;
+        /* A record is new here; a Hello again keeps its refusals. */
+        w->offences = 0;
+        w->accepted = 0;
     }
     snprintf(w->name, sizeof w->name, "%s", who);
     w->last_seen = progress_now();
     w->version = NO_VERSION;
     w->waiting = 0;
-    w->offences = 0;
-    w->accepted = 0;
     w->busy_until = 0;
     server_log(s, LOG_INFO, "worker %s registered (%d alive)", w->name, workers_alive(s));
     httpd_set(s->hm.workers, workers_alive(s));
@@ -859,7 +860,7 @@ static void push_refuse(server *s, const wire_msg *m, worker_rec *w, shard_slot 
     if (w->offences >= SERVER_MAX_OFFENCES) {
         int n = worker_release(s, w);
         w->used = 0;
-        int k = s->n_banned++ % 64;
+        int k = s->n_banned++ % SERVER_MAX_BANNED;
         memcpy(s->banned[k], w->id, w->id_len);
         s->banned_len[k] = w->id_len;
         server_log(s, LOG_WARN,
