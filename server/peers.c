@@ -53,7 +53,7 @@ void peers_own_steps(server *s) {
     }
     int first = n > PEER_MAX_STEPS ? n - PEER_MAX_STEPS : 0;
     own->n = n - first;
-    memcpy(own->step, steps + first, (size_t)own->n * sizeof *steps);
+    if (own->n) memcpy(own->step, steps + first, (size_t)own->n * sizeof *steps);
     own->known = 1;
     free(steps);
     /* Tell the others at once: while steps flow, sums replace heartbeats. */
@@ -71,7 +71,7 @@ static void record_steps(server *s, int k, const Peftps__Wire__Heartbeat *h) {
     peer_steps *ps = &s->ck_steps[k];
     size_t n = h->n_checkpoint_steps, first = n > PEER_MAX_STEPS ? n - PEER_MAX_STEPS : 0;
     ps->n = (int)(n - first);
-    memcpy(ps->step, h->checkpoint_steps + first, (size_t)ps->n * sizeof(uint64_t));
+    if (ps->n) memcpy(ps->step, h->checkpoint_steps + first, (size_t)ps->n * sizeof(uint64_t));
     ps->known = 1;
 }
 
@@ -96,7 +96,7 @@ static void sibling_steps(server *s, int k) {
         peer_steps *ps = &s->ck_steps[k];
         int first = count > PEER_MAX_STEPS ? count - PEER_MAX_STEPS : 0;
         ps->n = count - first;
-        memcpy(ps->step, steps + first, (size_t)ps->n * sizeof *steps);
+        if (ps->n) memcpy(ps->step, steps + first, (size_t)ps->n * sizeof *steps);
         ps->known = 1;
     }
     free(steps);
