@@ -37,6 +37,13 @@
 #include "net/wire.h"
 
 #define EXP "examples/lora.pbtxt"
+/* Under AddressSanitizer (make test-asan) freed memory stays in its
+ * quarantine: the storms' memory bounds are not checked there. */
+#if defined(__SANITIZE_ADDRESS__)
+#define SANITIZED 1
+#else
+#define SANITIZED 0
+#endif
 #define STEPS "12"
 #define REPLY_MS 3000
 
@@ -562,7 +569,7 @@ static void test_connection_storm(void **state) {
                   "after\n",
                   base, peak, after);
     assert_true(alive(rc.server));
-    if (after - base > 8 * 1024)
+    if (after - base > 8 * 1024 && !SANITIZED)
         fail_msg("server RSS %ld KiB after the storm, %ld KiB before", after, base);
 }
 
@@ -673,7 +680,7 @@ static void test_curve_storm(void **state) {
                   "peak, %ld KiB after\n",
                   base, peak, after);
     assert_true(alive(cc.server));
-    if (after - base > 8 * 1024)
+    if (after - base > 8 * 1024 && !SANITIZED)
         fail_msg("server RSS %ld KiB after the storm, %ld KiB before", after, base);
     char cmd[256];
     snprintf(cmd, sizeof cmd, "grep -c 'refused a connection from' %s/server.log", cc.dir);
