@@ -19,6 +19,7 @@
 #include "config/config.h"
 #include "model/model.h"
 #include "net/wire.h"
+#include "train/experiment.h"
 
 static volatile sig_atomic_t stop;
 
@@ -101,7 +102,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--set")) sets[nsets++] = argv[i + 1];
     Peftps__Experiment *exp;
     err e;
-    if (config_load(argv[1], sets, nsets, &exp, NULL, &e) < 0) {
+    if (experiment_load(argv[1], sets, nsets, &exp, NULL, &e) < 0) {
         fprintf(stderr, "chaos_rogue: %s\n", e.msg);
         return 1;
     }
