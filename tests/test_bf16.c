@@ -89,7 +89,14 @@ static void check_shape(int nn, int N, int K, int M, int with_add, double *worst
     float *add = with_add ? rnd((size_t)N * M, 1.0f, 17) : NULL;
     float *out = malloc((size_t)N * M * sizeof *out);
     assert_non_null(out);
-    bf16_op op = {.nn = nn, .N = N, .K = K, .M = M, .x = x, .w = w, .out = out, .add = add,
+    bf16_op op = {.nn = nn,
+                  .N = N,
+                  .K = K,
+                  .M = M,
+                  .x = x,
+                  .w = w,
+                  .out = out,
+                  .add = add,
                   .add_ld = (size_t)M};
     bf16_matmul(&op, 1, 0);
     long bad = 0;
@@ -99,8 +106,8 @@ static void check_shape(int nn, int N, int K, int M, int with_add, double *worst
             if (add) want = add[(size_t)i * M + j] + want;
             float got = out[(size_t)i * M + j];
             if (memcmp(&got, &want, sizeof got) && bad++ < 3)
-                printf("  %s N %d K %d M %d (%d,%d): %.9g, model %.9g\n", nn ? "NN" : "NT", N, K,
-                       M, i, j, (double)got, (double)want);
+                printf("  %s N %d K %d M %d (%d,%d): %.9g, model %.9g\n", nn ? "NN" : "NT", N, K, M,
+                       i, j, (double)got, (double)want);
             double mag, ex = exact_elem(&op, i, j, &mag);
             double e = fabs((double)(got - (add ? add[(size_t)i * M + j] : 0.0f)) - ex) / mag;
             if (!add && e > *worst) *worst = e;
@@ -206,8 +213,14 @@ static void test_jobs(void **state) {
 
 static void test_rounding(void **state) {
     (void)state;
-    float in[] = {1.0f, 1.00390625f /* tie, even below */, 1.01171875f /* tie, even above */,
-                  -3.5f, 1e-40f, INFINITY, NAN, 3.4e38f};
+    float in[] = {1.0f,
+                  1.00390625f /* tie, even below */,
+                  1.01171875f /* tie, even above */,
+                  -3.5f,
+                  1e-40f,
+                  INFINITY,
+                  NAN,
+                  3.4e38f};
     uint16_t got[8];
     bf16_round(got, in, 8);
     for (int i = 0; i < 8; i++) assert_int_equal(got[i], st_f32_to_bf16(in[i]));

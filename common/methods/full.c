@@ -66,18 +66,16 @@ static int full_create(peft *p, err *e) {
     return 0;
 }
 
-static void full_copy_base(peft *p, int layer, int kind, const float *base) {
+static void full_copy_base(peft *p, int layer, int kind) {
     int i = full_tensor(p, layer, kind);
-    if (i >= 0 && base) memcpy(peft_param(p, i), base, p->tensors[i].numel * sizeof(float));
+    if (i >= 0) model_weights_read_f32(p->base, layer, kind, peft_param(p, i), p->tensors[i].numel);
 }
 
 /* The seed plays no part: training starts from the base itself. */
 static void full_init(peft *p, uint64_t seed) {
-    const model_weights *w = p->base;
-    for (int kind = 0; kind < GW_COUNT; kind++)
-        full_copy_base(p, MODEL_GLOBAL, kind, w->global[kind]);
+    for (int kind = 0; kind < GW_COUNT; kind++) full_copy_base(p, MODEL_GLOBAL, kind);
     for (int l = 0; l < p->cfg->num_layers; l++)
-        for (int kind = 0; kind < LW_COUNT; kind++) full_copy_base(p, l, kind, w->layer[l][kind]);
+        for (int kind = 0; kind < LW_COUNT; kind++) full_copy_base(p, l, kind);
 }
 
 static const float *full_weight(peft *p, int layer, int kind) {

@@ -61,7 +61,8 @@ int bf16_cpu_check(const char *what, err *e) {
                    "%s needs the AVX512-BF16 instruction set (vdpbf16ps), which this CPU "
                    "lacks%s; run it on a CPU with AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids "
                    "or later, AMD Zen 4 or later), or train with compute: F32",
-                   what, env_disables("avx512bf16") ? " (PEFTPS_CPU_DISABLE=avx512bf16 is set)" : "");
+                   what,
+                   env_disables("avx512bf16") ? " (PEFTPS_CPU_DISABLE=avx512bf16 is set)" : "");
 }
 
 /* ---- rounding -------------------------------------------------------------- */
@@ -88,9 +89,9 @@ void bf16_widen(float *dst, const uint16_t *src, size_t n) {
 
 /* ---- products -------------------------------------------------------------- */
 
-#define MR 6              /* rows of a register tile */
-#define NR 4              /* 16-lane vectors of a tile: 64 columns */
-#define PANEL (16 * NR)   /* output columns a task packs and computes */
+#define MR 6            /* rows of a register tile */
+#define NR 4            /* 16-lane vectors of a tile: 64 columns */
+#define PANEL (16 * NR) /* output columns a task packs and computes */
 #define MAX_OPS 4
 
 /* Rounded inputs of a job, kept per calling thread and grown as needed:
@@ -197,12 +198,23 @@ BF16_TARGET static void panel_rows(const bf16_op *op, const uint32_t *xb, const 
     for (; i + MR <= N; i += MR)
         tile(MR, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate);
     switch (N - i) {
-    case 5: tile(5, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate); break;
-    case 4: tile(4, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate); break;
-    case 3: tile(3, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate); break;
-    case 2: tile(2, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate); break;
-    case 1: tile(1, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate); break;
-    default: break;
+    case 5:
+        tile(5, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate);
+        break;
+    case 4:
+        tile(4, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate);
+        break;
+    case 3:
+        tile(3, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate);
+        break;
+    case 2:
+        tile(2, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate);
+        break;
+    case 1:
+        tile(1, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate);
+        break;
+    default:
+        break;
     }
 }
 #else

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "base/team.h"
+#include "model/bf16.h"
 
 /* ---- vectorisable elementwise helpers -------------------------------------- */
 
@@ -549,6 +550,103 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
             const float *restrict g = dout + (size_t)i * OC;
             for (int o = 0; o < OC; o++) dbias[o] += g[o];
         }
+}
+
+/* ---- the same with BF16 weights (bf16.h) -------------------------------------- */
+
+void linears_forward_k(int n, float *const *outs, const float *inp, const kweight *weights,
+                       const float *const *biases, int N, int C, const int *OC) {
+    gemm ops[GEMM_MAX_OPS];
+    bf16_op hops[GEMM_MAX_OPS];
+    int nf = 0, nh = 0;
+    for (int i = 0; i < n; i++) {
+        const float *bias = biases ? biases[i] : NULL;
+        if (weights[i].h) {
+            hops[nh++] = (bf16_op){.N = N,
+                                   .K = C,
+                                   .M = OC[i],
+                                   .x = inp,
+                                   .w = weights[i].h,
+                                   .out = outs[i],
+                                   .add = bias,
+                                   .add_ld = 0};
+        } else {
+            ops[nf] = gemm_of(CblasNoTrans, CblasTrans, N, OC[i], C, inp, C, weights[i].f, C, 0.0f,
+                              outs[i], OC[i]);
+            ops[nf++].bias = bias;
+        }
+    }
+    if (nh) bf16_matmul(hops, nh, 0);
+    if (nf) gemm_team(ops, nf, 0);
+}
+
+void linear_residual_forward_k(float *out, const float *res, const float *inp, kweight weight,
+                               int N, int C, int OC) {
+    if (!weight.h) {
+        linear_residual_forward(out, res, inp, weight.f, N, C, OC);
+        return;
+    }
+    bf16_op op = {.N = N,
+                  .K = C,
+                  .M = OC,
+                  .x = inp,
+                  .w = weight.h,
+                  .out = out,
+                  .add = res,
+                  .add_ld = (size_t)OC};
+    bf16_matmul(&op, 1, 0);
+}
+
+void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
+                              const kweight *weights, int N, int C, const int *OC) {
+    int nh = 0;
+    for (int i = 0; i < n; i++) nh += weights[i].h != NULL;
+    if (nh == n) {
+        bf16_op ops[GEMM_MAX_OPS];
+        for (int i = 0; i < n; i++)
+            ops[i] = (bf16_op){.nn = 1,
+                               .N = N,
+                               .K = OC[i],
+                               .M = C,
+                               .x = douts[i],
+                               .w = weights[i].h,
+                               .out = dinp,
+                               .add = accumulate ? dinp : NULL,
+                               .add_ld = (size_t)C};
+        bf16_matmul(ops, n, 1);
+        return;
+    }
+    /* F32 only, or mixed: one product after the other, in order of i. */
+    for (int i = 0; i < n; i++) {
+        int acc = i || accumulate;
+        if (weights[i].h) {
+            bf16_op op = {.nn = 1,
+                          .N = N,
+                          .K = OC[i],
+                          .M = C,
+                          .x = douts[i],
+                          .w = weights[i].h,
+                          .out = dinp,
+                          .add = acc ? dinp : NULL,
+                          .add_ld = (size_t)C};
+            bf16_matmul(&op, 1, 0);
+        } else if (!nh) {
+            const float *w[GEMM_MAX_OPS];
+            for (int k = 0; k < n; k++) w[k] = weights[k].f;
+            linears_backward_input(dinp, accumulate, n, douts, w, N, C, OC);
+            return;
+        } else
+            linears_backward_input(dinp, acc, 1, &douts[i], &weights[i].f, N, C, &OC[i]);
+    }
+}
+
+void embedding_forward_k(float *out, const int32_t *tokens, kweight table, int N, int C) {
+    if (!table.h) {
+        embedding_forward(out, tokens, table.f, N, C);
+        return;
+    }
+    for (int i = 0; i < N; i++)
+        bf16_widen(out + (size_t)i * C, table.h + (size_t)tokens[i] * C, (size_t)C);
 }
 
 /* ---- residual -------------------------------------------------------------- */

@@ -76,6 +76,18 @@ void linear_residual_forward(float *out, const float *res, const float *inp, con
 void linears_backward_input(float *dinp, int accumulate, int n, const float *const *douts,
                             const float *const *weights, int N, int C, const int *OC);
 
+/* The same three with each weight F32 or BF16 (kweight): a BF16 weight
+ * runs the product of bf16.h (input rounded to BF16, F32 accumulation,
+ * F32 output), an F32 one cblas_sgemm, in one team job or two. */
+void linears_forward_k(int n, float *const *outs, const float *inp, const kweight *weights,
+                       const float *const *biases, int N, int C, const int *OC);
+void linear_residual_forward_k(float *out, const float *res, const float *inp, kweight weight,
+                               int N, int C, int OC);
+void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
+                              const kweight *weights, int N, int C, const int *OC);
+/* embedding_forward from a table in F32 or BF16 (widened exactly). */
+void embedding_forward_k(float *out, const int32_t *tokens, kweight table, int N, int C);
+
 /* A low-rank branch beside a linear, as LoRA's: h (N,r) = x (N,in) a^T,
  * where a is (r,in), then y (N,out) += scale h b^T, where b is (out,r).
  * Rows go over the team in parts fixed by N. */

@@ -10,6 +10,7 @@
 #include "base/log.h"
 #include "config/config.h"
 #include "model/clshead.h"
+#include "model/bf16.h"
 
 /* Calibration batch i: training sequences i*rows .. i*rows+rows-1. */
 static int trainer_calibration_batch(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e) {
@@ -37,6 +38,21 @@ int train_add_task(peft *p, const Peftps__Experiment *exp, const model_config *c
     return 0;
 }
 
+model_compute train_compute(const Peftps__Experiment *exp) {
+    return exp->model && exp->model->has_compute && exp->model->compute == PEFTPS__COMPUTE__BF16
+               ? MODEL_COMPUTE_BF16
+               : MODEL_COMPUTE_F32;
+}
+
+const char *train_compute_name(model_compute c) {
+    return c == MODEL_COMPUTE_BF16 ? "BF16" : "F32";
+}
+
+int train_compute_check(const Peftps__Experiment *exp, err *e) {
+    if (train_compute(exp) != MODEL_COMPUTE_BF16) return 0;
+    return bf16_cpu_check("model.compute: BF16", e);
+}
+
 int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err *e) {
     *out = NULL;
     trainer *t = calloc(1, sizeof *t);
@@ -46,7 +62,7 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
     t->rows = (int)(d->batch_size / d->shards_per_step);
     t->T = (int)d->seq_len;
 
-    if (model_files_open(&t->files, exp->model->path, e) < 0) goto fail;
+    if (model_files_open_compute(&t->files, exp->model->path, train_compute(exp), e) < 0) goto fail;
     const model_config *cfg = model_files_config(t->files);
     const model_weights *w = model_files_weights(t->files);
     data_opts opts = {.format = d->format,
@@ -78,6 +94,10 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
         goto fail;
     }
     int calib = methods_calibration_batches(exp->method);
+    if (calib > 0 && train_compute_check(exp, e) < 0) {
+        err_wrap(e, "calibrating %s", t->p->method->name);
+        goto fail;
+    }
     if (calib > 0) {
         log_info("calibrating %s on %d batches of %d sequences", t->p->method->name, calib,
                  t->rows);

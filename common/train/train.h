@@ -61,6 +61,14 @@ int train_pad_id(const model_config *cfg, err *e);
  * same everywhere. */
 int train_add_task(peft *p, const Peftps__Experiment *exp, const model_config *cfg, err *e);
 
+/* The compute setting of the experiment (model.compute; unset is F32). */
+model_compute train_compute(const Peftps__Experiment *exp);
+/* Its name as the wire and messages give it: "F32" or "BF16". */
+const char *train_compute_name(model_compute c);
+/* 0 when this machine can run the experiment's compute, else -1 with e
+ * naming the instruction set it lacks (BF16 needs AVX512-BF16). */
+int train_compute_check(const Peftps__Experiment *exp, err *e);
+
 /* Opens the base model, creates the method, calibrates it when it needs
  * gradients to choose what trains (methods_calibration_batches of
  * methods/registry.h), initialises it from the seed (or from
