@@ -156,6 +156,7 @@ const peft_method full_method = {
     .init = full_init,
     .weight = full_weight,
     .linear_backward = full_linear_backward,
+    .bf16_weights = 1,
     .embed_backward = full_embed_backward,
     .merge = full_merge,
     .destroy = full_destroy,

@@ -641,7 +641,7 @@ void linears_backward_input_k(float *dinp, int accumulate, int n, const float *c
 }
 
 void embedding_forward_k(float *out, const int32_t *tokens, kweight table, int N, int C) {
-    if (!table.h) {
+    if (table.f) {
         embedding_forward(out, tokens, table.f, N, C);
         return;
     }

@@ -76,8 +76,8 @@ void linear_residual_forward(float *out, const float *res, const float *inp, con
 void linears_backward_input(float *dinp, int accumulate, int n, const float *const *douts,
                             const float *const *weights, int N, int C, const int *OC);
 
-/* The same three with each weight F32 or BF16 (kweight): a BF16 weight
- * runs the product of bf16.h (input rounded to BF16, F32 accumulation,
+/* The same three with each weight F32 or BF16 (kweight): a weight with a
+ * BF16 form (h not NULL) runs the product of bf16.h (input rounded to BF16, F32 accumulation,
  * F32 output), an F32 one cblas_sgemm, in one team job or two. */
 void linears_forward_k(int n, float *const *outs, const float *inp, const kweight *weights,
                        const float *const *biases, int N, int C, const int *OC);
@@ -85,7 +85,8 @@ void linear_residual_forward_k(float *out, const float *res, const float *inp, k
                                int N, int C, int OC);
 void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
                               const kweight *weights, int N, int C, const int *OC);
-/* embedding_forward from a table in F32 or BF16 (widened exactly). */
+/* embedding_forward from a table in F32 when it has one, else from its
+ * BF16 (widened exactly). */
 void embedding_forward_k(float *out, const int32_t *tokens, kweight table, int N, int C);
 
 /* A low-rank branch beside a linear, as LoRA's: h (N,r) = x (N,in) a^T,

@@ -103,7 +103,7 @@ kweight model_view_matrix(const model_view *v, int layer, int kind) {
     peft *p = v->p;
     if (p && p->method->weight) {
         const float *w = p->method->weight(p, layer, kind);
-        if (w) return (kweight){w, NULL};
+        if (w) return (kweight){w, peft_weight_bf16(p, layer, kind)};
     }
     return model_weights_get(v->w, layer, kind);
 }
