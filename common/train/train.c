@@ -153,6 +153,7 @@ void trainer_close(trainer *t) {
 int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
                        err *e) {
     const Peftps__Data *d = t->exp->data;
+    if (train_compute_check(t->exp, e) < 0) return -1; /* never another path */
     if (data_shard(t->train, step, shard, d->shards_per_step, d->batch_size, t->tokens, t->labels,
                    e) < 0)
         return -1;
@@ -241,6 +242,7 @@ int trainer_step(trainer *t, uint64_t step, train_step_stats *st, err *e) {
 
 int trainer_eval(trainer *t, double *mean_loss, long *n_tokens, err *e) {
     if (!t->eval) return err_set(e, "the experiment has no eval data (data.eval)");
+    if (train_compute_check(t->exp, e) < 0) return -1;
     const Peftps__Data *d = t->exp->data;
     uint64_t want = (uint64_t)d->eval_batches * d->batch_size;
     uint64_t have = data_num_windows(t->eval);
