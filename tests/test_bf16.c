@@ -3,7 +3,9 @@
  * pairs in order, odd product first) and stay within a stated bound of a
  * double-precision evaluation of the same BF16-rounded inputs; a row's
  * result does not depend on the other rows of the call (any number of
- * rows, any neighbours); rounding is to nearest even; the CPU check obeys
+ * rows, any neighbours) nor on the number of threads (this binary re-runs
+ * itself with PEFTPS_THREADS 1 and 3, the team's size being fixed at its
+ * first use); rounding is to nearest even; the CPU check obeys
  * PEFTPS_CPU_DISABLE. Skipped, saying so, on a CPU without AVX512-BF16. */
 #include <math.h>
 #include <setjmp.h>
@@ -13,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -211,6 +214,48 @@ static void test_jobs(void **state) {
     free(x), free(single), free(dx), free(want);
 }
 
+/* A digest of a fixed job's outputs (independent and summed products). */
+static uint64_t job_digest(void) {
+    int N = 45, C = 300, O[2] = {200, 70};
+    float *x = rnd((size_t)N * C, 1.0f, 51), *out[2], *dx = malloc((size_t)N * C * 4);
+    uint16_t *w[2];
+    bf16_op ops[2];
+    for (int k = 0; k < 2; k++) {
+        w[k] = rnd16((size_t)O[k] * C, 0.1f, 60u + (unsigned)k);
+        out[k] = malloc((size_t)N * O[k] * sizeof(float));
+        ops[k] = (bf16_op){.N = N, .K = C, .M = O[k], .x = x, .w = w[k], .out = out[k]};
+    }
+    bf16_matmul(ops, 2, 0);
+    for (int k = 0; k < 2; k++)
+        ops[k] = (bf16_op){.nn = 1, .N = N, .K = O[k], .M = C, .x = out[k], .w = w[k], .out = dx};
+    bf16_matmul(ops, 2, 1);
+    uint64_t h = 1469598103934665603u;
+    const unsigned char *b = (const unsigned char *)dx;
+    for (size_t i = 0; i < (size_t)N * C * 4; i++) h = (h ^ b[i]) * 1099511628211u;
+    for (int k = 0; k < 2; k++) free(w[k]), free(out[k]);
+    free(x), free(dx);
+    return h;
+}
+
+static void test_threads(void **state) {
+    (void)state;
+    if (skip_without_cpu()) return;
+    uint64_t mine = job_digest();
+    for (int threads = 1; threads <= 3; threads += 2) {
+        char cmd[256];
+        snprintf(cmd, sizeof cmd, "PEFTPS_THREADS=%d PEFTPS_BF16_DIGEST=1 /proc/%d/exe", threads,
+                 (int)getpid());
+        FILE *p = popen(cmd, "r");
+        unsigned long long theirs = 0;
+        assert_non_null(p);
+        assert_int_equal(fscanf(p, "%llu", &theirs), 1);
+        assert_int_equal(pclose(p), 0);
+        printf("  %d thread(s): digest %016llx, here %016llx\n", threads, theirs,
+               (unsigned long long)mine);
+        assert_true(theirs == mine);
+    }
+}
+
 static void test_rounding(void **state) {
     (void)state;
     float in[] = {1.0f,
@@ -244,10 +289,14 @@ static void test_cpu_disable(void **state) {
 }
 
 int main(void) {
+    if (getenv("PEFTPS_BF16_DIGEST")) {
+        printf("%llu\n", (unsigned long long)job_digest());
+        return 0;
+    }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_products_exact), cmocka_unit_test(test_row_independent),
-        cmocka_unit_test(test_jobs),           cmocka_unit_test(test_rounding),
-        cmocka_unit_test(test_cpu_disable),
+        cmocka_unit_test(test_threads),         cmocka_unit_test(test_products_exact),
+        cmocka_unit_test(test_row_independent), cmocka_unit_test(test_jobs),
+        cmocka_unit_test(test_rounding),        cmocka_unit_test(test_cpu_disable),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
