@@ -126,7 +126,7 @@ static void round_rows(void *c, size_t r0, size_t r1) {
 /* The panel of columns [j0, j0 + PANEL) of op's weight in pair layout:
  * pw[p * PANEL + c] holds the two weights that multiply x pair p for
  * column j0 + c; columns past M and the pad of an odd K are zeros. */
-static void pack_panel(const bf16_op *op, int j0, uint32_t *pw) {
+static void pack_scalar(const bf16_op *op, int j0, uint32_t *pw) {
     int K = op->K, M = op->M, kp = (K + 1) / 2, nc = M - j0 < PANEL ? M - j0 : PANEL;
     if (nc < PANEL)
         for (int p = 0; p < kp; p++) memset(pw + (size_t)p * PANEL + nc, 0, (PANEL - nc) * 4);
@@ -153,6 +153,78 @@ static void pack_panel(const bf16_op *op, int j0, uint32_t *pw) {
 }
 
 #if BF16_X86
+/* 16 x 16 dwords: r[i] (16 dwords of row i) become the columns. */
+BF16_TARGET static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* r[4q + k] now holds, in each 128-bit lane l, element k of rows 4q..4q+3
+     * for columns 4l..4l+3: gather lanes across the groups of four rows. */
+    for (int k = 0; k < 4; k++) {
+        __m512i a = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88); /* lanes 0,2 | 0,2 */
+        __m512i b = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xDD); /* lanes 1,3 | 1,3 */
+        __m512i c = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88);
+        __m512i d = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xDD);
+        t[k] = _mm512_shuffle_i32x4(a, c, 0x88);      /* column 4*0 + k */
+        t[8 + k] = _mm512_shuffle_i32x4(a, c, 0xDD);  /* column 4*2 + k */
+        t[4 + k] = _mm512_shuffle_i32x4(b, d, 0x88);  /* column 4*1 + k */
+        t[12 + k] = _mm512_shuffle_i32x4(b, d, 0xDD); /* column 4*3 + k */
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* pack_scalar's result, 16 columns by 16 pairs at a time where whole. */
+BF16_TARGET static void pack_panel(const bf16_op *op, int j0, uint32_t *pw) {
+    int K = op->K, M = op->M, nc = M - j0 < PANEL ? M - j0 : PANEL;
+    if (nc < PANEL || K < 32) {
+        pack_scalar(op, j0, pw);
+        return;
+    }
+    int kp = (K + 1) / 2, whole = K / 32 * 16; /* pairs in whole blocks of 16 */
+    if (!op->nn) {
+        for (int c0 = 0; c0 < PANEL; c0 += 16)
+            for (int p0 = 0; p0 < whole; p0 += 16) {
+                __m512i r[16];
+                for (int i = 0; i < 16; i++)
+                    r[i] = _mm512_loadu_si512(
+                        (const void *)(op->w + (size_t)(j0 + c0 + i) * K + 2 * p0));
+                transpose16(r);
+                for (int i = 0; i < 16; i++)
+                    _mm512_store_si512((void *)(pw + (size_t)(p0 + i) * PANEL + c0), r[i]);
+            }
+        for (int c = 0; c < PANEL; c++) {
+            const uint16_t *row = op->w + (size_t)(j0 + c) * K;
+            for (int p = whole; p < K / 2; p++) {
+                uint32_t v;
+                memcpy(&v, row + 2 * p, sizeof v);
+                pw[(size_t)p * PANEL + c] = v;
+            }
+            if (K % 2) pw[(size_t)(kp - 1) * PANEL + c] = row[K - 1];
+        }
+    } else {
+        for (int p = 0; p < kp; p++) {
+            const uint16_t *r0 = op->w + (size_t)(2 * p) * M + j0;
+            uint32_t *d = pw + (size_t)p * PANEL;
+            for (int c = 0; c < PANEL; c += 16) {
+                __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(r0 + c)));
+                __m512i hi =
+                    2 * p + 1 < K
+                        ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(r0 + M + c)))
+                        : _mm512_setzero_si512();
+                _mm512_store_si512((void *)(d + c), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+            }
+        }
+    }
+}
+
 /* Rows [i0, i0 + mr) times the packed panel into out's columns [j0, j0 +
  * nc): each lane accumulates the pairs in order from zero, then adds
  * `add` (or writes) once. Always inlined with a constant mr. */
@@ -218,6 +290,10 @@ BF16_TARGET static void panel_rows(const bf16_op *op, const uint32_t *xb, const 
     }
 }
 #else
+static void pack_panel(const bf16_op *op, int j0, uint32_t *pw) {
+    pack_scalar(op, j0, pw);
+}
+
 static void panel_rows(const bf16_op *op, const uint32_t *xb, const uint32_t *pw, int j0,
                        int accumulate) {
     (void)op, (void)xb, (void)pw, (void)j0, (void)accumulate;
