@@ -94,6 +94,9 @@ def main():
     ap.add_argument("--shapes", default="small,gpt2,llama1b")
     ap.add_argument("--methods", default="lora,full")
     ap.add_argument("--computes", default="f32,bf16")
+    ap.add_argument("--torch-setting", choices=[st[0] for st in SETTINGS],
+                    help="use this PyTorch setting instead of searching for the fastest "
+                         "(a loaded machine makes the search slow and meaningless)")
     ap.add_argument("--out")
     a = ap.parse_args()
     rows = []
@@ -102,7 +105,7 @@ def main():
             if shape == "llama1b" and method == "full":
                 continue  # F32 weights, gradients and AdamW state of 1.2B: beyond this machine
             for compute in a.computes.split(","):
-                rows.append(bench_row(shape, method, compute, a.reps))
+                rows.append(bench_row(shape, method, compute, a.reps, a.torch_setting))
     lines = ["| shape | method | compute | peftps tok/s | PyTorch tok/s | ratio (median of "
              "pairs) | pairs | share of product limit | products-alone bound | PyTorch's best "
              "setting | other load |",
@@ -126,16 +129,19 @@ def main():
             f.write(text)
 
 
-def bench_row(shape, method, compute, reps):
-    """One row: PyTorch's best setting, then reps alternate pairs."""
+def bench_row(shape, method, compute, reps, fixed=None):
+    """One row: PyTorch's best setting (or the fixed one), then reps
+    alternate pairs."""
     settings = SETTINGS if shape != "llama1b" else SETTINGS[1:2]
+    if fixed:
+        settings = [st for st in SETTINGS if st[0] == fixed]
     trial = []
-    for st in settings:
+    for st in settings if len(settings) > 1 else []:
         r = torch_run(shape, method, compute, st)
         trial.append((r["tokens_per_s"], st))
         print(f"  torch {shape} {method} {compute} {st[0]}: {r['tokens_per_s']:.0f} tok/s",
               file=sys.stderr)
-    best = max(trial, key=lambda x: x[0])[1]
+    best = max(trial, key=lambda x: x[0])[1] if trial else settings[0]
     if shape == "llama1b":
         reps = 1
     mine, theirs, ratios, shares, other, bound, limits = [], [], [], [], [], [], []
