@@ -1,7 +1,8 @@
 /* The numeric layers of the Llama family, llm.c style: each layer is a pair
  * of free functions x_forward / x_backward over raw float arrays with the
  * shapes in comments. model.c composes them; the methods (lora.c, full.c,
- * ...) may reuse them. Every matrix product is a cblas_sgemm.
+ * ...) may reuse them. Every F32 matrix product is a cblas_sgemm; products
+ * with a BF16 weight (the *_k variants, BF16 compute) go to bf16.h.
  *
  * Conventions: arrays are row-major and must not overlap unless a comment
  * says so. Backward functions ACCUMULATE (+=) into their gradient outputs

@@ -79,6 +79,8 @@ void trainer_close(trainer *t);
 
 /* Gradient of the summed token loss of shard `shard` of step `step` into
  * t->p->grads (zeroed first), at the current parameters; the worker's half.
+ * Like trainer_step and trainer_eval, fails (train_compute_check) rather
+ * than compute BF16 on a CPU without AVX512-BF16.
  * Writes the shard's summed loss and its count of loss-carrying tokens. */
 int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
                        err *e);

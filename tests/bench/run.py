@@ -19,8 +19,10 @@ BF16 base under torch.autocast("cpu", dtype=torch.bfloat16)):
 The machine may be shared: each run also measures the CPU that other
 processes used meanwhile (from /proc/stat), and the table reports its median
 as "other load" (share of all cores), so that a noisy row shows as one.
+*ratio by CPU time* divides the CPU time (all threads) of a PyTorch step by
+peftps's: on a machine loaded by other work it tells more than wall time.
 A second table sets each BF16 row beside peftps's own F32 row of the same
-shape and method (ratio of the medians).
+shape and method (ratio of the medians, by wall and by CPU time).
 llama1b (Llama-3.2-1B's config, seq 256, batch 2, LoRA r=16 on q,k,v,o)
 takes minutes a step: it runs 1 step after 1 warm-up, PyTorch at 2 threads
 only (the other settings were never faster there on larger shapes).
@@ -107,21 +109,24 @@ def main():
             for compute in a.computes.split(","):
                 rows.append(bench_row(shape, method, compute, a.reps, a.torch_setting))
     lines = ["| shape | method | compute | peftps tok/s | PyTorch tok/s | ratio (median of "
-             "pairs) | pairs | share of product limit | products-alone bound | PyTorch's best "
-             "setting | other load |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "pairs) | pairs | ratio by CPU time | share of product limit | products-alone "
+             "bound | PyTorch's best setting | other load |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['method']} | {r['compute']} | {r['ours']:.0f} | "
                      f"{r['torch']:.0f} | {r['ratio']:.2f}x | "
-                     f"{', '.join(f'{x:.2f}' for x in r['ratios'])} | {r['share']:.0%} of "
+                     f"{', '.join(f'{x:.2f}' for x in r['ratios'])} | {r['cpu_ratio']:.2f}x | "
+                     f"{r['share']:.0%} of "
                      f"{r['limit']:.0f} GFLOPS | {r['bound']:.2f}x | {r['setting']} | "
                      f"{r['other']:.0%} |")
     pairs = {(r["shape"], r["method"], r["compute"]): r for r in rows}
-    extra = ["", "| shape | method | peftps BF16 / peftps F32 tok/s |", "| --- | --- | --- |"]
+    extra = ["", "| shape | method | peftps BF16 / peftps F32 tok/s | by CPU time |",
+             "| --- | --- | --- | --- |"]
     for (shape, method, compute), r in pairs.items():
         f = pairs.get((shape, method, "f32"))
         if compute == "bf16" and f:
-            extra.append(f"| {shape} | {method} | {r['ours'] / f['ours']:.2f}x |")
+            extra.append(f"| {shape} | {method} | {r['ours'] / f['ours']:.2f}x | "
+                         f"{f['cpu_ms'] / r['cpu_ms']:.2f}x |")
     text = "\n".join(lines + (extra if len(extra) > 3 else [])) + "\n"
     print(text)
     if a.out:
@@ -145,6 +150,7 @@ def bench_row(shape, method, compute, reps, fixed=None):
     if shape == "llama1b":
         reps = 1
     mine, theirs, ratios, shares, other, bound, limits = [], [], [], [], [], [], []
+    cpu_ratios, cpu_ms = [], []
     for rep in range(reps):
         if compute == "bf16":
             limit = run_json([BENCH, "--bf16-rate"])["bf16_gflops"]
@@ -155,17 +161,21 @@ def bench_row(shape, method, compute, reps, fixed=None):
         mine.append(o["tokens_per_s"])
         theirs.append(t["tokens_per_s"])
         ratios.append(o["tokens_per_s"] / t["tokens_per_s"])
+        cpu_ratios.append(t["cpu_ms"] / o["cpu_ms"])
+        cpu_ms.append(o["cpu_ms"])
         shares.append(o["gflops"] / limit)
         limits.append(limit)
         bound.append(o["products_tokens_per_s"] / t["tokens_per_s"])
         other.append((o["_other"] + t["_other"]) / 2)
         print(f"  {shape} {method} {compute} rep {rep + 1}: peftps {o['tokens_per_s']:.0f} "
               f"({o['step_ms']:.0f} ms, {o['cpu_ms']:.0f} ms CPU)  torch "
-              f"{t['tokens_per_s']:.0f}  ratio {ratios[-1]:.2f}  product limit {limit:.0f} "
+              f"{t['tokens_per_s']:.0f} ({t['cpu_ms']:.0f} ms CPU)  ratio {ratios[-1]:.2f}, "
+              f"by CPU time {cpu_ratios[-1]:.2f}  product limit {limit:.0f} "
               f"GFLOPS, share {shares[-1]:.0%}  products alone {o['products_ms']:.0f} ms ("
               f"{bound[-1]:.2f}x torch)  other load {other[-1]:.0%}", file=sys.stderr)
     return dict(shape=shape, method=method, compute=compute, ours=statistics.median(mine),
                 torch=statistics.median(theirs), ratio=statistics.median(ratios),
+                cpu_ratio=statistics.median(cpu_ratios), cpu_ms=statistics.median(cpu_ms),
                 share=statistics.median(shares), limit=statistics.median(limits),
                 setting=best[0], bound=statistics.median(bound), ratios=sorted(ratios),
                 other=statistics.median(other))
