@@ -110,9 +110,10 @@ typedef struct model_view {
     peft *p;
 } model_view;
 
-/* The weight (layer, kind) in use: the method's when it replaces it, else
- * the base's. A bias is NULL for a model without attention_bias; a tied
- * lm_head is the embedding in use. */
+/* The weight (layer, kind) in use, as F32: the method's when it replaces
+ * it, else the base's. A bias is NULL for a model without attention_bias; a
+ * tied lm_head is the embedding in use. Under BF16 compute a base matrix
+ * has no F32 form (NULL): products take model_view_matrix instead. */
 const float *model_view_weight(const model_view *v, int layer, int kind);
 const float *model_view_bias(const model_view *v, int layer, int kind);
 const float *model_view_lm_head(const model_view *v);
