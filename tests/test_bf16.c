@@ -272,6 +272,14 @@ static void test_rounding(void **state) {
     assert_int_equal(got[1], 0x3F80);
     assert_int_equal(got[2], 0x3F82);
     assert_true(isnan(st_bf16_to_f32(got[6])));
+    /* 16 at a time (the vector path) and a tail, specials included. */
+    float many[53];
+    uint16_t out[53];
+    float *r = rnd(53, 100.0f, 77);
+    for (int i = 0; i < 53; i++) many[i] = i < 8 ? in[i] : i < 16 ? -in[i - 8] : r[i];
+    free(r);
+    bf16_round(out, many, 53);
+    for (int i = 0; i < 53; i++) assert_int_equal(out[i], st_f32_to_bf16(many[i]));
 }
 
 static void test_cpu_disable(void **state) {

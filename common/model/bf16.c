@@ -35,7 +35,7 @@ static int env_disables(const char *isa) {
     return 0;
 }
 
-static int cpu_has_bf16(void) {
+static int cpu_probe(void) {
 #if BF16_X86
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
@@ -49,6 +49,14 @@ static int cpu_has_bf16(void) {
 #else
     return 0;
 #endif
+}
+
+/* The CPU does not change under a process: asked once. */
+static int cpu_has_bf16(void) {
+    static _Atomic int known = -1;
+    int k = known;
+    if (k < 0) known = k = cpu_probe();
+    return k;
 }
 
 int bf16_cpu_ok(void) {
@@ -72,8 +80,31 @@ static inline uint16_t round_one(uint32_t b) {
     return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
+#if BF16_X86
+/* round_one on 16 floats at a time, the same bits. */
+BF16_TARGET static size_t round_vec(uint16_t *dst, const float *src, size_t n) {
+    const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    const __m512i quiet = _mm512_set1_epi32(0x40);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i b = _mm512_loadu_si512((const void *)(src + i));
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(half, odd)), 16);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, abs), inf);
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(b, 16), quiet));
+        _mm256_storeu_si256((void *)(dst + i), _mm512_cvtepi32_epi16(r));
+    }
+    return i;
+}
+#endif
+
 void bf16_round(uint16_t *dst, const float *src, size_t n) {
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0;
+#if BF16_X86
+    if (n >= 16 && cpu_has_bf16()) i = round_vec(dst, src, n);
+#endif
+    for (; i < n; i++) {
         uint32_t b;
         memcpy(&b, src + i, sizeof b);
         dst[i] = round_one(b);
