@@ -21,6 +21,7 @@
 
 #include "base/rng.h"
 #include "model/bf16.h"
+#include "model/kernels.h"
 #include "model/safetensors.h"
 
 static float *rnd(size_t n, float scale, uint64_t seed) {
@@ -256,6 +257,35 @@ static void test_threads(void **state) {
     }
 }
 
+/* Full fine-tuning's weight gradient: dW += dy^T x with both rounded to
+ * BF16, against double of the same rounded values, added to what dW held. */
+static void test_weight_grad(void **state) {
+    (void)state;
+    if (skip_without_cpu()) return;
+    int N = 70, C = 90, OC = 130;
+    float *dy = rnd((size_t)N * OC, 1.0f, 91), *x = rnd((size_t)N * C, 1.0f, 92);
+    float *dw = rnd((size_t)OC * C, 1.0f, 93), *before = malloc((size_t)OC * C * sizeof *before);
+    memcpy(before, dw, (size_t)OC * C * sizeof *dw);
+    linear_backward_weight_bf16(dw, dy, x, N, C, OC);
+    double worst = 0.0;
+    for (int o = 0; o < OC; o++)
+        for (int c = 0; c < C; c++) {
+            double sum = 0.0, mag = 0.0;
+            for (int i = 0; i < N; i++) {
+                double t = (double)bf(st_f32_to_bf16(dy[(size_t)i * OC + o])) *
+                           bf(st_f32_to_bf16(x[(size_t)i * C + c]));
+                sum += t;
+                mag += fabs(t);
+            }
+            double got = (double)dw[(size_t)o * C + c] - before[(size_t)o * C + c];
+            double e = fabs(got - sum) / (mag + fabs(before[(size_t)o * C + c]));
+            if (e > worst) worst = e;
+        }
+    printf("  weight gradient: worst error against double %.3g\n", worst);
+    assert_true(worst < 1e-5);
+    free(dy), free(x), free(dw), free(before);
+}
+
 static void test_rounding(void **state) {
     (void)state;
     float in[] = {1.0f,
@@ -302,9 +332,10 @@ int main(void) {
         return 0;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_threads),         cmocka_unit_test(test_products_exact),
-        cmocka_unit_test(test_row_independent), cmocka_unit_test(test_jobs),
-        cmocka_unit_test(test_rounding),        cmocka_unit_test(test_cpu_disable),
+        cmocka_unit_test(test_threads),        cmocka_unit_test(test_weight_grad),
+        cmocka_unit_test(test_products_exact), cmocka_unit_test(test_row_independent),
+        cmocka_unit_test(test_jobs),           cmocka_unit_test(test_rounding),
+        cmocka_unit_test(test_cpu_disable),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -104,8 +104,12 @@ static void full_linear_backward(peft *p, int layer, int kind, const float *x, c
         return;
     }
     /* dW (out, in) += dy^T x, with dy (n, out) and x (n, in): on the
-     * thread team, in parts fixed by the shape (kernels.h). */
-    linear_backward(NULL, dw, NULL, dy, x, NULL, n, cols, rows);
+     * thread team, in parts fixed by the shape (kernels.h); under BF16
+     * compute with both operands rounded to BF16, F32 accumulation. */
+    if (p->base->layer16)
+        linear_backward_weight_bf16(dw, dy, x, n, cols, rows);
+    else
+        linear_backward(NULL, dw, NULL, dy, x, NULL, n, cols, rows);
     /* q, k and v carry their bias gradients too: db (out) += sum of dy. */
     int bias_kind = layer == MODEL_GLOBAL ? -1
                     : kind == LW_Q        ? LW_Q_BIAS

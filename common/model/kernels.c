@@ -7,6 +7,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "base/team.h"
@@ -638,6 +639,54 @@ void linears_backward_input_k(float *dinp, int accumulate, int n, const float *c
         } else
             linears_backward_input(dinp, acc, 1, &douts[i], &weights[i].f, N, C, &OC[i]);
     }
+}
+
+/* dout transposed and inp rounded, per calling thread, grown as needed. */
+static _Thread_local float *wg_t;
+static _Thread_local uint16_t *wg_x;
+static _Thread_local size_t wg_t_len, wg_x_len;
+
+typedef struct transpose_args {
+    float *dst;
+    const float *src;
+    int N, OC;
+} transpose_args;
+
+/* Rows [o0, o1) of dst (OC,N) = src (N,OC) transposed. */
+static void transpose_rows(void *c, size_t o0, size_t o1) {
+    const transpose_args *a = c;
+    for (size_t o = o0; o < o1; o++)
+        for (int i = 0; i < a->N; i++) a->dst[o * a->N + i] = a->src[(size_t)i * a->OC + o];
+}
+
+void linear_backward_weight_bf16(float *dweight, const float *dout, const float *inp, int N, int C,
+                                 int OC) {
+    // dweight is (OC,C), dout is (N,OC), inp is (N,C)
+    size_t nt = (size_t)OC * N, nx = (size_t)N * C;
+    if (nt > wg_t_len) {
+        free(wg_t);
+        wg_t_len = (wg_t = malloc(nt * sizeof *wg_t)) ? nt : 0;
+    }
+    if (nx > wg_x_len) {
+        free(wg_x);
+        wg_x_len = (wg_x = malloc(nx * sizeof *wg_x)) ? nx : 0;
+    }
+    if (!wg_t || !wg_x) abort(); /* as any workspace failing mid-step */
+    transpose_args ta = {wg_t, dout, N, OC};
+    team_for((size_t)OC, (size_t)N, 16, transpose_rows, &ta);
+    bf16_round(wg_x, inp, nx);
+    /* The product out (OC,C) = dout^T (OC,N) inp (N,C): the NN form with
+     * inp as the weight (K = N rows of M = C). */
+    bf16_op op = {.nn = 1,
+                  .N = OC,
+                  .K = N,
+                  .M = C,
+                  .x = wg_t,
+                  .w = wg_x,
+                  .out = dweight,
+                  .add = dweight,
+                  .add_ld = (size_t)C};
+    bf16_matmul(&op, 1, 0);
 }
 
 void embedding_forward_k(float *out, const int32_t *tokens, kweight table, int N, int C) {

@@ -86,6 +86,11 @@ void linear_residual_forward_k(float *out, const float *res, const float *inp, k
                                int N, int C, int OC);
 void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
                               const kweight *weights, int N, int C, const int *OC);
+/* dweight (OC,C) += dout^T inp, as linear_backward's weight gradient, with
+ * dout (N,OC) and inp (N,C) rounded to BF16 and F32 accumulation (bf16.h):
+ * the weight gradient of full fine-tuning under BF16 compute. */
+void linear_backward_weight_bf16(float *dweight, const float *dout, const float *inp, int N, int C,
+                                 int OC);
 /* embedding_forward from a table in F32 when it has one, else from its
  * BF16 (widened exactly). */
 void embedding_forward_k(float *out, const int32_t *tokens, kweight table, int N, int C);
