@@ -173,8 +173,18 @@ static double bf16_gflops(void) {
  * so ntok over it bounds the tokens/s any schedule of the step's work
  * reaches at the rate these products run here. Median of 3 after one
  * warm-up. */
+/* Full fine-tuning's weight gradient as full.c takes it in each compute. */
+static void weight_grad(float *gw, const float *dy, const float *x, int N, int C, int OC,
+                        int bf16) {
+    if (bf16)
+        linear_backward_weight_bf16(gw, dy, x, N, C, OC);
+    else
+        linear_backward(NULL, gw, NULL, dy, x, NULL, N, C, OC);
+}
+
 static double products_seconds(const shape *s, const model_config *cfg, const model_weights *w,
                                int full) {
+    int bf16 = w->layer16 != NULL;
     int N = s->batch * s->seq, C = s->hidden, F = s->inter, V = s->vocab, L = s->layers;
     size_t wide = (size_t)N * (size_t)(F > V ? F : V);
     float *x = calloc(wide, sizeof *x), *y = calloc(wide, sizeof *y);
@@ -209,7 +219,7 @@ static double products_seconds(const shape *s, const model_config *cfg, const mo
         linears_forward_k(1, &y, x, &head, NULL, N, C, &V);
         const float *dy = y, *dys[3] = {y, y, y};
         linears_backward_input_k(x, 0, 1, &dy, &head, N, C, &V);
-        if (full) linear_backward(NULL, gw, NULL, y, x, NULL, N, C, V);
+        if (full) weight_grad(gw, y, x, N, C, V, bf16);
         for (int l = L - 1; l >= 0; l--) {
             kweight wg[2] = {model_weights_get(w, l, LW_GATE), model_weights_get(w, l, LW_UP)};
             kweight wq[3] = {model_weights_get(w, l, LW_Q), model_weights_get(w, l, LW_K),
@@ -224,7 +234,7 @@ static double products_seconds(const shape *s, const model_config *cfg, const mo
             for (int k = 0; k < 7; k++) {
                 int rows, cols;
                 model_weight_shape(cfg, l, kinds[k], &rows, &cols);
-                linear_backward(NULL, gw, NULL, y, x, NULL, N, cols, rows);
+                weight_grad(gw, y, x, N, cols, rows, bf16);
             }
         }
         t[rep] = progress_now() - t0;
