@@ -50,7 +50,7 @@ TESTS     := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS   := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps test check demo asan test-asan fuzz fuzz-build fuzz-run bench install \
+.PHONY: all deps test check demo asan test-asan fuzz fuzz-build fuzz-run bench bench-sizes install \
         uninstall clean format
 .SUFFIXES:
 .SECONDARY:
@@ -163,6 +163,17 @@ bench: deps
 	/usr/bin/python3 tests/bench/run.py --out $(BUILD)/bench/table.md $(BENCH_ARGS)
 	@$(MAKE) --no-print-directory all
 	/usr/bin/python3 tests/bench/cluster.py --out $(BUILD)/bench/cluster.md
+
+# What each real model shape costs here (tests/bench/sizes.py): random BF16
+# models of the published configs (tests/bench/make_models.py, numpy), LoRA
+# r=16 on all seven projections, seq 512, batch 1, recomputation on, one
+# server and one worker; SIZES_ARGS="Llama-3.2-1B --steps 3" narrows it.
+SIZES_ARGS ?=
+bench-sizes: all
+	@dpkg-query -W -f='$${Status}' python3-numpy 2>/dev/null | grep -q "install ok installed" || \
+	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO apt-get install -y -qq --no-install-recommends python3-numpy; }
+	/usr/bin/python3 tests/bench/sizes.py --work $(BUILD)/bench/sizes --out $(BUILD)/bench/sizes.md $(SIZES_ARGS)
 
 $(BUILD)/bench/%: $(BUILD)/tests/bench/%.o $(LIB)
 	@mkdir -p $(@D)

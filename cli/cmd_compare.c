@@ -24,6 +24,7 @@
 #include "train/experiment.h"
 #include "base/fsutil.h"
 #include "base/log.h"
+#include "base/memstat.h"
 #include "base/progress.h"
 #include "base/stopsig.h"
 #include "spawn.h"
@@ -43,8 +44,11 @@ static const char compare_usage[] =
     "  trainable        trained parameters, and their share of the base's\n"
     "  bytes/step       wire traffic of the server per step, both directions\n"
     "  tokens/s         tokens processed per second of training steps\n"
-    "  worker peak      the largest peak resident memory (VmHWM) of a worker\n"
-    "  server peak      the same for the parameter server\n"
+    "  worker private   the largest private memory (RssAnon) of a worker: what each\n"
+    "                   worker costs alone (activations, gradients, buffers)\n"
+    "  worker mapped    the largest resident mapped files of a worker: mostly the\n"
+    "                   base, shared by every process of the machine\n"
+    "  server private   the largest private memory of the parameter server\n"
     "  eval before      eval loss of the method untrained, as `peftps eval`\n"
     "  eval after       the run's final eval loss\n"
     "and writes DIR/compare.md (the table), DIR/compare.json (every number) and\n"
@@ -66,7 +70,9 @@ typedef struct cmp_row {
     double tokens_per_step;         /* batch_size * seq_len */
     double eval_before, eval_after; /* NAN when unknown */
     double tokens_per_s, bytes_per_step, wall_s;
-    long worker_peak_kib, server_peak_kib;
+    long worker_peak_kib, server_peak_kib;       /* VmHWM: private and mapped together */
+    long worker_private_kib, server_private_kib; /* the largest RssAnon sampled */
+    long worker_mapped_kib, server_mapped_kib;   /* the largest RssFile + RssShmem sampled */
     /* The curves, from metrics.jsonl. */
     double *step, *loss, *smooth;
     size_t n;
@@ -142,27 +148,6 @@ static int remove_tree(const char *path, err *e) {
     return 0;
 }
 
-/* Field `key` of /proc/PID/status in kB, or -1. */
-static long proc_status_kib(pid_t pid, const char *key, char *name, size_t name_n) {
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f) return -1;
-    long v = -1;
-    size_t klen = strlen(key);
-    if (name_n) name[0] = '\0';
-    while (fgets(line, sizeof line, f)) {
-        if (name_n && !strncmp(line, "Name:", 5)) {
-            const char *s = line + 5 + strspn(line + 5, " \t");
-            snprintf(name, name_n, "%.*s", (int)strcspn(s, "\n"), s);
-        } else if (!strncmp(line, key, klen) && line[klen] == ':') {
-            v = strtol(line + klen + 1, NULL, 10);
-        }
-    }
-    fclose(f);
-    return v;
-}
-
 /* Parent of PID from /proc/PID/stat, or -1. */
 static pid_t proc_parent(pid_t pid) {
     char path[64], buf[512];
@@ -179,17 +164,29 @@ static pid_t proc_parent(pid_t pid) {
     return (pid_t)ppid;
 }
 
-static void note_child(cmp_row *r, pid_t child) {
-    char name[64];
-    long kib = proc_status_kib(child, "VmHWM", name, sizeof name);
-    if (kib < 0) return;
-    if (!strcmp(name, "peftps-worker") && kib > r->worker_peak_kib) r->worker_peak_kib = kib;
-    if (!strcmp(name, "peftps-server") && kib > r->server_peak_kib) r->server_peak_kib = kib;
+static void raise_to(long *to, long v) {
+    if (v > *to) *to = v;
 }
 
-/* Raises the row's peaks with the VmHWM of the run's server and workers (the
- * children of `run`). VmHWM only grows, so sampling every few tens of
- * milliseconds catches the peak a process reached before it ends. */
+static void note_child(cmp_row *r, pid_t child) {
+    memstat m;
+    if (memstat_read(child, &m) < 0) return;
+    if (!strcmp(m.name, "peftps-worker")) {
+        raise_to(&r->worker_peak_kib, m.peak_kib);
+        raise_to(&r->worker_private_kib, m.private_kib);
+        raise_to(&r->worker_mapped_kib, m.mapped_kib);
+    } else if (!strcmp(m.name, "peftps-server")) {
+        raise_to(&r->server_peak_kib, m.peak_kib);
+        raise_to(&r->server_private_kib, m.private_kib);
+        raise_to(&r->server_mapped_kib, m.mapped_kib);
+    }
+}
+
+/* Raises the row's peaks with the memory of the run's server and workers
+ * (the children of `run`). VmHWM only grows, so sampling every few tens of
+ * milliseconds catches the peak a process reached before it ends; private
+ * and mapped memory are the largest sampled (a worker allocates its
+ * activations once, so they stay resident while it runs). */
 static void sample_memory(cmp_row *r, pid_t run) {
     char path[64];
     snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)run, (int)run);
@@ -348,22 +345,22 @@ static const char *loss_text(char *buf, size_t n, double v) {
 
 /* One table, as text (markdown = 0) or as a Markdown table. */
 static void print_table(FILE *f, const cmp_row *rows, int n, int markdown) {
-    static const char *head[] = {"method",      "trainable",   "share",
-                                 "bytes/step",  "tokens/s",    "worker peak",
-                                 "server peak", "eval before", "eval after"};
+    static const char *head[] = {"method",      "trainable",      "share",         "bytes/step",
+                                 "tokens/s",    "worker private", "worker mapped", "server private",
+                                 "eval before", "eval after"};
     if (markdown) {
         fputs("|", f);
-        for (int i = 0; i < 9; i++) fprintf(f, " %s |", head[i]);
+        for (int i = 0; i < 10; i++) fprintf(f, " %s |", head[i]);
         fputs("\n|", f);
-        for (int i = 0; i < 9; i++) fputs(i ? " ---: |" : " --- |", f);
+        for (int i = 0; i < 10; i++) fputs(i ? " ---: |" : " --- |", f);
         fputs("\n", f);
     } else {
-        fprintf(f, "%-24s %11s %7s %11s %9s  %11s  %11s  %11s  %10s\n", head[0], head[1], head[2],
-                head[3], head[4], head[5], head[6], head[7], head[8]);
+        fprintf(f, "%-24s %11s %7s %11s %9s  %14s  %13s  %14s  %11s  %10s\n", head[0], head[1],
+                head[2], head[3], head[4], head[5], head[6], head[7], head[8], head[9]);
     }
     for (int i = 0; i < n; i++) {
         const cmp_row *r = &rows[i];
-        char tr[32], share[32], bps[32], tps[32], wp[32], sp[32], b[32], a[32], label[200];
+        char tr[32], share[32], bps[32], tps[32], wp[32], wm[32], sp[32], b[32], a[32], label[200];
         grouped(tr, sizeof tr, r->trainable);
         snprintf(share, sizeof share, "%.2f%%",
                  r->base_params ? 100.0 * (double)r->trainable / (double)r->base_params : 0.0);
@@ -372,8 +369,11 @@ static void print_table(FILE *f, const cmp_row *rows, int n, int markdown) {
             snprintf(tps, sizeof tps, "%.0f", r->tokens_per_s);
         else
             snprintf(tps, sizeof tps, "-");
-        human_bytes(wp, sizeof wp, r->worker_peak_kib > 0 ? 1024.0 * r->worker_peak_kib : NAN);
-        human_bytes(sp, sizeof sp, r->server_peak_kib > 0 ? 1024.0 * r->server_peak_kib : NAN);
+        human_bytes(wp, sizeof wp,
+                    r->worker_private_kib > 0 ? 1024.0 * r->worker_private_kib : NAN);
+        human_bytes(wm, sizeof wm, r->worker_mapped_kib > 0 ? 1024.0 * r->worker_mapped_kib : NAN);
+        human_bytes(sp, sizeof sp,
+                    r->server_private_kib > 0 ? 1024.0 * r->server_private_kib : NAN);
         loss_text(b, sizeof b, r->eval_before);
         loss_text(a, sizeof a, r->ok ? r->eval_after : NAN);
         if (strcmp(r->name, r->method))
@@ -382,11 +382,11 @@ static void print_table(FILE *f, const cmp_row *rows, int n, int markdown) {
             snprintf(label, sizeof label, "%s", r->name);
         if (!r->ok) snprintf(label + strlen(label), sizeof label - strlen(label), " FAILED");
         if (markdown)
-            fprintf(f, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", label, tr, share, bps,
-                    tps, wp, sp, b, a);
+            fprintf(f, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", label, tr, share,
+                    bps, tps, wp, wm, sp, b, a);
         else
-            fprintf(f, "%-24s %11s %7s %11s %9s  %11s  %11s  %11s  %10s\n", label, tr, share, bps,
-                    tps, wp, sp, b, a);
+            fprintf(f, "%-24s %11s %7s %11s %9s  %14s  %13s  %14s  %11s  %10s\n", label, tr, share,
+                    bps, tps, wp, wm, sp, b, a);
     }
 }
 
@@ -414,6 +414,10 @@ static int write_json(const char *dir, const cmp_row *rows, int n, int workers, 
         json_object_set_new(o, "bytes_per_step", jnum(r->ok ? r->bytes_per_step : NAN));
         json_object_set_new(o, "worker_peak_kib", json_integer(r->worker_peak_kib));
         json_object_set_new(o, "server_peak_kib", json_integer(r->server_peak_kib));
+        json_object_set_new(o, "worker_private_kib", json_integer(r->worker_private_kib));
+        json_object_set_new(o, "worker_mapped_kib", json_integer(r->worker_mapped_kib));
+        json_object_set_new(o, "server_private_kib", json_integer(r->server_private_kib));
+        json_object_set_new(o, "server_mapped_kib", json_integer(r->server_mapped_kib));
         json_object_set_new(o, "eval_loss_before", jnum(r->eval_before));
         json_object_set_new(o, "eval_loss_after", jnum(r->ok ? r->eval_after : NAN));
         json_object_set_new(o, "eval_ppl_before", jnum(exp(r->eval_before)));

@@ -14,6 +14,7 @@
 #include "train/export.h"
 #include "base/fsutil.h"
 #include "base/log.h"
+#include "model/safetensors.h"
 
 static const char usage[] =
     "usage: peftps export SOURCE --format peft|merged|tensors --out PATH [options]\n\n"
@@ -26,8 +27,9 @@ static const char usage[] =
     "            Face PEFT saves an adapter (LoRA and prefix tuning only): load it with\n"
     "            PeftModel.from_pretrained(base, PATH), or convert a LoRA for llama.cpp\n"
     "  merged    a complete model directory PATH (config.json, model.safetensors,\n"
-    "            tokenizer files): the base with the trained change added, in F32\n"
-    "            (every method but prefix tuning, which changes no weight)\n"
+    "            tokenizer files): the base with the trained change added, in the\n"
+    "            base's dtype (see --dtype; every method but prefix tuning, which\n"
+    "            changes no weight)\n"
     "  tensors   one safetensors file PATH of the trained tensors, by name (needs\n"
     "            neither the base nor the experiment); the default when --out ends\n"
     "            in .safetensors\n\n"
@@ -41,6 +43,9 @@ static const char usage[] =
     "  --shard-size SIZE  merged: largest weights file, in bytes or with KB, MB, GB\n"
     "                     (default 4GB); larger models are written in shards with\n"
     "                     model.safetensors.index.json\n"
+    "  --dtype bf16|f32   merged: the weights' dtype (default: the base's, BF16 for a\n"
+    "                     BF16 base, else F32); the sum is taken in F32, then rounded\n"
+    "                     to nearest even for BF16 (an 8B model: 16 GB, not 32)\n"
     "  -h, --help         this help\n";
 
 /* "4GB", "500MB", "65536": bytes, powers of 1000 as Hugging Face counts them. */
@@ -65,7 +70,7 @@ static int parse_size(const char *s, size_t *out) {
 
 /* Writes SOURCE to out in the format asked for. */
 static int export_write(const char *source, const char *format, const export_opts *o,
-                        const char *out, size_t shard, export_kind kind, err *e) {
+                        const char *out, size_t shard, int dtype, export_kind kind, err *e) {
     if (!strcmp(format, "tensors")) {
         if (export_tensors(source, o, out, e) < 0) return -1;
         log_info("wrote %s", out);
@@ -75,7 +80,8 @@ static int export_write(const char *source, const char *format, const export_opt
     if (export_open(&s, source, o, e) < 0) return -1;
     if (kind == EXPORT_CHECKPOINT)
         log_info("%s: checkpoint of step %llu", source, (unsigned long long)s->step);
-    int rc = !strcmp(format, "peft") ? export_peft(s, out, e) : export_merged(s, out, shard, e);
+    int rc =
+        !strcmp(format, "peft") ? export_peft(s, out, e) : export_merged(s, out, shard, dtype, e);
     if (rc == 0)
         log_info("wrote %s (%s, method %s over %s)", out, format, s->p->method->name,
                  s->exp->model->path);
@@ -90,7 +96,7 @@ int cmd_export(int argc, char **argv) {
         fprintf(stderr, "peftps export: %s\n%s", e.msg, usage);
         return 2;
     }
-    const char *source = NULL, *format = NULL, *out = NULL, *shard_text = NULL;
+    const char *source = NULL, *format = NULL, *out = NULL, *shard_text = NULL, *dtype_text = NULL;
     export_opts o;
     export_opts_default(&o);
     o.sets = sets.sets;
@@ -100,8 +106,9 @@ int cmd_export(int argc, char **argv) {
                                 CMDLINE_STR("--experiment", &o.experiment),
                                 CMDLINE_STR("--model", &o.model_dir),
                                 CMDLINE_UINT("--step", &o.step, 0, CMDLINE_UINT_MAX),
-                                CMDLINE_STR("--shard-size", &shard_text)};
-    int rc = cmdline_parse("peftps export", usage, opts, 6, "source", &source, 1, argc, argv);
+                                CMDLINE_STR("--shard-size", &shard_text),
+                                CMDLINE_STR("--dtype", &dtype_text)};
+    int rc = cmdline_parse("peftps export", usage, opts, 7, "source", &source, 1, argc, argv);
     if (rc) {
         rc = rc == 1 ? 0 : 2;
         goto done;
@@ -125,6 +132,22 @@ int cmd_export(int argc, char **argv) {
                 shard_text);
         goto done;
     }
+    int dtype = EXPORT_DTYPE_BASE;
+    if (dtype_text) {
+        if (!strcasecmp(dtype_text, "bf16") || !strcasecmp(dtype_text, "bfloat16"))
+            dtype = ST_BF16;
+        else if (!strcasecmp(dtype_text, "f32") || !strcasecmp(dtype_text, "float32"))
+            dtype = ST_F32;
+        else {
+            fprintf(stderr, "peftps export: --dtype must be bf16 or f32 (not '%s')\n%s", dtype_text,
+                    usage);
+            goto done;
+        }
+        if (strcmp(format, "merged")) {
+            fprintf(stderr, "peftps export: --dtype applies to --format merged only\n");
+            goto done;
+        }
+    }
     export_kind kind;
     if (export_kind_of(source, &kind, &e) < 0) {
         fprintf(stderr, "peftps export: %s\n", e.msg);
@@ -132,7 +155,7 @@ int cmd_export(int argc, char **argv) {
     }
 
     rc = 1;
-    if (export_write(source, format, &o, out, shard, kind, &e) < 0)
+    if (export_write(source, format, &o, out, shard, dtype, kind, &e) < 0)
         fprintf(stderr, "peftps export: %s\n", e.msg);
     else
         rc = 0;

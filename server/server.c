@@ -322,6 +322,7 @@ int server_open(server **out, const Peftps__Experiment *exp, const server_opts *
     httpd_set(s->hm.total_steps, (double)s->total);
     httpd_set(s->hm.step, (double)s->step);
     httpd_set(s->hm.checkpoint_step, (double)s->step);
+    httpd_set_memory(s->hm.private_bytes, s->hm.mapped_bytes);
     if (opts->index == 0) {
         if (fs_mkdir_p(exp->output_dir, e) < 0 || write_experiment(s, e) < 0 ||
             metrics_open(&s->metrics, s->exp->output_dir, s->step, e) < 0)
@@ -902,6 +903,7 @@ static int step_record(server *s, double loss, long ntok, double lr, double norm
     httpd_set(s->hm.lr, lr);
     httpd_set(s->hm.grad_norm, norm);
     httpd_observe(s->hm.step_seconds, dt);
+    httpd_set_memory(s->hm.private_bytes, s->hm.mapped_bytes);
     s->bytes_in = s->bytes_out = 0;
     s->step_start = now;
     if (!isfinite(mean))

@@ -77,15 +77,16 @@ static inline void gc_config(model_config *cfg, int tied) {
     cfg->initializer_range = 0.5f;
 }
 
-/* Random base weights from `seed`: matrices N(0, 1/in) so that every
+/* Random base weights of cfg from `seed`: matrices N(0, 1/in) so that every
  * projection keeps activations O(1) (a hotter model makes the attention
  * nearly one-hot and the finite differences poor), the embedding N(0, 1),
  * norm weights 1 + N(0, 0.1^2), biases N(0, 0.1^2). Returns 0, or -1 when out
  * of memory. */
-static inline int gc_base_create(gc_base *b, int tied, uint64_t seed) {
+static inline int gc_base_create_cfg(gc_base *b, const model_config *c, uint64_t seed) {
     memset(b, 0, sizeof *b);
-    gc_config(&b->cfg, tied);
+    b->cfg = *c;
     const model_config *cfg = &b->cfg;
+    int tied = cfg->tie_word_embeddings;
     size_t total = 0;
     for (int k = 0; k < GW_COUNT; k++) total += model_weight_shape(cfg, MODEL_GLOBAL, k, 0, 0);
     for (int l = 0; l < cfg->num_layers; l++)
@@ -123,6 +124,13 @@ static inline int gc_base_create(gc_base *b, int tied, uint64_t seed) {
         }
     }
     return 0;
+}
+
+/* The same for the tiny configuration. */
+static inline int gc_base_create(gc_base *b, int tied, uint64_t seed) {
+    model_config cfg;
+    gc_config(&cfg, tied);
+    return gc_base_create_cfg(b, &cfg, seed);
 }
 
 static inline void gc_base_free(gc_base *b) {
@@ -259,6 +267,7 @@ typedef struct gc_opts {
     int training;   /* peft_set_step's training flag (dropout) */
     int samples;    /* entries per tensor; 0 means 12 */
     int num_labels; /* > 0: sequence classification with a score head of that many classes */
+    int recompute;  /* model_opts.recompute: the backward recomputes each layer */
     /* Optional, after model_create and before peft_init, e.g. calibration;
      * returns 0 or -1 with e set. */
     int (*prepare)(peft *p, model *m, void *ctx, err *e);
@@ -279,7 +288,8 @@ static inline int gc_run(const gc_opts *o) {
     }
     if (methods_create(&p, o->method, &b.cfg, &b.w, &e) < 0 ||
         (o->num_labels && clshead_add(p, o->num_labels, GC_PAD, 99, &e) < 0) ||
-        model_create(&m, &b.cfg, &b.w, p, GC_B, GC_T, &e) < 0 ||
+        model_create_opts(&m, &b.cfg, &b.w, p, GC_B, GC_T, &(model_opts){.recompute = o->recompute},
+                          &e) < 0 ||
         (o->prepare && o->prepare(p, m, o->ctx, &e) < 0)) {
         printf("%s: %s\n", o->label, e.msg);
         goto out;

@@ -72,6 +72,11 @@ $PY -c "import sys; sys.exit(not (0 < $after < $before - 0.05))" ||
     fail "trainable parameters: $(jq_py "$J" 'j["runs"][0]')"
 [ "$(jq_py "$J" 'j["runs"][0]["worker_peak_kib"] > 1000 and j["runs"][0]["bytes_per_step"] > 0')" = True ] ||
     fail "no peak memory or bytes per step: $(jq_py "$J" 'j["runs"][0]')"
+# private and mapped memory apart: a worker's private pages and its mapped
+# files (the base, the executable) are each a part of its peak
+[ "$(jq_py "$J" 'all(r["worker_private_kib"] > 1000 and r["worker_mapped_kib"] > 100 and r["server_private_kib"] > 1000 and r["worker_private_kib"] + r["worker_mapped_kib"] <= 1.5 * r["worker_peak_kib"] + 1024 for r in j["runs"])')" = True ] ||
+    fail "private and mapped memory missing or beyond the peak: $(jq_py "$J" 'j["runs"][0]')"
+grep -q "worker private" "$T/demo/compare.md" || fail "compare.md has no worker private column"
 grep -q "^   eval loss after " "$T/demo.log" || fail "no summary in: $(tail -n 20 "$T/demo.log")"
 A=$T/demo/lora/adapter
 [ "$(jq_py "$A/adapter_config.json" 'j["peft_type"] + " " + str(j["r"])')" = "LORA 8" ] ||

@@ -552,11 +552,13 @@ static void test_fingerprint(void **state) {
     config_fingerprint(x, got);
     assert_string_equal(got, want);
 
-    /* Where it runs and writes does not count; what it trains does. */
+    /* Where it runs and writes, and how much memory it takes, does not
+     * count; what it trains does. */
     char o1[] = "output_dir=/elsewhere", o2[] = "cluster.servers=tcp://10.1.1.1:7000",
-         o3[] = "checkpoint.every_steps=5", lr[] = "optimizer.lr=2e-3";
-    char *sets[] = {o1, o2, o3};
-    Peftps__Experiment *y = load_ok(p, sets, 3);
+         o3[] = "checkpoint.every_steps=5", lr[] = "optimizer.lr=2e-3",
+         o4[] = "model.recompute=true";
+    char *sets[] = {o1, o2, o3, o4};
+    Peftps__Experiment *y = load_ok(p, sets, 4);
     char fy[65];
     config_fingerprint(y, fy);
     assert_string_equal(fy, got);

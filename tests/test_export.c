@@ -569,7 +569,8 @@ static export_source *check_merged(const char *name, const char *model_dir, cons
     tmp_dir(out, out_n, oname);
     export_source *s = source_of(src, sizeof src, name, model_dir, block, steps, NULL, NULL);
     err e;
-    if (export_merged(s, out, shard_bytes, &e) < 0) fail_msg("%s: %s", name, e.msg);
+    if (export_merged(s, out, shard_bytes, EXPORT_DTYPE_BASE, &e) < 0)
+        fail_msg("%s: %s", name, e.msg);
 
     model_files *mf = NULL;
     if (model_files_open(&mf, out, &e) < 0) fail_msg("%s: merged model: %s", name, e.msg);
@@ -663,6 +664,128 @@ static void test_merged_full_sharded(void **state) {
     assert_true(access(path, F_OK) != 0);
 }
 
+/* F32 to BF16, rounded to nearest even, written here apart from
+ * safetensors.c (finite values only, as the weights are). */
+static uint16_t bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void copy_file(const char *from, const char *to) {
+    FILE *a = fopen(from, "rb"), *b = fopen(to, "wb");
+    assert_non_null(a);
+    assert_non_null(b);
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, a)) > 0) assert_int_equal(fwrite(buf, 1, n, b), n);
+    fclose(a);
+    fclose(b);
+}
+
+/* TINY with every weight rounded to BF16 and stored as BF16, in dir. */
+static void make_bf16_base(char *dir, size_t n) {
+    tmp_dir(dir, n, "bf16_base");
+    assert_int_equal(mkdir(dir, 0755), 0);
+    char path[600];
+    static const char *const texts[] = {"config.json", "tokenizer.json"};
+    for (int i = 0; i < 2; i++) {
+        char from[200];
+        snprintf(from, sizeof from, TINY "/%s", texts[i]);
+        snprintf(path, sizeof path, "%s/%s", dir, texts[i]);
+        copy_file(from, path);
+    }
+    err e;
+    st_file *f;
+    if (st_open(&f, TINY "/model.safetensors", &e) < 0) fail_msg("%s", e.msg);
+    int count = st_count(f);
+    st_entry *en = calloc((size_t)count, sizeof *en);
+    uint16_t **bufs = calloc((size_t)count, sizeof *bufs);
+    assert_non_null(en);
+    assert_non_null(bufs);
+    for (int i = 0; i < count; i++) {
+        const st_tensor *t = st_tensor_at(f, i);
+        float *v = malloc(t->numel * sizeof *v);
+        bufs[i] = malloc(t->numel * sizeof **bufs);
+        assert_non_null(v);
+        assert_non_null(bufs[i]);
+        if (st_convert_f32(f, t, v, &e) < 0) fail_msg("%s", e.msg);
+        for (size_t j = 0; j < t->numel; j++) bufs[i][j] = bf16_rne(v[j]);
+        free(v);
+        en[i] = (st_entry){.name = t->name, .dtype = ST_BF16, .ndim = t->ndim, .data = bufs[i]};
+        for (int d = 0; d < t->ndim; d++) en[i].shape[d] = t->shape[d];
+    }
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (st_write(path, en, count, NULL, &e) < 0) fail_msg("%s", e.msg);
+    for (int i = 0; i < count; i++) free(bufs[i]);
+    free(bufs);
+    free(en);
+    st_close(f);
+}
+
+/* A BF16 base gives a BF16 merged model by default (config.json says
+ * bfloat16, every tensor BF16), whose values are the F32 merge's rounded
+ * to nearest even; --dtype f32 still gives F32; both load. */
+static void test_merged_bf16(void **state) {
+    (void)state;
+    char base[512], src[512], out16[512], out32[512], path[600];
+    make_bf16_base(base, sizeof base);
+    export_source *s = source_of(src, sizeof src, "bf16", base, lora_block, 3, NULL, NULL);
+    assert_int_equal(model_files_dtype(s->files), ST_BF16);
+    tmp_dir(out16, sizeof out16, "bf16_merged");
+    tmp_dir(out32, sizeof out32, "bf16_merged_f32");
+    err e;
+    if (export_merged(s, out16, 0, EXPORT_DTYPE_BASE, &e) < 0) fail_msg("%s", e.msg);
+    if (export_merged(s, out32, 0, ST_F32, &e) < 0) fail_msg("%s", e.msg);
+    assert_int_equal(export_merged(s, out32, 0, ST_F16, &e), -1);
+    assert_non_null(strstr(e.msg, "BF16 or F32"));
+    export_close(s);
+
+    json_t *c = load_json(out16, "config.json");
+    assert_json_str(c, "torch_dtype", "bfloat16");
+    json_decref(c);
+    c = load_json(out32, "config.json");
+    assert_json_str(c, "torch_dtype", "float32");
+    json_decref(c);
+    st_file *f16, *f32;
+    snprintf(path, sizeof path, "%s/model.safetensors", out16);
+    if (st_open(&f16, path, &e) < 0) fail_msg("%s", e.msg);
+    snprintf(path, sizeof path, "%s/model.safetensors", out32);
+    if (st_open(&f32, path, &e) < 0) fail_msg("%s", e.msg);
+    assert_int_equal(st_count(f16), st_count(f32));
+    size_t values = 0, changed = 0;
+    for (int i = 0; i < st_count(f32); i++) {
+        const st_tensor *t = st_tensor_at(f32, i), *h = st_find(f16, t->name);
+        assert_non_null(h);
+        assert_int_equal(t->dtype, ST_F32);
+        assert_int_equal(h->dtype, ST_BF16);
+        assert_int_equal(h->numel, t->numel);
+        const uint8_t *a = t->data, *b = h->data;
+        for (size_t j = 0; j < t->numel; j++) {
+            float v;
+            uint16_t got;
+            memcpy(&v, a + 4 * j, sizeof v);
+            memcpy(&got, b + 2 * j, sizeof got);
+            if (got != bf16_rne(v))
+                fail_msg("%s[%zu]: BF16 0x%04x, F32 %.9g rounds to 0x%04x", t->name, j, got,
+                         (double)v, bf16_rne(v));
+            /* a merged LoRA weight is rarely a BF16 value itself */
+            changed += (float)st_bf16_to_f32(got) != v;
+        }
+        values += t->numel;
+    }
+    printf("bf16 merged: %zu values equal the F32 merge rounded to nearest even (%zu of them "
+           "needed rounding)\n",
+           values, changed);
+    assert_true(changed > 0);
+    st_close(f16);
+    st_close(f32);
+    model_files *mf;
+    if (model_files_open(&mf, out16, &e) < 0) fail_msg("%s", e.msg);
+    assert_int_equal(model_files_dtype(mf), ST_BF16);
+    model_files_close(mf);
+}
+
 /* A tied model: LoRA keeps it tied (no lm_head written); full training
  * changes the embedding, so lm_head is written and the tie undone. */
 static void test_merged_tied(void **state) {
@@ -708,7 +831,7 @@ static void test_refusals(void **state) {
     tmp_dir(out, sizeof out, "refuse_out");
     export_source *s = source_of(src, sizeof src, "refuse_prefix", TINY,
                                  "prefix { num_virtual_tokens: 2 }", 0, NULL, NULL);
-    assert_int_equal(export_merged(s, out, 0, &e), -1);
+    assert_int_equal(export_merged(s, out, 0, EXPORT_DTYPE_BASE, &e), -1);
     assert_non_null(strstr(e.msg, "--format peft"));
     export_close(s);
 
@@ -730,7 +853,7 @@ static void test_refusals(void **state) {
     assert_int_equal(export_open(&s, file, &o, &e), -1);
     assert_non_null(strstr(e.msg, "experiment"));
     s = open_source(src, NULL, NULL);
-    assert_int_equal(export_merged(s, TINY, 0, &e), -1);
+    assert_int_equal(export_merged(s, TINY, 0, EXPORT_DTYPE_BASE, &e), -1);
     assert_non_null(strstr(e.msg, "base model's own directory"));
     export_close(s);
 }
@@ -936,6 +1059,7 @@ int main(void) {
         cmocka_unit_test(test_merged_attention_heads),
         cmocka_unit_test(test_merged_subnetwork),
         cmocka_unit_test(test_merged_full_sharded),
+        cmocka_unit_test(test_merged_bf16),
         cmocka_unit_test(test_merged_tied),
         cmocka_unit_test(test_merged_biases),
         cmocka_unit_test(test_refusals),

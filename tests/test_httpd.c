@@ -282,12 +282,24 @@ static void test_metric_sets(void **state) {
                            wm.tokens,
                            wm.bytes_in,
                            wm.bytes_out,
-                           wm.compute_seconds};
+                           wm.compute_seconds,
+                           sm.private_bytes,
+                           sm.mapped_bytes,
+                           wm.private_bytes,
+                           wm.mapped_bytes};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) assert_non_null(all[i]);
     httpd_set(sm.step, 12);
     httpd_add(sm.bytes_in, 4096);
     httpd_observe(sm.step_seconds, 0.3);
     httpd_observe(wm.compute_seconds, 2000);
+    /* this process's memory: private pages (the heap), and mapped files
+     * (the executable and its libraries at least) */
+    httpd_set_memory(wm.private_bytes, wm.mapped_bytes);
+    httpd_set_memory(sm.private_bytes, NULL);
+    assert_true(httpd_value(wm.private_bytes) > 0);
+    assert_true(httpd_value(wm.mapped_bytes) > 0);
+    assert_true(httpd_value(sm.private_bytes) > 0);
+    assert_true(httpd_value(sm.mapped_bytes) == 0);
     char *t = render(h);
     static const char *want[] = {
         "# TYPE peftps_server_step gauge\npeftps_server_step 12\n",
@@ -305,6 +317,9 @@ static void test_metric_sets(void **state) {
         "peftps_server_step_duration_seconds_sum 0.3\n"
         "peftps_server_step_duration_seconds_count 1\n",
         "# TYPE peftps_worker_shards_computed_total counter\n",
+        "# TYPE peftps_worker_private_memory_bytes gauge\npeftps_worker_private_memory_bytes ",
+        "# TYPE peftps_worker_mapped_memory_bytes gauge\npeftps_worker_mapped_memory_bytes ",
+        "# TYPE peftps_server_private_memory_bytes gauge\n",
         "peftps_worker_compute_duration_seconds_bucket{le=\"1000\"} 0\n"
         "peftps_worker_compute_duration_seconds_bucket{le=\"+Inf\"} 1\n",
     };

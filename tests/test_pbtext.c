@@ -428,9 +428,9 @@ static void test_errors(void **state) {
     expect_error(EXP, "data { batchsize: 4 }",
                  "t.pbtxt:1:8: error: unknown field \"batchsize\" in peftps.Data; did you mean "
                  "\"batch_size\"?");
-    expect_error(
-        EXP, "model { xyz: 1 }",
-        "t.pbtxt:1:9: error: unknown field \"xyz\" in peftps.Model; its fields are: path, compute");
+    expect_error(EXP, "model { xyz: 1 }",
+                 "t.pbtxt:1:9: error: unknown field \"xyz\" in peftps.Model; its fields are: path, "
+                 "compute, recompute");
     expect_error(EXP, "schedule {\n  decay: LINEAR_X\n}",
                  "t.pbtxt:2:10: error: unknown value \"LINEAR_X\" for field \"decay\" (enum "
                  "peftps.Decay); did you mean \"LINEAR\"? valid values: DECAY_UNSPECIFIED, "

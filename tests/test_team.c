@@ -460,6 +460,9 @@ static float *step_outputs(int which, size_t *n) {
     float *out = malloc(*n * sizeof(float));
     memcpy(out, &loss, sizeof loss); /* two floats' worth */
     memcpy(out + 2, p->grads, p->n_params * sizeof(float));
+    /* the logits of the whole batch: a forward without labels forms them
+     * (the loss takes them a chunk at a time and the backward consumes them) */
+    model_forward(m, tok, NULL, B, T, NULL);
     memcpy(out + 2 + p->n_params, model_logits(m), nl * sizeof(float));
     model_free(m);
     peft_free(p);

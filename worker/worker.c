@@ -474,6 +474,7 @@ static int compute(worker *w, err *e) {
         httpd_add(w->hm.shards, 1);
         httpd_add(w->hm.tokens, (double)ntok);
         httpd_set(w->hm.step, (double)w->a_step);
+        httpd_set_memory(w->hm.private_bytes, w->hm.mapped_bytes);
         for (int k = 0; k < w->n_conns; k++) {
             conn *c = &w->conns[k];
             wire_out o;
@@ -599,6 +600,7 @@ int worker_run(worker *w, err *e) {
     else if (mport)
         log_info("serving /healthz, /livez and /metrics on port %u", mport);
     httpd_set_liveness(w->http, 60.0 + 10.0 * w->timeout_s);
+    httpd_set_memory(w->hm.private_bytes, w->hm.mapped_bytes);
     w->ctx = zmq_ctx_new();
     if (!w->ctx) return err_set(e, "zmq_ctx_new: %s", zmq_strerror(errno));
     pthread_mutex_lock(&w->mu);

@@ -408,6 +408,13 @@ void config_fingerprint(const Peftps__Experiment *exp, char hex[65]) {
     copy.output_dir = NULL;
     copy.cluster = NULL;
     copy.checkpoint = NULL;
+    /* Recomputation changes memory, never a bit of the result. */
+    Peftps__Model model_block;
+    if (exp->model) {
+        model_block = *exp->model;
+        model_block.has_recompute = 0;
+        copy.model = &model_block;
+    }
     hash_sha256 c;
     uint8_t d[32];
     hash_sha256_init(&c);

@@ -106,8 +106,9 @@ int config_check_values(const config_checker *c, const Peftps__Experiment *exp);
 Peftps__DataFormat config_data_format_of(const char *path);
 
 /* Lower-case hex SHA-256 of the canonical text of exp with output_dir,
- * cluster and checkpoint left out: equal for every run of the same resolved
- * experiment wherever it runs and whatever it writes to. */
+ * cluster, checkpoint and model.recompute left out: equal for every run of
+ * the same resolved experiment wherever it runs, whatever it writes to and
+ * however much memory it trades for compute. */
 void config_fingerprint(const Peftps__Experiment *exp, char hex[65]);
 
 /* The number of classes of a sequence_classification task, 0 for causal

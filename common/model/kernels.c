@@ -1213,6 +1213,15 @@ typedef struct ce_args {
     long count[CE_PARTS];
 } ce_args;
 
+/* The loss of one row x (V) against label (not -100): log-sum-exp minus the
+ * label's logit, in double; *lse gets the log-sum-exp as a float. */
+static double ce_row(float *lse, const float *x, int label, int V) {
+    float m = max_of(x, V);
+    double l = m + log((double)exp_sum(NULL, x, m, V));
+    *lse = (float)l;
+    return l - x[label];
+}
+
 static void ce_fwd_task(void *c, int task, float *scratch) {
     (void)scratch;
     ce_args *a = c;
@@ -1222,24 +1231,25 @@ static void ce_fwd_task(void *c, int task, float *scratch) {
     for (int i = r0; i < r1; i++) {
         a->lse[i] = 0.0f;
         if (a->labels[i] == -100) continue;
-        const float *x = a->logits + (size_t)i * a->V;
-        float m = max_of(x, a->V);
-        double l = m + log((double)exp_sum(NULL, x, m, a->V));
-        a->lse[i] = (float)l;
-        total += l - x[a->labels[i]];
+        total += ce_row(&a->lse[i], a->logits + (size_t)i * a->V, a->labels[i], a->V);
         n++;
     }
     a->part[task] = total;
     a->count[task] = n;
 }
 
+/* Rows per part of a sum over N rows, and the number of parts. */
+static int ce_parts(int N, int *per) {
+    *per = (N + CE_PARTS - 1) / CE_PARTS;
+    if (*per < 1) *per = 1;
+    return (N + *per - 1) / *per;
+}
+
 double crossentropy_forward(float *lse, const float *logits, const int32_t *labels, int N, int V,
                             long *count) {
     // lse is (N), logits is (N,V), labels is (N)
     ce_args a = {.lse = lse, .logits = logits, .labels = labels, .N = N, .V = V};
-    a.per = (N + CE_PARTS - 1) / CE_PARTS;
-    if (a.per < 1) a.per = 1;
-    int parts = (N + a.per - 1) / a.per;
+    int parts = ce_parts(N, &a.per);
     if ((size_t)N * V < CE_SERIAL)
         for (int t = 0; t < parts; t++) ce_fwd_task(&a, t, NULL);
     else
@@ -1249,6 +1259,53 @@ double crossentropy_forward(float *lse, const float *logits, const int32_t *labe
     for (int t = 0; t < parts; t++) {
         total += a.part[t];
         n += a.count[t];
+    }
+    *count = n;
+    return total;
+}
+
+typedef struct ce_rows_args {
+    float *lse;
+    double *loss;
+    const float *logits;
+    const int32_t *labels;
+    int V;
+} ce_rows_args;
+
+static void ce_rows_range(void *c, size_t r0, size_t r1) {
+    const ce_rows_args *a = c;
+    for (size_t i = r0; i < r1; i++) {
+        a->lse[i] = 0.0f;
+        a->loss[i] = 0.0;
+        if (a->labels[i] != -100)
+            a->loss[i] = ce_row(&a->lse[i], a->logits + i * a->V, a->labels[i], a->V);
+    }
+}
+
+void crossentropy_rows(float *lse, double *loss, const float *logits, const int32_t *labels, int n,
+                       int V) {
+    // lse, loss, labels are (n), logits is (n,V)
+    ce_rows_args a = {.lse = lse, .loss = loss, .logits = logits, .labels = labels, .V = V};
+    if ((size_t)n * V < CE_SERIAL)
+        ce_rows_range(&a, 0, (size_t)n);
+    else
+        team_for((size_t)n, (size_t)V * 2, 1, ce_rows_range, &a);
+}
+
+double crossentropy_total(const double *loss, const int32_t *labels, int N, long *count) {
+    // loss, labels are (N); the parts of crossentropy_forward, summed the same way
+    int per, parts = ce_parts(N, &per);
+    double total = 0.0;
+    long n = 0;
+    for (int t = 0; t < parts; t++) {
+        int r1 = (t + 1) * per < N ? (t + 1) * per : N;
+        double part = 0.0;
+        for (int i = t * per; i < r1; i++)
+            if (labels[i] != -100) {
+                part += loss[i];
+                n++;
+            }
+        total += part;
     }
     *count = n;
     return total;
@@ -1269,15 +1326,28 @@ ROW_LOOP static void softmax_grad_row(float *restrict d, const float *restrict x
     }
 }
 
+/* x (V) = scale * softmax of x given its log-sum-exp l, in place: the
+ * operations of softmax_grad_row's writing form, element by element. */
+ROW_LOOP static void softmax_grad_inplace(float *x, float l, float scale, int V) {
+    int j = 0;
+    for (; j + VB <= V; j += VB)
+        for (int k = 0; k < VB; k++) x[j + k] = scale * exp_fast(x[j + k] - l);
+    for (; j < V; j++) x[j] = scale * exp_fast(x[j] - l);
+}
+
 static void ce_bwd_rows(void *c, size_t r0, size_t r1) {
     const ce_args *a = c;
     for (size_t i = r0; i < r1; i++) {
         float *d = a->dlogits + i * a->V;
+        const float *x = a->logits + i * a->V;
         if (a->labels[i] == -100) {
             if (!a->acc) memset(d, 0, (size_t)a->V * sizeof(float));
             continue;
         }
-        softmax_grad_row(d, a->logits + i * a->V, a->lse_in[i], a->scale, a->V, a->acc);
+        if (d == x)
+            softmax_grad_inplace(d, a->lse_in[i], a->scale, a->V);
+        else
+            softmax_grad_row(d, x, a->lse_in[i], a->scale, a->V, a->acc);
         d[a->labels[i]] -= a->scale;
     }
 }

@@ -180,13 +180,21 @@ void swiglu_grad(float *dgate, float *dup, const float *dout, const float *gate,
  * be -100 or in [0, V). */
 double crossentropy_forward(float *lse, const float *logits, const int32_t *labels, int N, int V,
                             long *count);
+/* The same loss a row at a time, for logits formed in chunks of rows:
+ * lse (n) as crossentropy_forward's and loss (n) each row's loss in double
+ * (0 for label -100). Rows are independent. */
+void crossentropy_rows(float *lse, double *loss, const float *logits, const int32_t *labels, int n,
+                       int V);
+/* The sum of the row losses loss (N) of counted rows, in the order of
+ * crossentropy_forward: the same bits as it returns for the same logits. */
+double crossentropy_total(const double *loss, const int32_t *labels, int N, long *count);
 /* dlogits (N,V) += scale * (softmax(logits) - onehot(label)) on counted
  * rows: the gradient of scale * the summed loss (scale = 1/count for the
  * mean). lse from crossentropy_forward. */
 void crossentropy_backward(float *dlogits, const float *logits, const float *lse,
                            const int32_t *labels, int N, int V, float scale);
 /* As crossentropy_backward, writing (=) every row of dlogits instead of
- * adding: ignored rows become zeros. */
+ * adding: ignored rows become zeros. dlogits may be logits (in place). */
 void crossentropy_grad(float *dlogits, const float *logits, const float *lse, const int32_t *labels,
                        int N, int V, float scale);
 

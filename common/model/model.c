@@ -15,10 +15,11 @@
 #include "model/peft.h"
 #include "base/team.h"
 
-/* Rows of logits whose gradient is formed at once in the backward: bounds
- * the dlogits buffer near CE_FLOATS floats instead of B*T*V (large
- * vocabularies), and at least CE_MIN_ROWS rows, so that lm_head's products
- * stay large. */
+/* Rows of logits formed at once, in the forward's loss and in the
+ * backward: bounds the logits buffer near CE_FLOATS floats instead of B*T*V
+ * (a 128k vocabulary times 512 tokens is 256 MB), and at least CE_MIN_ROWS
+ * rows, so that lm_head's products stay large. The backward turns a chunk's
+ * logits into their gradient in place. */
 #define CE_FLOATS (1 << 22)
 #define CE_MIN_ROWS 256
 
@@ -45,19 +46,25 @@ typedef struct layer_acts {
 } layer_acts;
 
 struct model {
-    model_view v; /* the base and the method */
-    int B, T;     /* capacity */
-    int P;        /* the longest prefix the buffers hold, from the method at create */
-    int n_store;  /* layers whose activations are kept: all when training, else 1 */
+    model_view v;  /* the base and the method */
+    int B, T;      /* capacity */
+    int P;         /* the longest prefix the buffers hold, from the method at create */
+    int n_store;   /* layers whose activations are kept: all when training, else 1 */
+    int recompute; /* layers keep only their input; the backward recomputes the rest */
 
     float *mem;                 /* every float buffer below, one allocation */
+    size_t mem_bytes;           /* its size */
     float *rope_cos, *rope_sin; /* (P+T, D/2) */
     layer_acts *layers;         /* n_store */
     float *resid_out;           /* (N,C) the last layer's output */
     float *rstdf;               /* (N) the final norm's reciprocal RMS */
     float *lnf;                 /* (N,C) the final norm's output: lm_head's input */
-    float *logits;              /* (N,V) */
+    float *logits;              /* (ce_rows,V) a chunk of rows, then its gradient */
     float *lse;                 /* (N) log-sum-exp of each row of logits */
+    double *row_loss;           /* (N) each row's loss, summed in a fixed order */
+    float *logits_all;          /* (N,V) for forwards without labels, allocated at the first */
+    const float *out_logits;    /* what model_logits returns: the last forward's, or NULL */
+    int held;                   /* the chunk (first row) whose logits m->logits holds; -1: none */
     /* scratch of one layer at a time */
     float *ln;    /* (N,C) a norm's output */
     float *attsc; /* 2 * (T,P+T) attention scratch */
@@ -71,7 +78,6 @@ struct model {
     float *dk, *dv;          /* (N,Hkv*D), dk as dq */
     float *dh, *dgate, *dup; /* (N,I) */
     float *dkp, *dvp;        /* (P,Hkv*D) */
-    float *dlogits;          /* (ce_rows,V) */
 
     clshead *cls; /* the score head in place of lm_head (sequence classification), or NULL */
 
@@ -178,6 +184,12 @@ static size_t layout(model *m, float *base, int grads) {
     m->rope_sin = model_arena_take(base, &off, S * (c->head_dim / 2));
     for (int l = 0; l < m->n_store; l++) {
         layer_acts *a = &m->layers[l];
+        if (l > 0 && m->recompute) { /* its own input; the rest is layer 0's, shared */
+            float *resid = model_arena_take(base, &off, N * C);
+            *a = m->layers[0];
+            a->resid = resid;
+            continue;
+        }
         a->resid = model_arena_take(base, &off, N * C);
         a->rstd1 = model_arena_take(base, &off, N);
         a->q = model_arena_take(base, &off, N * qd);
@@ -197,12 +209,12 @@ static size_t layout(model *m, float *base, int grads) {
     /* A score head (sequence classification) replaces lm_head: no (N,V)
      * logits, which for a large vocabulary would be most of the memory. */
     size_t LV = m->v.p && m->v.p->num_labels > 0 ? 0 : V;
-    m->logits = model_arena_take(base, &off, N * LV);
+    m->logits = model_arena_take(base, &off, ce_rows(N, V) * LV);
     m->lse = model_arena_take(base, &off, N);
+    m->row_loss = (double *)model_arena_take(base, &off, 2 * N);
     m->ln = model_arena_take(base, &off, N * C);
     m->attsc = model_arena_take(base, &off, 2 * (size_t)m->T * S);
     if (grads) {
-        size_t chunk = ce_rows(N, V);
         m->xhat = model_arena_take(base, &off, N * C);
         m->dresid = model_arena_take(base, &off, N * C);
         m->dln = model_arena_take(base, &off, N * C);
@@ -216,7 +228,6 @@ static size_t layout(model *m, float *base, int grads) {
         m->dup = model_arena_take(base, &off, N * IC);
         m->dkp = model_arena_take(base, &off, (size_t)m->P * kvd);
         m->dvp = model_arena_take(base, &off, (size_t)m->P * kvd);
-        m->dlogits = model_arena_take(base, &off, chunk * LV);
     }
     return off;
 }
@@ -240,6 +251,11 @@ static int check_config(const model_config *c, err *e) {
 
 int model_create(model **out, const model_config *cfg, const model_weights *w, peft *p, int B,
                  int T, err *e) {
+    return model_create_opts(out, cfg, w, p, B, T, NULL, e);
+}
+
+int model_create_opts(model **out, const model_config *cfg, const model_weights *w, peft *p, int B,
+                      int T, const model_opts *opts, err *e) {
     *out = NULL;
     if (check_config(cfg, e) < 0) return -1;
     if (B < 1 || T < 1)
@@ -273,6 +289,8 @@ int model_create(model **out, const model_config *cfg, const model_weights *w, p
         if (P > m->P) m->P = P;
     }
     m->n_store = p ? cfg->num_layers : 1;
+    m->recompute = p && opts && opts->recompute;
+    m->held = -1;
     m->layers = calloc((size_t)m->n_store, sizeof *m->layers);
     size_t N = (size_t)B * T;
     m->tokens = malloc(2 * N * sizeof *m->tokens);
@@ -282,6 +300,7 @@ int model_create(model **out, const model_config *cfg, const model_weights *w, p
     }
     size_t n = layout(m, NULL, p != NULL); /* a multiple of 16 floats */
     m->mem = aligned_alloc(64, n * sizeof(float));
+    m->mem_bytes = n * sizeof(float);
     if (!m->mem) {
         model_free(m);
         return err_set(e, "model: out of memory for activations of %d x %d tokens (%.1f MB)", B, T,
@@ -306,14 +325,19 @@ int model_create(model **out, const model_config *cfg, const model_weights *w, p
 void model_free(model *m) {
     if (!m) return;
     free(m->mem);
+    free(m->logits_all);
     clshead_free(m->cls);
     free(m->layers);
     free(m->tokens);
     free(m);
 }
 
+size_t model_workspace_bytes(const model *m) {
+    return m->mem_bytes;
+}
+
 const float *model_logits(const model *m) {
-    return m->cls ? NULL : m->logits;
+    return m->cls ? NULL : m->out_logits;
 }
 
 const float *model_class_logits(const model *m) {
@@ -370,14 +394,48 @@ void model_layer_forward(const model_view *v, int l, const model_layer_io *io) {
     model_view_hook(v, l, LW_DOWN, io->h, io->out, N);
 }
 
+/* logits (rows,V) of the final norm's output ln (rows,C): lm_head and its hook. */
+static void head_logits(const model_view *v, float *logits, const float *ln, int rows) {
+    const model_config *c = v->cfg;
+    kweight head = model_view_head(v);
+    linears_forward_k(1, &logits, ln, &head, NULL, rows, c->hidden_size, &c->vocab_size);
+    model_view_hook(v, MODEL_GLOBAL, GW_LM_HEAD, ln, logits, rows);
+}
+
 void model_head_forward(const model_view *v, float *logits, float *ln, float *rstd, const float *x,
                         int rows) {
     const model_config *c = v->cfg;
     rmsnorm_forward(ln, rstd, x, model_view_weight(v, MODEL_GLOBAL, GW_FINAL_NORM), rows,
                     c->hidden_size, c->rms_norm_eps);
-    kweight head = model_view_head(v);
-    linears_forward_k(1, &logits, ln, &head, NULL, rows, c->hidden_size, &c->vocab_size);
-    model_view_hook(v, MODEL_GLOBAL, GW_LM_HEAD, ln, logits, rows);
+    head_logits(v, logits, ln, rows);
+}
+
+/* The logits of rows r0..r0+n-1 into m->logits, from the final norm's
+ * output the forward kept. Rows are formed in the same chunks in the
+ * forward and the backward, so both see the same bits. */
+static void chunk_logits(model *m, int r0, int n) {
+    if (m->held == r0) return;
+    head_logits(&m->v, m->logits, m->lnf + (size_t)r0 * m->v.cfg->hidden_size, n);
+    m->held = r0;
+}
+
+/* The summed loss of the last forward's N rows against m->labels, lm_head
+ * taken a chunk of rows at a time, the last chunk first: the backward starts
+ * with the first, which the buffer then still holds. The row losses are
+ * summed in the order of crossentropy_forward over all rows at once. */
+static double head_loss(model *m, int N, long *count) {
+    const model_config *c = m->v.cfg;
+    int V = c->vocab_size, chunk = (int)ce_rows((size_t)N, (size_t)V);
+    rmsnorm_forward(m->lnf, m->rstdf, m->resid_out,
+                    model_view_weight(&m->v, MODEL_GLOBAL, GW_FINAL_NORM), N, c->hidden_size,
+                    c->rms_norm_eps);
+    for (int r0 = (N - 1) / chunk * chunk; r0 >= 0; r0 -= chunk) {
+        int n = N - r0 < chunk ? N - r0 : chunk;
+        chunk_logits(m, r0, n);
+        crossentropy_rows(m->lse + r0, m->row_loss + r0, m->logits, m->labels + r0, n, V);
+    }
+    m->out_logits = N <= chunk ? m->logits : NULL;
+    return crossentropy_total(m->row_loss, m->labels, N, count);
 }
 
 /* Layer l of the model's own forward: the stored activations of l. */
@@ -460,6 +518,8 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
     for (int l = 0; l < L; l++)
         layer_forward(m, l, l + 1 < L ? acts(m, l + 1)->resid : m->resid_out, B, T);
     double loss = 0.0;
+    m->held = -1;
+    m->out_logits = NULL;
     if (m->cls) {
         /* Sequence classification: the score head reads the final norm's
          * output; lm_head is not used. */
@@ -476,14 +536,29 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
         m->fT = T;
         return labels ? loss : 0.0;
     }
-    model_head_forward(&m->v, m->logits, m->lnf, m->rstdf, m->resid_out, N);
-    m->fB = B;
-    m->fT = T;
     if (labels) {
         long count;
-        loss = crossentropy_forward(m->lse, m->logits, m->labels, N, V, &count);
+        loss = head_loss(m, N, &count);
         if (n_tokens) *n_tokens = count;
+    } else {
+        /* The caller wants every row's logits: all at once, as asked. */
+        float *dst = m->logits;
+        if ((size_t)N > ce_rows((size_t)N, (size_t)V)) {
+            if (!m->logits_all)
+                m->logits_all =
+                    aligned_alloc(64, ((size_t)m->B * m->T * V + 15) / 16 * 16 * sizeof(float));
+            if (!m->logits_all) {
+                team_blas_leave();
+                log_error("model_forward: out of memory for the logits of %d x %d tokens", B, T);
+                return NAN;
+            }
+            dst = m->logits_all;
+        }
+        model_head_forward(&m->v, dst, m->lnf, m->rstdf, m->resid_out, N);
+        m->out_logits = dst;
     }
+    m->fB = B;
+    m->fT = T;
     team_blas_leave();
     return loss;
 }
@@ -512,6 +587,11 @@ static void layer_backward(model *m, int l, int input_grad) {
     int Hq = c->num_heads, Hkv = c->num_kv_heads, D = c->head_dim;
     int qd = Hq * D, kvd = Hkv * D;
     layer_acts *a = acts(m, l);
+    /* With recomputation the layers share one set of activations, which
+     * holds the top layer's after the forward; below it, the layer's
+     * forward runs again from its kept input, the same bits as the first
+     * time (its output rewrites the next layer's input with equal values). */
+    if (m->recompute && l + 1 < c->num_layers) layer_forward(m, l, acts(m, l + 1)->resid, B, T);
 
     /* MLP: the residual passes dresid both to resid2 and to down_proj's output. */
     rmsnorm_rebuild(m->xhat, m->ln, a->resid2, a->rstd2, model_view_weight(&m->v, l, LW_POST_NORM),
@@ -595,12 +675,14 @@ void model_backward(model *m, float loss_scale) {
     if (m->cls) clshead_backward(m->cls, p, dln, m->fT, loss_scale);
     for (int r0 = 0; !m->cls && r0 < N; r0 += chunk) {
         int n = N - r0 < chunk ? N - r0 : chunk;
-        const float *dlogits = m->dlogits;
-        crossentropy_grad(m->dlogits, m->logits + (size_t)r0 * V, m->lse + r0, m->labels + r0, n, V,
-                          loss_scale);
+        const float *dlogits = m->logits;
+        chunk_logits(m, r0, n);
+        crossentropy_grad(m->logits, m->logits, m->lse + r0, m->labels + r0, n, V, loss_scale);
+        m->held = -1; /* now the chunk's gradient */
+        m->out_logits = NULL;
         float *dx = dln ? dln + (size_t)r0 * C : NULL;
         if (dx) linears_backward_input_k(dx, 0, 1, &dlogits, &head, n, C, &V);
-        hook_backward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf + (size_t)r0 * C, m->dlogits, dx, n);
+        hook_backward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf + (size_t)r0 * C, m->logits, dx, n);
     }
     if (first < L) memset(m->dresid, 0, (size_t)N * C * sizeof(float));
     if (dln) {

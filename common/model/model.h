@@ -186,6 +186,9 @@ const model_weights *model_files_weights(const model_files *f);
 /* Hex digest of config.json and the safetensors headers: equal on every
  * machine that holds the same base. */
 const char *model_files_fingerprint(const model_files *f);
+/* The dtype (an st_dtype of safetensors.h) the files store every weight in:
+ * ST_BF16 or ST_F16 when all weights are, else ST_F32. */
+int model_files_dtype(const model_files *f);
 void model_files_close(model_files *f);
 
 /* Creates a model over cfg and base weights (both must outlive it) for
@@ -197,7 +200,24 @@ void model_files_close(model_files *f);
  * head_dim), a missing base weight, or out of memory. */
 int model_create(model **out, const model_config *cfg, const model_weights *w, peft *p, int B,
                  int T, err *e);
+
+/* Choices that change memory, never results. */
+typedef struct model_opts {
+    /* Training keeps only each layer's input and recomputes the layer's
+     * activations in the backward: activations of L layers shrink to L
+     * inputs plus one layer's, for one more forward of the layers. */
+    int recompute;
+} model_opts;
+
+/* model_create with options (NULL: none of them). */
+int model_create_opts(model **out, const model_config *cfg, const model_weights *w, peft *p, int B,
+                      int T, const model_opts *opts, err *e);
 void model_free(model *m);
+
+/* Bytes model_create allocated for activations, gradients and the loss's
+ * chunk of logits: the model's share of a worker's private memory (the
+ * method's tensors and buffers come on top). */
+size_t model_workspace_bytes(const model *m);
 
 /* Forward over tokens (B,T). With labels (B,T) (-100 = ignored) returns the
  * SUM of token cross-entropies and writes the number of counted tokens to
@@ -216,7 +236,12 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
  * tensor; frozen weight gradients are never computed. */
 void model_backward(model *m, float loss_scale);
 
-/* Logits (B,T,V) of the last forward; NULL with a score head (below). */
+/* Logits (B,T,V) of the last forward: always after a forward without
+ * labels; after one with labels only when they fit in one chunk of the loss
+ * (B*T*V at most 4M floats, or B*T at most 256 rows), else NULL, as after a
+ * backward or a failed forward. The loss takes lm_head a chunk of rows at a
+ * time, so logits never exist for a whole training batch. NULL with a score
+ * head (below). */
 const float *model_logits(const model *m);
 
 /* With a score head (p->num_labels > 0, model/clshead.h) the forward is

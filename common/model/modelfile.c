@@ -37,6 +37,7 @@ struct model_files {
     void *shared;    /* the same in the cache file, mapped */
     size_t shared_len;
     char fingerprint[65];
+    int dtype; /* st_dtype of every stored weight when they share one, else ST_F32 */
 };
 
 /* A JSON text file whole; a NUL byte inside is refused. */
@@ -401,6 +402,9 @@ static int bind_all(model_files *f, json_t *map, const char *dir, err *e) {
             }
         }
     }
+    f->dtype = nb ? (int)b[0].t->dtype : ST_F32;
+    for (size_t i = 1; i < nb; i++)
+        if ((int)b[i].t->dtype != f->dtype) f->dtype = ST_F32;
     /* Weights in the wanted dtype stay in the mapping (shared by all
      * processes of the machine); the rest is converted once per machine
      * into the cache file, which every process maps, or, without a usable
@@ -541,6 +545,10 @@ const model_config *model_files_config(const model_files *f) {
 
 const model_weights *model_files_weights(const model_files *f) {
     return &f->w;
+}
+
+int model_files_dtype(const model_files *f) {
+    return f->dtype;
 }
 
 const char *model_files_fingerprint(const model_files *f) {

@@ -107,7 +107,10 @@ typedef struct peft_method {
      * skips input gradients it can prove unneeded by that test. */
     const float *(*weight)(peft *p, int layer, int kind);
     /* y (n,out) += the method's extra term for linear (layer, kind) of input
-     * x (n,in), e.g. the LoRA branch. Optional. */
+     * x (n,in), e.g. the LoRA branch. Optional. It may keep what its
+     * backward needs, but must give the same result and keep the same state
+     * when called again with the same input: model.recompute runs a layer's
+     * forward a second time before its backward. */
     void (*linear_forward)(peft *p, int layer, int kind, const float *x, float *y, int n);
     /* Gradients for linear (layer, kind) or norm weight: x is the layer's
      * input (for a norm, the normalised input before the weight), dy the

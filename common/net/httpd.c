@@ -4,6 +4,7 @@
  * server/ and worker/ are defined at the end, so their names live in one
  * place next to docs/deploy.md's list. */
 #include "net/httpd.h"
+#include "base/memstat.h"
 
 #include <arpa/inet.h>
 #include <math.h>
@@ -473,6 +474,12 @@ static const def server_defs[] = {
      "Wall time from a step's first assignment to its update.", SM(step_seconds)},
     {KIND_GAUGE, "peftps_server_last_checkpoint_step",
      "Step of the newest checkpoint written or resumed from (0: none).", SM(checkpoint_step)},
+    {KIND_GAUGE, "peftps_server_private_memory_bytes",
+     "Resident private memory (RssAnon): trainable tensors, optimizer state, buffers.",
+     SM(private_bytes)},
+    {KIND_GAUGE, "peftps_server_mapped_memory_bytes",
+     "Resident pages of mapped files (RssFile + RssShmem), shared with other processes.",
+     SM(mapped_bytes)},
 };
 
 #define WM(f) offsetof(httpd_worker_metrics, f)
@@ -489,6 +496,12 @@ static const def worker_defs[] = {
     {KIND_COUNTER, "peftps_worker_sent_bytes_total", "Bytes sent to servers.", WM(bytes_out)},
     {KIND_HISTOGRAM, "peftps_worker_compute_duration_seconds",
      "Forward and backward time of one shard.", WM(compute_seconds)},
+    {KIND_GAUGE, "peftps_worker_private_memory_bytes",
+     "Resident private memory (RssAnon): activations, gradients, buffers.", WM(private_bytes)},
+    {KIND_GAUGE, "peftps_worker_mapped_memory_bytes",
+     "Resident pages of mapped files (RssFile + RssShmem): mostly the base model, shared by "
+     "the processes of the machine.",
+     WM(mapped_bytes)},
 };
 
 int httpd_server_metrics_init(httpd *h, httpd_server_metrics *m, err *e) {
@@ -499,4 +512,11 @@ int httpd_server_metrics_init(httpd *h, httpd_server_metrics *m, err *e) {
 int httpd_worker_metrics_init(httpd *h, httpd_worker_metrics *m, err *e) {
     memset(m, 0, sizeof *m);
     return define_all(h, m, worker_defs, (int)(sizeof worker_defs / sizeof worker_defs[0]), e);
+}
+
+void httpd_set_memory(httpd_metric *private_bytes, httpd_metric *mapped_bytes) {
+    memstat ms;
+    if (memstat_read(0, &ms) < 0) return;
+    if (ms.private_kib >= 0) httpd_set(private_bytes, 1024.0 * (double)ms.private_kib);
+    if (ms.mapped_kib >= 0) httpd_set(mapped_bytes, 1024.0 * (double)ms.mapped_kib);
 }

@@ -111,6 +111,8 @@ typedef struct httpd_server_metrics {
     httpd_metric *bytes_out;       /* counter: bytes sent to workers */
     httpd_metric *step_seconds;    /* histogram: wall time of a step */
     httpd_metric *checkpoint_step; /* gauge: step of the last checkpoint written or resumed */
+    httpd_metric *private_bytes;   /* gauge: resident private memory (RssAnon) */
+    httpd_metric *mapped_bytes;    /* gauge: resident pages of mapped files, the base's */
 } httpd_server_metrics;
 
 /* The metrics of a worker, registered by httpd_worker_metrics_init. */
@@ -122,6 +124,8 @@ typedef struct httpd_worker_metrics {
     httpd_metric *bytes_in;        /* counter: bytes received from servers */
     httpd_metric *bytes_out;       /* counter: bytes sent to servers */
     httpd_metric *compute_seconds; /* histogram: forward+backward time of a shard */
+    httpd_metric *private_bytes;   /* gauge: resident private memory (RssAnon) */
+    httpd_metric *mapped_bytes;    /* gauge: resident pages of mapped files, the base's */
 } httpd_worker_metrics;
 
 /* Registers the server's or a worker's metrics in h and points m at them.
@@ -129,5 +133,10 @@ typedef struct httpd_worker_metrics {
  * same names already or is full). */
 int httpd_server_metrics_init(httpd *h, httpd_server_metrics *m, err *e);
 int httpd_worker_metrics_init(httpd *h, httpd_worker_metrics *m, err *e);
+
+/* Sets the gauges private_bytes and mapped_bytes (either may be NULL) to
+ * this process's memory now (base/memstat.h); left as they were when /proc
+ * cannot be read. */
+void httpd_set_memory(httpd_metric *private_bytes, httpd_metric *mapped_bytes);
 
 #endif

@@ -572,7 +572,10 @@ int export_open(export_source **out, const char *source, const export_opts *o, e
         s->files = s->t->files;
         s->p = s->t->p;
     } else {
-        if (model_files_open(&s->files, s->exp->model->path, e) < 0) goto fail;
+        /* In the experiment's compute, as training held it: a BF16 base
+         * under BF16 compute is read in place, with no F32 copy. */
+        if (model_files_open_compute(&s->files, s->exp->model->path, train_compute(s->exp), e) < 0)
+            goto fail;
         if (methods_create(&s->p, s->exp->method, model_files_config(s->files),
                            model_files_weights(s->files), e) < 0 ||
             train_add_task(s->p, s->exp, model_files_config(s->files), e) < 0)
@@ -746,10 +749,6 @@ static void mweight_set(mweight *w, const model_config *cfg, int layer, int kind
     w->shape[1] = cols;
 }
 
-static const float *base_weight(const model_weights *w, int layer, int kind) {
-    return layer == MODEL_GLOBAL ? w->global[kind] : w->layer[layer][kind];
-}
-
 /* A copy of base weight (layer, kind) with the method's change added. */
 static float *merged_weight(export_source *s, const mweight *mw, err *e) {
     float *buf = malloc(mw->numel * sizeof *buf);
@@ -757,8 +756,7 @@ static float *merged_weight(export_source *s, const mweight *mw, err *e) {
         err_set(e, "out of memory for %s (%zu values)", mw->name, mw->numel);
         return NULL;
     }
-    memcpy(buf, base_weight(model_files_weights(s->files), mw->layer, mw->kind),
-           mw->numel * sizeof *buf);
+    model_weights_read_f32(model_files_weights(s->files), mw->layer, mw->kind, buf, mw->numel);
     if (peft_merge(s->p, mw->layer, mw->kind, buf, e) < 0) {
         free(buf);
         return NULL;
@@ -770,16 +768,34 @@ static float *merged_weight(export_source *s, const mweight *mw, err *e) {
 static int embedding_changed(export_source *s, int *changed, err *e) {
     mweight mw;
     mweight_set(&mw, model_files_config(s->files), MODEL_GLOBAL, GW_EMBED);
-    float *buf = merged_weight(s, &mw, e);
-    if (!buf) return -1;
-    *changed =
-        memcmp(buf, model_files_weights(s->files)->global[GW_EMBED], mw.numel * sizeof *buf) != 0;
+    float *buf = merged_weight(s, &mw, e), *base = malloc(mw.numel * sizeof *base);
+    if (!buf || !base) {
+        if (buf && !base) err_set(e, "out of memory for %s (%zu values)", mw.name, mw.numel);
+        free(buf);
+        free(base);
+        return -1;
+    }
+    model_weights_read_f32(model_files_weights(s->files), MODEL_GLOBAL, GW_EMBED, base, mw.numel);
+    *changed = memcmp(buf, base, mw.numel * sizeof *buf) != 0;
     free(buf);
+    free(base);
     return 0;
 }
 
-static int write_shard(export_source *s, const mweight *ws, int n, int shard, const char *path,
-                       err *e) {
+/* buf (numel F32) rounded to BF16 (round to nearest even) in its own first
+ * half, which is then all that is kept. Each value is read before its
+ * 2 bytes are written, and those never reach a value not yet read. */
+static float *narrow_bf16(float *buf, size_t numel) {
+    for (size_t i = 0; i < numel; i++) {
+        uint16_t h = st_f32_to_bf16(buf[i]);
+        memcpy((char *)buf + 2 * i, &h, sizeof h);
+    }
+    float *shrunk = realloc(buf, numel ? numel * 2 : 1);
+    return shrunk ? shrunk : buf;
+}
+
+static int write_shard(export_source *s, const mweight *ws, int n, int shard, int dtype,
+                       const char *path, err *e) {
     int count = 0;
     for (int i = 0; i < n; i++) count += ws[i].shard == shard;
     st_entry *en = calloc((size_t)count, sizeof *en);
@@ -792,8 +808,9 @@ static int write_shard(export_source *s, const mweight *ws, int n, int shard, co
     for (int i = 0; i < n; i++) {
         if (ws[i].shard != shard) continue;
         if (!(bufs[k] = merged_weight(s, &ws[i], e))) goto out;
+        if (dtype == ST_BF16) bufs[k] = narrow_bf16(bufs[k], ws[i].numel);
         en[k].name = ws[i].name;
-        en[k].dtype = ST_F32;
+        en[k].dtype = dtype;
         en[k].ndim = ws[i].ndim;
         en[k].shape[0] = ws[i].shape[0];
         en[k].shape[1] = ws[i].shape[1];
@@ -809,7 +826,8 @@ out:
 }
 
 /* The base's config.json with what the merged weights change. */
-static int write_config(export_source *s, const char *dir, int untie, err *e) {
+static int write_config(export_source *s, const char *dir, int untie, int dtype, err *e) {
+    const char *torch = dtype == ST_BF16 ? "bfloat16" : "float32";
     char src[EXPORT_PATH_MAX], dst[EXPORT_PATH_MAX];
     if (path_join(src, s->exp->model->path, "config.json", e) < 0 ||
         path_join(dst, dir, "config.json", e) < 0)
@@ -822,27 +840,27 @@ static int write_config(export_source *s, const char *dir, int untie, err *e) {
         return err_set(e, "%s: not a JSON object", src);
     }
     if (untie) json_object_set_new(root, "tie_word_embeddings", json_false());
-    /* transformers reads either name; the weights are now F32. */
+    /* transformers reads either name; the weights are now in dtype. */
     int named = 0;
     if (json_object_get(root, "dtype")) {
-        json_object_set_new(root, "dtype", json_string("float32"));
+        json_object_set_new(root, "dtype", json_string(torch));
         named = 1;
     }
     if (json_object_get(root, "torch_dtype") || !named)
-        json_object_set_new(root, "torch_dtype", json_string("float32"));
+        json_object_set_new(root, "torch_dtype", json_string(torch));
     int rc = write_json(dst, root, JSON_INDENT(2), e);
     json_decref(root);
     return rc;
 }
 
-static int write_index(const char *dir, const mweight *ws, int n, int shards, err *e) {
+static int write_index(const char *dir, const mweight *ws, int n, int shards, size_t elem, err *e) {
     json_t *root = json_object(), *meta = json_object(), *map = json_object();
     size_t total = 0;
     for (int i = 0; i < n; i++) {
         char file[64];
         snprintf(file, sizeof file, "model-%05d-of-%05d.safetensors", ws[i].shard + 1, shards);
         json_object_set_new(map, ws[i].name, json_string(file));
-        total += ws[i].numel * sizeof(float);
+        total += ws[i].numel * elem;
     }
     json_object_set_new(meta, "total_size", json_integer((json_int_t)total));
     json_object_set_new(root, "metadata", meta);
@@ -854,13 +872,19 @@ static int write_index(const char *dir, const mweight *ws, int n, int shards, er
     return rc;
 }
 
-int export_merged(export_source *s, const char *dir, size_t shard_bytes, err *e) {
+int export_merged(export_source *s, const char *dir, size_t shard_bytes, int dtype, err *e) {
     const model_config *cfg = model_files_config(s->files);
     if (s->p->num_labels > 0)
         return err_set(e,
                        "a merged model of sequence classification (LlamaForSequenceClassification) "
                        "is not supported; export the adapter with --format peft (SEQ_CLS) "
                        "or the tensors with --format tensors");
+    if (dtype == EXPORT_DTYPE_BASE)
+        dtype = model_files_dtype(s->files) == ST_BF16 ? ST_BF16 : ST_F32;
+    if (dtype != ST_BF16 && dtype != ST_F32)
+        return err_set(e, "merged models are written in BF16 or F32, not %s",
+                       st_dtype_name((st_dtype)dtype));
+    size_t elem = dtype == ST_BF16 ? 2 : sizeof(float);
     if (!s->p->method->merge)
         return err_set(e,
                        "method %s changes no base weight, so there is nothing to merge; export "
@@ -893,7 +917,7 @@ int export_merged(export_source *s, const char *dir, size_t shard_bytes, err *e)
     int shards = 1;
     size_t in_shard = 0;
     for (int i = 0; i < n; i++) {
-        size_t bytes = ws[i].numel * sizeof(float);
+        size_t bytes = ws[i].numel * elem;
         if (in_shard > 0 && in_shard + bytes > shard_bytes) {
             shards++;
             in_shard = 0;
@@ -914,10 +938,11 @@ int export_merged(export_source *s, const char *dir, size_t shard_bytes, err *e)
             snprintf(file, sizeof file, "model.safetensors");
         else
             snprintf(file, sizeof file, "model-%05d-of-%05d.safetensors", sh + 1, shards);
-        if (path_join(path, dir, file, e) < 0 || write_shard(s, ws, n, sh, path, e) < 0) goto out;
+        if (path_join(path, dir, file, e) < 0 || write_shard(s, ws, n, sh, dtype, path, e) < 0)
+            goto out;
     }
-    if (shards > 1 && write_index(dir, ws, n, shards, e) < 0) goto out;
-    if (write_config(s, dir, untie, e) < 0) goto out;
+    if (shards > 1 && write_index(dir, ws, n, shards, elem, e) < 0) goto out;
+    if (write_config(s, dir, untie, dtype, e) < 0) goto out;
     static const char *const extras[] = {"tokenizer.json", "tokenizer_config.json",
                                          "special_tokens_map.json", "generation_config.json",
                                          "chat_template.jinja"};

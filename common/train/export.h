@@ -96,17 +96,24 @@ int export_adapter_config(const export_source *s, char **json, err *e);
 /* Default size of one weights file of a merged model. */
 #define EXPORT_SHARD_BYTES ((size_t)4 << 30)
 
+/* dtype of export_merged: the base's (BF16 when every base weight is BF16,
+ * else F32). */
+#define EXPORT_DTYPE_BASE (-1)
+
 /* Writes a complete model directory DIR: config.json (the base's, with
- * torch_dtype float32, and tie_word_embeddings false when the method changed
- * a tied embedding, whose lm_head is then written apart), every base weight
- * plus the method's change (peft_merge) as F32 under its Hugging Face name
+ * torch_dtype of the weights written, and tie_word_embeddings false when the
+ * method changed a tied embedding, whose lm_head is then written apart),
+ * every base weight plus the method's change (peft_merge), summed in F32,
+ * then written in dtype (ST_F32, ST_BF16 rounded to nearest even, or
+ * EXPORT_DTYPE_BASE) under its Hugging Face name
  * in model.safetensors, or, past shard_bytes (0: EXPORT_SHARD_BYTES), in
  * model-0000i-of-0000n.safetensors with model.safetensors.index.json, and
  * the base's tokenizer.json, tokenizer_config.json, special_tokens_map.json
  * and generation_config.json when present. Loadable by model_files_open and
  * by transformers. Fails for prefix tuning (no weight changes: export peft
- * instead), when DIR is the base's own directory, and on I/O errors. */
-int export_merged(export_source *s, const char *dir, size_t shard_bytes, err *e);
+ * instead), for a dtype other than those, when DIR is the base's own
+ * directory, and on I/O errors. */
+int export_merged(export_source *s, const char *dir, size_t shard_bytes, int dtype, err *e);
 
 /* Writes the trained tensors of `source` as one F32 safetensors file at
  * path, by name, without opening a base or an experiment: a train

@@ -85,7 +85,8 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
 
     if (methods_create(&t->p, exp->method, cfg, w, e) < 0) goto fail;
     if (train_add_task(t->p, exp, cfg, e) < 0) goto fail;
-    if (model_create(&t->m, cfg, w, t->p, t->rows, t->T, e) < 0) goto fail;
+    model_opts mo = {.recompute = exp->model->has_recompute && exp->model->recompute};
+    if (model_create_opts(&t->m, cfg, w, t->p, t->rows, t->T, &mo, e) < 0) goto fail;
     size_t nbt = (size_t)t->rows * (size_t)t->T;
     t->tokens = malloc(nbt * sizeof *t->tokens);
     t->labels = malloc(nbt * sizeof *t->labels);
