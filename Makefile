@@ -197,7 +197,7 @@ $(BUILD)/bench/%: $(BUILD)/tests/bench/%.o $(LIB)
 # (wordnet-base, bible-kjv): no third-party text is committed.
 METHOD       ?= lora
 DEMO_DIR     ?= build/demo
-DEMO_METHODS := lora prefix layer_wise attention_heads subnetwork full
+DEMO_METHODS := lora lora-bf16 prefix layer_wise attention_heads subnetwork full
 DEMO_ENV      = BIN=$(BIN) WORK=$(DEMO_DIR)
 .PHONY: base-model compare demo-data
 

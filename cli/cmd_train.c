@@ -101,7 +101,9 @@ int cmd_train(int argc, char **argv) {
     metrics mf = {0};
     char path[4096];
     rc = 1;
-    if (train_write_experiment(ex, &e) < 0 || trainer_open(&t, ex, 1, &e) < 0) goto done;
+    if (train_write_experiment(ex, &e) < 0 || train_compute_check(ex, &e) < 0 ||
+        trainer_open(&t, ex, 1, &e) < 0)
+        goto done;
     log_info("%s: %s, %zu trainable parameters", ex->name, t->p->method->name,
              peft_num_trainable(t->p));
     if (metrics_open(&mf, ex->output_dir, 0, &e) < 0 || train_steps(t, &mf, &e) < 0) goto done;
@@ -145,7 +147,7 @@ int cmd_eval(int argc, char **argv) {
         config_free(ex);
         return 2;
     }
-    if (trainer_open(&t, ex, 0, &e) < 0) goto done;
+    if (train_compute_check(ex, &e) < 0 || trainer_open(&t, ex, 0, &e) < 0) goto done;
     if (adapter && peft_load(t->p, adapter, &e) < 0) goto done;
     double loss;
     long ntok;

@@ -653,6 +653,23 @@ static void on_hello(server *s, const wire_msg *m, worker_rec *w) {
                         SERVER_MAX_OFFENCES);
             return;
         }
+    /* Every worker computes the frozen products alike, or not at all: one
+     * whose CPU cannot run the experiment's compute is refused, never given
+     * another path. */
+    const char *want = train_compute_name(train_compute(s->exp));
+    int plain = train_compute(s->exp) == MODEL_COMPUTE_F32 && !h->compute && !h->missing_isa;
+    if (!plain && (!h->compute || strcmp(h->compute, want))) {
+        if (h->missing_isa)
+            REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__UNSUPPORTED_CPU,
+                        "%s refused: its CPU lacks the %s instruction set that model.compute: %s "
+                        "needs; run it on a CPU with %s or train with compute: F32",
+                        who, h->missing_isa, want, h->missing_isa);
+        else
+            REPLY_ERROR(s, m, w, PEFTPS__WIRE__ERROR_CODE__UNSUPPORTED_CPU,
+                        "%s refused: it computes %s, the experiment %s", who,
+                        h->compute ? h->compute : "nothing", want);
+        return;
+    }
     if (w) {
         worker_release(s, w);
     } else if (!(w = worker_add(s))) {

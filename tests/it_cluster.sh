@@ -5,7 +5,9 @@
 # run whose worker is SIGKILLed mid-step, and one whose server is SIGKILLed
 # and restarted from its LMDB checkpoint; metrics.jsonl holds every step
 # once; a mismatched, damaged, truncated or empty checkpoint is refused
-# (by the server, inspect and export); with CURVE an
+# (by the server, inspect and export); BF16 compute gives the same bits with
+# 1 and 3 workers, other thread counts and a killed worker, and a worker
+# without AVX512-BF16 is refused, saying so; with CURVE an
 # unlisted key cannot register, and SIGHUP admits a key added to the file; `peftps run` writes what train writes, and
 # stops cleanly on Ctrl-C and resumes; when its server is SIGKILLed it names
 # it, exits 137 and prints the command that resumes to the same tensors.
@@ -111,6 +113,63 @@ for n in 1 2 4; do
         fail "experiment.pbtxt should name the cluster's own output_dir"
     grep -q "output_dir: \"$T/bsp$n\"" "$T/bsp$n/experiment.pbtxt" || fail "experiment.pbtxt"
 done
+
+echo "BF16 compute: 1 and 3 workers, 1 or 2 threads, a worker SIGKILLed: the bits of peftps train"
+BEXP=$T/bf16.pbtxt
+sed 's|^  path: "tests/fixtures/tiny-llama"|&\n  compute: BF16|' examples/lora.pbtxt >"$BEXP"
+grep -q "compute: BF16" "$BEXP" || fail "could not write the BF16 experiment"
+if "$BIN/peftps" train "$BEXP" --set output_dir="$T/bref" --set schedule.total_steps=60 \
+    >"$T/bref.log" 2>&1; then
+    PEFTPS_THREADS=1 "$BIN/peftps" train "$BEXP" --set output_dir="$T/bref1" \
+        --set schedule.total_steps=60 >"$T/bref1.log" 2>&1 || fail "peftps train (BF16, 1 thread)"
+    same_tensors "$T/bref" "$T/bref1"
+    cmp -s "$T/ref60/tensors.safetensors" "$T/bref/tensors.safetensors" &&
+        fail "BF16 compute gave the F32 bits: it did not run"
+    FEXP=$EXP
+    EXP=$BEXP
+    for n in 1 3; do
+        cluster "bbsp$n" $n 60
+        grep -q "($n alive)" "$T/bbsp$n-server.log" || fail "not all $n BF16 workers registered"
+        same_tensors "$T/bref" "$T/bbsp$n"
+    done
+    # A worker whose CPU lacks AVX512-BF16 (played through PEFTPS_CPU_DISABLE)
+    # is refused at registration, saying so; the others train on.
+    S=$(sets bkill "--set schedule.total_steps=200")
+    "$BIN/peftps" train "$BEXP" --set output_dir="$T/bref200" --set schedule.total_steps=200 \
+        >"$T/bref200.log" 2>&1 || fail "peftps train (BF16, 200 steps)"
+    bg bkill-server "$BIN/peftps-server" $EXP $S
+    sp=$LAST
+    bg bkill-nobf16 env PEFTPS_CPU_DISABLE=avx512bf16 "$BIN/peftps-worker" $EXP $S
+    wn=$LAST
+    bg bkill-worker-a env PEFTPS_THREADS=1 "$BIN/peftps-worker" $EXP $S
+    wa=$LAST
+    wait_pid $wn 30 && fail "a worker without AVX512-BF16 was not refused"
+    grep -q "refused.*lacks the AVX512-BF16 instruction set" "$T/bkill-nobf16.log" ||
+        fail "the refused worker does not say it lacks AVX512-BF16"
+    grep -q "lacks the AVX512-BF16 instruction set" "$T/bkill-server.log" ||
+        fail "the server does not say why it refused the worker"
+    wait_log "$T/bkill-server.log" "step [0-9]*/200" 20
+    sleep 0.3
+    kill -9 $wa
+    sleep 1.5
+    bg bkill-worker-b env PEFTPS_THREADS=2 "$BIN/peftps-worker" $EXP $S
+    wb=$LAST
+    wait_pid $sp 120 || fail "server (BF16) exited with $?"
+    wait_pid $wb 10 || fail "worker b (BF16) exited with $?"
+    grep -q "dropped, 1 shard(s) go to others" "$T/bkill-server.log" ||
+        fail "the killed BF16 worker's shard was not reassigned"
+    same_tensors "$T/bref200" "$T/bkill"
+    EXP=$FEXP
+    # peftps train refuses as the server does.
+    PEFTPS_CPU_DISABLE=avx512bf16 "$BIN/peftps" train "$BEXP" --set output_dir="$T/bno" \
+        >"$T/bno.log" 2>&1 && fail "peftps train ran BF16 without AVX512-BF16"
+    grep -q "needs the AVX512-BF16 instruction set" "$T/bno.log" ||
+        fail "peftps train does not name the missing instruction set"
+elif grep -q "AVX512-BF16" "$T/bref.log"; then
+    echo "  skipped: this CPU has no AVX512-BF16"
+else
+    fail "peftps train (BF16)"
+fi
 
 echo "2 servers equal 1 server"
 S="--set=cluster.servers=[\"tcp://127.0.0.1:$(free_port)\",\"tcp://127.0.0.1:$(free_port)\"]"

@@ -96,6 +96,32 @@ run 0 generate "$TMP/lora-bf16" --prompt "Once" --max-new-tokens 4 --seed 1 ||
     fail "the BF16 merged model does not generate"
 d=$(($(wc -c <"$TMP/lora-merged/model.safetensors") - 2 * $(wc -c <"$TMP/lora-bf16/model.safetensors")))
 [ "${d#-}" -lt 16384 ] || fail "the BF16 merged model is not half the F32 one (headers aside): $d"
+# a BF16 base (the merged BF16 model above) trained under BF16 compute: export
+# reads it in place (no cache of F32 weights is written), merges in BF16 by
+# default, and gives the bytes of the same tensors merged over the base read
+# as F32 (F32 compute)
+if grep -q avx512_bf16 /proc/cpuinfo; then
+    mkdir -p "$TMP/cache16"
+    if PEFTPS_CACHE_DIR="$TMP/cache16" run 0 train examples/lora.pbtxt \
+        --set model.path="$TMP/lora-bf16" --set model.compute=BF16 \
+        --set schedule.total_steps=2 --set schedule.warmup_steps=0 --set optimizer.lr=2e-2 \
+        --set output_dir="$TMP/l16" --set checkpoint.path="$TMP/l16/ckpt"; then
+        rm -rf "$TMP/cache16"/*
+        PEFTPS_CACHE_DIR="$TMP/cache16" run 0 export "$TMP/l16" --format merged --out "$TMP/l16-merged" &&
+            grep -q '"dtype":"BF16"' "$TMP/l16-merged/model.safetensors" ||
+            fail "merged export of a BF16 base under BF16 compute: no BF16 weights"
+        [ -z "$(find "$TMP/cache16" -type f -size +64k 2>/dev/null)" ] ||
+            fail "export under BF16 compute wrote a cache of converted weights: $(ls -lR "$TMP/cache16")"
+        cp -r "$TMP/l16" "$TMP/l32"
+        sed -i 's/compute: BF16/compute: F32/' "$TMP/l32/experiment.pbtxt"
+        grep -q 'compute: F32' "$TMP/l32/experiment.pbtxt" || fail "no compute field in $TMP/l32/experiment.pbtxt"
+        run 0 export "$TMP/l32" --format merged --out "$TMP/l32-merged" &&
+            { cmp -s "$TMP/l16-merged/model.safetensors" "$TMP/l32-merged/model.safetensors" ||
+                fail "merged over the BF16 base in place differs from merged over its F32 form"; }
+    fi
+else
+    echo "  BF16-compute export skipped: this CPU has no AVX512-BF16"
+fi
 run 2 export "$TMP/lora" --format merged --dtype f16 --out "$TMP/x" && expect_err "bf16 or f32"
 run 2 export "$TMP/lora" --format peft --dtype bf16 --out "$TMP/x" && expect_err "merged only"
 # tensors: --format implied by the .safetensors ending; the same tensors again

@@ -2,7 +2,8 @@
  * (model_opts.recompute) gives the losses and gradients of the stored
  * activations for LoRA, prefix, full and layer-wise training, and the loss
  * taken over the vocabulary a chunk of rows at a time equals the loss of the
- * whole logits at once. Uses tests/gradcheck.h's random models. */
+ * whole logits at once; both under BF16 compute of a BF16 base too. Uses
+ * tests/gradcheck.h's random models. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -17,7 +18,9 @@
 
 #include "base/memstat.h"
 #include "gradcheck.h"
+#include "model/bf16.h"
 #include "model/kernels.h"
+#include "model/safetensors.h"
 
 /* A model of `layers` layers (the tiny one otherwise), vocabulary V. */
 static void config_of(model_config *cfg, int layers, int V) {
@@ -25,6 +28,46 @@ static void config_of(model_config *cfg, int layers, int V) {
     cfg->num_layers = layers;
     cfg->vocab_size = V;
     cfg->max_position_embeddings = 1024;
+}
+
+/* Base b's matrices as BF16 (their rounding), held as modelfile.c holds a
+ * BF16 base under BF16 compute: the BF16 pointers set and the F32 ones
+ * NULL; norms and biases stay F32. Returns what to free after the base. */
+static uint16_t *base_to_bf16(gc_base *b) {
+    const model_config *c = &b->cfg;
+    size_t total = 0;
+    for (int l = MODEL_GLOBAL; l < c->num_layers; l++)
+        for (int k = 0; k < (l == MODEL_GLOBAL ? GW_COUNT : LW_COUNT); k++)
+            total += model_weight_shape(c, l, k, NULL, NULL);
+    uint16_t *mem = malloc(total * sizeof *mem);
+    b->w.layer16 = calloc((size_t)c->num_layers, sizeof *b->w.layer16);
+    assert_non_null(mem);
+    assert_non_null(b->w.layer16);
+    uint16_t *at = mem;
+    for (int l = MODEL_GLOBAL; l < c->num_layers; l++) {
+        for (int k = 0; k < (l == MODEL_GLOBAL ? GW_COUNT : LW_COUNT); k++) {
+            int vec = l == MODEL_GLOBAL ? k == GW_FINAL_NORM
+                                        : k == LW_INPUT_NORM || k == LW_POST_NORM || k >= LW_Q_BIAS;
+            size_t n = model_weight_shape(c, l, k, NULL, NULL);
+            if (!n || vec) continue;
+            const float *f = l == MODEL_GLOBAL ? b->w.global[k] : b->layers[l][k];
+            for (size_t i = 0; i < n; i++) at[i] = st_f32_to_bf16(f[i]);
+            if (l == MODEL_GLOBAL) {
+                b->w.global16[k] = at;
+                b->w.global[k] = NULL;
+            } else {
+                b->w.layer16[l][k] = at;
+                b->layers[l][k] = NULL;
+            }
+            at += n;
+        }
+    }
+    return mem;
+}
+
+static void base_bf16_free(gc_base *b, uint16_t *mem) {
+    free((void *)b->w.layer16);
+    free(mem);
 }
 
 /* A method, its model, and one batch, over base b. */
@@ -53,11 +96,12 @@ static void run_close(run *r) {
 /* Two steps' losses and gradients, with and without recomputation, for
  * the method text: equal bits. Three steps of the same model so that the
  * recomputed model also runs after a backward. */
-static void recompute_equal(const char *label, const char *method, int layers) {
+static void recompute_equal(const char *label, const char *method, int layers, int bf16) {
     model_config cfg;
     config_of(&cfg, layers, 32);
     gc_base b;
     assert_int_equal(gc_base_create_cfg(&b, &cfg, 1234), 0);
+    uint16_t *mem16 = bf16 ? base_to_bf16(&b) : NULL;
     Peftps__Method *meth = gc_method("%s", method);
     int B = 2, T = 7;
     run a, r;
@@ -89,6 +133,7 @@ static void recompute_equal(const char *label, const char *method, int layers) {
     run_close(&a);
     run_close(&r);
     gc_method_free(meth);
+    if (mem16) base_bf16_free(&b, mem16);
     gc_base_free(&b);
 }
 
@@ -96,11 +141,21 @@ static void recompute_equal(const char *label, const char *method, int layers) {
 
 static void test_recompute_bits(void **state) {
     (void)state;
-    recompute_equal("lora", "lora { r: 4 alpha: 8 dropout: 0.2 target_modules: " ALL_SEVEN " }", 4);
-    recompute_equal("prefix", "prefix { num_virtual_tokens: 3 projection_hidden: 6 }", 4);
-    recompute_equal("full", "full { }", 3);
-    recompute_equal("layerwise", "layer_wise { first_layer: 1 last_layer: 2 }", 4);
-    recompute_equal("lora-1layer", "lora { r: 2 alpha: 4 }", 1);
+    recompute_equal("lora", "lora { r: 4 alpha: 8 dropout: 0.2 target_modules: " ALL_SEVEN " }", 4,
+                    0);
+    recompute_equal("prefix", "prefix { num_virtual_tokens: 3 projection_hidden: 6 }", 4, 0);
+    recompute_equal("full", "full { }", 3, 0);
+    recompute_equal("layerwise", "layer_wise { first_layer: 1 last_layer: 2 }", 4, 0);
+    recompute_equal("lora-1layer", "lora { r: 2 alpha: 4 }", 1, 0);
+    /* under BF16 compute of a BF16 base too (recomputation goes through the
+     * same BF16 products) */
+    if (!bf16_cpu_ok()) {
+        printf("  BF16 cases skipped: this CPU has no AVX512-BF16\n");
+        return;
+    }
+    recompute_equal("lora-bf16",
+                    "lora { r: 4 alpha: 8 dropout: 0.2 target_modules: " ALL_SEVEN " }", 4, 1);
+    recompute_equal("full-bf16", "full { }", 3, 1);
 }
 
 /* Finite differences through the recomputed backward, as test_gradcheck. */
@@ -171,13 +226,13 @@ static void test_crossentropy_rows(void **state) {
  * chunks of 256 rows (4M floats / 20000 is below the 256-row floor), yet
  * its bits are those of the whole (600, 20000) logits at once, which a
  * forward without labels forms. */
-static void test_chunked_loss(void **state) {
-    (void)state;
+static void chunked_loss(int bf16) {
     int B = 2, T = 300, V = 20000, N = B * T;
     model_config cfg;
     config_of(&cfg, 2, V);
     gc_base b;
     assert_int_equal(gc_base_create_cfg(&b, &cfg, 77), 0);
+    uint16_t *mem16 = bf16 ? base_to_bf16(&b) : NULL;
     Peftps__Method *meth = gc_method("lora { r: 4 alpha: 8 target_modules: " ALL_SEVEN " }");
     run r;
     run_open(&r, &b, meth, B, T, 0);
@@ -234,7 +289,24 @@ static void test_chunked_loss(void **state) {
     free(lse);
     run_close(&r);
     gc_method_free(meth);
+    if (mem16) base_bf16_free(&b, mem16);
     gc_base_free(&b);
+}
+
+static void test_chunked_loss(void **state) {
+    (void)state;
+    chunked_loss(0);
+}
+
+/* The same under BF16 compute of a BF16 base: lm_head's BF16 product in
+ * chunks of rows has the bits of the whole product. */
+static void test_chunked_loss_bf16(void **state) {
+    (void)state;
+    if (!bf16_cpu_ok()) {
+        printf("  skipped: this CPU has no AVX512-BF16\n");
+        return;
+    }
+    chunked_loss(1);
 }
 
 /* Llama-3.2-1B's config.json (tests/bench/make_models.py), with `layers`. */
@@ -386,9 +458,9 @@ static void test_llama_1b_memory(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_crossentropy_rows), cmocka_unit_test(test_chunked_loss),
-        cmocka_unit_test(test_recompute_bits),    cmocka_unit_test(test_recompute_gradcheck),
-        cmocka_unit_test(test_llama_1b_memory),
+        cmocka_unit_test(test_crossentropy_rows),   cmocka_unit_test(test_chunked_loss),
+        cmocka_unit_test(test_chunked_loss_bf16),   cmocka_unit_test(test_recompute_bits),
+        cmocka_unit_test(test_recompute_gradcheck), cmocka_unit_test(test_llama_1b_memory),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -430,7 +430,7 @@ static void test_errors(void **state) {
                  "\"batch_size\"?");
     expect_error(EXP, "model { xyz: 1 }",
                  "t.pbtxt:1:9: error: unknown field \"xyz\" in peftps.Model; its fields are: path, "
-                 "recompute");
+                 "compute, recompute");
     expect_error(EXP, "schedule {\n  decay: LINEAR_X\n}",
                  "t.pbtxt:2:10: error: unknown value \"LINEAR_X\" for field \"decay\" (enum "
                  "peftps.Decay); did you mean \"LINEAR\"? valid values: DECAY_UNSPECIFIED, "

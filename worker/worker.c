@@ -225,10 +225,16 @@ static void send_hello(worker *w, conn *c) {
     wire_out o;
     c->hello_at = progress_now();
     c->registered = 0;
-    send_msg(c,
-             wire_hello(&o, w->id, model_files_fingerprint(w->t->files), w->exp_fp, w->id,
-                        (uint32_t)getpid()),
-             NULL, 0);
+    Peftps__Wire__Envelope *env = wire_hello(&o, w->id, model_files_fingerprint(w->t->files),
+                                             w->exp_fp, w->id, (uint32_t)getpid());
+    /* The compute this worker runs, or, when its CPU cannot, what it lacks:
+     * the server refuses it then, saying why. */
+    err ce;
+    if (train_compute_check(w->exp, &ce) == 0)
+        o.body.hello.compute = (char *)train_compute_name(train_compute(w->exp));
+    else
+        o.body.hello.missing_isa = "AVX512-BF16";
+    send_msg(c, env, NULL, 0);
 }
 
 static void send_pull(conn *c) {
@@ -379,7 +385,8 @@ static int on_error(worker *w, conn *c, const wire_msg *m, err *e) {
     const char *text = er->message ? er->message : "";
     if (!c->registered && (er->code == PEFTPS__WIRE__ERROR_CODE__FINGERPRINT_MISMATCH ||
                            er->code == PEFTPS__WIRE__ERROR_CODE__MALFORMED ||
-                           er->code == PEFTPS__WIRE__ERROR_CODE__UNAUTHORIZED))
+                           er->code == PEFTPS__WIRE__ERROR_CODE__UNAUTHORIZED ||
+                           er->code == PEFTPS__WIRE__ERROR_CODE__UNSUPPORTED_CPU))
         return err_set(e, "server %d (%s) refused this worker: %s", c->index, c->endpoint, text);
     if (er->code == PEFTPS__WIRE__ERROR_CODE__NOT_REGISTERED) {
         /* The server restarted or dropped us: register again. */

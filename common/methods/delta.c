@@ -29,6 +29,7 @@ void delta_free(delta_set *ds) {
         free(ds->entries[i].runs);
         free(ds->entries[i].idx);
         free(ds->entries[i].eff);
+        free(ds->entries[i].wide);
     }
     free(ds->entries);
     free(ds->slot);
@@ -53,7 +54,10 @@ static delta_entry *add_entry(delta_set *ds, int layer, int kind, delta_layout l
     }
     model_weight_name(cfg, layer, kind, name, sizeof name);
     int rows, cols;
-    if (model_weight_shape(cfg, layer, kind, &rows, &cols) == 0 || !ds->base->layer[layer][kind]) {
+    kweight bw = model_weight_shape(cfg, layer, kind, &rows, &cols)
+                     ? model_weights_get(ds->base, layer, kind)
+                     : (kweight){NULL, NULL};
+    if (!bw.f && !bw.h) {
         err_set(e, "delta: %s is absent from this model", name);
         return NULL;
     }
@@ -240,7 +244,12 @@ void delta_refresh(delta_set *ds, peft *p) {
         delta_entry *d = &ds->entries[i];
         size_t numel = (size_t)d->rows * d->cols;
         const float *base = ds->base->layer[d->layer][d->kind];
-        if (!d->eff && !(d->eff = malloc(numel * sizeof *d->eff))) {
+        /* A BF16 base (BF16 compute): the delta adds to its exact F32
+         * value, kept widened beside eff; the product then runs in F32. */
+        if (!base && !d->wide && (d->wide = malloc(numel * sizeof *d->wide)))
+            model_weights_read_f32(ds->base, d->layer, d->kind, d->wide, numel);
+        if (!base) base = d->wide;
+        if (!base || (!d->eff && !(d->eff = malloc(numel * sizeof *d->eff)))) {
             char name[PEFT_NAME_MAX];
             model_weight_name(ds->cfg, d->layer, d->kind, name, sizeof name);
             log_error("delta: out of memory for the effective weight of %s (%zu floats)", name,

@@ -39,6 +39,7 @@ typedef struct delta_entry {
     size_t nnz;    /* DELTA_SPARSE: entries */
     float *eff;    /* W_eff (rows*cols), allocated by the first refresh */
     int eff_base;  /* eff holds the base outside the delta's entries */
+    float *wide;   /* a BF16 base weight widened to F32 once (rows*cols), else NULL */
 } delta_entry;
 
 typedef struct delta_set {

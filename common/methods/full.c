@@ -66,18 +66,16 @@ static int full_create(peft *p, err *e) {
     return 0;
 }
 
-static void full_copy_base(peft *p, int layer, int kind, const float *base) {
+static void full_copy_base(peft *p, int layer, int kind) {
     int i = full_tensor(p, layer, kind);
-    if (i >= 0 && base) memcpy(peft_param(p, i), base, p->tensors[i].numel * sizeof(float));
+    if (i >= 0) model_weights_read_f32(p->base, layer, kind, peft_param(p, i), p->tensors[i].numel);
 }
 
 /* The seed plays no part: training starts from the base itself. */
 static void full_init(peft *p, uint64_t seed) {
-    const model_weights *w = p->base;
-    for (int kind = 0; kind < GW_COUNT; kind++)
-        full_copy_base(p, MODEL_GLOBAL, kind, w->global[kind]);
+    for (int kind = 0; kind < GW_COUNT; kind++) full_copy_base(p, MODEL_GLOBAL, kind);
     for (int l = 0; l < p->cfg->num_layers; l++)
-        for (int kind = 0; kind < LW_COUNT; kind++) full_copy_base(p, l, kind, w->layer[l][kind]);
+        for (int kind = 0; kind < LW_COUNT; kind++) full_copy_base(p, l, kind);
 }
 
 static const float *full_weight(peft *p, int layer, int kind) {
@@ -106,8 +104,12 @@ static void full_linear_backward(peft *p, int layer, int kind, const float *x, c
         return;
     }
     /* dW (out, in) += dy^T x, with dy (n, out) and x (n, in): on the
-     * thread team, in parts fixed by the shape (kernels.h). */
-    linear_backward(NULL, dw, NULL, dy, x, NULL, n, cols, rows);
+     * thread team, in parts fixed by the shape (kernels.h); under BF16
+     * compute with both operands rounded to BF16, F32 accumulation. */
+    if (p->base->layer16)
+        linear_backward_weight_bf16(dw, dy, x, n, cols, rows);
+    else
+        linear_backward(NULL, dw, NULL, dy, x, NULL, n, cols, rows);
     /* q, k and v carry their bias gradients too: db (out) += sum of dy. */
     int bias_kind = layer == MODEL_GLOBAL ? -1
                     : kind == LW_Q        ? LW_Q_BIAS
@@ -158,6 +160,7 @@ const peft_method full_method = {
     .init = full_init,
     .weight = full_weight,
     .linear_backward = full_linear_backward,
+    .bf16_weights = 1,
     .embed_backward = full_embed_backward,
     .merge = full_merge,
     .destroy = full_destroy,

@@ -114,8 +114,15 @@ static int subnet_create(peft *p, err *e) {
     if (s->selection == PEFTPS__MASK_SELECTION__MAGNITUDE)
         for (int i = 0; i < s->ds.n; i++) {
             delta_entry *d = &s->ds.entries[i];
-            if (mask_largest(s, i, p->base->layer[d->layer][d->kind], e) < 0)
-                return err_wrap(e, "subnetwork");
+            const float *w = p->base->layer[d->layer][d->kind];
+            float *wide = NULL; /* a BF16 base, widened for the ranking */
+            size_t numel = (size_t)d->rows * d->cols;
+            if (!w && !(w = wide = malloc(numel * sizeof *wide)))
+                return err_set(e, "subnetwork: out of memory for %zu weights", numel);
+            if (wide) model_weights_read_f32(p->base, d->layer, d->kind, wide, numel);
+            int rc = mask_largest(s, i, w, e);
+            free(wide);
+            if (rc < 0) return err_wrap(e, "subnetwork");
         }
     log_info("subnetwork: %s mask, sparsity %g, %d modules, %zu parameters",
              selection_name(s->selection), (double)s->sparsity, s->ds.n, peft_num_trainable(p));

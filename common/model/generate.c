@@ -178,7 +178,7 @@ static void gen_chunk(generator *g, const int32_t *tokens, int N, float *logits)
     size_t S = (size_t)g->P + g->cap;
     int pos0 = g->P + g->n; /* cache entries before the chunk: prefix and past tokens */
 
-    embedding_forward(g->x, tokens, model_view_weight(&g->v, MODEL_GLOBAL, GW_EMBED), N, C);
+    embedding_forward_k(g->x, tokens, model_view_matrix(&g->v, MODEL_GLOBAL, GW_EMBED), N, C);
     /* Every cache entry before the chunk (the method's prefix, then past
      * tokens) acts as a prefix all of its queries see; within the chunk
      * attention is causal. The stream is updated in place. */

@@ -7,9 +7,11 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "base/team.h"
+#include "model/bf16.h"
 
 /* ---- vectorisable elementwise helpers -------------------------------------- */
 
@@ -549,6 +551,151 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
             const float *restrict g = dout + (size_t)i * OC;
             for (int o = 0; o < OC; o++) dbias[o] += g[o];
         }
+}
+
+/* ---- the same with BF16 weights (bf16.h) -------------------------------------- */
+
+void linears_forward_k(int n, float *const *outs, const float *inp, const kweight *weights,
+                       const float *const *biases, int N, int C, const int *OC) {
+    gemm ops[GEMM_MAX_OPS];
+    bf16_op hops[GEMM_MAX_OPS];
+    int nf = 0, nh = 0;
+    for (int i = 0; i < n; i++) {
+        const float *bias = biases ? biases[i] : NULL;
+        if (weights[i].h) {
+            hops[nh++] = (bf16_op){.N = N,
+                                   .K = C,
+                                   .M = OC[i],
+                                   .x = inp,
+                                   .w = weights[i].h,
+                                   .out = outs[i],
+                                   .add = bias,
+                                   .add_ld = 0};
+        } else {
+            ops[nf] = gemm_of(CblasNoTrans, CblasTrans, N, OC[i], C, inp, C, weights[i].f, C, 0.0f,
+                              outs[i], OC[i]);
+            ops[nf++].bias = bias;
+        }
+    }
+    if (nh) bf16_matmul(hops, nh, 0);
+    if (nf) gemm_team(ops, nf, 0);
+}
+
+void linear_residual_forward_k(float *out, const float *res, const float *inp, kweight weight,
+                               int N, int C, int OC) {
+    if (!weight.h) {
+        linear_residual_forward(out, res, inp, weight.f, N, C, OC);
+        return;
+    }
+    bf16_op op = {.N = N,
+                  .K = C,
+                  .M = OC,
+                  .x = inp,
+                  .w = weight.h,
+                  .out = out,
+                  .add = res,
+                  .add_ld = (size_t)OC};
+    bf16_matmul(&op, 1, 0);
+}
+
+void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
+                              const kweight *weights, int N, int C, const int *OC) {
+    int nh = 0;
+    for (int i = 0; i < n; i++) nh += weights[i].h != NULL;
+    if (nh == n) {
+        bf16_op ops[GEMM_MAX_OPS];
+        for (int i = 0; i < n; i++)
+            ops[i] = (bf16_op){.nn = 1,
+                               .N = N,
+                               .K = OC[i],
+                               .M = C,
+                               .x = douts[i],
+                               .w = weights[i].h,
+                               .out = dinp,
+                               .add = accumulate ? dinp : NULL,
+                               .add_ld = (size_t)C};
+        bf16_matmul(ops, n, 1);
+        return;
+    }
+    /* F32 only, or mixed: one product after the other, in order of i. */
+    for (int i = 0; i < n; i++) {
+        int acc = i || accumulate;
+        if (weights[i].h) {
+            bf16_op op = {.nn = 1,
+                          .N = N,
+                          .K = OC[i],
+                          .M = C,
+                          .x = douts[i],
+                          .w = weights[i].h,
+                          .out = dinp,
+                          .add = acc ? dinp : NULL,
+                          .add_ld = (size_t)C};
+            bf16_matmul(&op, 1, 0);
+        } else if (!nh) {
+            const float *w[GEMM_MAX_OPS];
+            for (int k = 0; k < n; k++) w[k] = weights[k].f;
+            linears_backward_input(dinp, accumulate, n, douts, w, N, C, OC);
+            return;
+        } else
+            linears_backward_input(dinp, acc, 1, &douts[i], &weights[i].f, N, C, &OC[i]);
+    }
+}
+
+/* dout transposed and inp rounded, per calling thread, grown as needed. */
+static _Thread_local float *wg_t;
+static _Thread_local uint16_t *wg_x;
+static _Thread_local size_t wg_t_len, wg_x_len;
+
+typedef struct transpose_args {
+    float *dst;
+    const float *src;
+    int N, OC;
+} transpose_args;
+
+/* Rows [o0, o1) of dst (OC,N) = src (N,OC) transposed. */
+static void transpose_rows(void *c, size_t o0, size_t o1) {
+    const transpose_args *a = c;
+    for (size_t o = o0; o < o1; o++)
+        for (int i = 0; i < a->N; i++) a->dst[o * a->N + i] = a->src[(size_t)i * a->OC + o];
+}
+
+void linear_backward_weight_bf16(float *dweight, const float *dout, const float *inp, int N, int C,
+                                 int OC) {
+    // dweight is (OC,C), dout is (N,OC), inp is (N,C)
+    size_t nt = (size_t)OC * N, nx = (size_t)N * C;
+    if (nt > wg_t_len) {
+        free(wg_t);
+        wg_t_len = (wg_t = malloc(nt * sizeof *wg_t)) ? nt : 0;
+    }
+    if (nx > wg_x_len) {
+        free(wg_x);
+        wg_x_len = (wg_x = malloc(nx * sizeof *wg_x)) ? nx : 0;
+    }
+    if (!wg_t || !wg_x) abort(); /* as any workspace failing mid-step */
+    transpose_args ta = {wg_t, dout, N, OC};
+    team_for((size_t)OC, (size_t)N, 16, transpose_rows, &ta);
+    bf16_round(wg_x, inp, nx);
+    /* The product out (OC,C) = dout^T (OC,N) inp (N,C): the NN form with
+     * inp as the weight (K = N rows of M = C). */
+    bf16_op op = {.nn = 1,
+                  .N = OC,
+                  .K = N,
+                  .M = C,
+                  .x = wg_t,
+                  .w = wg_x,
+                  .out = dweight,
+                  .add = dweight,
+                  .add_ld = (size_t)C};
+    bf16_matmul(&op, 1, 0);
+}
+
+void embedding_forward_k(float *out, const int32_t *tokens, kweight table, int N, int C) {
+    if (table.f) {
+        embedding_forward(out, tokens, table.f, N, C);
+        return;
+    }
+    for (int i = 0; i < N; i++)
+        bf16_widen(out + (size_t)i * C, table.h + (size_t)tokens[i] * C, (size_t)C);
 }
 
 /* ---- residual -------------------------------------------------------------- */

@@ -1,7 +1,8 @@
 /* The numeric layers of the Llama family, llm.c style: each layer is a pair
  * of free functions x_forward / x_backward over raw float arrays with the
  * shapes in comments. model.c composes them; the methods (lora.c, full.c,
- * ...) may reuse them. Every matrix product is a cblas_sgemm.
+ * ...) may reuse them. Every F32 matrix product is a cblas_sgemm; products
+ * with a BF16 weight (the *_k variants, BF16 compute) go to bf16.h.
  *
  * Conventions: arrays are row-major and must not overlap unless a comment
  * says so. Backward functions ACCUMULATE (+=) into their gradient outputs
@@ -75,6 +76,24 @@ void linear_residual_forward(float *out, const float *res, const float *inp, con
  * of linears sharing an input, as one team job. */
 void linears_backward_input(float *dinp, int accumulate, int n, const float *const *douts,
                             const float *const *weights, int N, int C, const int *OC);
+
+/* The same three with each weight F32 or BF16 (kweight): a weight with a
+ * BF16 form (h not NULL) runs the product of bf16.h (input rounded to BF16, F32 accumulation,
+ * F32 output), an F32 one cblas_sgemm, in one team job or two. */
+void linears_forward_k(int n, float *const *outs, const float *inp, const kweight *weights,
+                       const float *const *biases, int N, int C, const int *OC);
+void linear_residual_forward_k(float *out, const float *res, const float *inp, kweight weight,
+                               int N, int C, int OC);
+void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
+                              const kweight *weights, int N, int C, const int *OC);
+/* dweight (OC,C) += dout^T inp, as linear_backward's weight gradient, with
+ * dout (N,OC) and inp (N,C) rounded to BF16 and F32 accumulation (bf16.h):
+ * the weight gradient of full fine-tuning under BF16 compute. */
+void linear_backward_weight_bf16(float *dweight, const float *dout, const float *inp, int N, int C,
+                                 int OC);
+/* embedding_forward from a table in F32 when it has one, else from its
+ * BF16 (widened exactly). */
+void embedding_forward_k(float *out, const int32_t *tokens, kweight table, int N, int C);
 
 /* A low-rank branch beside a linear, as LoRA's: h (N,r) = x (N,in) a^T,
  * where a is (r,in), then y (N,out) += scale h b^T, where b is (out,r).

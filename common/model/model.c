@@ -105,6 +105,19 @@ const float *model_view_lm_head(const model_view *v) {
     return model_view_weight(v, MODEL_GLOBAL, v->cfg->tie_word_embeddings ? GW_EMBED : GW_LM_HEAD);
 }
 
+kweight model_view_matrix(const model_view *v, int layer, int kind) {
+    peft *p = v->p;
+    if (p && p->method->weight) {
+        const float *w = p->method->weight(p, layer, kind);
+        if (w) return (kweight){w, peft_weight_bf16(p, layer, kind)};
+    }
+    return model_weights_get(v->w, layer, kind);
+}
+
+kweight model_view_head(const model_view *v) {
+    return model_view_matrix(v, MODEL_GLOBAL, v->cfg->tie_word_embeddings ? GW_EMBED : GW_LM_HEAD);
+}
+
 /* Whether the method trains a norm's weight. A method that trains a weight
  * must return its effective value from weight() (else the forward would not
  * see the training), so NULL means frozen: the backward may then skip the
@@ -250,14 +263,16 @@ int model_create_opts(model **out, const model_config *cfg, const model_weights 
     for (int l = 0; l < cfg->num_layers; l++)
         for (int kind = 0; kind < LW_COUNT; kind++) {
             int is_bias = kind == LW_Q_BIAS || kind == LW_K_BIAS || kind == LW_V_BIAS;
-            if (!w->layer[l][kind] && (!is_bias || cfg->attention_bias)) {
+            if (!w->layer[l][kind] && !(w->layer16 && w->layer16[l][kind]) &&
+                (!is_bias || cfg->attention_bias)) {
                 char name[160];
                 model_weight_name(cfg, l, kind, name, sizeof name);
                 return err_set(e, "model: base weight %s is missing", name);
             }
         }
     for (int kind = 0; kind < GW_COUNT; kind++)
-        if (!w->global[kind] && !(kind == GW_LM_HEAD && cfg->tie_word_embeddings))
+        if (!w->global[kind] && !w->global16[kind] &&
+            !(kind == GW_LM_HEAD && cfg->tie_word_embeddings))
             return err_set(e, "model: base weight %s is missing",
                            kind == GW_EMBED        ? "embed_tokens"
                            : kind == GW_FINAL_NORM ? "norm"
@@ -343,12 +358,12 @@ void model_layer_forward(const model_view *v, int l, const model_layer_io *io) {
     rmsnorm_forward(ln, io->rstd1, io->in, model_view_weight(v, l, LW_INPUT_NORM), N, C,
                     c->rms_norm_eps);
     float *qkv[3] = {io->q, io->k, io->v};
-    const float *wqkv[3] = {model_view_weight(v, l, LW_Q), model_view_weight(v, l, LW_K),
-                            model_view_weight(v, l, LW_V)};
+    kweight wqkv[3] = {model_view_matrix(v, l, LW_Q), model_view_matrix(v, l, LW_K),
+                       model_view_matrix(v, l, LW_V)};
     const float *bqkv[3] = {model_view_bias(v, l, LW_Q_BIAS), model_view_bias(v, l, LW_K_BIAS),
                             model_view_bias(v, l, LW_V_BIAS)};
     int oqkv[3] = {qd, kvd, kvd};
-    linears_forward(3, qkv, ln, wqkv, bqkv, N, C, oqkv);
+    linears_forward_k(3, qkv, ln, wqkv, bqkv, N, C, oqkv);
     model_view_hook(v, l, LW_Q, ln, io->q, N);
     model_view_hook(v, l, LW_K, ln, io->k, N);
     model_view_hook(v, l, LW_V, ln, io->v, N);
@@ -363,26 +378,27 @@ void model_layer_forward(const model_view *v, int l, const model_layer_io *io) {
                           T, io->P, Hq, Hkv, D);
     /* o_proj's output lands on the residual stream directly; its hook adds
      * its term there, which is the same sum. */
-    linear_residual_forward(io->mid, io->in, io->atty, model_view_weight(v, l, LW_O), N, qd, C);
+    linear_residual_forward_k(io->mid, io->in, io->atty, model_view_matrix(v, l, LW_O), N, qd, C);
     model_view_hook(v, l, LW_O, io->atty, io->mid, N);
 
     rmsnorm_forward(ln, io->rstd2, io->mid, model_view_weight(v, l, LW_POST_NORM), N, C,
                     c->rms_norm_eps);
     float *gu[2] = {io->gate, io->up};
-    const float *wgu[2] = {model_view_weight(v, l, LW_GATE), model_view_weight(v, l, LW_UP)};
+    kweight wgu[2] = {model_view_matrix(v, l, LW_GATE), model_view_matrix(v, l, LW_UP)};
     int ogu[2] = {IC, IC};
-    linears_forward(2, gu, ln, wgu, NULL, N, C, ogu);
+    linears_forward_k(2, gu, ln, wgu, NULL, N, C, ogu);
     model_view_hook(v, l, LW_GATE, ln, io->gate, N);
     model_view_hook(v, l, LW_UP, ln, io->up, N);
     swiglu_forward(io->h, io->gate, io->up, N, IC);
-    linear_residual_forward(io->out, io->mid, io->h, model_view_weight(v, l, LW_DOWN), N, IC, C);
+    linear_residual_forward_k(io->out, io->mid, io->h, model_view_matrix(v, l, LW_DOWN), N, IC, C);
     model_view_hook(v, l, LW_DOWN, io->h, io->out, N);
 }
 
 /* logits (rows,V) of the final norm's output ln (rows,C): lm_head and its hook. */
 static void head_logits(const model_view *v, float *logits, const float *ln, int rows) {
     const model_config *c = v->cfg;
-    linear_forward(logits, ln, model_view_lm_head(v), NULL, rows, c->hidden_size, c->vocab_size);
+    kweight head = model_view_head(v);
+    linears_forward_k(1, &logits, ln, &head, NULL, rows, c->hidden_size, &c->vocab_size);
     model_view_hook(v, MODEL_GLOBAL, GW_LM_HEAD, ln, logits, rows);
 }
 
@@ -497,8 +513,8 @@ double model_forward(model *m, const int32_t *tokens, const int32_t *labels, int
     /* The team parallelises; BLAS runs single-threaded throughout, the
      * methods' own products included (see model_backward). */
     team_blas_enter();
-    embedding_forward(acts(m, 0)->resid, m->tokens,
-                      model_view_weight(&m->v, MODEL_GLOBAL, GW_EMBED), N, C);
+    embedding_forward_k(acts(m, 0)->resid, m->tokens,
+                        model_view_matrix(&m->v, MODEL_GLOBAL, GW_EMBED), N, C);
     for (int l = 0; l < L; l++)
         layer_forward(m, l, l + 1 < L ? acts(m, l + 1)->resid : m->resid_out, B, T);
     double loss = 0.0;
@@ -580,24 +596,23 @@ static void layer_backward(model *m, int l, int input_grad) {
     /* MLP: the residual passes dresid both to resid2 and to down_proj's output. */
     rmsnorm_rebuild(m->xhat, m->ln, a->resid2, a->rstd2, model_view_weight(&m->v, l, LW_POST_NORM),
                     N, C);
-    const float *wdown = model_view_weight(&m->v, l, LW_DOWN);
+    kweight wdown = model_view_matrix(&m->v, l, LW_DOWN);
     const float *dres = m->dresid;
-    linears_backward_input(m->dh, 0, 1, &dres, &wdown, N, IC, &C);
+    linears_backward_input_k(m->dh, 0, 1, &dres, &wdown, N, IC, &C);
     hook_backward(m, l, LW_DOWN, a->h, m->dresid, m->dh, N);
     swiglu_grad(m->dgate, m->dup, m->dh, a->gate, a->up, N, IC);
     const float *dgu[2] = {m->dgate, m->dup};
-    const float *wgu[2] = {model_view_weight(&m->v, l, LW_GATE),
-                           model_view_weight(&m->v, l, LW_UP)};
+    kweight wgu[2] = {model_view_matrix(&m->v, l, LW_GATE), model_view_matrix(&m->v, l, LW_UP)};
     int ogu[2] = {IC, IC};
-    linears_backward_input(m->dln, 0, 2, dgu, wgu, N, C, ogu);
+    linears_backward_input_k(m->dln, 0, 2, dgu, wgu, N, C, ogu);
     hook_backward(m, l, LW_GATE, m->ln, m->dgate, m->dln, N);
     hook_backward(m, l, LW_UP, m->ln, m->dup, m->dln, N);
     norm_backward(m, l, LW_POST_NORM, m->dresid, a->rstd2, N);
 
     /* Attention: dresid is now the gradient of resid2, passed to the layer
      * input and to o_proj's output. */
-    const float *wo = model_view_weight(&m->v, l, LW_O);
-    linears_backward_input(m->datty, 0, 1, &dres, &wo, N, qd, &C);
+    kweight wo = model_view_matrix(&m->v, l, LW_O);
+    linears_backward_input_k(m->datty, 0, 1, &dres, &wo, N, qd, &C);
     hook_backward(m, l, LW_O, a->atty, m->dresid, m->datty, N);
     const float *kp, *vp;
     size_t pstride;
@@ -623,11 +638,10 @@ static void layer_backward(model *m, int l, int input_grad) {
     float *dln = input_grad || norm_trains(m, l, LW_INPUT_NORM) ? m->dln : NULL;
     if (dln) {
         const float *dqkv[3] = {m->dq, m->dk, m->dv};
-        const float *wqkv[3] = {model_view_weight(&m->v, l, LW_Q),
-                                model_view_weight(&m->v, l, LW_K),
-                                model_view_weight(&m->v, l, LW_V)};
+        kweight wqkv[3] = {model_view_matrix(&m->v, l, LW_Q), model_view_matrix(&m->v, l, LW_K),
+                           model_view_matrix(&m->v, l, LW_V)};
         int oqkv[3] = {qd, kvd, kvd};
-        linears_backward_input(dln, 0, 3, dqkv, wqkv, N, C, oqkv);
+        linears_backward_input_k(dln, 0, 3, dqkv, wqkv, N, C, oqkv);
     }
     hook_backward(m, l, LW_Q, m->ln, m->dq, dln, N);
     hook_backward(m, l, LW_K, m->ln, m->dk, dln, N);
@@ -654,7 +668,7 @@ void model_backward(model *m, float loss_scale) {
 
     /* lm_head and the loss, a chunk of rows at a time; dln is the final
      * norm's output gradient, not needed when only lm_head trains. */
-    const float *head = model_view_lm_head(&m->v);
+    kweight head = model_view_head(&m->v);
     float *dln = first < L || norm_trains(m, MODEL_GLOBAL, GW_FINAL_NORM) ? m->dln : NULL;
     int chunk = (int)ce_rows((size_t)N, (size_t)V);
     /* With a score head in place of lm_head, the head gives dln. */
@@ -667,7 +681,7 @@ void model_backward(model *m, float loss_scale) {
         m->held = -1; /* now the chunk's gradient */
         m->out_logits = NULL;
         float *dx = dln ? dln + (size_t)r0 * C : NULL;
-        if (dx) linears_backward_input(dx, 0, 1, &dlogits, &head, n, C, &V);
+        if (dx) linears_backward_input_k(dx, 0, 1, &dlogits, &head, n, C, &V);
         hook_backward(m, MODEL_GLOBAL, GW_LM_HEAD, m->lnf + (size_t)r0 * C, m->logits, dx, n);
     }
     if (first < L) memset(m->dresid, 0, (size_t)N * C * sizeof(float));

@@ -72,12 +72,31 @@ size_t model_weight_shape(const model_config *cfg, int layer, int kind, int *row
 /* The Hugging Face tensor name of a weight, e.g. "model.layers.3.self_attn.q_proj.weight". */
 void model_weight_name(const model_config *cfg, int layer, int kind, char *buf, size_t n);
 
-/* Pointers to the frozen base weights (F32), typically into read-only mapped
- * files. lm_head == embed when tie_word_embeddings. Absent biases are NULL. */
+/* Pointers to the frozen base weights, typically into read-only mapped
+ * files. lm_head == embed when tie_word_embeddings. Absent biases are NULL.
+ * With F32 compute every weight is F32 and the BF16 pointers are NULL. With
+ * BF16 compute (model_files_open_compute) the matrices (embedding, lm_head,
+ * the seven linears) are BF16, used in place, and their F32 pointers NULL;
+ * the vectors (norms, biases) stay F32. */
 typedef struct model_weights {
     const float *global[GW_COUNT];
     const float *(*layer)[LW_COUNT]; /* num_layers entries */
+    const uint16_t *global16[GW_COUNT];
+    const uint16_t *(*layer16)[LW_COUNT]; /* num_layers entries, or NULL */
 } model_weights;
+
+/* A matrix as a product takes it: F32 (f), or BF16 (h, then f is NULL). */
+typedef struct kweight {
+    const float *f;
+    const uint16_t *h;
+} kweight;
+
+/* Base weight (layer, kind) (MODEL_GLOBAL with a global_weight) in the
+ * dtype it is held in; both NULL for an absent weight. */
+kweight model_weights_get(const model_weights *w, int layer, int kind);
+/* Writes base weight (layer, kind), n values, as F32 into dst (copied, or
+ * widened from BF16): for methods that start from the base or add to it. */
+void model_weights_read_f32(const model_weights *w, int layer, int kind, float *dst, size_t n);
 
 typedef struct peft peft;
 typedef struct model model;
@@ -91,12 +110,18 @@ typedef struct model_view {
     peft *p;
 } model_view;
 
-/* The weight (layer, kind) in use: the method's when it replaces it, else
- * the base's. A bias is NULL for a model without attention_bias; a tied
- * lm_head is the embedding in use. */
+/* The weight (layer, kind) in use, as F32: the method's when it replaces
+ * it, else the base's. A bias is NULL for a model without attention_bias; a
+ * tied lm_head is the embedding in use. Under BF16 compute a base matrix
+ * has no F32 form (NULL): products take model_view_matrix instead. */
 const float *model_view_weight(const model_view *v, int layer, int kind);
 const float *model_view_bias(const model_view *v, int layer, int kind);
 const float *model_view_lm_head(const model_view *v);
+/* A matrix (layer, kind) as the products take it: the method's F32
+ * weight when it replaces the base's, else the base's in its dtype;
+ * model_view_head likewise for lm_head (the embedding when tied). */
+kweight model_view_matrix(const model_view *v, int layer, int kind);
+kweight model_view_head(const model_view *v);
 /* The method's addition to y (n rows), the output of linear (layer, kind)
  * for input x; nothing without a method or hook. */
 void model_view_hook(const model_view *v, int layer, int kind, const float *x, float *y, int n);
@@ -150,6 +175,12 @@ typedef struct model_files model_files;
  * model.safetensors.index.json), maps them read-only and binds every weight.
  * BF16/F16 weights are converted to F32 once, at load. */
 int model_files_open(model_files **out, const char *dir, err *e);
+/* The weights in the dtype of a compute setting: F32 as model_files_open;
+ * BF16 binds BF16 matrices in place in the mapping (no copy) and converts
+ * F16 and F32 matrices to BF16 once (round to nearest even) into a cache
+ * file every process of the machine maps; norms and biases become F32. */
+typedef enum { MODEL_COMPUTE_F32 = 0, MODEL_COMPUTE_BF16 = 1 } model_compute;
+int model_files_open_compute(model_files **out, const char *dir, model_compute compute, err *e);
 const model_config *model_files_config(const model_files *f);
 const model_weights *model_files_weights(const model_files *f);
 /* Hex digest of config.json and the safetensors headers: equal on every

@@ -1,11 +1,14 @@
 /* Opens a base model directory in Hugging Face layout (model.h): config.json
  * through modelcfg.c, the weights through safetensors.c (one file or the
  * shards of model.safetensors.index.json), and its fingerprint (base/hash.h).
- * BF16 and F16 weights become F32 in a cache file that every process of the
- * machine maps (fsutil.c for the directory). */
+ * With F32 compute, BF16 and F16 weights become F32 in a cache file that
+ * every process of the machine maps (fsutil.c for the directory); with BF16
+ * compute, BF16 matrices are used in place and only F32/F16 matrices (to
+ * BF16) and BF16/F16 norms and biases (to F32) go to such a file. */
 #include "model/model.h"
 #include "base/fsutil.h"
 #include "base/log.h"
+#include "model/bf16.h"
 #include "model/safetensors.h"
 #include "base/hash.h"
 
@@ -29,8 +32,9 @@ struct model_files {
     st_file **files; /* one, or the shards sorted by file name */
     char **file_names;
     int n_files;
-    float *converted; /* every BF16/F16 weight as F32, one allocation, or */
-    void *shared;     /* the same in the cache file, mapped */
+    model_compute compute;
+    void *converted; /* every converted weight, one allocation, or */
+    void *shared;    /* the same in the cache file, mapped */
     size_t shared_len;
     char fingerprint[65];
     int dtype; /* st_dtype of every stored weight when they share one, else ST_F32 */
@@ -109,11 +113,13 @@ static int is_vector(int layer, int kind) {
     return kind == LW_INPUT_NORM || kind == LW_POST_NORM || kind >= LW_Q_BIAS;
 }
 
-/* One weight to bind: where it is and where its pointer goes. */
+/* One weight to bind: where it is and where its pointer goes: slot16
+ * (not NULL) for a weight wanted in BF16, else slot for F32. */
 typedef struct binding {
     const st_file *file;
     const st_tensor *t;
     const float **slot;
+    const uint16_t **slot16;
 } binding;
 
 /* Finds weight `name` in the directory's files, or fails naming it. */
@@ -178,9 +184,25 @@ static char *cache_dir(void) {
     return home && *home ? fs_join(home, ".cache/peftps") : NULL;
 }
 
-/* Whether a binding's tensor needs converting (not F32, or misaligned). */
+/* Whether a binding's tensor needs converting (another dtype than the one
+ * wanted, or misaligned). */
 static int needs_f32(const binding *b) {
+    if (b->slot16) return b->t->dtype != ST_BF16 || (uintptr_t)b->t->data % _Alignof(uint16_t);
     return b->t->dtype != ST_F32 || (uintptr_t)b->t->data % _Alignof(float);
+}
+
+/* Bytes a converted weight takes in the cache or private copy: whole
+ * 64-byte lines, so that every weight starts aligned. */
+static size_t conv_bytes(const binding *b) {
+    size_t n = b->t->numel * (b->slot16 ? sizeof(uint16_t) : sizeof(float));
+    return (n + 63) / 64 * 64;
+}
+
+static void bind_at(binding *b, const void *p) {
+    if (b->slot16)
+        *b->slot16 = p;
+    else
+        *b->slot = p;
 }
 
 /* The cache file's name: the base's fingerprint (config and headers), the
@@ -193,7 +215,10 @@ static int cache_key(const model_files *f, const char *dir, const binding *b, si
     hash_sha256_init(&h);
     hash_sha256_update(&h, f->fingerprint, 64);
     for (size_t i = 0; i < nb; i++)
-        if (needs_f32(&b[i])) hash_sha256_update(&h, b[i].t->name, strlen(b[i].t->name) + 1);
+        if (needs_f32(&b[i])) {
+            hash_sha256_update(&h, b[i].t->name, strlen(b[i].t->name) + 1);
+            hash_sha256_update(&h, b[i].slot16 ? "b" : "f", 1);
+        }
     for (int i = 0; i < f->n_files; i++) {
         char *p = fs_join(dir, f->file_names[i]);
         struct stat st;
@@ -229,23 +254,36 @@ static void *map_cached(const char *path, size_t len) {
 }
 
 /* Converts every binding that needs it, in order, into dst. */
-static int convert_all(binding *b, size_t nb, float *dst, err *e) {
+static int convert_all(binding *b, size_t nb, void *dst, err *e) {
     size_t off = 0;
     for (size_t i = 0; i < nb; i++) {
         if (!needs_f32(&b[i])) continue;
-        if (st_convert_f32(b[i].file, b[i].t, dst + off, e)) return -1;
-        off += b[i].t->numel;
+        void *d = (char *)dst + off;
+        if (b[i].slot16 ? st_convert_bf16(b[i].file, b[i].t, d, e)
+                        : st_convert_f32(b[i].file, b[i].t, d, e))
+            return -1;
+        off += conv_bytes(&b[i]);
     }
     return 0;
 }
 
-/* Writes the converted weights (total floats) to the cache file `path`
+/* Binds every converted weight to its place in p, in order. */
+static void bind_converted(binding *b, size_t nb, const void *p) {
+    size_t off = 0;
+    for (size_t i = 0; i < nb; i++) {
+        if (!needs_f32(&b[i])) continue;
+        bind_at(&b[i], (const char *)p + off);
+        off += conv_bytes(&b[i]);
+    }
+}
+
+/* Writes the converted weights (total bytes) to the cache file `path`
  * through a temporary file and a rename, so that a reader sees all of it or
  * none; space is reserved first, so a full disk is an error, not a fault.
  * Returns -1 when the cache cannot be written, -2 when a weight cannot be
  * converted (bad input, whatever the cache). */
 static int cache_write(const char *path, binding *b, size_t nb, size_t total, err *e) {
-    size_t len = total * sizeof(float);
+    size_t len = total;
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
     int fd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -282,7 +320,7 @@ out:
     return rc;
 }
 
-/* Binds the weights that need converting to the machine's shared F32 copy
+/* Binds the weights that need converting to the machine's shared copy
  * in the cache directory, writing it when absent. Returns 1 when bound, 0
  * when there is no usable cache (the caller converts privately; a reason is
  * logged), -1 when a weight cannot be converted at all. */
@@ -294,11 +332,12 @@ static int bind_cached(model_files *f, const char *dir, binding *b, size_t nb, s
     err ce = {{0}};
     int rc = 0;
     if (cache_key(f, dir, b, nb, key, &ce) < 0 || fs_mkdir_p(cdir, &ce) < 0) goto fallback;
-    snprintf(path, sizeof path, "%s/%s.f32", cdir, key);
-    size_t len = total * sizeof(float);
+    snprintf(path, sizeof path, "%s/%s.%s", cdir, key,
+             f->compute == MODEL_COMPUTE_BF16 ? "bf16" : "f32");
+    size_t len = total;
     void *p = map_cached(path, len);
     if (p) {
-        log_info("%s: BF16/F16 weights as F32 from the cache %s (shared)", dir, path);
+        log_info("%s: converted weights from the cache %s (shared)", dir, path);
     } else {
         int w = cache_write(path, b, nb, total, &ce);
         if (w == -2) { /* the weights themselves are bad */
@@ -311,24 +350,20 @@ static int bind_cached(model_files *f, const char *dir, binding *b, size_t nb, s
             err_errno(&ce, "%s: mapping the file just written", path);
             goto fallback;
         }
-        log_info("%s: BF16/F16 weights converted to F32 into the cache %s (%zu MB, shared by "
+        log_info("%s: weights converted to %s into the cache %s (%zu MB, shared by "
                  "this machine's processes)",
-                 dir, path, len >> 20);
+                 dir, f->compute == MODEL_COMPUTE_BF16 ? "the compute's BF16/F32" : "F32", path,
+                 len >> 20);
     }
     f->shared = p;
     f->shared_len = len;
-    size_t off = 0;
-    for (size_t i = 0; i < nb; i++) {
-        if (!needs_f32(&b[i])) continue;
-        *b[i].slot = (const float *)p + off;
-        off += b[i].t->numel;
-    }
+    bind_converted(b, nb, p);
     rc = 1;
     goto out;
 fallback:
-    log_warn("%s: no F32 cache (%s); converting in this process, %zu MB not shared (set "
-             "PEFTPS_CACHE_DIR to a writable directory)",
-             dir, ce.msg, total * sizeof(float) >> 20);
+    log_warn("%s: no cache of converted weights (%s); converting in this process, %zu MB not "
+             "shared (set PEFTPS_CACHE_DIR to a writable directory)",
+             dir, ce.msg, total >> 20);
 out:
     free(cdir);
     return rc;
@@ -339,7 +374,9 @@ static int bind_all(model_files *f, json_t *map, const char *dir, err *e) {
     size_t cap = GW_COUNT + (size_t)c->num_layers * LW_COUNT, nb = 0;
     binding *b = calloc(cap, sizeof *b);
     f->w.layer = calloc((size_t)c->num_layers, sizeof *f->w.layer);
-    if (!b || !f->w.layer) {
+    if (f->compute == MODEL_COMPUTE_BF16)
+        f->w.layer16 = calloc((size_t)c->num_layers, sizeof *f->w.layer16);
+    if (!b || !f->w.layer || (f->compute == MODEL_COMPUTE_BF16 && !f->w.layer16)) {
         free(b);
         return err_set(e, "%s: out of memory", dir);
     }
@@ -353,6 +390,9 @@ static int bind_all(model_files *f, json_t *map, const char *dir, err *e) {
             model_weight_name(c, layer, kind, name, sizeof name);
             binding *x = &b[nb++];
             x->slot = layer == MODEL_GLOBAL ? &f->w.global[kind] : &f->w.layer[layer][kind];
+            if (f->compute == MODEL_COMPUTE_BF16 && !is_vector(layer, kind))
+                x->slot16 =
+                    layer == MODEL_GLOBAL ? &f->w.global16[kind] : &f->w.layer16[layer][kind];
             if (locate(f, map, dir, name, &x->file, &x->t, e) ||
                 check_tensor(f, x->file, x->t, layer, kind, e)) {
                 if (layer == MODEL_GLOBAL && kind == GW_LM_HEAD)
@@ -365,16 +405,16 @@ static int bind_all(model_files *f, json_t *map, const char *dir, err *e) {
     f->dtype = nb ? (int)b[0].t->dtype : ST_F32;
     for (size_t i = 1; i < nb; i++)
         if ((int)b[i].t->dtype != f->dtype) f->dtype = ST_F32;
-    /* F32 stays in the mapping (shared by all processes of the machine);
-     * the rest is converted once per machine into the cache file, which
-     * every process maps, or, without a usable cache, into one private
-     * allocation of 4 bytes per weight in every process. */
+    /* Weights in the wanted dtype stay in the mapping (shared by all
+     * processes of the machine); the rest is converted once per machine
+     * into the cache file, which every process maps, or, without a usable
+     * cache, into one private allocation in every process. */
     size_t total = 0;
     for (size_t i = 0; i < nb; i++) {
         if (needs_f32(&b[i]))
-            total += b[i].t->numel;
+            total += conv_bytes(&b[i]);
         else
-            *b[i].slot = b[i].t->data;
+            bind_at(&b[i], b[i].t->data);
     }
     int cached = total ? bind_cached(f, dir, b, nb, total, e) : 0;
     if (cached < 0) {
@@ -382,29 +422,28 @@ static int bind_all(model_files *f, json_t *map, const char *dir, err *e) {
         return -1;
     }
     if (total && !cached) {
-        if (!(f->converted = malloc(total * sizeof(float)))) {
+        if (!(f->converted = aligned_alloc(64, total))) {
             free(b);
-            return err_set(e, "%s: out of memory converting %zu weights to F32 (%zu MB)", dir,
-                           total, total * sizeof(float) >> 20);
+            return err_set(e, "%s: out of memory converting weights (%zu MB)", dir, total >> 20);
         }
         if (convert_all(b, nb, f->converted, e)) {
             free(b);
             return -1;
         }
-        size_t off = 0;
-        for (size_t i = 0; i < nb; i++) {
-            if (!needs_f32(&b[i])) continue;
-            *b[i].slot = f->converted + off;
-            off += b[i].t->numel;
-        }
+        bind_converted(b, nb, f->converted);
     }
-    if (c->tie_word_embeddings) f->w.global[GW_LM_HEAD] = f->w.global[GW_EMBED];
+    if (c->tie_word_embeddings) {
+        f->w.global[GW_LM_HEAD] = f->w.global[GW_EMBED];
+        f->w.global16[GW_LM_HEAD] = f->w.global16[GW_EMBED];
+    }
     /* A file none of whose weights is used in place (all BF16, say) is
      * unmapped now rather than kept until close. */
     for (int i = 0; i < f->n_files; i++) {
         int used = 0;
         for (size_t j = 0; j < nb && !used; j++)
-            used = b[j].file == f->files[i] && *b[j].slot == b[j].t->data;
+            used = b[j].file == f->files[i] &&
+                   (b[j].slot16 ? (const void *)*b[j].slot16 : (const void *)*b[j].slot) ==
+                       b[j].t->data;
         if (!used) {
             st_close(f->files[i]);
             f->files[i] = NULL;
@@ -484,9 +523,14 @@ out:
 }
 
 int model_files_open(model_files **out, const char *dir, err *e) {
+    return model_files_open_compute(out, dir, MODEL_COMPUTE_F32, e);
+}
+
+int model_files_open_compute(model_files **out, const char *dir, model_compute compute, err *e) {
     *out = NULL;
     model_files *f = calloc(1, sizeof *f);
     if (!f) return err_set(e, "%s: out of memory", dir);
+    f->compute = compute;
     if (open_dir(f, dir, e)) {
         model_files_close(f);
         return -1;
@@ -522,5 +566,19 @@ void model_files_close(model_files *f) {
     free(f->converted);
     if (f->shared) munmap(f->shared, f->shared_len);
     free((void *)f->w.layer);
+    free((void *)f->w.layer16);
     free(f);
+}
+
+kweight model_weights_get(const model_weights *w, int layer, int kind) {
+    if (layer == MODEL_GLOBAL) return (kweight){w->global[kind], w->global16[kind]};
+    return (kweight){w->layer[layer][kind], w->layer16 ? w->layer16[layer][kind] : NULL};
+}
+
+void model_weights_read_f32(const model_weights *w, int layer, int kind, float *dst, size_t n) {
+    kweight k = model_weights_get(w, layer, kind);
+    if (k.h)
+        bf16_widen(dst, k.h, n);
+    else if (k.f)
+        memcpy(dst, k.f, n * sizeof *dst);
 }

@@ -3,6 +3,8 @@
  * lists), and saving/loading the tensors as safetensors. The methods and
  * their registry live one floor up, in methods/ (methods/registry.h). */
 #include "model/peft.h"
+#include "model/bf16.h"
+#include "base/log.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,6 +99,8 @@ void peft_free(peft *p) {
     free(p->tensors);
     free(p->params);
     free(p->grads);
+    free(p->low);
+    free(p->low_of);
     free(p);
 }
 
@@ -154,8 +158,58 @@ float *peft_grad(peft *p, int i) {
     return p->grads + p->tensors[i].offset;
 }
 
+static int is_matrix(int layer, int kind) {
+    return layer == MODEL_GLOBAL ? kind != GW_FINAL_NORM : kind >= LW_Q && kind <= LW_DOWN;
+}
+
+/* Rounds the method's matrices to BF16 (see bf16_weights), allocating the
+ * copy at the first call; without memory the products stay F32 (logged). */
+static void refresh_low(peft *p) {
+    const model_config *c = p->cfg;
+    size_t slots = (size_t)(c->num_layers + 1) * LW_COUNT;
+    if (!p->low_of) {
+        size_t total = 0;
+        for (int l = MODEL_GLOBAL; l < c->num_layers; l++)
+            for (int k = 0; k < (l < 0 ? GW_COUNT : LW_COUNT); k++)
+                if (is_matrix(l, k) && p->method->weight(p, l, k))
+                    total += (model_weight_shape(c, l, k, NULL, NULL) + 31) / 32 * 32;
+        p->low_of = calloc(slots, sizeof *p->low_of);
+        p->low = aligned_alloc(64, (total ? total : 32) * sizeof *p->low);
+        if (!p->low_of || !p->low) {
+            log_warn("%s: no memory for the BF16 copy of its weights (%zu MB): its products run "
+                     "in F32",
+                     p->method->name, total * 2 >> 20);
+            free(p->low_of), free(p->low);
+            p->low_of = NULL, p->low = NULL;
+            return;
+        }
+        size_t off = 0;
+        for (int l = MODEL_GLOBAL; l < c->num_layers; l++)
+            for (int k = 0; k < (l < 0 ? GW_COUNT : LW_COUNT); k++)
+                if (is_matrix(l, k) && p->method->weight(p, l, k)) {
+                    p->low_of[(size_t)(l + 1) * LW_COUNT + k] = p->low + off;
+                    off += (model_weight_shape(c, l, k, NULL, NULL) + 31) / 32 * 32;
+                }
+    }
+    for (int l = MODEL_GLOBAL; l < c->num_layers; l++)
+        for (int k = 0; k < (l < 0 ? GW_COUNT : LW_COUNT); k++) {
+            const uint16_t *d = p->low_of[(size_t)(l + 1) * LW_COUNT + k];
+            if (d)
+                bf16_round((uint16_t *)d, p->method->weight(p, l, k),
+                           model_weight_shape(c, l, k, NULL, NULL));
+        }
+}
+
 void peft_refresh(peft *p) {
     if (p->method->refresh) p->method->refresh(p);
+    if (p->method->bf16_weights && p->method->weight && p->base->layer16) refresh_low(p);
+}
+
+const uint16_t *peft_weight_bf16(const peft *p, int layer, int kind) {
+    if (!p->low_of || layer < MODEL_GLOBAL || layer >= p->cfg->num_layers || kind < 0 ||
+        kind >= LW_COUNT)
+        return NULL;
+    return p->low_of[(size_t)(layer + 1) * LW_COUNT + kind];
 }
 
 void peft_zero_grads(peft *p) {

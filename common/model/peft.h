@@ -133,6 +133,13 @@ typedef struct peft_method {
      * reparameterisation MLP). Optional. */
     void (*end_backward)(peft *p);
 
+    /* Whether, under BF16 compute, the products may take the weights
+     * returned by weight() rounded to BF16 (as autocast does with F32
+     * master weights): set by full fine-tuning, whose every product would
+     * otherwise run in F32. Methods adding small deltas to the base leave
+     * it 0: rounding W + delta to BF16 would hide deltas below 2^-9 of W. */
+    int bf16_weights;
+
     /* Adds the method's trained change into a copy of a base weight: its
      * whole contribution to a merged export (peft_merge). Optional when the
      * method changes no weight (merged export then refuses it). */
@@ -172,6 +179,12 @@ struct peft {
     uint64_t seed, step, shard;
 
     void *state; /* the method's own */
+
+    /* Under BF16 compute with a method setting bf16_weights: its matrices
+     * rounded to BF16 at each refresh, one allocation, and a view per
+     * (layer + 1) * LW_COUNT + kind (NULL where not replaced). */
+    uint16_t *low;
+    const uint16_t **low_of;
 };
 
 /* Creates method m (configured by its block `config`) over a base, declares
@@ -198,6 +211,9 @@ float *peft_grad(peft *p, int i);
 
 /* Call after params changed (loaded, optimizer step, pulled version). */
 void peft_refresh(peft *p);
+/* The BF16 rounding of weight() for (layer, kind) as of the last refresh,
+ * or NULL (F32 compute, a method without bf16_weights, a vector). */
+const uint16_t *peft_weight_bf16(const peft *p, int layer, int kind);
 void peft_zero_grads(peft *p);
 /* Sets the context of the next forward (dropout on/off, random stream). */
 void peft_set_step(peft *p, int training, uint64_t seed, uint64_t step, uint64_t shard);

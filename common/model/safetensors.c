@@ -470,6 +470,32 @@ int st_convert_f32(const st_file *f, const st_tensor *t, float *dst, err *e) {
     }
 }
 
+int st_convert_bf16(const st_file *f, const st_tensor *t, uint16_t *dst, err *e) {
+    const uint8_t *s = t->data;
+    switch (t->dtype) {
+    case ST_BF16:
+        if (t->nbytes) memcpy(dst, s, t->nbytes);
+        return 0;
+    case ST_F32:
+    case ST_F16:
+        for (size_t i = 0; i < t->numel; i++) {
+            float v;
+            if (t->dtype == ST_F32) {
+                memcpy(&v, s + 4 * i, 4);
+            } else {
+                uint16_t h;
+                memcpy(&h, s + 2 * i, 2);
+                v = st_f16_to_f32(h);
+            }
+            dst[i] = st_f32_to_bf16(v);
+        }
+        return 0;
+    default:
+        return err_set(e, "%s: tensor '%.200s' has dtype %s; expected F32, F16 or BF16", f->path,
+                       t->name, st_dtype_name(t->dtype));
+    }
+}
+
 int st_get_f32(const st_file *f, const char *name, const float **data, float **owned,
                const st_tensor **info, err *e) {
     *data = NULL;

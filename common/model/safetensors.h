@@ -104,6 +104,11 @@ const void *st_header(const st_file *f, size_t *len);
  * Other dtypes fail with a message naming the file, tensor and dtype. */
 int st_convert_f32(const st_file *f, const st_tensor *t, float *dst, err *e);
 
+/* Converts a floating tensor to BF16 into dst (t->numel values): BF16
+ * copied, F32 and F16 rounded to nearest even (F16 through its exact F32
+ * value). Other dtypes fail as st_convert_f32. */
+int st_convert_bf16(const st_file *f, const st_tensor *t, uint16_t *dst, err *e);
+
 /* F32 view of tensor `name`: an aligned F32 tensor is returned in place
  * (*data into the mapping, *owned = NULL); otherwise *data = *owned = a new
  * array (free it) holding the converted values. *info (may be NULL) gets the

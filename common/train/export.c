@@ -572,7 +572,10 @@ int export_open(export_source **out, const char *source, const export_opts *o, e
         s->files = s->t->files;
         s->p = s->t->p;
     } else {
-        if (model_files_open(&s->files, s->exp->model->path, e) < 0) goto fail;
+        /* In the experiment's compute, as training held it: a BF16 base
+         * under BF16 compute is read in place, with no F32 copy. */
+        if (model_files_open_compute(&s->files, s->exp->model->path, train_compute(s->exp), e) < 0)
+            goto fail;
         if (methods_create(&s->p, s->exp->method, model_files_config(s->files),
                            model_files_weights(s->files), e) < 0 ||
             train_add_task(s->p, s->exp, model_files_config(s->files), e) < 0)
@@ -746,10 +749,6 @@ static void mweight_set(mweight *w, const model_config *cfg, int layer, int kind
     w->shape[1] = cols;
 }
 
-static const float *base_weight(const model_weights *w, int layer, int kind) {
-    return layer == MODEL_GLOBAL ? w->global[kind] : w->layer[layer][kind];
-}
-
 /* A copy of base weight (layer, kind) with the method's change added. */
 static float *merged_weight(export_source *s, const mweight *mw, err *e) {
     float *buf = malloc(mw->numel * sizeof *buf);
@@ -757,8 +756,7 @@ static float *merged_weight(export_source *s, const mweight *mw, err *e) {
         err_set(e, "out of memory for %s (%zu values)", mw->name, mw->numel);
         return NULL;
     }
-    memcpy(buf, base_weight(model_files_weights(s->files), mw->layer, mw->kind),
-           mw->numel * sizeof *buf);
+    model_weights_read_f32(model_files_weights(s->files), mw->layer, mw->kind, buf, mw->numel);
     if (peft_merge(s->p, mw->layer, mw->kind, buf, e) < 0) {
         free(buf);
         return NULL;
@@ -770,11 +768,17 @@ static float *merged_weight(export_source *s, const mweight *mw, err *e) {
 static int embedding_changed(export_source *s, int *changed, err *e) {
     mweight mw;
     mweight_set(&mw, model_files_config(s->files), MODEL_GLOBAL, GW_EMBED);
-    float *buf = merged_weight(s, &mw, e);
-    if (!buf) return -1;
-    *changed =
-        memcmp(buf, model_files_weights(s->files)->global[GW_EMBED], mw.numel * sizeof *buf) != 0;
+    float *buf = merged_weight(s, &mw, e), *base = malloc(mw.numel * sizeof *base);
+    if (!buf || !base) {
+        if (buf && !base) err_set(e, "out of memory for %s (%zu values)", mw.name, mw.numel);
+        free(buf);
+        free(base);
+        return -1;
+    }
+    model_weights_read_f32(model_files_weights(s->files), MODEL_GLOBAL, GW_EMBED, base, mw.numel);
+    *changed = memcmp(buf, base, mw.numel * sizeof *buf) != 0;
     free(buf);
+    free(base);
     return 0;
 }
 

@@ -10,6 +10,7 @@
 #include "base/log.h"
 #include "config/config.h"
 #include "model/clshead.h"
+#include "model/bf16.h"
 
 /* Calibration batch i: training sequences i*rows .. i*rows+rows-1. */
 static int trainer_calibration_batch(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e) {
@@ -37,6 +38,21 @@ int train_add_task(peft *p, const Peftps__Experiment *exp, const model_config *c
     return 0;
 }
 
+model_compute train_compute(const Peftps__Experiment *exp) {
+    return exp->model && exp->model->has_compute && exp->model->compute == PEFTPS__COMPUTE__BF16
+               ? MODEL_COMPUTE_BF16
+               : MODEL_COMPUTE_F32;
+}
+
+const char *train_compute_name(model_compute c) {
+    return c == MODEL_COMPUTE_BF16 ? "BF16" : "F32";
+}
+
+int train_compute_check(const Peftps__Experiment *exp, err *e) {
+    if (train_compute(exp) != MODEL_COMPUTE_BF16) return 0;
+    return bf16_cpu_check("model.compute: BF16", e);
+}
+
 int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err *e) {
     *out = NULL;
     trainer *t = calloc(1, sizeof *t);
@@ -46,7 +62,7 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
     t->rows = (int)(d->batch_size / d->shards_per_step);
     t->T = (int)d->seq_len;
 
-    if (model_files_open(&t->files, exp->model->path, e) < 0) goto fail;
+    if (model_files_open_compute(&t->files, exp->model->path, train_compute(exp), e) < 0) goto fail;
     const model_config *cfg = model_files_config(t->files);
     const model_weights *w = model_files_weights(t->files);
     data_opts opts = {.format = d->format,
@@ -79,6 +95,10 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
         goto fail;
     }
     int calib = methods_calibration_batches(exp->method);
+    if (calib > 0 && train_compute_check(exp, e) < 0) {
+        err_wrap(e, "calibrating %s", t->p->method->name);
+        goto fail;
+    }
     if (calib > 0) {
         log_info("calibrating %s on %d batches of %d sequences", t->p->method->name, calib,
                  t->rows);
@@ -134,6 +154,7 @@ void trainer_close(trainer *t) {
 int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
                        err *e) {
     const Peftps__Data *d = t->exp->data;
+    if (train_compute_check(t->exp, e) < 0) return -1; /* never another path */
     if (data_shard(t->train, step, shard, d->shards_per_step, d->batch_size, t->tokens, t->labels,
                    e) < 0)
         return -1;
@@ -222,6 +243,7 @@ int trainer_step(trainer *t, uint64_t step, train_step_stats *st, err *e) {
 
 int trainer_eval(trainer *t, double *mean_loss, long *n_tokens, err *e) {
     if (!t->eval) return err_set(e, "the experiment has no eval data (data.eval)");
+    if (train_compute_check(t->exp, e) < 0) return -1;
     const Peftps__Data *d = t->exp->data;
     uint64_t want = (uint64_t)d->eval_batches * d->batch_size;
     uint64_t have = data_num_windows(t->eval);

@@ -61,6 +61,14 @@ int train_pad_id(const model_config *cfg, err *e);
  * same everywhere. */
 int train_add_task(peft *p, const Peftps__Experiment *exp, const model_config *cfg, err *e);
 
+/* The compute setting of the experiment (model.compute; unset is F32). */
+model_compute train_compute(const Peftps__Experiment *exp);
+/* Its name as the wire and messages give it: "F32" or "BF16". */
+const char *train_compute_name(model_compute c);
+/* 0 when this machine can run the experiment's compute, else -1 with e
+ * naming the instruction set it lacks (BF16 needs AVX512-BF16). */
+int train_compute_check(const Peftps__Experiment *exp, err *e);
+
 /* Opens the base model, creates the method, calibrates it when it needs
  * gradients to choose what trains (methods_calibration_batches of
  * methods/registry.h), initialises it from the seed (or from
@@ -71,6 +79,8 @@ void trainer_close(trainer *t);
 
 /* Gradient of the summed token loss of shard `shard` of step `step` into
  * t->p->grads (zeroed first), at the current parameters; the worker's half.
+ * Like trainer_step and trainer_eval, fails (train_compute_check) rather
+ * than compute BF16 on a CPU without AVX512-BF16.
  * Writes the shard's summed loss and its count of loss-carrying tokens. */
 int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
                        err *e);

@@ -1,9 +1,11 @@
 /* Training-step benchmark: tokens/s of one full step (forward, backward,
- * AdamW) of a random Llama-shaped model, for LoRA r=8 on q,v or for full
- * fine-tuning, plus the cblas_sgemm rate of this machine and the step's
- * floating-point operations, so a run can say what share of the matrix-
- * multiply limit it reached. tests/bench/run.py runs it beside the PyTorch
- * peer (tests/bench/torch_step.py), interleaved. */
+ * AdamW) of a random Llama-shaped model, for LoRA (r=8 on q,v; r=16 on
+ * q,k,v,o for the 1B shape) or for full fine-tuning, with the frozen
+ * products in F32 or BF16 (--compute), plus the cblas_sgemm and BF16
+ * product rates of this machine and the step's floating-point operations,
+ * so a run can say what share of the matrix-multiply limit it reached.
+ * tests/bench/run.py runs it beside the PyTorch peer
+ * (tests/bench/torch_step.py), interleaved. */
 #include <cblas.h>
 #include <math.h>
 #include <stdio.h>
@@ -11,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "model/bf16.h"
 #include "model/kernels.h"
 #include "model/model.h"
 #include "train/optim.h"
@@ -23,12 +26,19 @@
 
 typedef struct shape {
     const char *name;
-    int layers, hidden, heads, inter, seq, batch, vocab;
+    int layers, hidden, heads, kv_heads, inter, seq, batch, vocab;
+    int lora_r;       /* LoRA's rank */
+    unsigned targets; /* LoRA's modules: PEFT_BIT(LW_Q) | ... */
 } shape;
 
+#define QV (PEFT_BIT(LW_Q) | PEFT_BIT(LW_V))
+#define QKVO (QV | PEFT_BIT(LW_K) | PEFT_BIT(LW_O))
+
 static const shape shapes[] = {
-    {"small", 4, 256, 4, 688, 128, 8, 256},
-    {"gpt2", 12, 768, 12, 3072, 64, 4, 50257},
+    {"small", 4, 256, 4, 4, 688, 128, 8, 256, 8, QV},
+    {"gpt2", 12, 768, 12, 12, 3072, 64, 4, 50257, 8, QV},
+    /* Llama-3.2-1B's config (tied embeddings left untied: the same work). */
+    {"llama1b", 16, 2048, 32, 8, 8192, 256, 2, 128256, 16, QKVO},
 };
 
 static void config_of(const shape *s, model_config *cfg) {
@@ -38,7 +48,7 @@ static void config_of(const shape *s, model_config *cfg) {
     cfg->intermediate_size = s->inter;
     cfg->num_layers = s->layers;
     cfg->num_heads = s->heads;
-    cfg->num_kv_heads = s->heads;
+    cfg->num_kv_heads = s->kv_heads;
     cfg->head_dim = s->hidden / s->heads;
     cfg->max_position_embeddings = 4096;
     cfg->rms_norm_eps = 1e-5f;
@@ -55,14 +65,22 @@ static void config_of(const shape *s, model_config *cfg) {
  * once more). LoRA's own products are counted too. */
 static double step_flops(const shape *s, int full) {
     double N = (double)s->batch * s->seq, C = s->hidden, F = s->inter, L = s->layers, V = s->vocab;
-    double lin = L * (4 * C * C + 3 * C * F);
+    double kv = C / s->heads * s->kv_heads;
+    double lin = L * (2 * C * C + 2 * C * kv + 3 * C * F);
     double attn = L * 2.0 * 2.0 * s->batch * (double)s->seq * s->seq * C;
     double fwd = 2 * N * (lin + V * C) + attn;
     double total = 2 * fwd;
-    if (full)
+    if (full) {
         total += 2 * N * (lin + V * C);
-    else
-        total += 3 * 2 * N * L * 2 * (8.0 * C + 8.0 * C); /* LoRA on q,v: fwd+2 bwd */
+    } else {
+        /* LoRA's own products, forward and two backward, at each site. */
+        double sites = 0;
+        if (s->targets & PEFT_BIT(LW_Q)) sites += C + C;
+        if (s->targets & PEFT_BIT(LW_K)) sites += C + kv;
+        if (s->targets & PEFT_BIT(LW_V)) sites += C + kv;
+        if (s->targets & PEFT_BIT(LW_O)) sites += C + C;
+        total += 3 * 2 * N * L * s->lora_r * sites;
+    }
     return total;
 }
 
@@ -122,6 +140,31 @@ static double sgemm_gflops(double *openblas, double *team) {
     return *openblas > *team ? *openblas : *team;
 }
 
+/* The BF16 product rate (bf16.h) on 1024^3, over the team as the model
+ * runs it: the best of five after a warm-up. */
+static double bf16_gflops(void) {
+    int n = 1024;
+    float *a = malloc(sizeof(float) * n * n), *c = malloc(sizeof(float) * n * n);
+    uint16_t *b = malloc(sizeof(uint16_t) * n * n);
+    for (int i = 0; i < n * n; i++) a[i] = 0.001f * (float)(i % 97);
+    bf16_round(b, a, (size_t)n * n);
+    bf16_op op = {.N = n, .K = n, .M = n, .x = a, .w = b, .out = c};
+    double best = 0;
+    team_blas_enter();
+    for (double t0 = progress_now(); progress_now() - t0 < 0.3;) bf16_matmul(&op, 1, 0);
+    for (int r = 0; r < 6; r++) {
+        double t0 = progress_now();
+        bf16_matmul(&op, 1, 0);
+        double g = 2.0 * n * n * (double)n / (progress_now() - t0) / 1e9;
+        if (r > 0 && g > best) best = g;
+    }
+    team_blas_leave();
+    free(a);
+    free(b);
+    free(c);
+    return best;
+}
+
 /* Seconds of the step's linear products alone, through the same kernels
  * (kernels.h) on the same weights: every linear and lm_head forward, their
  * input gradients (not below the lowest trained layer: layer 0's q, k, v
@@ -130,8 +173,18 @@ static double sgemm_gflops(double *openblas, double *team) {
  * so ntok over it bounds the tokens/s any schedule of the step's work
  * reaches at the rate these products run here. Median of 3 after one
  * warm-up. */
+/* Full fine-tuning's weight gradient as full.c takes it in each compute. */
+static void weight_grad(float *gw, const float *dy, const float *x, int N, int C, int OC,
+                        int bf16) {
+    if (bf16)
+        linear_backward_weight_bf16(gw, dy, x, N, C, OC);
+    else
+        linear_backward(NULL, gw, NULL, dy, x, NULL, N, C, OC);
+}
+
 static double products_seconds(const shape *s, const model_config *cfg, const model_weights *w,
                                int full) {
+    int bf16 = w->layer16 != NULL;
     int N = s->batch * s->seq, C = s->hidden, F = s->inter, V = s->vocab, L = s->layers;
     size_t wide = (size_t)N * (size_t)(F > V ? F : V);
     float *x = calloc(wide, sizeof *x), *y = calloc(wide, sizeof *y);
@@ -143,38 +196,45 @@ static double products_seconds(const shape *s, const model_config *cfg, const mo
         exit(1);
     }
     const int kinds[7] = {LW_Q, LW_K, LW_V, LW_O, LW_GATE, LW_UP, LW_DOWN};
+    int KV = C / s->heads * s->kv_heads;
     double t[4];
+    /* Large shapes (a step of many seconds): one timed run after the warm-up. */
+    int reps = (double)N * C * C * L > 1e12 ? 2 : 4;
     team_blas_enter();
-    for (int rep = 0; rep < 4; rep++) {
+    for (int rep = 0; rep < reps; rep++) {
         double t0 = progress_now();
         for (int l = 0; l < L; l++) {
             float *outs[3] = {y, y, y};
-            const float *wq[3] = {w->layer[l][LW_Q], w->layer[l][LW_K], w->layer[l][LW_V]};
-            int oc[3] = {C, C, C};
-            linears_forward(3, outs, x, wq, NULL, N, C, oc);
-            linear_residual_forward(y, y, x, w->layer[l][LW_O], N, C, C);
-            const float *wg[2] = {w->layer[l][LW_GATE], w->layer[l][LW_UP]};
+            kweight wq[3] = {model_weights_get(w, l, LW_Q), model_weights_get(w, l, LW_K),
+                             model_weights_get(w, l, LW_V)};
+            int oc[3] = {C, KV, KV};
+            linears_forward_k(3, outs, x, wq, NULL, N, C, oc);
+            linear_residual_forward_k(y, y, x, model_weights_get(w, l, LW_O), N, C, C);
+            kweight wg[2] = {model_weights_get(w, l, LW_GATE), model_weights_get(w, l, LW_UP)};
             int of[2] = {F, F};
-            linears_forward(2, outs, x, wg, NULL, N, C, of);
-            linear_residual_forward(y, y, x, w->layer[l][LW_DOWN], N, F, C);
+            linears_forward_k(2, outs, x, wg, NULL, N, C, of);
+            linear_residual_forward_k(y, y, x, model_weights_get(w, l, LW_DOWN), N, F, C);
         }
-        linear_forward(y, x, w->global[GW_LM_HEAD], NULL, N, C, V);
+        kweight head = model_weights_get(w, MODEL_GLOBAL, GW_LM_HEAD);
+        linears_forward_k(1, &y, x, &head, NULL, N, C, &V);
         const float *dy = y, *dys[3] = {y, y, y};
-        linears_backward_input(x, 0, 1, &dy, &w->global[GW_LM_HEAD], N, C, &V);
-        if (full) linear_backward(NULL, gw, NULL, y, x, NULL, N, C, V);
+        linears_backward_input_k(x, 0, 1, &dy, &head, N, C, &V);
+        if (full) weight_grad(gw, y, x, N, C, V, bf16);
         for (int l = L - 1; l >= 0; l--) {
-            const float *const *lw = w->layer[l];
-            const float *wg[2] = {lw[LW_GATE], lw[LW_UP]}, *wq[3] = {lw[LW_Q], lw[LW_K], lw[LW_V]};
-            int of[2] = {F, F}, oc[3] = {C, C, C};
-            linears_backward_input(x, 0, 1, &dy, &lw[LW_DOWN], N, F, &C);
-            linears_backward_input(x, 0, 2, dys, wg, N, C, of);
-            linears_backward_input(x, 0, 1, &dy, &lw[LW_O], N, C, &C);
-            if (full || l > 0) linears_backward_input(x, 0, 3, dys, wq, N, C, oc);
+            kweight wg[2] = {model_weights_get(w, l, LW_GATE), model_weights_get(w, l, LW_UP)};
+            kweight wq[3] = {model_weights_get(w, l, LW_Q), model_weights_get(w, l, LW_K),
+                             model_weights_get(w, l, LW_V)};
+            kweight wd = model_weights_get(w, l, LW_DOWN), wo = model_weights_get(w, l, LW_O);
+            int of[2] = {F, F}, oc[3] = {C, KV, KV};
+            linears_backward_input_k(x, 0, 1, &dy, &wd, N, F, &C);
+            linears_backward_input_k(x, 0, 2, dys, wg, N, C, of);
+            linears_backward_input_k(x, 0, 1, &dy, &wo, N, C, &C);
+            if (full || l > 0) linears_backward_input_k(x, 0, 3, dys, wq, N, C, oc);
             if (!full) continue;
             for (int k = 0; k < 7; k++) {
                 int rows, cols;
                 model_weight_shape(cfg, l, kinds[k], &rows, &cols);
-                linear_backward(NULL, gw, NULL, y, x, NULL, N, cols, rows);
+                weight_grad(gw, y, x, N, cols, rows, bf16);
             }
         }
         t[rep] = progress_now() - t0;
@@ -183,8 +243,8 @@ static double products_seconds(const shape *s, const model_config *cfg, const mo
     free(x);
     free(y);
     free(gw);
-    sort_doubles(t + 1, 3);
-    return t[2];
+    sort_doubles(t + 1, reps - 1);
+    return t[reps / 2];
 }
 
 /* Writes the random base of `cfg` (weights in `w`) as a Hugging Face model
@@ -237,7 +297,7 @@ static int write_model(const char *dir, const model_config *cfg, const model_wei
 }
 
 int main(int argc, char **argv) {
-    const char *shape_name = "small", *method = "lora", *model_dir = NULL;
+    const char *shape_name = "small", *method = "lora", *model_dir = NULL, *compute = "f32";
     int steps = 10, warmup = 2;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--shape") && i + 1 < argc)
@@ -248,74 +308,118 @@ int main(int argc, char **argv) {
             steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--write-model") && i + 1 < argc)
             model_dir = argv[++i];
-        else if (!strcmp(argv[i], "--sgemm")) {
+        else if (!strcmp(argv[i], "--warmup") && i + 1 < argc)
+            warmup = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--compute") && i + 1 < argc)
+            compute = argv[++i];
+        else if (!strcmp(argv[i], "--bf16-rate")) {
+            if (!bf16_cpu_ok()) {
+                fprintf(stderr, "bench_train: this CPU has no AVX512-BF16\n");
+                return 1;
+            }
+            printf("{\"bf16_gflops\":%.2f}\n", bf16_gflops());
+            return 0;
+        } else if (!strcmp(argv[i], "--sgemm")) {
             double ob, tm, best = sgemm_gflops(&ob, &tm);
             printf("{\"sgemm_gflops\":%.2f,\"openblas_threads\":%.2f,\"team\":%.2f}\n", best, ob,
                    tm);
             return 0;
         } else {
-            fprintf(stderr,
-                    "usage: bench_train [--shape small|gpt2] [--method lora|full] [--steps N] | "
-                    "--sgemm | --shape S --write-model DIR\n");
+            fprintf(
+                stderr,
+                "usage: bench_train [--shape small|gpt2|llama1b] [--method lora|full] "
+                "[--compute f32|bf16] [--steps N] [--warmup N] | --sgemm | --bf16-rate | --shape S "
+                "--write-model DIR\n");
             return 2;
         }
     }
     const shape *s = NULL;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
         if (!strcmp(shapes[i].name, shape_name)) s = &shapes[i];
-    int full = !strcmp(method, "full");
-    if (!s || (!full && strcmp(method, "lora"))) {
-        fprintf(stderr, "bench_train: unknown shape '%s' or method '%s'\n", shape_name, method);
+    int full = !strcmp(method, "full"), bf16 = !strcmp(compute, "bf16");
+    if (!s || (!full && strcmp(method, "lora")) || (!bf16 && strcmp(compute, "f32")) ||
+        (bf16 && model_dir)) {
+        fprintf(stderr,
+                "bench_train: unknown shape '%s', method '%s' or compute '%s' (or "
+                "--write-model with bf16)\n",
+                shape_name, method, compute);
         return 2;
+    }
+    if (bf16 && !bf16_cpu_ok()) {
+        fprintf(stderr, "bench_train: --compute bf16 needs AVX512-BF16, which this CPU lacks\n");
+        return 1;
     }
 
     model_config cfg;
     config_of(s, &cfg);
-    /* All base weights in one allocation, N(0, 0.02). */
-    size_t total = 0;
-    for (int k = 0; k < GW_COUNT; k++)
-        total += model_weight_shape(&cfg, MODEL_GLOBAL, k, NULL, NULL);
-    for (int l = 0; l < cfg.num_layers; l++)
-        for (int k = 0; k < LW_COUNT; k++) total += model_weight_shape(&cfg, l, k, NULL, NULL);
-    float *mem = malloc(total * sizeof *mem);
+    /* All base weights in one allocation, N(0, 0.02), norms 1; with BF16
+     * compute the matrices are the BF16 roundings of the same values, in
+     * an allocation of their own, and have no F32 copy. */
+    size_t total = 0, total16 = 0;
+    for (int l = MODEL_GLOBAL; l < cfg.num_layers; l++)
+        for (int k = 0; k < (l < 0 ? GW_COUNT : LW_COUNT); k++) {
+            int rows, cols;
+            size_t n = model_weight_shape(&cfg, l, k, &rows, &cols);
+            if (bf16 && cols > 1)
+                total16 += n;
+            else
+                total += n;
+        }
+    float *mem = malloc((total ? total : 1) * sizeof *mem);
+    uint16_t *mem16 = bf16 ? malloc(total16 * sizeof *mem16) : NULL;
     const float *(*layers)[LW_COUNT] = calloc((size_t)cfg.num_layers, sizeof *layers);
-    if (!mem || !layers) return 1;
+    const uint16_t *(*layers16)[LW_COUNT] =
+        bf16 ? calloc((size_t)cfg.num_layers, sizeof *layers16) : NULL;
+    size_t biggest = (size_t)s->hidden * (size_t)(s->vocab > s->inter ? s->vocab : s->inter);
+    float *tmp = malloc(sizeof(float) * biggest);
+    if (!mem || !layers || !tmp || (bf16 && (!mem16 || !layers16))) {
+        fprintf(stderr, "bench_train: out of memory for the base\n");
+        return 1;
+    }
     rng r;
     rng_seed(&r, 1, 2, 3, 4);
-    for (size_t i = 0; i < total; i++) mem[i] = 0.02f * rng_normal(&r);
-    model_weights w = {.layer = layers};
+    model_weights w = {.layer = layers, .layer16 = layers16};
     float *at = mem;
-    for (int k = 0; k < GW_COUNT; k++) {
-        size_t n = model_weight_shape(&cfg, MODEL_GLOBAL, k, NULL, NULL);
-        w.global[k] = n ? at : NULL;
-        if (k == GW_FINAL_NORM)
-            for (size_t i = 0; i < n; i++) at[i] = 1.0f;
-        at += n;
-    }
-    for (int l = 0; l < cfg.num_layers; l++)
-        for (int k = 0; k < LW_COUNT; k++) {
-            size_t n = model_weight_shape(&cfg, l, k, NULL, NULL);
-            layers[l][k] = n ? at : NULL;
-            if (k == LW_INPUT_NORM || k == LW_POST_NORM)
-                for (size_t i = 0; i < n; i++) at[i] = 1.0f;
-            at += n;
+    uint16_t *at16 = mem16;
+    for (int l = MODEL_GLOBAL; l < cfg.num_layers; l++)
+        for (int k = 0; k < (l < 0 ? GW_COUNT : LW_COUNT); k++) {
+            int rows, cols;
+            size_t n = model_weight_shape(&cfg, l, k, &rows, &cols);
+            if (!n) continue;
+            int norm = l < 0 ? k == GW_FINAL_NORM : (k == LW_INPUT_NORM || k == LW_POST_NORM);
+            for (size_t i = 0; i < n; i++) tmp[i] = norm ? 1.0f : 0.02f * rng_normal(&r);
+            if (bf16 && cols > 1) {
+                bf16_round(at16, tmp, n);
+                *(l < 0 ? &w.global16[k] : &layers16[l][k]) = at16;
+                at16 += n;
+            } else {
+                memcpy(at, tmp, n * sizeof *at);
+                *(l < 0 ? &w.global[k] : &layers[l][k]) = at;
+                at += n;
+            }
         }
+    free(tmp);
 
     if (model_dir) return write_model(model_dir, &cfg, &w);
 
     Peftps__Method mcfg = PEFTPS__METHOD__INIT;
     Peftps__LoRA lora = PEFTPS__LO_RA__INIT;
     Peftps__Full fullcfg = PEFTPS__FULL__INIT;
-    Peftps__Module targets[] = {PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__V_PROJ};
+    Peftps__Module targets[4];
+    int nt = 0;
+    if (s->targets & PEFT_BIT(LW_Q)) targets[nt++] = PEFTPS__MODULE__Q_PROJ;
+    if (s->targets & PEFT_BIT(LW_K)) targets[nt++] = PEFTPS__MODULE__K_PROJ;
+    if (s->targets & PEFT_BIT(LW_V)) targets[nt++] = PEFTPS__MODULE__V_PROJ;
+    if (s->targets & PEFT_BIT(LW_O)) targets[nt++] = PEFTPS__MODULE__O_PROJ;
     if (full) {
         mcfg.kind_case = PEFTPS__METHOD__KIND_FULL;
         mcfg.full = &fullcfg;
     } else {
         lora.has_r = 1;
-        lora.r = 8;
+        lora.r = (uint32_t)s->lora_r;
         lora.has_alpha = 1;
-        lora.alpha = 16;
-        lora.n_target_modules = 2;
+        lora.alpha = 2.0f * (float)s->lora_r;
+        lora.n_target_modules = (size_t)nt;
         lora.target_modules = targets;
         mcfg.kind_case = PEFTPS__METHOD__KIND_LORA;
         mcfg.lora = &lora;
@@ -367,10 +471,11 @@ int main(int argc, char **argv) {
     sort_doubles(cpu, steps);
     double med = times[steps / 2];
     double products = products_seconds(s, &cfg, &w, full);
-    printf("{\"impl\":\"peftps\",\"shape\":\"%s\",\"method\":\"%s\",\"step_ms\":%.3f,"
+    printf("{\"impl\":\"peftps\",\"shape\":\"%s\",\"method\":\"%s\",\"compute\":\"%s\","
+           "\"step_ms\":%.3f,"
            "\"cpu_ms\":%.3f,\"tokens_per_s\":%.1f,\"gflops\":%.2f,\"trainable\":%zu,"
            "\"products_ms\":%.3f,\"products_tokens_per_s\":%.1f}\n",
-           s->name, method, med * 1e3, cpu[steps / 2] * 1e3, (double)ntok / med,
+           s->name, method, compute, med * 1e3, cpu[steps / 2] * 1e3, (double)ntok / med,
            step_flops(s, full) / med / 1e9, peft_num_trainable(p), products * 1e3,
            (double)ntok / products);
     optim_free(&o);
@@ -381,6 +486,8 @@ int main(int argc, char **argv) {
     free(tok);
     free(lab);
     free(mem);
+    free(mem16);
     free(layers);
+    free(layers16);
     return 0;
 }

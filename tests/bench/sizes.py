@@ -4,7 +4,9 @@
 For each model of tests/bench/make_models.py (random BF16 weights, the real
 config.json, sharded as shipped), runs `peftps run EXP --workers 1`: one
 parameter server and one worker on this machine, LoRA r=16 on all seven
-projections, seq 512, batch 1, model.recompute on, for a few steps. While it
+projections, seq 512, batch 1, model.recompute on, model.compute BF16 (the
+bases used in place) where the CPU has AVX512-BF16 else F32 (--compute), for
+a few steps. While it
 runs, /proc/PID/status of the server and the worker is sampled every 0.1 s:
 
   worker private   the largest RssAnon of the worker: activations,
@@ -49,10 +51,10 @@ SEQ, BATCH = 512, 1
 ALL_SEVEN = "[Q_PROJ, K_PROJ, V_PROJ, O_PROJ, GATE_PROJ, UP_PROJ, DOWN_PROJ]"
 
 
-def experiment(work, name, model, steps):
+def experiment(work, name, model, steps, compute):
     return f"""name: "sizes-{name}"
 output_dir: "{work}/out-{name}"
-model {{ path: "{model}" recompute: true }}
+model {{ path: "{model}" compute: {compute} recompute: true }}
 method {{ lora {{ r: 16 alpha: 32 target_modules: {ALL_SEVEN} }} }}
 optimizer {{ lr: 1e-4 weight_decay: 0 }}
 schedule {{ total_steps: {steps} decay: CONSTANT }}
@@ -106,7 +108,16 @@ def cache_files():
     return {os.path.join(d, f) for f in os.listdir(d)}
 
 
-def run_one(work, name, model, steps, bytes_per_param):
+def cpu_bf16():
+    """Whether this CPU has AVX512-BF16, which BF16 compute needs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def run_one(work, name, model, steps, compute):
     """Runs the experiment, sampling memory; returns the row's numbers."""
     cfg = make_models.MODELS[name]
     rng = make_models.np.random.default_rng(1)
@@ -116,7 +127,7 @@ def run_one(work, name, model, steps, bytes_per_param):
     shutil.rmtree(f"{work}/ckpt-{name}", ignore_errors=True)
     exp = f"{work}/{name}.pbtxt"
     with open(exp, "w") as f:
-        f.write(experiment(work, name, model, steps))
+        f.write(experiment(work, name, model, steps, compute))
     before = cache_files()
     peak = {"worker_private": 0, "worker_mapped": 0, "server_private": 0, "server_mapped": 0,
             "worker_mapped_peak": 0, "server_mapped_peak": 0}
@@ -173,16 +184,22 @@ def main():
     ap.add_argument("--out", default="build/bench/sizes.md")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--clean", action="store_true", help="remove each model after its run")
+    ap.add_argument("--compute", choices=["auto", "BF16", "F32"], default="auto",
+                    help="model.compute of the runs; auto: BF16 (the BF16 bases used in place) "
+                    "when this CPU has AVX512-BF16, else F32")
     ap.add_argument("--f32-cache", choices=["auto", "yes", "no"], default="auto",
-                    help="whether BF16 bases go through the F32 cache (4 bytes per parameter "
-                    "mapped); auto: from what the first model's worker mapped")
+                    help="under F32 compute, whether BF16 bases go through the F32 cache (4 bytes "
+                    "per parameter mapped); auto: from what the first model's worker mapped")
     a = ap.parse_args()
+    compute = a.compute if a.compute != "auto" else "BF16" if cpu_bf16() else "F32"
+    print(f"compute: {compute}", flush=True)
     names = a.models or list(make_models.MODELS)
     os.makedirs(a.work, exist_ok=True)
     work = os.path.abspath(a.work)
     ram = meminfo("MemTotal")
     rows = {}
-    bpp = {"yes": 4, "no": 2, "auto": None}[a.f32_cache]
+    # BF16 compute maps a BF16 base as shipped: 2 bytes per parameter
+    bpp = 2 if compute == "BF16" else {"yes": 4, "no": 2, "auto": None}[a.f32_cache]
     for name in names:
         cfg = make_models.MODELS[name]
         params = make_models.parameters(cfg)
@@ -205,7 +222,7 @@ def main():
             print(f"{name}: writing the model", flush=True)
             make_models.write_model(name, model)
         print(f"{name}: running {a.steps} steps", flush=True)
-        r = run_one(work, name, model, a.steps, bpp)
+        r = run_one(work, name, model, a.steps, compute)
         r["parameters"] = params
         if bpp is None and r.get("ok"):
             # what the worker mapped tells: ~4 bytes per parameter is the F32 cache
@@ -234,7 +251,7 @@ def main():
     with open(a.out, "w") as f:
         f.write(table)
     with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-        json.dump({"ram_bytes": ram, "seq_len": SEQ, "batch": BATCH, "models": rows}, f, indent=1)
+        json.dump({"ram_bytes": ram, "compute": compute, "seq_len": SEQ, "batch": BATCH, "models": rows}, f, indent=1)
     sys.exit(0 if all(r.get("ok") or r.get("skipped") for r in rows.values()) else 1)
 
 

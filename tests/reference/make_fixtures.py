@@ -225,8 +225,10 @@ def forward(cfg, w, tokens, labels, lora=None, prefix=None, rope_scaled=True, po
     pos0 = Pn if pos0 is None else pos0
     pos = torch.arange(pos0, pos0 + Tn, dtype=torch.float64)
     ang = pos[:, None] * inv_freq(cfg, rope_scaled)[None, :]
-    cos = torch.cat((ang.cos(), ang.cos()), -1)
-    sin = torch.cat((ang.sin(), ang.sin()), -1)
+    # Tables in double, used in the stream's dtype (float64 here, float32 for
+    # make_bf16_fixture.py's autocast run).
+    cos = torch.cat((ang.cos(), ang.cos()), -1).to(x.dtype)
+    sin = torch.cat((ang.sin(), ang.sin()), -1).to(x.dtype)
     allowed = torch.ones(Tn, Pn + Tn, dtype=torch.bool)
     allowed[:, Pn:] = torch.tril(torch.ones(Tn, Tn, dtype=torch.bool))
 
