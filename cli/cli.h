@@ -15,5 +15,6 @@ int cmd_keygen(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
 int cmd_export(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
+int cmd_cache(int argc, char **argv);
 
 #endif

@@ -29,7 +29,8 @@ static const char run_usage[] =
     "(default 1), talking over private ipc:// endpoints (the experiment's\n"
     "endpoints are replaced; set them and start the programs yourself to use\n"
     "other machines). Shows the server's progress; Ctrl-C stops everything,\n"
-    "after the server checkpointed. Writes what `peftps train` writes under\n"
+    "after the server checkpointed (unless checkpoint.every_steps is 0, which\n"
+    "turns checkpoints off). Writes what `peftps train` writes under\n"
     "output_dir (metrics.jsonl, tensors.safetensors, experiment.pbtxt), with\n"
     "bit-identical tensors, and resumes from checkpoint.path when a checkpoint\n"
     "of the same experiment is there. Exits with the server's status; when a\n"
@@ -229,7 +230,7 @@ static int run_eval(const Peftps__Experiment *ex, err *e) {
     metrics_line l = {.kind = METRICS_EVAL, .step = ex->schedule->total_steps};
     int rc = -1;
     if (trainer_open(&t, ex, 0, e) == 0 && peft_load(t->p, path, e) == 0 &&
-        trainer_eval(t, &l.loss, &l.tokens, e) == 0) {
+        trainer_eval(t, &l.loss, &l.loss_tokens, e) == 0) {
         l.num_labels = t->n_labels; /* classification: the counts behind the accuracy */
         l.confusion = t->eval_confusion;
         if (metrics_open(&m, ex->output_dir, METRICS_KEEP_ALL, e) == 0 &&

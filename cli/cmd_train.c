@@ -1,7 +1,8 @@
 /* `peftps train` and `peftps eval`: one experiment in one process, over
  * common/train/train.h. Training writes OUTPUT/metrics.jsonl (a JSON object per
- * step), OUTPUT/tensors.safetensors (the trained tensors) and
- * OUTPUT/experiment.pbtxt (the resolved experiment). */
+ * step, train/metrics.h), OUTPUT/tensors.safetensors (the trained tensors),
+ * OUTPUT/experiment.pbtxt (the resolved experiment) and LMDB checkpoints
+ * (train/ckpt.h) it resumes from, as the parameter server does. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +16,8 @@
 #include "base/log.h"
 #include "config/pbtext.h"
 #include "base/progress.h"
+#include "base/stopsig.h"
+#include "train/ckpt.h"
 #include "train/metrics.h"
 #include "train/train.h"
 
@@ -22,15 +25,36 @@ static const char train_usage[] =
     "usage: peftps train EXPERIMENT.pbtxt [--set PATH=VALUE ...]\n\n"
     "Trains the experiment's method in this process (no server, no workers) and\n"
     "writes, under the experiment's output_dir:\n"
-    "  metrics.jsonl          one JSON object per step: step, loss, lr, grad_norm,\n"
-    "                         tokens, tokens_per_s (and eval_loss, eval_ppl on eval steps;\n"
-    "                         for classification eval_accuracy, eval_correct,\n"
+    "  metrics.jsonl          one JSON object per step:\n"
+    "                           step, loss (mean token loss), lr, grad_norm (before clipping),\n"
+    "                           loss_tokens (tokens that carried loss),\n"
+    "                           tokens (tokens processed: batch_size * seq_len),\n"
+    "                           tokens_per_s (tokens / the step's time);\n"
+    "                         and on eval steps: eval_loss, eval_ppl, eval_loss_tokens\n"
+    "                         (for classification: eval_loss, eval_accuracy, eval_correct,\n"
     "                         eval_sequences and eval_confusion[true][predicted])\n"
     "  tensors.safetensors    the trained tensors, by name\n"
     "  experiment.pbtxt       the resolved experiment\n"
+    "and a checkpoint every checkpoint.every_steps steps and after the last into\n"
+    "checkpoint.path (an LMDB directory; the newest checkpoint.keep are kept;\n"
+    "every_steps: 0 turns checkpoints off), and on SIGINT/SIGTERM after the step\n"
+    "under way. Run again, it resumes from the newest checkpoint, bit-identical\n"
+    "to a run that was never interrupted.\n"
+    "A finished run is extended by raising schedule.total_steps and running again:\n"
+    "it resumes from the last checkpoint and trains the added steps. The steps\n"
+    "after the checkpoint follow the new schedule: with a LINEAR or COSINE decay\n"
+    "their learning rate differs from that of the first run's last steps (and\n"
+    "the result from a run of the new length from the start).\n"
     "The result is bit-identical to `peftps run` with any number of workers.\n\n"
     "options:\n"
-    "  --set PATH=VALUE   override a field, e.g. --set optimizer.lr=3e-4 (repeatable)\n";
+    "  --set PATH=VALUE   override a field, e.g. --set optimizer.lr=3e-4 (repeatable);\n"
+    "                     PATH= with nothing after '=' clears it (e.g. data.eval=)\n";
+
+static volatile sig_atomic_t train_signal;
+
+static void train_on_signal(int sig) {
+    train_signal = sig;
+}
 
 /* The eval line of step `step`, written and logged. */
 static int train_report_eval(trainer *t, metrics *m, uint64_t step, err *e) {
@@ -38,7 +62,7 @@ static int train_report_eval(trainer *t, metrics *m, uint64_t step, err *e) {
                       .step = step,
                       .num_labels = t->n_labels,
                       .confusion = t->eval_confusion};
-    if (trainer_eval(t, &l.loss, &l.tokens, e) < 0) return -1;
+    if (trainer_eval(t, &l.loss, &l.loss_tokens, e) < 0) return -1;
     return metrics_write(m, &l, e);
 }
 
@@ -52,44 +76,111 @@ static int train_write_experiment(const Peftps__Experiment *ex, err *e) {
     return rc;
 }
 
-/* Every step, with its metrics line, the progress line and the eval lines
- * of eval_every; the final eval is the caller's. */
-static int train_steps(trainer *t, metrics *mf, err *e) {
+/* The checkpoints of a run: the environment (NULL when checkpoints are
+ * off) and what identifies the run in it. */
+typedef struct train_ckpts {
+    ckpt *c;
+    char exp_fp[65];
+    const char *base_fp;
+} train_ckpts;
+
+/* Opens checkpoint.path (unless checkpoints are off) and restores its
+ * newest checkpoint into the trainer; *start is the step it holds (0: none). */
+static int train_resume(trainer *t, train_ckpts *k, uint64_t *start, err *e) {
     const Peftps__Experiment *ex = t->exp;
+    peft *p = t->p;
+    *start = 0;
+    k->base_fp = model_files_fingerprint(t->files);
+    config_fingerprint(ex, k->exp_fp);
+    if (!train_ckpt_enabled(ex)) return 0;
+    if (train_ckpt_resume(&k->c, ex->checkpoint->path, ex, k->exp_fp, k->base_fp, p->tensors,
+                          p->n_tensors, p->params, p->n_params, &t->opt, CKPT_LATEST, start, e) < 0)
+        return -1;
+    if (*start > 0) {
+        peft_refresh(p);
+        log_info("resuming from the checkpoint of step %llu in %s (%llu of %llu steps left)",
+                 (unsigned long long)*start, ex->checkpoint->path,
+                 (unsigned long long)(ex->schedule->total_steps - *start),
+                 (unsigned long long)ex->schedule->total_steps);
+    }
+    return 0;
+}
+
+/* Steps start.. of the run, with their metrics lines, the progress line,
+ * the eval lines of eval_every and the checkpoints; on SIGINT/SIGTERM the
+ * step under way finishes and is checkpointed. The final eval is the
+ * caller's. */
+static int train_steps(trainer *t, metrics *mf, train_ckpts *k, uint64_t start, err *e) {
+    const Peftps__Experiment *ex = t->exp;
+    peft *p = t->p;
     uint64_t total = ex->schedule->total_steps;
     uint32_t every = ex->data->eval_every;
     /* Every input token is processed, whether or not it carries loss. */
     double toks = (double)ex->data->batch_size * (double)ex->data->seq_len, tok_total = 0;
     progress pr;
     progress_start(&pr, total);
-    for (uint64_t s = 0; s < total; s++) {
+    stopsig sigs;
+    stopsig_catch(&sigs, train_on_signal);
+    int rc = 0;
+    for (uint64_t s = start; s < total && rc == 0; s++) {
         double t0 = progress_now();
         train_step_stats st;
-        if (trainer_step(t, s, &st, e) < 0) return -1;
+        if (trainer_step(t, s, &st, e) < 0) {
+            rc = -1;
+            break;
+        }
         double dt = progress_now() - t0;
         tok_total += toks;
         metrics_line l = {.kind = METRICS_STEP,
                           .step = s + 1,
                           .loss = st.loss,
-                          .tokens = st.n_tokens,
+                          .loss_tokens = st.n_tokens,
+                          .tokens = toks,
                           .lr = st.lr,
                           .grad_norm = st.grad_norm,
                           .tokens_per_s = toks / dt};
-        if (metrics_write(mf, &l, e) < 0) return -1;
-        if (!isfinite(st.loss))
-            return err_set(e, "step %llu: loss is %g; lower optimizer.lr or check the data",
-                           (unsigned long long)(s + 1), st.loss);
+        if (metrics_write(mf, &l, e) < 0) {
+            rc = -1;
+            break;
+        }
+        if (!isfinite(st.loss)) {
+            rc = err_set(e, "step %llu: loss is %g; lower optimizer.lr or check the data",
+                         (unsigned long long)(s + 1), st.loss);
+            break;
+        }
+        /* On a signal, the state after this step is kept too (the step under
+         * way finishes first: a checkpoint holds whole steps). */
+        if ((train_ckpt_due(ex, s + 1) || (train_signal && k->c)) &&
+            train_ckpt_write(k->c, s + 1, ex, k->exp_fp, k->base_fp, p->tensors, p->n_tensors,
+                             p->params, p->n_params, &t->opt, e) < 0) {
+            rc = -1;
+            break;
+        }
+        if (train_signal) {
+            if (k->c)
+                rc = err_set(e,
+                             "stopped by a signal after step %llu; its checkpoint is in %s: run "
+                             "the same command again to resume",
+                             (unsigned long long)(s + 1), ex->checkpoint->path);
+            else
+                rc = err_set(e,
+                             "stopped by a signal after step %llu; checkpoints are off "
+                             "(checkpoint.every_steps is 0), so nothing is kept",
+                             (unsigned long long)(s + 1));
+            break;
+        }
         char detail[160];
         snprintf(detail, sizeof detail, "loss %.4f  lr %.2e  %.0f tok/s", st.loss, st.lr,
                  tok_total / (progress_now() - pr.start));
         progress_update(&pr, s + 1, detail);
         if (t->eval && every > 0 && (s + 1) % every == 0 && s + 1 < total) {
             progress_end(&pr);
-            if (train_report_eval(t, mf, s + 1, e) < 0) return -1;
+            if (train_report_eval(t, mf, s + 1, e) < 0) rc = -1;
         }
     }
     progress_end(&pr);
-    return 0;
+    stopsig_restore(&sigs);
+    return rc;
 }
 
 int cmd_train(int argc, char **argv) {
@@ -99,6 +190,8 @@ int cmd_train(int argc, char **argv) {
     err e;
     trainer *t = NULL;
     metrics mf = {0};
+    train_ckpts k = {0};
+    uint64_t start = 0;
     char path[4096];
     rc = 1;
     if (train_write_experiment(ex, &e) < 0 || train_compute_check(ex, &e) < 0 ||
@@ -106,7 +199,9 @@ int cmd_train(int argc, char **argv) {
         goto done;
     log_info("%s: %s, %zu trainable parameters", ex->name, t->p->method->name,
              peft_num_trainable(t->p));
-    if (metrics_open(&mf, ex->output_dir, 0, &e) < 0 || train_steps(t, &mf, &e) < 0) goto done;
+    if (train_resume(t, &k, &start, &e) < 0 || metrics_open(&mf, ex->output_dir, start, &e) < 0 ||
+        train_steps(t, &mf, &k, start, &e) < 0)
+        goto done;
     if (t->eval && train_report_eval(t, &mf, ex->schedule->total_steps, &e) < 0) goto done;
     if (metrics_close(&mf, &e) < 0) goto done;
     snprintf(path, sizeof path, "%s/tensors.safetensors", ex->output_dir);
@@ -116,6 +211,7 @@ int cmd_train(int argc, char **argv) {
 done:
     if (rc) fprintf(stderr, "peftps train: %s\n", e.msg);
     metrics_close(&mf, NULL);
+    ckpt_close(k.c);
     trainer_close(t);
     config_free(ex);
     return rc;
@@ -126,9 +222,10 @@ static const char eval_usage[] =
     "Prints the mean token loss and perplexity on the experiment's eval data\n"
     "(for sequence classification: the mean loss per sequence, the accuracy and\n"
     "each class's correct/total with what it was mistaken for)\n"
-    "(data.eval; at most data.eval_batches batches), for the base model with the\n"
-    "method freshly initialised (which leaves LoRA and the delta methods equal to\n"
-    "the base) or with trained tensors from --adapter.\n\n"
+    "(data.eval: the whole file, or at most data.eval_batches batches when set),\n"
+    "for the base model with the method freshly initialised (which leaves LoRA\n"
+    "and the delta methods equal to the base) or with trained tensors from\n"
+    "--adapter.\n\n"
     "options:\n"
     "  --adapter FILE     trained tensors (tensors.safetensors of `peftps train`)\n"
     "  --set PATH=VALUE   override a field (repeatable)\n";

@@ -26,6 +26,7 @@ static const command commands[] = {
     {"export", cmd_export,
      "write trained tensors as a PEFT adapter, a merged model or raw tensors"},
     {"generate", cmd_generate, "sample text from a model, with or without a trained adapter"},
+    {"cache", cmd_cache, "list or clean the F32 copies of BF16/F16 base weights"},
 };
 
 static void usage(FILE *out) {

@@ -21,6 +21,7 @@
 #include "base/crc32c.h"
 #include "base/fsutil.h"
 #include "base/log.h"
+#include "train/metrics.h"
 #include "train/optim.h"
 #include "config/pbtext.h"
 
@@ -202,18 +203,9 @@ static void ckpt_dir_of(const server *s, char *buf, size_t n) {
 }
 
 static int checkpoint_write(server *s, err *e) {
-    ckpt_data d;
-    memset(&d, 0, sizeof d);
-    d.step = s->step;
-    memcpy(d.experiment_fp, s->exp_fp, sizeof d.experiment_fp);
-    snprintf(d.base_fp, sizeof d.base_fp, "%s", s->base_fp);
-    d.data_pos = s->step * s->exp->data->batch_size;
-    optim_state(&s->opt, &d.opt_t, &d.m, &d.v);
-    d.n_params = s->n;
-    d.params = s->params;
-    d.tensors = s->tensors;
-    d.n_tensors = s->n_tensors;
-    if (ckpt_write(s->ck, &d, e) < 0) return -1;
+    if (train_ckpt_write(s->ck, s->step, s->exp, s->exp_fp, s->base_fp, s->tensors, s->n_tensors,
+                         s->params, s->n, &s->opt, e) < 0)
+        return -1;
     /* A large checkpoint keeps this loop from reading for a while; the
      * workers' heartbeats wait in the socket meanwhile, so the silence was
      * ours, not theirs. */
@@ -228,56 +220,29 @@ static int checkpoint_write(server *s, err *e) {
 }
 
 /* Opens the checkpoint directory and, with resume, restores the newest
- * checkpoint (or the one of --resume-step); refuses one of another
- * experiment, base or layout, a damaged one, and old checkpoints that resume
- * is not allowed to use. */
+ * checkpoint (or the one of --resume-step) through train_ckpt_resume; with
+ * checkpoint.every_steps 0 checkpoints are off and nothing is opened. */
 static int checkpoint_open(server *s, err *e) {
-    char dir[4096];
-    ckpt_dir_of(s, dir, sizeof dir);
-    if (ckpt_open(&s->ck, dir, 1, NULL, e) < 0) return err_wrap(e, "checkpoint.path");
-    uint64_t *steps = NULL;
-    int n = 0;
-    if (ckpt_steps(s->ck, &steps, &n, e) < 0) return err_wrap(e, "checkpoint.path");
-    free(steps);
-    if (n == 0) {
+    if (!train_ckpt_enabled(s->exp)) {
         if (s->opts.resume_step != SERVER_RESUME_LATEST)
-            return err_set(e, "--resume-step: %s holds no checkpoint", dir);
+            return err_set(e, "--resume-step: checkpoints are off (checkpoint.every_steps is 0)");
         return 0;
     }
-    if (!s->exp->checkpoint->resume)
-        return err_set(e,
-                       "checkpoint.path %s already holds checkpoints and checkpoint.resume is "
-                       "false; remove it, use another path, or resume",
-                       dir);
-    ckpt_data d;
+    char dir[4096];
+    ckpt_dir_of(s, dir, sizeof dir);
     uint64_t want = s->opts.resume_step == SERVER_RESUME_LATEST ? CKPT_LATEST : s->opts.resume_step;
-    if (ckpt_read(s->ck, want, &d, e) < 0) {
-        ckpt_data_free(&d);
-        return err_wrap(e, "refusing to resume");
+    uint64_t step;
+    if (train_ckpt_resume(&s->ck, dir, s->exp, s->exp_fp, s->base_fp, s->tensors, s->n_tensors,
+                          s->params, s->n, &s->opt, want, &step, e) < 0) {
+        if (want != CKPT_LATEST) err_wrap(e, "--resume-step");
+        return -1;
     }
-    int rc = -1;
-    if (ckpt_check(&d, dir, s->exp_fp, s->base_fp, s->tensors, s->n_tensors, s->n, e) < 0) {
-        err_wrap(e, "refusing to resume");
-        goto done;
-    }
-    if (d.step > s->total) {
-        err_set(e, "refusing to resume: checkpoint %s is at step %llu, past total_steps %llu", dir,
-                (unsigned long long)d.step, (unsigned long long)s->total);
-        goto done;
-    }
-    if (optim_restore(&s->opt, d.opt_t, d.m, d.v, d.n_params, e) < 0) {
-        err_wrap(e, "refusing to resume from %s", dir);
-        goto done;
-    }
-    memcpy(s->params, d.params, s->n * sizeof(float));
-    s->step = d.step;
-    s->version = d.opt_t;
+    if (step == 0) return 0;
+    s->step = step;
+    s->version = s->opt.t;
     server_log(s, LOG_INFO, "resuming from the checkpoint of step %llu in %s",
-               (unsigned long long)d.step, dir);
-    rc = 0;
-done:
-    ckpt_data_free(&d);
-    return rc;
+               (unsigned long long)step, dir);
+    return 0;
 }
 
 /* ---- open / close ------------------------------------------------------------------- */
@@ -567,6 +532,7 @@ static uint64_t last_assignable(const server *s) {
     if (last > s->total - 1) last = s->total - 1;
     if (s->sync == PEFTPS__SYNC_MODE__ASYNC) {
         uint64_t every = s->exp->checkpoint->every_steps;
+        if (every == 0) return last; /* checkpoints off: no state to keep exact */
         uint64_t boundary = (s->step / every + 1) * every;
         if (last > boundary - 1) last = boundary - 1;
     }
@@ -1042,7 +1008,8 @@ static int step_record(server *s, double loss, long ntok, double lr, double norm
         metrics_line l = {.kind = METRICS_STEP,
                           .step = s->step,
                           .loss = mean,
-                          .tokens = ntok,
+                          .loss_tokens = ntok,
+                          .tokens = toks,
                           .lr = lr,
                           .grad_norm = norm,
                           .tokens_per_s = dt > 0 ? toks / dt : 0.0,
@@ -1068,8 +1035,7 @@ static int step_record(server *s, double loss, long ntok, double lr, double norm
     if (!isfinite(mean))
         return err_set(e, "step %llu: loss is %g; lower optimizer.lr or check the data",
                        (unsigned long long)s->step, mean);
-    if (s->step % s->exp->checkpoint->every_steps == 0 || s->step == s->total)
-        if (checkpoint_write(s, e) < 0) return -1;
+    if (train_ckpt_due(s->exp, s->step) && checkpoint_write(s, e) < 0) return -1;
     if (s->step == s->total) {
         progress_end(&s->pr);
         return server_finish_run(s, e);
@@ -1257,7 +1223,13 @@ int server_run(server *s, err *e) {
         return 1;
     }
     server_log(s, LOG_WARN, "stopping on a signal at step %llu", (unsigned long long)s->step);
-    if (checkpoint_write(s, e) < 0) return -1;
+    if (!s->ck)
+        server_log(s, LOG_WARN,
+                   "checkpoints are off (checkpoint.every_steps is 0): the %llu steps done are "
+                   "not kept",
+                   (unsigned long long)s->step);
+    else if (checkpoint_write(s, e) < 0)
+        return -1;
     server_shutdown_workers(s, "the server was stopped");
     return 1;
 }

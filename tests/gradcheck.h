@@ -67,7 +67,11 @@ static inline void gc_config(model_config *cfg, int tied) {
     cfg->rope_theta = 10000.0f;
     cfg->rope_scaling = ROPE_NONE;
     cfg->rope_factor = 1.0f;
+    /* Every bias a Llama-family layer can have: q/k/v (Qwen2), o (Llama's
+     * attention_bias) and the MLP's (mlp_bias). */
     cfg->attention_bias = 1;
+    cfg->o_bias = 1;
+    cfg->mlp_bias = 1;
     cfg->tie_word_embeddings = tied;
     cfg->bos_token_id = 1;
     cfg->eos_token_id = 2;
@@ -110,7 +114,7 @@ static inline int gc_base_create_cfg(gc_base *b, const model_config *c, uint64_t
             float scale = l == MODEL_GLOBAL && k == GW_EMBED ? 1.0f : 1.0f / sqrtf((float)cols);
             int norm =
                 l == MODEL_GLOBAL ? k == GW_FINAL_NORM : k == LW_INPUT_NORM || k == LW_POST_NORM;
-            int bias = l != MODEL_GLOBAL && k >= LW_Q_BIAS;
+            int bias = l != MODEL_GLOBAL && model_is_bias(k);
             rng_seed(&g, seed, (uint64_t)(l + 1), (uint64_t)k, 77);
             for (size_t i = 0; i < n; i++) {
                 float z = rng_normal(&g);

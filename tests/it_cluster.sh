@@ -426,7 +426,7 @@ same_tensors "$T/ref60" "$T/curve2"
 # Every step once, each with all its shards' tokens (8 sequences of 64).
 tokens_once() {
     steps_once "$1" "$2"
-    [ "$(grep -c '"tokens":512,' "$1/metrics.jsonl")" = "$2" ] ||
+    [ "$(grep -c '"loss_tokens":512,' "$1/metrics.jsonl")" = "$2" ] ||
         fail "$1: a step without all its shards' tokens"
     first=$(grep -o '"loss":[0-9.]*' "$1/metrics.jsonl" | head -n 1 | cut -d: -f2)
     last=$(grep -o '"loss":[0-9.]*' "$1/metrics.jsonl" | tail -n 1 | cut -d: -f2)

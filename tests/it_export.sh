@@ -76,6 +76,10 @@ if run 0 export "$TMP/lora" --format peft --out "$TMP/lora-peft"; then
         fail "lora adapter_config.json has no peft_type LORA"
     grep -q '"r": 8,' "$TMP/lora-peft/adapter_config.json" ||
         fail "lora adapter_config.json does not say r 8 (examples/lora.pbtxt)"
+    # The base recorded absolute: the adapter finds it from any directory.
+    grep -qF "\"base_model_name_or_path\": \"$(realpath "$TINY")\"" \
+        "$TMP/lora-peft/adapter_config.json" ||
+        fail "lora adapter_config.json: base_model_name_or_path is not $(realpath "$TINY")"
     grep -q 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' \
         "$TMP/lora-peft/adapter_model.safetensors" || fail "lora adapter: PEFT key names missing"
 fi

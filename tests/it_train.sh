@@ -82,8 +82,11 @@ for file in examples/*.pbtxt; do
     # The resolved experiment it wrote reruns to the same tensors, bit for
     # bit, with OpenBLAS on one thread where the first run had the machine's
     # default (the bits must not depend on it: workers differ in cores).
+    # A checkpoint directory of its own: the recorded one holds the first
+    # run's last step, which would be resumed instead of recomputed.
     if OPENBLAS_NUM_THREADS=1 "$PEFTPS" train "$out/experiment.pbtxt" --set output_dir="$out/again" \
-        >"$TMP/$name.again.log" 2>&1; then
+        --set checkpoint.path="$out/again/ckpt" >"$TMP/$name.again.log" 2>&1; then
+        grep -q resuming "$TMP/$name.again.log" && fail "$name: the rerun resumed instead of training"
         cmp -s "$out/tensors.safetensors" "$out/again/tensors.safetensors" ||
             fail "$name: rerunning $out/experiment.pbtxt on one BLAS thread gives other tensors"
     else

@@ -156,7 +156,7 @@ static void test_defaults(void **state) {
     assert_true(d->has_batch_size && d->batch_size == 8);
     assert_true(d->has_shards_per_step && d->shards_per_step == 8);
     assert_true(d->has_eval_every && d->eval_every == 0);
-    assert_true(d->has_eval_batches && d->eval_batches == 8);
+    assert_true(d->has_eval_batches && d->eval_batches == 0); /* the whole eval file */
     assert_null(d->eval);
     const Peftps__Cluster *c = x->cluster;
     assert_int_equal(c->n_servers, 1);
@@ -169,6 +169,7 @@ static void test_defaults(void **state) {
     assert_null(c->curve);
     assert_string_equal(x->checkpoint->path, "out/base/ckpt");
     assert_true(x->checkpoint->has_every_steps && x->checkpoint->every_steps == 100);
+    assert_true(x->checkpoint->has_keep && x->checkpoint->keep == 3);
     assert_true(x->checkpoint->has_resume && x->checkpoint->resume);
     config_free(x);
 
@@ -309,8 +310,6 @@ static void test_checks(void **state) {
          "F:3:8: error: data.shards_per_step must be > 0"},
         {3, "data { batch_size: 8 shards_per_step: 3 train: \"@/train.tokens\" }",
          "F:3:22: error: data.batch_size (8) must be a multiple of data.shards_per_step (3)"},
-        {3, "data { eval_batches: 0 eval: \"@/eval.tokens\" train: \"@/train.tokens\" }",
-         "F:3:8: error: data.eval_batches must be > 0 when data.eval is set"},
         {5, "cluster { staleness: 2 }",
          "F:5:11: error: cluster.staleness applies only with sync: SSP (bounded staleness)"},
         {5, "cluster { heartbeat_ms: 0 }", "F:5:11: error: cluster.heartbeat_ms must be > 0"},
@@ -323,7 +322,9 @@ static void test_checks(void **state) {
          "(tcp://HOST:PORT, ipc://PATH)"},
         {5, "cluster { servers: [\"tcp://a:1\", \"tcp://a:1\"] }",
          "F:5:34: error: cluster.servers lists \"tcp://a:1\" twice"},
-        {5, "checkpoint { every_steps: 0 }", "F:5:14: error: checkpoint.every_steps must be > 0"},
+        {5, "checkpoint { keep: 0 }",
+         "F:5:14: error: checkpoint.keep must be > 0 (checkpoint.every_steps: 0 turns "
+         "checkpoints off)"},
         {5, "task { sequence_classification { labels: [\"a\"] } }",
          "F:5:34: error: task.sequence_classification.labels needs at least 2 class names, got 1"},
         {5, "task { sequence_classification { labels: [\"a\", \"b\", \"a\"] } }",
@@ -543,22 +544,25 @@ static void test_fingerprint(void **state) {
              "    dropout: 0\n    target_modules: [Q_PROJ, V_PROJ]\n  }\n}\n"
              "optimizer {\n  lr: 0.001\n  beta1: 0.9\n  beta2: 0.999\n  eps: 1e-08\n"
              "  weight_decay: 0.01\n  max_grad_norm: 1\n}\n"
-             "schedule {\n  warmup_steps: 0\n  total_steps: 10\n  decay: LINEAR\n  min_lr: 0\n}\n"
+             "schedule {\n  warmup_steps: 0\n  decay: LINEAR\n  min_lr: 0\n}\n"
              "data {\n  train: \"%s/train.tokens\"\n  format: TOKENS\n  seq_len: 128\n"
-             "  batch_size: 8\n  shards_per_step: 8\n  eval_every: 0\n  eval_batches: 8\n}\n",
+             "  batch_size: 8\n  shards_per_step: 8\n}\n",
              tmp, tmp);
     char want[65], got[65];
     hash_sha256_hex_of(text, strlen(text), want);
     config_fingerprint(x, got);
     assert_string_equal(got, want);
 
-    /* Where it runs and writes, and how much memory it takes, does not
-     * count; what it trains does. */
+    /* Where it runs and writes, how much memory it takes, for how many steps
+     * (a finished run can be extended) and how it is evaluated do not count;
+     * what it trains does. */
     char o1[] = "output_dir=/elsewhere", o2[] = "cluster.servers=tcp://10.1.1.1:7000",
-         o3[] = "checkpoint.every_steps=5", lr[] = "optimizer.lr=2e-3",
-         o4[] = "model.recompute=true";
-    char *sets[] = {o1, o2, o3, o4};
-    Peftps__Experiment *y = load_ok(p, sets, 4);
+         o3[] = "checkpoint.every_steps=5", o4[] = "schedule.total_steps=15",
+         o5[] = "data.eval_every=3", o6[] = "data.eval_batches=2", o7[] = "model.recompute=true",
+         lr[] = "optimizer.lr=2e-3";
+    char *sets[] = {o1, o2, o3, o4, o5, o6, o7};
+    Peftps__Experiment *y = load_ok(p, sets, 7);
+    assert_int_equal(y->schedule->total_steps, 15);
     char fy[65];
     config_fingerprint(y, fy);
     assert_string_equal(fy, got);
@@ -570,6 +574,7 @@ static void test_fingerprint(void **state) {
     config_free(y);
     /* The experiment itself is untouched by fingerprinting. */
     assert_string_equal(x->output_dir, "out/fp");
+    assert_true(x->schedule->has_total_steps && x->schedule->total_steps == 10);
     assert_non_null(x->cluster);
     assert_non_null(x->checkpoint);
     config_free(x);

@@ -13,6 +13,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +36,7 @@
 #define TINY "tests/fixtures/tiny-llama"
 #define TIED "tests/fixtures/reference/tied"
 #define QWEN2 "tests/fixtures/reference/qwen2"
+#define LLAMA_BIAS "tests/fixtures/reference/llama-bias"
 
 /* Logits of a merged model against the base with the method: both are F32
  * with the same kernels. The delta methods and full fine-tuning read the
@@ -253,6 +255,14 @@ static void assert_json_str(const json_t *o, const char *key, const char *want) 
     if (!v || strcmp(v, want)) fail_msg("\"%s\" is \"%s\", should be \"%s\"", key, v, want);
 }
 
+/* TINY as the adapter records it: absolute, whatever directory export ran in. */
+static const char *tiny_abs(void) {
+    static char abs[PATH_MAX];
+    assert_non_null(realpath(TINY, abs));
+    assert_true(abs[0] == '/');
+    return abs;
+}
+
 static void assert_json_empty_object(const json_t *o, const char *key) {
     const json_t *v = json_object_get(o, key);
     if (!json_is_object(v) || json_object_size(v)) fail_msg("\"%s\" should be {}", key);
@@ -364,7 +374,7 @@ static void test_lora_peft_round_trip(void **state) {
     assert_json_bool(c, "use_rslora", 0);
     assert_json_str(c, "bias", "none");
     assert_json_bool(c, "fan_in_fan_out", 0);
-    assert_json_str(c, "base_model_name_or_path", TINY);
+    assert_json_str(c, "base_model_name_or_path", tiny_abs());
     assert_json_bool(c, "inference_mode", 1);
     assert_json_bool(c, "init_lora_weights", 1);
     assert_json_bool(c, "use_dora", 0);
@@ -459,7 +469,7 @@ static void test_prefix_peft_round_trip(void **state) {
     assert_json_int(c, "encoder_hidden_size", 32);
     assert_json_bool(c, "prefix_projection", 0);
     assert_json_bool(c, "inference_mode", 1);
-    assert_json_str(c, "base_model_name_or_path", TINY);
+    assert_json_str(c, "base_model_name_or_path", tiny_abs());
     assert_json_null(c, "revision");
     assert_json_null(c, "auto_mapping");
     assert_json_null(c, "modules_to_save");
@@ -820,6 +830,18 @@ static void test_merged_biases(void **state) {
         check_merged("qwen2_layer_wise", QWEN2,
                      "layer_wise { first_layer: 1 last_layer: 1 modules: [Q_PROJ, K_PROJ] }", 0, 0,
                      out, sizeof out));
+    /* Llama's o_proj bias (attention_bias) and MLP biases (mlp_bias), whose
+     * deltas layer_wise trains with their projections. */
+    export_source *s = check_merged(
+        "llama_bias_layer_wise", LLAMA_BIAS,
+        "layer_wise { first_layer: 1 last_layer: 1 modules: [O_PROJ, GATE_PROJ, DOWN_PROJ] }", 0, 0,
+        out, sizeof out);
+    assert_true(peft_find_tensor(s->p, "model.layers.1.self_attn.o_proj.bias.delta") >= 0);
+    assert_true(peft_find_tensor(s->p, "model.layers.1.mlp.gate_proj.bias.delta") >= 0);
+    assert_true(peft_find_tensor(s->p, "model.layers.1.mlp.down_proj.bias.delta") >= 0);
+    assert_true(peft_find_tensor(s->p, "model.layers.1.mlp.up_proj.bias.delta") < 0);
+    export_close(s);
+    export_close(check_merged("llama_bias_full", LLAMA_BIAS, "full {}", 0, 0, out, sizeof out));
 }
 
 /* ---- refusals ----------------------------------------------------------------------- */

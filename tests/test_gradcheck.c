@@ -592,8 +592,9 @@ static size_t full_expected(const model_config *c) {
     size_t C = (size_t)c->hidden_size, q = (size_t)(c->num_heads * c->head_dim);
     size_t kv = (size_t)(c->num_kv_heads * c->head_dim), I = (size_t)c->intermediate_size;
     size_t V = (size_t)c->vocab_size;
-    size_t layer =
-        C * q + 2 * C * kv + q * C + 3 * C * I + 2 * C + (c->attention_bias ? q + 2 * kv : 0);
+    size_t layer = C * q + 2 * C * kv + q * C + 3 * C * I + 2 * C +
+                   (c->attention_bias ? q + 2 * kv : 0) + (c->o_bias ? C : 0) +
+                   (c->mlp_bias ? 2 * I + C : 0);
     return V * C + C + (c->tie_word_embeddings ? 0 : V * C) + (size_t)c->num_layers * layer;
 }
 
@@ -603,12 +604,16 @@ static void test_full_layout(void **state) {
         fixture_open(&f, tied, 5, "full {}");
         peft *p = f.p;
         const model_config *c = &f.base.cfg;
-        assert_int_equal(p->n_tensors, 2 * 12 + 2 + !tied);
+        assert_int_equal(p->n_tensors, 2 * 16 + 2 + !tied); /* 16 weights a layer, biases too */
         assert_int_equal(peft_num_trainable(p), full_expected(c));
         assert_int_equal(p->first_trainable_layer, -1);
         assert_int_equal(peft_find_tensor(p, "lm_head.weight") >= 0, !tied);
         const peft_tensor *bias = &p->tensors[tensor(p, "model.layers.1.self_attn.v_proj.bias")];
         assert_true(bias->ndim == 1 && bias->shape[0] == 8);
+        bias = &p->tensors[tensor(p, "model.layers.1.self_attn.o_proj.bias")];
+        assert_true(bias->ndim == 1 && bias->shape[0] == 16);
+        bias = &p->tensors[tensor(p, "model.layers.0.mlp.up_proj.bias")];
+        assert_true(bias->ndim == 1 && bias->shape[0] == 24);
         const peft_tensor *norm = &p->tensors[tensor(p, "model.norm.weight")];
         assert_true(norm->ndim == 1 && norm->shape[0] == 16);
         const peft_tensor *o = &p->tensors[tensor(p, "model.layers.0.self_attn.o_proj.weight")];

@@ -44,9 +44,9 @@ static void fx_base(fx *f, int bias) {
     memset(f, 0, sizeof *f);
     assert_int_equal(gc_base_create(&f->b, 0, 1234), 0);
     if (!bias) {
-        f->b.cfg.attention_bias = 0;
+        f->b.cfg.attention_bias = f->b.cfg.o_bias = f->b.cfg.mlp_bias = 0;
         for (int l = 0; l < f->b.cfg.num_layers; l++)
-            for (int k = LW_Q_BIAS; k <= LW_V_BIAS; k++) f->b.layers[l][k] = NULL;
+            for (int k = LW_Q_BIAS; k <= LW_DOWN_BIAS; k++) f->b.layers[l][k] = NULL;
     }
     gc_batch(&f->b.cfg, f->tokens, f->labels, GC_B, GC_T, 11);
 }
@@ -146,9 +146,10 @@ static void test_layerwise_layout(void **state) {
     (void)state;
     fx f;
     fx_base(&f, 1);
-    /* Defaults: the last layer, all nine modules plus the three biases. */
+    /* Defaults: the last layer, all nine modules plus the seven biases
+     * (q/k/v, o, gate/up/down). */
     fx_method(&f, 0, 1, "layer_wise {}");
-    assert_int_equal(f.p->n_tensors, 12);
+    assert_int_equal(f.p->n_tensors, 16);
     assert_int_equal(f.p->first_trainable_layer, 1);
     assert_shape(f.p, "model.layers.1.self_attn.q_proj.weight.delta", 2, 16, 16);
     assert_shape(f.p, "model.layers.1.self_attn.k_proj.weight.delta", 2, 8, 16);
@@ -157,9 +158,12 @@ static void test_layerwise_layout(void **state) {
     assert_shape(f.p, "model.layers.1.input_layernorm.weight.delta", 1, 16, 0);
     assert_shape(f.p, "model.layers.1.post_attention_layernorm.weight.delta", 1, 16, 0);
     assert_shape(f.p, "model.layers.1.self_attn.v_proj.bias.delta", 1, 8, 0);
+    assert_shape(f.p, "model.layers.1.self_attn.o_proj.bias.delta", 1, 16, 0);
+    assert_shape(f.p, "model.layers.1.mlp.gate_proj.bias.delta", 1, 24, 0);
+    assert_shape(f.p, "model.layers.1.mlp.down_proj.bias.delta", 1, 16, 0);
     assert_int_equal(peft_find_tensor(f.p, "model.layers.0.self_attn.q_proj.weight.delta"), -1);
-    /* 256+128+128+256 + 3*384 + 2*16 + 16+8+8 */
-    assert_int_equal(peft_num_trainable(f.p), 768 + 1152 + 32 + 32);
+    /* 256+128+128+256 + 3*384 + 2*16 + 16+8+8 + 16 + 24+24+16 */
+    assert_int_equal(peft_num_trainable(f.p), 768 + 1152 + 32 + 32 + 16 + 64);
     /* Zero deltas: the effective weights are the base. */
     const float *w = f.p->method->weight(f.p, 1, LW_UP);
     assert_non_null(w);
@@ -182,7 +186,7 @@ static void test_gradcheck_layerwise_bias(void **state) {
     fx f;
     fx_base(&f, 1);
     fx_method(&f, 0, 1, "layer_wise { first_layer: 0 last_layer: 1 }");
-    assert_int_equal(f.p->n_tensors, 24);
+    assert_int_equal(f.p->n_tensors, 32);
     gradcheck(&f, "layer_wise");
     fx_close(&f);
 }

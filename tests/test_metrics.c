@@ -37,7 +37,8 @@ static void write_lines(uint64_t keep_through, uint64_t first, uint64_t last) {
         metrics_line l = {.kind = METRICS_STEP,
                           .step = s,
                           .loss = 2.5 + (double)s,
-                          .tokens = 100,
+                          .loss_tokens = 100,
+                          .tokens = 512,
                           .lr = 3e-4,
                           .grad_norm = 0.125,
                           .tokens_per_s = 1234.56,
@@ -46,7 +47,7 @@ static void write_lines(uint64_t keep_through, uint64_t first, uint64_t last) {
                           .bytes_out = 20 * s};
         assert_int_equal(metrics_write(&m, &l, &e), 0);
     }
-    metrics_line ev = {.kind = METRICS_EVAL, .step = last, .loss = 1.0, .tokens = 4096};
+    metrics_line ev = {.kind = METRICS_EVAL, .step = last, .loss = 1.0, .loss_tokens = 4096};
     assert_int_equal(metrics_write(&m, &ev, &e), 0);
     assert_int_equal(metrics_close(&m, &e), 0);
 }
@@ -56,11 +57,13 @@ static void test_metrics_bytes(void **state) {
     write_lines(0, 1, 2);
     char *text = slurp("metrics.jsonl");
     assert_string_equal(
-        text, "{\"step\":1,\"loss\":3.500000,\"lr\":0.0003,\"grad_norm\":0.125000,\"tokens\":100,"
-              "\"tokens_per_s\":1234.6,\"bytes_in\":10,\"bytes_out\":20}\n"
-              "{\"step\":2,\"loss\":4.500000,\"lr\":0.0003,\"grad_norm\":0.125000,\"tokens\":100,"
-              "\"tokens_per_s\":1234.6}\n"
-              "{\"step\":2,\"eval_loss\":1.000000,\"eval_ppl\":2.7183,\"eval_tokens\":4096}\n");
+        text,
+        "{\"step\":1,\"loss\":3.500000,\"lr\":0.0003,\"grad_norm\":0.125000,"
+        "\"loss_tokens\":100,\"tokens\":512,\"tokens_per_s\":1234.6,\"bytes_in\":10,"
+        "\"bytes_out\":20}\n"
+        "{\"step\":2,\"loss\":4.500000,\"lr\":0.0003,\"grad_norm\":0.125000,"
+        "\"loss_tokens\":100,\"tokens\":512,\"tokens_per_s\":1234.6}\n"
+        "{\"step\":2,\"eval_loss\":1.000000,\"eval_ppl\":2.7183,\"eval_loss_tokens\":4096}\n");
     free(text);
 }
 
@@ -96,7 +99,7 @@ static void test_metrics_resume(void **state) {
     metrics m = {0};
     err e;
     assert_int_equal(metrics_open(&m, dir, METRICS_KEEP_ALL, &e), 0);
-    metrics_line ev = {.kind = METRICS_EVAL, .step = 3, .loss = 2.0, .tokens = 8};
+    metrics_line ev = {.kind = METRICS_EVAL, .step = 3, .loss = 2.0, .loss_tokens = 8};
     assert_int_equal(metrics_write(&m, &ev, &e), 0);
     assert_int_equal(metrics_close(&m, &e), 0);
     char *text = slurp("metrics.jsonl");
@@ -125,12 +128,13 @@ static int count_line(void *ctx, const metrics_line *l, err *e) {
         s->steps++;
         s->loss_sum += l->loss;
         s->bytes += l->bytes_in + l->bytes_out;
-        assert_int_equal(l->tokens, 100);
+        assert_int_equal(l->loss_tokens, 100);
+        assert_true(l->tokens == 512 || l->tokens == 0); /* 0: a file of the old format */
         assert_true(l->tokens_per_s > 1234.5 && l->tokens_per_s < 1234.7);
     } else {
         s->evals++;
         s->eval_loss = l->loss;
-        assert_int_equal(l->tokens, 4096);
+        assert_int_equal(l->loss_tokens, 4096);
     }
     return 0;
 }
@@ -152,6 +156,20 @@ static void test_metrics_read(void **state) {
     fclose(f);
     assert_int_equal(metrics_read(path, count_line, &s, &e), -1);
     assert_non_null(strstr(e.msg, "metrics.jsonl:5: not a JSON object"));
+
+    /* A file of the old format, whose `tokens` and `eval_tokens` counted the
+     * tokens that carried loss, reads the same. */
+    f = fopen(path, "w");
+    fputs("{\"step\":1,\"loss\":3.500000,\"lr\":0.0003,\"grad_norm\":0.125000,\"tokens\":100,"
+          "\"tokens_per_s\":1234.6,\"bytes_in\":10,\"bytes_out\":20}\n"
+          "{\"step\":1,\"eval_loss\":1.000000,\"eval_ppl\":2.7183,\"eval_tokens\":4096}\n",
+          f);
+    fclose(f);
+    memset(&s, 0, sizeof s);
+    assert_int_equal(metrics_read(path, count_line, &s, &e), 0);
+    assert_int_equal(s.steps, 1);
+    assert_int_equal(s.evals, 1);
+    assert_int_equal(s.bytes, 30);
     free(path);
 }
 

@@ -11,6 +11,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "model/f32cache.h"
 #include "model/model.h"
 #include "model/safetensors.h"
 
@@ -85,6 +87,56 @@ static const char *llama_json =
     " \"pretraining_tp\": 1, \"rms_norm_eps\": 1e-05, \"rope_scaling\": null,"
     " \"rope_theta\": 10000.0, \"tie_word_embeddings\": false, \"torch_dtype\": \"bfloat16\","
     " \"transformers_version\": \"4.35.0\", \"use_cache\": true, \"vocab_size\": 32000}";
+
+/* Llama's attention_bias biases q, k, v and o; mlp_bias gate, up and down
+ * (transformers' LlamaAttention and LlamaMLP). */
+static void test_cfg_llama_biases(void **state) {
+    static const char *base = "{\"model_type\": \"llama\", \"vocab_size\": 10, \"hidden_size\": 8,"
+                              " \"intermediate_size\": 12, \"num_hidden_layers\": 2,"
+                              " \"num_attention_heads\": 2, \"num_key_value_heads\": 1,"
+                              " \"max_position_embeddings\": 16, %s}";
+    char buf[512];
+    model_config c;
+    err e;
+    int r, k;
+    char name[128];
+    snprintf(buf, sizeof buf, base, "\"attention_bias\": true");
+    if (parse(&c, buf, &e)) fail_msg("%s", e.msg);
+    assert_true(c.attention_bias && c.o_bias && !c.mlp_bias);
+    assert_int_equal(model_weight_shape(&c, 1, LW_Q_BIAS, &r, &k), 8);
+    assert_int_equal(model_weight_shape(&c, 1, LW_K_BIAS, &r, &k), 4);
+    assert_int_equal(model_weight_shape(&c, 1, LW_O_BIAS, &r, &k), 8);
+    assert_int_equal(k, 1);
+    assert_int_equal(model_weight_shape(&c, 1, LW_GATE_BIAS, &r, &k), 0);
+    model_weight_name(&c, 1, LW_O_BIAS, name, sizeof name);
+    assert_string_equal(name, "model.layers.1.self_attn.o_proj.bias");
+
+    snprintf(buf, sizeof buf, base, "\"mlp_bias\": true");
+    if (parse(&c, buf, &e)) fail_msg("%s", e.msg);
+    assert_true(!c.attention_bias && !c.o_bias && c.mlp_bias);
+    assert_int_equal(model_weight_shape(&c, 0, LW_Q_BIAS, &r, &k), 0);
+    assert_int_equal(model_weight_shape(&c, 0, LW_O_BIAS, &r, &k), 0);
+    assert_int_equal(model_weight_shape(&c, 0, LW_GATE_BIAS, &r, &k), 12);
+    assert_int_equal(model_weight_shape(&c, 0, LW_UP_BIAS, &r, &k), 12);
+    assert_int_equal(model_weight_shape(&c, 0, LW_DOWN_BIAS, &r, &k), 8);
+    model_weight_name(&c, 0, LW_GATE_BIAS, name, sizeof name);
+    assert_string_equal(name, "model.layers.0.mlp.gate_proj.bias");
+    model_weight_name(&c, 0, LW_DOWN_BIAS, name, sizeof name);
+    assert_string_equal(name, "model.layers.0.mlp.down_proj.bias");
+
+    /* Qwen2's attention biases stop at v: no o_proj bias. */
+    snprintf(buf, sizeof buf, base, "\"attention_bias\": false");
+    memcpy(strstr(buf, "llama"), "qwen2", 5);
+    if (parse(&c, buf, &e)) fail_msg("%s", e.msg);
+    assert_true(c.attention_bias && !c.o_bias && !c.mlp_bias);
+    assert_int_equal(model_weight_shape(&c, 0, LW_O_BIAS, &r, &k), 0);
+
+    for (int kind = LW_Q; kind <= LW_DOWN; kind++) {
+        assert_true(model_is_bias(model_bias_kind(kind)));
+        assert_false(model_is_bias(kind));
+    }
+    assert_int_equal(model_bias_kind(LW_INPUT_NORM), -1);
+}
 
 static void test_cfg_llama(void **state) {
     model_config c;
@@ -263,11 +315,6 @@ static void test_cfg_errors(void **state) {
              sizes);
     expect_cfg_error(buf, "\"hidden_act\"");
     snprintf(buf, sizeof buf,
-             "{\"model_type\": \"llama\", \"hidden_size\": 8, \"num_attention_heads\": 2, %s,"
-             " \"attention_bias\": true}",
-             sizes);
-    expect_cfg_error(buf, "o_proj");
-    snprintf(buf, sizeof buf,
              "{\"model_type\": \"qwen2\", \"hidden_size\": 8, \"num_attention_heads\": 2, %s,"
              " \"use_sliding_window\": true}",
              sizes);
@@ -308,8 +355,10 @@ static void test_weight_names_shapes(void **state) {
     assert_int_equal(model_weight_shape(&c, 1, LW_DOWN, &r, &k), 2048 * 5632);
     assert_int_equal(r, 2048);
     assert_int_equal(k, 5632);
-    assert_int_equal(model_weight_shape(&c, 1, LW_Q_BIAS, &r, &k), 0); /* no bias */
-    assert_int_equal(r, 0);
+    for (int b = LW_Q_BIAS; b <= LW_DOWN_BIAS; b++) {
+        assert_int_equal(model_weight_shape(&c, 1, b, &r, &k), 0); /* no bias */
+        assert_int_equal(r, 0);
+    }
     assert_int_equal(model_weight_shape(&c, 22, LW_Q, &r, &k), 0);
     assert_int_equal(model_weight_shape(&c, MODEL_GLOBAL, GW_COUNT, &r, &k), 0);
 }
@@ -515,13 +564,15 @@ static void test_dir_tied_bf16_f16(void **state) {
     model_files_close(f);
 }
 
-/* Files in the cache directory, and the inode of the last one seen. */
+/* Cache files (*.f32, not their notes) in the cache directory, and the
+ * inode of the last one seen. */
 static int cache_files(ino_t *ino) {
     DIR *d = opendir(cachedir);
     int n = 0;
     struct dirent *de;
     while (d && (de = readdir(d)))
-        if (de->d_name[0] != '.') {
+        if (de->d_name[0] != '.' && strlen(de->d_name) > 4 &&
+            !strcmp(de->d_name + strlen(de->d_name) - 4, ".f32")) {
             n++;
             char p[400];
             struct stat st;
@@ -609,6 +660,38 @@ static void test_dir_f32_cache(void **state) {
     assert_int_equal(count_value(g, 99.0f), 1);
     model_files_close(g);
     setenv("PEFTPS_CACHE_DIR", cachedir, 1);
+
+    /* The listing (f32cache.h): the file of the first version is "changed",
+     * the new one "current", both of this model directory; then gone. */
+    f32cache_entry *en;
+    int n;
+    char abs[PATH_MAX];
+    assert_non_null(realpath(dir, abs));
+    assert_int_equal(f32cache_list(cachedir, &en, &n, &e), 0);
+    int current = 0, changed = 0;
+    for (int i = 0; i < n; i++) {
+        if (strcmp(en[i].model, abs)) continue;
+        current += en[i].state == F32CACHE_CURRENT;
+        changed += en[i].state == F32CACHE_CHANGED;
+        assert_true(en[i].bytes > 0 && en[i].mtime > 0);
+    }
+    assert_int_equal(current, 1);
+    assert_int_equal(changed, 1);
+    for (int i = 0; i < n; i++)
+        if (!strcmp(en[i].model, abs) && en[i].state == F32CACHE_CHANGED)
+            assert_int_equal(f32cache_remove(&en[i], &e), 0);
+    free(en);
+    assert_int_equal(cache_files(NULL), before + 1);
+    char moved[600];
+    snprintf(moved, sizeof moved, "%s.moved", dir);
+    assert_int_equal(rename(dir, moved), 0);
+    assert_int_equal(f32cache_list(cachedir, &en, &n, &e), 0);
+    int gone = 0;
+    for (int i = 0; i < n; i++) gone += !strcmp(en[i].model, abs) && en[i].state == F32CACHE_GONE;
+    assert_int_equal(gone, 1);
+    free(en);
+    assert_int_equal(rename(moved, dir), 0);
+    assert_string_equal(f32cache_state_name(F32CACHE_PARTIAL), "partial");
 }
 
 static void test_dir_sharded(void **state) {
@@ -736,17 +819,12 @@ static void test_dir_errors(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_cfg_llama),
-        cmocka_unit_test(test_cfg_qwen2),
-        cmocka_unit_test(test_cfg_rope),
-        cmocka_unit_test(test_cfg_errors),
-        cmocka_unit_test(test_weight_names_shapes),
-        cmocka_unit_test(test_dir_single_f32),
-        cmocka_unit_test(test_dir_tied_bf16_f16),
-        cmocka_unit_test(test_dir_f32_cache),
-        cmocka_unit_test(test_dir_sharded),
-        cmocka_unit_test(test_dir_qwen2_bias),
-        cmocka_unit_test(test_dir_errors),
+        cmocka_unit_test(test_cfg_llama),      cmocka_unit_test(test_cfg_llama_biases),
+        cmocka_unit_test(test_cfg_qwen2),      cmocka_unit_test(test_cfg_rope),
+        cmocka_unit_test(test_cfg_errors),     cmocka_unit_test(test_weight_names_shapes),
+        cmocka_unit_test(test_dir_single_f32), cmocka_unit_test(test_dir_tied_bf16_f16),
+        cmocka_unit_test(test_dir_f32_cache),  cmocka_unit_test(test_dir_sharded),
+        cmocka_unit_test(test_dir_qwen2_bias), cmocka_unit_test(test_dir_errors),
     };
     return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
 }

@@ -382,9 +382,13 @@ static void test_schedule_end_points(void **state) {
     assert_true(optim_lr(&cfg, NULL, 12345) == lr);
     for (int d = PEFTPS__DECAY__CONSTANT; d <= PEFTPS__DECAY__COSINE; d++) {
         s.decay = (Peftps__Decay)d;
-        /* Warmup from 0, steps counted from 0, full rate at warmup_steps. */
-        assert_true(optim_lr(&cfg, &s, 0) == 0.0);
-        assert_true(fabs(optim_lr(&cfg, &s, 5) - lr / 2) < 1e-18);
+        /* Steps counted from 0: the first warmup step already trains at
+         * lr/warmup (a one-step run changes something), the last warmup step
+         * and the first after it run at the full rate. */
+        assert_true(optim_lr(&cfg, &s, 0) == lr / 10);
+        assert_true(optim_lr(&cfg, &s, 0) > 0);
+        assert_true(fabs(optim_lr(&cfg, &s, 4) - lr / 2) < 1e-18);
+        assert_true(fabs(optim_lr(&cfg, &s, 9) - lr) < 1e-18);
         assert_true(fabs(optim_lr(&cfg, &s, 10) - lr) < 1e-18);
         double end = d == PEFTPS__DECAY__CONSTANT ? lr : min_lr;
         assert_true(fabs(optim_lr(&cfg, &s, 110) - end) < 1e-18);

@@ -682,7 +682,7 @@ static void test_set(void **state) {
     assert_string_equal(x->name, "my run=1");
     set_ok(m, "name=\"tab\\there\"", locs);
     assert_string_equal(x->name, "tab\there");
-    set_ok(m, "data.train=", locs);
+    set_ok(m, "data.train=\"\"", locs);
     assert_string_equal(x->data->train, "");
 
     /* A whole message replaced. */
@@ -767,6 +767,56 @@ static void test_set(void **state) {
     protobuf_c_message_free_unpacked(&t->base, NULL);
 }
 
+/* PATH= with nothing after '=' clears the field, whatever its kind, and
+ * forgets where it was set; defaults apply again. */
+static void test_set_clears(void **state) {
+    pbtext_locs *locs = pbtext_locs_new();
+    const char *text = "optimizer { lr: 0.5 beta1: 0.8 }\n"
+                       "data { train: \"a.tokens\" eval: \"b.tokens\" }\n"
+                       "cluster { servers: [\"tcp://a:1\", \"tcp://b:2\"] }\n"
+                       "method { lora { r: 4 } }\n";
+    ProtobufCMessage *m;
+    err e;
+    assert_int_equal(pbtext_parse(EXP, text, strlen(text), "f.pbtxt", &m, locs, &e), 0);
+    Peftps__Experiment *x = (Peftps__Experiment *)m;
+    pbtext_pos pos;
+
+    assert_int_equal(pbtext_locate(locs, "data.eval", &pos), 0);
+    set_ok(m, "data.eval=", locs);
+    assert_null(x->data->eval);
+    assert_string_equal(x->data->train, "a.tokens");
+    assert_int_equal(pbtext_locate(locs, "data.eval", &pos), -1);
+    set_ok(m, "optimizer.lr= ", locs); /* blanks after '=' are nothing too */
+    assert_false(x->optimizer->has_lr);
+    assert_true(x->optimizer->has_beta1);
+    set_ok(m, "cluster.servers=", locs);
+    assert_int_equal(x->cluster->n_servers, 0);
+    assert_null(x->cluster->servers);
+    set_ok(m, "method.lora=", locs);
+    assert_int_equal(x->method->kind_case, PEFTPS__METHOD__KIND__NOT_SET);
+    set_ok(m, "optimizer=", locs);
+    assert_null(x->optimizer);
+    assert_int_equal(pbtext_locate(locs, "optimizer.beta1", &pos), -1);
+    /* Clearing what is not set changes nothing; the path is still checked. */
+    set_ok(m, "schedule.min_lr=", locs);
+    set_fails(m, "schedule.no_such=",
+              "schedule.no_such=: error: unknown field \"no_such\" in peftps.Schedule; its "
+              "fields are: warmup_steps, total_steps, decay, min_lr");
+    roundtrip(m);
+    same_as_unpacked(m);
+    pbtext_locs_free(locs);
+    protobuf_c_message_free_unpacked(m, NULL);
+
+    Peftps__Test__TestScalars *t =
+        (Peftps__Test__TestScalars *)parse_ok(TS, "o_string: \"s\" f_default_string: \"x\"");
+    set_ok(&t->base, "f_default_string=", NULL);
+    assert_string_equal(t->f_default_string, "dflt");
+    set_ok(&t->base, "o_string=", NULL);
+    assert_int_equal(t->choice_case, 0);
+    roundtrip(&t->base);
+    protobuf_c_message_free_unpacked(&t->base, NULL);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_examples_roundtrip),
@@ -780,6 +830,7 @@ int main(void) {
         cmocka_unit_test(test_depth_limit),
         cmocka_unit_test(test_locations),
         cmocka_unit_test(test_set),
+        cmocka_unit_test(test_set_clears),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

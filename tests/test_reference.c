@@ -329,6 +329,15 @@ static void test_head_dim(void **state) {
     run_variant("head-dim", cases);
 }
 
+/* Llama's attention_bias (q, k, v and o) and mlp_bias (gate, up, down):
+ * logits and the gradients of every method, biases of layer_wise and full
+ * included, against PyTorch in float64. */
+static void test_llama_bias(void **state) {
+    (void)state;
+    static const char *const cases[] = {"base", "lora_all", "layer1", "full", NULL};
+    run_variant("llama-bias", cases);
+}
+
 /* ---- batches below capacity, repeated forwards ------------------------------------ */
 
 static void test_partial_batch(void **state) {
@@ -628,12 +637,13 @@ static void test_protocol(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_tiny_llama),    cmocka_unit_test(test_tied),
-        cmocka_unit_test(test_qwen2_bias),    cmocka_unit_test(test_rope_linear),
-        cmocka_unit_test(test_rope_llama3),   cmocka_unit_test(test_head_dim),
-        cmocka_unit_test(test_partial_batch), cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_protocol),      cmocka_unit_test(test_partial_backward),
-        cmocka_unit_test(test_prefix_grows),  cmocka_unit_test(test_classification),
+        cmocka_unit_test(test_tiny_llama),       cmocka_unit_test(test_tied),
+        cmocka_unit_test(test_qwen2_bias),       cmocka_unit_test(test_rope_linear),
+        cmocka_unit_test(test_rope_llama3),      cmocka_unit_test(test_head_dim),
+        cmocka_unit_test(test_llama_bias),       cmocka_unit_test(test_partial_batch),
+        cmocka_unit_test(test_errors),           cmocka_unit_test(test_protocol),
+        cmocka_unit_test(test_partial_backward), cmocka_unit_test(test_prefix_grows),
+        cmocka_unit_test(test_classification),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -205,7 +205,7 @@ static void test_products(void **state) {
         printf("  linears_forward %d: %.2e\n", pass, e);
         assert_true(e < 1e-5);
     }
-    linear_residual_forward(y3, res, x, w1, N, C, O1);
+    linear_residual_forward(y3, res, x, w1, NULL, N, C, O1);
     for (int i = 0; i < N; i++)
         for (int o = 0; o < O1; o++) {
             double s = res[(size_t)i * O1 + o];
@@ -215,7 +215,7 @@ static void test_products(void **state) {
     assert_true(rel_err(y3, ref, (size_t)N * O1) < 1e-5);
     /* In place: out == res. */
     memcpy(y1, res, sizeof(float) * N * O1);
-    linear_residual_forward(y1, y1, x, w1, N, C, O1);
+    linear_residual_forward(y1, y1, x, w1, NULL, N, C, O1);
     assert_memory_equal(y1, y3, sizeof(float) * N * O1);
 
     /* dinp = d1 w1 + d2 w2, written, then the same added on top. */

@@ -1059,6 +1059,30 @@ static void expect_open_error(const char *dir, const char *what) {
     if (!strstr(e.msg, what)) fail_msg("expected \"%s\" in: %s", what, e.msg);
 }
 
+/* A config.json id outside the tokenizer's vocabulary is an error naming the
+ * id, the key and the vocabulary, not an EOS that goes missing later. */
+static void test_special_id_out_of_range(void **state) {
+    (void)state;
+    tok *t = open_json(tiny_json(0), "far_eos");
+    char want[256];
+    snprintf(want, sizeof want,
+             "eos_token_id 99999 is not an id of the tokenizer %s/tokenizer.json, whose "
+             "vocabulary has %zu ids (0 to %zu)",
+             tpath("far_eos"), (size_t)tok_vocab_size(t), (size_t)tok_vocab_size(t) - 1);
+    tok_close(t);
+    write_text(tpath("far_eos/config.json"), "{\"eos_token_id\": [99999, 5]}");
+    expect_open_error(tpath("far_eos"), want);
+    write_text(tpath("far_eos/config.json"), "{\"bos_token_id\": -1}");
+    expect_open_error(tpath("far_eos"), "bos_token_id -1 is not an id of the tokenizer");
+    /* tokenizer_config.json's eos_token wins: config.json is not consulted. */
+    write_text(tpath("far_eos/config.json"), "{\"eos_token_id\": 99999}");
+    write_text(tpath("far_eos/tokenizer_config.json"), "{\"eos_token\": \"</s>\"}");
+    err e = {{0}};
+    assert_int_equal(tok_open(&t, tpath("far_eos"), &e), 0);
+    assert_int_equal(tok_eos(t), ID_EOS);
+    tok_close(t);
+}
+
 static void write_json(json_t *root, const char *name) {
     const char *dir = tpath(name);
     mkdir(dir, 0777);
@@ -1196,6 +1220,7 @@ int main(void) {
         cmocka_unit_test(test_sentencepiece_metaspace),
         cmocka_unit_test(test_sentencepiece_normalizers),
         cmocka_unit_test(test_bos_eos),
+        cmocka_unit_test(test_special_id_out_of_range),
         cmocka_unit_test(test_decode_lossy),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_reference_gpt2),

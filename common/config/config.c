@@ -130,7 +130,7 @@ int config_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext
     CONFIG_DEFAULT(d, batch_size, 8);
     CONFIG_DEFAULT(d, shards_per_step, d->batch_size);
     CONFIG_DEFAULT(d, eval_every, 0);
-    CONFIG_DEFAULT(d, eval_batches, 8);
+    CONFIG_DEFAULT(d, eval_batches, 0);
 
     if (ENSURE(exp->cluster, peftps__cluster__descriptor)) goto oom;
     Peftps__Cluster *cl = exp->cluster;
@@ -151,6 +151,7 @@ int config_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext
     if (default_string(&exp->checkpoint->path, "%s/ckpt", exp->output_dir)) goto oom;
     CONFIG_DEFAULT(exp->checkpoint, every_steps, 100);
     CONFIG_DEFAULT(exp->checkpoint, resume, 1);
+    CONFIG_DEFAULT(exp->checkpoint, keep, 3);
     return 0;
 oom:
     return err_set(e, "%s: error: out of memory filling defaults", path);
@@ -253,9 +254,6 @@ static int check_ranges(const config_checker *c, const Peftps__Experiment *exp) 
         return config_fail(c, "data.shards_per_step|data.batch_size",
                            "data.batch_size (%u) must be a multiple of data.shards_per_step (%u)",
                            d->batch_size, d->shards_per_step);
-    if (d->eval && d->eval_batches == 0)
-        return config_fail(c, "data.eval_batches",
-                           "data.eval_batches must be > 0 when data.eval is set");
 
     const Peftps__Cluster *cl = exp->cluster;
     if (cl->staleness > 0 && cl->sync != PEFTPS__SYNC_MODE__SSP)
@@ -291,8 +289,10 @@ static int check_ranges(const config_checker *c, const Peftps__Experiment *exp) 
             if (!strcmp(cl->servers[j], ep))
                 return config_fail(c, at, "cluster.servers lists \"%s\" twice", ep);
     }
-    if (exp->checkpoint->every_steps == 0)
-        return config_fail(c, "checkpoint.every_steps", "checkpoint.every_steps must be > 0");
+    if (exp->checkpoint->keep == 0)
+        return config_fail(c, "checkpoint.keep",
+                           "checkpoint.keep must be > 0 (checkpoint.every_steps: 0 turns "
+                           "checkpoints off)");
     if (!exp->name[0]) return config_fail(c, "name", "name must not be empty");
     if (!exp->output_dir[0]) return config_fail(c, "output_dir", "output_dir must not be empty");
     return 0;
@@ -356,7 +356,8 @@ int config_check_values(const config_checker *c, const Peftps__Experiment *exp) 
     if (check_ranges(c, exp) || check_task(c, exp)) return -1;
     if (check_path(c, "model.path", exp->model->path, 'd')) return -1;
     if (check_path(c, "data.train", exp->data->train, 'f')) return -1;
-    if (exp->data->eval && check_path(c, "data.eval", exp->data->eval, 'f')) return -1;
+    if (exp->data->eval && exp->data->eval[0] && check_path(c, "data.eval", exp->data->eval, 'f'))
+        return -1;
     if (exp->init_from && check_path(c, "init_from", exp->init_from, 'a')) return -1;
     const Peftps__Curve *cv = exp->cluster->curve;
     if (cv && cv->server_keys && check_path(c, "cluster.curve.server_keys", cv->server_keys, 'f'))
@@ -412,7 +413,9 @@ static void hash_sink(void *ctx, const char *data, size_t n) {
 
 void config_fingerprint(const Peftps__Experiment *exp, char hex[65]) {
     /* A shallow copy with the run-specific blocks detached: nothing is
-     * allocated, so this cannot fail. */
+     * allocated, so this cannot fail. The schedule's length is left out too,
+     * so that a finished run can be extended by raising total_steps, and
+     * what only evaluation reads, which training never sees. */
     Peftps__Experiment copy = *exp;
     copy.output_dir = NULL;
     copy.cluster = NULL;
@@ -423,6 +426,21 @@ void config_fingerprint(const Peftps__Experiment *exp, char hex[65]) {
         model_block = *exp->model;
         model_block.has_recompute = 0;
         copy.model = &model_block;
+    }
+    Peftps__Schedule sched;
+    if (exp->schedule) {
+        sched = *exp->schedule;
+        sched.has_total_steps = 0;
+        sched.total_steps = 0;
+        copy.schedule = &sched;
+    }
+    Peftps__Data data;
+    if (exp->data) {
+        data = *exp->data;
+        data.eval = NULL;
+        data.has_eval_every = data.has_eval_batches = 0;
+        data.eval_every = data.eval_batches = 0;
+        copy.data = &data;
     }
     hash_sha256 c;
     uint8_t d[32];

@@ -106,9 +106,11 @@ int config_check_values(const config_checker *c, const Peftps__Experiment *exp);
 Peftps__DataFormat config_data_format_of(const char *path);
 
 /* Lower-case hex SHA-256 of the canonical text of exp with output_dir,
- * cluster, checkpoint and model.recompute left out: equal for every run of
- * the same resolved experiment wherever it runs, whatever it writes to and
- * however much memory it trades for compute. */
+ * cluster, checkpoint, model.recompute, schedule.total_steps and the eval
+ * settings (data.eval, eval_every, eval_batches) left out: equal for every
+ * run of the same resolved experiment wherever it runs, whatever it writes
+ * to, however much memory it trades for compute, however long it runs (so
+ * that raising total_steps extends a run) and however it is evaluated. */
 void config_fingerprint(const Peftps__Experiment *exp, char hex[65]);
 
 /* The number of classes of a sequence_classification task, 0 for causal

@@ -1408,12 +1408,16 @@ int pbtext_set_at(ProtobufCMessage *msg, const char *assignment, const char *lab
         oom(&P);
         goto out;
     }
-    if (frame_init(&P, &F, tmp) || begin_field(&P, &F, f, 1, 1)) goto out;
     const char *val = eq + 1;
     while (*val == ' ' || *val == '\t') val++;
     int is_str = f->type == PROTOBUF_C_TYPE_STRING || f->type == PROTOBUF_C_TYPE_BYTES;
-    if (is_str && *val != '"' && *val != '\'' &&
-        !(*val == '[' && f->label == PROTOBUF_C_LABEL_REPEATED)) {
+    if (!*val) {
+        /* Nothing after '=': tmp holds the field unset, and moving it below
+         * clears the field (its default applies again). */
+    } else if (frame_init(&P, &F, tmp) || begin_field(&P, &F, f, 1, 1)) {
+        goto out;
+    } else if (is_str && *val != '"' && *val != '\'' &&
+               !(*val == '[' && f->label == PROTOBUF_C_LABEL_REPEATED)) {
         value v;
         if (f->label == PROTOBUF_C_LABEL_REPEATED && P.locs &&
             (buf_put(&P.path, "[0]", 3) || record(&P, 0, 0))) {

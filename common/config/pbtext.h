@@ -86,6 +86,8 @@ int pbtext_print(const ProtobufCMessage *msg, char **out, err *e);
  * the field's type; a repeated field takes a `[a, b]` list or one value, and
  * either replaces the whole list; a message field takes `{...}` and replaces
  * the message; a string or bytes field also takes unquoted text verbatim.
+ * An empty VALUE ("data.eval=") clears the field: unset, an empty list, no
+ * message, no oneof member; `PATH=""` sets the empty string instead.
  * `label` names the override in errors ("LABEL: error: ...") and in the
  * locations recorded into locs (may be NULL); when NULL the assignment itself
  * is the label. On failure msg is unchanged. */

@@ -1950,13 +1950,25 @@ static int config_token(tok *t, const json_t *cfg, const char *key, int32_t *id,
 }
 
 /* config.json's bos_token_id/eos_token_id: an id or a list (the first).
- * Numbers arrive as reals (see load_special_ids). */
-static void config_id(const json_t *cfg, const char *key, int32_t *id, size_t n_ids) {
+ * Numbers arrive as reals (see load_special_ids). An id the tokenizer does
+ * not have is an error naming both files, rather than a token silently
+ * missing later. */
+static int config_id(const tok *t, const json_t *cfg, const char *key, int32_t *id,
+                     const char *path, err *e) {
     const json_t *v = json_object_get(cfg, key);
     if (json_is_array(v)) v = json_array_get(v, 0);
+    if (!json_is_number(v)) return 0;
     double x = json_number_value(v);
-    if (json_is_number(v) && x >= 0 && x < (double)n_ids && x == (double)(int32_t)x)
+    if (x >= 0 && x < (double)t->n_ids && x == (double)(int32_t)x) {
         *id = (int32_t)x;
+        return 0;
+    }
+    return err_set(e,
+                   "%s: %s %.17g is not an id of the tokenizer %s/tokenizer.json, whose "
+                   "vocabulary has %zu ids (0 to %zu); the model and its tokenizer do not match "
+                   "(or set %s in tokenizer_config.json)",
+                   path, key, x, t->dir, t->n_ids, t->n_ids - 1,
+                   !strcmp(key, "eos_token_id") ? "eos_token" : "bos_token");
 }
 
 static int load_special_ids(tok *t, err *e) {
@@ -1983,8 +1995,8 @@ static int load_special_ids(tok *t, err *e) {
             if (rc >= 0) rc = config_token(t, cfg, "eos_token", &t->eos, p, e);
             if (rc > 0) have_eos = 1;
         } else {
-            if (!have_bos) config_id(cfg, "bos_token_id", &t->bos, t->n_ids);
-            if (!have_eos) config_id(cfg, "eos_token_id", &t->eos, t->n_ids);
+            if (!have_bos) rc = config_id(t, cfg, "bos_token_id", &t->bos, p, e);
+            if (rc >= 0 && !have_eos) rc = config_id(t, cfg, "eos_token_id", &t->eos, p, e);
         }
         json_decref(cfg);
         free(p);

@@ -380,7 +380,7 @@ void delta_backward(delta_set *ds, peft *p, int layer, int kind, const float *x,
     if (n <= 0) return;
     const delta_entry *d = delta_find(ds, layer, kind);
     if (d) entry_backward(ds, p, d, x, dy, n);
-    int bias = kind == LW_Q ? LW_Q_BIAS : kind == LW_K ? LW_K_BIAS : kind == LW_V ? LW_V_BIAS : -1;
+    int bias = model_bias_kind(kind);
     if (bias >= 0 && (d = delta_find(ds, layer, bias))) entry_backward(ds, p, d, NULL, dy, n);
 }
 

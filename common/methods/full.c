@@ -23,7 +23,7 @@ static int full_tensor(const peft *p, int layer, int kind) {
 }
 
 /* Declares weight (layer, kind) under its HF name; *index stays -1 for an
- * absent weight (a bias without attention_bias). */
+ * absent weight (a bias the model does not have). */
 static int full_declare(peft *p, int layer, int kind, int *index, err *e) {
     int rows, cols;
     *index = -1;
@@ -34,8 +34,7 @@ static int full_declare(peft *p, int layer, int kind, int *index, err *e) {
     /* Norms and biases are vectors in the checkpoint, not (n, 1) matrices. */
     int vector = layer == MODEL_GLOBAL
                      ? kind == GW_FINAL_NORM
-                     : kind == LW_INPUT_NORM || kind == LW_POST_NORM || kind == LW_Q_BIAS ||
-                           kind == LW_K_BIAS || kind == LW_V_BIAS;
+                     : kind == LW_INPUT_NORM || kind == LW_POST_NORM || model_is_bias(kind);
     int i = peft_add_tensor(p, name, vector ? 1 : 2, shape, e);
     if (i < 0) return -1;
     *index = i;
@@ -110,12 +109,8 @@ static void full_linear_backward(peft *p, int layer, int kind, const float *x, c
         linear_backward_weight_bf16(dw, dy, x, n, cols, rows);
     else
         linear_backward(NULL, dw, NULL, dy, x, NULL, n, cols, rows);
-    /* q, k and v carry their bias gradients too: db (out) += sum of dy. */
-    int bias_kind = layer == MODEL_GLOBAL ? -1
-                    : kind == LW_Q        ? LW_Q_BIAS
-                    : kind == LW_K        ? LW_K_BIAS
-                    : kind == LW_V        ? LW_V_BIAS
-                                          : -1;
+    /* A linear with a bias carries its gradient too: db (out) += sum of dy. */
+    int bias_kind = layer == MODEL_GLOBAL ? -1 : model_bias_kind(kind);
     int bi = bias_kind < 0 ? -1 : full_tensor(p, layer, bias_kind);
     if (bi < 0) return;
     float *db = peft_grad(p, bi);

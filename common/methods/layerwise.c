@@ -37,11 +37,11 @@ static int lw_create(peft *p, err *e) {
         return -1;
     int chosen[LW_COUNT];
     for (int k = 0; k < LW_COUNT; k++) chosen[k] = (mask & PEFT_BIT(k)) != 0;
-    /* Biases belong to their projections (Qwen2-style attention_bias). */
-    if (cfg->attention_bias) {
-        chosen[LW_Q_BIAS] = chosen[LW_Q];
-        chosen[LW_K_BIAS] = chosen[LW_K];
-        chosen[LW_V_BIAS] = chosen[LW_V];
+    /* Biases belong to their projections (q/k/v as Qwen2, o as Llama's
+     * attention_bias, gate/up/down as mlp_bias), where the model has them. */
+    for (int k = LW_Q; k <= LW_DOWN; k++) {
+        int b = model_bias_kind(k);
+        if (b >= 0) chosen[b] = chosen[k] && model_weight_shape(cfg, 0, b, NULL, NULL) > 0;
     }
 
     delta_set *ds = calloc(1, sizeof *ds);

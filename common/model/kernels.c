@@ -521,10 +521,11 @@ void linears_forward(int n, float *const *outs, const float *inp, const float *c
 }
 
 void linear_residual_forward(float *out, const float *res, const float *inp, const float *weight,
-                             int N, int C, int OC) {
-    // out, res are (N,OC), inp is (N,C), weight is (OC,C)
+                             const float *bias, int N, int C, int OC) {
+    // out, res are (N,OC), inp is (N,C), weight is (OC,C), bias is (OC)
     gemm op = gemm_of(CblasNoTrans, CblasTrans, N, OC, C, inp, C, weight, C, 0.0f, out, OC);
     op.res = res;
+    op.bias = bias;
     gemm_team(&op, 1, 0);
 }
 
@@ -582,9 +583,9 @@ void linears_forward_k(int n, float *const *outs, const float *inp, const kweigh
 }
 
 void linear_residual_forward_k(float *out, const float *res, const float *inp, kweight weight,
-                               int N, int C, int OC) {
+                               const float *bias, int N, int C, int OC) {
     if (!weight.h) {
-        linear_residual_forward(out, res, inp, weight.f, N, C, OC);
+        linear_residual_forward(out, res, inp, weight.f, bias, N, C, OC);
         return;
     }
     bf16_op op = {.N = N,
@@ -596,6 +597,13 @@ void linear_residual_forward_k(float *out, const float *res, const float *inp, k
                   .add = res,
                   .add_ld = (size_t)OC};
     bf16_matmul(&op, 1, 0);
+    /* The bias (o_proj's, down_proj's) after the product and the residual,
+     * one row after another: the same bits on every machine. */
+    if (bias)
+        for (int i = 0; i < N; i++) {
+            float *restrict o = out + (size_t)i * OC;
+            for (int j = 0; j < OC; j++) o[j] += bias[j];
+        }
 }
 
 void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,

@@ -67,10 +67,11 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
  * be NULL, or hold NULL for a linear without bias. */
 void linears_forward(int n, float *const *outs, const float *inp, const float *const *weights,
                      const float *const *biases, int N, int C, const int *OC);
-/* out (N,OC) = res (N,OC) + inp (N,C) weight^T: a linear and the residual
- * add after it, in one pass; out may equal res. */
+/* out (N,OC) = res (N,OC) + inp (N,C) weight^T + bias: a linear and the
+ * residual add after it, in one pass; out may equal res; bias (OC) may be
+ * NULL. */
 void linear_residual_forward(float *out, const float *res, const float *inp, const float *weight,
-                             int N, int C, int OC);
+                             const float *bias, int N, int C, int OC);
 /* dinp (N,C) = (accumulate ? dinp : 0) + sum over i < n <= 4 of douts[i]
  * (N,OC[i]) weights[i] (OC[i],C), added in order of i: the input gradient
  * of linears sharing an input, as one team job. */
@@ -83,7 +84,7 @@ void linears_backward_input(float *dinp, int accumulate, int n, const float *con
 void linears_forward_k(int n, float *const *outs, const float *inp, const kweight *weights,
                        const float *const *biases, int N, int C, const int *OC);
 void linear_residual_forward_k(float *out, const float *res, const float *inp, kweight weight,
-                               int N, int C, int OC);
+                               const float *bias, int N, int C, int OC);
 void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
                               const kweight *weights, int N, int C, const int *OC);
 /* dweight (OC,C) += dout^T inp, as linear_backward's weight gradient, with

@@ -98,7 +98,8 @@ const float *model_view_weight(const model_view *v, int layer, int kind) {
 }
 
 const float *model_view_bias(const model_view *v, int layer, int kind) {
-    return v->cfg->attention_bias ? model_view_weight(v, layer, kind) : NULL;
+    return model_weight_shape(v->cfg, layer, kind, NULL, NULL) ? model_view_weight(v, layer, kind)
+                                                               : NULL;
 }
 
 const float *model_view_lm_head(const model_view *v) {
@@ -262,9 +263,8 @@ int model_create_opts(model **out, const model_config *cfg, const model_weights 
         return err_set(e, "model: batch capacity %d x %d tokens: both must be at least 1", B, T);
     for (int l = 0; l < cfg->num_layers; l++)
         for (int kind = 0; kind < LW_COUNT; kind++) {
-            int is_bias = kind == LW_Q_BIAS || kind == LW_K_BIAS || kind == LW_V_BIAS;
             if (!w->layer[l][kind] && !(w->layer16 && w->layer16[l][kind]) &&
-                (!is_bias || cfg->attention_bias)) {
+                model_weight_shape(cfg, l, kind, NULL, NULL)) {
                 char name[160];
                 model_weight_name(cfg, l, kind, name, sizeof name);
                 return err_set(e, "model: base weight %s is missing", name);
@@ -378,19 +378,22 @@ void model_layer_forward(const model_view *v, int l, const model_layer_io *io) {
                           T, io->P, Hq, Hkv, D);
     /* o_proj's output lands on the residual stream directly; its hook adds
      * its term there, which is the same sum. */
-    linear_residual_forward_k(io->mid, io->in, io->atty, model_view_matrix(v, l, LW_O), N, qd, C);
+    linear_residual_forward_k(io->mid, io->in, io->atty, model_view_matrix(v, l, LW_O),
+                              model_view_bias(v, l, LW_O_BIAS), N, qd, C);
     model_view_hook(v, l, LW_O, io->atty, io->mid, N);
 
     rmsnorm_forward(ln, io->rstd2, io->mid, model_view_weight(v, l, LW_POST_NORM), N, C,
                     c->rms_norm_eps);
     float *gu[2] = {io->gate, io->up};
     kweight wgu[2] = {model_view_matrix(v, l, LW_GATE), model_view_matrix(v, l, LW_UP)};
+    const float *bgu[2] = {model_view_bias(v, l, LW_GATE_BIAS), model_view_bias(v, l, LW_UP_BIAS)};
     int ogu[2] = {IC, IC};
-    linears_forward_k(2, gu, ln, wgu, NULL, N, C, ogu);
+    linears_forward_k(2, gu, ln, wgu, bgu, N, C, ogu);
     model_view_hook(v, l, LW_GATE, ln, io->gate, N);
     model_view_hook(v, l, LW_UP, ln, io->up, N);
     swiglu_forward(io->h, io->gate, io->up, N, IC);
-    linear_residual_forward_k(io->out, io->mid, io->h, model_view_matrix(v, l, LW_DOWN), N, IC, C);
+    linear_residual_forward_k(io->out, io->mid, io->h, model_view_matrix(v, l, LW_DOWN),
+                              model_view_bias(v, l, LW_DOWN_BIAS), N, IC, C);
     model_view_hook(v, l, LW_DOWN, io->h, io->out, N);
 }
 

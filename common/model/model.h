@@ -27,6 +27,10 @@ typedef enum {
     LW_Q_BIAS,     /* (Hq*D), only with attention_bias */
     LW_K_BIAS,     /* (Hkv*D) */
     LW_V_BIAS,     /* (Hkv*D) */
+    LW_O_BIAS,     /* (C), only with o_bias */
+    LW_GATE_BIAS,  /* (I), only with mlp_bias */
+    LW_UP_BIAS,    /* (I) */
+    LW_DOWN_BIAS,  /* (C) */
     LW_COUNT
 } layer_weight;
 
@@ -52,7 +56,9 @@ typedef struct model_config {
     float rope_low_freq_factor;                /* llama3 */
     float rope_high_freq_factor;               /* llama3 */
     int rope_original_max_position_embeddings; /* llama3 */
-    int attention_bias;
+    int attention_bias; /* q, k and v have biases (Qwen2; Llama's attention_bias) */
+    int o_bias;         /* o_proj has a bias (Llama's attention_bias, not Qwen2) */
+    int mlp_bias;       /* gate, up and down have biases (Llama's mlp_bias) */
     int tie_word_embeddings;
     int bos_token_id, eos_token_id; /* -1 when absent */
     int pad_token_id;               /* -1 when absent */
@@ -66,8 +72,14 @@ int model_config_parse(model_config *cfg, const char *json_text, const char *pat
 
 /* Rows and columns of a weight (cols is 1 for vectors); layer may be
  * MODEL_GLOBAL with a global_weight kind. Returns 0 for an absent weight
- * (a bias without attention_bias). */
+ * (a bias the configuration does not have). */
 size_t model_weight_shape(const model_config *cfg, int layer, int kind, int *rows, int *cols);
+
+/* The bias kind of linear `kind` (LW_Q_BIAS for LW_Q, ...), or -1 for a kind
+ * that is not a linear; whether the model has it is model_weight_shape's. */
+int model_bias_kind(int kind);
+/* Whether a layer kind is a bias. */
+int model_is_bias(int kind);
 
 /* The Hugging Face tensor name of a weight, e.g. "model.layers.3.self_attn.q_proj.weight". */
 void model_weight_name(const model_config *cfg, int layer, int kind, char *buf, size_t n);
@@ -111,7 +123,7 @@ typedef struct model_view {
 } model_view;
 
 /* The weight (layer, kind) in use, as F32: the method's when it replaces
- * it, else the base's. A bias is NULL for a model without attention_bias; a
+ * it, else the base's. A bias is NULL for a model without it; a
  * tied lm_head is the embedding in use. Under BF16 compute a base matrix
  * has no F32 form (NULL): products take model_view_matrix instead. */
 const float *model_view_weight(const model_view *v, int layer, int kind);

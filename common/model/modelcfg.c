@@ -159,16 +159,15 @@ static int parse_obj(model_config *cfg, json_t *root, const char *path, err *e) 
     if (cfg->rope_scaling == ROPE_NONE && parse_rope_scaling(cfg, rs, "rope_scaling", path, e))
         return -1;
 
-    /* The model implements SiLU-gated MLPs without biases, q/k/v biases
-     * (Qwen2) but no o_proj bias, and full causal attention: refuse what
-     * would silently compute something else. */
+    /* The model implements SiLU-gated MLPs (with or without biases), q/k/v
+     * biases (Qwen2; with the o_proj bias, Llama's attention_bias) and full
+     * causal attention: refuse what would silently compute something else. */
     json_t *act = json_object_get(root, "hidden_act");
     if (act && !json_is_null(act) &&
         (!json_is_string(act) || strcmp(json_string_value(act), "silu") != 0))
         return err_set(e, "%s: key \"hidden_act\": only \"silu\" is supported", path);
-    int mlp_bias = 0, sliding = 0;
-    if (get_bool(root, "mlp_bias", &mlp_bias, path, e)) return -1;
-    if (mlp_bias) return err_set(e, "%s: key \"mlp_bias\": MLP biases are not supported", path);
+    int sliding = 0;
+    if (get_bool(root, "mlp_bias", &cfg->mlp_bias, path, e)) return -1;
     if (qwen2) {
         if (get_bool(root, "use_sliding_window", &sliding, path, e)) return -1;
         if (sliding)
@@ -177,11 +176,9 @@ static int parse_obj(model_config *cfg, json_t *root, const char *path, err *e) 
                            "supported",
                            path);
         cfg->attention_bias = 1; /* Qwen2's q/k/v projections always have biases */
-    } else if (cfg->attention_bias) {
-        return err_set(e,
-                       "%s: key \"attention_bias\": true for %s also biases o_proj, which is not "
-                       "supported",
-                       path, type);
+    } else {
+        /* LlamaAttention: attention_bias biases q, k, v and o alike. */
+        cfg->o_bias = cfg->attention_bias;
     }
 
     if (cfg->num_kv_heads < 0) cfg->num_kv_heads = cfg->num_heads;
@@ -277,6 +274,16 @@ size_t model_weight_shape(const model_config *cfg, int layer, int kind, int *row
         case LW_V_BIAS:
             r = cfg->attention_bias ? kv : 0;
             break;
+        case LW_O_BIAS:
+            r = cfg->o_bias ? C : 0;
+            break;
+        case LW_GATE_BIAS:
+        case LW_UP_BIAS:
+            r = cfg->mlp_bias ? I : 0;
+            break;
+        case LW_DOWN_BIAS:
+            r = cfg->mlp_bias ? C : 0;
+            break;
         default:
             c = 0;
         }
@@ -296,7 +303,9 @@ void model_weight_name(const model_config *cfg, int layer, int kind, char *buf, 
         "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
         "self_attn.o_proj.weight", "mlp.gate_proj.weight",    "mlp.up_proj.weight",
         "mlp.down_proj.weight",    "input_layernorm.weight",  "post_attention_layernorm.weight",
-        "self_attn.q_proj.bias",   "self_attn.k_proj.bias",   "self_attn.v_proj.bias"};
+        "self_attn.q_proj.bias",   "self_attn.k_proj.bias",   "self_attn.v_proj.bias",
+        "self_attn.o_proj.bias",   "mlp.gate_proj.bias",      "mlp.up_proj.bias",
+        "mlp.down_proj.bias"};
     if (!n) return;
     buf[0] = '\0';
     if (layer == MODEL_GLOBAL) {
@@ -304,4 +313,29 @@ void model_weight_name(const model_config *cfg, int layer, int kind, char *buf, 
     } else if (layer >= 0 && layer < cfg->num_layers && kind >= 0 && kind < LW_COUNT) {
         snprintf(buf, n, "model.layers.%d.%s", layer, local[kind]);
     }
+}
+
+int model_bias_kind(int kind) {
+    switch (kind) {
+    case LW_Q:
+        return LW_Q_BIAS;
+    case LW_K:
+        return LW_K_BIAS;
+    case LW_V:
+        return LW_V_BIAS;
+    case LW_O:
+        return LW_O_BIAS;
+    case LW_GATE:
+        return LW_GATE_BIAS;
+    case LW_UP:
+        return LW_UP_BIAS;
+    case LW_DOWN:
+        return LW_DOWN_BIAS;
+    default:
+        return -1;
+    }
+}
+
+int model_is_bias(int kind) {
+    return kind >= LW_Q_BIAS && kind <= LW_DOWN_BIAS;
 }

@@ -2,11 +2,13 @@
  * through modelcfg.c, the weights through safetensors.c (one file or the
  * shards of model.safetensors.index.json), and its fingerprint (base/hash.h).
  * With F32 compute, BF16 and F16 weights become F32 in a cache file that
- * every process of the machine maps (fsutil.c for the directory); with BF16
+ * every process of the machine maps (fsutil.c for the directory, f32cache.c for where it is and the
+ * note of which model each file is of); with BF16
  * compute, BF16 matrices are used in place and only F32/F16 matrices (to
  * BF16) and BF16/F16 norms and biases (to F32) go to such a file. */
 #include "model/model.h"
 #include "base/fsutil.h"
+#include "model/f32cache.h"
 #include "base/log.h"
 #include "model/bf16.h"
 #include "model/safetensors.h"
@@ -174,16 +176,6 @@ static int check_tensor(const model_files *f, const st_file *file, const st_tens
 
 /* ---- the F32 cache of BF16/F16 weights ---------------------------------------- */
 
-/* PEFTPS_CACHE_DIR, else $XDG_CACHE_HOME/peftps, else ~/.cache/peftps; NULL
- * when PEFTPS_CACHE_DIR is set empty (no cache) or no home is known. */
-static char *cache_dir(void) {
-    const char *env = getenv("PEFTPS_CACHE_DIR");
-    if (env) return *env ? strdup(env) : NULL;
-    const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
-    if (xdg && *xdg) return fs_join(xdg, "peftps");
-    return home && *home ? fs_join(home, ".cache/peftps") : NULL;
-}
-
 /* Whether a binding's tensor needs converting (another dtype than the one
  * wanted, or misaligned). */
 static int needs_f32(const binding *b) {
@@ -326,7 +318,7 @@ out:
  * logged), -1 when a weight cannot be converted at all. */
 static int bind_cached(model_files *f, const char *dir, binding *b, size_t nb, size_t total,
                        err *e) {
-    char *cdir = cache_dir();
+    char *cdir = f32cache_dir();
     if (!cdir) return 0;
     char key[65], path[4096];
     err ce = {{0}};
@@ -336,8 +328,12 @@ static int bind_cached(model_files *f, const char *dir, binding *b, size_t nb, s
              f->compute == MODEL_COMPUTE_BF16 ? "bf16" : "f32");
     size_t len = total;
     void *p = map_cached(path, len);
+    char note[4200];
+    snprintf(note, sizeof note, "%s.json", path);
+    int noted = p && access(note, F_OK) == 0;
     if (p) {
         log_info("%s: converted weights from the cache %s (shared)", dir, path);
+        f32cache_touch(path);
     } else {
         int w = cache_write(path, b, nb, total, &ce);
         if (w == -2) { /* the weights themselves are bad */
@@ -351,10 +347,14 @@ static int bind_cached(model_files *f, const char *dir, binding *b, size_t nb, s
             goto fallback;
         }
         log_info("%s: weights converted to %s into the cache %s (%zu MB, shared by "
-                 "this machine's processes)",
+                 "this machine's processes; `peftps cache list` shows them)",
                  dir, f->compute == MODEL_COMPUTE_BF16 ? "the compute's BF16/F32" : "F32", path,
                  len >> 20);
     }
+    /* Which model the file is of, for `peftps cache` (also for files of
+     * older versions, written without a note). */
+    if (!noted && f32cache_note(path, dir, f->file_names, f->n_files, &ce) < 0)
+        log_warn("%s: cannot note its model beside the cache file: %s", path, ce.msg);
     f->shared = p;
     f->shared_len = len;
     bind_converted(b, nb, p);

@@ -238,6 +238,10 @@ static const char *const peft_module_names[LW_COUNT] = {
     [LW_Q_BIAS] = "q_proj.bias",
     [LW_K_BIAS] = "k_proj.bias",
     [LW_V_BIAS] = "v_proj.bias",
+    [LW_O_BIAS] = "o_proj.bias",
+    [LW_GATE_BIAS] = "gate_proj.bias",
+    [LW_UP_BIAS] = "up_proj.bias",
+    [LW_DOWN_BIAS] = "down_proj.bias",
 };
 
 int peft_module_weight(int module) {

@@ -638,7 +638,11 @@ int export_adapter_config(const export_source *s, char **text, err *e) {
     json_t *o = json_object();
     if (!o) return err_set(e, "out of memory");
     json_object_set_new(o, "auto_mapping", json_null());
-    json_object_set_new(o, "base_model_name_or_path", json_string(s->exp->model->path));
+    /* Absolute, so that the adapter finds its base from wherever it is
+     * loaded (PEFT's AutoPeftModel, `peftps generate --adapter`). */
+    char abs_base[PATH_MAX];
+    const char *base = realpath(s->exp->model->path, abs_base) ? abs_base : s->exp->model->path;
+    json_object_set_new(o, "base_model_name_or_path", json_string(base));
     json_object_set_new(o, "inference_mode", json_true());
     json_object_set_new(o, "revision", json_null());
     json_object_set_new(o, "task_type", json_string("CAUSAL_LM"));

@@ -68,15 +68,16 @@ int metrics_write(metrics *m, const metrics_line *l, err *e) {
         log_info("step %llu: eval loss %.4f, accuracy %.4f (%ld of %ld sequences)", step, l->loss,
                  acc, correct, total);
     } else if (l->kind == METRICS_EVAL) {
-        fprintf(m->f, "{\"step\":%llu,\"eval_loss\":%.6f,\"eval_ppl\":%.4f,\"eval_tokens\":%ld}\n",
-                step, l->loss, exp(l->loss), l->tokens);
+        fprintf(m->f,
+                "{\"step\":%llu,\"eval_loss\":%.6f,\"eval_ppl\":%.4f,\"eval_loss_tokens\":%ld}\n",
+                step, l->loss, exp(l->loss), l->loss_tokens);
         log_info("step %llu: eval loss %.4f, perplexity %.3f (%ld tokens)", step, l->loss,
-                 exp(l->loss), l->tokens);
+                 exp(l->loss), l->loss_tokens);
     } else {
         fprintf(m->f,
-                "{\"step\":%llu,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6f,\"tokens\":%ld,"
-                "\"tokens_per_s\":%.1f",
-                step, l->loss, l->lr, l->grad_norm, l->tokens, l->tokens_per_s);
+                "{\"step\":%llu,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6f,\"loss_tokens\":%ld,"
+                "\"tokens\":%.0f,\"tokens_per_s\":%.1f",
+                step, l->loss, l->lr, l->grad_norm, l->loss_tokens, l->tokens, l->tokens_per_s);
         if (l->has_bytes)
             fprintf(m->f, ",\"bytes_in\":%llu,\"bytes_out\":%llu", (unsigned long long)l->bytes_in,
                     (unsigned long long)l->bytes_out);
@@ -105,7 +106,14 @@ static int metrics_parse(json_t *o, metrics_line *l) {
     if (json_is_number(loss)) {
         l->kind = METRICS_STEP;
         l->loss = json_number_value(loss);
-        l->tokens = (long)metrics_num(o, "tokens");
+        /* Older files named the loss tokens `tokens`, and had no count of
+         * the tokens processed. */
+        if (json_object_get(o, "loss_tokens")) {
+            l->loss_tokens = (long)metrics_num(o, "loss_tokens");
+            l->tokens = metrics_num(o, "tokens");
+        } else {
+            l->loss_tokens = (long)metrics_num(o, "tokens");
+        }
         l->lr = metrics_num(o, "lr");
         l->grad_norm = metrics_num(o, "grad_norm");
         l->tokens_per_s = metrics_num(o, "tokens_per_s");
@@ -117,7 +125,8 @@ static int metrics_parse(json_t *o, metrics_line *l) {
     if (!json_is_number(ev)) return 1;
     l->kind = METRICS_EVAL;
     l->loss = json_number_value(ev);
-    l->tokens = (long)metrics_num(o, "eval_tokens");
+    l->loss_tokens = (long)metrics_num(
+        o, json_object_get(o, "eval_loss_tokens") ? "eval_loss_tokens" : "eval_tokens");
     return 0;
 }
 

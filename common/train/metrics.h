@@ -1,10 +1,22 @@
-/* OUTPUT/metrics.jsonl, one JSON object a line: a step line per optimizer
- * step (step, loss, lr, grad_norm, tokens, tokens_per_s, and the server's
- * bytes_in, bytes_out) and an eval line per evaluation (step, eval_loss,
- * eval_ppl, eval_tokens; for sequence classification eval_accuracy,
- * eval_correct, eval_sequences, eval_confusion). The one writer and reader of that file, for
- * `peftps train` and `run` (cli/), the parameter server (server/) and
- * `peftps compare`. */
+/* OUTPUT/metrics.jsonl, one JSON object a line. The one writer and reader
+ * of that file, for `peftps train` and `run` (cli/), the parameter server
+ * (server/) and `peftps compare`. A step line per optimizer step:
+ *
+ *   step          optimizer steps completed (1 for the first)
+ *   loss          mean token loss of the step's batch
+ *   lr            learning rate the step applied
+ *   grad_norm     global norm of the mean gradient, before clipping
+ *   loss_tokens   tokens of the batch that carried loss (the loss's divisor)
+ *   tokens        tokens the step processed: batch_size * seq_len, loss or not
+ *   tokens_per_s  tokens / the step's wall time
+ *   bytes_in, bytes_out   (the server only) bytes received and sent for it
+ *
+ * An eval line per evaluation: step, eval_loss (mean token loss), eval_ppl
+ * (its exp) and eval_loss_tokens (tokens that carried loss); for sequence
+ * classification step, eval_loss (mean loss per sequence), eval_accuracy,
+ * eval_correct, eval_sequences and eval_confusion. Older files
+ * named loss_tokens `tokens` and eval_loss_tokens `eval_tokens` (and had no
+ * count of tokens processed); metrics_read reads both. */
 #ifndef PEFTPS_METRICS_H
 #define PEFTPS_METRICS_H
 
@@ -20,10 +32,11 @@ typedef struct metrics_line {
     metrics_kind kind;
     uint64_t step;       /* steps done when the line was written (1 for the first) */
     double loss;         /* step: mean training loss of the step; eval: eval loss */
-    long tokens;         /* step: tokens that carried loss; eval: eval tokens */
+    long loss_tokens;    /* tokens that carried loss (step: of the batch; eval: of the data) */
+    double tokens;       /* step lines: tokens processed, loss or not (0: an older file) */
     double lr;           /* step lines: learning rate applied */
     double grad_norm;    /* step lines: global gradient norm before clipping */
-    double tokens_per_s; /* step lines: input tokens per second of the step */
+    double tokens_per_s; /* step lines: tokens processed per second of the step */
     int has_bytes;       /* step lines of the server: the wire traffic below */
     uint64_t bytes_in, bytes_out;
     /* Eval lines of sequence classification (num_labels > 0): tokens is the

@@ -71,7 +71,9 @@ double optim_lr(const Peftps__Optimizer *cfg, const Peftps__Schedule *sched, uin
     const double lr = cfg->lr;
     if (!sched) return lr;
     const uint64_t warmup = sched->warmup_steps;
-    if (step < warmup) return lr * ((double)step / (double)warmup);
+    /* Step s (from 0) of the warmup runs at lr * (s+1) / warmup: the first
+     * step already trains, and the last warmup step reaches lr. */
+    if (step < warmup) return lr * ((double)(step + 1) / (double)warmup);
     const double min_lr = sched->min_lr;
     const uint64_t total = sched->total_steps;
     const uint64_t span = total > warmup ? total - warmup : 1;

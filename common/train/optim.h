@@ -30,10 +30,12 @@ int optim_create(optim *o, size_t n, const Peftps__Optimizer *cfg, err *e);
 /* Releases the moments; o may be zeroed or already freed. */
 void optim_free(optim *o);
 
-/* The learning rate of step `step` (counted from 0, like Hugging Face's
- * get_*_schedule_with_warmup under LambdaLR): cfg->lr * step / warmup_steps
- * while step < warmup_steps, then with progress = (step - warmup_steps) /
- * max(1, total_steps - warmup_steps), clamped to [0,1]:
+/* The learning rate of step `step` (counted from 0): cfg->lr * (step + 1) /
+ * warmup_steps while step < warmup_steps (as llm.c and nanoGPT warm up: the
+ * first step trains, unlike Hugging Face's get_*_schedule_with_warmup whose
+ * first step runs at 0, and the last warmup step reaches lr), then with
+ * progress = (step - warmup_steps) / max(1, total_steps - warmup_steps),
+ * clamped to [0,1]:
  *   CONSTANT (or DECAY_UNSPECIFIED, or sched NULL): lr
  *   LINEAR: min_lr + (lr - min_lr) * (1 - progress)
  *   COSINE: min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * progress))

@@ -2,8 +2,10 @@
  * workers and the parameter server share; see train.h. */
 #include "train/train.h"
 #include "methods/registry.h"
+#include "train/ckpt.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -245,8 +247,8 @@ int trainer_eval(trainer *t, double *mean_loss, long *n_tokens, err *e) {
     if (!t->eval) return err_set(e, "the experiment has no eval data (data.eval)");
     if (train_compute_check(t->exp, e) < 0) return -1;
     const Peftps__Data *d = t->exp->data;
-    uint64_t want = (uint64_t)d->eval_batches * d->batch_size;
     uint64_t have = data_num_windows(t->eval);
+    uint64_t want = d->eval_batches ? (uint64_t)d->eval_batches * d->batch_size : have;
     if (want > have) want = have;
     double loss = 0.0;
     long ntok = 0;
@@ -310,4 +312,118 @@ void trainer_eval_report(const trainer *t, FILE *out) {
             }
         fprintf(out, "%s\n", first ? "" : ")");
     }
+}
+
+/* ---- checkpoints of a run ---- */
+
+/* Blob of a checkpoint: schedule.total_steps of the run that wrote it (u64,
+ * host order, which ckpt.h requires to be little-endian). */
+#define TRAIN_BLOB_TOTAL "schedule.total_steps"
+
+int train_ckpt_enabled(const Peftps__Experiment *exp) {
+    return exp->checkpoint && exp->checkpoint->every_steps > 0;
+}
+
+int train_ckpt_due(const Peftps__Experiment *exp, uint64_t step) {
+    if (!train_ckpt_enabled(exp)) return 0;
+    return step % exp->checkpoint->every_steps == 0 || step == exp->schedule->total_steps;
+}
+
+int train_ckpt_resume(ckpt **out, const char *dir, const Peftps__Experiment *exp,
+                      const char *exp_fp, const char *base_fp, const peft_tensor *tensors,
+                      int n_tensors, float *params, size_t n, optim *o, uint64_t want,
+                      uint64_t *step, err *e) {
+    *out = NULL;
+    *step = 0;
+    ckpt_options co = {.keep = (int)exp->checkpoint->keep};
+    ckpt *c;
+    if (ckpt_open(&c, dir, 1, &co, e) < 0) return err_wrap(e, "checkpoint.path");
+    uint64_t *steps = NULL;
+    int held = 0;
+    if (ckpt_steps(c, &steps, &held, e) < 0) {
+        ckpt_close(c);
+        return err_wrap(e, "checkpoint.path");
+    }
+    free(steps);
+    if (held == 0) {
+        if (want != CKPT_LATEST) {
+            ckpt_close(c);
+            return err_set(e, "%s holds no checkpoint to resume from", dir);
+        }
+        *out = c;
+        return 0;
+    }
+    if (!exp->checkpoint->resume) {
+        ckpt_close(c);
+        return err_set(e,
+                       "checkpoint.path %s already holds checkpoints and checkpoint.resume is "
+                       "false; remove it, use another path, or resume",
+                       dir);
+    }
+    ckpt_data d;
+    int rc = -1;
+    uint64_t total = exp->schedule->total_steps;
+    if (ckpt_read(c, want, &d, e) < 0) {
+        err_wrap(e, "refusing to resume");
+        goto done;
+    }
+    if (ckpt_check(&d, dir, exp_fp, base_fp, tensors, n_tensors, n, e) < 0) {
+        err_wrap(e, "refusing to resume");
+        goto done;
+    }
+    if (d.step > total) {
+        err_set(e,
+                "refusing to resume: checkpoint %s is at step %llu, past schedule.total_steps "
+                "%llu; raise total_steps to extend the run",
+                dir, (unsigned long long)d.step, (unsigned long long)total);
+        goto done;
+    }
+    if (optim_restore(o, d.opt_t, d.m, d.v, d.n_params, e) < 0) {
+        err_wrap(e, "refusing to resume from %s", dir);
+        goto done;
+    }
+    memcpy(params, d.params, n * sizeof *params);
+    *step = d.step;
+    for (int i = 0; i < d.n_blobs; i++) {
+        uint64_t was;
+        if (strcmp(d.blobs[i].name, TRAIN_BLOB_TOTAL) || d.blobs[i].size != sizeof was) continue;
+        memcpy(&was, d.blobs[i].data, sizeof was);
+        if (was != total && exp->schedule->decay != PEFTPS__DECAY__CONSTANT)
+            log_info("schedule.total_steps is %llu, the checkpoint's run had %llu: the learning "
+                     "rate of steps %llu on follows the %s decay over %llu steps",
+                     (unsigned long long)total, (unsigned long long)was,
+                     (unsigned long long)d.step + 1,
+                     exp->schedule->decay == PEFTPS__DECAY__COSINE ? "cosine" : "linear",
+                     (unsigned long long)total);
+    }
+    rc = 0;
+done:
+    ckpt_data_free(&d);
+    if (rc < 0)
+        ckpt_close(c);
+    else
+        *out = c;
+    return rc;
+}
+
+int train_ckpt_write(ckpt *c, uint64_t step, const Peftps__Experiment *exp, const char *exp_fp,
+                     const char *base_fp, const peft_tensor *tensors, int n_tensors,
+                     const float *params, size_t n, const optim *o, err *e) {
+    ckpt_data d;
+    memset(&d, 0, sizeof d);
+    d.step = step;
+    snprintf(d.experiment_fp, sizeof d.experiment_fp, "%s", exp_fp);
+    snprintf(d.base_fp, sizeof d.base_fp, "%s", base_fp ? base_fp : "");
+    d.data_pos = step * exp->data->batch_size;
+    optim_state(o, &d.opt_t, &d.m, &d.v);
+    d.n_params = n;
+    d.params = params;
+    d.tensors = tensors;
+    d.n_tensors = n_tensors;
+    /* The schedule's length, only to say on resume that it changed. */
+    uint64_t total = exp->schedule->total_steps;
+    ckpt_blob b = {.name = TRAIN_BLOB_TOTAL, .data = &total, .size = sizeof total};
+    d.blobs = &b;
+    d.n_blobs = 1;
+    return ckpt_write(c, &d, e);
 }

@@ -133,9 +133,10 @@ void trainer_drop_compute(trainer *t);
 int trainer_step(trainer *t, uint64_t step, train_step_stats *st, err *e);
 
 /* Mean token loss on the eval data (or, without eval data, nothing: returns
- * -1 with e set); for classification the mean loss per sequence, with
- * t->eval_confusion filled (see trainer_eval_accuracy). Uses eval_batches batches of batch_size
- * sequences at most, read from the start of the file. */
+ * -1 with e set): every window of the eval file, or with data.eval_batches
+ * > 0 at most that many batches of batch_size sequences from its start; for
+ * classification the mean loss per sequence, with t->eval_confusion filled
+ * (see trainer_eval_accuracy). */
 int trainer_eval(trainer *t, double *mean_loss, long *n_tokens, err *e);
 
 /* Accuracy of the last classification trainer_eval (correct / total, 0
@@ -145,5 +146,38 @@ double trainer_eval_accuracy(const trainer *t, long *correct, long *total);
 /* Writes the per-class counts of the last classification trainer_eval, one
  * line per class: "  NAME  correct/total  (predicted as: NAME n, ...)". */
 void trainer_eval_report(const trainer *t, FILE *out);
+
+/* ---- checkpoints of a run (the parameter server's and `peftps train`'s) ---- */
+
+/* Whether checkpoints are on: checkpoint.every_steps > 0. */
+int train_ckpt_enabled(const Peftps__Experiment *exp);
+
+/* Whether the state after `step` steps is written: checkpoints are on and
+ * step is a multiple of checkpoint.every_steps or the last step. */
+int train_ckpt_due(const Peftps__Experiment *exp, uint64_t step);
+
+/* Opens the checkpoint environment `dir` for writing (keeping
+ * checkpoint.keep) and, when it holds checkpoints, restores checkpoint
+ * `want` (CKPT_LATEST: the newest) into params[0..n) and o, after checking
+ * that it belongs to this experiment (exp_fp, base_fp: see ckpt_check) and
+ * to this layout of tensors. *step is the restored step, 0 when the
+ * environment was empty. Fails, naming dir, when: the environment cannot be
+ * opened; it holds checkpoints and checkpoint.resume is false; `want` is not
+ * CKPT_LATEST and not held; the checkpoint is damaged, of another experiment,
+ * base or layout; its step is past schedule.total_steps. A checkpoint of a
+ * run with another schedule.total_steps resumes (the fingerprint leaves the
+ * schedule's length out): the steps after it follow the new schedule. On
+ * failure *out is NULL. */
+struct ckpt; /* train/ckpt.h */
+int train_ckpt_resume(struct ckpt **out, const char *dir, const Peftps__Experiment *exp,
+                      const char *exp_fp, const char *base_fp, const peft_tensor *tensors,
+                      int n_tensors, float *params, size_t n, optim *o, uint64_t want,
+                      uint64_t *step, err *e);
+
+/* Writes the state after `step` steps (params[0..n) laid out as tensors,
+ * the optimizer o) as one checkpoint of c. */
+int train_ckpt_write(struct ckpt *c, uint64_t step, const Peftps__Experiment *exp,
+                     const char *exp_fp, const char *base_fp, const peft_tensor *tensors,
+                     int n_tensors, const float *params, size_t n, const optim *o, err *e);
 
 #endif

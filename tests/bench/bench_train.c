@@ -209,11 +209,11 @@ static double products_seconds(const shape *s, const model_config *cfg, const mo
                              model_weights_get(w, l, LW_V)};
             int oc[3] = {C, KV, KV};
             linears_forward_k(3, outs, x, wq, NULL, N, C, oc);
-            linear_residual_forward_k(y, y, x, model_weights_get(w, l, LW_O), N, C, C);
+            linear_residual_forward_k(y, y, x, model_weights_get(w, l, LW_O), NULL, N, C, C);
             kweight wg[2] = {model_weights_get(w, l, LW_GATE), model_weights_get(w, l, LW_UP)};
             int of[2] = {F, F};
             linears_forward_k(2, outs, x, wg, NULL, N, C, of);
-            linear_residual_forward_k(y, y, x, model_weights_get(w, l, LW_DOWN), N, F, C);
+            linear_residual_forward_k(y, y, x, model_weights_get(w, l, LW_DOWN), NULL, N, F, C);
         }
         kweight head = model_weights_get(w, MODEL_GLOBAL, GW_LM_HEAD);
         linears_forward_k(1, &y, x, &head, NULL, N, C, &V);

@@ -6,7 +6,9 @@ architecture (no transformers, no peft), and records in float64 the logits,
 the loss and, with autograd, the gradients of LoRA, prefix tuning, a layer
 delta and full fine-tuning. tests/test_reference.c replays every case in C.
 
-Run from the repository root:  /usr/bin/python3 tests/reference/make_fixtures.py
+Run from the repository root:  /usr/bin/python3 tests/reference/make_fixtures.py [VARIANT...]
+(naming variants regenerates only those, e.g. a new one; every variant's
+generator is seeded by its index, so the others' bytes do not change).
 Writes tests/fixtures/tiny-llama/ (config.json + model.safetensors, the small
 model every test and example uses) and tests/fixtures/reference/<variant>/
 (a model directory plus one <case>.safetensors per case). Seeded: reruns
@@ -76,6 +78,12 @@ VARIANTS = [
      dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
           num_attention_heads=4, num_key_value_heads=1, head_dim=16),
      0.15, ["base", "lora_all", "prefix", "full"]),
+    # Llama's attention_bias biases q, k, v and o (unlike Qwen2's, which
+    # stop at v); mlp_bias biases gate, up and down.
+    ("llama-bias", None,
+     dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+          num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+     0.15, ["base", "lora_all", "layer1", "full"]),
 ]
 
 B, T = 2, 8
@@ -138,6 +146,9 @@ class Config:
         self.scaling = d.get("rope_scaling")
         self.tied = d.get("tie_word_embeddings", False)
         self.bias = d.get("attention_bias") or d["model_type"] == "qwen2"
+        # LlamaAttention's attention_bias also biases o_proj; Qwen2's does not.
+        self.o_bias = bool(d.get("attention_bias")) and d["model_type"] != "qwen2"
+        self.mlp_bias = bool(d.get("mlp_bias"))
 
 
 def weight_shapes(cfg):
@@ -157,6 +168,12 @@ def weight_shapes(cfg):
             s[pre + "self_attn.q_proj.bias"] = (cfg.Hq * cfg.D,)
             s[pre + "self_attn.k_proj.bias"] = (cfg.Hkv * cfg.D,)
             s[pre + "self_attn.v_proj.bias"] = (cfg.Hkv * cfg.D,)
+        if cfg.o_bias:
+            s[pre + "self_attn.o_proj.bias"] = (cfg.C,)
+        if cfg.mlp_bias:
+            s[pre + "mlp.gate_proj.bias"] = (cfg.I,)
+            s[pre + "mlp.up_proj.bias"] = (cfg.I,)
+            s[pre + "mlp.down_proj.bias"] = (cfg.C,)
     s["model.norm.weight"] = (cfg.C,)
     if not cfg.tied:
         s["lm_head.weight"] = (cfg.V, cfg.C)
@@ -361,7 +378,13 @@ def check_sensitive(what, ref, other):
 
 
 def main():
+    only = sys.argv[1:]
+    unknown = set(only) - {v[0] for v in VARIANTS}
+    if unknown:
+        sys.exit(f"make_fixtures: no variant {', '.join(sorted(unknown))}")
     for vi, (name, directory, over, std, cases) in enumerate(VARIANTS):
+        if only and name not in only:
+            continue
         d = dict(LLAMA)
         d.update(over)
         d = {k: v for k, v in d.items() if v is not None or k == "rope_scaling"}
@@ -393,6 +416,13 @@ def main():
                     nb = {k: v for k, v in wd.items() if not k.endswith(".bias")}
                     check_sensitive(f"{name}: attention biases", logits,
                                     forward(cfg, nb, tokens, labels)[0])
+                for what, suffixes in (("o_proj biases", ("o_proj.bias",)),
+                                       ("MLP biases", ("gate_proj.bias", "up_proj.bias",
+                                                       "down_proj.bias"))):
+                    if any(k.endswith(suffixes) for k in wd):
+                        nb = {k: v for k, v in wd.items() if not k.endswith(suffixes)}
+                        check_sensitive(f"{name}: {what}", logits,
+                                        forward(cfg, nb, tokens, labels)[0])
             elif case in ("lora_qv", "lora_all", "prefix", "prefix_proj"):
                 check_sensitive(f"{name}/{case}", logits, base_logits)
             if prefix is not None:

@@ -49,7 +49,7 @@ MIN_LR = f32(1e-3)
 
 def lr_lambda(step):
     if step < WARMUP:
-        return step / max(1, WARMUP)
+        return (step + 1) / WARMUP  # peftps: no step at lr 0
     progress = min(1.0, (step - WARMUP) / max(1, TOTAL - WARMUP))
     return (MIN_LR + (LR - MIN_LR) * 0.5 * (1.0 + math.cos(math.pi * progress))) / LR
 
