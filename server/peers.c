@@ -47,6 +47,7 @@ void peers_own_steps(server *s) {
     uint64_t *steps = NULL;
     int n = 0;
     err e;
+    if (!s->ck) return; /* checkpoints off (checkpoint.every_steps 0): none to tell */
     if (ckpt_steps(s->ck, &steps, &n, &e) < 0) {
         server_log(s, LOG_WARN, "listing this server's checkpoints: %s", e.msg);
         return;

@@ -228,7 +228,11 @@ static void test_lora_matches_torch(void **state) {
  * BF16_TENSOR_TOL of its largest value. */
 #define BF16_LOSS_TOL 5e-4
 #define BF16_NORM_TOL 2e-2
-#define BF16_TENSOR_TOL 1e-1
+/* 0.2: since the first warmup step trains (lr/3 instead of 0), autocast's
+ * rounding drifts over one more step; make_bf16_fixture.py prints the F32
+ * run's own distance from autocast (0.20 of scale), peftps's BF16 run stays
+ * at 0.15 of it. */
+#define BF16_TENSOR_TOL 2e-1
 
 static void test_lora_bf16_matches_torch_autocast(void **state) {
     (void)state;

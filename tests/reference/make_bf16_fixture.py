@@ -28,6 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_fixtures as mf  # noqa: E402
 import make_train_fixture as tf  # noqa: E402
 
+# The F32 reference trains LoRA at 3e-2; BF16 rounding compounds with the
+# rate, and test_train.c's BF16 bounds were set for 2e-2, so this run keeps it.
+tf.RUNS["lora"] = dict(tf.RUNS["lora"], lr=2e-2)
+
 OUT = tf.OUT_DIR + "/train_lora_bf16_ref.safetensors"
 
 # tests/test_bf16_model.c compares each step's loss within LOSS_TOL
@@ -59,7 +63,7 @@ def train(cfg, w, windows, init):
 
     def lr_lambda(step):  # as make_train_fixture.py
         if step < tf.WARMUP:
-            return step / max(1, tf.WARMUP)
+            return (step + 1) / tf.WARMUP  # peftps: no step at lr 0
         return max(0.0, (tf.STEPS - step) / max(1, tf.STEPS - tf.WARMUP))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
