@@ -227,7 +227,7 @@ static void test_lora_matches_torch(void **state) {
  * the gradient norm within BF16_NORM_TOL, each final tensor within
  * BF16_TENSOR_TOL of its largest value. */
 #define BF16_LOSS_TOL 5e-4
-#define BF16_NORM_TOL 2e-2
+#define BF16_NORM_TOL 3e-2 /* 2e-2 before the first warmup step trained; 2.6e-2 now */
 /* 0.2: since the first warmup step trains (lr/3 instead of 0), autocast's
  * rounding drifts over one more step; make_bf16_fixture.py prints the F32
  * run's own distance from autocast (0.20 of scale), peftps's BF16 run stays
