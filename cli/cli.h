@@ -4,6 +4,23 @@
 #ifndef PEFTPS_CLI_H
 #define PEFTPS_CLI_H
 
+#include <stddef.h>
+#include <stdio.h>
+
+/* A command or subcommand: its name, what runs it (argv[0] is the name)
+ * and one line for the usage text. */
+typedef struct cli_command {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+} cli_command;
+
+/* Runs the entry of `cmds` named by argv[1]: `-h`, `--help` and `help`
+ * print usage to stdout and return 0; no name, or a name not in cmds
+ * ("PROG: unknown WHAT 'x'"), print usage to stderr and return 2. */
+int cli_dispatch(const char *prog, const char *what, const cli_command *cmds, size_t n,
+                 void (*usage)(FILE *out), int argc, char **argv);
+
 /* argv[0] is the command's name ("config" for `peftps config check`). */
 int cmd_config(int argc, char **argv);
 int cmd_train(int argc, char **argv);

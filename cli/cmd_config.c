@@ -82,16 +82,6 @@ static int check(int argc, char **argv) {
 }
 
 int cmd_config(int argc, char **argv) {
-    if (argc < 2) {
-        usage(stderr);
-        return 2;
-    }
-    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
-        usage(stdout);
-        return 0;
-    }
-    if (!strcmp(argv[1], "check")) return check(argc - 1, argv + 1);
-    fprintf(stderr, "peftps config: unknown subcommand '%s'\n", argv[1]);
-    usage(stderr);
-    return 2;
+    static const cli_command subs[] = {{"check", check, "check an experiment file"}};
+    return cli_dispatch("peftps config", "subcommand", subs, 1, usage, argc, argv);
 }

@@ -6,13 +6,7 @@
 #include "cli.h"
 #include "base/log.h"
 
-typedef struct {
-    const char *name;
-    int (*run)(int argc, char **argv);
-    const char *summary;
-} command;
-
-static const command commands[] = {
+static const cli_command commands[] = {
     {"config", cmd_config, "check an experiment file and print it resolved"},
     {"train", cmd_train, "train an experiment in this process"},
     {"run", cmd_run, "train on a cluster of a server and N workers started on this machine"},
@@ -40,17 +34,6 @@ static void usage(FILE *out) {
 
 int main(int argc, char **argv) {
     log_init("peftps");
-    if (argc < 2) {
-        usage(stderr);
-        return 2;
-    }
-    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
-        usage(stdout);
-        return 0;
-    }
-    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 1, argv + 1);
-    fprintf(stderr, "peftps: unknown command '%s'\n", argv[1]);
-    usage(stderr);
-    return 2;
+    return cli_dispatch("peftps", "command", commands, sizeof commands / sizeof commands[0], usage,
+                        argc, argv);
 }

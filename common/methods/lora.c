@@ -197,15 +197,25 @@ static void lora_dropout_stream(const peft *p, const lora_site *site, rng *g) {
     rng_seed(g, p->seed, p->step, p->shard, (uint64_t)site->a);
 }
 
+/* The site of linear (layer, kind) for a pass over n rows, with its factors
+ * a (r, in) and b (out, r); NULL when LoRA does not adapt that linear. */
+static lora_site *lora_site_for(peft *p, int layer, int kind, int n, const float **a,
+                                const float **b) {
+    lora_site *site = lora_find(p, layer, kind);
+    if (!site || n <= 0) return NULL;
+    lora_check_capacity(p->state, n);
+    *a = peft_param(p, site->a);
+    *b = peft_param(p, site->b);
+    return site;
+}
+
 static void lora_linear_forward(peft *p, int layer, int kind, const float *x, float *y, int n) {
     lora_state *s = p->state;
-    lora_site *site = lora_find(p, layer, kind);
-    if (!site || n <= 0) return;
-    lora_check_capacity(s, n);
+    const float *a, *b;
+    lora_site *site = lora_site_for(p, layer, kind, n, &a, &b);
+    if (!site) return;
     int r = s->r, in = site->in, out = site->out;
-    const float *a = peft_param(p, site->a); /* (r, in) */
-    const float *b = peft_param(p, site->b); /* (out, r) */
-    const float *xin = x;                    /* (n, in) */
+    const float *xin = x; /* (n, in) */
     site->dropped = p->training && s->dropout > 0.0f;
     if (site->dropped) {
         rng g;
@@ -223,12 +233,10 @@ static void lora_linear_forward(peft *p, int layer, int kind, const float *x, fl
 static void lora_linear_backward(peft *p, int layer, int kind, const float *x, const float *dy,
                                  float *dx, int n) {
     lora_state *s = p->state;
-    lora_site *site = lora_find(p, layer, kind);
-    if (!site || n <= 0) return;
-    lora_check_capacity(s, n);
+    const float *a, *b;
+    lora_site *site = lora_site_for(p, layer, kind, n, &a, &b);
+    if (!site) return;
     int r = s->r, in = site->in, out = site->out;
-    const float *a = peft_param(p, site->a); /* (r, in) */
-    const float *b = peft_param(p, site->b); /* (out, r) */
     float *da = peft_grad(p, site->a);
     float *db = peft_grad(p, site->b);
     const float *xin = site->dropped ? site->xd : x; /* (n, in) */
