@@ -375,15 +375,24 @@ static token *peek(parser *p) {
     return &p->tv.v[p->i];
 }
 
+/* The first error of a parse or a render, with its template line: later
+ * ones are knock-on effects and are dropped. The message is cut at cap - 1
+ * characters (cap at most 400). */
+static int jinja_vfail(err *e, int *failed, int line, size_t cap, const char *fmt, va_list ap) {
+    if (*failed) return -1;
+    char msg[400];
+    vsnprintf(msg, cap < sizeof msg ? cap : sizeof msg, fmt, ap);
+    *failed = 1;
+    return err_set(e, "line %d: %s", line, msg);
+}
+
+static int fail(parser *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int fail(parser *p, const char *fmt, ...) {
-    if (p->failed) return -1;
-    char msg[300];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    int rc = jinja_vfail(p->e, &p->failed, peek(p)->line, 300, fmt, ap);
     va_end(ap);
-    p->failed = 1;
-    return err_set(p->e, "line %d: %s", peek(p)->line, msg);
+    return rc;
 }
 
 static int is_op(parser *p, const char *op) {
@@ -1034,15 +1043,13 @@ typedef struct {
     int calls;     /* macro calls in progress */
 } interp;
 
+static int rfail(interp *r, int line, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int rfail(interp *r, int line, const char *fmt, ...) {
-    if (r->failed) return -1;
-    char msg[400];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    int rc = jinja_vfail(r->e, &r->failed, line, 400, fmt, ap);
     va_end(ap);
-    r->failed = 1;
-    return err_set(r->e, "line %d: %s", line, msg);
+    return rc;
 }
 
 static int truthy(const json_t *v) {
@@ -1086,19 +1093,25 @@ static void float_repr(double x, char *out, size_t n) {
 
 static int repr(jbuf *b, const json_t *v);
 
+/* A JSON integer or real as both str() and json.dumps print it. */
+static int put_number(jbuf *b, const json_t *v) {
+    char num[64];
+    if (json_is_integer(v))
+        snprintf(num, sizeof num, "%lld", (long long)json_integer_value(v));
+    else
+        float_repr(json_real_value(v), num, sizeof num);
+    return jb_puts(b, num);
+}
+
 /* str() of a value as Python prints it. */
 static int to_str(jbuf *b, const json_t *v) {
-    char num[64];
     if (!v) return 0;
     switch (json_typeof(v)) {
     case JSON_STRING:
         return jb_put(b, json_string_value(v), json_string_length(v));
     case JSON_INTEGER:
-        snprintf(num, sizeof num, "%lld", (long long)json_integer_value(v));
-        return jb_puts(b, num);
     case JSON_REAL:
-        float_repr(json_real_value(v), num, sizeof num);
-        return jb_puts(b, num);
+        return put_number(b, v);
     case JSON_TRUE:
         return jb_puts(b, "True");
     case JSON_FALSE:
@@ -1162,11 +1175,8 @@ static int dump_json(jbuf *b, const json_t *v, int indent, int depth) {
     case JSON_FALSE:
         return jb_puts(b, "false");
     case JSON_INTEGER:
-        snprintf(num, sizeof num, "%lld", (long long)json_integer_value(v));
-        return jb_puts(b, num);
     case JSON_REAL:
-        float_repr(json_real_value(v), num, sizeof num);
-        return jb_puts(b, num);
+        return put_number(b, v);
     case JSON_STRING: {
         const char *s = json_string_value(v);
         size_t n = json_string_length(v);
@@ -1485,6 +1495,29 @@ static json_t *call_macro(interp *r, const node *m, const args *a, int line) {
     return res;
 }
 
+/* str.upper(), lower(), title() and capitalize() of the n bytes at p, ASCII
+ * letters only, by the method's first letter (u, l, t, c). */
+static json_t *str_recase(char how, const char *p, size_t n) {
+    char *c = malloc(n + 1);
+    if (!c) return NULL;
+    int start = 1;
+    for (size_t i = 0; i < n; i++) {
+        char ch = p[i];
+        int lower = ch >= 'a' && ch <= 'z', upper = ch >= 'A' && ch <= 'Z';
+        int up = how == 'u' || (how != 'l' && start);
+        if (up && lower) ch -= 32;
+        if (!up && upper) ch += 32;
+        if (how == 't')
+            start = !(lower || upper);
+        else
+            start = 0;
+        c[i] = ch;
+    }
+    json_t *res = json_stringn(c, n);
+    free(c);
+    return res;
+}
+
 static json_t *str_method(interp *r, const json_t *s, const char *name, const args *a, int line) {
     const char *p = json_string_value(s);
     size_t n = json_string_length(s);
@@ -1512,38 +1545,9 @@ static json_t *str_method(interp *r, const json_t *s, const char *name, const ar
 #undef STRIPPABLE
         return json_stringn(p + i, j - i);
     }
-    if (!strcmp(name, "upper") || !strcmp(name, "lower")) {
-        char *c = malloc(n + 1);
-        if (!c) return NULL;
-        for (size_t i = 0; i < n; i++) {
-            char ch = p[i];
-            if (name[0] == 'u' && ch >= 'a' && ch <= 'z') ch -= 32;
-            if (name[0] == 'l' && ch >= 'A' && ch <= 'Z') ch += 32;
-            c[i] = ch;
-        }
-        json_t *res = json_stringn(c, n);
-        free(c);
-        return res;
-    }
-    if (!strcmp(name, "title") || !strcmp(name, "capitalize")) {
-        char *c = malloc(n + 1);
-        if (!c) return NULL;
-        int start = 1;
-        for (size_t i = 0; i < n; i++) {
-            char ch = p[i];
-            int letter = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
-            if (start && ch >= 'a' && ch <= 'z') ch -= 32;
-            if (!start && ch >= 'A' && ch <= 'Z') ch += 32;
-            if (name[0] == 't')
-                start = !letter;
-            else
-                start = 0;
-            c[i] = ch;
-        }
-        json_t *res = json_stringn(c, n);
-        free(c);
-        return res;
-    }
+    if (!strcmp(name, "upper") || !strcmp(name, "lower") || !strcmp(name, "title") ||
+        !strcmp(name, "capitalize"))
+        return str_recase(name[0], p, n);
     if (!strcmp(name, "split")) {
         json_t *sep = arg(a, 0, "sep"), *out = json_array();
         json_t *maxs = arg(a, 1, "maxsplit");
