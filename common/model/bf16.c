@@ -154,6 +154,20 @@ static void round_rows(void *c, size_t r0, size_t r1) {
     }
 }
 
+/* Column j0 + c of a panel of a w (M,K) op, from pair p0 on: row j0 + c
+ * of w read as pairs, then the last weight of an odd K with a zero pad.
+ * Shared by pack_scalar and the tail of pack_panel. */
+static inline void pack_row_pairs(const bf16_op *op, int j0, int c, int p0, uint32_t *pw) {
+    int K = op->K, kp = (K + 1) / 2;
+    const uint16_t *row = op->w + (size_t)(j0 + c) * K;
+    for (int p = p0; p < K / 2; p++) {
+        uint32_t v;
+        memcpy(&v, row + 2 * p, sizeof v);
+        pw[(size_t)p * PANEL + c] = v;
+    }
+    if (K % 2) pw[(size_t)(kp - 1) * PANEL + c] = row[K - 1];
+}
+
 /* The panel of columns [j0, j0 + PANEL) of op's weight in pair layout:
  * pw[p * PANEL + c] holds the two weights that multiply x pair p for
  * column j0 + c; columns past M and the pad of an odd K are zeros. */
@@ -163,15 +177,7 @@ static void pack_scalar(const bf16_op *op, int j0, uint32_t *pw) {
         for (int p = 0; p < kp; p++) memset(pw + (size_t)p * PANEL + nc, 0, (PANEL - nc) * 4);
     if (!op->nn) {
         /* w (M,K): column j is row j of w, its pairs consecutive. */
-        for (int c = 0; c < nc; c++) {
-            const uint16_t *row = op->w + (size_t)(j0 + c) * K;
-            for (int p = 0; p < K / 2; p++) {
-                uint32_t v;
-                memcpy(&v, row + 2 * p, sizeof v);
-                pw[(size_t)p * PANEL + c] = v;
-            }
-            if (K % 2) pw[(size_t)(kp - 1) * PANEL + c] = row[K - 1];
-        }
+        for (int c = 0; c < nc; c++) pack_row_pairs(op, j0, c, 0, pw);
     } else {
         /* w (K,M): pair p of column j is w[2p][j], w[2p+1][j]. */
         for (int p = 0; p < kp; p++) {
@@ -231,15 +237,7 @@ BF16_TARGET static void pack_panel(const bf16_op *op, int j0, uint32_t *pw) {
                 for (int i = 0; i < 16; i++)
                     _mm512_store_si512((void *)(pw + (size_t)(p0 + i) * PANEL + c0), r[i]);
             }
-        for (int c = 0; c < PANEL; c++) {
-            const uint16_t *row = op->w + (size_t)(j0 + c) * K;
-            for (int p = whole; p < K / 2; p++) {
-                uint32_t v;
-                memcpy(&v, row + 2 * p, sizeof v);
-                pw[(size_t)p * PANEL + c] = v;
-            }
-            if (K % 2) pw[(size_t)(kp - 1) * PANEL + c] = row[K - 1];
-        }
+        for (int c = 0; c < PANEL; c++) pack_row_pairs(op, j0, c, whole, pw);
     } else {
         for (int p = 0; p < kp; p++) {
             const uint16_t *r0 = op->w + (size_t)(2 * p) * M + j0;

@@ -397,93 +397,91 @@ ROW_LOOP static void rms_bwd_row(float *restrict d, const float *restrict g,
     for (; i < n; i++) d[i] += r * (g[i] - xh[i] * m);
 }
 
-/* The arguments of the row loops below, one struct for all. */
-typedef struct rows_args {
+/* The arguments of the row loops below, one struct for all; row is the
+ * work on one row, which rows_run spreads over the team. */
+typedef struct rows_args rows_args;
+struct rows_args {
     float *out, *out2, *rstd;
     const float *inp, *inp2, *weight, *rs;
     int C;
     float eps;
-} rows_args;
+    void (*row)(const rows_args *a, size_t i, size_t C);
+};
 
-static void rmsnorm_fwd_rows(void *c, size_t r0, size_t r1) {
+static void rows_range(void *c, size_t r0, size_t r1) {
     const rows_args *a = c;
-    size_t C = (size_t)a->C;
-    for (size_t i = r0; i < r1; i++) {
-        const float *x = a->inp + i * C;
-        float r = 1.0f / sqrtf(dot_row(x, x, a->C) / (float)a->C + a->eps);
-        scale_row(a->out + i * C, x, r, a->weight, a->C);
-        a->rstd[i] = r;
-    }
+    for (size_t i = r0; i < r1; i++) a->row(a, i, (size_t)a->C);
+}
+
+/* Runs row on each of the N rows of a, cost floats a row. */
+static void rows_run(rows_args *a, void (*row)(const rows_args *, size_t, size_t), int N,
+                     size_t cost) {
+    a->row = row;
+    team_for((size_t)N, cost, 1, rows_range, a);
+}
+
+static void rmsnorm_fwd_row(const rows_args *a, size_t i, size_t C) {
+    const float *x = a->inp + i * C;
+    float r = 1.0f / sqrtf(dot_row(x, x, a->C) / (float)a->C + a->eps);
+    scale_row(a->out + i * C, x, r, a->weight, a->C);
+    a->rstd[i] = r;
 }
 
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C,
                      float eps) {
     // out, inp are (N,C), weight is (C), rstd is (N)
     rows_args a = {.out = out, .rstd = rstd, .inp = inp, .weight = weight, .C = C, .eps = eps};
-    team_for((size_t)N, (size_t)C * 2, 1, rmsnorm_fwd_rows, &a);
+    rows_run(&a, rmsnorm_fwd_row, N, (size_t)C * 2);
 }
 
-static void normalize_rows(void *c, size_t r0, size_t r1) {
-    const rows_args *a = c;
-    size_t C = (size_t)a->C;
-    for (size_t i = r0; i < r1; i++) {
-        if (a->out2)
-            norm_rebuild_row(a->out + i * C, a->out2 + i * C, a->inp + i * C, a->rs[i], a->weight,
-                             a->C);
-        else
-            scale_row(a->out + i * C, a->inp + i * C, a->rs[i], NULL, a->C);
-    }
+static void normalize_row(const rows_args *a, size_t i, size_t C) {
+    if (a->out2)
+        norm_rebuild_row(a->out + i * C, a->out2 + i * C, a->inp + i * C, a->rs[i], a->weight,
+                         a->C);
+    else
+        scale_row(a->out + i * C, a->inp + i * C, a->rs[i], NULL, a->C);
 }
 
 void rmsnorm_normalize(float *xhat, const float *inp, const float *rstd, int N, int C) {
     // xhat, inp are (N,C), rstd is (N)
     rows_args a = {.out = xhat, .inp = inp, .rs = rstd, .C = C};
-    team_for((size_t)N, (size_t)C, 1, normalize_rows, &a);
+    rows_run(&a, normalize_row, N, (size_t)C);
 }
 
 void rmsnorm_rebuild(float *xhat, float *out, const float *inp, const float *rstd,
                      const float *weight, int N, int C) {
     // xhat, out, inp are (N,C), rstd is (N), weight is (C)
     rows_args a = {.out = xhat, .out2 = out, .inp = inp, .rs = rstd, .weight = weight, .C = C};
-    team_for((size_t)N, (size_t)C * 2, 1, normalize_rows, &a);
+    rows_run(&a, normalize_row, N, (size_t)C * 2);
 }
 
-static void rmsnorm_bwd_rows(void *c, size_t r0, size_t r1) {
-    const rows_args *a = c;
-    size_t C = (size_t)a->C;
+static void rmsnorm_bwd_row(const rows_args *a, size_t i, size_t C) {
     // xhat = x r with r = (mean(x^2) + eps)^-1/2, so
     // dx = r (dxhat - xhat mean(dxhat xhat)).
-    for (size_t i = r0; i < r1; i++) {
-        const float *g = a->inp + i * C, *xh = a->inp2 + i * C;
-        float m = dot_row(g, xh, a->C) / (float)a->C;
-        rms_bwd_row(a->out + i * C, g, xh, a->rs[i], m, a->C);
-    }
+    const float *g = a->inp + i * C, *xh = a->inp2 + i * C;
+    float m = dot_row(g, xh, a->C) / (float)a->C;
+    rms_bwd_row(a->out + i * C, g, xh, a->rs[i], m, a->C);
 }
 
 void rmsnorm_backward(float *dinp, const float *dxhat, const float *xhat, const float *rstd, int N,
                       int C) {
     // dinp, dxhat, xhat are (N,C), rstd is (N).
     rows_args a = {.out = dinp, .inp = dxhat, .inp2 = xhat, .rs = rstd, .C = C};
-    team_for((size_t)N, (size_t)C * 3, 1, rmsnorm_bwd_rows, &a);
+    rows_run(&a, rmsnorm_bwd_row, N, (size_t)C * 3);
 }
 
-static void scale_fwd_rows(void *c, size_t r0, size_t r1) {
-    const rows_args *a = c;
-    size_t C = (size_t)a->C;
-    for (size_t i = r0; i < r1; i++)
-        scale_row(a->out + i * C, a->inp + i * C, 1.0f, a->weight, a->C);
+static void scale_fwd_row(const rows_args *a, size_t i, size_t C) {
+    scale_row(a->out + i * C, a->inp + i * C, 1.0f, a->weight, a->C);
 }
 
 void scale_forward(float *out, const float *inp, const float *weight, int N, int C) {
     // out, inp are (N,C), weight is (C)
     rows_args a = {.out = out, .inp = inp, .weight = weight, .C = C};
-    team_for((size_t)N, (size_t)C, 1, scale_fwd_rows, &a);
+    rows_run(&a, scale_fwd_row, N, (size_t)C);
 }
 
-static void scale_bwd_rows(void *c, size_t r0, size_t r1) {
-    const rows_args *a = c;
-    size_t C = (size_t)a->C;
-    for (size_t i = r0; i < r1; i++) fma_row(a->out + i * C, a->inp + i * C, a->weight, a->C);
+static void scale_bwd_row(const rows_args *a, size_t i, size_t C) {
+    fma_row(a->out + i * C, a->inp + i * C, a->weight, a->C);
 }
 
 void scale_backward(float *dinp, float *dweight, const float *dout, const float *inp,
@@ -491,7 +489,7 @@ void scale_backward(float *dinp, float *dweight, const float *dout, const float 
     // dinp, dout, inp are (N,C), dweight, weight are (C)
     if (dinp) {
         rows_args a = {.out = dinp, .inp = dout, .weight = weight, .C = C};
-        team_for((size_t)N, (size_t)C, 1, scale_bwd_rows, &a);
+        rows_run(&a, scale_bwd_row, N, (size_t)C);
     }
     /* A sum over rows: in row order, in the caller. */
     if (dweight)
@@ -606,6 +604,21 @@ void linear_residual_forward_k(float *out, const float *res, const float *inp, k
         }
 }
 
+/* dinp (N,C) (+)= dout (N,OC) w, w a BF16 (OC,C): one product of
+ * linears_backward_input_k, added to dinp's own values when accumulate. */
+static bf16_op bwd_input_op(float *dinp, int accumulate, const float *dout, const uint16_t *w,
+                            int N, int C, int OC) {
+    return (bf16_op){.nn = 1,
+                     .N = N,
+                     .K = OC,
+                     .M = C,
+                     .x = dout,
+                     .w = w,
+                     .out = dinp,
+                     .add = accumulate ? dinp : NULL,
+                     .add_ld = (size_t)C};
+}
+
 void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
                               const kweight *weights, int N, int C, const int *OC) {
     int nh = 0;
@@ -613,15 +626,7 @@ void linears_backward_input_k(float *dinp, int accumulate, int n, const float *c
     if (nh == n) {
         bf16_op ops[GEMM_MAX_OPS];
         for (int i = 0; i < n; i++)
-            ops[i] = (bf16_op){.nn = 1,
-                               .N = N,
-                               .K = OC[i],
-                               .M = C,
-                               .x = douts[i],
-                               .w = weights[i].h,
-                               .out = dinp,
-                               .add = accumulate ? dinp : NULL,
-                               .add_ld = (size_t)C};
+            ops[i] = bwd_input_op(dinp, accumulate, douts[i], weights[i].h, N, C, OC[i]);
         bf16_matmul(ops, n, 1);
         return;
     }
@@ -629,15 +634,7 @@ void linears_backward_input_k(float *dinp, int accumulate, int n, const float *c
     for (int i = 0; i < n; i++) {
         int acc = i || accumulate;
         if (weights[i].h) {
-            bf16_op op = {.nn = 1,
-                          .N = N,
-                          .K = OC[i],
-                          .M = C,
-                          .x = douts[i],
-                          .w = weights[i].h,
-                          .out = dinp,
-                          .add = acc ? dinp : NULL,
-                          .add_ld = (size_t)C};
+            bf16_op op = bwd_input_op(dinp, acc, douts[i], weights[i].h, N, C, OC[i]);
             bf16_matmul(&op, 1, 0);
         } else if (!nh) {
             const float *w[GEMM_MAX_OPS];
