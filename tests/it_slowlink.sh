@@ -17,22 +17,8 @@ PORT=5555
 RATE=20mbit
 STEPS=2
 
-if [ "$(id -u)" != 0 ]; then
-    echo "SKIP: not root: network namespaces, veth links and tc need CAP_NET_ADMIN"
-    exit 0
-fi
-for t in ip tc; do
-    command -v $t >/dev/null 2>&1 || {
-        echo "SKIP: $t is not installed (Debian package iproute2)"
-        exit 0
-    }
-done
-for f in "$BIN/peftps" "$BIN/peftps-server" "$BIN/peftps-worker"; do
-    [ -x "$f" ] || { echo "FAIL: $f is not built"; exit 1; }
-done
-for f in tests/fixtures/tiny-llama/tokenizer.json tests/fixtures/tiny.tokens; do
-    [ -e "$f" ] || { echo "SKIP: fixture $f is missing"; exit 0; }
-done
+. tests/lib.sh
+netns_require tests/fixtures/tiny-llama/tokenizer.json tests/fixtures/tiny.tokens
 
 P=pfsl$$
 SRV=${P}srv
@@ -40,16 +26,8 @@ WRK=${P}wrk
 T=$(mktemp -d /tmp/peftps-it-slowlink.XXXXXX)
 PIDS=""
 NSS=""
-cleanup() {
-    for p in $PIDS; do kill -9 "$p" 2>/dev/null; done
-    for p in $PIDS; do wait "$p" 2>/dev/null; done
-    for n in $NSS; do ip netns del "$n" 2>/dev/null; done
-    rm -rf "$T"
-}
-trap cleanup EXIT
+trap netns_cleanup EXIT
 trap 'exit 130' INT TERM
-
-. tests/lib.sh
 
 # ---- a random model whose every tensor trains --------------------------------------
 

@@ -1,6 +1,6 @@
 # Shell helpers of the integration tests that run processes in the
-# background (it_cluster.sh, it_multihost.sh); sourced after $T, the test's
-# scratch directory holding one NAME.log per process, is set.
+# background (it_cluster.sh, it_multihost.sh, ...); fail reads $T, the test's
+# scratch directory holding one NAME.log per process, once it is set.
 
 # fail MESSAGE: prints it and the last lines of every log, then exits 1.
 fail() {
@@ -33,4 +33,38 @@ wait_log() {
         [ $wl_n -gt $(($3 * 10)) ] && fail "no '$2' in $1 after $3 s"
         sleep 0.1
     done
+}
+
+# ---- tests in network namespaces (it_multihost.sh, it_slowlink.sh) --------
+
+# netns_require FILE...: exits 0 with "SKIP: ..." where namespaces cannot be
+# made here (not root, no ip or tc) or a fixture FILE is missing; fails when
+# the programs are not built.
+netns_require() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "SKIP: not root: network namespaces, veth links and tc need CAP_NET_ADMIN"
+        exit 0
+    fi
+    for t in ip tc; do
+        command -v $t >/dev/null 2>&1 || {
+            echo "SKIP: $t is not installed (Debian package iproute2)"
+            exit 0
+        }
+    done
+    for f in "$BIN/peftps" "$BIN/peftps-server" "$BIN/peftps-worker"; do
+        [ -x "$f" ] || { echo "FAIL: $f is not built"; exit 1; }
+    done
+    for f in "$@"; do
+        [ -e "$f" ] || { echo "SKIP: fixture $f is missing"; exit 0; }
+    done
+}
+
+# netns_cleanup: kills $PIDS, deletes the namespaces $NSS (and with them
+# their ends of the veth pairs, and so the pairs) and removes $T. Install
+# with `trap netns_cleanup EXIT`.
+netns_cleanup() {
+    for p in $PIDS; do kill -9 "$p" 2>/dev/null; done
+    for p in $PIDS; do wait "$p" 2>/dev/null; done
+    for n in $NSS; do ip netns del "$n" 2>/dev/null; done
+    rm -rf "$T"
 }
