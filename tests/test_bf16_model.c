@@ -18,6 +18,8 @@
 
 #include <cmocka.h>
 
+#include "procmaps.h"
+
 #include "gradcheck.h"
 #include "base/fsutil.h"
 #include "methods/registry.h"
@@ -34,21 +36,6 @@ static int skip_without_cpu(void) {
     if (bf16_cpu_ok()) return 0;
     printf("  skipped: this CPU has no AVX512-BF16\n");
     return 1;
-}
-
-static int in_file_mapping(const void *p, const char *suffix) {
-    FILE *fp = fopen("/proc/self/maps", "r");
-    char line[1024];
-    int hit = 0;
-    while (!hit && fp && fgets(line, sizeof line, fp)) {
-        unsigned long lo, hi;
-        line[strcspn(line, "\n")] = 0;
-        size_t L = strlen(line), S = strlen(suffix);
-        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && L >= S && strcmp(line + L - S, suffix) == 0)
-            hit = (uintptr_t)p >= lo && (uintptr_t)p < hi;
-    }
-    if (fp) fclose(fp);
-    return hit;
 }
 
 /* Copies tiny-llama into dir with every tensor in dtype (BF16 or F16). */

@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "procmaps.h"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -450,22 +452,6 @@ static void write_tiny(const char *dir, const char *cfg_json, tiny_opts o) {
         write_text(dir, "model.safetensors.index.json", index);
     }
     for (int i = 0; i < n; i++) free(bufs[i]);
-}
-
-/* Whether p lies in a mapping of a file whose name ends in `suffix`. */
-static int in_file_mapping(const void *p, const char *suffix) {
-    FILE *fp = fopen("/proc/self/maps", "r");
-    char line[1024];
-    int hit = 0;
-    while (!hit && fp && fgets(line, sizeof line, fp)) {
-        unsigned long lo, hi;
-        line[strcspn(line, "\n")] = 0;
-        size_t L = strlen(line), S = strlen(suffix);
-        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && L >= S && strcmp(line + L - S, suffix) == 0)
-            hit = (uintptr_t)p >= lo && (uintptr_t)p < hi;
-    }
-    if (fp) fclose(fp);
-    return hit;
 }
 
 /* Whether any mapping of a file whose name ends in `suffix` exists. */
