@@ -21,6 +21,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
+from make_tiny_tokenizer import byte_chars  # noqa: E402  GPT-2's byte -> character table
+
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
@@ -163,20 +166,6 @@ def write_safetensors(path, entries, rng):
             f.write(bf16_values(rng, name, shape).tobytes())
     os.replace(tmp, path)
     return offset
-
-
-def byte_chars():
-    """GPT-2's byte -> printable character table (as tests/reference/make_tiny_tokenizer.py)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + \
-        list(range(0xAE, 0xFF + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def tokenizer(cfg):
