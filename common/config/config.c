@@ -146,6 +146,7 @@ int config_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext
     CONFIG_DEFAULT(cl, metrics_port, 0);
     CONFIG_DEFAULT(cl, min_transfer_mbit_s, 100);
     CONFIG_DEFAULT(cl, server_timeout_ms, 120000);
+    CONFIG_DEFAULT(cl, share, 1.0);
 
     if (ENSURE(exp->checkpoint, peftps__checkpoint__descriptor)) goto oom;
     if (default_string(&exp->checkpoint->path, "%s/ckpt", exp->output_dir)) goto oom;
@@ -272,6 +273,11 @@ static int check_ranges(const config_checker *c, const Peftps__Experiment *exp) 
         return config_fail(c, "cluster.server_timeout_ms|cluster.heartbeat_ms",
                            "cluster.server_timeout_ms (%u) must exceed cluster.heartbeat_ms (%u)",
                            cl->server_timeout_ms, cl->heartbeat_ms);
+    if (!(cl->share >= 0.01 && cl->share <= 100.0))
+        return config_fail(c, "cluster.share",
+                           "cluster.share %g is outside 0.01..100 (a pool's weight of this "
+                           "experiment)",
+                           cl->share);
     if (cl->metrics_port > 65535)
         return config_fail(c, "cluster.metrics_port", "cluster.metrics_port %u is not a TCP port",
                            cl->metrics_port);
