@@ -56,6 +56,11 @@ int train_compute_check(const Peftps__Experiment *exp, err *e) {
 }
 
 int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err *e) {
+    return trainer_open_files(out, exp, NULL, training, e);
+}
+
+int trainer_open_files(trainer **out, const Peftps__Experiment *exp, model_files *files,
+                       int training, err *e) {
     *out = NULL;
     trainer *t = calloc(1, sizeof *t);
     if (!t) return err_set(e, "out of memory");
@@ -64,7 +69,11 @@ int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err
     t->rows = (int)(d->batch_size / d->shards_per_step);
     t->T = (int)d->seq_len;
 
-    if (model_files_open_compute(&t->files, exp->model->path, train_compute(exp), e) < 0) goto fail;
+    if (files) {
+        t->files = files;
+        t->borrowed_files = 1;
+    } else if (model_files_open_compute(&t->files, exp->model->path, train_compute(exp), e) < 0)
+        goto fail;
     const model_config *cfg = model_files_config(t->files);
     const model_weights *w = model_files_weights(t->files);
     data_opts opts = {.format = d->format,
@@ -149,7 +158,7 @@ void trainer_close(trainer *t) {
     peft_free(t->p);
     data_close(t->train);
     data_close(t->eval);
-    model_files_close(t->files);
+    if (!t->borrowed_files) model_files_close(t->files);
     free(t);
 }
 

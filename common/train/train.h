@@ -22,6 +22,7 @@
 typedef struct trainer {
     const Peftps__Experiment *exp;
     model_files *files;
+    int borrowed_files; /* files belong to the caller (trainer_open_files) */
     model *m;
     peft *p;
     data *train; /* NULL when opened for evaluation only */
@@ -76,6 +77,14 @@ int train_compute_check(const Peftps__Experiment *exp, err *e);
  * the optimizer are set up too; without it only what evaluation needs. */
 int trainer_open(trainer **out, const Peftps__Experiment *exp, int training, err *e);
 void trainer_close(trainer *t);
+
+/* trainer_open over a base the caller has open (model_files_open_compute
+ * with train_compute(exp)) and keeps open until trainer_close: several
+ * trainers then share one mapping of the base and one set of its weight
+ * pointers (what a pool worker serving several experiments needs). The
+ * tokenizer and config.json are still read from exp->model->path. */
+int trainer_open_files(trainer **out, const Peftps__Experiment *exp, model_files *files,
+                       int training, err *e);
 
 /* Gradient of the summed token loss of shard `shard` of step `step` into
  * t->p->grads (zeroed first), at the current parameters; the worker's half.
