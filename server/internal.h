@@ -163,6 +163,15 @@ struct server {
     double s_per_byte, worker_silence_s;
     int finished; /* 1: done, -1: failed with `fail` */
     err fail;
+
+    /* On a pool (opts.pool, poollink.c): the coordinator's DEALER, this
+     * experiment as announced, and what the last step gave. */
+    void *pool_sock;
+    char *pool_text;
+    char pool_id[128];
+    int pool_accepted, pool_refused, pool_cancelled, pool_final_sent;
+    double pool_sent;
+    double last_loss, last_tokens_per_s;
 };
 
 /* A log line of server s: first ends the progress line on a terminal, so
@@ -240,5 +249,13 @@ void peers_own_steps(server *s);
  * server knows (from their heartbeats, or from their directories beside its
  * own when it can read them), or why there is none. */
 void peers_resume_advice(server *s, char *buf, size_t n);
+
+/* poollink.c: with opts.pool, connects to the coordinator and announces
+ * this server (after server_bind); reads its answers and reports progress
+ * (from tick); the run's end (outcome 0 done, 1 stopped, -1 failed, with
+ * msg); whether the coordinator refused the experiment; the socket's end. */
+int server_pool_open(server *s, err *e);
+void server_pool_tick(server *s);
+void server_pool_close(server *s);
 
 #endif

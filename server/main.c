@@ -17,6 +17,7 @@
 static const char usage[] =
     "usage: peftps-server EXPERIMENT.pbtxt [--set PATH=VALUE ...] [--index I]\n"
     "                     [--listen ENDPOINT] [--resume-step N] [--linger]\n"
+    "                     [--pool ENDPOINT [--pool-job ID]]\n"
     "\n"
     "The parameter server of an experiment: holds the trainable tensors and their\n"
     "optimizer state, hands the shards of each step to workers (peftps-worker),\n"
@@ -34,6 +35,13 @@ static const char usage[] =
     "                     the run is over), /healthz and /metrics until SIGINT or\n"
     "                     SIGTERM, then exit 0: for supervisors that restart a\n"
     "                     program that exits, such as a Kubernetes StatefulSet\n"
+    "  --pool ENDPOINT    run the experiment on a pool: announce it to the pool's\n"
+    "                     coordinator (`peftps pool start`), whose workers then\n"
+    "                     serve it; report progress there; stop (checkpointing)\n"
+    "                     when it is cancelled. Refused (another base, a name or\n"
+    "                     fingerprint clash with a running job): exit 2\n"
+    "  --pool-job ID      the job id the coordinator gave (set by the coordinator\n"
+    "                     when it starts the server itself)\n"
     "\n"
     "With several cluster.servers, start one process per entry with --index I;\n"
     "each holds a share of the tensors and server 0 coordinates the others.\n"
@@ -53,13 +61,16 @@ static void on_hangup(int sig) {
 
 int main(int argc, char **argv) {
     log_init("server");
-    server_opts opts = {0, NULL, SERVER_RESUME_LATEST, 0};
+    server_opts opts = {0, NULL, SERVER_RESUME_LATEST, 0, NULL, NULL};
     const cmdline_opt takes[] = {
-        CMDLINE_INT("--index", &opts.index, 0, 1 << 20), CMDLINE_STR("--listen", &opts.listen),
+        CMDLINE_INT("--index", &opts.index, 0, 1 << 20),
+        CMDLINE_STR("--listen", &opts.listen),
         CMDLINE_UINT("--resume-step", &opts.resume_step, 0, CMDLINE_UINT_MAX),
-        CMDLINE_SET("--linger", &opts.linger, 1)};
+        CMDLINE_SET("--linger", &opts.linger, 1),
+        CMDLINE_STR("--pool", &opts.pool),
+        CMDLINE_STR("--pool-job", &opts.pool_job)};
     Peftps__Experiment *ex = NULL;
-    int rc = experiment_from_cmdline("peftps-server", usage, takes, 4, argc, argv, &ex);
+    int rc = experiment_from_cmdline("peftps-server", usage, takes, 6, argc, argv, &ex);
     if (rc) return rc == 1 ? 0 : rc;
     err e;
     server *s = NULL;
@@ -80,6 +91,8 @@ int main(int argc, char **argv) {
     if (server_bind(s, &e) == 0) {
         rc = server_run(s, &e);
         status = rc == 0 ? 0 : rc > 0 ? 128 + stop_signal : 1;
+        server_pool_final(s, rc, rc < 0 ? e.msg : rc > 0 ? "the server was stopped" : NULL);
+        if (server_pool_refused(s)) status = 2;
     }
     if (status == 1) fprintf(stderr, "peftps-server: %s\n", e.msg);
     server_close(s);

@@ -339,6 +339,7 @@ fail:
 
 void server_close(server *s) {
     if (!s) return;
+    server_pool_close(s);
     httpd_close(s->http);
     if (s->sock) zmq_close(s->sock);
     if (s->link) zmq_close(s->link);
@@ -400,7 +401,7 @@ int server_bind(server *s, err *e) {
     httpd_set_liveness(s->http, 60.0 + 10.0 * s->timeout_s);
     httpd_set_ready(s->http, 1);
     if (s->opts.index > 0 && peers_link_open(s, e) < 0) return -1;
-    return 0;
+    return server_pool_open(s, e);
 }
 
 /* ---- sending ------------------------------------------------------------------------ */
@@ -1003,6 +1004,8 @@ static int step_record(server *s, double loss, long ntok, double lr, double norm
     for (uint32_t i = 0; i < s->n_shards; i++) slot(s, s->step, i)->state = SHARD_PENDING;
     s->push_norm_prev = s->push_norm_cur, s->push_norm_cur = 0.0;
     s->step++;
+    s->last_loss = mean;
+    s->last_tokens_per_s = dt > 0 ? toks / dt : 0.0;
     if (s->metrics.f) {
         /* Not fatal: a full disk stops the run at the next checkpoint, with its path. */
         metrics_line l = {.kind = METRICS_STEP,
@@ -1117,6 +1120,7 @@ static void tick(server *s) {
         }
     }
     if (s->opts.index == 0) peers_tick(s);
+    server_pool_tick(s);
     if (dropped) schedule(s);
     log_flush();
     /* Memory that connection storms left free inside malloc's arenas
@@ -1208,7 +1212,10 @@ int server_run(server *s, err *e) {
         *e = s->fail;
         return -1;
     }
-    if (s->finished) return s->opts.linger ? linger(s, e) : 0;
+    if (s->finished) {
+        server_pool_final(s, 0, NULL);
+        return s->opts.linger ? linger(s, e) : 0;
+    }
     progress_end(&s->pr);
     if (s->n_servers > 1) {
         /* A checkpoint of a step another server may not reach would widen

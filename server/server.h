@@ -23,6 +23,8 @@ typedef struct server_opts {
     const char *listen;   /* bind here instead of cluster.servers[index]; NULL: that */
     uint64_t resume_step; /* the checkpoint to resume from, or SERVER_RESUME_LATEST */
     int linger;           /* after the last step, keep answering until server_stop */
+    const char *pool;     /* a pool's coordinator to announce to, or NULL */
+    const char *pool_job; /* the job id the coordinator gave (it started this server) */
 } server_opts;
 
 /* Prepares the server of exp (resolved by experiment_load): opens the base
@@ -66,5 +68,13 @@ void server_stop(void);
 void server_reload_keys(void);
 
 void server_close(server *s);
+
+/* On a pool: tells the coordinator how the run ended (outcome: server_run's
+ * return, msg the failure or NULL), once; nothing without opts.pool. */
+void server_pool_final(server *s, int outcome, const char *msg);
+
+/* Whether the pool's coordinator refused this experiment (server_run then
+ * failed with its reason): bad input, exit status 2. */
+int server_pool_refused(const server *s);
 
 #endif

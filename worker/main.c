@@ -15,6 +15,7 @@
 
 static const char usage[] =
     "usage: peftps-worker EXPERIMENT.pbtxt [--set PATH=VALUE ...] [--linger]\n"
+    "       peftps-worker --pool ENDPOINT --model DIR [--no-cobatch] [--metrics-port P]\n"
     "\n"
     "A stateless worker: maps the experiment's base model read-only, registers with\n"
     "every server of cluster.servers, and computes the gradients of the shards it is\n"
@@ -35,8 +36,41 @@ static void on_signal(int sig) {
     worker_stop();
 }
 
+/* `peftps-worker --pool ...`: no experiment file. */
+static int pool_main(int argc, char **argv) {
+    worker_pool_opts o = {.cobatch = 1};
+    int no_cobatch = 0;
+    uint64_t port = 0;
+    const cmdline_opt opts[] = {CMDLINE_STR("--pool", &o.pool),
+                                CMDLINE_STR("--model", &o.model_dir),
+                                CMDLINE_SET("--no-cobatch", &no_cobatch, 1),
+                                CMDLINE_UINT("--metrics-port", &port, 1, 65535)};
+    int rc = cmdline_parse("peftps-worker", usage, opts, 4, "argument", NULL, 0, argc, argv);
+    if (rc) return rc == 1 ? 0 : rc;
+    if (!o.model_dir) {
+        fprintf(stderr, "peftps-worker: --pool needs --model DIR (this machine's copy of the "
+                        "pool's base)\n");
+        return 2;
+    }
+    o.cobatch = !no_cobatch;
+    o.metrics_port = (unsigned)port;
+    stopsig sigs;
+    stopsig_catch(&sigs, on_signal);
+    signal(SIGPIPE, SIG_IGN);
+    err e;
+    rc = worker_pool_run(&o, &e);
+    if (rc < 0) {
+        fprintf(stderr, "peftps-worker: %s\n", e.msg);
+        return 2;
+    }
+    return rc > 0 ? 128 + stop_signal : 0;
+}
+
 int main(int argc, char **argv) {
     log_init("worker");
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--pool") || !strncmp(argv[i], "--pool=", 7))
+            return pool_main(argc, argv);
     int linger = 0;
     const cmdline_opt opts[] = {CMDLINE_SET("--linger", &linger, 1)};
     Peftps__Experiment *ex = NULL;

@@ -1,9 +1,10 @@
-/* The worker's loop (see worker.h): one DEALER per server, polled together;
+/* The worker's loop (see worker.h, internal.h): per experiment one DEALER
+ * per server, all polled together with the pool's link when there is one;
  * reconnect with exponential backoff when a server goes silent; heartbeats
  * from the main thread while it waits and from a small thread while it
- * computes (the socket changes hands under a mutex, which is the full
+ * computes (the sockets change hands under a mutex, which is the full
  * memory barrier ZeroMQ asks for when a socket moves between threads). */
-#include "worker.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -49,13 +50,15 @@ typedef struct conn {
 } conn;
 
 struct worker {
+    worker_host *host;
+    int owns_host; /* a single experiment's worker owns its host */
     const Peftps__Experiment *exp;
     trainer *t;
     char exp_fp[65];
     char id[128];
+    char job[128]; /* the pool's job id; "" outside a pool */
     int n_conns;
     conn *conns;
-    void *ctx;
     int curve;
     curve_keys mine;
     char server_public[CURVE_KEY_Z85 + 1];
@@ -73,14 +76,11 @@ struct worker {
     uint32_t *a_shards;
     size_t a_n;
 
-    /* Heartbeats while the main thread computes. */
-    pthread_mutex_t mu;
-    pthread_t hb_thread;
-    int hb_started;
-    atomic_int busy, quit;
-
-    httpd *http; /* /healthz, /livez and /metrics (cluster.metrics_port) */
-    httpd_worker_metrics hm;
+    /* A pool's job: its end, its weight, and the compute it got (all of
+     * it, and what the coordinator has not been told of yet). */
+    int ended;
+    double share, used_s, unsent_s;
+    uint64_t unsent_shards;
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -104,18 +104,76 @@ static int worker_limits(worker *w, err *e) {
     return rc;
 }
 
-int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
+/* ---- the host ----------------------------------------------------------------------- */
+
+int worker_host_create(worker_host **out, err *e) {
+    *out = NULL;
+    worker_host *h = calloc(1, sizeof *h);
+    if (!h) return err_set(e, "out of memory");
+    pthread_mutex_init(&h->mu, NULL);
+    h->hb_s = 1.0;
+    if (httpd_create(&h->http, e) < 0 || httpd_worker_metrics_init(h->http, &h->hm, e) < 0) {
+        httpd_close(h->http);
+        pthread_mutex_destroy(&h->mu);
+        free(h);
+        return -1;
+    }
+    *out = h;
+    return 0;
+}
+
+void worker_host_free(worker_host *h) {
+    if (!h) return;
+    httpd_close(h->http);
+    if (h->ctx) zmq_ctx_term(h->ctx);
+    free(h->jobs);
+    pthread_mutex_destroy(&h->mu);
+    free(h);
+}
+
+static int host_add(worker_host *h, worker *w, err *e) {
+    if (h->n_jobs == h->cap_jobs) {
+        int cap = h->cap_jobs ? 2 * h->cap_jobs : 4;
+        worker **j = realloc(h->jobs, (size_t)cap * sizeof *j);
+        if (!j) return err_set(e, "out of memory");
+        h->jobs = j;
+        h->cap_jobs = cap;
+    }
+    h->jobs[h->n_jobs++] = w;
+    if (w->hb_s < h->hb_s) h->hb_s = w->hb_s;
+    return 0;
+}
+
+static void host_remove(worker_host *h, worker *w) {
+    for (int i = 0; i < h->n_jobs; i++)
+        if (h->jobs[i] == w) {
+            memmove(&h->jobs[i], &h->jobs[i + 1], (size_t)(h->n_jobs - i - 1) * sizeof *h->jobs);
+            h->n_jobs--;
+            return;
+        }
+}
+
+/* ---- one experiment ----------------------------------------------------------------- */
+
+/* The experiment's side of a worker: its servers, keys and timeouts, the
+ * method over `files` (opened here when NULL). */
+static int job_open(worker **out, worker_host *h, const Peftps__Experiment *exp, const char *exp_fp,
+                    model_files *files, err *e) {
     *out = NULL;
     const Peftps__Cluster *cl = exp->cluster;
     worker *w = calloc(1, sizeof *w);
     if (!w) return err_set(e, "out of memory");
+    w->host = h;
     w->exp = exp;
     w->n_conns = (int)cl->n_servers;
     w->hb_s = cl->heartbeat_ms / 1000.0;
     w->timeout_s = cl->worker_timeout_ms / 1000.0;
     w->refreshed = NO_VERSION;
-    pthread_mutex_init(&w->mu, NULL);
-    config_fingerprint(exp, w->exp_fp);
+    w->share = 1.0;
+    if (exp_fp)
+        snprintf(w->exp_fp, sizeof w->exp_fp, "%s", exp_fp);
+    else
+        config_fingerprint(exp, w->exp_fp);
     char host[64] = "?";
     gethostname(host, sizeof host - 1);
     snprintf(w->id, sizeof w->id, "%s:%d", host, (int)getpid());
@@ -129,6 +187,7 @@ int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
         w->conns[i].index = i;
         w->conns[i].endpoint = cl->servers[i];
         w->conns[i].version = NO_VERSION;
+        w->conns[i].bytes_out = h->hm.bytes_out;
     }
     if (cl->curve && (cl->curve->worker_keys || cl->curve->server_keys)) {
         curve_keys sk;
@@ -149,10 +208,7 @@ int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
         curve_keys_wipe(&sk);
         w->curve = 1;
     }
-    if (httpd_create(&w->http, e) < 0 || httpd_worker_metrics_init(w->http, &w->hm, e) < 0)
-        goto fail;
-    if (trainer_open(&w->t, exp, 0, e) < 0) goto fail;
-    for (int i = 0; i < w->n_conns; i++) w->conns[i].bytes_out = w->hm.bytes_out;
+    if (trainer_open_files(&w->t, exp, files, 0, e) < 0) goto fail;
     if (worker_limits(w, e) < 0) goto fail;
     double table_bytes = (double)peft_num_trainable(w->t->p) * sizeof(float);
     double transfer_s = table_bytes * 8.0 / (cl->min_transfer_mbit_s * 1e6);
@@ -162,13 +218,53 @@ int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
                  "(cluster.worker_timeout_ms plus their transfer at cluster.min_transfer_mbit_s "
                  "%u)",
                  table_bytes / 1e6, w->silence_s, cl->min_transfer_mbit_s);
+    if (host_add(h, w, e) < 0) goto fail;
+    *out = w;
+    return 0;
+fail:
+    worker_close_job(w);
+    return -1;
+}
+
+int worker_open(worker **out, const Peftps__Experiment *exp, err *e) {
+    *out = NULL;
+    worker_host *h;
+    if (worker_host_create(&h, e) < 0) return -1;
+    worker *w;
+    if (job_open(&w, h, exp, NULL, NULL, e) < 0) {
+        worker_host_free(h);
+        return -1;
+    }
+    w->owns_host = 1;
     log_info("%s: worker %s ready (%s, %zu trainable parameters)", exp->name, w->id,
              w->t->p->method->name, peft_num_trainable(w->t->p));
     *out = w;
     return 0;
-fail:
-    worker_close(w);
-    return -1;
+}
+
+int worker_open_job(worker **out, worker_host *h, const char *job_id, const Peftps__Experiment *exp,
+                    const char *exp_fp, model_files *files, double share, err *e) {
+    if (job_open(out, h, exp, exp_fp, files, e) < 0) return -1;
+    snprintf((*out)->job, sizeof(*out)->job, "%s", job_id);
+    (*out)->share = share > 0 ? share : 1.0;
+    log_info("job %s: serving it (%s, %zu trainable parameters, share %g)", job_id,
+             (*out)->t->p->method->name, peft_num_trainable((*out)->t->p), (*out)->share);
+    return 0;
+}
+
+const char *worker_job_id(const worker *w) {
+    return w->job;
+}
+
+int worker_ended(const worker *w) {
+    return w->ended;
+}
+
+void worker_take_usage(worker *w, double *seconds, uint64_t *shards) {
+    *seconds = w->unsent_s;
+    *shards = w->unsent_shards;
+    w->unsent_s = 0;
+    w->unsent_shards = 0;
 }
 
 static void conn_forget(conn *c) {
@@ -188,20 +284,25 @@ static void conn_close(conn *c) {
     c->pulled = 0;
 }
 
-void worker_close(worker *w) {
+void worker_close_job(worker *w) {
     if (!w) return;
-    httpd_close(w->http);
+    if (w->host) host_remove(w->host, w);
     for (int i = 0; i < w->n_conns && w->conns; i++) {
         conn_close(&w->conns[i]);
         conn_forget(&w->conns[i]);
     }
-    if (w->ctx) zmq_ctx_term(w->ctx);
     free(w->conns);
     free(w->a_shards);
     trainer_close(w->t);
     curve_keys_wipe(&w->mine);
-    pthread_mutex_destroy(&w->mu);
     free(w);
+}
+
+void worker_close(worker *w) {
+    if (!w) return;
+    worker_host *h = w->owns_host ? w->host : NULL;
+    worker_close_job(w);
+    worker_host_free(h);
 }
 
 /* ---- sending ------------------------------------------------------------------------ */
@@ -247,7 +348,7 @@ static void send_pull(conn *c) {
 
 /* A new DEALER to the server, and Hello on it. */
 static int conn_open(worker *w, conn *c, err *e) {
-    c->sock = zmq_socket(w->ctx, ZMQ_DEALER);
+    c->sock = zmq_socket(w->host->ctx, ZMQ_DEALER);
     if (!c->sock) return err_set(e, "zmq_socket: %s", zmq_strerror(errno));
     int linger = 0, sndtimeo = (int)w->exp->cluster->worker_timeout_ms;
     int ivl = BACKOFF_FIRST_MS, ivl_max = BACKOFF_CAP_MS;
@@ -406,7 +507,7 @@ static int on_error(worker *w, conn *c, const wire_msg *m, err *e) {
 /* 0: go on; 1: shut down; -1: fatal. */
 static int on_message(worker *w, conn *c, const wire_msg *m, err *e) {
     c->last_heard = progress_now();
-    httpd_add(w->hm.bytes_in, (double)m->bytes);
+    httpd_add(w->host->hm.bytes_in, (double)m->bytes);
     int body = m->env->body_case;
     if (body == PEFTPS__WIRE__ENVELOPE__BODY_SHUTDOWN) {
         const char *r = m->env->shutdown->reason;
@@ -429,29 +530,33 @@ static int on_message(worker *w, conn *c, const wire_msg *m, err *e) {
 /* ---- computing ---------------------------------------------------------------------- */
 
 static void *hb_main(void *arg) {
-    worker *w = arg;
-    struct timespec nap = {0, (long)(w->hb_s * 1e9 / 4)};
+    worker_host *h = arg;
+    struct timespec nap = {0, (long)(h->hb_s * 1e9 / 4)};
     if (nap.tv_nsec > 250000000L) nap.tv_nsec = 250000000L;
-    while (!atomic_load(&w->quit)) {
+    while (!atomic_load(&h->quit)) {
         nanosleep(&nap, NULL);
-        if (!atomic_load(&w->busy)) continue;
-        httpd_heartbeat(w->http);
-        pthread_mutex_lock(&w->mu);
+        if (!atomic_load(&h->busy)) continue;
+        httpd_heartbeat(h->http);
+        pthread_mutex_lock(&h->mu);
         double now = progress_now();
-        for (int i = 0; atomic_load(&w->busy) && i < w->n_conns; i++) {
-            conn *c = &w->conns[i];
-            if (!c->registered || now - c->last_sent < w->hb_s) continue;
-            wire_out o;
-            send_msg(c, wire_heartbeat(&o, c->version, 0), NULL, 0);
+        for (int j = 0; atomic_load(&h->busy) && j < h->n_jobs; j++) {
+            worker *w = h->jobs[j];
+            for (int i = 0; i < w->n_conns; i++) {
+                conn *c = &w->conns[i];
+                if (!c->registered || now - c->last_sent < w->hb_s) continue;
+                wire_out o;
+                send_msg(c, wire_heartbeat(&o, c->version, 0), NULL, 0);
+            }
         }
-        pthread_mutex_unlock(&w->mu);
+        if (atomic_load(&h->busy) && h->pool) pool_heartbeat(h);
+        pthread_mutex_unlock(&h->mu);
     }
     return NULL;
 }
 
 /* Ready when every server is registered and at the assignment's version. */
 static int assignment_ready(worker *w) {
-    if (!w->have_assign) return 0;
+    if (!w->have_assign || w->ended) return 0;
     int ready = 1;
     for (int i = 0; i < w->n_conns; i++) {
         conn *c = &w->conns[i];
@@ -464,142 +569,345 @@ static int assignment_ready(worker *w) {
     return ready;
 }
 
-/* Computes the assigned shards and pushes each to every server; called
- * with the mutex held, which it lends to the heartbeat thread meanwhile. */
-static int compute(worker *w, err *e) {
-    peft *p = w->t->p;
-    if (w->refreshed != w->a_version) {
-        peft_refresh(p);
-        w->refreshed = w->a_version;
+/* Ends a pool's job for this worker (a single experiment's failure is the
+ * process's, returned to the caller instead). */
+static void job_fail(worker *w, const err *e) {
+    log_error("job %s: %s; this worker leaves it", w->job, e->msg);
+    w->ended = -1;
+    w->have_assign = 0;
+    for (int i = 0; i < w->n_conns; i++) conn_close(&w->conns[i]);
+}
+
+/* One shard of one experiment, as computed by compute(). */
+typedef struct train_shard_job {
+    trainer *t;
+    uint64_t step;
+    uint32_t shard;
+    double loss_sum;
+    long n_tokens;
+    int rc;
+    err e;
+} train_shard_job;
+
+static void trainer_shard_grad_many(train_shard_job *jobs, int n, int cobatch) {
+    (void)cobatch;
+    for (int j = 0; j < n; j++)
+        jobs[j].rc = trainer_shard_grad(jobs[j].t, jobs[j].step, jobs[j].shard, &jobs[j].loss_sum,
+                                        &jobs[j].n_tokens, &jobs[j].e);
+}
+
+/* Pushes the gradient of w's shard i to every server. */
+static void push_shard(worker *w, size_t i, double loss, long ntok) {
+    for (int k = 0; k < w->n_conns; k++) {
+        conn *c = &w->conns[k];
+        wire_out o;
+        if (send_msg(
+                c,
+                wire_grad_push(&o, w->a_step, w->a_version, w->a_shards[i], loss, (uint64_t)ntok),
+                c->push, c->n) < 0)
+            conn_retry(w, c, "cannot push");
     }
-    for (size_t i = 0; i < w->a_n; i++) {
-        double loss;
-        long ntok;
-        atomic_store(&w->busy, 1);
-        pthread_mutex_unlock(&w->mu);
+}
+
+/* Computes the assigned shards of the n ready experiments ws and pushes
+ * each to every server: the i-th shards of all of them together (one
+ * trainer_shard_grad_many), then the next; called with the mutex held,
+ * which it lends to the heartbeat thread meanwhile. Shards of one
+ * experiment never share a call (they share its gradient buffer). */
+static int compute(worker_host *h, worker **ws, int n, err *e) {
+    train_shard_job *jobs = calloc((size_t)n, sizeof *jobs);
+    worker **who = calloc((size_t)n, sizeof *who);
+    if (!jobs || !who) {
+        free(jobs);
+        free(who);
+        return err_set(e, "out of memory");
+    }
+    size_t most = 0;
+    for (int j = 0; j < n; j++) {
+        if (ws[j]->refreshed != ws[j]->a_version) {
+            peft_refresh(ws[j]->t->p);
+            ws[j]->refreshed = ws[j]->a_version;
+        }
+        if (ws[j]->a_n > most) most = ws[j]->a_n;
+    }
+    int rc = 0;
+    for (size_t i = 0; i < most && rc == 0; i++) {
+        int k = 0;
+        long rows = 0;
+        for (int j = 0; j < n; j++) {
+            if (ws[j]->a_n <= i || ws[j]->ended) continue;
+            jobs[k] = (train_shard_job){
+                .t = ws[j]->t, .step = ws[j]->a_step, .shard = ws[j]->a_shards[i]};
+            rows += (long)ws[j]->t->rows * ws[j]->t->T;
+            who[k++] = ws[j];
+        }
+        if (!k) break;
+        atomic_store(&h->busy, 1);
+        pthread_mutex_unlock(&h->mu);
         double t0 = progress_now();
-        int rc = trainer_shard_grad(w->t, w->a_step, w->a_shards[i], &loss, &ntok, e);
-        pthread_mutex_lock(&w->mu);
-        atomic_store(&w->busy, 0);
-        if (rc < 0) return -1;
-        httpd_observe(w->hm.compute_seconds, progress_now() - t0);
-        httpd_add(w->hm.shards, 1);
-        httpd_add(w->hm.tokens, (double)ntok);
-        httpd_set(w->hm.step, (double)w->a_step);
-        httpd_set_memory(w->hm.private_bytes, w->hm.mapped_bytes);
-        for (int k = 0; k < w->n_conns; k++) {
-            conn *c = &w->conns[k];
-            wire_out o;
-            if (send_msg(c,
-                         wire_grad_push(&o, w->a_step, w->a_version, w->a_shards[i], loss,
-                                        (uint64_t)ntok),
-                         c->push, c->n) < 0)
-                conn_retry(w, c, "cannot push");
+        trainer_shard_grad_many(jobs, k, h->cobatch);
+        double dt = progress_now() - t0;
+        pthread_mutex_lock(&h->mu);
+        atomic_store(&h->busy, 0);
+        httpd_observe(h->hm.compute_seconds, dt);
+        httpd_set_memory(h->hm.private_bytes, h->hm.mapped_bytes);
+        for (int j = 0; j < k; j++) {
+            worker *w = who[j];
+            if (jobs[j].rc < 0) {
+                if (!h->pool) {
+                    *e = jobs[j].e;
+                    rc = -1;
+                    break;
+                }
+                job_fail(w, &jobs[j].e);
+                continue;
+            }
+            /* The round's time, to each experiment by its share of the rows. */
+            double mine = dt * (double)w->t->rows * w->t->T / (double)rows;
+            w->used_s += mine;
+            w->unsent_s += mine;
+            w->unsent_shards++;
+            httpd_add(h->hm.shards, 1);
+            httpd_add(h->hm.tokens, (double)jobs[j].n_tokens);
+            httpd_set(h->hm.step, (double)w->a_step);
+            push_shard(w, i, jobs[j].loss_sum, jobs[j].n_tokens);
         }
     }
-    w->have_assign = 0;
-    return 0;
+    for (int j = 0; j < n; j++) ws[j]->have_assign = 0;
+    free(jobs);
+    free(who);
+    return rc;
+}
+
+/* Which of the ready experiments compute now. Fair sharing by weight: an
+ * experiment's "pass" is its compute seconds over its share; the lowest
+ * pass always goes (so none starves), and with co-batching every other
+ * ready one within one round's time of it joins (so weights still hold
+ * when all are ready: a heavier share falls behind less and joins more
+ * rounds). Returns how many of ready[] were moved to its front. */
+static int pick(worker_host *h, worker **ready, int n, double round_s) {
+    int lo = 0;
+    for (int j = 1; j < n; j++)
+        if (ready[j]->used_s / ready[j]->share < ready[lo]->used_s / ready[lo]->share) lo = j;
+    worker *first = ready[lo];
+    ready[lo] = ready[0];
+    ready[0] = first;
+    if (!h->cobatch) return 1;
+    double pass0 = first->used_s / first->share;
+    int k = 1;
+    for (int j = 1; j < n; j++)
+        if (ready[j]->used_s / ready[j]->share <= pass0 + round_s) {
+            worker *t = ready[k];
+            ready[k++] = ready[j];
+            ready[j] = t;
+        }
+    return k;
 }
 
 /* ---- the loop ----------------------------------------------------------------------- */
 
-static int loop(worker *w, err *e) {
-    zmq_pollitem_t *items = calloc((size_t)w->n_conns, sizeof *items);
-    int *which = calloc((size_t)w->n_conns, sizeof *which);
-    if (!items || !which) {
-        free(items);
-        free(which);
-        return err_set(e, "out of memory");
+/* Opens the connections that are due: 0, or -1 when ZeroMQ fails. */
+static int job_connect(worker *w, double now, err *e) {
+    for (int i = 0; i < w->n_conns && !w->ended; i++) {
+        conn *c = &w->conns[i];
+        if (!c->sock && now >= c->retry_at && conn_open(w, c, e) < 0) return -1;
     }
-    long tick_ms = (long)(w->hb_s * 1000 / 4);
+    return 0;
+}
+
+/* Silence and heartbeats of w's connections. */
+static void job_timers(worker *w, double now) {
+    for (int i = 0; i < w->n_conns && !w->ended; i++) {
+        conn *c = &w->conns[i];
+        if (!c->sock) continue;
+        if (c->registered && now - c->last_heard > w->silence_s) {
+            conn_retry(w, c,
+                       "silent for longer than cluster.worker_timeout_ms plus a transfer "
+                       "of the tensors at cluster.min_transfer_mbit_s");
+        } else if (!c->registered && now - c->hello_at > w->silence_s) {
+            conn_retry(w, c, "no answer to Hello");
+        } else if (c->registered && now - c->last_sent >= w->hb_s) {
+            wire_out o;
+            send_msg(c, wire_heartbeat(&o, c->version, 0), NULL, 0);
+        }
+    }
+}
+
+/* The messages waiting on c: 0 go on, 1 the server said the run is over,
+ * -1 fatal (refused for good) with e set. */
+static int job_read(worker *w, conn *c, err *e) {
+    int rc = 0;
+    for (int k = 0; k < 64 && c->sock && rc == 0; k++) {
+        wire_msg m;
+        memset(&m, 0, sizeof m);
+        err me;
+        if (wire_recv(c->sock, 0, &m, &w->lim, &me) < 0) {
+            if (m.received) log_warn("server %d sent a bad message: %s", c->index, me.msg);
+        } else {
+            rc = on_message(w, c, &m, e);
+        }
+        wire_msg_close(&m);
+        int ev = 0;
+        size_t evn = sizeof ev;
+        if (rc || !c->sock || zmq_getsockopt(c->sock, ZMQ_EVENTS, &ev, &evn) < 0 ||
+            !(ev & ZMQ_POLLIN))
+            break;
+    }
+    return rc;
+}
+
+/* A pool's job whose server said stop: the job's end is the coordinator's
+ * to say (its list drops it), and a server that stops may be restarted
+ * from its checkpoint; so this worker only reconnects, after the backoff. */
+static void job_server_stopped(worker *w) {
+    for (int i = 0; i < w->n_conns; i++)
+        if (w->conns[i].sock) conn_retry(w, &w->conns[i], "the server stopped");
+}
+
+typedef struct poll_set {
+    zmq_pollitem_t *items;
+    worker **wof;
+    conn **cof;
+    int n, cap;
+} poll_set;
+
+static int poll_add(poll_set *ps, void *sock, worker *w, conn *c) {
+    if (ps->n == ps->cap) {
+        int cap = ps->cap ? 2 * ps->cap : 16;
+        zmq_pollitem_t *it = realloc(ps->items, (size_t)cap * sizeof *it);
+        if (!it) return -1;
+        ps->items = it;
+        worker **wo = realloc(ps->wof, (size_t)cap * sizeof *wo);
+        if (!wo) return -1;
+        ps->wof = wo;
+        conn **co = realloc(ps->cof, (size_t)cap * sizeof *co);
+        if (!co) return -1;
+        ps->cof = co;
+        ps->cap = cap;
+    }
+    ps->items[ps->n] = (zmq_pollitem_t){sock, 0, ZMQ_POLLIN, 0};
+    ps->wof[ps->n] = w;
+    ps->cof[ps->n++] = c;
+    return 0;
+}
+
+static int loop(worker_host *h, err *e) {
+    poll_set ps = {0};
+    worker **ready = NULL;
+    int cap_ready = 0, rc = 0;
+    double round_s = 0;
+    long tick_ms = (long)(h->hb_s * 1000 / 4);
     if (tick_ms < 5) tick_ms = 5;
     if (tick_ms > 250) tick_ms = 250;
-    int rc = 0;
     while (!stop_requested && rc == 0) {
         double now = progress_now();
-        for (int i = 0; i < w->n_conns; i++) {
-            conn *c = &w->conns[i];
-            if (!c->sock && now >= c->retry_at && conn_open(w, c, e) < 0) {
-                rc = -1;
-                break;
-            }
-        }
+        for (int j = 0; j < h->n_jobs && rc == 0; j++)
+            if (job_connect(h->jobs[j], now, e) < 0) rc = -1;
         if (rc) break;
-        if (assignment_ready(w)) {
-            if (compute(w, e) < 0) {
+        if (cap_ready < h->n_jobs) {
+            worker **r = realloc(ready, (size_t)h->n_jobs * sizeof *r);
+            if (!r) {
+                rc = err_set(e, "out of memory");
+                break;
+            }
+            ready = r;
+            cap_ready = h->n_jobs;
+        }
+        int nr = 0;
+        for (int j = 0; j < h->n_jobs; j++)
+            if (assignment_ready(h->jobs[j])) ready[nr++] = h->jobs[j];
+        if (nr) {
+            int k = pick(h, ready, nr, round_s);
+            double t0 = progress_now();
+            if (compute(h, ready, k, e) < 0) {
                 rc = -1;
                 break;
             }
+            round_s = progress_now() - t0;
             continue;
         }
-        int n = 0;
-        for (int i = 0; i < w->n_conns; i++)
-            if (w->conns[i].sock) {
-                items[n] = (zmq_pollitem_t){w->conns[i].sock, 0, ZMQ_POLLIN, 0};
-                which[n++] = i;
-            }
-        int pr = zmq_poll(items, n, tick_ms);
+        ps.n = 0;
+        void *psock = h->pool ? pool_socket(h->pool) : NULL;
+        if (psock && poll_add(&ps, psock, NULL, NULL) < 0) rc = err_set(e, "out of memory");
+        for (int j = 0; j < h->n_jobs && rc == 0; j++)
+            for (int i = 0; i < h->jobs[j]->n_conns; i++)
+                if (h->jobs[j]->conns[i].sock &&
+                    poll_add(&ps, h->jobs[j]->conns[i].sock, h->jobs[j], &h->jobs[j]->conns[i]) < 0)
+                    rc = err_set(e, "out of memory");
+        if (rc) break;
+        int pr = zmq_poll(ps.items, ps.n, tick_ms);
         if (pr < 0) {
             if (errno == EINTR) continue;
             rc = err_set(e, "zmq_poll: %s", zmq_strerror(errno));
             break;
         }
-        for (int j = 0; j < n && pr > 0 && rc == 0; j++) {
-            if (!(items[j].revents & ZMQ_POLLIN)) continue;
-            conn *c = &w->conns[which[j]];
-            for (int k = 0; k < 64 && c->sock && rc == 0; k++) {
-                wire_msg m;
-                memset(&m, 0, sizeof m);
-                err me;
-                if (wire_recv(c->sock, 0, &m, &w->lim, &me) < 0) {
-                    if (m.received) log_warn("server %d sent a bad message: %s", c->index, me.msg);
-                } else {
-                    rc = on_message(w, c, &m, e);
-                }
-                wire_msg_close(&m);
-                int ev = 0;
-                size_t evn = sizeof ev;
-                if (rc || zmq_getsockopt(c->sock, ZMQ_EVENTS, &ev, &evn) < 0 || !(ev & ZMQ_POLLIN))
-                    break;
+        for (int j = 0; j < ps.n && pr > 0 && rc == 0; j++) {
+            if (!(ps.items[j].revents & ZMQ_POLLIN)) continue;
+            if (!ps.cof[j]) {
+                if (pool_on_readable(h, e) < 0) rc = -1;
+                continue;
             }
+            worker *w = ps.wof[j];
+            if (w->ended || !ps.cof[j]->sock) continue;
+            err je;
+            int r = job_read(w, ps.cof[j], &je);
+            if (r == 1 && !h->pool)
+                rc = 1;
+            else if (r == 1)
+                job_server_stopped(w);
+            else if (r < 0 && !h->pool) {
+                *e = je;
+                rc = -1;
+            } else if (r < 0)
+                job_fail(w, &je);
         }
         if (rc) break;
         /* Ready: registered with every server and holding their tensors. */
-        int nreg = 0, held = 1;
-        for (int i = 0; i < w->n_conns; i++) {
-            nreg += w->conns[i].registered;
-            held &= w->conns[i].version != NO_VERSION;
-        }
-        httpd_set(w->hm.servers, nreg);
-        httpd_set_ready(w->http, nreg == w->n_conns && held);
-        httpd_heartbeat(w->http);
+        int nreg = 0, nconn = 0, held = 1;
+        for (int j = 0; j < h->n_jobs; j++)
+            for (int i = 0; i < h->jobs[j]->n_conns; i++) {
+                nconn++;
+                nreg += h->jobs[j]->conns[i].registered;
+                held &= h->jobs[j]->conns[i].version != NO_VERSION;
+            }
+        httpd_set(h->hm.servers, nreg);
+        httpd_set_ready(h->http, h->pool ? pool_socket(h->pool) != NULL : nreg == nconn && held);
+        httpd_heartbeat(h->http);
         log_flush();
         now = progress_now();
-        for (int i = 0; i < w->n_conns; i++) {
-            conn *c = &w->conns[i];
-            if (!c->sock) continue;
-            if (c->registered && now - c->last_heard > w->silence_s) {
-                conn_retry(w, c,
-                           "silent for longer than cluster.worker_timeout_ms plus a transfer "
-                           "of the tensors at cluster.min_transfer_mbit_s");
-            } else if (!c->registered && now - c->hello_at > w->silence_s) {
-                conn_retry(w, c, "no answer to Hello");
-            } else if (c->registered && now - c->last_sent >= w->hb_s) {
-                wire_out o;
-                send_msg(c, wire_heartbeat(&o, c->version, 0), NULL, 0);
-            }
-        }
+        for (int j = 0; j < h->n_jobs; j++) job_timers(h->jobs[j], now);
+        if (h->pool && pool_tick(h, e) < 0) rc = -1;
     }
-    free(items);
-    free(which);
+    free(ps.items);
+    free(ps.wof);
+    free(ps.cof);
+    free(ready);
     if (rc < 0) return -1;
     return rc == 1 ? 0 : 1;
+}
+
+int worker_host_run(worker_host *h, err *e) {
+    h->ctx = zmq_ctx_new();
+    if (!h->ctx) return err_set(e, "zmq_ctx_new: %s", zmq_strerror(errno));
+    httpd_set_memory(h->hm.private_bytes, h->hm.mapped_bytes);
+    pthread_mutex_lock(&h->mu);
+    if (pthread_create(&h->hb_thread, NULL, hb_main, h) != 0) {
+        pthread_mutex_unlock(&h->mu);
+        return err_set(e, "starting the heartbeat thread failed");
+    }
+    h->hb_started = 1;
+    int rc = loop(h, e);
+    atomic_store(&h->quit, 1);
+    pthread_mutex_unlock(&h->mu);
+    pthread_join(h->hb_thread, NULL);
+    h->hb_started = 0;
+    return rc;
 }
 
 void worker_linger(worker *w) {
     log_info("the run is over; idle until SIGINT or SIGTERM (--linger)");
     while (!stop_requested) {
-        httpd_heartbeat(w->http);
+        httpd_heartbeat(w->host->http);
         struct timespec ts = {0, 250 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
@@ -609,25 +917,12 @@ int worker_run(worker *w, err *e) {
     /* Metrics are for watching, not for training: a port that is taken
      * (workers beside a server on one machine) costs a warning, not the run. */
     unsigned mport = w->exp->cluster->metrics_port;
+    httpd *http = w->host->http;
     err he;
-    if (mport && !httpd_port(w->http) && httpd_listen(w->http, NULL, mport, &he) < 0)
+    if (mport && !httpd_port(http) && httpd_listen(http, NULL, mport, &he) < 0)
         log_warn("cluster.metrics_port: %s; no /healthz or /metrics", he.msg);
     else if (mport)
         log_info("serving /healthz, /livez and /metrics on port %u", mport);
-    httpd_set_liveness(w->http, 60.0 + 10.0 * w->timeout_s);
-    httpd_set_memory(w->hm.private_bytes, w->hm.mapped_bytes);
-    w->ctx = zmq_ctx_new();
-    if (!w->ctx) return err_set(e, "zmq_ctx_new: %s", zmq_strerror(errno));
-    pthread_mutex_lock(&w->mu);
-    if (pthread_create(&w->hb_thread, NULL, hb_main, w) != 0) {
-        pthread_mutex_unlock(&w->mu);
-        return err_set(e, "starting the heartbeat thread failed");
-    }
-    w->hb_started = 1;
-    int rc = loop(w, e);
-    atomic_store(&w->quit, 1);
-    pthread_mutex_unlock(&w->mu);
-    pthread_join(w->hb_thread, NULL);
-    w->hb_started = 0;
-    return rc;
+    httpd_set_liveness(http, 60.0 + 10.0 * w->timeout_s);
+    return worker_host_run(w->host, e);
 }

@@ -37,4 +37,25 @@ void worker_linger(worker *w);
 
 void worker_close(worker *w);
 
+/* A pool worker (`peftps-worker --pool`): maps the base at model_dir once,
+ * registers with the pool's coordinator and serves every experiment it
+ * lists, each with its own servers, tensors and fingerprint, computing
+ * their ready shards fairly by cluster.share and, with cobatch, together
+ * (trainer_shard_grad_many). An experiment joins when the coordinator
+ * lists it and leaves when it no longer does; a server refusing this
+ * worker, or a failure computing an experiment's shard, ends only that
+ * experiment here. The coordinator going silent costs nothing but its
+ * reconnection: the experiments go on with their servers. */
+typedef struct worker_pool_opts {
+    const char *pool;      /* the coordinator's endpoint */
+    const char *model_dir; /* this worker's copy of the pool's base */
+    int cobatch;
+    unsigned metrics_port; /* 0: none */
+} worker_pool_opts;
+
+/* Runs until worker_stop (returns 1); -1 with e set when the base cannot
+ * be opened or the coordinator refuses this worker (another base, another
+ * protocol). */
+int worker_pool_run(const worker_pool_opts *o, err *e);
+
 #endif

@@ -147,11 +147,17 @@ out:
 
 const char *poolmsg_state_name(int state) {
     switch (state) {
-    case PEFTPS__POOL__JOB_STATE__STARTING: return "starting";
-    case PEFTPS__POOL__JOB_STATE__RUNNING: return "running";
-    case PEFTPS__POOL__JOB_STATE__DONE: return "done";
-    case PEFTPS__POOL__JOB_STATE__FAILED: return "failed";
-    case PEFTPS__POOL__JOB_STATE__CANCELLED: return "cancelled";
-    default: return "unknown";
+    case PEFTPS__POOL__JOB_STATE__STARTING:
+        return "starting";
+    case PEFTPS__POOL__JOB_STATE__RUNNING:
+        return "running";
+    case PEFTPS__POOL__JOB_STATE__DONE:
+        return "done";
+    case PEFTPS__POOL__JOB_STATE__FAILED:
+        return "failed";
+    case PEFTPS__POOL__JOB_STATE__CANCELLED:
+        return "cancelled";
+    default:
+        return "unknown";
     }
 }
