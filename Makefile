@@ -52,7 +52,7 @@ TEST_TOOLS := $(BUILD)/tests/chaos_rogue
 FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS   := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps test check chaos demo asan test-asan fuzz fuzz-build fuzz-run bench bench-sizes install \
+.PHONY: all deps test check chaos demo asan test-asan fuzz fuzz-build fuzz-run bench bench-sizes bench-pool install \
         uninstall clean format
 .SUFFIXES:
 .SECONDARY:
@@ -174,6 +174,15 @@ bench: deps
 	/usr/bin/python3 tests/bench/run.py --out $(BUILD)/bench/table.md $(BENCH_ARGS)
 	@$(MAKE) --no-print-directory all
 	/usr/bin/python3 tests/bench/cluster.py --out $(BUILD)/bench/cluster.md
+
+# One pool of workers serving many experiments (tests/bench/pool.py): four
+# LoRA experiments one after another against concurrently on a 2-worker
+# pool, with and without co-batching; a pool worker's memory with N
+# experiments; the demo methods with `peftps compare --pool`.
+POOL_ARGS ?=
+bench-pool: all
+	@$(MAKE) --no-print-directory demo-data
+	/usr/bin/python3 tests/bench/pool.py --out $(BUILD)/bench/pool.md $(POOL_ARGS)
 
 # What each real model shape costs here (tests/bench/sizes.py): random BF16
 # models of the published configs (tests/bench/make_models.py, numpy), LoRA
