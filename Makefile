@@ -47,8 +47,9 @@ PROGRAMS  := $(BIN)/peftps $(BIN)/peftps-server $(BIN)/peftps-worker
 
 TEST_SRC  := $(wildcard tests/test_*.c)
 TESTS     := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
-# Programs the tests run that are not tests themselves (the chaos test's rogue).
-TEST_TOOLS := $(BUILD)/tests/chaos_rogue
+# Programs the tests run that are not tests themselves (the chaos test's rogue,
+# the pool test's stand-in peer).
+TEST_TOOLS := $(BUILD)/tests/chaos_rogue $(BUILD)/tests/pool_peer
 FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS   := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 

@@ -33,5 +33,31 @@ int cmd_compare(int argc, char **argv);
 int cmd_export(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 int cmd_cache(int argc, char **argv);
+int cmd_pool(int argc, char **argv);
+int cmd_submit(int argc, char **argv);
+int cmd_jobs(int argc, char **argv);
+int cmd_cancel(int argc, char **argv);
+
+/* ---- the pool's requests (cli/cmd_pool.c), for the commands that use a pool ---- */
+
+#include "net/poolmsg.h"
+#include "peftps.pb-c.h"
+
+/* Submits the resolved experiment ex (source: its file, for messages) to
+ * the pool at ep with weight share (0: the experiment's own). Returns 0 with
+ * *reply a Jobs message holding the job (free with poolmsg_free); 2 when the
+ * pool refused it; 1 when the pool did not answer; e says why. */
+int pool_submit(const char *ep, const Peftps__Experiment *ex, const char *source, double share,
+                Peftps__Pool__PoolMessage **reply, err *e);
+/* Every job of the pool at ep: as pool_submit, *reply a Jobs message. */
+int pool_list(const char *ep, Peftps__Pool__PoolMessage **reply, err *e);
+/* The job named id in a Jobs message, or NULL. */
+const Peftps__Pool__Job *pool_job_in(const Peftps__Pool__Jobs *js, const char *id);
+/* Whether a job is done, failed or cancelled. */
+int pool_job_ended(const Peftps__Pool__Job *j);
+/* Polls the pool at ep each second until job id ends, with a progress line
+ * on stderr unless quiet: 0 when it is done, 1 when it failed, was
+ * cancelled or the pool stopped answering (saying so). */
+int pool_wait(const char *ep, const char *id, int quiet);
 
 #endif

@@ -21,6 +21,10 @@ static const cli_command commands[] = {
      "write trained tensors as a PEFT adapter, a merged model or raw tensors"},
     {"generate", cmd_generate, "sample text from a model, with or without a trained adapter"},
     {"cache", cmd_cache, "list or clean the F32 copies of BF16/F16 base weights"},
+    {"pool", cmd_pool, "run a pool: workers that train many experiments on one base"},
+    {"submit", cmd_submit, "submit an experiment to a pool"},
+    {"jobs", cmd_jobs, "list a pool's experiments: state, step, loss, tokens/s, share"},
+    {"cancel", cmd_cancel, "cancel an experiment of a pool (it checkpoints and stops)"},
 };
 
 static void usage(FILE *out) {

@@ -2,6 +2,7 @@
 #include "spawn.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,11 +23,31 @@ int spawn_self(char *buf, size_t n, int dir_only, err *e) {
 }
 
 pid_t spawn_start(const char *prog, char *const *argv, int quiet, err *e) {
+    return spawn_start_log(prog, argv, quiet, NULL, e);
+}
+
+pid_t spawn_start_log(const char *prog, char *const *argv, int quiet, const char *log, err *e) {
     fflush(stdout);
     fflush(stderr);
+    /* Opened before the fork, so that a log that cannot be written is the
+     * caller's error, not a child's silent exit. */
+    int fd = -1;
+    if (log && (fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644)) < 0)
+        return err_errno(e, "opening the log %s", log);
     pid_t pid = fork();
-    if (pid < 0) return err_errno(e, "fork");
+    if (pid < 0) {
+        if (fd >= 0) close(fd);
+        return err_errno(e, "fork");
+    }
+    if (pid > 0) {
+        if (fd >= 0) close(fd);
+        return pid;
+    }
     if (pid == 0) {
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
         /* Helpers speak only of trouble: the server's progress line is the
          * one a user follows. */
         if (quiet && !getenv("PEFTPS_LOG")) setenv("PEFTPS_LOG", "warn", 1);

@@ -21,6 +21,10 @@ int spawn_self(char *buf, size_t n, int dir_only, err *e);
  * with e set when fork fails. */
 pid_t spawn_start(const char *prog, char *const *argv, int quiet, err *e);
 
+/* spawn_start with the child's stdout and stderr appended to the file
+ * `log` (created when missing); log NULL: as spawn_start. */
+pid_t spawn_start_log(const char *prog, char *const *argv, int quiet, const char *log, err *e);
+
 /* Waits up to 50 ms for `pid` (-1: any child) to end: returns its pid with
  * *status (waitpid's), 0 when none ended, -1 (with errno ECHILD) when there
  * is no child to wait for. */

@@ -382,14 +382,18 @@ void config_free(Peftps__Experiment *exp) {
     if (exp) protobuf_c_message_free_unpacked(&exp->base, NULL);
 }
 
-int config_parse(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
-                 pbtext_locs **locs_out, err *e) {
+/* config_parse and config_parse_text: the file or the text (text NULL:
+ * the file at path), then the overrides. */
+static int parse_with_sets(const char *path, const char *text, size_t len, char *const *sets,
+                           int nsets, Peftps__Experiment **out, pbtext_locs **locs_out, err *e) {
     *out = NULL;
     *locs_out = NULL;
     pbtext_locs *locs = pbtext_locs_new();
     if (!locs) return err_set(e, "%s: error: out of memory", path);
     ProtobufCMessage *m = NULL;
-    if (pbtext_parse_file(&peftps__experiment__descriptor, path, &m, locs, e)) goto fail;
+    if (text ? pbtext_parse(&peftps__experiment__descriptor, text, len, path, &m, locs, e)
+             : pbtext_parse_file(&peftps__experiment__descriptor, path, &m, locs, e))
+        goto fail;
     for (int i = 0; i < nsets; i++) {
         size_t n = strlen(sets[i]) + sizeof "--set ";
         char *label = malloc(n);
@@ -409,6 +413,16 @@ fail:
     if (m) protobuf_c_message_free_unpacked(m, NULL);
     pbtext_locs_free(locs);
     return -1;
+}
+
+int config_parse(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
+                 pbtext_locs **locs, err *e) {
+    return parse_with_sets(path, NULL, 0, sets, nsets, out, locs, e);
+}
+
+int config_parse_text(const char *text, size_t len, const char *source, Peftps__Experiment **out,
+                      pbtext_locs **locs, err *e) {
+    return parse_with_sets(source, text, len, NULL, 0, out, locs, e);
 }
 
 /* ---- fingerprint and arguments ------------------------------------------ */

@@ -24,6 +24,12 @@
 int config_parse(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
                  pbtext_locs **locs, err *e);
 
+/* config_parse of text (len bytes) instead of a file, with no overrides:
+ * `source` names it in errors ("SOURCE:LINE:COL: error: ..."), as a path
+ * would (an experiment received over the network, `peftps submit`). */
+int config_parse_text(const char *text, size_t len, const char *source, Peftps__Experiment **out,
+                      pbtext_locs **locs, err *e);
+
 /* Frees an experiment from config_parse (everything it owns); NULL is fine. */
 void config_free(Peftps__Experiment *exp);
 

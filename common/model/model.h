@@ -198,6 +198,10 @@ const model_weights *model_files_weights(const model_files *f);
 /* Hex digest of config.json and the safetensors headers: equal on every
  * machine that holds the same base. */
 const char *model_files_fingerprint(const model_files *f);
+/* The fingerprint model_files_open would give dir, from config.json and
+ * the safetensors headers alone: no weight is bound or converted. Fails as
+ * model_files_open does on a missing or malformed config or file. */
+int model_files_probe(const char *dir, char fingerprint[65], err *e);
 /* The dtype (an st_dtype of safetensors.h) the files store every weight in:
  * ST_BF16 or ST_F16 when all weights are, else ST_F32. */
 int model_files_dtype(const model_files *f);

@@ -462,7 +462,8 @@ static void hash_piece(hash_sha256 *h, const void *p, size_t n) {
     hash_sha256_update(h, p, n);
 }
 
-static int open_dir(model_files *f, const char *dir, err *e) {
+/* Opens dir into f: config, files, fingerprint; with `bind`, the weights too. */
+static int open_dir(model_files *f, const char *dir, int bind, err *e) {
     char *cfg_path = fs_join(dir, "config.json");
     char *single = fs_join(dir, "model.safetensors");
     char *index = fs_join(dir, "model.safetensors.index.json");
@@ -511,7 +512,7 @@ static int open_dir(model_files *f, const char *dir, err *e) {
     }
     hash_sha256_final(&h, d);
     hash_hex(d, f->fingerprint);
-    if (bind_all(f, map, dir, e)) goto out;
+    if (bind && bind_all(f, map, dir, e)) goto out;
     rc = 0;
 out:
     json_decref(map);
@@ -531,12 +532,21 @@ int model_files_open_compute(model_files **out, const char *dir, model_compute c
     model_files *f = calloc(1, sizeof *f);
     if (!f) return err_set(e, "%s: out of memory", dir);
     f->compute = compute;
-    if (open_dir(f, dir, e)) {
+    if (open_dir(f, dir, 1, e)) {
         model_files_close(f);
         return -1;
     }
     *out = f;
     return 0;
+}
+
+int model_files_probe(const char *dir, char fingerprint[65], err *e) {
+    model_files *f = calloc(1, sizeof *f);
+    if (!f) return err_set(e, "%s: out of memory", dir);
+    int rc = open_dir(f, dir, 0, e);
+    if (rc == 0) memcpy(fingerprint, f->fingerprint, 65);
+    model_files_close(f);
+    return rc;
 }
 
 const model_config *model_files_config(const model_files *f) {

@@ -136,6 +136,7 @@ int poolmsg_request(const char *endpoint, const Peftps__Pool__PoolMessage *req, 
         err_set(e, "%s", msg && *msg ? msg : "the pool refused without saying why");
         poolmsg_free(*reply);
         *reply = NULL;
+        rc = -2;
         goto out;
     }
     rc = 0;

@@ -39,8 +39,8 @@ const char *poolmsg_body_name(int body_case);
 
 /* One request and its answer over a fresh DEALER to endpoint, within
  * timeout_ms: what the commands (submit, jobs, cancel) use. An Error
- * answer is returned as -1 with e holding its message; no answer in time
- * fails naming the endpoint. */
+ * answer is returned as -2 with e holding its message (the pool refused);
+ * no answer in time, or any other failure, is -1, naming the endpoint. */
 int poolmsg_request(const char *endpoint, const Peftps__Pool__PoolMessage *req, int timeout_ms,
                     Peftps__Pool__PoolMessage **reply, err *e);
 

@@ -55,13 +55,9 @@ int experiment_check(const Peftps__Experiment *exp, const char *path, const pbte
     return check_model(&c, exp);
 }
 
-int experiment_load(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
-                    pbtext_locs **locs_out, err *e) {
-    *out = NULL;
-    if (locs_out) *locs_out = NULL;
-    Peftps__Experiment *exp;
-    pbtext_locs *locs;
-    if (config_parse(path, sets, nsets, &exp, &locs, e) < 0) return -1;
+/* Defaults and checks of a parsed experiment; frees it on failure. */
+static int fill_and_check(Peftps__Experiment *exp, pbtext_locs *locs, const char *path,
+                          Peftps__Experiment **out, pbtext_locs **locs_out, err *e) {
     if (experiment_fill_defaults(exp, path, locs, e) || experiment_check(exp, path, locs, e)) {
         config_free(exp);
         pbtext_locs_free(locs);
@@ -73,6 +69,26 @@ int experiment_load(const char *path, char *const *sets, int nsets, Peftps__Expe
     else
         pbtext_locs_free(locs);
     return 0;
+}
+
+int experiment_load(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
+                    pbtext_locs **locs_out, err *e) {
+    *out = NULL;
+    if (locs_out) *locs_out = NULL;
+    Peftps__Experiment *exp;
+    pbtext_locs *locs;
+    if (config_parse(path, sets, nsets, &exp, &locs, e) < 0) return -1;
+    return fill_and_check(exp, locs, path, out, locs_out, e);
+}
+
+int experiment_load_text(const char *text, size_t len, const char *source, Peftps__Experiment **out,
+                         pbtext_locs **locs_out, err *e) {
+    *out = NULL;
+    if (locs_out) *locs_out = NULL;
+    Peftps__Experiment *exp;
+    pbtext_locs *locs;
+    if (config_parse_text(text, len, source, &exp, &locs, e) < 0) return -1;
+    return fill_and_check(exp, locs, source, out, locs_out, e);
 }
 
 int experiment_from_cmdline(const char *prog, const char *usage, const cmdline_opt *opts, int nopts,

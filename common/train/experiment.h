@@ -27,6 +27,12 @@
 int experiment_load(const char *path, char *const *sets, int nsets, Peftps__Experiment **out,
                     pbtext_locs **locs, err *e);
 
+/* experiment_load of text (len bytes) instead of a file, with no
+ * overrides: `source` stands for the path in errors and in the default
+ * name. Relative paths inside are taken relative to the current directory. */
+int experiment_load_text(const char *text, size_t len, const char *source, Peftps__Experiment **out,
+                         pbtext_locs **locs, err *e);
+
 /* Writes every default into exp: config_fill_defaults, then the method's
  * own for its block. Fails as config_fill_defaults does. */
 int experiment_fill_defaults(Peftps__Experiment *exp, const char *path, const pbtext_locs *locs,
