@@ -7,6 +7,9 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include "net/poolmsg.h"
+#include "peftps.pb-c.h"
+
 /* A command or subcommand: its name, what runs it (argv[0] is the name)
  * and one line for the usage text. */
 typedef struct cli_command {
@@ -38,10 +41,12 @@ int cmd_submit(int argc, char **argv);
 int cmd_jobs(int argc, char **argv);
 int cmd_cancel(int argc, char **argv);
 
-/* ---- the pool's requests (cli/cmd_pool.c), for the commands that use a pool ---- */
+/* The eval line `peftps train` ends with, for the tensors a cluster (or a
+ * pool) trained into ex's output_dir: appended to its metrics.jsonl when
+ * the experiment has eval data (cli/cmd_run.c). */
+int run_eval(const Peftps__Experiment *ex, err *e);
 
-#include "net/poolmsg.h"
-#include "peftps.pb-c.h"
+/* ---- the pool's requests (cli/cmd_pool.c), for the commands that use a pool ---- */
 
 /* Submits the resolved experiment ex (source: its file, for messages) to
  * the pool at ep with weight share (0: the experiment's own). Returns 0 with

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "pool.h"
 #include "config/cmdline.h"
 #include "config/config.h"
 #include "train/experiment.h"
@@ -33,9 +34,14 @@
 #include "train/train.h"
 
 static const char compare_usage[] =
-    "usage: peftps compare EXPERIMENT.pbtxt... [--workers N] [--out DIR] [--set PATH=VALUE ...]\n\n"
+    "usage: peftps compare EXPERIMENT.pbtxt... [--workers N] [--out DIR] [--pool [ENDPOINT]]\n"
+    "                      [--set PATH=VALUE ...]\n\n"
     "Trains each experiment with `peftps run` on a cluster of this machine (one\n"
-    "server, N workers) and compares them. Give every experiment the same data,\n"
+    "server, N workers), one after another, and compares them. With --pool they\n"
+    "train at the same time on one pool instead: a private one started on their\n"
+    "common base (`peftps pool start` with N workers, its logs under DIR/pool),\n"
+    "or the running pool at ENDPOINT; experiments on different bases are refused.\n"
+    "Give every experiment the same data,\n"
     "steps and batch (as examples/demo-*.pbtxt do) and the table compares the\n"
     "methods; a warning says when steps or tokens per step differ.\n\n"
     "For each experiment NAME, under DIR/NAME: the run's outputs (metrics.jsonl,\n"
@@ -56,6 +62,8 @@ static const char compare_usage[] =
     "options:\n"
     "  --workers N        workers per run (default 2)\n"
     "  --out DIR          where the runs and the comparison go (default out/compare)\n"
+    "  --pool [ENDPOINT]  train them concurrently on a pool: a private one, or the\n"
+    "                     one at ENDPOINT (worker memory is then not measured)\n"
     "  --set PATH=VALUE   override a field of every experiment (repeatable)\n";
 
 /* What one experiment's run measured. */
@@ -180,6 +188,49 @@ static void note_child(cmp_row *r, pid_t child) {
         raise_to(&r->server_private_kib, m.private_kib);
         raise_to(&r->server_mapped_kib, m.mapped_kib);
     }
+}
+
+/* The experiment name a pool's server serves, from its command line
+ * (".../jobs/NAME/experiment.pbtxt"), into buf; 0 when it has none. */
+static int pool_server_job(pid_t pid, char *buf, size_t n) {
+    char path[64], cmd[8192];
+    snprintf(path, sizeof path, "/proc/%d/cmdline", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    size_t k = fread(cmd, 1, sizeof cmd - 1, f);
+    fclose(f);
+    cmd[k] = '\0';
+    for (size_t i = 0; i < k; i += strlen(cmd + i) + 1) {
+        const char *a = cmd + i, *j = strstr(a, "/jobs/");
+        if (!j || !fs_ends_with(a, "/experiment.pbtxt")) continue;
+        j += strlen("/jobs/");
+        size_t len = strlen(j) - strlen("/experiment.pbtxt");
+        if (len == 0 || len >= n) return 0;
+        memcpy(buf, j, len);
+        buf[len] = '\0';
+        return 1;
+    }
+    return 0;
+}
+
+/* The memory of a pool's children (pid: the pool's process): every worker
+ * serves every row; each server, the row of its job. */
+static void sample_pool_memory(cmp_row *rows, int n, pid_t pool) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)pool, (int)pool);
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    int child;
+    while (fscanf(f, "%d", &child) == 1) {
+        memstat m;
+        char job[256];
+        if (memstat_read((pid_t)child, &m) < 0) continue;
+        int server = !strcmp(m.name, "peftps-server");
+        if (server && !pool_server_job((pid_t)child, job, sizeof job)) continue;
+        for (int i = 0; i < n; i++)
+            if (!server || !strcmp(rows[i].name, job)) note_child(&rows[i], (pid_t)child);
+    }
+    fclose(f);
 }
 
 /* Raises the row's peaks with the memory of the run's server and workers
@@ -593,6 +644,225 @@ static void cmp_run_one(cmp_row *r, int i, int n, const char *self, const config
     }
 }
 
+/* ---- --pool ------------------------------------------------------------------ */
+
+/* The options of one experiment's run: the user's, then output_dir and
+ * checkpoint.path under out (runsets[nsets], [nsets+1]); NULL when out of
+ * memory. */
+static char **cmp_runsets(const cmp_row *r, const config_args *sets, char *set_out, size_t n_out,
+                          char *set_ckpt, size_t n_ckpt) {
+    char **runsets = calloc((size_t)sets->nsets + 2, sizeof *runsets);
+    if (!runsets) return NULL;
+    for (int j = 0; j < sets->nsets; j++) runsets[j] = sets->sets[j];
+    snprintf(set_out, n_out, "output_dir=%s", r->out);
+    snprintf(set_ckpt, n_ckpt, "checkpoint.path=%s/ckpt", r->out);
+    runsets[sets->nsets] = set_out;
+    runsets[sets->nsets + 1] = set_ckpt;
+    return runsets;
+}
+
+/* The common base of every experiment (its path into base, n bytes);
+ * -1 after printing which two differ. */
+static int cmp_common_base(const cmp_row *rows, int n, const config_args *sets, char *base,
+                           size_t nb) {
+    char fp0[65], path0[4096];
+    for (int i = 0; i < n; i++) {
+        Peftps__Experiment *ex = NULL;
+        err e;
+        char fp[65];
+        if (experiment_load(rows[i].file, sets->sets, sets->nsets, &ex, NULL, &e) < 0 ||
+            model_files_probe(ex->model->path, fp, &e) < 0) {
+            fprintf(stderr, "peftps compare: %s: %s\n", rows[i].file, e.msg);
+            config_free(ex);
+            return -1;
+        }
+        if (i == 0) {
+            memcpy(fp0, fp, sizeof fp0);
+            snprintf(path0, sizeof path0, "%s", ex->model->path);
+        } else if (strcmp(fp, fp0)) {
+            fprintf(stderr,
+                    "peftps compare: --pool: %s trains on the base at %s (fingerprint %.12s..), "
+                    "%s on %s (fingerprint %.12s..); a pool serves one base: compare them "
+                    "without --pool, or each base's experiments in their own run\n",
+                    rows[0].file, path0, fp0, rows[i].file, ex->model->path, fp);
+            config_free(ex);
+            return -1;
+        }
+        config_free(ex);
+    }
+    snprintf(base, nb, "%s", path0);
+    return 0;
+}
+
+/* Starts a private pool on base with nw workers at an ipc:// endpoint
+ * (into ep) under out/pool; returns its pid once it answers, or -1. */
+static pid_t cmp_pool_start(const char *self, const char *base, int nw, const char *out, char *ep,
+                            size_t nep, char *tmp, err *e) {
+    char work[4200], log[4300], nws[16];
+    snprintf(tmp, 32, "/tmp/peftps-compare-XXXXXX");
+    if (!mkdtemp(tmp)) return err_errno(e, "creating %s", tmp);
+    snprintf(ep, nep, "ipc://%s/pool", tmp);
+    snprintf(work, sizeof work, "%s/pool", out);
+    snprintf(log, sizeof log, "%s/pool.log", out);
+    snprintf(nws, sizeof nws, "%d", nw);
+    char *argv[] = {(char *)self, "pool",      "start", "--model", (char *)base, "--listen",
+                    ep,           "--workers", nws,     "--work",  work,         NULL};
+    pid_t pid = spawn_start_log("peftps compare", argv, 0, log, e);
+    if (pid < 0) return -1;
+    for (int tries = 0; tries < 300; tries++) {
+        Peftps__Pool__PoolMessage *r = NULL;
+        err le;
+        int st;
+        if (spawn_poll(pid, &st) == pid) {
+            err_set(e, "the pool stopped at once (%s): see %s",
+                    spawn_code(st) ? "failed" : "exit 0", log);
+            return -1;
+        }
+        if (access(ep + strlen("ipc://"), F_OK) == 0 && pool_list(ep, &r, &le) == 0) {
+            poolmsg_free(r);
+            log_info("started a pool of %d worker(s) at %s (log %s)", nw, ep, log);
+            return pid;
+        }
+    }
+    kill(pid, SIGTERM);
+    err_set(e, "the pool did not answer within 15 s: see %s", log);
+    return -1;
+}
+
+/* Submits every experiment to the pool at ep, then waits for all: rows of
+ * jobs that end done are measured as after a run. Returns how many failed. */
+static int cmp_pool_run(cmp_row *rows, int n, const config_args *sets, const char *ep, pid_t pool) {
+    int failed = 0, *live = calloc((size_t)n, sizeof *live);
+    double t0 = progress_now();
+    if (!live) return n;
+    for (int i = 0; i < n; i++) {
+        cmp_row *r = &rows[i];
+        char set_out[4200], set_ckpt[4300], ckpt[4300];
+        char **runsets = cmp_runsets(r, sets, set_out, sizeof set_out, set_ckpt, sizeof set_ckpt);
+        Peftps__Experiment *ex = NULL;
+        Peftps__Pool__PoolMessage *reply = NULL;
+        err e;
+        int ok = 0;
+        snprintf(ckpt, sizeof ckpt, "%s/ckpt", r->out);
+        printf("== %s (%s), %d of %d: %s on the pool %s\n", r->name, r->file, i + 1, n, r->out, ep);
+        fflush(stdout);
+        if (!runsets)
+            err_set(&e, "out of memory");
+        else if (experiment_load(r->file, runsets, sets->nsets + 2, &ex, NULL, &e) == 0 &&
+                 measure_before(r, ex, &e) == 0 && remove_tree(ckpt, &e) == 0 &&
+                 pool_submit(ep, ex, r->file, 0, &reply, &e) == 0)
+            ok = 1;
+        if (!ok) {
+            fprintf(stderr, "peftps compare: %s: %s\n", r->file, e.msg);
+            failed++;
+        }
+        live[i] = ok;
+        poolmsg_free(reply);
+        config_free(ex);
+        free(runsets);
+    }
+    int left = n - failed;
+    while (left > 0) {
+        if (cmp_signal) {
+            /* Ctrl-C: the jobs stop (each checkpoints) whether the pool is ours or not. */
+            for (int i = 0; i < n; i++)
+                if (live[i]) {
+                    Peftps__Pool__Cancel c = PEFTPS__POOL__CANCEL__INIT;
+                    Peftps__Pool__PoolMessage m = PEFTPS__POOL__POOL_MESSAGE__INIT, *r = NULL;
+                    err e;
+                    c.id = rows[i].name;
+                    m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_CANCEL;
+                    m.cancel = &c;
+                    if (poolmsg_request(ep, &m, 5000, &r, &e) == 0) poolmsg_free(r);
+                }
+            break;
+        }
+        Peftps__Pool__PoolMessage *r = NULL;
+        err e;
+        if (pool_list(ep, &r, &e) != 0) {
+            fprintf(stderr, "peftps compare: %s\n", e.msg);
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (!live[i]) continue;
+            const Peftps__Pool__Job *j = pool_job_in(r->jobs, rows[i].name);
+            if (j && !pool_job_ended(j)) continue;
+            live[i] = 0;
+            left--;
+            cmp_row *row = &rows[i];
+            row->wall_s = j && j->ended_s > j->submitted_s ? j->ended_s - j->submitted_s
+                                                           : progress_now() - t0;
+            if (!j || j->state != PEFTPS__POOL__JOB_STATE__DONE) {
+                fprintf(stderr, "peftps compare: %s: job %s %s%s%s\n", row->file, row->name,
+                        j ? poolmsg_state_name(j->state) : "left the pool",
+                        j && j->message && *j->message ? ": " : "",
+                        j && j->message ? j->message : "");
+                failed++;
+                continue;
+            }
+            Peftps__Experiment *ex = NULL;
+            char set_out[4200], set_ckpt[4300];
+            char **runsets =
+                cmp_runsets(row, sets, set_out, sizeof set_out, set_ckpt, sizeof set_ckpt);
+            if (!runsets ||
+                experiment_load(row->file, runsets, sets->nsets + 2, &ex, NULL, &e) < 0 ||
+                run_eval(ex, &e) < 0 || read_metrics(row, &e) < 0) {
+                fprintf(stderr, "peftps compare: %s: %s\n", row->file,
+                        runsets ? e.msg : "out of memory");
+                failed++;
+            } else {
+                row->ok = 1;
+                printf("%s: done after %.0f s%s", row->name, row->wall_s,
+                       isfinite(row->eval_after) ? "" : "; no eval data\n");
+                if (isfinite(row->eval_after))
+                    printf(": eval loss %.4f  perplexity %.3f\n", row->eval_after,
+                           exp(row->eval_after));
+                fflush(stdout);
+            }
+            config_free(ex);
+            free(runsets);
+        }
+        poolmsg_free(r);
+        if (left > 0) {
+            for (int k = 0; k < 10 && !cmp_signal; k++) {
+                if (pool > 0) sample_pool_memory(rows, n, pool);
+                struct timespec nap = {0, 100 * 1000 * 1000};
+                nanosleep(&nap, NULL);
+            }
+        }
+    }
+    for (int i = 0; i < n; i++) failed += live[i];
+    free(live);
+    return failed;
+}
+
+/* --pool: the experiments at once on a pool (ours when ep is NULL). */
+static int cmp_pool(cmp_row *rows, int n, const config_args *sets, const char *ep, int nw,
+                    const char *out, const char *self) {
+    char base[4096], own_ep[128], tmp[32] = "";
+    pid_t pool = 0;
+    err e;
+    if (cmp_common_base(rows, n, sets, base, sizeof base) < 0) return -2;
+    if (!ep) {
+        pool = cmp_pool_start(self, base, nw, out, own_ep, sizeof own_ep, tmp, &e);
+        if (pool < 0) {
+            fprintf(stderr, "peftps compare: starting a pool: %s\n", e.msg);
+            if (tmp[0]) rmdir(tmp);
+            return n;
+        }
+        ep = own_ep;
+    }
+    int failed = cmp_pool_run(rows, n, sets, ep, pool);
+    if (pool > 0) {
+        int st;
+        kill(pool, SIGTERM);
+        while (spawn_poll(pool, &st) == 0) {
+        }
+        rmdir(tmp);
+    }
+    return failed;
+}
+
 /* The table on stdout, and compare.md, compare.json and loss.svg under out. */
 static int cmp_report(const char *out, const cmp_row *rows, int n, const char *cmdline,
                       int workers) {
@@ -618,8 +888,25 @@ int cmd_compare(int argc, char **argv) {
         fprintf(stderr, "peftps compare: %s\n%s", e.msg, compare_usage);
         return 2;
     }
-    const char *out = "out/compare";
-    int nw = 2, nfiles = 0, rc = 2;
+    const char *out = "out/compare", *pool_ep = NULL;
+    int nw = 2, nfiles = 0, rc = 2, use_pool = 0;
+    /* --pool takes an optional endpoint: the next argument when it is one. */
+    for (int i = 1; i < argc; i++) {
+        int take = 0;
+        if (!strcmp(argv[i], "--")) break;
+        if (!strcmp(argv[i], "--pool")) {
+            use_pool = take = 1;
+            if (i + 1 < argc && strstr(argv[i + 1], "://")) pool_ep = argv[i + 1], take = 2;
+        } else if (!strncmp(argv[i], "--pool=", 7)) {
+            use_pool = take = 1;
+            pool_ep = argv[i] + 7;
+        }
+        if (take) {
+            memmove(&argv[i], &argv[i + take], (size_t)(argc - i - take + 1) * sizeof *argv);
+            argc -= take;
+            i--;
+        }
+    }
     const char **files = calloc((size_t)argc, sizeof *files);
     cmp_row *rows = calloc((size_t)argc, sizeof *rows);
     const cmdline_opt opts[] = {CMDLINE_INT("--workers", &nw, 1, 1024), CMDLINE_STR("--out", &out)};
@@ -647,11 +934,24 @@ int cmd_compare(int argc, char **argv) {
     stopsig sigs;
     stopsig_catch(&sigs, cmp_on_signal);
     int failed = 0;
-    for (int i = 0; i < nfiles && !cmp_signal; i++) {
-        cmp_run_one(&rows[i], i, nfiles, self, &sets, nw);
-        failed += !rows[i].ok;
+    double t0 = progress_now();
+    if (use_pool) {
+        failed = cmp_pool(rows, nfiles, &sets, pool_ep, nw, out, self);
+        if (failed == -2) {
+            stopsig_restore(&sigs);
+            rc = 2;
+            goto done;
+        }
+    } else {
+        for (int i = 0; i < nfiles && !cmp_signal; i++) {
+            cmp_run_one(&rows[i], i, nfiles, self, &sets, nw);
+            failed += !rows[i].ok;
+        }
     }
     stopsig_restore(&sigs);
+    printf("\n%d experiment(s) %s in %.1f s of wall time\n", nfiles,
+           use_pool ? "trained concurrently on one pool" : "trained one after another",
+           progress_now() - t0);
     rc = cmp_signal ? 130 : failed ? 1 : 0;
     if (cmp_report(out, rows, nfiles, cmdline, nw) < 0) rc = 1;
 done:

@@ -220,8 +220,7 @@ static void run_supervise(run_state *r) {
     }
 }
 
-/* The eval line of `peftps train`, for the tensors the cluster trained. */
-static int run_eval(const Peftps__Experiment *ex, err *e) {
+int run_eval(const Peftps__Experiment *ex, err *e) {
     if (!ex->data->eval || !ex->data->eval[0]) return 0;
     trainer *t = NULL;
     metrics m = {0};

@@ -587,6 +587,7 @@ static int on_server_announce(pool *p, const unsigned char *id, size_t idlen,
 
 static int on_server_status(pool *p, const unsigned char *id, size_t idlen,
                             const Peftps__Pool__ServerStatus *s, err *e) {
+    if (!s->id || !*s->id) return err_set(e, "a server status without a job id");
     pooljob *j = pooljobs_find(&p->t, s->id);
     if (!j)
         return err_set(e, "no job %.64s in this pool: announce the server first",
@@ -616,6 +617,7 @@ static int on_server_status(pool *p, const unsigned char *id, size_t idlen,
 
 static int on_cancel(pool *p, const unsigned char *id, size_t idlen, const Peftps__Pool__Cancel *c,
                      err *e) {
+    if (!c->id || !*c->id) return err_set(e, "a cancel without a job id");
     pooljob *j = pooljobs_find(&p->t, c->id);
     if (!j)
         return err_set(e, "no job %.64s in this pool (`peftps jobs` lists them)",
@@ -743,7 +745,7 @@ static int pool_open(pool *p, err *e) {
                        "cannot listen at %s: %s (is another pool there? --listen picks "
                        "another endpoint)",
                        p->o->listen, zmq_strerror(errno));
-    log_info("pool at %s serving base %s (fingerprint %.12s..), work directory %s", p->o->listen,
+    log_info("pool at %s serving base %s (fingerprint %s), work directory %s", p->o->listen,
              p->o->model, fp, p->o->work);
     for (int i = 0; i < p->o->workers; i++)
         if (worker_start(p, i, e) < 0) return err_wrap(e, "starting worker %d", i);

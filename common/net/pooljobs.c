@@ -94,14 +94,14 @@ int pooljobs_admit(const pooljobs *t, const Peftps__Experiment *ex, const char *
     for (int i = 0; i < t->n_jobs; i++) {
         const pooljob *j = t->jobs[i];
         if (!pooljobs_live(j)) continue;
-        if (!strcmp(j->id, ex->name))
-            return err_set(e, "%s: a job named %s is %s; give the experiment another name", source,
-                           j->id, poolmsg_state_name(j->state));
         if (!strcmp(j->fingerprint, fp))
             return err_set(e,
                            "%s: the same experiment as job %s (fingerprint %s): a fingerprint "
                            "clash; change a setting (seed, data, method) or cancel %s",
                            source, j->id, short_fp(fp, a), j->id);
+        if (!strcmp(j->id, ex->name))
+            return err_set(e, "%s: a job named %s is %s; give the experiment another name", source,
+                           j->id, poolmsg_state_name(j->state));
         if (!strcmp(j->output_dir, ex->output_dir))
             return err_set(e, "%s: output_dir %s is job %s's; give the experiment its own", source,
                            j->output_dir, j->id);
