@@ -274,7 +274,10 @@ static const char jobs_usage[] =
     "then why each failed or what its server last said.\n\n"
     "options:\n"
     "  --pool ENDPOINT   the pool (default $PEFTPS_POOL or " POOL_DEFAULT_ENDPOINT ")\n"
-    "  --json            one JSON object per job and line instead of the table\n";
+    "  --json            JSON lines instead of the table: first the pool (base_path,\n"
+    "                    base_fingerprint, workers), then one object per job (id,\n"
+    "                    state, step, total_steps, loss, tokens_per_s, share,\n"
+    "                    share_of_running, share_got, compute_s, output_dir, ...)\n";
 
 static double jobs_running_weight(const Peftps__Pool__Jobs *js) {
     double w = 0;
@@ -285,6 +288,17 @@ static double jobs_running_weight(const Peftps__Pool__Jobs *js) {
 
 static int jobs_json(const Peftps__Pool__Jobs *js) {
     double w = jobs_running_weight(js);
+    json_t *pool = json_pack("{s:s, s:s, s:i}", "base_path", js->base_path ? js->base_path : "",
+                             "base_fingerprint", js->base_fingerprint ? js->base_fingerprint : "",
+                             "workers", (int)js->workers);
+    char *head = pool ? json_dumps(pool, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(pool);
+    if (!head) {
+        fprintf(stderr, "peftps jobs: out of memory\n");
+        return 1;
+    }
+    printf("%s\n", head);
+    free(head);
     for (size_t i = 0; i < js->n_jobs; i++) {
         const Peftps__Pool__Job *j = js->jobs[i];
         int running = j->state == PEFTPS__POOL__JOB_STATE__RUNNING;

@@ -56,7 +56,7 @@ job_field() {
 import json, sys
 for line in sys.stdin:
     j = json.loads(line)
-    if j["id"] == sys.argv[1]:
+    if j.get("id") == sys.argv[1]:
         print(j[sys.argv[2]])' "$1" "$2"
 }
 
@@ -193,7 +193,9 @@ grep -q "^ID  *STATE  *STEP/TOTAL  *LOSS  *TOK/S  *SHARE  *GOT  *OUTPUT" "$T/tab
 "$BIN/peftps" jobs --json >"$T/jobs.json" || fail "peftps jobs --json"
 $PY -c '
 import json, sys
-jobs = [json.loads(l) for l in open(sys.argv[1])]
+lines = [json.loads(l) for l in open(sys.argv[1])]
+assert lines[0]["base_path"] == "tests/fixtures/tiny-llama" and "workers" in lines[0], lines[0]
+jobs = lines[1:]
 ids = sorted(j["id"] for j in jobs)
 assert ids == ["ext", "lora"], ids
 for j in jobs:
