@@ -858,6 +858,7 @@ static int cmp_pool(cmp_row *rows, int n, const config_args *sets, const char *e
         kill(pool, SIGTERM);
         while (spawn_poll(pool, &st) == 0) {
         }
+        unlink(own_ep + strlen("ipc://"));
         rmdir(tmp);
     }
     return failed;

@@ -7,11 +7,14 @@
 # coordinator does not take (tests/pool_peer.c), answered with an Error and
 # survived; a worker of another base or protocol refused, naming both; a
 # server started outside the pool (tests/pool_peer.c) creating its job,
-# reporting progress, compute accounted as share_got, cancelled; a job whose
-# server refuses its input failing with the server's reason; with a server
-# that has the pool mode, a submitted job's server reaching RUNNING, its
-# restart after a SIGKILL, and a cancel that ends it; SIGTERM stopping the
-# pool with status 0.
+# reporting progress, compute accounted as share_got, cancelled; a submitted
+# job's server reaching RUNNING, restarted after a SIGKILL, stopped by a
+# cancel; a job whose server refuses its input failing with the server's
+# reason, not restarted; a worker joining from outside and `submit --wait`
+# following a job to its end, bit-identical to its own `peftps train`;
+# `compare --pool` on a private pool, each experiment bit-identical to its
+# `peftps train`, and refusing experiments on two bases; SIGTERM stopping
+# the pool with status 0.
 BIN=${BIN:-bin}
 BUILD=${BUILD:-build}
 PY=/usr/bin/python3
@@ -161,32 +164,33 @@ grep -q 'servers: \["tcp://127.0.0.1:[0-9]*"\]' "$T/pool/jobs/lora/experiment.pb
     fail "the job's experiment does not name a loopback server"
 expect same-submit 2 "fingerprint clash" "$BIN/peftps" submit examples/lora.pbtxt \
     --set output_dir="$T/out/lora" --set schedule.total_steps=20
-if "$BIN/peftps-server" --help 2>&1 | grep -q -- "--pool"; then
-    wait_state lora running 60
-    SPID=$(pgrep -f "jobs/lora/experiment.pbtxt --index 0" | head -1)
-    [ -n "$SPID" ] || fail "no server process of job lora"
-    echo "$SPID" >"$T/server-pids"
-    # A server killed is restarted from its checkpoint; the job goes on.
-    kill -9 "$SPID"
-    wait_log "$T/pool.log" "job lora: server 0 was killed by signal 9.*restarting it" 20
-    [ "$(job_field lora state)" = running ] || fail "lora is not running after its server's restart"
-    SPID=$(pgrep -f "jobs/lora/experiment.pbtxt --index 0" | head -1)
-    echo "$SPID" >"$T/server-pids"
-    expect cancel 0 "cancelled job lora" "$BIN/peftps" cancel lora
-    [ "$(job_field lora state)" = cancelled ] || fail "lora is not cancelled"
-    n=0
-    while [ -n "$SPID" ] && kill -0 "$SPID" 2>/dev/null; do
-        n=$((n + 1))
-        [ $n -gt 300 ] && fail "the server of the cancelled job is still running after 30 s"
-        sleep 0.1
-    done
-else
-    # This server has no pool mode: it refuses --pool, and the job fails
-    # with what it said.
-    wait_state lora failed 30
-    job_field lora message | grep -q "unknown option '--pool'" ||
-        fail "the failed job's message is not the server's complaint: $(job_field lora message)"
-fi
+wait_state lora running 60
+SPID=$(pgrep -f "jobs/lora/experiment.pbtxt --index 0" | head -1)
+[ -n "$SPID" ] || fail "no server process of job lora"
+echo "$SPID" >"$T/server-pids"
+# A server killed is restarted from its checkpoint; the job goes on.
+kill -9 "$SPID"
+wait_log "$T/pool.log" "job lora: server 0 was killed by signal 9.*restarting it" 20
+[ "$(job_field lora state)" = running ] || fail "lora is not running after its server's restart"
+SPID=$(pgrep -f "jobs/lora/experiment.pbtxt --index 0" | head -1)
+echo "$SPID" >"$T/server-pids"
+expect cancel 0 "cancelled job lora" "$BIN/peftps" cancel lora
+[ "$(job_field lora state)" = cancelled ] || fail "lora is not cancelled"
+n=0
+while [ -n "$SPID" ] && kill -0 "$SPID" 2>/dev/null; do
+    n=$((n + 1))
+    [ $n -gt 300 ] && fail "the server of the cancelled job is still running after 30 s"
+    sleep 0.1
+done
+# A server that refuses its input (another experiment's checkpoint at its
+# checkpoint.path) exits 2: its job fails at once with what it said.
+expect foreign-ckpt 0 "submitted job foreign" "$BIN/peftps" submit examples/lora.pbtxt \
+    --set name=foreign --set seed=9 --set output_dir="$T/out/foreign" \
+    --set checkpoint.path="$T/out/lora/ckpt"
+wait_state foreign failed 60
+job_field foreign message | grep -q "server 0 exited with status 2: .*checkpoint" ||
+    fail "the failed job's message is not the server's reason: $(job_field foreign message)"
+grep -q "job foreign: server 0.*restarting" "$T/pool.log" && fail "a server that refused its input was restarted"
 expect table 0 "^lora  *[a-z]* *[0-9]*/20 " "$BIN/peftps" jobs
 grep -q "^ID  *STATE  *STEP/TOTAL  *LOSS  *TOK/S  *SHARE  *GOT  *OUTPUT" "$T/table.out" ||
     fail "no table header"
@@ -197,11 +201,46 @@ lines = [json.loads(l) for l in open(sys.argv[1])]
 assert lines[0]["base_path"] == "tests/fixtures/tiny-llama" and "workers" in lines[0], lines[0]
 jobs = lines[1:]
 ids = sorted(j["id"] for j in jobs)
-assert ids == ["ext", "lora"], ids
+assert ids == ["ext", "foreign", "lora"], ids
 for j in jobs:
     for k in ("state", "step", "total_steps", "loss", "tokens_per_s", "share", "share_got", "output_dir"):
         assert k in j, k
 ' "$T/jobs.json" || fail "peftps jobs --json does not parse as one object per job"
+
+# End to end with a worker joining from outside: submit --wait follows a
+# job to its end, and its tensors are those of its own peftps train.
+"$BIN/peftps-worker" --pool "$EP" --model tests/fixtures/tiny-llama >"$T/worker.log" 2>&1 &
+PIDS="$PIDS $!"
+expect wait 0 "job quick done" "$BIN/peftps" submit examples/lora.pbtxt --wait --set name=quick \
+    --set output_dir="$T/out/quick" --set schedule.total_steps=12
+"$BIN/peftps" train examples/lora.pbtxt --set name=quick --set output_dir="$T/ref/quick" \
+    --set schedule.total_steps=12 >"$T/ref-quick.log" 2>&1 || fail "peftps train quick"
+cmp "$T/ref/quick/tensors.safetensors" "$T/out/quick/tensors.safetensors" ||
+    fail "the job trained on the pool differs from its own peftps train"
+# The worker reports its compute with its next heartbeat, after the end.
+n=0
+while [ "$(job_field quick share_got)" = 0.0 ]; do
+    n=$((n + 1))
+    [ $n -gt 50 ] && fail "the worker's compute on quick was not counted"
+    sleep 0.2
+done
+
+# compare --pool: two experiments at once on a private pool, each
+# bit-identical to its own peftps train, with the report of compare.
+sed -e 's/^name: "lora"/name: "lora-b"/' -e 's/^seed: 42/seed: 5/' examples/lora.pbtxt >"$T/lora-b.pbtxt"
+expect compare-pool 0 "2 experiment(s) trained concurrently on one pool in" "$BIN/peftps" compare \
+    examples/lora.pbtxt "$T/lora-b.pbtxt" --workers 2 --pool --out "$T/cmp-pool" \
+    --set schedule.total_steps=12
+for n in lora lora-b; do
+    f=examples/lora.pbtxt
+    [ $n = lora-b ] && f="$T/lora-b.pbtxt"
+    "$BIN/peftps" train "$f" --set output_dir="$T/ref/$n" --set schedule.total_steps=12 \
+        >"$T/ref-$n.log" 2>&1 || fail "peftps train $n"
+    cmp "$T/ref/$n/tensors.safetensors" "$T/cmp-pool/$n/tensors.safetensors" ||
+        fail "compare --pool trained $n differently from its own peftps train"
+done
+[ -f "$T/cmp-pool/compare.json" ] && grep -q '"eval_loss_after": [0-9]' "$T/cmp-pool/compare.json" ||
+    fail "compare --pool wrote no report with eval losses"
 
 # compare --pool: experiments on two bases cannot share a pool.
 sed -e 's/^name: "lora"/name: "lora-other"/' -e "s|tests/fixtures/tiny-llama|$T/other-base|" \
