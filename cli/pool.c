@@ -487,6 +487,8 @@ static int on_worker_hello(pool *p, const unsigned char *id, size_t idlen,
 static int on_worker_status(pool *p, const unsigned char *id, size_t idlen,
                             const Peftps__Pool__WorkerStatus *s, err *e) {
     poolworker *w = pooljobs_worker_find(&p->t, id, idlen);
+    if (!w && (w = pooljobs_worker_revive(&p->t, id, idlen, pool_now(p))))
+        log_info("worker %s speaks again: registered again", w->id);
     if (!w)
         return err_set(e,
                        "a worker that is not registered (silent for over %.0f s, or the pool "

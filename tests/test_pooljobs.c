@@ -222,6 +222,15 @@ static void test_workers(void **state) {
     assert_string_equal(last, "w1");
     assert_null(pooljobs_worker_find(&t, id1, 3));
     assert_non_null(pooljobs_worker_find(&t, id2, 3));
+    /* A dropped worker that speaks again (it was busy) comes back; an
+     * identity never registered does not. */
+    const unsigned char id3[] = {9};
+    assert_null(pooljobs_worker_revive(&t, id3, 1, 20));
+    poolworker *w = pooljobs_worker_revive(&t, id1, 3, 20);
+    assert_non_null(w);
+    assert_string_equal(w->id, "w1");
+    assert_int_equal(t.n_workers, 2);
+    assert_null(pooljobs_worker_revive(&t, id1, 3, 21));
     pooljobs_free(&t);
 }
 

@@ -13,7 +13,8 @@ int pooljobs_init(pooljobs *t, const char *base_path, const char *base_fingerpri
     memset(t, 0, sizeof *t);
     t->base_path = strdup(base_path);
     t->workers = calloc(POOLJOBS_MAX_WORKERS, sizeof *t->workers);
-    if (!t->base_path || !t->workers) {
+    t->gone = calloc(POOLJOBS_MAX_WORKERS, sizeof *t->gone);
+    if (!t->base_path || !t->workers || !t->gone) {
         pooljobs_free(t);
         return err_set(e, "out of memory");
     }
@@ -35,6 +36,7 @@ void pooljobs_free(pooljobs *t) {
     for (int i = 0; i < t->n_jobs; i++) job_free(t->jobs[i]);
     free(t->base_path);
     free(t->workers);
+    free(t->gone);
     memset(t, 0, sizeof *t);
 }
 
@@ -270,6 +272,9 @@ int pooljobs_worker_expire(pooljobs *t, double now, char *last_id, size_t n) {
     for (int i = 0; i < t->n_workers;) {
         if (now - t->workers[i].last_seen > POOLJOBS_WORKER_SILENCE_S) {
             if (last_id) snprintf(last_id, n, "%s", t->workers[i].id);
+            if (t->n_gone == POOLJOBS_MAX_WORKERS)
+                memmove(t->gone, t->gone + 1, (size_t)--t->n_gone * sizeof *t->gone);
+            t->gone[t->n_gone++] = t->workers[i];
             t->workers[i] = t->workers[--t->n_workers];
             dropped++;
         } else {
@@ -277,6 +282,22 @@ int pooljobs_worker_expire(pooljobs *t, double now, char *last_id, size_t n) {
         }
     }
     return dropped;
+}
+
+poolworker *pooljobs_worker_revive(pooljobs *t, const unsigned char *ident, size_t ident_len,
+                                   double now) {
+    for (int i = 0; i < t->n_gone; i++) {
+        poolworker *g = &t->gone[i];
+        if (g->ident_len != ident_len || memcmp(g->ident, ident, ident_len)) continue;
+        if (t->n_workers == POOLJOBS_MAX_WORKERS) return NULL;
+        poolworker *w = &t->workers[t->n_workers++];
+        *w = *g;
+        w->last_seen = now;
+        memmove(g, g + 1, (size_t)(t->n_gone - i - 1) * sizeof *g);
+        t->n_gone--;
+        return w;
+    }
+    return NULL;
 }
 
 int pooljobs_any_bf16(const pooljobs *t) {

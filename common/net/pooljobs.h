@@ -59,6 +59,10 @@ typedef struct pooljobs {
     int n_jobs;
     poolworker *workers; /* POOLJOBS_MAX_WORKERS entries */
     int n_workers;
+    /* Workers dropped for silence, newest last: one that speaks again (it
+     * was busy, not gone) is taken back without a new hello. */
+    poolworker *gone; /* POOLJOBS_MAX_WORKERS entries */
+    int n_gone;
     /* Bumped whenever the set of RUNNING jobs changes. */
     uint64_t revision;
 } pooljobs;
@@ -129,6 +133,11 @@ poolworker *pooljobs_worker_find(pooljobs *t, const unsigned char *ident, size_t
 /* Drops workers silent for more than POOLJOBS_WORKER_SILENCE_S; returns
  * how many, the id of the last one dropped in last_id (n bytes). */
 int pooljobs_worker_expire(pooljobs *t, double now, char *last_id, size_t n);
+
+/* The worker at that identity when it was dropped for silence and speaks
+ * again: registered again (it passed its hello's checks), or NULL. */
+poolworker *pooljobs_worker_revive(pooljobs *t, const unsigned char *ident, size_t ident_len,
+                                   double now);
 
 /* Whether a registered worker runs BF16 compute. */
 int pooljobs_any_bf16(const pooljobs *t);
