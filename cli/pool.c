@@ -611,7 +611,13 @@ static int on_server_status(pool *p, const unsigned char *id, size_t idlen,
     else if (s->has_state && s->state == PEFTPS__POOL__JOB_STATE__FAILED)
         pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__FAILED,
                        msg ? msg : "its server failed without saying why");
-    else if (msg && pooljobs_live(j))
+    else if (s->has_state && s->state == PEFTPS__POOL__JOB_STATE__CANCELLED && j->external &&
+             !p->stopping) {
+        /* A server started outside the pool was stopped (its pod deleted
+         * or moved): the workers leave the job until it announces again. */
+        if (pooljobs_server_left(&p->t, j, index, pool_now(p)))
+            log_info("job %s: running -> starting: %s", j->id, j->message);
+    } else if (msg && pooljobs_live(j))
         snprintf(j->message, sizeof j->message, "%s", msg);
     send_server_reply(p, id, idlen, j);
     return 0;

@@ -142,6 +142,13 @@ expect status 0 "server_reply ext cancel 0" "$PEER" "$EP" status ext 0 7 2.25
 [ "$(job_field ext loss)" = 2.25 ] || fail "the server's loss did not reach the job"
 [ "$(job_field ext share_got)" = 1.0 ] || fail "share_got of the only job with compute is not 1"
 expect status-index 1 "no server 3" "$PEER" "$EP" status ext 3 7 2.25
+# Its server stopped by its supervisor (a pod deleted or moved): the job
+# leaves the workers' list until the server announces itself again.
+expect status-stopped 0 "server_reply ext cancel 0" "$PEER" "$EP" status ext 0 7 2.25 cancelled
+[ "$(job_field ext state)" = starting ] || fail "ext is not waiting for its stopped server"
+expect worker-left 0 "jobs 0 unchanged 0" "$PEER" "$EP" worker "$BASEFP" ext 0
+expect announce-back 0 "server_reply ext cancel 0" "$PEER" "$EP" announce "$T/ext.pbtxt" 0 "$BASEFP"
+[ "$(job_field ext state)" = running ] || fail "ext is not running again after its server came back"
 
 # The same experiment submitted while it runs: a fingerprint clash; the
 # same name on another experiment: a name clash.

@@ -6,7 +6,7 @@
  *        pool_peer ENDPOINT hello FINGERPRINT [PROTOCOL]
  *        pool_peer ENDPOINT worker FINGERPRINT JOB SECONDS
  *        pool_peer ENDPOINT announce EXPERIMENT.pbtxt INDEX FINGERPRINT
- *        pool_peer ENDPOINT status JOB INDEX STEP LOSS [done|failed] */
+ *        pool_peer ENDPOINT status JOB INDEX STEP LOSS [done|failed|cancelled] */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -245,8 +245,9 @@ int main(int argc, char **argv) {
         st.total_steps = 0;
         if (argc > 7) {
             st.has_state = 1;
-            st.state = !strcmp(argv[7], "done") ? PEFTPS__POOL__JOB_STATE__DONE
-                                                : PEFTPS__POOL__JOB_STATE__FAILED;
+            st.state = !strcmp(argv[7], "done")        ? PEFTPS__POOL__JOB_STATE__DONE
+                       : !strcmp(argv[7], "cancelled") ? PEFTPS__POOL__JOB_STATE__CANCELLED
+                                                       : PEFTPS__POOL__JOB_STATE__FAILED;
             st.message = !strcmp(argv[7], "done") ? "" : "the peer says it failed";
         }
         m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_SERVER_STATUS;

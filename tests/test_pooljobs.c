@@ -138,6 +138,13 @@ static void test_states_and_revision(void **state) {
     assert_int_equal(pooljobs_announce(&t, j, 0, 2, &e), 1);
     assert_int_equal(j->state, PEFTPS__POOL__JOB_STATE__RUNNING);
     assert_int_equal(t.revision, r0 + 1);
+    /* A server that leaves takes the job out of the list until it is back. */
+    assert_int_equal(pooljobs_server_left(&t, j, 1, 3), 1);
+    assert_int_equal(j->state, PEFTPS__POOL__JOB_STATE__STARTING);
+    assert_int_equal(t.revision, r0 + 2);
+    assert_int_equal(pooljobs_announce(&t, j, 1, 4, &e), 1);
+    assert_int_equal(t.revision, r0 + 3);
+    r0 += 2;
     /* Leaving RUNNING bumps it again; an ended job stays ended. */
     assert_int_equal(pooljobs_set_state(&t, j, PEFTPS__POOL__JOB_STATE__CANCELLED, "c", 5), 1);
     assert_int_equal(t.revision, r0 + 2);

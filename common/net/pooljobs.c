@@ -182,6 +182,15 @@ int pooljobs_announce(pooljobs *t, pooljob *j, uint32_t index, double now, err *
     return pooljobs_set_state(t, j, PEFTPS__POOL__JOB_STATE__RUNNING, "", now);
 }
 
+int pooljobs_server_left(pooljobs *t, pooljob *j, uint32_t index, double now) {
+    if (index >= (uint32_t)j->n_servers || !pooljobs_live(j)) return 0;
+    j->announced[index] = 0;
+    char msg[128];
+    snprintf(msg, sizeof msg, "its server %u stopped; waiting for it to announce itself again",
+             index);
+    return pooljobs_set_state(t, j, PEFTPS__POOL__JOB_STATE__STARTING, msg, now);
+}
+
 int pooljobs_usage(pooljobs *t, const char *id, double compute_s, uint64_t shards, err *e) {
     pooljob *j = pooljobs_find(t, id);
     if (!j) return err_set(e, "usage for an unknown job \"%.64s\"", id ? id : "");

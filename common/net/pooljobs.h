@@ -103,6 +103,12 @@ int pooljobs_set_state(pooljobs *t, pooljob *j, int state, const char *message, 
  * servers. */
 int pooljobs_announce(pooljobs *t, pooljob *j, uint32_t index, double now, err *e);
 
+/* Server `index` of j stopped without the job ending (a server started
+ * outside the pool, stopped by its supervisor): the job waits for it to
+ * announce itself again, out of the workers' list meanwhile. Returns 1
+ * when j left RUNNING. */
+int pooljobs_server_left(pooljobs *t, pooljob *j, uint32_t index, double now);
+
 /* Adds a worker's report of compute_s seconds and shards on job id; an
  * unknown id or a value that is not a finite amount below an hour is
  * refused (returns -1 with e set), the others still counted by the caller. */
