@@ -57,6 +57,7 @@ typedef struct pool_server {
     pid_t pid;
     char *job;
     int index;
+    uint64_t serial;       /* its job's (pooljob.serial) */
     uint32_t metrics_port; /* 0: none */
     long log_from;         /* its log's size when it was last started */
 } pool_server;
@@ -183,7 +184,7 @@ static int server_start(pool *p, const pooljob *j, int index, uint32_t metrics_p
         p->cap_servers = cap;
     }
     pool_server *s = &p->servers[p->n_servers];
-    *s = (pool_server){0, strdup(j->id), index, metrics_port, 0};
+    *s = (pool_server){0, strdup(j->id), index, j->serial, metrics_port, 0};
     if (!s->job) return err_set(e, "out of memory");
     if (server_spawn(p, s, e) < 0) {
         free(s->job);
@@ -203,6 +204,7 @@ static void server_exited(pool *p, int i, int ws) {
     spawn_describe(ws, how, sizeof how);
     server_log_path(p, s->job, s->index, log, sizeof log);
     s->pid = 0;
+    if (j && j->serial != s->serial) j = NULL; /* a server of an earlier job of that name */
     if (!j || !pooljobs_live(j) || p->stopping) {
         log_info("job %s: server %d %s", s->job, s->index, how);
         server_remove(p, i);
@@ -339,6 +341,14 @@ static pooljob *submit_job(pool *p, Peftps__Experiment *ex, const char *source, 
         return NULL;
     }
     if (pooljobs_admit(&p->t, ex, fp, NULL, source, e) < 0) return NULL;
+    for (int i = 0; i < p->n_servers; i++)
+        if (!strcmp(p->servers[i].job, ex->name)) {
+            err_set(e,
+                    "%s: the servers of the earlier job %s are still stopping (checkpointing); "
+                    "submit again in a moment",
+                    source, ex->name);
+            return NULL;
+        }
     if (has_share) ex->cluster->share = share;
     if (local_endpoints(ex->cluster, e) < 0) return NULL;
     char *text = NULL;

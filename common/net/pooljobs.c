@@ -154,6 +154,7 @@ pooljob *pooljobs_add(pooljobs *t, const Peftps__Experiment *ex, const char *tex
     j->n_servers = (int)ex->cluster->n_servers;
     j->external = external;
     j->submitted_s = now;
+    j->serial = ++t->next_serial;
     j->loss = NAN;
     snprintf(j->message, sizeof j->message, "waiting for its %d server(s)", j->n_servers);
     t->jobs[t->n_jobs++] = j;

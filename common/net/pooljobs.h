@@ -40,8 +40,9 @@ typedef struct pooljob {
     double submitted_s, ended_s;
     int n_servers;
     unsigned char announced[POOLJOBS_MAX_SERVERS];
-    int external; /* its servers were started elsewhere (ServerAnnounce without id) */
-    int restarts; /* of its servers, by the coordinator */
+    int external;    /* its servers were started elsewhere (ServerAnnounce without id) */
+    int restarts;    /* of its servers, by the coordinator */
+    uint64_t serial; /* unique in the table's life: a later job of the same name differs */
 } pooljob;
 
 typedef struct poolworker {
@@ -65,6 +66,7 @@ typedef struct pooljobs {
     int n_gone;
     /* Bumped whenever the set of RUNNING jobs changes. */
     uint64_t revision;
+    uint64_t next_serial;
 } pooljobs;
 
 /* An empty table for the base at base_path with that fingerprint. */
