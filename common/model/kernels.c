@@ -12,6 +12,7 @@
 
 #include "base/team.h"
 #include "model/bf16.h"
+#include "model/cobatch.h"
 
 /* ---- vectorisable elementwise helpers -------------------------------------- */
 
@@ -554,8 +555,30 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
 
 /* ---- the same with BF16 weights (bf16.h) -------------------------------------- */
 
+/* Whether every one of the n weights is BF16: a product that co-batching
+ * (cobatch.h) may share; F32 products are only counted there. */
+static int cobatch_all_h(int n, const kweight *weights) {
+    for (int i = 0; i < n; i++)
+        if (!weights[i].h) {
+            cobatch_count_f32();
+            return 0;
+        }
+    return 1;
+}
+
 void linears_forward_k(int n, float *const *outs, const float *inp, const kweight *weights,
                        const float *const *biases, int N, int C, const int *OC) {
+    if (cobatch_active() && cobatch_all_h(n, weights)) {
+        cobatch_req r = {.kind = COBATCH_FORWARD, .n = n, .C = C, .N = N, .in = {inp}};
+        for (int i = 0; i < n; i++) {
+            r.w[i] = weights[i].h;
+            r.bias[i] = biases ? biases[i] : NULL;
+            r.OC[i] = OC[i];
+            r.out[i] = outs[i];
+        }
+        cobatch_product(&r);
+        return;
+    }
     gemm ops[GEMM_MAX_OPS];
     bf16_op hops[GEMM_MAX_OPS];
     int nf = 0, nh = 0;
@@ -582,6 +605,19 @@ void linears_forward_k(int n, float *const *outs, const float *inp, const kweigh
 
 void linear_residual_forward_k(float *out, const float *res, const float *inp, kweight weight,
                                const float *bias, int N, int C, int OC) {
+    if (cobatch_active() && cobatch_all_h(1, &weight)) {
+        cobatch_req r = {.kind = COBATCH_RESIDUAL,
+                         .n = 1,
+                         .w = {weight.h},
+                         .bias = {bias},
+                         .C = C,
+                         .OC = {OC},
+                         .N = N,
+                         .in = {inp, res},
+                         .out = {out}};
+        cobatch_product(&r);
+        return;
+    }
     if (!weight.h) {
         linear_residual_forward(out, res, inp, weight.f, bias, N, C, OC);
         return;
@@ -621,6 +657,21 @@ static bf16_op bwd_input_op(float *dinp, int accumulate, const float *dout, cons
 
 void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
                               const kweight *weights, int N, int C, const int *OC) {
+    if (cobatch_active() && cobatch_all_h(n, weights)) {
+        cobatch_req r = {.kind = COBATCH_BACKWARD_INPUT,
+                         .n = n,
+                         .C = C,
+                         .accumulate = accumulate,
+                         .N = N,
+                         .out = {dinp}};
+        for (int i = 0; i < n; i++) {
+            r.w[i] = weights[i].h;
+            r.OC[i] = OC[i];
+            r.in[i] = douts[i];
+        }
+        cobatch_product(&r);
+        return;
+    }
     int nh = 0;
     for (int i = 0; i < n; i++) nh += weights[i].h != NULL;
     if (nh == n) {
