@@ -127,6 +127,78 @@ static void test_bf16_rows_independent(void **state) {
     }
     printf("  BF16: %d call forms, rows %d+%d+%d alone == concatenated, bit for bit\n", checked,
            rows_of[0], rows_of[1], rows_of[2]);
+
+    /* The gathered forms co-batching runs (kernels.h's *_rows), each
+     * member's rows in an allocation of its own, against the solo results
+     * above (solo[2] is the residual's, dsolo the accumulated backward's). */
+    float *mx[NM], *mo[NM][3], *md[NM][3], *mdi[NM];
+    const float **xr = malloc((size_t)Nall * sizeof *xr), **rr = malloc((size_t)Nall * sizeof *rr);
+    float **orow[3], **dirow = malloc((size_t)Nall * sizeof *dirow);
+    const float **drow[3];
+    for (int i = 0; i < 3; i++) {
+        orow[i] = malloc((size_t)Nall * sizeof **orow);
+        drow[i] = malloc((size_t)Nall * sizeof **drow);
+    }
+    float *res_m[NM];
+    for (int m = 0; m < NM; m++) {
+        size_t nr = (size_t)rows_of[m];
+        mx[m] = malloc(nr * C * sizeof(float));
+        memcpy(mx[m], x + (size_t)off[m] * C, nr * C * sizeof(float));
+        res_m[m] = malloc(nr * OC[2] * sizeof(float));
+        memcpy(res_m[m], res + (size_t)off[m] * OC[2], nr * OC[2] * sizeof(float));
+        mdi[m] = malloc(nr * C * sizeof(float));
+        for (int i = 0; i < 3; i++) {
+            mo[m][i] = malloc(nr * OC[i] * sizeof(float));
+            md[m][i] = malloc(nr * OC[i] * sizeof(float));
+            memcpy(md[m][i], dy[i] + (size_t)off[m] * OC[i], nr * OC[i] * sizeof(float));
+        }
+        for (int r = 0; r < rows_of[m]; r++) {
+            xr[off[m] + r] = mx[m] + (size_t)r * C;
+            rr[off[m] + r] = res_m[m] + (size_t)r * OC[2];
+            dirow[off[m] + r] = mdi[m] + (size_t)r * C;
+            for (int i = 0; i < 3; i++) {
+                orow[i][off[m] + r] = mo[m][i] + (size_t)r * OC[i];
+                drow[i][off[m] + r] = md[m][i] + (size_t)r * OC[i];
+            }
+        }
+    }
+    /* member m's rows of a gathered output against rows off[m].. of ref */
+#define SAME_ROWS(arr, k, ref, width)                                                              \
+    for (int m = 0; m < NM; m++)                                                                   \
+        assert_memory_equal(arr[m] k, (ref) + (size_t)off[m] * (width),                            \
+                            (size_t)rows_of[m] * (width) * sizeof(float));
+    linears_forward_rows(3, (float *const *const *)orow, xr, (const uint16_t *const *)wh, biases,
+                         Nall, C, OC);
+    /* the forward's solo results were overwritten above but for 0 and 1 */
+    SAME_ROWS(mo, [0], cat[0], OC[0]);
+    SAME_ROWS(mo, [1], cat[1], OC[1]);
+    /* residual in place on each member's own rows */
+    linear_residual_forward_rows(orow[2], rr, xr, wh[2], bias[2], Nall, C, OC[2]);
+    SAME_ROWS(mo, [2], solo[2], OC[2]);
+    float **rrw = (float **)rr; /* the residual rows as the output: in place */
+    linear_residual_forward_rows(rrw, rr, xr, wh[2], bias[2], Nall, C, OC[2]);
+    SAME_ROWS(res_m, , solo[2], OC[2]);
+    /* backward: 3 summed into dinp written, then 2 added */
+    float *dref = rnd((size_t)Nall * C);
+    for (int m = 0; m < NM; m++)
+        memcpy(mdi[m], dref + (size_t)off[m] * C, (size_t)rows_of[m] * C * sizeof(float));
+    for (int acc = 0; acc <= 1; acc++) {
+        int n = acc ? 2 : 3;
+        const float *d[3] = {dy[0], dy[1], dy[2]};
+        linears_backward_input_k(dref, acc, n, d, w, Nall, C, OC);
+        linears_backward_input_rows(dirow, acc, n, (const float *const *const *)drow,
+                                    (const uint16_t *const *)wh, Nall, C, OC);
+        SAME_ROWS(mdi, , dref, C);
+    }
+#undef SAME_ROWS
+    printf("  BF16: the same call forms over rows gathered from separate allocations, bit for "
+           "bit\n");
+    for (int m = 0; m < NM; m++) {
+        free(mx[m]), free(res_m[m]), free(mdi[m]);
+        for (int i = 0; i < 3; i++) free(mo[m][i]), free(md[m][i]);
+    }
+    for (int i = 0; i < 3; i++) free(orow[i]), free((void *)drow[i]);
+    free((void *)xr), free((void *)rr), free(dirow), free(dref);
     for (int i = 0; i < 3; i++) {
         free(wh[i]), free(bias[i]), free(cat[i]), free(solo[i]), free(dy[i]);
     }

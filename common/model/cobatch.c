@@ -2,7 +2,7 @@
  * computation of a cobatch_run, handed a single turn so that one computes
  * at a time; the caller of cobatch_run coordinates and, when every
  * computation waits at a product, runs the waiting products, those with
- * equal keys over their concatenated rows through kernels.c's *_k
+ * equal keys over their gathered rows through kernels.c's *_rows
  * functions. tests/test_cobatch.c checks the bits against solo runs. */
 #include "model/cobatch.h"
 
@@ -122,26 +122,27 @@ static int same_key(const cobatch_req *a, const cobatch_req *b) {
     return 1;
 }
 
-/* Floats a row of the request takes in the concatenation buffers. */
-static size_t row_floats(const cobatch_req *r) {
-    size_t f = (size_t)r->C;
-    if (r->kind == COBATCH_RESIDUAL) return f + (size_t)r->OC[0];
-    for (int i = 0; i < r->n; i++) f += (size_t)r->OC[i];
-    return f;
+/* Bytes a row of the request takes in the BF16 product's rounded inputs
+ * (bf16.c keeps them per calling thread): what COBATCH_BUFFER_BYTES bounds. */
+static size_t row_bytes(const cobatch_req *r) {
+    if (r->kind != COBATCH_BACKWARD_INPUT) return 4 * (size_t)((r->C + 1) / 2);
+    size_t b = 0;
+    for (int i = 0; i < r->n; i++) b += 4 * (size_t)((r->OC[i] + 1) / 2);
+    return b;
 }
 
-/* The concatenation buffer, kept by the coordinating thread, at most
- * COBATCH_BUFFER_BYTES. */
-static _Thread_local float *cat_buf;
-static _Thread_local size_t cat_len;
+/* The tables of row pointers of a shared call, kept by the coordinating
+ * thread and grown as needed (a pointer or a few per row). */
+static _Thread_local void **tab;
+static _Thread_local size_t tab_len;
 
-static float *cat_take(size_t floats) {
-    if (floats > cat_len) {
-        free(cat_buf);
-        cat_buf = aligned_alloc(64, (floats + 15) / 16 * 16 * sizeof(float));
-        cat_len = cat_buf ? floats : 0;
+static void **tab_take(size_t n) {
+    if (n > tab_len) {
+        free(tab);
+        tab = malloc(n * sizeof *tab);
+        tab_len = tab ? n : 0;
     }
-    return cat_buf;
+    return tab;
 }
 
 /* The product of r alone, on its own rows: what the computation would
@@ -163,76 +164,64 @@ static void run_alone(const cobatch_req *r) {
     }
 }
 
-/* Copies rows of the g requests' arrays (which: in[k] or out[k]) into the
- * concatenation at dst, width floats per row, or back when back. */
-static void cat_rows(float *dst, cobatch_req *const *g, int n, int is_out, int k, int width,
-                     int back) {
-    size_t off = 0;
+/* Fills rows[0..) with the rows of the g requests' array in[k] (or out[k]
+ * when is_out), width floats apart, in member order. */
+static void fill_rows(void **rows, cobatch_req *const *g, int n, int is_out, int k, int width) {
+    size_t at = 0;
     for (int m = 0; m < n; m++) {
-        size_t len = (size_t)g[m]->N * (size_t)width;
-        float *own = is_out ? g[m]->out[k] : (float *)g[m]->in[k];
-        if (back)
-            memcpy(own, dst + off, len * sizeof(float));
-        else
-            memcpy(dst + off, own, len * sizeof(float));
-        off += len;
+        const float *base = is_out ? g[m]->out[k] : g[m]->in[k];
+        for (int i = 0; i < g[m]->N; i++) rows[at++] = (void *)(base + (size_t)i * width);
     }
 }
 
 /* One product over the rows of the n >= 2 requests g (equal keys), in
- * member order, within the buffer bound. */
-static void run_shared(cobatch_req *const *g, int n) {
+ * member order, the rows gathered in place (kernels.h's *_rows). Returns
+ * -1 when the row tables cannot be allocated. */
+static int run_shared(cobatch_req *const *g, int n) {
     const cobatch_req *r = g[0];
     int N = 0;
     for (int m = 0; m < n; m++) N += g[m]->N;
-    float *buf = cat_take((size_t)N * row_floats(r));
-    if (!buf) {
-        for (int m = 0; m < n; m++) run_alone(g[m]);
-        atomic_fetch_add(&st_products_alone, (uint64_t)n);
-        return;
-    }
-    kweight w[4];
-    for (int i = 0; i < r->n; i++) w[i] = (kweight){NULL, r->w[i]};
+    void **rows = tab_take((size_t)N * (size_t)(r->n + 2));
+    if (!rows) return -1;
     int C = r->C;
-    float *x = buf, *rest = buf + (size_t)N * C;
     switch (r->kind) {
     case COBATCH_FORWARD: {
-        float *outs[4];
-        cat_rows(x, g, n, 0, 0, C, 0);
+        float **outs[4];
+        fill_rows(rows, g, n, 0, 0, C);
         for (int i = 0; i < r->n; i++) {
-            outs[i] = rest;
-            rest += (size_t)N * r->OC[i];
+            outs[i] = (float **)rows + (size_t)(i + 1) * N;
+            fill_rows((void **)outs[i], g, n, 1, i, r->OC[i]);
         }
-        linears_forward_k(r->n, outs, x, w, r->bias, N, C, r->OC);
-        for (int i = 0; i < r->n; i++) cat_rows(outs[i], g, n, 1, i, r->OC[i], 1);
+        linears_forward_rows(r->n, (float *const *const *)outs, (const float *const *)rows, r->w,
+                             r->bias, N, C, r->OC);
         break;
     }
     case COBATCH_RESIDUAL: {
-        /* The residual rows are copied where the output goes; the product
-         * adds to them in place, as it may (out == res). */
-        cat_rows(x, g, n, 0, 0, C, 0);
-        cat_rows(rest, g, n, 0, 1, r->OC[0], 0);
-        linear_residual_forward_k(rest, rest, x, w[0], r->bias[0], N, C, r->OC[0]);
-        cat_rows(rest, g, n, 1, 0, r->OC[0], 1);
+        void **res = rows + N, **out = rows + 2 * (size_t)N;
+        fill_rows(rows, g, n, 0, 0, C);
+        fill_rows(res, g, n, 0, 1, r->OC[0]);
+        fill_rows(out, g, n, 1, 0, r->OC[0]);
+        linear_residual_forward_rows((float *const *)out, (const float *const *)res,
+                                     (const float *const *)rows, r->w[0], r->bias[0], N, C,
+                                     r->OC[0]);
         break;
     }
     case COBATCH_BACKWARD_INPUT: {
-        /* x is dinp here (N,C), then the douts. */
-        const float *douts[4];
-        if (r->accumulate) cat_rows(x, g, n, 1, 0, C, 0);
+        const float **douts[4];
+        fill_rows(rows, g, n, 1, 0, C);
         for (int i = 0; i < r->n; i++) {
-            cat_rows(rest, g, n, 0, i, r->OC[i], 0);
-            douts[i] = rest;
-            rest += (size_t)N * r->OC[i];
+            douts[i] = (const float **)rows + (size_t)(i + 1) * N;
+            fill_rows((void **)douts[i], g, n, 0, i, r->OC[i]);
         }
-        linears_backward_input_k(x, r->accumulate, r->n, douts, w, N, C, r->OC);
-        cat_rows(x, g, n, 1, 0, C, 1);
+        linears_backward_input_rows((float *const *)rows, r->accumulate, r->n,
+                                    (const float *const *const *)douts, r->w, N, C, r->OC);
         break;
     }
     }
     atomic_fetch_add(&st_calls_shared, 1);
     atomic_fetch_add(&st_products_in, (uint64_t)n);
     atomic_fetch_add(&st_rows_shared, (uint64_t)N);
+    return 0;
 }
 
 /* Runs the n waiting requests: each group of equal keys, in order of its
@@ -240,7 +229,6 @@ static void run_shared(cobatch_req *const *g, int n) {
 static void run_waiting(cobatch_req **reqs, int n) {
     int done[COBATCH_MAX] = {0};
     cobatch_req *g[COBATCH_MAX];
-    size_t budget = COBATCH_BUFFER_BYTES / sizeof(float);
     for (int i = 0; i < n; i++) {
         if (done[i]) continue;
         int ng = 0;
@@ -249,16 +237,17 @@ static void run_waiting(cobatch_req **reqs, int n) {
                 g[ng++] = reqs[j];
                 done[j] = 1;
             }
-        size_t per = row_floats(reqs[i]);
+        size_t per = row_bytes(reqs[i]);
         for (int a = 0; a < ng;) {
             int b = a + 1;
             size_t rows = (size_t)g[a]->N;
-            while (b < ng && (rows + (size_t)g[b]->N) * per <= budget) rows += (size_t)g[b++]->N;
-            if (b - a == 1) {
-                run_alone(g[a]);
-                atomic_fetch_add(&st_products_alone, 1);
-            } else
-                run_shared(g + a, b - a);
+            while (b < ng && (rows + (size_t)g[b]->N) * per <= COBATCH_BUFFER_BYTES)
+                rows += (size_t)g[b++]->N;
+            if (b - a == 1 || run_shared(g + a, b - a) < 0)
+                for (int m = a; m < b; m++) {
+                    run_alone(g[m]);
+                    atomic_fetch_add(&st_products_alone, 1);
+                }
             a = b;
         }
     }

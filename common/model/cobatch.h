@@ -42,9 +42,10 @@ void cobatch_stats_get(cobatch_stats *s);
 /* s = a - b, counter by counter (what happened between two readings). */
 void cobatch_stats_diff(cobatch_stats *s, const cobatch_stats *a, const cobatch_stats *b);
 
-/* Bytes of the buffers that hold a shared call's concatenated rows: calls
- * whose members' rows would need more are split into several calls (rows
- * are independent, so the split never shows in the results). */
+/* A shared call gathers its members' rows in place (no copies), but the
+ * BF16 product rounds its inputs into a buffer of the coordinating thread:
+ * calls whose rounded inputs would take more bytes than this are split
+ * into several (rows are independent, so the split never shows). */
 #define COBATCH_BUFFER_BYTES ((size_t)128 << 20)
 
 /* ---- kernels.c's side ---- */

@@ -555,6 +555,28 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
 
 /* ---- the same with BF16 weights (bf16.h) -------------------------------------- */
 
+/* out (N,OC) = inp (N,C) w^T + bias (a row, may be NULL), w a BF16 (OC,C):
+ * one product of linears_forward_k. */
+static bf16_op fwd_op(const float *inp, const uint16_t *w, float *out, const float *bias, int N,
+                      int C, int OC) {
+    return (bf16_op){
+        .N = N, .K = C, .M = OC, .x = inp, .w = w, .out = out, .add = bias, .add_ld = 0};
+}
+
+/* out (N,OC) = res + inp (N,C) w^T, w a BF16 (OC,C): linear_residual_forward_k's
+ * product, before its bias. */
+static bf16_op residual_op(float *out, const float *res, const float *inp, const uint16_t *w, int N,
+                           int C, int OC) {
+    return (bf16_op){
+        .N = N, .K = C, .M = OC, .x = inp, .w = w, .out = out, .add = res, .add_ld = (size_t)OC};
+}
+
+/* Its bias, added after the product and the residual, one row after another:
+ * the same bits on every machine. */
+static void bias_row(float *restrict o, const float *restrict bias, int OC) {
+    for (int j = 0; j < OC; j++) o[j] += bias[j];
+}
+
 /* Whether every one of the n weights is BF16: a product that co-batching
  * (cobatch.h) may share; F32 products are only counted there. */
 static int cobatch_all_h(int n, const kweight *weights) {
@@ -585,14 +607,7 @@ void linears_forward_k(int n, float *const *outs, const float *inp, const kweigh
     for (int i = 0; i < n; i++) {
         const float *bias = biases ? biases[i] : NULL;
         if (weights[i].h) {
-            hops[nh++] = (bf16_op){.N = N,
-                                   .K = C,
-                                   .M = OC[i],
-                                   .x = inp,
-                                   .w = weights[i].h,
-                                   .out = outs[i],
-                                   .add = bias,
-                                   .add_ld = 0};
+            hops[nh++] = fwd_op(inp, weights[i].h, outs[i], bias, N, C, OC[i]);
         } else {
             ops[nf] = gemm_of(CblasNoTrans, CblasTrans, N, OC[i], C, inp, C, weights[i].f, C, 0.0f,
                               outs[i], OC[i]);
@@ -622,22 +637,11 @@ void linear_residual_forward_k(float *out, const float *res, const float *inp, k
         linear_residual_forward(out, res, inp, weight.f, bias, N, C, OC);
         return;
     }
-    bf16_op op = {.N = N,
-                  .K = C,
-                  .M = OC,
-                  .x = inp,
-                  .w = weight.h,
-                  .out = out,
-                  .add = res,
-                  .add_ld = (size_t)OC};
+    bf16_op op = residual_op(out, res, inp, weight.h, N, C, OC);
     bf16_matmul(&op, 1, 0);
-    /* The bias (o_proj's, down_proj's) after the product and the residual,
-     * one row after another: the same bits on every machine. */
+    /* The bias (o_proj's, down_proj's) */
     if (bias)
-        for (int i = 0; i < N; i++) {
-            float *restrict o = out + (size_t)i * OC;
-            for (int j = 0; j < OC; j++) o[j] += bias[j];
-        }
+        for (int i = 0; i < N; i++) bias_row(out + (size_t)i * OC, bias, OC);
 }
 
 /* dinp (N,C) (+)= dout (N,OC) w, w a BF16 (OC,C): one product of
@@ -695,6 +699,45 @@ void linears_backward_input_k(float *dinp, int accumulate, int n, const float *c
         } else
             linears_backward_input(dinp, acc, 1, &douts[i], &weights[i].f, N, C, &OC[i]);
     }
+}
+
+/* ---- the same over gathered rows (co-batching, cobatch.h) ---------------------- */
+
+void linears_forward_rows(int n, float *const *const *outs, const float *const *inp,
+                          const uint16_t *const *w, const float *const *biases, int N, int C,
+                          const int *OC) {
+    bf16_op ops[GEMM_MAX_OPS];
+    for (int i = 0; i < n; i++) {
+        ops[i] = fwd_op(NULL, w[i], NULL, biases ? biases[i] : NULL, N, C, OC[i]);
+        ops[i].x_rows = inp;
+        ops[i].out_rows = outs[i];
+    }
+    bf16_matmul(ops, n, 0);
+}
+
+void linear_residual_forward_rows(float *const *out, const float *const *res,
+                                  const float *const *inp, const uint16_t *w, const float *bias,
+                                  int N, int C, int OC) {
+    bf16_op op = residual_op(NULL, NULL, NULL, w, N, C, OC);
+    op.x_rows = inp;
+    op.out_rows = out;
+    op.add_rows = res;
+    bf16_matmul(&op, 1, 0);
+    if (bias)
+        for (int i = 0; i < N; i++) bias_row(out[i], bias, OC);
+}
+
+void linears_backward_input_rows(float *const *dinp, int accumulate, int n,
+                                 const float *const *const *douts, const uint16_t *const *w, int N,
+                                 int C, const int *OC) {
+    bf16_op ops[GEMM_MAX_OPS];
+    for (int i = 0; i < n; i++) {
+        ops[i] = bwd_input_op(NULL, 0, NULL, w[i], N, C, OC[i]);
+        ops[i].x_rows = douts[i];
+        ops[i].out_rows = dinp;
+        ops[i].add_rows = accumulate ? (const float *const *)dinp : NULL;
+    }
+    bf16_matmul(ops, n, 1);
 }
 
 /* dout transposed and inp rounded, per calling thread, grown as needed. */
