@@ -400,7 +400,7 @@ static int cobatch_bench(const shape *s, const model_config *cfg, const model_we
 
 int main(int argc, char **argv) {
     const char *shape_name = "small", *method = "lora", *model_dir = NULL, *compute = "f32";
-    int steps = 10, warmup = 2, cobatch = 0;
+    int steps = 10, warmup = 2, cobatch = 0, batch = 0, seq = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--shape") && i + 1 < argc)
             shape_name = argv[++i];
@@ -416,6 +416,10 @@ int main(int argc, char **argv) {
             compute = argv[++i];
         else if (!strcmp(argv[i], "--cobatch") && i + 1 < argc)
             cobatch = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--batch") && i + 1 < argc)
+            batch = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--seq") && i + 1 < argc)
+            seq = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--bf16-rate")) {
             if (!bf16_cpu_ok()) {
                 fprintf(stderr, "bench_train: this CPU has no AVX512-BF16\n");
@@ -430,15 +434,23 @@ int main(int argc, char **argv) {
             return 0;
         } else {
             fprintf(stderr, "usage: bench_train [--shape small|gpt2|llama1b] [--method lora|full] "
-                            "[--compute f32|bf16] [--steps N] [--warmup N] [--cobatch N] | --sgemm "
+                            "[--compute f32|bf16] [--steps N] [--warmup N] [--cobatch N] [--batch "
+                            "B] [--seq T] | --sgemm "
                             "| --bf16-rate | --shape S "
                             "--write-model DIR\n");
             return 2;
         }
     }
     const shape *s = NULL;
+    static shape custom;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
         if (!strcmp(shapes[i].name, shape_name)) s = &shapes[i];
+    if (s && (batch > 0 || seq > 0)) { /* the shape with another batch or sequence length */
+        custom = *s;
+        if (batch > 0) custom.batch = batch;
+        if (seq > 0) custom.seq = seq;
+        s = &custom;
+    }
     int full = !strcmp(method, "full"), bf16 = !strcmp(compute, "bf16");
     if (!s || (!full && strcmp(method, "lora")) || (!bf16 && strcmp(compute, "f32")) ||
         (bf16 && model_dir)) {
