@@ -578,24 +578,6 @@ static void job_fail(worker *w, const err *e) {
     for (int i = 0; i < w->n_conns; i++) conn_close(&w->conns[i]);
 }
 
-/* One shard of one experiment, as computed by compute(). */
-typedef struct train_shard_job {
-    trainer *t;
-    uint64_t step;
-    uint32_t shard;
-    double loss_sum;
-    long n_tokens;
-    int rc;
-    err e;
-} train_shard_job;
-
-static void trainer_shard_grad_many(train_shard_job *jobs, int n, int cobatch) {
-    (void)cobatch;
-    for (int j = 0; j < n; j++)
-        jobs[j].rc = trainer_shard_grad(jobs[j].t, jobs[j].step, jobs[j].shard, &jobs[j].loss_sum,
-                                        &jobs[j].n_tokens, &jobs[j].e);
-}
-
 /* Pushes the gradient of w's shard i to every server. */
 static void push_shard(worker *w, size_t i, double loss, long ntok) {
     for (int k = 0; k < w->n_conns; k++) {

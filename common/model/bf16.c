@@ -141,6 +141,7 @@ typedef struct job {
 
 typedef struct round_args {
     const float *x;
+    const float *const *x_rows;
     uint32_t *xb;
     int K, kp;
 } round_args;
@@ -149,7 +150,7 @@ static void round_rows(void *c, size_t r0, size_t r1) {
     const round_args *a = c;
     for (size_t i = r0; i < r1; i++) {
         uint16_t *d = (uint16_t *)(a->xb + i * (size_t)a->kp);
-        bf16_round(d, a->x + i * (size_t)a->K, (size_t)a->K);
+        bf16_round(d, a->x_rows ? a->x_rows[i] : a->x + i * (size_t)a->K, (size_t)a->K);
         if (a->K % 2) d[a->K] = 0;
     }
 }
@@ -278,10 +279,11 @@ tile(int mr, const uint32_t *x, size_t xld, const uint32_t *pw, int kp, const bf
         }
     }
     for (int i = 0; i < mr; i++) {
-        float *o = op->out + (size_t)(i0 + i) * op->M + j0;
-        const float *a = accumulate ? o
-                         : op->add  ? op->add + (size_t)(i0 + i) * op->add_ld + j0
-                                    : NULL;
+        float *o = (op->out_rows ? op->out_rows[i0 + i] : op->out + (size_t)(i0 + i) * op->M) + j0;
+        const float *a = accumulate     ? o
+                         : op->add_rows ? op->add_rows[i0 + i] + j0
+                         : op->add      ? op->add + (size_t)(i0 + i) * op->add_ld + j0
+                                        : NULL;
         for (int v = 0; v < NR && 16 * v < nc; v++) {
             int left = nc - 16 * v;
             __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
@@ -364,7 +366,9 @@ void bf16_matmul(const bf16_op *ops, int n, int sum) {
         size_t kp = (size_t)(ops[k].K + 1) / 2;
         reuse[k] = -1;
         for (int q = 0; q < k && reuse[k] < 0; q++)
-            if (ops[q].x == ops[k].x && ops[q].K == ops[k].K && ops[q].N == ops[k].N) reuse[k] = q;
+            if (ops[q].x == ops[k].x && ops[q].x_rows == ops[k].x_rows && ops[q].K == ops[k].K &&
+                ops[q].N == ops[k].N)
+                reuse[k] = q;
         if (reuse[k] < 0) xlen += (size_t)ops[k].N * kp + 16;
         if (kp * PANEL > pack) pack = kp * PANEL;
     }
@@ -378,7 +382,7 @@ void bf16_matmul(const bf16_op *ops, int n, int sum) {
             continue;
         }
         int kp = (ops[k].K + 1) / 2;
-        round_args ra = {ops[k].x, tl_xb + off, ops[k].K, kp};
+        round_args ra = {ops[k].x, ops[k].x_rows, tl_xb + off, ops[k].K, kp};
         team_for((size_t)ops[k].N, (size_t)ops[k].K, 1, round_rows, &ra);
         j.xb[k] = tl_xb + off;
         off += ((size_t)ops[k].N * kp + 15) / 16 * 16;

@@ -45,6 +45,13 @@ typedef struct bf16_op {
     float *out;
     const float *add;
     size_t add_ld;
+    /* Rows gathered from several places (co-batching, cobatch.h): when not
+     * NULL, row i of x is x_rows[i] (K floats), of out out_rows[i] (M
+     * floats) and of add add_rows[i]; x, out, add are then not used. A
+     * row's bits are the same either way. */
+    const float *const *x_rows;
+    float *const *out_rows;
+    const float *const *add_rows;
 } bf16_op;
 
 /* Runs n <= 4 products as one team job. Independent (sum 0): each op

@@ -12,6 +12,7 @@
 
 #include "base/team.h"
 #include "model/bf16.h"
+#include "model/cobatch.h"
 
 /* ---- vectorisable elementwise helpers -------------------------------------- */
 
@@ -554,22 +555,59 @@ void linear_backward(float *dinp, float *dweight, float *dbias, const float *dou
 
 /* ---- the same with BF16 weights (bf16.h) -------------------------------------- */
 
+/* out (N,OC) = inp (N,C) w^T + bias (a row, may be NULL), w a BF16 (OC,C):
+ * one product of linears_forward_k. */
+static bf16_op fwd_op(const float *inp, const uint16_t *w, float *out, const float *bias, int N,
+                      int C, int OC) {
+    return (bf16_op){
+        .N = N, .K = C, .M = OC, .x = inp, .w = w, .out = out, .add = bias, .add_ld = 0};
+}
+
+/* out (N,OC) = res + inp (N,C) w^T, w a BF16 (OC,C): linear_residual_forward_k's
+ * product, before its bias. */
+static bf16_op residual_op(float *out, const float *res, const float *inp, const uint16_t *w, int N,
+                           int C, int OC) {
+    return (bf16_op){
+        .N = N, .K = C, .M = OC, .x = inp, .w = w, .out = out, .add = res, .add_ld = (size_t)OC};
+}
+
+/* Its bias, added after the product and the residual, one row after another:
+ * the same bits on every machine. */
+static void bias_row(float *restrict o, const float *restrict bias, int OC) {
+    for (int j = 0; j < OC; j++) o[j] += bias[j];
+}
+
+/* Whether every one of the n weights is BF16: a product that co-batching
+ * (cobatch.h) may share; F32 products are only counted there. */
+static int cobatch_all_h(int n, const kweight *weights) {
+    for (int i = 0; i < n; i++)
+        if (!weights[i].h) {
+            cobatch_count_f32();
+            return 0;
+        }
+    return 1;
+}
+
 void linears_forward_k(int n, float *const *outs, const float *inp, const kweight *weights,
                        const float *const *biases, int N, int C, const int *OC) {
+    if (cobatch_active() && cobatch_all_h(n, weights)) {
+        cobatch_req r = {.kind = COBATCH_FORWARD, .n = n, .C = C, .N = N, .in = {inp}};
+        for (int i = 0; i < n; i++) {
+            r.w[i] = weights[i].h;
+            r.bias[i] = biases ? biases[i] : NULL;
+            r.OC[i] = OC[i];
+            r.out[i] = outs[i];
+        }
+        cobatch_product(&r);
+        return;
+    }
     gemm ops[GEMM_MAX_OPS];
     bf16_op hops[GEMM_MAX_OPS];
     int nf = 0, nh = 0;
     for (int i = 0; i < n; i++) {
         const float *bias = biases ? biases[i] : NULL;
         if (weights[i].h) {
-            hops[nh++] = (bf16_op){.N = N,
-                                   .K = C,
-                                   .M = OC[i],
-                                   .x = inp,
-                                   .w = weights[i].h,
-                                   .out = outs[i],
-                                   .add = bias,
-                                   .add_ld = 0};
+            hops[nh++] = fwd_op(inp, weights[i].h, outs[i], bias, N, C, OC[i]);
         } else {
             ops[nf] = gemm_of(CblasNoTrans, CblasTrans, N, OC[i], C, inp, C, weights[i].f, C, 0.0f,
                               outs[i], OC[i]);
@@ -582,26 +620,28 @@ void linears_forward_k(int n, float *const *outs, const float *inp, const kweigh
 
 void linear_residual_forward_k(float *out, const float *res, const float *inp, kweight weight,
                                const float *bias, int N, int C, int OC) {
+    if (cobatch_active() && cobatch_all_h(1, &weight)) {
+        cobatch_req r = {.kind = COBATCH_RESIDUAL,
+                         .n = 1,
+                         .w = {weight.h},
+                         .bias = {bias},
+                         .C = C,
+                         .OC = {OC},
+                         .N = N,
+                         .in = {inp, res},
+                         .out = {out}};
+        cobatch_product(&r);
+        return;
+    }
     if (!weight.h) {
         linear_residual_forward(out, res, inp, weight.f, bias, N, C, OC);
         return;
     }
-    bf16_op op = {.N = N,
-                  .K = C,
-                  .M = OC,
-                  .x = inp,
-                  .w = weight.h,
-                  .out = out,
-                  .add = res,
-                  .add_ld = (size_t)OC};
+    bf16_op op = residual_op(out, res, inp, weight.h, N, C, OC);
     bf16_matmul(&op, 1, 0);
-    /* The bias (o_proj's, down_proj's) after the product and the residual,
-     * one row after another: the same bits on every machine. */
+    /* The bias (o_proj's, down_proj's) */
     if (bias)
-        for (int i = 0; i < N; i++) {
-            float *restrict o = out + (size_t)i * OC;
-            for (int j = 0; j < OC; j++) o[j] += bias[j];
-        }
+        for (int i = 0; i < N; i++) bias_row(out + (size_t)i * OC, bias, OC);
 }
 
 /* dinp (N,C) (+)= dout (N,OC) w, w a BF16 (OC,C): one product of
@@ -621,6 +661,21 @@ static bf16_op bwd_input_op(float *dinp, int accumulate, const float *dout, cons
 
 void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
                               const kweight *weights, int N, int C, const int *OC) {
+    if (cobatch_active() && cobatch_all_h(n, weights)) {
+        cobatch_req r = {.kind = COBATCH_BACKWARD_INPUT,
+                         .n = n,
+                         .C = C,
+                         .accumulate = accumulate,
+                         .N = N,
+                         .out = {dinp}};
+        for (int i = 0; i < n; i++) {
+            r.w[i] = weights[i].h;
+            r.OC[i] = OC[i];
+            r.in[i] = douts[i];
+        }
+        cobatch_product(&r);
+        return;
+    }
     int nh = 0;
     for (int i = 0; i < n; i++) nh += weights[i].h != NULL;
     if (nh == n) {
@@ -644,6 +699,45 @@ void linears_backward_input_k(float *dinp, int accumulate, int n, const float *c
         } else
             linears_backward_input(dinp, acc, 1, &douts[i], &weights[i].f, N, C, &OC[i]);
     }
+}
+
+/* ---- the same over gathered rows (co-batching, cobatch.h) ---------------------- */
+
+void linears_forward_rows(int n, float *const *const *outs, const float *const *inp,
+                          const uint16_t *const *w, const float *const *biases, int N, int C,
+                          const int *OC) {
+    bf16_op ops[GEMM_MAX_OPS];
+    for (int i = 0; i < n; i++) {
+        ops[i] = fwd_op(NULL, w[i], NULL, biases ? biases[i] : NULL, N, C, OC[i]);
+        ops[i].x_rows = inp;
+        ops[i].out_rows = outs[i];
+    }
+    bf16_matmul(ops, n, 0);
+}
+
+void linear_residual_forward_rows(float *const *out, const float *const *res,
+                                  const float *const *inp, const uint16_t *w, const float *bias,
+                                  int N, int C, int OC) {
+    bf16_op op = residual_op(NULL, NULL, NULL, w, N, C, OC);
+    op.x_rows = inp;
+    op.out_rows = out;
+    op.add_rows = res;
+    bf16_matmul(&op, 1, 0);
+    if (bias)
+        for (int i = 0; i < N; i++) bias_row(out[i], bias, OC);
+}
+
+void linears_backward_input_rows(float *const *dinp, int accumulate, int n,
+                                 const float *const *const *douts, const uint16_t *const *w, int N,
+                                 int C, const int *OC) {
+    bf16_op ops[GEMM_MAX_OPS];
+    for (int i = 0; i < n; i++) {
+        ops[i] = bwd_input_op(NULL, 0, NULL, w[i], N, C, OC[i]);
+        ops[i].x_rows = douts[i];
+        ops[i].out_rows = dinp;
+        ops[i].add_rows = accumulate ? (const float *const *)dinp : NULL;
+    }
+    bf16_matmul(ops, n, 1);
 }
 
 /* dout transposed and inp rounded, per calling thread, grown as needed. */

@@ -87,6 +87,20 @@ void linear_residual_forward_k(float *out, const float *res, const float *inp, k
                                const float *bias, int N, int C, int OC);
 void linears_backward_input_k(float *dinp, int accumulate, int n, const float *const *douts,
                               const kweight *weights, int N, int C, const int *OC);
+/* The BF16 paths of the three above (every weight BF16) over rows gathered
+ * from several places, for co-batching (cobatch.h): row i of the input is
+ * inp[i] (C floats), of outs[k] outs[k][i], of res res[i], of douts[k]
+ * douts[k][i], of dinp dinp[i]. Each row has the bits of the same row in
+ * the contiguous call; the rows of an output must not overlap. */
+void linears_forward_rows(int n, float *const *const *outs, const float *const *inp,
+                          const uint16_t *const *w, const float *const *biases, int N, int C,
+                          const int *OC);
+void linear_residual_forward_rows(float *const *out, const float *const *res,
+                                  const float *const *inp, const uint16_t *w, const float *bias,
+                                  int N, int C, int OC);
+void linears_backward_input_rows(float *const *dinp, int accumulate, int n,
+                                 const float *const *const *douts, const uint16_t *const *w, int N,
+                                 int C, const int *OC);
 /* dweight (OC,C) += dout^T inp, as linear_backward's weight gradient, with
  * dout (N,OC) and inp (N,C) rounded to BF16 and F32 accumulation (bf16.h):
  * the weight gradient of full fine-tuning under BF16 compute. */

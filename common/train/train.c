@@ -13,6 +13,7 @@
 #include "config/config.h"
 #include "model/clshead.h"
 #include "model/bf16.h"
+#include "model/cobatch.h"
 
 /* Calibration batch i: training sequences i*rows .. i*rows+rows-1. */
 static int trainer_calibration_batch(void *ctx, int i, int32_t *tokens, int32_t *labels, err *e) {
@@ -174,6 +175,33 @@ int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_s
     *loss_sum = model_forward(t->m, t->tokens, t->labels, t->rows, t->T, n_tokens);
     model_backward(t->m, 1.0f);
     return 0;
+}
+
+static void shard_job_run(void *ctx, int i) {
+    train_shard_job *j = (train_shard_job *)ctx + i;
+    j->rc = trainer_shard_grad(j->t, j->step, j->shard, &j->loss_sum, &j->n_tokens, &j->e);
+}
+
+int trainer_shard_grad_many(train_shard_job *jobs, int n, int cobatch) {
+    for (int i = 0; i < n; i++) {
+        jobs[i].rc = -1;
+        jobs[i].loss_sum = 0.0;
+        jobs[i].n_tokens = 0;
+        jobs[i].e.msg[0] = 0;
+    }
+    if (n > COBATCH_MAX) {
+        for (int i = 0; i < n; i++)
+            err_set(&jobs[i].e, "%d shards asked of one co-batched computation; at most %d", n,
+                    COBATCH_MAX);
+        return -1;
+    }
+    if (cobatch)
+        cobatch_run(n, shard_job_run, jobs);
+    else
+        for (int i = 0; i < n; i++) shard_job_run(jobs, i);
+    int rc = 0;
+    for (int i = 0; i < n; i++) rc |= jobs[i].rc;
+    return rc < 0 ? -1 : 0;
 }
 
 void train_fold(float *sum, const float *g, size_t n, uint32_t shard) {

@@ -94,6 +94,28 @@ int trainer_open_files(trainer **out, const Peftps__Experiment *exp, model_files
 int trainer_shard_grad(trainer *t, uint64_t step, uint32_t shard, double *loss_sum, long *n_tokens,
                        err *e);
 
+/* One shard of one trainer for trainer_shard_grad_many. */
+typedef struct train_shard_job {
+    trainer *t;
+    uint64_t step;
+    uint32_t shard; /* in */
+    double loss_sum;
+    long n_tokens; /* out, as trainer_shard_grad's */
+    int rc;
+    err e; /* out: 0, or -1 with e */
+} train_shard_job;
+
+/* The gradients of n trainers' shards, each into its own t->p->grads, bit
+ * for bit what trainer_shard_grad gives each alone. cobatch 0: one after
+ * the other. cobatch 1: together (model/cobatch.h), the frozen products of
+ * trainers over one base (trainer_open_files with the same model_files)
+ * shared where that is exact: BF16 products over the same weight become
+ * one product over the concatenated rows; F32 products run as alone. The
+ * trainers must be distinct. Returns 0 when every job succeeded, else -1
+ * (each job's rc and e say which); n above COBATCH_MAX fails every job.
+ * What was shared: cobatch_stats_get (model/cobatch.h). */
+int trainer_shard_grad_many(train_shard_job *jobs, int n, int cobatch);
+
 /* Adds shard `shard`'s gradient g (n floats) into sum, in the order every
  * trainer and server must take: shard 0 copies, each next shard adds. The
  * shards folded in ascending order through this one function are what makes

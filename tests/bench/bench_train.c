@@ -5,7 +5,9 @@
  * product rates of this machine and the step's floating-point operations,
  * so a run can say what share of the matrix-multiply limit it reached.
  * tests/bench/run.py runs it beside the PyTorch peer
- * (tests/bench/torch_step.py), interleaved. */
+ * (tests/bench/torch_step.py), interleaved. With --cobatch N: one shard's
+ * gradient of each of N LoRA methods over the one base, one after the
+ * other against co-batched (model/cobatch.h), alternately. */
 #include <cblas.h>
 #include <math.h>
 #include <stdio.h>
@@ -14,6 +16,7 @@
 #include <time.h>
 
 #include "model/bf16.h"
+#include "model/cobatch.h"
 #include "model/kernels.h"
 #include "model/model.h"
 #include "train/optim.h"
@@ -296,9 +299,108 @@ static int write_model(const char *dir, const model_config *cfg, const model_wei
     return rc;
 }
 
+/* ---- co-batching: N LoRA methods over one base ---- */
+
+typedef struct cb_one {
+    peft *p;
+    model *m;
+    const int32_t *tok, *lab;
+    int B, T;
+} cb_one;
+
+/* One shard's gradient of method i, as trainer_shard_grad computes it. */
+static void cb_shard(void *ctx, int i) {
+    cb_one *c = (cb_one *)ctx + i;
+    peft_set_step(c->p, 1, 1, 0, 0);
+    peft_zero_grads(c->p);
+    long n;
+    model_forward(c->m, c->tok, c->lab, c->B, c->T, &n);
+    model_backward(c->m, 1.0f);
+}
+
+/* N LoRA methods (rank 4, 8, 16, 32, ... on q,v; q,k,v,o; the MLP; all
+ * seven, in turn) over the base w, each with its own batch: the median
+ * wall time of their shards one after the other and co-batched,
+ * alternately, and what co-batching shared. */
+static int cobatch_bench(const shape *s, const model_config *cfg, const model_weights *w, int n,
+                         int steps, int warmup, const char *compute) {
+    static Peftps__Module sets[4][7] = {
+        {PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__V_PROJ},
+        {PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__K_PROJ, PEFTPS__MODULE__V_PROJ,
+         PEFTPS__MODULE__O_PROJ},
+        {PEFTPS__MODULE__GATE_PROJ, PEFTPS__MODULE__UP_PROJ, PEFTPS__MODULE__DOWN_PROJ},
+        {PEFTPS__MODULE__Q_PROJ, PEFTPS__MODULE__K_PROJ, PEFTPS__MODULE__V_PROJ,
+         PEFTPS__MODULE__O_PROJ, PEFTPS__MODULE__GATE_PROJ, PEFTPS__MODULE__UP_PROJ,
+         PEFTPS__MODULE__DOWN_PROJ}};
+    static const size_t nsets[4] = {2, 4, 3, 7};
+    cb_one *one = calloc((size_t)n, sizeof *one);
+    size_t ntok = (size_t)s->batch * s->seq;
+    rng r;
+    rng_seed(&r, 5, 6, 7, 8);
+    for (int i = 0; i < n; i++) {
+        Peftps__Method mcfg = PEFTPS__METHOD__INIT;
+        Peftps__LoRA lora = PEFTPS__LO_RA__INIT;
+        lora.has_r = lora.has_alpha = 1;
+        lora.r = 4u << (i % 4);
+        lora.alpha = 2.0f * (float)lora.r;
+        lora.n_target_modules = nsets[i % 4];
+        lora.target_modules = sets[i % 4];
+        mcfg.kind_case = PEFTPS__METHOD__KIND_LORA;
+        mcfg.lora = &lora;
+        err e;
+        if (methods_create(&one[i].p, &mcfg, cfg, w, &e) < 0 ||
+            model_create(&one[i].m, cfg, w, one[i].p, s->batch, s->seq, &e) < 0) {
+            fprintf(stderr, "bench_train: %s\n", e.msg);
+            return 1;
+        }
+        peft_init(one[i].p, 7 + (uint64_t)i);
+        int32_t *tok = malloc(ntok * sizeof *tok), *lab = malloc(ntok * sizeof *lab);
+        for (size_t k = 0; k < ntok; k++) {
+            tok[k] = (int32_t)(rng_u64(&r) % (uint64_t)s->vocab);
+            lab[k] = (int32_t)(rng_u64(&r) % (uint64_t)s->vocab);
+        }
+        one[i].tok = tok, one[i].lab = lab, one[i].B = s->batch, one[i].T = s->seq;
+    }
+    double *t[2] = {malloc(sizeof(double) * (size_t)steps), malloc(sizeof(double) * (size_t)steps)};
+    cobatch_stats st0, st1, d;
+    memset(&d, 0, sizeof d);
+    for (int it = 0; it < warmup + steps; it++)
+        for (int cb = 0; cb <= 1; cb++) {
+            double t0 = progress_now();
+            cobatch_stats_get(&st0);
+            if (cb)
+                cobatch_run(n, cb_shard, one);
+            else
+                for (int i = 0; i < n; i++) cb_shard(one, i);
+            if (it < warmup) continue;
+            t[cb][it - warmup] = progress_now() - t0;
+            cobatch_stats_get(&st1);
+            if (cb && it == warmup) cobatch_stats_diff(&d, &st1, &st0);
+        }
+    sort_doubles(t[0], steps);
+    sort_doubles(t[1], steps);
+    double a = t[0][steps / 2], b = t[1][steps / 2];
+    printf("{\"shape\":\"%s\",\"compute\":\"%s\",\"methods\":%d,\"tokens_each\":%zu,"
+           "\"alone_ms\":%.1f,\"cobatch_ms\":%.1f,\"speedup\":%.3f,\"shared_calls\":%llu,"
+           "\"products_in_shared\":%llu,\"products_alone\":%llu,\"products_f32\":%llu}\n",
+           s->name, compute, n, ntok, a * 1e3, b * 1e3, a / b, (unsigned long long)d.calls_shared,
+           (unsigned long long)d.products_in, (unsigned long long)d.products_alone,
+           (unsigned long long)d.products_f32);
+    for (int i = 0; i < n; i++) {
+        model_free(one[i].m);
+        peft_free(one[i].p);
+        free((void *)one[i].tok);
+        free((void *)one[i].lab);
+    }
+    free(one);
+    free(t[0]);
+    free(t[1]);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *shape_name = "small", *method = "lora", *model_dir = NULL, *compute = "f32";
-    int steps = 10, warmup = 2;
+    int steps = 10, warmup = 2, cobatch = 0, batch = 0, seq = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--shape") && i + 1 < argc)
             shape_name = argv[++i];
@@ -312,6 +414,12 @@ int main(int argc, char **argv) {
             warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--compute") && i + 1 < argc)
             compute = argv[++i];
+        else if (!strcmp(argv[i], "--cobatch") && i + 1 < argc)
+            cobatch = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--batch") && i + 1 < argc)
+            batch = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--seq") && i + 1 < argc)
+            seq = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--bf16-rate")) {
             if (!bf16_cpu_ok()) {
                 fprintf(stderr, "bench_train: this CPU has no AVX512-BF16\n");
@@ -325,17 +433,24 @@ int main(int argc, char **argv) {
                    tm);
             return 0;
         } else {
-            fprintf(
-                stderr,
-                "usage: bench_train [--shape small|gpt2|llama1b] [--method lora|full] "
-                "[--compute f32|bf16] [--steps N] [--warmup N] | --sgemm | --bf16-rate | --shape S "
-                "--write-model DIR\n");
+            fprintf(stderr, "usage: bench_train [--shape small|gpt2|llama1b] [--method lora|full] "
+                            "[--compute f32|bf16] [--steps N] [--warmup N] [--cobatch N] [--batch "
+                            "B] [--seq T] | --sgemm "
+                            "| --bf16-rate | --shape S "
+                            "--write-model DIR\n");
             return 2;
         }
     }
     const shape *s = NULL;
+    static shape custom;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
         if (!strcmp(shapes[i].name, shape_name)) s = &shapes[i];
+    if (s && (batch > 0 || seq > 0)) { /* the shape with another batch or sequence length */
+        custom = *s;
+        if (batch > 0) custom.batch = batch;
+        if (seq > 0) custom.seq = seq;
+        s = &custom;
+    }
     int full = !strcmp(method, "full"), bf16 = !strcmp(compute, "bf16");
     if (!s || (!full && strcmp(method, "lora")) || (!bf16 && strcmp(compute, "f32")) ||
         (bf16 && model_dir)) {
@@ -401,6 +516,7 @@ int main(int argc, char **argv) {
     free(tmp);
 
     if (model_dir) return write_model(model_dir, &cfg, &w);
+    if (cobatch > 0) return cobatch_bench(s, &cfg, &w, cobatch, steps, warmup, compute);
 
     Peftps__Method mcfg = PEFTPS__METHOD__INIT;
     Peftps__LoRA lora = PEFTPS__LO_RA__INIT;
