@@ -58,9 +58,11 @@ exp full 4 1e-4 'full {}'
 exp heads 5 1e-3 'attention_heads { layers: [0] heads: [0] }'
 JOBS="lora8 lora2 prefix full"
 if [ $BF16 = 1 ]; then
+    # Two BF16 experiments, so that their frozen products are shared.
     exp lorabf 6 3e-3 'lora { r: 4 alpha: 8 target_modules: [Q_PROJ, V_PROJ, GATE_PROJ] }' \
         'compute: BF16'
-    JOBS="$JOBS lorabf"
+    exp prefixbf 7 1e-2 'prefix { num_virtual_tokens: 2 }' 'compute: BF16'
+    JOBS="$JOBS lorabf prefixbf"
 else
     echo "(no AVX512-BF16: the BF16 experiment is left out)"
 fi
@@ -154,12 +156,18 @@ wait_step lora2 40 120
 S=$(pgrep -f "pool-job lora2" | head -n 1)
 [ -n "$S" ] || fail "no server process of lora2 found"
 kill -9 "$S"
+wait_log "$T/pool.log" "job lora2: server 0 .*restarting it from its checkpoint" 30
 
 for j in $JOBS; do wait_state "$j" done 600; done
 for j in $JOBS; do
     cmp "$T/ref/$j/tensors.safetensors" "$T/out/$j/tensors.safetensors" ||
         fail "$j trained on the pool differs from its own peftps train"
 done
+grep -q "job heads: no longer listed" "$T"/pool/worker-*.log ||
+    fail "no worker left the cancelled job"
+if [ $BF16 = 1 ]; then
+    grep -q "co-batched" "$T"/pool/worker-*.log || fail "no worker reports co-batched products"
+fi
 [ -e "$T/out/heads/tensors.safetensors" ] &&
     fail "the cancelled job wrote final tensors as if it had finished"
 "$BIN/peftps" jobs --pool "$EP" >"$T/jobs.txt" 2>&1 || fail "peftps jobs"

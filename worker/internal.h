@@ -31,6 +31,10 @@ typedef struct worker_host {
     int n_jobs, cap_jobs;
     pool_link *pool; /* NULL: one experiment, whose end is the process's */
     int cobatch;     /* compute the ready experiments' shards together */
+    /* What co-batching shared (model/cobatch.h's counters), and when it
+     * was last logged. */
+    uint64_t co_rounds, co_products, co_calls, co_rows, co_alone;
+    double co_logged;
 } worker_host;
 
 /* A host with no experiment yet (its metrics registered), and its end. */

@@ -23,6 +23,7 @@
 #include "net/httpd.h"
 #include "base/log.h"
 #include "base/progress.h"
+#include "model/cobatch.h"
 #include "train/train.h"
 #include "net/wire.h"
 
@@ -140,6 +141,7 @@ static int host_add(worker_host *h, worker *w, err *e) {
         h->cap_jobs = cap;
     }
     h->jobs[h->n_jobs++] = w;
+    httpd_set(h->hm.experiments, h->n_jobs);
     if (w->hb_s < h->hb_s) h->hb_s = w->hb_s;
     return 0;
 }
@@ -149,6 +151,7 @@ static void host_remove(worker_host *h, worker *w) {
         if (h->jobs[i] == w) {
             memmove(&h->jobs[i], &h->jobs[i + 1], (size_t)(h->n_jobs - i - 1) * sizeof *h->jobs);
             h->n_jobs--;
+            httpd_set(h->hm.experiments, h->n_jobs);
             return;
         }
 }
@@ -591,6 +594,29 @@ static void push_shard(worker *w, size_t i, double loss, long ntok) {
     }
 }
 
+/* Counts what co-batching did in a round of k experiments, and says so
+ * every COBATCH_LOG_S seconds while it shares products. */
+#define COBATCH_LOG_S 10.0
+static void cobatch_note(worker_host *h, const cobatch_stats *did, int k) {
+    httpd_add(h->hm.cobatched_products, (double)did->products_in);
+    httpd_add(h->hm.shared_calls, (double)did->calls_shared);
+    h->co_rounds += k > 1;
+    h->co_products += did->products_in;
+    h->co_calls += did->calls_shared;
+    h->co_rows += did->rows_shared;
+    h->co_alone += did->products_alone + did->products_f32;
+    double now = progress_now();
+    if (h->co_products && (!h->co_logged || now - h->co_logged >= COBATCH_LOG_S)) {
+        log_info("co-batched %llu frozen products of experiments computed together into %llu "
+                 "calls (%.0f rows each on average); %llu products ran alone (F32, or no "
+                 "partner)",
+                 (unsigned long long)h->co_products, (unsigned long long)h->co_calls,
+                 h->co_calls ? (double)h->co_rows / (double)h->co_calls : 0.0,
+                 (unsigned long long)h->co_alone);
+        h->co_logged = now;
+    }
+}
+
 /* Computes the assigned shards of the n ready experiments ws and pushes
  * each to every server: the i-th shards of all of them together (one
  * trainer_shard_grad_many), then the next; called with the mutex held,
@@ -627,10 +653,15 @@ static int compute(worker_host *h, worker **ws, int n, err *e) {
         atomic_store(&h->busy, 1);
         pthread_mutex_unlock(&h->mu);
         double t0 = progress_now();
+        cobatch_stats before, after, did;
+        cobatch_stats_get(&before);
         trainer_shard_grad_many(jobs, k, h->cobatch);
+        cobatch_stats_get(&after);
         double dt = progress_now() - t0;
         pthread_mutex_lock(&h->mu);
         atomic_store(&h->busy, 0);
+        cobatch_stats_diff(&did, &after, &before);
+        cobatch_note(h, &did, k);
         httpd_observe(h->hm.compute_seconds, dt);
         httpd_set_memory(h->hm.private_bytes, h->hm.mapped_bytes);
         for (int j = 0; j < k; j++) {

@@ -525,6 +525,14 @@ static const def worker_defs[] = {
      "Resident pages of mapped files (RssFile + RssShmem): mostly the base model, shared by "
      "the processes of the machine.",
      WM(mapped_bytes)},
+    {KIND_GAUGE, "peftps_worker_experiments",
+     "Experiments this worker serves (a pool worker: any number; else 1).", WM(experiments)},
+    {KIND_COUNTER, "peftps_worker_cobatched_products_total",
+     "Frozen products of an experiment computed in one call with another experiment's rows.",
+     WM(cobatched_products)},
+    {KIND_COUNTER, "peftps_worker_shared_calls_total",
+     "Calls that computed the frozen products of two or more experiments at once.",
+     WM(shared_calls)},
 };
 
 int httpd_server_metrics_init(httpd *h, httpd_server_metrics *m, err *e) {

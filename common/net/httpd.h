@@ -125,15 +125,18 @@ typedef struct httpd_server_metrics {
 
 /* The metrics of a worker, registered by httpd_worker_metrics_init. */
 typedef struct httpd_worker_metrics {
-    httpd_metric *step;            /* gauge: step of the last shard computed */
-    httpd_metric *servers;         /* gauge: servers this worker is registered with */
-    httpd_metric *shards;          /* counter: shards computed and pushed */
-    httpd_metric *tokens;          /* counter: tokens scored in those shards */
-    httpd_metric *bytes_in;        /* counter: bytes received from servers */
-    httpd_metric *bytes_out;       /* counter: bytes sent to servers */
-    httpd_metric *compute_seconds; /* histogram: forward+backward time of a shard */
-    httpd_metric *private_bytes;   /* gauge: resident private memory (RssAnon) */
-    httpd_metric *mapped_bytes;    /* gauge: resident pages of mapped files, the base's */
+    httpd_metric *step;               /* gauge: step of the last shard computed */
+    httpd_metric *servers;            /* gauge: servers this worker is registered with */
+    httpd_metric *shards;             /* counter: shards computed and pushed */
+    httpd_metric *tokens;             /* counter: tokens scored in those shards */
+    httpd_metric *bytes_in;           /* counter: bytes received from servers */
+    httpd_metric *bytes_out;          /* counter: bytes sent to servers */
+    httpd_metric *compute_seconds;    /* histogram: forward+backward time of a shard */
+    httpd_metric *private_bytes;      /* gauge: resident private memory (RssAnon) */
+    httpd_metric *mapped_bytes;       /* gauge: resident pages of mapped files, the base's */
+    httpd_metric *experiments;        /* gauge: experiments served */
+    httpd_metric *cobatched_products; /* counter: products computed beside another's rows */
+    httpd_metric *shared_calls;       /* counter: calls serving two or more experiments */
 } httpd_worker_metrics;
 
 /* Registers the server's or a worker's metrics in h and points m at them.
