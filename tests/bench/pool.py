@@ -83,7 +83,10 @@ def clean(work):
 
 
 def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return r
 
 
 class Pool:
@@ -231,7 +234,7 @@ def memory(work, steps, out):
 def demo_compare(work, steps, out):
     exps = [f"examples/demo-{m}.pbtxt" for m in
             ("lora", "prefix", "layer_wise", "attention_heads", "subnetwork", "full")]
-    sets = ["--set", f"schedule.total_steps={steps}"]
+    sets = ["--set", f"schedule.total_steps={steps}", "--set", "schedule.warmup_steps=0"]
     t0 = time.time()
     run([PEFTPS, "compare", *exps, "--workers", "2", "--out", f"{work}/cmp-seq", *sets])
     seq = time.time() - t0
