@@ -21,6 +21,7 @@
 #include "config/config.h"
 #include "net/curve.h"
 #include "net/httpd.h"
+#include "base/fairshare.h"
 #include "base/log.h"
 #include "base/progress.h"
 #include "model/cobatch.h"
@@ -692,28 +693,34 @@ static int compute(worker_host *h, worker **ws, int n, err *e) {
     return rc;
 }
 
-/* Which of the ready experiments compute now. Fair sharing by weight: an
- * experiment's "pass" is its compute seconds over its share; the lowest
- * pass always goes (so none starves), and with co-batching every other
- * ready one within one round's time of it joins (so weights still hold
- * when all are ready: a heavier share falls behind less and joins more
- * rounds). Returns how many of ready[] were moved to its front. */
+/* Which of the ready experiments compute now (base/fairshare.h): moves
+ * them to the front of ready[] and returns how many. */
 static int pick(worker_host *h, worker **ready, int n, double round_s) {
-    int lo = 0;
-    for (int j = 1; j < n; j++)
-        if (ready[j]->used_s / ready[j]->share < ready[lo]->used_s / ready[lo]->share) lo = j;
-    worker *first = ready[lo];
-    ready[lo] = ready[0];
-    ready[0] = first;
-    if (!h->cobatch) return 1;
-    double pass0 = first->used_s / first->share;
-    int k = 1;
-    for (int j = 1; j < n; j++)
-        if (ready[j]->used_s / ready[j]->share <= pass0 + round_s) {
-            worker *t = ready[k];
-            ready[k++] = ready[j];
-            ready[j] = t;
-        }
+    double *used = malloc((size_t)n * 2 * sizeof *used);
+    int *chosen = malloc((size_t)n * sizeof *chosen);
+    worker **order = malloc((size_t)n * sizeof *order);
+    if (!used || !chosen || !order) {
+        free(used);
+        free(chosen);
+        free(order);
+        return 1; /* the first ready one: never wrong, only less fair */
+    }
+    for (int j = 0; j < n; j++) {
+        used[j] = ready[j]->used_s;
+        used[n + j] = ready[j]->share;
+    }
+    int k = fairshare_pick(used, used + n, n, h->cobatch, round_s, chosen);
+    int m = 0;
+    for (int j = 0; j < k; j++) order[m++] = ready[chosen[j]];
+    for (int j = 0; j < n; j++) {
+        int in = 0;
+        for (int c = 0; c < k && !in; c++) in = chosen[c] == j;
+        if (!in) order[m++] = ready[j];
+    }
+    memcpy(ready, order, (size_t)n * sizeof *ready);
+    free(used);
+    free(chosen);
+    free(order);
     return k;
 }
 
