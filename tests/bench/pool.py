@@ -158,12 +158,29 @@ class Pool:
 
 
 def proc_mem(pid):
-    d = {}
+    """RssAnon, and the resident mapped files split into the base (the model
+    directory's files and their converted copies in peftps' cache), the
+    experiments' data files, and the rest (libraries)."""
+    d = {"RssAnon": 0, "base": 0, "data": 0, "other": 0}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             k, _, v = line.partition(":")
-            if k in ("RssAnon", "RssFile"):
+            if k == "RssAnon":
                 d[k] = int(v.split()[0]) * 1024
+    path = ""
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                path = head[5] if len(head) > 5 else ""
+            elif line.startswith("Rss:") and path.startswith("/"):
+                kb = int(head[1]) * 1024
+                if path.startswith(os.path.abspath(BASE)) or "/peftps/" in path:
+                    d["base"] += kb
+                elif path.startswith(os.path.abspath(os.path.dirname(DATA))):
+                    d["data"] += kb
+                else:
+                    d["other"] += kb
     return d
 
 
@@ -201,9 +218,11 @@ def four_loras(work, steps, compute, out):
 
 
 def memory(work, steps, out):
-    out.append("\n### One pool worker serving N LoRA experiments (F32)\n")
-    out.append("| N | worker private (RssAnon) MiB | worker mapped (RssFile) MiB |")
-    out.append("|---|---|---|")
+    """Samples the worker for a few seconds once all N run, then stops."""
+    out.append("\n### One pool worker serving N LoRA experiments at once (F32)\n")
+    out.append("| N | worker private (RssAnon) MiB | mapped base MiB | mapped data MiB | "
+               "mapped libraries MiB |")
+    out.append("|---|---|---|---|---|")
     for n in (1, 2, 4, 8):
         clean(work)
         files = write_loras(work, steps, "F32", n)
@@ -212,23 +231,24 @@ def memory(work, steps, out):
         try:
             for f in files:
                 pool.submit(f)
-            peak = {"RssAnon": 0, "RssFile": 0}
-            deadline = time.time() + 600
-            while time.time() < deadline:
+            peak = {"RssAnon": 0, "base": 0, "data": 0, "other": 0}
+            deadline, sampled = time.time() + 600, 0
+            while time.time() < deadline and sampled < 20:
                 js = {j["id"]: j for j in pool.jobs()["jobs"]}
-                running = [js.get(nm, {}).get("state") == "running" and js[nm].get("step", 0) > 0
-                           for nm in names]
-                if all(running):
+                if all(js.get(nm, {}).get("state") == "running" and js[nm].get("step", 0) > 0
+                       for nm in names):
                     for pid in pool.worker_pids():
                         m = proc_mem(pid)
                         for k in peak:
                             peak[k] = max(peak[k], m.get(k, 0))
-                if all(js.get(nm, {}).get("state") == "done" for nm in names):
-                    break
-                time.sleep(0.1)
+                    sampled += 1
+                time.sleep(0.2)
+            if not sampled:
+                raise SystemExit(f"the {n} experiments never ran at once")
         finally:
             pool.stop()
-        out.append(f"| {n} | {peak['RssAnon'] / 2**20:.1f} | {peak['RssFile'] / 2**20:.1f} |")
+        out.append(f"| {n} | {peak['RssAnon'] / 2**20:.1f} | {peak['base'] / 2**20:.1f} | "
+                   f"{peak['data'] / 2**20:.1f} | {peak['other'] / 2**20:.1f} |")
 
 
 def demo_compare(work, steps, out):
@@ -274,7 +294,7 @@ def main():
         else:
             out.append("\n(BF16 rows skipped: this CPU lacks AVX512-BF16)")
     if "memory" in parts:
-        memory(work, max(a.steps, 200), out)
+        memory(work, 1000, out)
     if "compare" in parts:
         demo_compare(work, a.steps, out)
     text = "\n".join(out) + "\n"
