@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -27,6 +28,7 @@ pid_t spawn_start(const char *prog, char *const *argv, int quiet, err *e) {
 }
 
 pid_t spawn_start_log(const char *prog, char *const *argv, int quiet, const char *log, err *e) {
+    pid_t parent = getpid();
     fflush(stdout);
     fflush(stderr);
     /* Opened before the fork, so that a log that cannot be written is the
@@ -53,6 +55,10 @@ pid_t spawn_start_log(const char *prog, char *const *argv, int quiet, const char
         if (quiet && !getenv("PEFTPS_LOG")) setenv("PEFTPS_LOG", "warn", 1);
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
+        /* A child does not outlive the command that started it (killed,
+         * say): it gets SIGTERM then, on which a server checkpoints and a
+         * worker stops, so that no orphan trains on beside a new start. */
+        if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0 || getppid() != parent) _exit(128 + SIGTERM);
         execv(argv[0], argv);
         fprintf(stderr, "%s: cannot start %s: %s\n", prog, argv[0], strerror(errno));
         _exit(127);

@@ -169,7 +169,7 @@ struct server {
     void *pool_sock;
     char *pool_text;
     char pool_id[128];
-    int pool_accepted, pool_refused, pool_cancelled, pool_final_sent;
+    int pool_accepted, pool_ever_accepted, pool_refused, pool_cancelled, pool_final_sent;
     double pool_sent;
     double last_loss, last_tokens_per_s;
 };

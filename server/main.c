@@ -93,6 +93,7 @@ int main(int argc, char **argv) {
         status = rc == 0 ? 0 : rc > 0 ? 128 + stop_signal : 1;
         server_pool_final(s, rc, rc < 0 ? e.msg : rc > 0 ? "the server was stopped" : NULL);
         if (server_pool_refused(s)) status = 2;
+        if (rc > 0 && server_pool_cancelled(s)) status = 0;
     }
     if (status == 1) fprintf(stderr, "peftps-server: %s\n", e.msg);
     server_close(s);

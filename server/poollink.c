@@ -89,18 +89,23 @@ void server_pool_tick(server *s) {
         }
         if (m->body_case == PEFTPS__POOL__POOL_MESSAGE__BODY_ERROR) {
             const char *text = m->error->message ? m->error->message : "";
-            if (!s->pool_accepted && !s->finished) {
+            if (!s->pool_ever_accepted && !s->finished) {
                 /* Refused: another base, a clash with a running job. */
                 err_set(&s->fail, "pool %s refused job %s: %s", s->opts.pool, s->pool_id, text);
                 s->pool_refused = 1;
                 s->finished = -1;
             } else {
-                server_log(s, LOG_WARN, "pool %s: %s", s->opts.pool, text);
+                /* The coordinator lost this job (it restarted): announce
+                 * again; training goes on whatever it answers. */
+                server_log(s, LOG_WARN, "pool %s: %s; announcing job %s again", s->opts.pool, text,
+                           s->pool_id);
+                if (s->pool_accepted) announce(s);
+                s->pool_accepted = 0;
             }
         } else if (m->body_case == PEFTPS__POOL__POOL_MESSAGE__BODY_SERVER_REPLY) {
             if (!s->pool_accepted)
                 server_log(s, LOG_INFO, "pool %s lists job %s", s->opts.pool, s->pool_id);
-            s->pool_accepted = 1;
+            s->pool_accepted = s->pool_ever_accepted = 1;
             if (m->server_reply->has_cancel && m->server_reply->cancel && !s->pool_cancelled) {
                 server_log(s, LOG_WARN, "job %s was cancelled on the pool: stopping", s->pool_id);
                 s->pool_cancelled = 1;
@@ -130,6 +135,10 @@ void server_pool_final(server *s, int outcome, const char *msg) {
 
 int server_pool_refused(const server *s) {
     return s->pool_refused;
+}
+
+int server_pool_cancelled(const server *s) {
+    return s->pool_cancelled;
 }
 
 void server_pool_close(server *s) {

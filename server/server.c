@@ -1163,7 +1163,7 @@ static int drain(server *s, err *e) {
  * /healthz and /metrics until a stop signal, for supervisors that restart
  * a program whatever its exit status (a Kubernetes StatefulSet). */
 static int linger(server *s, err *e) {
-    server_log(s, LOG_INFO, "training finished; answering until SIGINT or SIGTERM (--linger)");
+    server_log(s, LOG_INFO, "the run ended; answering until SIGINT or SIGTERM (--linger)");
     while (!stop_requested) {
         zmq_pollitem_t it = {s->sock, 0, ZMQ_POLLIN, 0};
         if (zmq_poll(&it, 1, 250) < 0 && errno != EINTR)
@@ -1238,5 +1238,13 @@ int server_run(server *s, err *e) {
     else if (checkpoint_write(s, e) < 0)
         return -1;
     server_shutdown_workers(s, "the server was stopped");
+    if (s->pool_cancelled && s->opts.linger) {
+        /* A supervisor would start a cancelled job's server again (which
+         * would announce it again): stay, answering, until told to stop. */
+        server_pool_final(s, 1, "cancelled");
+        s->finished = 1;
+        stop_requested = 0;
+        if (linger(s, e) < 0) return -1;
+    }
     return 1;
 }

@@ -77,4 +77,8 @@ void server_pool_final(server *s, int outcome, const char *msg);
  * failed with its reason): bad input, exit status 2. */
 int server_pool_refused(const server *s);
 
+/* Whether the run stopped because the coordinator cancelled the job
+ * (server_run returned 1): a stop asked for, exit status 0. */
+int server_pool_cancelled(const server *s);
+
 #endif

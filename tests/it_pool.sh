@@ -189,4 +189,42 @@ if "$BIN/peftps" submit "$T/other.pbtxt" --pool "$EP" >"$T/other.log" 2>&1; then
 fi
 grep -qi "base" "$T/other.log" || fail "the refusal does not name the base: $(cat "$T/other.log")"
 "$BIN/peftps" jobs --pool "$EP" >/dev/null 2>&1 || fail "the pool stopped answering"
+
+echo "the coordinator SIGKILLed and started again: a worker and a server started outside it register again"
+kill "$POOL_PID"
+wait "$POOL_PID"
+POOL_PID=""
+start_pool() {
+    "$BIN/peftps" pool start --model "$PWD/tests/fixtures/tiny-llama" --listen "$EP" --workers 0 \
+        --work "$T/pool$1" >>"$T/pool$1.log" 2>&1 &
+    POOL_PID=$!
+    n=0
+    until "$BIN/peftps" jobs --pool "$EP" >/dev/null 2>&1; do
+        n=$((n + 1))
+        [ $n -gt 150 ] && fail "the pool does not answer"
+        sleep 0.2
+    done
+}
+start_pool 2
+SPORT=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$BIN/peftps" train "$T/lora8.pbtxt" --set name=ext --set output_dir="$T/ref/ext" \
+    --set checkpoint.path="$T/refck/ext" >"$T/ref-ext.log" 2>&1 || fail "peftps train ext"
+"$BIN/peftps-worker" --pool "$EP" --model "$PWD/tests/fixtures/tiny-llama" >"$T/ext-worker.log" 2>&1 &
+EXTW=$!
+"$BIN/peftps-server" "$T/lora8.pbtxt" --set name=ext --set output_dir="$T/out/ext" \
+    --set checkpoint.path="$T/ckpt/ext" --set cluster.servers="tcp://127.0.0.1:$SPORT" \
+    --pool "$EP" >"$T/ext-server.log" 2>&1 &
+EXTS=$!
+wait_step ext 20 120
+kill -9 "$POOL_PID"
+wait "$POOL_PID" 2>/dev/null
+start_pool 3
+wait_log "$T/ext-worker.log" "registering again" 30
+wait_log "$T/ext-server.log" "announcing job ext again" 30
+wait_state ext done 300
+wait_pid "$EXTS" 30 || fail "the outside server exited with $?"
+cmp "$T/ref/ext/tensors.safetensors" "$T/out/ext/tensors.safetensors" ||
+    fail "the job trained across a coordinator restart differs from its own peftps train"
+kill "$EXTW"
+wait_pid "$EXTW" 30 >/dev/null 2>&1
 echo ok

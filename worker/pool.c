@@ -42,6 +42,7 @@ struct pool_link {
     char id[128];
     void *sock;
     int welcomed, attempts;
+    int ever_welcomed; /* since then, refusals are not fatal: see pool_on_readable */
     double last_heard, last_sent, hello_at, retry_at;
     uint64_t revision;
     int have_revision;
@@ -252,15 +253,20 @@ int pool_on_readable(worker_host *h, err *e) {
         p->last_heard = progress_now();
         if (m->body_case == PEFTPS__POOL__POOL_MESSAGE__BODY_ERROR) {
             const char *text = m->error->message ? m->error->message : "";
-            if (!p->welcomed) {
+            if (!p->ever_welcomed) {
                 err_set(e, "pool %s refused this worker: %s", p->endpoint, text);
                 poolmsg_free(m);
                 return -1;
             }
-            log_warn("pool %s: %s", p->endpoint, text);
+            /* Once registered, an error means the coordinator lost us (it
+             * restarted, or dropped us for silence): register again. The
+             * experiments go on meanwhile; a refusal now is only logged. */
+            log_warn("pool %s: %s; registering again", p->endpoint, text);
+            p->welcomed = 0;
+            if (progress_now() - p->hello_at >= POOL_STATUS_S) send_hello(h);
         } else if (m->body_case == PEFTPS__POOL__POOL_MESSAGE__BODY_JOB_LIST) {
             if (!p->welcomed) log_info("registered with pool %s", p->endpoint);
-            p->welcomed = 1;
+            p->welcomed = p->ever_welcomed = 1;
             p->attempts = 0;
             on_job_list(h, m->job_list);
         } else {

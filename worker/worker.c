@@ -693,8 +693,9 @@ static int compute(worker_host *h, worker **ws, int n, err *e) {
     return rc;
 }
 
-/* Which of the ready experiments compute now (base/fairshare.h): moves
- * them to the front of ready[] and returns how many. */
+/* Which of the ready experiments compute now (base/fairshare.h), together
+ * only where products are shared: moves them to the front of ready[] and
+ * returns how many. */
 static int pick(worker_host *h, worker **ready, int n, double round_s) {
     double *used = malloc((size_t)n * 2 * sizeof *used);
     int *chosen = malloc((size_t)n * sizeof *chosen);
@@ -710,6 +711,19 @@ static int pick(worker_host *h, worker **ready, int n, double round_s) {
         used[n + j] = ready[j]->share;
     }
     int k = fairshare_pick(used, used + n, n, h->cobatch, round_s, chosen);
+    /* Together only with what shares the first one's products: BF16
+     * compute over the same base (F32 products are never shared, and a
+     * round pushes its shards only at its end, so grouping F32 shards
+     * would only delay them). */
+    const worker *first = ready[chosen[0]];
+    int kept = 1;
+    for (int j = 1; j < k; j++) {
+        const worker *o = ready[chosen[j]];
+        if (train_compute(first->exp) == MODEL_COMPUTE_BF16 &&
+            train_compute(o->exp) == MODEL_COMPUTE_BF16 && o->t->files == first->t->files)
+            chosen[kept++] = chosen[j];
+    }
+    k = kept;
     int m = 0;
     for (int j = 0; j < k; j++) order[m++] = ready[chosen[j]];
     for (int j = 0; j < n; j++) {
