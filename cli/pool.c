@@ -211,8 +211,13 @@ static void server_exited(pool *p, int i, int ws) {
         return;
     }
     if (code == 0) {
-        pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__DONE, NULL);
+        /* Done once all its servers are: server 0 may still be writing the
+         * outputs when another has left. */
+        uint64_t serial = s->serial;
         server_remove(p, i);
+        for (int k = 0; k < p->n_servers; k++)
+            if (p->servers[k].serial == serial) return;
+        pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__DONE, NULL);
         return;
     }
     server_reason(log, s->log_from, line, sizeof line);
@@ -616,7 +621,8 @@ static int on_server_status(pool *p, const unsigned char *id, size_t idlen,
             j->tokens_per_s = s->tokens_per_s;
     }
     const char *msg = s->message && *s->message ? s->message : NULL;
-    if (s->has_state && s->state == PEFTPS__POOL__JOB_STATE__DONE)
+    /* Server 0 writes the outputs: the job is done when it says so. */
+    if (s->has_state && s->state == PEFTPS__POOL__JOB_STATE__DONE && index == 0)
         pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__DONE, msg);
     else if (s->has_state && s->state == PEFTPS__POOL__JOB_STATE__FAILED)
         pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__FAILED,
