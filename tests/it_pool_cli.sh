@@ -13,8 +13,9 @@
 # reason, not restarted; a worker joining from outside and `submit --wait`
 # following a job to its end, bit-identical to its own `peftps train`;
 # `compare --pool` on a private pool, each experiment bit-identical to its
-# `peftps train`, and refusing experiments on two bases; SIGTERM stopping
-# the pool with status 0.
+# `peftps train`, and refusing experiments on two bases; a storm of random
+# well-formed messages (tests/pool_peer.c storm; POOL_STORM_SEED picks
+# another) all answered; SIGTERM stopping the pool with status 0.
 BIN=${BIN:-bin}
 BUILD=${BUILD:-build}
 PY=/usr/bin/python3
@@ -259,6 +260,15 @@ grep -q "lora-other.pbtxt on $T/other-base (fingerprint $OTHERFP" "$T/compare-ba
 
 # The pool's commands without a pool.
 expect no-pool 1 "did not answer" env PEFTPS_POOL=tcp://127.0.0.1:1 "$BIN/peftps" jobs
+
+# A storm of random well-formed messages (workers, servers, commands, with
+# ids, indices, states, numbers and experiment texts a coordinator must
+# check): every one answered, and the pool still lists its jobs.
+SEED=${POOL_STORM_SEED:-1}
+"$PEER" "$EP" storm "$SEED" 400 "$BASEFP" "$T/ext.pbtxt" >"$T/storm.out" 2>&1 ||
+    { tail -n 5 "$T/storm.out"; fail "the storm (seed $SEED) was not answered in full"; }
+expect after-storm 0 "^ext " "$BIN/peftps" jobs
+kill -0 "$POOL" || fail "the pool died in the storm (seed $SEED)"
 
 # SIGTERM: the pool stops its children and exits 0.
 kill -TERM "$POOL"
