@@ -62,8 +62,10 @@ static const char compare_usage[] =
     "options:\n"
     "  --workers N        workers per run (default 2)\n"
     "  --out DIR          where the runs and the comparison go (default out/compare)\n"
-    "  --pool [ENDPOINT]  train them concurrently on a pool: a private one, or the\n"
-    "                     one at ENDPOINT (worker memory is then not measured)\n"
+    "  --pool [ENDPOINT]  train them concurrently on a pool: a private one (the\n"
+    "                     worker columns are then its workers', which serve every\n"
+    "                     experiment at once), or the one at ENDPOINT (worker and\n"
+    "                     server memory are then not measured)\n"
     "  --set PATH=VALUE   override a field of every experiment (repeatable)\n";
 
 /* What one experiment's run measured. */

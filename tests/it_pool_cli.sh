@@ -15,7 +15,8 @@
 # `compare --pool` on a private pool, each experiment bit-identical to its
 # `peftps train`, and refusing experiments on two bases; a storm of random
 # well-formed messages (tests/pool_peer.c storm; POOL_STORM_SEED picks
-# another) all answered; SIGTERM stopping the pool with status 0.
+# another) all answered; SIGTERM stopping the pool with status 0; a local
+# worker that dies started again, and stopped with its pool.
 BIN=${BIN:-bin}
 BUILD=${BUILD:-build}
 PY=/usr/bin/python3
@@ -276,4 +277,29 @@ wait_pid "$POOL" 90
 st=$?
 [ $st = 0 ] || fail "the pool exited with status $st after SIGTERM"
 grep -q "stopped" "$T/pool.log" || fail "the pool did not say it stopped"
+
+# A pool with a local worker starts it again when it dies, and stops it
+# with itself.
+PORT2=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+EP2="tcp://127.0.0.1:$PORT2"
+"$BIN/peftps" pool start --model tests/fixtures/tiny-llama --workers 1 --listen "$EP2" \
+    --work "$T/pool2" >"$T/pool2.log" 2>&1 &
+POOL2=$!
+PIDS="$PIDS $POOL2"
+wait_log "$T/pool2.log" "worker .* joined" 30
+W=$(pgrep -f "peftps-worker --pool $EP2" | head -n 1)
+[ -n "$W" ] || fail "no worker process of the second pool"
+kill -9 "$W"
+wait_log "$T/pool2.log" "worker 0 was killed by signal 9.*starting it again" 20
+n=0
+until W2=$(pgrep -f "peftps-worker --pool $EP2" | head -n 1) && [ -n "$W2" ] && [ "$W2" != "$W" ]; do
+    n=$((n + 1))
+    [ $n -gt 100 ] && fail "the killed worker was not started again"
+    sleep 0.1
+done
+kill -TERM "$POOL2"
+wait_pid "$POOL2" 60
+st=$?
+[ $st = 0 ] || fail "the second pool exited with status $st after SIGTERM"
+kill -0 "$W2" 2>/dev/null && fail "the pool's worker outlived it"
 echo "ok"
