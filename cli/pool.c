@@ -746,7 +746,10 @@ static void connect_endpoint(const char *listen, char *out, size_t n) {
 
 static int pool_open(pool *p, err *e) {
     char fp[65], dir[4096], jobs[4300];
-    if (model_files_probe(p->o->model, fp, e) < 0) return err_wrap(e, "the pool's base");
+    if (model_files_probe(p->o->model, fp, e) < 0) {
+        err_wrap(e, "--model %s", p->o->model);
+        return -2; /* bad input */
+    }
     if (pooljobs_init(&p->t, p->o->model, fp, e) < 0) return -1;
     snprintf(jobs, sizeof jobs, "%s/jobs", p->o->work);
     if (fs_mkdir_p(jobs, e) < 0) return -1;
@@ -812,9 +815,10 @@ int pool_run(const pool_options *o) {
     pool_signal = 0;
     stopsig_catch(&sigs, pool_on_signal);
     int rc = 0;
-    if (pool_open(&p, &e) < 0) {
+    int opened = pool_open(&p, &e);
+    if (opened < 0) {
         fprintf(stderr, "peftps pool start: %s\n", e.msg);
-        rc = 1;
+        rc = opened == -2 ? 2 : 1;
     }
     while (rc == 0 && !pool_signal) {
         zmq_pollitem_t it = {p.router, 0, ZMQ_POLLIN, 0};

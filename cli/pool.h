@@ -22,8 +22,9 @@ typedef struct pool_options {
 } pool_options;
 
 /* Runs the coordinator in the foreground until SIGINT or SIGTERM, then
- * stops every child it started (servers checkpoint) and returns 0; 1 when
- * it could not start (base, endpoint, work directory), after printing why. */
+ * stops every child it started (servers checkpoint) and returns 0; 2 when
+ * the base cannot be read, 1 when it could not start otherwise (endpoint,
+ * work directory), after printing why. */
 int pool_run(const pool_options *o);
 
 #endif

@@ -85,6 +85,8 @@ expect help 0 "subcommands" "$BIN/peftps" pool --help
 expect start-help 0 "no-cobatch" "$BIN/peftps" pool start --help
 expect submit-help 0 "--share" "$BIN/peftps" submit --help
 expect no-model 2 "--model DIR is required" "$BIN/peftps" pool start
+expect bad-model 2 "--model $T/nothing: " "$BIN/peftps" pool start --model "$T/nothing" --workers 0 \
+    --listen "tcp://127.0.0.1:1" --work "$T/pool3"
 expect busy-port 1 "cannot listen at $EP" "$BIN/peftps" pool start --model tests/fixtures/tiny-llama \
     --workers 0 --listen "$EP" --work "$T/pool2"
 expect empty 0 "0 job(s)" "$BIN/peftps" jobs
