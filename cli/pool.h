@@ -14,11 +14,12 @@
 const char *pool_endpoint(const char *given);
 
 typedef struct pool_options {
-    const char *model;  /* the base's directory */
-    const char *listen; /* the ROUTER's endpoint */
-    const char *work;   /* logs and the jobs' resolved experiments */
-    int workers;        /* local workers to start and keep running */
-    int cobatch;        /* 0: start them with --no-cobatch */
+    const char *model;     /* the base's directory */
+    const char *listen;    /* the ROUTER's endpoint */
+    const char *advertise; /* the host workers reach the jobs' servers at; NULL: loopback */
+    const char *work;      /* logs and the jobs' resolved experiments */
+    int workers;           /* local workers to start and keep running */
+    int cobatch;           /* 0: start them with --no-cobatch */
 } pool_options;
 
 /* Runs the coordinator in the foreground until SIGINT or SIGTERM, then

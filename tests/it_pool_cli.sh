@@ -16,7 +16,7 @@
 # `peftps train`, and refusing experiments on two bases; a storm of random
 # well-formed messages (tests/pool_peer.c storm; POOL_STORM_SEED picks
 # another) all answered; SIGTERM stopping the pool with status 0; a local
-# worker that dies started again, and stopped with its pool.
+# worker that dies started again, and stopped with its pool; --advertise.
 BIN=${BIN:-bin}
 BUILD=${BUILD:-build}
 PY=/usr/bin/python3
@@ -285,7 +285,7 @@ grep -q "stopped" "$T/pool.log" || fail "the pool did not say it stopped"
 PORT2=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 EP2="tcp://127.0.0.1:$PORT2"
 "$BIN/peftps" pool start --model tests/fixtures/tiny-llama --workers 1 --listen "$EP2" \
-    --work "$T/pool2" >"$T/pool2.log" 2>&1 &
+    --work "$T/pool2" --advertise 127.0.0.2 >"$T/pool2.log" 2>&1 &
 POOL2=$!
 PIDS="$PIDS $POOL2"
 wait_log "$T/pool2.log" "worker .* joined" 30
@@ -299,6 +299,14 @@ until W2=$(pgrep -f "peftps-worker --pool $EP2" | head -n 1) && [ -n "$W2" ] && 
     [ $n -gt 100 ] && fail "the killed worker was not started again"
     sleep 0.1
 done
+# --advertise: the job's servers listen on every interface and the workers
+# reach them at the host given (127.0.0.2 is this machine too).
+expect advertise 0 "job far done" "$BIN/peftps" submit examples/lora.pbtxt --pool "$EP2" --wait \
+    --set name=far --set output_dir="$T/out/far" --set schedule.total_steps=12
+grep -q 'servers: \["tcp://127.0.0.2:[0-9]*"\]' "$T/pool2/jobs/far/experiment.pbtxt" ||
+    fail "the job's servers are not advertised at 127.0.0.2"
+grep -q "listening on tcp://\*:" "$T/pool2/jobs/far/server-0.log" ||
+    fail "the advertised job's server does not listen on every interface"
 kill -TERM "$POOL2"
 wait_pid "$POOL2" 60
 st=$?
