@@ -1,7 +1,9 @@
 /* `peftps compare`: several experiments (one per method, same task) each
- * trained through `peftps run` (cli/cmd_run.c) on a local cluster, then one
- * table of what each cost and gained, a JSON record of it and one SVG plot of
- * the loss curves (cli/svgplot.h) read from each run's metrics.jsonl.
+ * trained through `peftps run` (cli/cmd_run.c) on a local cluster, or with
+ * --pool all at once on one pool (`peftps pool start`, cli/pool.c, through
+ * cli/cmd_pool.c's requests), then one table of what each cost and gained, a
+ * JSON record of it and one SVG plot of the loss curves (cli/svgplot.h) read
+ * from each run's metrics.jsonl.
  * Eval before training is that of `peftps eval` (common/train/train.h); peak
  * memory is read from /proc while the server and workers run. */
 #include <dirent.h>
