@@ -1,7 +1,9 @@
 /* `peftps compare`: several experiments (one per method, same task) each
- * trained through `peftps run` (cli/cmd_run.c) on a local cluster, then one
- * table of what each cost and gained, a JSON record of it and one SVG plot of
- * the loss curves (cli/svgplot.h) read from each run's metrics.jsonl.
+ * trained through `peftps run` (cli/cmd_run.c) on a local cluster, or with
+ * --pool all at once on one pool (`peftps pool start`, cli/pool.c, through
+ * cli/cmd_pool.c's requests), then one table of what each cost and gained, a
+ * JSON record of it and one SVG plot of the loss curves (cli/svgplot.h) read
+ * from each run's metrics.jsonl.
  * Eval before training is that of `peftps eval` (common/train/train.h); peak
  * memory is read from /proc while the server and workers run. */
 #include <dirent.h>
@@ -62,8 +64,10 @@ static const char compare_usage[] =
     "options:\n"
     "  --workers N        workers per run (default 2)\n"
     "  --out DIR          where the runs and the comparison go (default out/compare)\n"
-    "  --pool [ENDPOINT]  train them concurrently on a pool: a private one, or the\n"
-    "                     one at ENDPOINT (worker memory is then not measured)\n"
+    "  --pool [ENDPOINT]  train them concurrently on a pool: a private one (the\n"
+    "                     worker columns are then its workers', which serve every\n"
+    "                     experiment at once), or the one at ENDPOINT (worker and\n"
+    "                     server memory are then not measured)\n"
     "  --set PATH=VALUE   override a field of every experiment (repeatable)\n";
 
 /* What one experiment's run measured. */

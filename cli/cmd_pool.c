@@ -85,7 +85,7 @@ int pool_job_ended(const Peftps__Pool__Job *j) {
 
 static const char pool_start_usage[] =
     "usage: peftps pool start --model DIR [--listen ENDPOINT] [--workers N] [--work DIR]\n"
-    "                         [--no-cobatch]\n\n"
+    "                         [--advertise HOST] [--no-cobatch]\n\n"
     "Runs a pool in the foreground: a coordinator at ENDPOINT that serves the base\n"
     "model in DIR to every experiment submitted to it (`peftps submit`), and N\n"
     "local workers (peftps-worker --pool) that train them side by side, restarted\n"
@@ -104,16 +104,21 @@ static const char pool_start_usage[] =
     "                      workers joining from elsewhere)\n"
     "  --work DIR          the workers' logs and, per job, WORK/jobs/ID/\n"
     "                      (experiment.pbtxt, server-I.log) (default ./pool)\n"
+    "  --advertise HOST    the jobs' servers listen on every interface and workers\n"
+    "                      reach them at HOST (this machine's name or address, for\n"
+    "                      workers on other machines; default: loopback only)\n"
     "  --no-cobatch        the workers run each job's frozen products on their own\n";
 
 static int pool_start(int argc, char **argv) {
     pool_options o = {.listen = NULL, .work = "pool", .workers = 2, .cobatch = 1};
     int no_cobatch = 0;
-    const cmdline_opt opts[] = {
-        CMDLINE_STR("--model", &o.model), CMDLINE_STR("--listen", &o.listen),
-        CMDLINE_INT("--workers", &o.workers, 0, 256), CMDLINE_STR("--work", &o.work),
-        CMDLINE_SET("--no-cobatch", &no_cobatch, 1)};
-    int rc = cmdline_parse("peftps pool start", pool_start_usage, opts, 5, "argument", NULL, 0,
+    const cmdline_opt opts[] = {CMDLINE_STR("--model", &o.model),
+                                CMDLINE_STR("--listen", &o.listen),
+                                CMDLINE_INT("--workers", &o.workers, 0, 256),
+                                CMDLINE_STR("--work", &o.work),
+                                CMDLINE_SET("--no-cobatch", &no_cobatch, 1),
+                                CMDLINE_STR("--advertise", &o.advertise)};
+    int rc = cmdline_parse("peftps pool start", pool_start_usage, opts, 6, "argument", NULL, 0,
                            argc, argv);
     if (rc) return rc == 1 ? 0 : 2;
     if (!o.model) {

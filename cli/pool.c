@@ -60,6 +60,7 @@ typedef struct pool_server {
     uint64_t serial;       /* its job's (pooljob.serial) */
     uint32_t metrics_port; /* 0: none */
     long log_from;         /* its log's size when it was last started */
+    char listen[32];       /* with --advertise: its port on every interface, else empty */
 } pool_server;
 
 /* One local worker. */
@@ -73,6 +74,8 @@ typedef struct pool {
     const pool_options *o;
     pooljobs t;
     char endpoint[512]; /* what the children connect to */
+    const char *host;   /* where the jobs' servers are reached (--advertise) */
+    int remote;         /* host is not loopback: servers listen on every interface */
     char server_bin[4200], worker_bin[4200];
     void *ctx, *router;
     pool_worker *workers;
@@ -148,9 +151,13 @@ static int server_spawn(pool *p, pool_server *s, err *e) {
     FILE *lf = fopen(log, "r");
     s->log_from = lf && fseek(lf, 0, SEEK_END) == 0 ? ftell(lf) : 0;
     if (lf) fclose(lf);
-    char *argv[12] = {p->server_bin, exp,         "--index",    idx,
+    char *argv[14] = {p->server_bin, exp,         "--index",    idx,
                       "--pool",      p->endpoint, "--pool-job", s->job};
     int na = 8;
+    if (s->listen[0]) {
+        argv[na++] = "--listen";
+        argv[na++] = s->listen;
+    }
     if (s->metrics_port) {
         snprintf(mset, sizeof mset, "cluster.metrics_port=%u", s->metrics_port);
         argv[na++] = "--set";
@@ -174,8 +181,9 @@ static void server_remove(pool *p, int i) {
     p->servers[i] = p->servers[--p->n_servers];
 }
 
-/* Starts server `index` of job j. */
-static int server_start(pool *p, const pooljob *j, int index, uint32_t metrics_port, err *e) {
+/* Starts server `index` of job j, reached at endpoint. */
+static int server_start(pool *p, const pooljob *j, int index, const char *endpoint,
+                        uint32_t metrics_port, err *e) {
     if (p->n_servers == p->cap_servers) {
         int cap = p->cap_servers ? 2 * p->cap_servers : 16;
         pool_server *ns = realloc(p->servers, (size_t)cap * sizeof *ns);
@@ -184,8 +192,10 @@ static int server_start(pool *p, const pooljob *j, int index, uint32_t metrics_p
         p->cap_servers = cap;
     }
     pool_server *s = &p->servers[p->n_servers];
-    *s = (pool_server){0, strdup(j->id), index, j->serial, metrics_port, 0};
+    *s = (pool_server){0, strdup(j->id), index, j->serial, metrics_port, 0, ""};
     if (!s->job) return err_set(e, "out of memory");
+    const char *port = strrchr(endpoint, ':');
+    if (p->remote && port) snprintf(s->listen, sizeof s->listen, "tcp://*%s", port);
     if (server_spawn(p, s, e) < 0) {
         free(s->job);
         return -1;
@@ -211,8 +221,13 @@ static void server_exited(pool *p, int i, int ws) {
         return;
     }
     if (code == 0) {
-        pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__DONE, NULL);
+        /* Done once all its servers are: server 0 may still be writing the
+         * outputs when another has left. */
+        uint64_t serial = s->serial;
         server_remove(p, i);
+        for (int k = 0; k < p->n_servers; k++)
+            if (p->servers[k].serial == serial) return;
+        pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__DONE, NULL);
         return;
     }
     server_reason(log, s->log_from, line, sizeof line);
@@ -301,13 +316,15 @@ static void workers_restart_due(pool *p) {
 
 /* ---- admission -------------------------------------------------------------- */
 
-/* cluster.servers becomes one free loopback port per server: each port
- * found by binding port 0, all held until every one is found. */
-static int local_endpoints(Peftps__Cluster *cl, err *e) {
+/* cluster.servers becomes one free port of this machine per server, at
+ * host: each port found by binding port 0 (on loopback, or on every
+ * interface when remote), all held until every one is found. */
+static int local_endpoints(Peftps__Cluster *cl, const char *host, int remote, err *e) {
     int n = (int)cl->n_servers, fds[POOLJOBS_MAX_SERVERS], rc = 0;
     for (int i = 0; i < n; i++) fds[i] = -1;
     for (int i = 0; i < n && rc == 0; i++) {
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        struct sockaddr_in a = {.sin_family = AF_INET,
+                                .sin_addr.s_addr = htonl(remote ? INADDR_ANY : INADDR_LOOPBACK)};
         socklen_t len = sizeof a;
         fds[i] = socket(AF_INET, SOCK_STREAM, 0);
         if (fds[i] < 0 || bind(fds[i], (struct sockaddr *)&a, sizeof a) < 0 ||
@@ -315,8 +332,8 @@ static int local_endpoints(Peftps__Cluster *cl, err *e) {
             rc = err_errno(e, "finding a free port for server %d", i);
             break;
         }
-        char ep[64];
-        snprintf(ep, sizeof ep, "tcp://127.0.0.1:%u", (unsigned)ntohs(a.sin_port));
+        char ep[320];
+        snprintf(ep, sizeof ep, "tcp://%s:%u", host, (unsigned)ntohs(a.sin_port));
         char *dup = strdup(ep);
         if (!dup) {
             rc = err_set(e, "out of memory");
@@ -350,7 +367,7 @@ static pooljob *submit_job(pool *p, Peftps__Experiment *ex, const char *source, 
             return NULL;
         }
     if (has_share) ex->cluster->share = share;
-    if (local_endpoints(ex->cluster, e) < 0) return NULL;
+    if (local_endpoints(ex->cluster, p->host, p->remote, e) < 0) return NULL;
     char *text = NULL;
     snprintf(dir, sizeof dir, "%s/jobs/%s", p->o->work, ex->name);
     snprintf(path, sizeof path, "%s/experiment.pbtxt", dir);
@@ -372,7 +389,8 @@ static pooljob *submit_job(pool *p, Peftps__Experiment *ex, const char *source, 
     }
     uint32_t mport = ex->cluster->metrics_port;
     for (int i = 0; i < j->n_servers; i++)
-        if (server_start(p, j, i, mport ? mport + (uint32_t)i : 0, e) < 0) {
+        if (server_start(p, j, i, ex->cluster->servers[i], mport ? mport + (uint32_t)i : 0, e) <
+            0) {
             err_wrap(e, "starting server %d of job %s", i, j->id);
             pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__FAILED, e->msg);
             servers_signal(p, j->id, SIGTERM);
@@ -616,7 +634,8 @@ static int on_server_status(pool *p, const unsigned char *id, size_t idlen,
             j->tokens_per_s = s->tokens_per_s;
     }
     const char *msg = s->message && *s->message ? s->message : NULL;
-    if (s->has_state && s->state == PEFTPS__POOL__JOB_STATE__DONE)
+    /* Server 0 writes the outputs: the job is done when it says so. */
+    if (s->has_state && s->state == PEFTPS__POOL__JOB_STATE__DONE && index == 0)
         pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__DONE, msg);
     else if (s->has_state && s->state == PEFTPS__POOL__JOB_STATE__FAILED)
         pool_set_state(p, j, PEFTPS__POOL__JOB_STATE__FAILED,
@@ -740,7 +759,10 @@ static void connect_endpoint(const char *listen, char *out, size_t n) {
 
 static int pool_open(pool *p, err *e) {
     char fp[65], dir[4096], jobs[4300];
-    if (model_files_probe(p->o->model, fp, e) < 0) return err_wrap(e, "the pool's base");
+    if (model_files_probe(p->o->model, fp, e) < 0) {
+        err_wrap(e, "--model %s", p->o->model);
+        return -2; /* bad input */
+    }
     if (pooljobs_init(&p->t, p->o->model, fp, e) < 0) return -1;
     snprintf(jobs, sizeof jobs, "%s/jobs", p->o->work);
     if (fs_mkdir_p(jobs, e) < 0) return -1;
@@ -748,6 +770,14 @@ static int pool_open(pool *p, err *e) {
     snprintf(p->server_bin, sizeof p->server_bin, "%s/peftps-server", dir);
     snprintf(p->worker_bin, sizeof p->worker_bin, "%s/peftps-worker", dir);
     connect_endpoint(p->o->listen, p->endpoint, sizeof p->endpoint);
+    p->host = p->o->advertise ? p->o->advertise : "127.0.0.1";
+    p->remote = strcmp(p->host, "127.0.0.1") && strcmp(p->host, "localhost");
+    if (strlen(p->host) > 253 || strpbrk(p->host, "/:*"))
+        return err_set(e, "--advertise %s: give a host name or IPv4 address", p->host);
+    if (!p->remote && strncmp(p->o->listen, "tcp://127.", 10) &&
+        strncmp(p->o->listen, "tcp://localhost:", 16) && strncmp(p->o->listen, "ipc://", 6))
+        log_warn("the servers of jobs submitted here listen on loopback: workers on other "
+                 "machines reach them with --advertise HOST");
     p->workers = calloc((size_t)(p->o->workers ? p->o->workers : 1), sizeof *p->workers);
     if (!p->workers) return err_set(e, "out of memory");
     if (!(p->ctx = zmq_ctx_new()) || !(p->router = zmq_socket(p->ctx, ZMQ_ROUTER)))
@@ -806,9 +836,10 @@ int pool_run(const pool_options *o) {
     pool_signal = 0;
     stopsig_catch(&sigs, pool_on_signal);
     int rc = 0;
-    if (pool_open(&p, &e) < 0) {
+    int opened = pool_open(&p, &e);
+    if (opened < 0) {
         fprintf(stderr, "peftps pool start: %s\n", e.msg);
-        rc = 1;
+        rc = opened == -2 ? 2 : 1;
     }
     while (rc == 0 && !pool_signal) {
         zmq_pollitem_t it = {p.router, 0, ZMQ_POLLIN, 0};

@@ -14,16 +14,18 @@
 const char *pool_endpoint(const char *given);
 
 typedef struct pool_options {
-    const char *model;  /* the base's directory */
-    const char *listen; /* the ROUTER's endpoint */
-    const char *work;   /* logs and the jobs' resolved experiments */
-    int workers;        /* local workers to start and keep running */
-    int cobatch;        /* 0: start them with --no-cobatch */
+    const char *model;     /* the base's directory */
+    const char *listen;    /* the ROUTER's endpoint */
+    const char *advertise; /* the host workers reach the jobs' servers at; NULL: loopback */
+    const char *work;      /* logs and the jobs' resolved experiments */
+    int workers;           /* local workers to start and keep running */
+    int cobatch;           /* 0: start them with --no-cobatch */
 } pool_options;
 
 /* Runs the coordinator in the foreground until SIGINT or SIGTERM, then
- * stops every child it started (servers checkpoint) and returns 0; 1 when
- * it could not start (base, endpoint, work directory), after printing why. */
+ * stops every child it started (servers checkpoint) and returns 0; 2 when
+ * the base cannot be read, 1 when it could not start otherwise (endpoint,
+ * work directory), after printing why. */
 int pool_run(const pool_options *o);
 
 #endif

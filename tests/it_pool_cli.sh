@@ -13,8 +13,10 @@
 # reason, not restarted; a worker joining from outside and `submit --wait`
 # following a job to its end, bit-identical to its own `peftps train`;
 # `compare --pool` on a private pool, each experiment bit-identical to its
-# `peftps train`, and refusing experiments on two bases; SIGTERM stopping
-# the pool with status 0.
+# `peftps train`, and refusing experiments on two bases; a storm of random
+# well-formed messages (tests/pool_peer.c storm; POOL_STORM_SEED picks
+# another) all answered; SIGTERM stopping the pool with status 0; a local
+# worker that dies started again, and stopped with its pool; --advertise.
 BIN=${BIN:-bin}
 BUILD=${BUILD:-build}
 PY=/usr/bin/python3
@@ -83,6 +85,8 @@ expect help 0 "subcommands" "$BIN/peftps" pool --help
 expect start-help 0 "no-cobatch" "$BIN/peftps" pool start --help
 expect submit-help 0 "--share" "$BIN/peftps" submit --help
 expect no-model 2 "--model DIR is required" "$BIN/peftps" pool start
+expect bad-model 2 "--model $T/nothing: " "$BIN/peftps" pool start --model "$T/nothing" --workers 0 \
+    --listen "tcp://127.0.0.1:1" --work "$T/pool3"
 expect busy-port 1 "cannot listen at $EP" "$BIN/peftps" pool start --model tests/fixtures/tiny-llama \
     --workers 0 --listen "$EP" --work "$T/pool2"
 expect empty 0 "0 job(s)" "$BIN/peftps" jobs
@@ -260,10 +264,52 @@ grep -q "lora-other.pbtxt on $T/other-base (fingerprint $OTHERFP" "$T/compare-ba
 # The pool's commands without a pool.
 expect no-pool 1 "did not answer" env PEFTPS_POOL=tcp://127.0.0.1:1 "$BIN/peftps" jobs
 
+# A storm of random well-formed messages (workers, servers, commands, with
+# ids, indices, states, numbers and experiment texts a coordinator must
+# check): every one answered, and the pool still lists its jobs.
+SEED=${POOL_STORM_SEED:-1}
+"$PEER" "$EP" storm "$SEED" 400 "$BASEFP" "$T/ext.pbtxt" >"$T/storm.out" 2>&1 ||
+    { tail -n 5 "$T/storm.out"; fail "the storm (seed $SEED) was not answered in full"; }
+expect after-storm 0 "^ext " "$BIN/peftps" jobs
+kill -0 "$POOL" || fail "the pool died in the storm (seed $SEED)"
+
 # SIGTERM: the pool stops its children and exits 0.
 kill -TERM "$POOL"
 wait_pid "$POOL" 90
 st=$?
 [ $st = 0 ] || fail "the pool exited with status $st after SIGTERM"
 grep -q "stopped" "$T/pool.log" || fail "the pool did not say it stopped"
+
+# A pool with a local worker starts it again when it dies, and stops it
+# with itself.
+PORT2=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+EP2="tcp://127.0.0.1:$PORT2"
+"$BIN/peftps" pool start --model tests/fixtures/tiny-llama --workers 1 --listen "$EP2" \
+    --work "$T/pool2" --advertise 127.0.0.2 >"$T/pool2.log" 2>&1 &
+POOL2=$!
+PIDS="$PIDS $POOL2"
+wait_log "$T/pool2.log" "worker .* joined" 30
+W=$(pgrep -f "peftps-worker --pool $EP2" | head -n 1)
+[ -n "$W" ] || fail "no worker process of the second pool"
+kill -9 "$W"
+wait_log "$T/pool2.log" "worker 0 was killed by signal 9.*starting it again" 20
+n=0
+until W2=$(pgrep -f "peftps-worker --pool $EP2" | head -n 1) && [ -n "$W2" ] && [ "$W2" != "$W" ]; do
+    n=$((n + 1))
+    [ $n -gt 100 ] && fail "the killed worker was not started again"
+    sleep 0.1
+done
+# --advertise: the job's servers listen on every interface and the workers
+# reach them at the host given (127.0.0.2 is this machine too).
+expect advertise 0 "job far done" "$BIN/peftps" submit examples/lora.pbtxt --pool "$EP2" --wait \
+    --set name=far --set output_dir="$T/out/far" --set schedule.total_steps=12
+grep -q 'servers: \["tcp://127.0.0.2:[0-9]*"\]' "$T/pool2/jobs/far/experiment.pbtxt" ||
+    fail "the job's servers are not advertised at 127.0.0.2"
+grep -q "listening on tcp://\*:" "$T/pool2/jobs/far/server-0.log" ||
+    fail "the advertised job's server does not listen on every interface"
+kill -TERM "$POOL2"
+wait_pid "$POOL2" 60
+st=$?
+[ $st = 0 ] || fail "the second pool exited with status $st after SIGTERM"
+kill -0 "$W2" 2>/dev/null && fail "the pool's worker outlived it"
 echo "ok"

@@ -8,6 +8,7 @@
  *        pool_peer ENDPOINT announce EXPERIMENT.pbtxt INDEX FINGERPRINT
  *        pool_peer ENDPOINT status JOB INDEX STEP LOSS [done|failed|cancelled] */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,6 +173,155 @@ static int garbage(const char *ep) {
     return bad ? 1 : 0;
 }
 
+/* ---- storm: many random well-formed messages ------------------------------ */
+
+static uint64_t pick(rng *r, uint64_t n) {
+    return rng_u64(r) % n;
+}
+
+static double odd_number(rng *r) {
+    static const double v[] = {0, 1, -1, 1e308, -1e308, 3600.5, 1e-300, 0.5};
+    switch (pick(r, 4)) {
+    case 0:
+        return NAN;
+    case 1:
+        return pick(r, 2) ? INFINITY : -INFINITY;
+    default:
+        return v[pick(r, 8)];
+    }
+}
+
+static const char *some_id(rng *r, char *buf) {
+    static const char *ids[] = {"ext", "lora", "quick", "", "../x", "a b"};
+    if (pick(r, 4)) return ids[pick(r, 6)];
+    size_t n = pick(r, 40);
+    for (size_t i = 0; i < n; i++) buf[i] = (char)(32 + pick(r, 95));
+    buf[n] = '\0';
+    return buf;
+}
+
+/* The experiment text cut short, or with one byte changed, or whole. */
+static char *some_text(rng *r, const char *text, size_t len) {
+    char *t = malloc(len + 1);
+    memcpy(t, text, len + 1);
+    switch (pick(r, 3)) {
+    case 0:
+        t[pick(r, len + 1)] = '\0';
+        break;
+    case 1:
+        if (len) t[pick(r, len)] = (char)(32 + pick(r, 95));
+        break;
+    }
+    return t;
+}
+
+/* n random messages of every kind, each on a new or the same DEALER, with
+ * ids, indices, states, numbers and texts a coordinator must check; every
+ * one must be answered. */
+static int storm(const char *ep, uint64_t seed, int n, const char *fp, const char *path) {
+    char *text;
+    size_t len;
+    err e;
+    if (fs_read_file(path, 0, &text, &len, &e) < 0) {
+        fprintf(stderr, "pool_peer: %s\n", e.msg);
+        return 1;
+    }
+    rng r;
+    rng_seed(&r, seed, 1, 2, 3);
+    void *s = dealer(ep);
+    int unanswered = 0, errors = 0;
+    for (int i = 0; i < n; i++) {
+        if (pick(&r, 8) == 0) {
+            zmq_close(s);
+            s = dealer(ep);
+        }
+        char b1[64], b2[64];
+        char *t = NULL;
+        Peftps__Pool__PoolMessage m = PEFTPS__POOL__POOL_MESSAGE__INIT;
+        Peftps__Pool__WorkerHello h = PEFTPS__POOL__WORKER_HELLO__INIT;
+        Peftps__Pool__WorkerStatus ws = PEFTPS__POOL__WORKER_STATUS__INIT;
+        Peftps__Pool__JobUsage u[3], *up[3];
+        Peftps__Pool__Submit sub = PEFTPS__POOL__SUBMIT__INIT;
+        Peftps__Pool__ListJobs l = PEFTPS__POOL__LIST_JOBS__INIT;
+        Peftps__Pool__Cancel c = PEFTPS__POOL__CANCEL__INIT;
+        Peftps__Pool__ServerAnnounce a = PEFTPS__POOL__SERVER_ANNOUNCE__INIT;
+        Peftps__Pool__ServerStatus st = PEFTPS__POOL__SERVER_STATUS__INIT;
+        Peftps__Pool__JobList jl = PEFTPS__POOL__JOB_LIST__INIT;
+        switch (pick(&r, 9)) {
+        case 0:
+            h.has_protocol_version = 1;
+            h.protocol_version = pick(&r, 4) ? POOLMSG_PROTOCOL_VERSION : (uint32_t)rng_u64(&r);
+            h.worker_id = (char *)some_id(&r, b1);
+            h.base_fingerprint = pick(&r, 3) ? (char *)fp : (char *)some_id(&r, b2);
+            h.has_bf16 = 1, h.bf16 = (int)pick(&r, 2);
+            m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_WORKER_HELLO, m.worker_hello = &h;
+            break;
+        case 1:
+            ws.has_have_revision = 1, ws.have_revision = pick(&r, 5);
+            ws.n_usage = pick(&r, 4);
+            for (size_t k = 0; k < ws.n_usage; k++) {
+                peftps__pool__job_usage__init(&u[k]);
+                u[k].id = (char *)(k ? "lora" : some_id(&r, b1));
+                u[k].has_compute_s = u[k].has_shards = 1;
+                u[k].compute_s = pick(&r, 2) ? (double)pick(&r, 100) / 10 : odd_number(&r);
+                u[k].shards = rng_u64(&r) >> pick(&r, 64);
+                up[k] = &u[k];
+            }
+            ws.usage = up;
+            m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_WORKER_STATUS, m.worker_status = &ws;
+            break;
+        case 2:
+            sub.experiment = t = some_text(&r, text, len);
+            sub.source = (char *)some_id(&r, b1);
+            if (pick(&r, 2)) sub.has_share = 1, sub.share = odd_number(&r);
+            m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_SUBMIT, m.submit = &sub;
+            break;
+        case 3:
+            m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_LIST_JOBS, m.list_jobs = &l;
+            break;
+        case 4:
+            c.id = (char *)some_id(&r, b1);
+            m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_CANCEL, m.cancel = &c;
+            break;
+        case 5:
+            if (pick(&r, 2)) a.id = (char *)some_id(&r, b1);
+            if (pick(&r, 4)) a.experiment = t = some_text(&r, text, len);
+            a.has_index = 1, a.index = pick(&r, 3) ? (uint32_t)pick(&r, 3) : (uint32_t)rng_u64(&r);
+            a.base_fingerprint = pick(&r, 3) ? (char *)fp : (char *)some_id(&r, b2);
+            if (pick(&r, 3) == 0) a.fingerprint = (char *)some_id(&r, b2);
+            m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_SERVER_ANNOUNCE;
+            m.server_announce = &a;
+            break;
+        case 6:
+            st.id = (char *)some_id(&r, b1);
+            st.has_index = st.has_step = st.has_total_steps = st.has_loss = 1;
+            st.index = pick(&r, 3) ? (uint32_t)pick(&r, 2) : (uint32_t)rng_u64(&r);
+            st.step = rng_u64(&r) >> pick(&r, 64);
+            st.total_steps = rng_u64(&r) >> pick(&r, 64);
+            st.loss = odd_number(&r);
+            st.has_tokens_per_s = 1, st.tokens_per_s = odd_number(&r);
+            if (pick(&r, 2)) st.has_state = 1, st.state = (Peftps__Pool__JobState)pick(&r, 7);
+            if (pick(&r, 2)) st.message = (char *)some_id(&r, b2);
+            m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_SERVER_STATUS, m.server_status = &st;
+            break;
+        default:
+            m.body_case = PEFTPS__POOL__POOL_MESSAGE__BODY_JOB_LIST, m.job_list = &jl;
+        }
+        int rc = ask(s, &m);
+        free(t);
+        if (rc < 0) {
+            unanswered++;
+            zmq_close(s);
+            s = dealer(ep);
+        }
+        errors += rc == 1;
+    }
+    zmq_close(s);
+    free(text);
+    printf("storm: %d messages, %d refused, %d unanswered\n", n, errors, unanswered);
+    return unanswered ? 1 : 0;
+}
+
 static void hello_msg(Peftps__Pool__PoolMessage *m, Peftps__Pool__WorkerHello *h, const char *fp,
                       unsigned proto) {
     h->has_protocol_version = 1;
@@ -193,6 +343,8 @@ int main(int argc, char **argv) {
     int rc = 2;
     if (!strcmp(cmd, "garbage")) {
         rc = garbage(ep);
+    } else if (!strcmp(cmd, "storm") && argc >= 7) {
+        rc = storm(ep, strtoull(argv[3], NULL, 10), atoi(argv[4]), argv[5], argv[6]);
     } else if (!strcmp(cmd, "hello") && argc >= 4) {
         Peftps__Pool__WorkerHello h = PEFTPS__POOL__WORKER_HELLO__INIT;
         hello_msg(&m, &h, argv[3], argc > 4 ? (unsigned)atoi(argv[4]) : POOLMSG_PROTOCOL_VERSION);

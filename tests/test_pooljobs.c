@@ -254,6 +254,12 @@ static void test_table_bound(void **state) {
     }
     Peftps__Experiment *ex = load("more", NULL);
     config_fingerprint(ex, fp);
+    char *big = malloc(POOLJOBS_MAX_TEXT + 2);
+    memset(big, 'x', POOLJOBS_MAX_TEXT + 1);
+    big[POOLJOBS_MAX_TEXT + 1] = '\0';
+    assert_null(pooljobs_add(&t, ex, big, fp, 1, 0, 999, &e));
+    assert_non_null(strstr(e.msg, "at most 60000"));
+    free(big);
     assert_null(pooljobs_add(&t, ex, "text", fp, 1, 0, 999, &e));
     assert_non_null(strstr(e.msg, "live jobs"));
     /* One ends: the newcomer takes the oldest ended place. */

@@ -116,6 +116,12 @@ int pooljobs_admit(const pooljobs *t, const Peftps__Experiment *ex, const char *
 
 pooljob *pooljobs_add(pooljobs *t, const Peftps__Experiment *ex, const char *text, const char *fp,
                       double share, int external, double now, err *e) {
+    size_t len = strlen(text);
+    if (len > POOLJOBS_MAX_TEXT) {
+        err_set(e, "experiment %s is %zu bytes resolved; a pool job's is at most %d", ex->name, len,
+                POOLJOBS_MAX_TEXT);
+        return NULL;
+    }
     if (t->n_jobs == POOLJOBS_MAX) {
         int oldest = -1;
         for (int i = 0; i < t->n_jobs; i++)

@@ -22,6 +22,10 @@
 #define POOLJOBS_MAX_WORKERS 1024
 /* A worker silent for this long is dropped (it says WorkerHello again). */
 #define POOLJOBS_WORKER_SILENCE_S 10.0
+/* A job's resolved experiment text is at most this long, so that the list
+ * of every running job fits in one message (POOLJOBS_MAX of them below
+ * POOLMSG_MAX_BYTES); a resolved experiment is a few KB. */
+#define POOLJOBS_MAX_TEXT 60000
 /* A job id (the experiment's name) and a worker id are at most this long. */
 #define POOLJOBS_ID_MAX 200
 
@@ -90,7 +94,8 @@ int pooljobs_admit(const pooljobs *t, const Peftps__Experiment *ex, const char *
 
 /* Adds a STARTING job for ex (text: its resolved text) with weight share,
  * at time now (seconds since the pool started). When the table is full the
- * oldest ended job is dropped; fails when every job is live. */
+ * oldest ended job is dropped; fails when every job is live, or when text
+ * is longer than POOLJOBS_MAX_TEXT. */
 pooljob *pooljobs_add(pooljobs *t, const Peftps__Experiment *ex, const char *text, const char *fp,
                       double share, int external, double now, err *e);
 
