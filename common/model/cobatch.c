@@ -17,7 +17,7 @@
 /* ---- counters -------------------------------------------------------------- */
 
 static atomic_uint_least64_t st_rounds, st_calls_shared, st_products_in, st_rows_shared,
-    st_products_alone, st_f32_calls, st_f32_team_jobs;
+    st_products_alone, st_products_f32, st_f32_team_jobs;
 
 void cobatch_stats_get(cobatch_stats *s) {
     s->rounds = atomic_load(&st_rounds);
@@ -25,7 +25,7 @@ void cobatch_stats_get(cobatch_stats *s) {
     s->products_in = atomic_load(&st_products_in);
     s->rows_shared = atomic_load(&st_rows_shared);
     s->products_alone = atomic_load(&st_products_alone);
-    s->f32_calls = atomic_load(&st_f32_calls);
+    s->products_f32 = atomic_load(&st_products_f32);
     s->f32_team_jobs = atomic_load(&st_f32_team_jobs);
 }
 
@@ -35,7 +35,7 @@ void cobatch_stats_diff(cobatch_stats *s, const cobatch_stats *a, const cobatch_
     s->products_in = a->products_in - b->products_in;
     s->rows_shared = a->rows_shared - b->rows_shared;
     s->products_alone = a->products_alone - b->products_alone;
-    s->f32_calls = a->f32_calls - b->f32_calls;
+    s->products_f32 = a->products_f32 - b->products_f32;
     s->f32_team_jobs = a->f32_team_jobs - b->f32_team_jobs;
 }
 
@@ -240,7 +240,7 @@ static void run_f32(cobatch_req *const *g, int n) {
         tasks[m] = g[m]->f32_tasks;
     }
     gemm_jobs_run(jobs, tasks, n);
-    atomic_fetch_add(&st_f32_calls, (uint64_t)n);
+    atomic_fetch_add(&st_products_f32, (uint64_t)n);
     atomic_fetch_add(&st_f32_team_jobs, 1);
 }
 

@@ -39,7 +39,7 @@ typedef struct cobatch_stats {
     uint64_t products_in;    /* computations' products those calls served */
     uint64_t rows_shared;    /* rows of those calls */
     uint64_t products_alone; /* BF16 products with no partner (or over the buffer bound) */
-    uint64_t f32_calls;      /* F32 product calls: never concatenated, each cut as alone */
+    uint64_t products_f32;   /* F32 product calls: never concatenated, each cut as alone */
     uint64_t f32_team_jobs;  /* the team jobs they ran in, several computations' calls each */
 } cobatch_stats;
 void cobatch_stats_get(cobatch_stats *s);
