@@ -1,11 +1,12 @@
 /* Co-batching (model/cobatch.h, train.h's trainer_shard_grad_many): a
  * BF16 product's rows have the same bits whichever rows share the call, in
- * the exact call forms kernels.c's *_k functions take; F32 (OpenBLAS) rows
- * may not, which is why they are never concatenated; and trainers of
- * several methods over one shared base give, co-batched, the gradients and
- * losses they give alone, bit for bit, under F32 and BF16 compute, with
- * products actually shared under BF16. BF16 parts are skipped, saying so,
- * on a CPU without AVX512-BF16. */
+ * the exact call forms kernels.c's *_k functions take, contiguous and
+ * gathered (*_rows); F32 (OpenBLAS) rows may not, which is why they are
+ * never concatenated; and trainers of several methods over one shared base
+ * give, co-batched, the gradients and losses they give alone, bit for bit,
+ * under F32 and BF16 compute, with BF16 products actually shared and F32
+ * calls actually run several to a team job. BF16 parts are skipped, saying
+ * so, on a CPU without AVX512-BF16. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
