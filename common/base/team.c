@@ -193,6 +193,10 @@ static int reserve(size_t floats) {
     return 1;
 }
 
+int team_in_task(void) {
+    return in_team;
+}
+
 void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_floats) {
     if (n <= 0) return;
     float *mine = scratch_floats ? scratch : NULL;

@@ -33,6 +33,10 @@ int team_size(void);
  * order: slower, never different. */
 void team_run(int n, team_fn fn, void *ctx, float *scratch, size_t scratch_floats);
 
+/* Whether the calling thread is running a task of team_run (a helper, or
+ * a caller inside its job). */
+int team_in_task(void);
+
 /* fn(ctx, i0, i1) over contiguous ranges covering [0, n), each a multiple
  * of `align` elements (but the last), spread over the team when n * cost
  * (cost: the work of one element, counted in elements touched) is worth a

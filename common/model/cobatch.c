@@ -3,7 +3,8 @@
  * at a time; the caller of cobatch_run coordinates and, when every
  * computation waits at a product, runs the waiting products, those with
  * equal keys over their gathered rows through kernels.c's *_rows
- * functions. tests/test_cobatch.c checks the bits against solo runs. */
+ * functions, the F32 ones side by side as one team job (gemm_jobs_run).
+ * tests/test_cobatch.c checks the bits against solo runs. */
 #include "model/cobatch.h"
 
 #include <pthread.h>
@@ -16,7 +17,7 @@
 /* ---- counters -------------------------------------------------------------- */
 
 static atomic_uint_least64_t st_rounds, st_calls_shared, st_products_in, st_rows_shared,
-    st_products_alone, st_products_f32;
+    st_products_alone, st_products_f32, st_f32_team_jobs;
 
 void cobatch_stats_get(cobatch_stats *s) {
     s->rounds = atomic_load(&st_rounds);
@@ -25,6 +26,7 @@ void cobatch_stats_get(cobatch_stats *s) {
     s->rows_shared = atomic_load(&st_rows_shared);
     s->products_alone = atomic_load(&st_products_alone);
     s->products_f32 = atomic_load(&st_products_f32);
+    s->f32_team_jobs = atomic_load(&st_f32_team_jobs);
 }
 
 void cobatch_stats_diff(cobatch_stats *s, const cobatch_stats *a, const cobatch_stats *b) {
@@ -34,10 +36,7 @@ void cobatch_stats_diff(cobatch_stats *s, const cobatch_stats *a, const cobatch_
     s->rows_shared = a->rows_shared - b->rows_shared;
     s->products_alone = a->products_alone - b->products_alone;
     s->products_f32 = a->products_f32 - b->products_f32;
-}
-
-void cobatch_count_f32(void) {
-    atomic_fetch_add(&st_products_f32, 1);
+    s->f32_team_jobs = a->f32_team_jobs - b->f32_team_jobs;
 }
 
 /* ---- the pool of computation threads --------------------------------------- */
@@ -115,6 +114,7 @@ void cobatch_product(cobatch_req *r) {
 /* ---- running the products ----------------------------------------------------- */
 
 static int same_key(const cobatch_req *a, const cobatch_req *b) {
+    if (a->kind == COBATCH_F32 || b->kind == COBATCH_F32) return a->kind == b->kind;
     if (a->kind != b->kind || a->n != b->n || a->C != b->C || a->accumulate != b->accumulate)
         return 0;
     for (int i = 0; i < a->n; i++)
@@ -161,6 +161,11 @@ static void run_alone(const cobatch_req *r) {
     case COBATCH_BACKWARD_INPUT:
         linears_backward_input_k(r->out[0], r->accumulate, r->n, r->in, w, r->N, r->C, r->OC);
         break;
+    case COBATCH_F32: {
+        void *job = r->f32_job;
+        gemm_jobs_run(&job, &r->f32_tasks, 1);
+        break;
+    }
     }
 }
 
@@ -217,6 +222,8 @@ static int run_shared(cobatch_req *const *g, int n) {
                                     (const float *const *const *)douts, r->w, N, C, r->OC);
         break;
     }
+    case COBATCH_F32: /* run_f32's */
+        return -1;
     }
     atomic_fetch_add(&st_calls_shared, 1);
     atomic_fetch_add(&st_products_in, (uint64_t)n);
@@ -224,18 +231,49 @@ static int run_shared(cobatch_req *const *g, int n) {
     return 0;
 }
 
-/* Runs the n waiting requests: each group of equal keys, in order of its
- * first member, as few shared calls as the buffer bound allows. */
-static void run_waiting(cobatch_req **reqs, int n) {
-    int done[COBATCH_MAX] = {0};
+/* The F32 jobs of the n requests g as one team job. */
+static void run_f32(cobatch_req *const *g, int n) {
+    void *jobs[COBATCH_MAX];
+    int tasks[COBATCH_MAX];
+    for (int m = 0; m < n; m++) {
+        jobs[m] = g[m]->f32_job;
+        tasks[m] = g[m]->f32_tasks;
+    }
+    gemm_jobs_run(jobs, tasks, n);
+    atomic_fetch_add(&st_products_f32, (uint64_t)n);
+    atomic_fetch_add(&st_f32_team_jobs, 1);
+}
+
+/* Runs some of the n waiting requests and sets ran[k] for those. Which
+ * ones never changes a result (each runs as alone or over independent
+ * rows), only how much is shared, so the choice favours alignment: the
+ * F32 jobs first when there are any (one team job; their computations
+ * then often reach the product the others wait at); else every group of 2
+ * or more equal keys, as few shared calls as the buffer bound allows,
+ * holding back the products without a partner (whose computations may be
+ * ahead); else those alone. Something runs in every round. */
+static void run_waiting(cobatch_req **reqs, int n, int *ran) {
     cobatch_req *g[COBATCH_MAX];
+    int ng = 0, grouped[COBATCH_MAX] = {0}, any_group = 0;
+    for (int i = 0; i < n; i++)
+        if (reqs[i]->kind == COBATCH_F32) {
+            ran[i] = 1;
+            g[ng++] = reqs[i];
+        }
+    if (ng) {
+        run_f32(g, ng);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        for (int j = i + 1; j < n; j++)
+            if (same_key(reqs[i], reqs[j])) grouped[i] = grouped[j] = any_group = 1;
     for (int i = 0; i < n; i++) {
-        if (done[i]) continue;
-        int ng = 0;
+        if (ran[i] || (any_group && !grouped[i])) continue;
+        ng = 0;
         for (int j = i; j < n; j++)
-            if (!done[j] && same_key(reqs[i], reqs[j])) {
+            if (!ran[j] && same_key(reqs[i], reqs[j])) {
                 g[ng++] = reqs[j];
-                done[j] = 1;
+                ran[j] = 1;
             }
         size_t per = row_bytes(reqs[i]);
         for (int a = 0; a < ng;) {
@@ -289,12 +327,14 @@ int cobatch_run(int n, void (*fn)(void *ctx, int i), void *ctx) {
          * products run here. */
         pthread_mutex_unlock(&mu);
         atomic_fetch_add(&st_rounds, 1);
-        run_waiting(reqs, nw);
+        int ran[COBATCH_MAX] = {0};
+        run_waiting(reqs, nw, ran);
         pthread_mutex_lock(&mu);
-        for (int k = 0; k < nw; k++) {
-            slots[idx[k]]->req = NULL;
-            slots[idx[k]]->state = S_READY;
-        }
+        for (int k = 0; k < nw; k++)
+            if (ran[k]) {
+                slots[idx[k]]->req = NULL;
+                slots[idx[k]]->state = S_READY;
+            }
     }
     for (int i = 0; i < n; i++) slots[i]->state = S_IDLE;
     pthread_mutex_unlock(&mu);

@@ -9,8 +9,10 @@
  * is cut by output columns, every accumulator starts from zero and takes
  * its pairs in order), so a row computed among other rows has the bits it
  * has alone. F32 products (OpenBLAS) round a row differently depending on
- * where it falls in the blocking, so they are never concatenated: each runs
- * as it would alone. tests/test_cobatch.c checks both. */
+ * where it falls in the blocking, so they are never concatenated: the F32
+ * product calls of all computations (base and trainable alike) run as one
+ * team job, each cut into the single-threaded parts it has alone.
+ * tests/test_cobatch.c checks both. */
 #ifndef PEFTPS_COBATCH_H
 #define PEFTPS_COBATCH_H
 
@@ -22,11 +24,12 @@
 /* Runs fn(ctx, i) for every i in [0, n), each on a thread of a pool kept
  * for the process, one thread at a time (so that the team and everything
  * but the products run exactly as they would alone); whenever every one
- * still running waits at a product, the waiting products are run, those
- * with equal keys as one. Returns when all are done. One cobatch_run at a
- * time per process (a second caller waits). n <= 1, or threads that cannot
- * be started, run fn in the caller one after the other: the same results.
- * Returns 0, or -1 when n is out of [0, COBATCH_MAX] (nothing run). */
+ * still running waits at a product, waiting products are run (those with
+ * equal keys as one; which ones wait for a later round is the
+ * coordinator's choice, made for sharing: it never changes a result). Returns when all are done.
+ * One cobatch_run at a time per process (a second caller waits). n <= 1, or threads that cannot be
+ * started, run fn in the caller one after the other: the same results. Returns 0, or -1 when n is
+ * out of [0, COBATCH_MAX] (nothing run). */
 int cobatch_run(int n, void (*fn)(void *ctx, int i), void *ctx);
 
 /* What co-batching did since the process started (cumulative counters). */
@@ -36,7 +39,8 @@ typedef struct cobatch_stats {
     uint64_t products_in;    /* computations' products those calls served */
     uint64_t rows_shared;    /* rows of those calls */
     uint64_t products_alone; /* BF16 products with no partner (or over the buffer bound) */
-    uint64_t products_f32;   /* F32 products, never shared, run by their computation */
+    uint64_t products_f32;   /* F32 product calls: never concatenated, each cut as alone */
+    uint64_t f32_team_jobs;  /* the team jobs they ran in, several computations' calls each */
 } cobatch_stats;
 void cobatch_stats_get(cobatch_stats *s);
 /* s = a - b, counter by counter (what happened between two readings). */
@@ -54,7 +58,12 @@ void cobatch_stats_diff(cobatch_stats *s, const cobatch_stats *a, const cobatch_
 int cobatch_active(void);
 
 /* A product as kernels.c's *_k functions take it, every weight in BF16. */
-typedef enum { COBATCH_FORWARD, COBATCH_RESIDUAL, COBATCH_BACKWARD_INPUT } cobatch_kind;
+typedef enum {
+    COBATCH_FORWARD,
+    COBATCH_RESIDUAL,
+    COBATCH_BACKWARD_INPUT,
+    COBATCH_F32 /* an F32 product job of kernels.c (gemm_jobs_run), never concatenated */
+} cobatch_kind;
 
 typedef struct cobatch_req {
     /* the key: calls with equal keys are one product over their rows */
@@ -70,12 +79,12 @@ typedef struct cobatch_req {
                          * residual (N,OC[0]); backward: in[i] douts[i] (N,OC[i]) */
     float *out[4];      /* forward: outs[i] (N,OC[i]); residual: out[0] (N,OC[0]);
                          * backward: out[0] dinp (N,C) */
+    void *f32_job;      /* COBATCH_F32: the job and its number of tasks */
+    int f32_tasks;
 } cobatch_req;
 
 /* Waits until the product has run (with others' rows, or alone). Only from
  * a thread for which cobatch_active() is true. */
 void cobatch_product(cobatch_req *r);
-/* Counts an F32 product a computation ran by itself. */
-void cobatch_count_f32(void);
 
 #endif

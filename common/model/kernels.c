@@ -241,7 +241,8 @@ static void gemm_task(void *c, int task, float *scratch) {
     }
 }
 
-static void gemm_team(const gemm *ops, int nops, int sum) {
+/* Plans the job of the nops products; returns its number of tasks. */
+static int gemm_job_plan(gemm_job *jp, const gemm *ops, int nops, int sum) {
     gemm_job j = {.ops = ops, .nops = nops, .sum = sum};
     int tasks = 0;
     if (sum) {
@@ -256,8 +257,43 @@ static void gemm_team(const gemm *ops, int nops, int sum) {
             tasks += j.plan[i].parts;
         }
     j.first[nops] = tasks;
+    *jp = j;
+    return tasks;
+}
+
+static void gemm_team(const gemm *ops, int nops, int sum) {
+    gemm_job j;
+    int tasks = gemm_job_plan(&j, ops, nops, sum);
+    /* A computation of a co-batch (cobatch.h) hands the job over, to run
+     * beside the others' F32 jobs as one team job, each part as here. */
+    if (cobatch_active() && !team_in_task()) {
+        cobatch_req r = {.kind = COBATCH_F32, .f32_job = &j, .f32_tasks = tasks};
+        cobatch_product(&r);
+        return;
+    }
     /* Also for one task: BLAS single-threaded, as every product here. */
     team_run(tasks, gemm_task, &j, NULL, 0);
+}
+
+typedef struct gemm_jobs {
+    void *const *jobs;
+    const int *first; /* task index of each job's first task, and the total */
+    int n;
+} gemm_jobs;
+
+static void gemm_jobs_task(void *c, int task, float *scratch) {
+    const gemm_jobs *g = c;
+    int k = 0;
+    while (task >= g->first[k + 1]) k++;
+    gemm_task(g->jobs[k], task - g->first[k], scratch);
+}
+
+void gemm_jobs_run(void *const *jobs, const int *tasks, int n) {
+    int first[COBATCH_MAX + 1];
+    first[0] = 0;
+    for (int k = 0; k < n; k++) first[k + 1] = first[k] + tasks[k];
+    gemm_jobs g = {jobs, first, n};
+    team_run(first[n], gemm_jobs_task, &g, NULL, 0);
 }
 
 /* ---- low-rank branch --------------------------------------------------------- */
@@ -578,13 +614,11 @@ static void bias_row(float *restrict o, const float *restrict bias, int OC) {
 }
 
 /* Whether every one of the n weights is BF16: a product that co-batching
- * (cobatch.h) may share; F32 products are only counted there. */
+ * (cobatch.h) may share over several computations' rows (F32 ones go
+ * through gemm_team, which hands their jobs over whole). */
 static int cobatch_all_h(int n, const kweight *weights) {
     for (int i = 0; i < n; i++)
-        if (!weights[i].h) {
-            cobatch_count_f32();
-            return 0;
-        }
+        if (!weights[i].h) return 0;
     return 1;
 }
 

@@ -101,6 +101,10 @@ void linear_residual_forward_rows(float *const *out, const float *const *res,
 void linears_backward_input_rows(float *const *dinp, int accumulate, int n,
                                  const float *const *const *douts, const uint16_t *const *w, int N,
                                  int C, const int *OC);
+/* Co-batching under F32 (cobatch.h): the n product jobs that computations'
+ * gemm calls handed over (tasks[k] tasks each), as one team job, each
+ * product cut into the parts it has alone: the same bits as alone. */
+void gemm_jobs_run(void *const *jobs, const int *tasks, int n);
 /* dweight (OC,C) += dout^T inp, as linear_backward's weight gradient, with
  * dout (N,OC) and inp (N,C) rounded to BF16 and F32 accumulation (bf16.h):
  * the weight gradient of full fine-tuning under BF16 compute. */

@@ -189,14 +189,9 @@ int trainer_shard_grad_many(train_shard_job *jobs, int n, int cobatch) {
         jobs[i].n_tokens = 0;
         jobs[i].e.msg[0] = 0;
     }
-    if (n > COBATCH_MAX) {
-        for (int i = 0; i < n; i++)
-            err_set(&jobs[i].e, "%d shards asked of one co-batched computation; at most %d", n,
-                    COBATCH_MAX);
-        return -1;
-    }
     if (cobatch)
-        cobatch_run(n, shard_job_run, jobs);
+        for (int i0 = 0; i0 < n; i0 += COBATCH_MAX) /* at most COBATCH_MAX together */
+            cobatch_run(n - i0 < COBATCH_MAX ? n - i0 : COBATCH_MAX, shard_job_run, jobs + i0);
     else
         for (int i = 0; i < n; i++) shard_job_run(jobs, i);
     int rc = 0;

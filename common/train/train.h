@@ -110,9 +110,11 @@ typedef struct train_shard_job {
  * the other. cobatch 1: together (model/cobatch.h), the frozen products of
  * trainers over one base (trainer_open_files with the same model_files)
  * shared where that is exact: BF16 products over the same weight become
- * one product over the concatenated rows; F32 products run as alone. The
+ * one product over their rows; F32 products are never concatenated but
+ * run side by side in team jobs, each cut as alone. The
  * trainers must be distinct. Returns 0 when every job succeeded, else -1
- * (each job's rc and e say which); n above COBATCH_MAX fails every job.
+ * (each job's rc and e say which). More than COBATCH_MAX jobs are taken
+ * COBATCH_MAX at a time.
  * What was shared: cobatch_stats_get (model/cobatch.h). */
 int trainer_shard_grad_many(train_shard_job *jobs, int n, int cobatch);
 

@@ -382,10 +382,11 @@ static int cobatch_bench(const shape *s, const model_config *cfg, const model_we
     double a = t[0][steps / 2], b = t[1][steps / 2];
     printf("{\"shape\":\"%s\",\"compute\":\"%s\",\"methods\":%d,\"tokens_each\":%zu,"
            "\"alone_ms\":%.1f,\"cobatch_ms\":%.1f,\"speedup\":%.3f,\"shared_calls\":%llu,"
-           "\"products_in_shared\":%llu,\"products_alone\":%llu,\"products_f32\":%llu}\n",
+           "\"products_in_shared\":%llu,\"products_alone\":%llu,\"products_f32\":%llu,"
+           "\"f32_team_jobs\":%llu}\n",
            s->name, compute, n, ntok, a * 1e3, b * 1e3, a / b, (unsigned long long)d.calls_shared,
            (unsigned long long)d.products_in, (unsigned long long)d.products_alone,
-           (unsigned long long)d.products_f32);
+           (unsigned long long)d.products_f32, (unsigned long long)d.f32_team_jobs);
     for (int i = 0; i < n; i++) {
         model_free(one[i].m);
         peft_free(one[i].p);
