@@ -1,0 +1,362 @@
+"""What the pool form of deploy/ (deploy/pool) promises, checked on its
+rendered objects (tests/it_deploy_pool.sh renders them with `kubectl
+kustomize`): one coordinator behind a Service, workers pointed at it with
+the base read-only, and per experiment only its own objects (ConfigMap,
+headless Service, StatefulSet, disruption budget), named and selected so
+that no two experiments collide, its cluster.servers naming its server pods
+and its name the directory's. Shares check_manifests.py's pod checks.
+
+usage: check_pool.py [--help-dir DIR] POOL.yaml NAME=EXPERIMENT.yaml...
+With --help-dir, the flags in the containers' command lines are looked up
+in DIR/peftps-server, DIR/peftps-worker and DIR/pool-start (the --help
+output of those programs); a program whose help does not know the pool yet
+is skipped with a line starting "SKIP:". Prints one line per problem and
+exits 1 if there was any."""
+import os
+import re
+import sys
+
+import check_manifests as cm
+from check_manifests import by_kind, load, matches, pod_checks, probe_path, problem
+
+# The kinds an experiment may hold: `kubectl delete -k` of its directory
+# must remove nothing of the pool or of another experiment.
+EXPERIMENT_KINDS = {"ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget"}
+INSTANCE = "app.kubernetes.io/instance"
+skips = []
+
+
+def labels_of(o):
+    return o["spec"]["template"]["metadata"].get("labels", {})
+
+
+def selector_of(o):
+    if o["kind"] == "Service":
+        return o["spec"].get("selector") or {}
+    return (o["spec"].get("selector") or {}).get("matchLabels") or {}
+
+
+def container(o):
+    return o["spec"]["template"]["spec"]["containers"][0]
+
+
+def arg_after(c, flag):
+    args = c.get("args", [])
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+
+def port_of(endpoint):
+    m = re.fullmatch(r"tcp://([^:/]+):(\d+)", endpoint or "")
+    return (m.group(1), int(m.group(2))) if m else (None, None)
+
+
+def named_port(c, name):
+    return {p["name"]: p["containerPort"] for p in c.get("ports", [])}.get(name)
+
+
+def mount_claim(o, path):
+    """The claim mounted at path and whether both mount and volume are read-only."""
+    spec = o["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    for m in container(o).get("volumeMounts", []):
+        if m["mountPath"] == path:
+            claim = (vols.get(m["name"]) or {}).get("persistentVolumeClaim")
+            if claim:
+                return claim["claimName"], bool(m.get("readOnly") and claim.get("readOnly"))
+    return None, False
+
+
+def admitted(policies, pod_labels, from_labels, port):
+    """Whether a NetworkPolicy of policies lets pods labelled from_labels reach
+    port on pods labelled pod_labels; and names every policy that lets any pod
+    or namespace reach it."""
+    ok = False
+    for np in policies:
+        if not matches(np["spec"]["podSelector"].get("matchLabels"), pod_labels):
+            continue
+        for rule in np["spec"].get("ingress", []):
+            if rule.get("ports") and port not in [p.get("port") for p in rule["ports"]]:
+                continue
+            for frm in rule.get("from", [{}]) or [{}]:
+                sel = (frm.get("podSelector") or {}).get("matchLabels")
+                if "namespaceSelector" in frm or "ipBlock" in frm or sel is None:
+                    problem(f"NetworkPolicy {np['metadata']['name']} lets any pod reach port {port}")
+                elif matches(sel, from_labels):
+                    ok = True
+    return ok
+
+
+def check_pool(objs):
+    """The pool's own objects; returns what the experiments are checked against."""
+    for kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "Secret"):
+        if by_kind(objs, kind):
+            problem(f"the pool holds a {kind}; it needs none")
+    ns = by_kind(objs, "Namespace")
+    if len(ns) != 1:
+        problem(f"the pool has {len(ns)} Namespaces, wanted 1")
+        return None
+    ns = ns[0]["metadata"]["name"]
+    for o in objs:
+        if o["kind"] != "Namespace" and o["metadata"].get("namespace") != ns:
+            problem(f"{o['kind']} {o['metadata']['name']} is not in the pool's namespace {ns}")
+    sa = cm.one(objs, "ServiceAccount", "peftps")
+    if sa and sa.get("automountServiceAccountToken") is not False:
+        problem("ServiceAccount peftps mounts its token")
+
+    deps = by_kind(objs, "Deployment")
+    coords = [d for d in deps if container(d).get("command") == ["peftps"]
+              and container(d).get("args", [])[:2] == ["pool", "start"]]
+    workers = [d for d in deps if container(d).get("command") == ["peftps-worker"]]
+    if len(coords) != 1 or len(workers) != 1 or len(deps) != 2:
+        problem(f"the pool has {len(coords)} coordinator and {len(workers)} worker Deployments "
+                f"among {len(deps)}, wanted one of each")
+        return None
+    coord, worker = coords[0], workers[0]
+    if coord["spec"].get("replicas", 1) != 1:
+        problem("the coordinator Deployment does not have exactly 1 replica")
+    if (coord["spec"].get("strategy") or {}).get("type") != "Recreate":
+        problem("the coordinator Deployment's strategy is not Recreate: a rollout would run two")
+    cc = container(coord)
+    if arg_after(cc, "--workers") != "0":
+        problem("the coordinator does not run with --workers 0: it would start workers of its own")
+    lport = port_of(arg_after(cc, "--listen"))[1]
+    if lport is None or lport != named_port(cc, "pool"):
+        problem(f"the coordinator's --listen {arg_after(cc, '--listen')} is not its container port 'pool'")
+    svcs = [s for s in by_kind(objs, "Service") if matches(s["spec"].get("selector"), labels_of(coord))]
+    if len(svcs) != 1:
+        problem(f"{len(svcs)} Services select the coordinator, wanted 1")
+        return None
+    svc = svcs[0]
+    sport = [p for p in svc["spec"]["ports"] if p.get("targetPort") in ("pool", lport)]
+    if not sport:
+        problem(f"Service {svc['metadata']['name']} does not forward to the coordinator's port")
+        return None
+    pool_ep = f"tcp://{svc['metadata']['name']}:{sport[0]['port']}"
+
+    model_claim, ro = mount_claim(coord, arg_after(cc, "--model"))
+    if not model_claim or not ro:
+        problem("the coordinator's --model is not a read-only mounted claim")
+    pod_checks(coord, coord["spec"]["template"]["spec"], {"tmp"})
+    pod_checks(worker, worker["spec"]["template"]["spec"], {"tmp"})
+    wc = container(worker)
+    if arg_after(wc, "--pool") != pool_ep:
+        problem(f"the workers' --pool {arg_after(wc, '--pool')} is not the coordinator's Service {pool_ep}")
+    wclaim, ro = mount_claim(worker, arg_after(wc, "--model"))
+    if not ro:
+        problem("the workers' --model is not a read-only mounted claim")
+    elif wclaim != model_claim:
+        problem(f"the workers' base (claim {wclaim}) is not the coordinator's ({model_claim})")
+    if worker["spec"].get("replicas", 0) < 1:
+        problem("the worker Deployment has no replicas")
+    mport = arg_after(wc, "--metrics-port")
+    if not mport or int(mport) != named_port(wc, "metrics"):
+        problem("the workers' --metrics-port is not their container port 'metrics'")
+    if probe_path(wc, "readinessProbe") != "/healthz":
+        problem("the workers' readiness probe is not /healthz")
+    if any(v.get("persistentVolumeClaim") and v["persistentVolumeClaim"]["claimName"].startswith("ckpt")
+           for v in worker["spec"]["template"]["spec"].get("volumes", [])):
+        problem("workers mount a checkpoint volume; they must be stateless")
+
+    policies = by_kind(objs, "NetworkPolicy")
+    if not admitted(policies, labels_of(coord), labels_of(worker), lport):
+        problem("no NetworkPolicy lets the workers reach the coordinator")
+    return {"ns": ns, "pool_ep": pool_ep, "model_claim": model_claim, "policies": policies,
+            "coord": coord, "worker": worker, "lport": lport,
+            "images": {container(d)["image"] for d in deps}}
+
+
+def check_experiment(name, objs, pool):
+    where = f"experiment {name}"
+    for o in objs:
+        if o["kind"] not in EXPERIMENT_KINDS:
+            problem(f"{where} holds {o['kind']} {o['metadata']['name']}: deleting it would delete "
+                    f"a shared object (an experiment holds only {sorted(EXPERIMENT_KINDS)})")
+        if o["metadata"].get("namespace") != pool["ns"]:
+            problem(f"{where}: {o['kind']} {o['metadata']['name']} is not in the pool's namespace {pool['ns']}")
+        if o["metadata"].get("labels", {}).get(INSTANCE) != name:
+            problem(f"{where}: {o['kind']} {o['metadata']['name']} is not labelled {INSTANCE}={name}")
+    stss = by_kind(objs, "StatefulSet")
+    cms = by_kind(objs, "ConfigMap")
+    if len(stss) != 1 or len(cms) != 1:
+        problem(f"{where} has {len(stss)} StatefulSets and {len(cms)} ConfigMaps, wanted 1 each")
+        return
+    sts, cmap = stss[0], cms[0]
+    spec = sts["spec"]["template"]["spec"]
+    sname = sts["metadata"]["name"]
+    if len(sname) > 52 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", sname):
+        problem(f"{where}: StatefulSet name {sname} is not a DNS label of at most 52 characters")
+    svcs = [s for s in by_kind(objs, "Service") if s["metadata"]["name"] == sts["spec"].get("serviceName")]
+    if len(svcs) != 1:
+        problem(f"{where}: no Service named by the StatefulSet's serviceName {sts['spec'].get('serviceName')}")
+        return
+    svc = svcs[0]
+    if svc["spec"].get("clusterIP") != "None":
+        problem(f"{where}: Service {svc['metadata']['name']} is not headless (clusterIP: None)")
+    tmpl = labels_of(sts)
+    for o in [svc, sts] + by_kind(objs, "PodDisruptionBudget"):
+        if not matches(selector_of(o), tmpl):
+            problem(f"{where}: {o['kind']} {o['metadata']['name']} does not select the server pods")
+        if selector_of(o).get(INSTANCE) != name:
+            problem(f"{where}: {o['kind']} {o['metadata']['name']}'s selector lacks {INSTANCE}={name}")
+    if not by_kind(objs, "PodDisruptionBudget"):
+        problem(f"{where}: no PodDisruptionBudget covers its server pods")
+    vct = [t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])]
+    if "ckpt" not in vct:
+        problem(f"{where}: no volumeClaimTemplate for the checkpoint")
+    pod_checks(sts, spec, set(vct) | {"tmp"})
+
+    c = container(sts)
+    if c.get("command") != ["peftps-server"]:
+        problem(f"{where}: the container does not run peftps-server")
+    if probe_path(c, "readinessProbe") != "/healthz" or not probe_path(c, "livenessProbe"):
+        problem(f"{where}: the server's probes are not /healthz (readiness) and an HTTP liveness probe")
+    if arg_after(c, "--pool") != pool["pool_ep"]:
+        problem(f"{where}: the server's --pool {arg_after(c, '--pool')} is not the coordinator's "
+                f"Service {pool['pool_ep']}")
+    if "--linger" not in c.get("args", []):
+        problem(f"{where}: the server runs without --linger: Kubernetes would restart it when done")
+    zmq = named_port(c, "zmq")
+    if port_of(arg_after(c, "--listen"))[1] != zmq:
+        problem(f"{where}: the server's --listen {arg_after(c, '--listen')} is not its port 'zmq' {zmq}")
+    claim, ro = mount_claim(sts, "/model")
+    if claim != pool["model_claim"] or not ro:
+        problem(f"{where}: the server's /model is not the pool's base (claim {pool['model_claim']}) read-only")
+    if c["image"] not in pool["images"]:
+        problem(f"{where}: image {c['image']} is not the pool's {sorted(pool['images'])}")
+
+    # The experiment file the server reads is this experiment's ConfigMap.
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    exp_path = (c.get("args") or [""])[0]
+    mounted = [m for m in c.get("volumeMounts", []) if exp_path.startswith(m["mountPath"] + "/")]
+    cmref = (vols.get(mounted[0]["name"]) or {}).get("configMap", {}).get("name") if mounted else None
+    if cmref != cmap["metadata"]["name"] or os.path.basename(exp_path) not in cmap.get("data", {}):
+        problem(f"{where}: the server's {exp_path} is not the experiment's ConfigMap {cmap['metadata']['name']}")
+        return
+    text = cmap["data"][os.path.basename(exp_path)]
+    ename = re.search(r'^name:\s*"([^"]*)"', text, re.M)
+    if not ename or ename.group(1) != name:
+        problem(f"{where}: experiment.pbtxt's name {ename and ename.group(1)!r} is not the directory's {name!r}")
+    servers = re.findall(r'^\s*servers:\s*"([^"]+)"', text, re.M)
+    want = [f"tcp://{sname}-{i}.{svc['metadata']['name']}:{zmq}" for i in range(sts["spec"].get("replicas", 1))]
+    if servers != want:
+        problem(f"{where}: cluster.servers {servers} does not name its server pods {want}")
+    mport = re.search(r"^\s*metrics_port:\s*(\d+)", text, re.M)
+    if not mport or int(mport.group(1)) != named_port(c, "metrics"):
+        problem(f"{where}: cluster.metrics_port is not the server container's port 'metrics'")
+    mpath = re.search(r'^model \{[^}]*?^\s*path:\s*"([^"]+)"', text, re.M | re.S)
+    if not mpath or not mpath.group(1).startswith("/model"):
+        problem(f"{where}: model.path is not under /model, the pool's base")
+
+    # The pool's policies admit the pool's workers to this server's port and
+    # this server to the coordinator.
+    if not admitted(pool["policies"], tmpl, labels_of(pool["worker"]), zmq):
+        problem(f"{where}: no NetworkPolicy of the pool lets the workers reach its port {zmq}")
+    if not admitted(pool["policies"], labels_of(pool["coord"]), tmpl, pool["lport"]):
+        problem(f"{where}: no NetworkPolicy of the pool lets its server reach the coordinator")
+
+
+def check_apart(pool_objs, experiments):
+    """No two experiments (nor an experiment and the pool) share an object
+    name, a volume claim or pods: each selector picks its own pods only."""
+    owner = {}
+    for o in pool_objs:
+        owner[(o["kind"], o["metadata"]["name"])] = "the pool"
+    pods = [("the pool", d) for d in by_kind(pool_objs, "Deployment")]
+    names = {}
+    for name, objs in experiments:
+        for o in objs:
+            key = (o["kind"], o["metadata"]["name"])
+            if key in owner:
+                problem(f"experiment {name}: {key[0]} {key[1]} is also {owner[key]}'s")
+            owner[key] = f"experiment {name}"
+        for sts in by_kind(objs, "StatefulSet"):
+            pods.append((f"experiment {name}", sts))
+            for t in sts["spec"].get("volumeClaimTemplates", []):
+                for i in range(sts["spec"].get("replicas", 1)):
+                    key = ("PersistentVolumeClaim", f"{t['metadata']['name']}-{sts['metadata']['name']}-{i}")
+                    if key in owner:
+                        problem(f"experiment {name}: claim {key[1]} is also {owner[key]}'s")
+                    owner[key] = f"experiment {name}"
+        for cmap in by_kind(objs, "ConfigMap"):
+            for text in cmap.get("data", {}).values():
+                m = re.search(r'^name:\s*"([^"]*)"', text, re.M)
+                if m and m.group(1) in names:
+                    problem(f"experiments {names[m.group(1)]} and {name} have the same name {m.group(1)!r}")
+                elif m:
+                    names[m.group(1)] = name
+    for name, objs in experiments:
+        for o in objs:
+            if o["kind"] not in ("Service", "StatefulSet", "PodDisruptionBudget"):
+                continue
+            for who, other in pods:
+                if who != f"experiment {name}" and matches(selector_of(o), labels_of(other)):
+                    problem(f"experiment {name}: {o['kind']} {o['metadata']['name']} also selects "
+                            f"the pods of {who} ({other['kind']} {other['metadata']['name']})")
+
+
+def check_flags(help_dir, pool_objs, experiments):
+    """Every --flag of a container's command line appears in its program's
+    --help. A program whose help has not heard of the pool (the pool
+    programs are not built on this branch yet) is skipped, naming the
+    flags not checked."""
+    marker = {"peftps-server": "--pool", "peftps-worker": "--pool", "pool-start": "--workers"}
+    helps = {}
+    for prog in marker:
+        try:
+            with open(os.path.join(help_dir, prog)) as f:
+                helps[prog] = f.read()
+        except OSError:
+            helps[prog] = ""
+    seen = set()
+    for o in pool_objs + [o for _, objs in experiments for o in objs]:
+        if o["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        c = container(o)
+        cmd = c.get("command", []) + c.get("args", [])
+        prog = "pool-start" if cmd[:3] == ["peftps", "pool", "start"] else cmd[0]
+        if prog not in helps:
+            problem(f"{o['kind']} {o['metadata']['name']} runs {cmd[0]}, which no check knows")
+            continue
+        flags = [a for a in cmd if a.startswith("--")]
+        known = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", helps[prog])
+        missing = [f for f in flags if f not in known]
+        if marker[prog] not in known:
+            if missing and (prog, tuple(missing)) not in seen:
+                seen.add((prog, tuple(missing)))
+                skips.append(f"SKIP: the --help of {prog.replace('pool-start', 'peftps pool start')} "
+                             f"does not know the pool yet (no {marker[prog]}): "
+                             f"{' '.join(missing)} of {o['kind']} {o['metadata']['name']} not checked")
+            continue
+        for f in missing:
+            problem(f"{o['kind']} {o['metadata']['name']}: {f} is not a flag of "
+                    f"{prog.replace('pool-start', 'peftps pool start')} (not in its --help)")
+
+
+def main():
+    args = sys.argv[1:]
+    help_dir = None
+    if args[:1] == ["--help-dir"]:
+        help_dir, args = args[1], args[2:]
+    pool_objs = load(args[0])
+    experiments = []
+    for a in args[1:]:
+        name, path = a.split("=", 1)
+        experiments.append((name, load(path)))
+    pool = check_pool(pool_objs)
+    if pool:
+        for name, objs in experiments:
+            check_experiment(name, objs, pool)
+    check_apart(pool_objs, experiments)
+    if help_dir:
+        check_flags(help_dir, pool_objs, experiments)
+    for s in skips:
+        print(s)
+    for p in cm.problems:
+        print(p)
+    if not cm.problems:
+        print(f"{args[0]} and {len(experiments)} experiments keep deploy/pool's promises")
+    sys.exit(1 if cm.problems else 0)
+
+
+if __name__ == "__main__":
+    main()
