@@ -1,0 +1,158 @@
+#!/bin/sh
+# Validation of deploy/pool (the pool form: a coordinator, a worker
+# Deployment, one overlay per experiment) without a cluster: yamllint;
+# `kubectl kustomize` of the pool and of every deploy/pool/experiments/*;
+# every rendered object against the Kubernetes API schema
+# (tests/deploy/validate.mjs); what the pool form promises
+# (tests/deploy/check_pool.py): the workers and servers pointed at the
+# coordinator's Service, each experiment's cluster.servers naming its own
+# server pods, names, claims and selectors that never collide between
+# experiments, and every flag of the containers' command lines in its
+# program's --help; and every experiment through `peftps config check`. Each
+# check is first shown a broken input it must reject. A step whose tool is
+# missing prints "SKIP: why", and so does each pool flag that a program's
+# --help does not know yet.
+BUILD=${BUILD:-build}
+BIN=${BIN:-bin}
+PY=/usr/bin/python3
+T=$(mktemp -d /tmp/peftps-it-deploy-pool.XXXXXX)
+trap 'rm -rf "$T"' EXIT
+skipped=0
+
+fail() {
+    echo "FAIL: $*"
+    exit 1
+}
+skip() {
+    echo "SKIP: $*"
+    skipped=$((skipped + 1))
+}
+have() {
+    command -v "$1" >/dev/null 2>&1
+}
+. tests/deploy/npm.sh
+
+EXPS=$(cd deploy/pool/experiments && ls -d */ | tr -d /)
+[ "$(echo "$EXPS" | wc -w)" -ge 2 ] || fail "deploy/pool/experiments has fewer than two experiments: $EXPS"
+
+echo "yamllint"
+if have yamllint; then
+    yamllint --strict -c deploy/.yamllint deploy/pool || fail "yamllint found problems in deploy/pool"
+else
+    skip "yamllint is not installed (Debian package yamllint)"
+fi
+
+echo "every experiment passes peftps config check"
+[ -x "$BIN/peftps" ] || fail "$BIN/peftps is not built"
+# The pods' paths do not exist here: point them at the fixtures.
+FIX="--set model.path=tests/fixtures/tiny-llama --set data.train=tests/fixtures/tiny.tokens"
+FIX="$FIX --set data.eval=tests/fixtures/tiny-eval.tokens --set data.seq_len=64"
+if [ -e tests/fixtures/tiny-llama/config.json ]; then
+    for n in $EXPS; do
+        "$BIN/peftps" config check "deploy/pool/experiments/$n/experiment.pbtxt" $FIX >"$T/resolved" 2>"$T/err" ||
+            fail "peftps config check deploy/pool/experiments/$n/experiment.pbtxt: $(cat "$T/err")"
+    done
+    # config check must refuse what a pool would: a share out of range.
+    "$BIN/peftps" config check deploy/pool/experiments/lora-a/experiment.pbtxt $FIX \
+        --set cluster.share=1000 >/dev/null 2>"$T/err" && fail "config check accepted cluster.share 1000"
+    grep -q "cluster.share" "$T/err" || fail "the share error does not name cluster.share: $(cat "$T/err")"
+else
+    skip "the fixture tests/fixtures/tiny-llama is missing"
+fi
+
+if ! have kubectl || ! kubectl kustomize --help >/dev/null 2>&1; then
+    skip "kubectl with kustomize is not installed: rendering and every check of rendered objects"
+    echo "ok ($skipped skipped)"
+    exit 0
+fi
+
+echo "kustomize renders the pool and each experiment"
+kubectl kustomize deploy/pool >"$T/pool.yaml" || fail "kubectl kustomize deploy/pool"
+ARGS=""
+for n in $EXPS; do
+    kubectl kustomize "deploy/pool/experiments/$n" >"$T/$n.yaml" || fail "kubectl kustomize deploy/pool/experiments/$n"
+    ARGS="$ARGS $n=$T/$n.yaml"
+done
+
+echo "the rendered objects keep deploy/pool's promises"
+mkdir "$T/help"
+"$BIN/peftps-server" --help >"$T/help/peftps-server" 2>&1
+"$BIN/peftps-worker" --help >"$T/help/peftps-worker" 2>&1
+"$BIN/peftps" pool start --help >"$T/help/pool-start" 2>&1
+grep -q -- "--linger" "$T/help/peftps-server" || fail "$BIN/peftps-server --help does not list its options"
+check() {
+    (cd tests/deploy && $PY check_pool.py --help-dir "$T/help" "$@")
+}
+# shellcheck disable=SC2086
+check "$T/pool.yaml" $ARGS >"$T/out" || fail "check_pool.py: $(cat "$T/out")"
+cat "$T/out"
+skipped=$((skipped + $(grep -c '^SKIP:' "$T/out")))
+
+# Broken inputs the checker must reject, each with its reason named.
+# 1. An experiment directory copied without renaming anything: its objects
+#    and claim are lora-a's, and its name is not its directory's.
+check "$T/pool.yaml" lora-a="$T/lora-a.yaml" lora-c="$T/lora-a.yaml" >"$T/out" &&
+    fail "check_pool.py accepted two experiments with the same objects"
+for w in "StatefulSet peftps-exp-lora-a is also experiment lora-a's" \
+    "claim ckpt-peftps-exp-lora-a-0 is also experiment lora-a's" "is not the directory's 'lora-c'" \
+    "have the same name 'lora-a'"; do
+    grep -q "$w" "$T/out" || fail "check_pool.py did not say '$w': $(cat "$T/out")"
+done
+# 2. An experiment overlay without its instance label on the selectors:
+#    its Service and StatefulSet would take the other experiments' pods.
+cp -r deploy "$T/deploy"
+sed -i '/instance: prefix-b/{n;s/includeSelectors: true/includeSelectors: false/}' \
+    "$T/deploy/pool/experiments/prefix-b/kustomization.yaml"
+kubectl kustomize "$T/deploy/pool/experiments/prefix-b" >"$T/prefix-nosel.yaml" || fail "render prefix-b without selectors"
+check "$T/pool.yaml" lora-a="$T/lora-a.yaml" prefix-b="$T/prefix-nosel.yaml" >"$T/out" &&
+    fail "check_pool.py accepted an experiment whose selectors take other pods"
+grep -q "Service peftps-exp-prefix-b also selects the pods of experiment lora-a" "$T/out" ||
+    fail "cross-selection not named: $(cat "$T/out")"
+# 3. cluster.servers on the wrong port; 4. a misspelt server flag.
+sed 's/peftps-exp-prefix-b:5555"/peftps-exp-prefix-b:5556"/; s/- --linger$/- --lingr/' \
+    "$T/prefix-b.yaml" >"$T/prefix-bad.yaml"
+check "$T/pool.yaml" lora-a="$T/lora-a.yaml" prefix-b="$T/prefix-bad.yaml" >"$T/out" &&
+    fail "check_pool.py accepted a wrong cluster.servers and a misspelt flag"
+for w in "does not name its server pods" "--lingr is not a flag of peftps-server"; do
+    grep -q -- "$w" "$T/out" || fail "check_pool.py did not say '$w': $(cat "$T/out")"
+done
+# 5. Workers pointed at another port and given a writable base; 6. an
+#    experiment that holds the namespace (deleting it would delete the pool).
+$PY - "$T/pool.yaml" "$T/pool-bad.yaml" "$T/lora-a.yaml" "$T/lora-ns.yaml" <<'EOF' || fail "could not make the broken pool"
+import sys, yaml
+objs = [o for o in yaml.safe_load_all(open(sys.argv[1])) if o]
+for o in objs:
+    if o["kind"] == "Deployment" and o["metadata"]["name"] == "peftps-pool-worker":
+        c = o["spec"]["template"]["spec"]["containers"][0]
+        c["args"][c["args"].index("--pool") + 1] = "tcp://peftps-pool:5601"
+        for m in c["volumeMounts"]:
+            m.pop("readOnly", None)
+open(sys.argv[2], "w").write(yaml.safe_dump_all(objs))
+exp = [o for o in yaml.safe_load_all(open(sys.argv[3])) if o]
+ns = {"apiVersion": "v1", "kind": "Namespace",
+      "metadata": {"name": "peftps-pool", "labels": {"app.kubernetes.io/instance": "lora-a"}}}
+open(sys.argv[4], "w").write(yaml.safe_dump_all(exp + [ns]))
+EOF
+check "$T/pool-bad.yaml" lora-a="$T/lora-ns.yaml" >"$T/out" && fail "check_pool.py accepted a broken pool"
+for w in "the workers' --pool tcp://peftps-pool:5601 is not the coordinator's Service tcp://peftps-pool:5600" \
+    "is not read-only" "holds Namespace peftps-pool: deleting it would delete a shared object"; do
+    grep -q -- "$w" "$T/out" || fail "check_pool.py did not say '$w': $(cat "$T/out")"
+done
+# 7. A help text that knows the pool makes a missing pool flag an error.
+cp -r "$T/help" "$T/help-pool"
+echo "  --pool ENDPOINT  (a help that knows the pool)" >>"$T/help-pool/peftps-server"
+(cd tests/deploy && $PY check_pool.py --help-dir "$T/help-pool" "$T/pool.yaml" prefix-b="$T/prefix-bad.yaml") >"$T/out"
+grep -q "SKIP: peftps-server" "$T/out" && fail "check_pool.py skipped a server whose help knows --pool"
+grep -q -- "--lingr is not a flag" "$T/out" || fail "misspelt flag not named with a pool help: $(cat "$T/out")"
+
+echo "Kubernetes API schemas, unknown fields rejected"
+if deploy_npm; then
+    sed 's/^        name: server$/        name: server\n        imagePullPolicyy: Always/' "$T/lora-a.yaml" >"$T/bad1.yaml"
+    cmp -s "$T/lora-a.yaml" "$T/bad1.yaml" && fail "could not make bad1.yaml from the rendered lora-a"
+    $V k8s "$T/bad1.yaml" >"$T/bad1.out" 2>&1 && fail "validate.mjs accepted an unknown field"
+    grep -q "imagePullPolicyy" "$T/bad1.out" || fail "unknown field not named: $(cat "$T/bad1.out")"
+    # shellcheck disable=SC2086
+    $V k8s "$T/pool.yaml" $(for n in $EXPS; do echo "$T/$n.yaml"; done) || fail "rendered objects do not validate"
+fi
+
+echo "ok ($skipped skipped)"
