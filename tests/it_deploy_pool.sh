@@ -95,7 +95,7 @@ check "$T/pool.yaml" lora-a="$T/lora-a.yaml" lora-c="$T/lora-a.yaml" >"$T/out" &
     fail "check_pool.py accepted two experiments with the same objects"
 for w in "StatefulSet peftps-exp-lora-a is also experiment lora-a's" \
     "claim ckpt-peftps-exp-lora-a-0 is also experiment lora-a's" "is not the directory's 'lora-c'" \
-    "have the same name 'lora-a'"; do
+    "have the same name 'lora-a'" "have the same output_dir '/ckpt/lora-a/output'"; do
     grep -q "$w" "$T/out" || fail "check_pool.py did not say '$w': $(cat "$T/out")"
 done
 # 2. An experiment overlay without its instance label on the selectors:

@@ -86,6 +86,17 @@ def admitted(policies, pod_labels, from_labels, port):
     return ok
 
 
+def top_path(text, field):
+    m = re.search(rf'^{field}:\s*"([^"]*)"', text, re.M)
+    return m.group(1) if m else ""
+
+
+def block_path(text, block):
+    """The path field of a top-level block (model, checkpoint) of an experiment text."""
+    m = re.search(rf'^{block} \{{[^}}]*?^\s*path:\s*"([^"]+)"', text, re.M | re.S)
+    return m.group(1) if m else ""
+
+
 def check_pool(objs):
     """The pool's own objects; returns what the experiments are checked against."""
     for kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "Secret"):
@@ -243,9 +254,19 @@ def check_experiment(name, objs, pool):
     mport = re.search(r"^\s*metrics_port:\s*(\d+)", text, re.M)
     if not mport or int(mport.group(1)) != named_port(c, "metrics"):
         problem(f"{where}: cluster.metrics_port is not the server container's port 'metrics'")
-    mpath = re.search(r'^model \{[^}]*?^\s*path:\s*"([^"]+)"', text, re.M | re.S)
-    if not mpath or not mpath.group(1).startswith("/model"):
+    if not block_path(text, "model").startswith("/model"):
         problem(f"{where}: model.path is not under /model, the pool's base")
+    # Its outputs on its own checkpoint volume; its data where the workers
+    # find it too.
+    ckpt_mount = [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] == "ckpt"]
+    for what, path in (("output_dir", top_path(text, "output_dir")),
+                       ("checkpoint.path", block_path(text, "checkpoint"))):
+        if not ckpt_mount or not path.startswith(ckpt_mount[0] + "/"):
+            problem(f"{where}: {what} {path!r} is not on its checkpoint volume {ckpt_mount}")
+    wmounts = [m["mountPath"] for m in container(pool["worker"]).get("volumeMounts", [])]
+    for f in re.findall(r'^\s*(?:train|eval):\s*"([^"]+)"', text, re.M):
+        if not any(f.startswith(m + "/") for m in wmounts):
+            problem(f"{where}: data file {f} is on no volume of the workers {wmounts}")
 
     # The pool's policies admit the pool's workers to this server's port and
     # this server to the coordinator.
@@ -277,13 +298,17 @@ def check_apart(pool_objs, experiments):
                     if key in owner:
                         problem(f"experiment {name}: claim {key[1]} is also {owner[key]}'s")
                     owner[key] = f"experiment {name}"
+        # What the coordinator compares between running experiments.
         for cmap in by_kind(objs, "ConfigMap"):
             for text in cmap.get("data", {}).values():
-                m = re.search(r'^name:\s*"([^"]*)"', text, re.M)
-                if m and m.group(1) in names:
-                    problem(f"experiments {names[m.group(1)]} and {name} have the same name {m.group(1)!r}")
-                elif m:
-                    names[m.group(1)] = name
+                for what, value in (("name", top_path(text, "name")),
+                                    ("output_dir", top_path(text, "output_dir")),
+                                    ("checkpoint.path", block_path(text, "checkpoint"))):
+                    if (what, value) in names:
+                        problem(f"experiments {names[(what, value)]} and {name} have the same "
+                                f"{what} {value!r}: the coordinator refuses the second")
+                    else:
+                        names[(what, value)] = name
     for name, objs in experiments:
         for o in objs:
             if o["kind"] not in ("Service", "StatefulSet", "PodDisruptionBudget"):
