@@ -108,6 +108,25 @@ check "$T/pool.yaml" lora-a="$T/lora-a.yaml" prefix-b="$T/prefix-nosel.yaml" >"$
     fail "check_pool.py accepted an experiment whose selectors take other pods"
 grep -q "Service peftps-exp-prefix-b also selects the pods of experiment lora-a" "$T/out" ||
     fail "cross-selection not named: $(cat "$T/out")"
+# An experiment over two servers, as docs/deploy.md writes it: the patch of
+# replicas and two cluster.servers pass; the patch alone does not.
+cat >>"$T/deploy/pool/experiments/lora-a/kustomization.yaml" <<'EOK'
+patches:
+  - target:
+      kind: StatefulSet
+    patch: |-
+      - op: replace
+        path: /spec/replicas
+        value: 2
+EOK
+kubectl kustomize "$T/deploy/pool/experiments/lora-a" >"$T/lora-2.yaml" || fail "render lora-a with 2 servers"
+check "$T/pool.yaml" lora-a="$T/lora-2.yaml" >"$T/out" && fail "check_pool.py accepted 2 server pods and 1 cluster.servers"
+grep -q "does not name its server pods" "$T/out" || fail "servers/replicas mismatch not named: $(cat "$T/out")"
+sed -i 's|^  servers: "tcp://peftps-exp-lora-a-0.peftps-exp-lora-a:5555"$|&\n  servers: "tcp://peftps-exp-lora-a-1.peftps-exp-lora-a:5555"|' \
+    "$T/deploy/pool/experiments/lora-a/experiment.pbtxt"
+kubectl kustomize "$T/deploy/pool/experiments/lora-a" >"$T/lora-2.yaml" || fail "render lora-a with 2 servers"
+check "$T/pool.yaml" lora-a="$T/lora-2.yaml" prefix-b="$T/prefix-b.yaml" >"$T/out" ||
+    fail "check_pool.py refused lora-a over 2 servers: $(cat "$T/out")"
 # 3. cluster.servers on the wrong port; 4. a misspelt server flag.
 sed 's/peftps-exp-prefix-b:5555"/peftps-exp-prefix-b:5556"/; s/- --linger$/- --lingr/' \
     "$T/prefix-b.yaml" >"$T/prefix-bad.yaml"
