@@ -32,7 +32,10 @@ have() {
 }
 . tests/deploy/npm.sh
 
-EXPS=$(cd deploy/pool/experiments && ls -d */ | tr -d /)
+EXPS=""
+for d in deploy/pool/experiments/*/; do
+    [ -f "$d/kustomization.yaml" ] && EXPS="$EXPS $(basename "$d")"
+done
 [ "$(echo "$EXPS" | wc -w)" -ge 2 ] || fail "deploy/pool/experiments has fewer than two experiments: $EXPS"
 
 echo "yamllint"
@@ -49,10 +52,12 @@ FIX="--set model.path=tests/fixtures/tiny-llama --set data.train=tests/fixtures/
 FIX="$FIX --set data.eval=tests/fixtures/tiny-eval.tokens --set data.seq_len=64"
 if [ -e tests/fixtures/tiny-llama/config.json ]; then
     for n in $EXPS; do
+        # shellcheck disable=SC2086
         "$BIN/peftps" config check "deploy/pool/experiments/$n/experiment.pbtxt" $FIX >"$T/resolved" 2>"$T/err" ||
             fail "peftps config check deploy/pool/experiments/$n/experiment.pbtxt: $(cat "$T/err")"
     done
     # config check must refuse what a pool would: a share out of range.
+    # shellcheck disable=SC2086
     "$BIN/peftps" config check deploy/pool/experiments/lora-a/experiment.pbtxt $FIX \
         --set cluster.share=1000 >/dev/null 2>"$T/err" && fail "config check accepted cluster.share 1000"
     grep -q "cluster.share" "$T/err" || fail "the share error does not name cluster.share: $(cat "$T/err")"
@@ -135,8 +140,9 @@ check "$T/pool.yaml" lora-a="$T/lora-a.yaml" prefix-b="$T/prefix-bad.yaml" >"$T/
 for w in "does not name its server pods" "--lingr is not a flag of peftps-server"; do
     grep -q -- "$w" "$T/out" || fail "check_pool.py did not say '$w': $(cat "$T/out")"
 done
-# 5. Workers pointed at another port and given a writable base; 6. an
-#    experiment that holds the namespace (deleting it would delete the pool).
+# 5. Workers pointed at another port and given a writable base, every
+#    namespace let in to the servers' port; 6. an experiment that holds the
+#    namespace (deleting it would delete the pool).
 $PY - "$T/pool.yaml" "$T/pool-bad.yaml" "$T/lora-a.yaml" "$T/lora-ns.yaml" <<'EOF' || fail "could not make the broken pool"
 import sys, yaml
 objs = [o for o in yaml.safe_load_all(open(sys.argv[1])) if o]
@@ -146,6 +152,8 @@ for o in objs:
         c["args"][c["args"].index("--pool") + 1] = "tcp://peftps-pool:5601"
         for m in c["volumeMounts"]:
             m.pop("readOnly", None)
+    if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "peftps-server":
+        o["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})
 open(sys.argv[2], "w").write(yaml.safe_dump_all(objs))
 exp = [o for o in yaml.safe_load_all(open(sys.argv[3])) if o]
 ns = {"apiVersion": "v1", "kind": "Namespace",
@@ -154,7 +162,8 @@ open(sys.argv[4], "w").write(yaml.safe_dump_all(exp + [ns]))
 EOF
 check "$T/pool-bad.yaml" lora-a="$T/lora-ns.yaml" >"$T/out" && fail "check_pool.py accepted a broken pool"
 for w in "the workers' --pool tcp://peftps-pool:5601 is not the coordinator's Service tcp://peftps-pool:5600" \
-    "is not read-only" "holds Namespace peftps-pool: deleting it would delete a shared object"; do
+    "is not read-only" "NetworkPolicy peftps-server lets any pod reach port 5555" \
+    "holds Namespace peftps-pool: deleting it would delete a shared object"; do
     grep -q -- "$w" "$T/out" || fail "check_pool.py did not say '$w': $(cat "$T/out")"
 done
 # 7. A help text that knows the pool makes a missing pool flag an error.
@@ -170,7 +179,7 @@ if deploy_npm; then
     cmp -s "$T/lora-a.yaml" "$T/bad1.yaml" && fail "could not make bad1.yaml from the rendered lora-a"
     $V k8s "$T/bad1.yaml" >"$T/bad1.out" 2>&1 && fail "validate.mjs accepted an unknown field"
     grep -q "imagePullPolicyy" "$T/bad1.out" || fail "unknown field not named: $(cat "$T/bad1.out")"
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2046
     $V k8s "$T/pool.yaml" $(for n in $EXPS; do echo "$T/$n.yaml"; done) || fail "rendered objects do not validate"
 fi
 

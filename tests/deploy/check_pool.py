@@ -382,7 +382,7 @@ def main():
         check_flags(help_dir, pool_objs, experiments)
     for s in skips:
         print(s)
-    for p in cm.problems:
+    for p in dict.fromkeys(cm.problems):
         print(p)
     if not cm.problems:
         print(f"{args[0]} and {len(experiments)} experiments keep deploy/pool's promises")

@@ -8,6 +8,7 @@
 # npm is missing or the install fails (offline).
 deploy_npm() {
     NPMDIR="$BUILD/cache/npm/deploy"
+    # shellcheck disable=SC2034 # used by the caller
     V="node $NPMDIR/validate.mjs"
     if ! have node || ! have npm; then
         skip "node and npm are not installed: no schema validation"
