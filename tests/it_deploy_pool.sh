@@ -32,6 +32,18 @@ have() {
 }
 . tests/deploy/npm.sh
 
+echo "the repository ships no pool keys"
+for f in $(git ls-files deploy/pool/keys 2>/dev/null); do
+    case "$f" in
+    */.gitignore | */README.md | */kustomization.yaml) ;;
+    *) fail "$f is committed: keys are made per cluster with peftps keygen" ;;
+    esac
+done
+for f in deploy/pool/keys/*.key deploy/pool/keys/*.pub deploy/pool/keys/authorized_keys; do
+    [ -e "$f" ] || continue
+    git check-ignore -q "$f" 2>/dev/null || fail "$f is not ignored by deploy/pool/keys/.gitignore"
+done
+
 EXPS=""
 for d in deploy/pool/experiments/*/; do
     [ -f "$d/kustomization.yaml" ] && EXPS="$EXPS $(basename "$d")"
@@ -71,11 +83,20 @@ if ! have kubectl || ! kubectl kustomize --help >/dev/null 2>&1; then
     exit 0
 fi
 
-echo "kustomize renders the pool and each experiment"
-kubectl kustomize deploy/pool >"$T/pool.yaml" || fail "kubectl kustomize deploy/pool"
+echo "kustomize renders the pool (with throwaway keys) and each experiment"
+cp -r deploy "$T/deploy"
+K="$T/deploy/pool/keys"
+rm -f "$K"/*.key "$K"/*.pub "$K/authorized_keys"
+kubectl kustomize "$T/deploy/pool" >/dev/null 2>"$T/nokeys" && fail "deploy/pool rendered without keys"
+grep -q "server.key" "$T/nokeys" || fail "the error without keys does not name server.key: $(cat "$T/nokeys")"
+for k in server worker; do
+    "$BIN/peftps" keygen "$K/$k" >/dev/null || fail "peftps keygen $k"
+done
+cp "$K/worker.pub" "$K/authorized_keys"
+kubectl kustomize "$T/deploy/pool" >"$T/pool.yaml" || fail "kubectl kustomize deploy/pool"
 ARGS=""
 for n in $EXPS; do
-    kubectl kustomize "deploy/pool/experiments/$n" >"$T/$n.yaml" || fail "kubectl kustomize deploy/pool/experiments/$n"
+    kubectl kustomize "$T/deploy/pool/experiments/$n" >"$T/$n.yaml" || fail "kubectl kustomize deploy/pool/experiments/$n"
     ARGS="$ARGS $n=$T/$n.yaml"
 done
 
@@ -105,7 +126,6 @@ for w in "StatefulSet peftps-exp-lora-a is also experiment lora-a's" \
 done
 # 2. An experiment overlay without its instance label on the selectors:
 #    its Service and StatefulSet would take the other experiments' pods.
-cp -r deploy "$T/deploy"
 sed -i '/instance: prefix-b/{n;s/includeSelectors: true/includeSelectors: false/}' \
     "$T/deploy/pool/experiments/prefix-b/kustomization.yaml"
 kubectl kustomize "$T/deploy/pool/experiments/prefix-b" >"$T/prefix-nosel.yaml" || fail "render prefix-b without selectors"
@@ -166,7 +186,16 @@ for w in "the workers' --pool tcp://peftps-pool:5601 is not the coordinator's Se
     "holds Namespace peftps-pool: deleting it would delete a shared object"; do
     grep -q -- "$w" "$T/out" || fail "check_pool.py did not say '$w': $(cat "$T/out")"
 done
-# 7. A help text that knows the pool makes a missing pool flag an error.
+# 7. Keys on the wrong side: the server's secret key in the workers' Secret
+#    and the workers' in the servers'.
+sed -i 's/server=server.pub/server=server.key/; s/worker=worker.pub/worker=worker.key/' "$K/kustomization.yaml"
+kubectl kustomize "$T/deploy/pool" >"$T/pool-keys.yaml" || fail "render the pool with swapped keys"
+check "$T/pool-keys.yaml" lora-a="$T/lora-a.yaml" >"$T/out" && fail "check_pool.py accepted secret keys on the wrong side"
+for w in "the workers' /keys/server holds the server's secret key" \
+    "the server's /keys/worker holds the workers' secret key"; do
+    grep -q -- "$w" "$T/out" || fail "check_pool.py did not say '$w': $(cat "$T/out")"
+done
+# 8. A help text that knows the pool makes a missing pool flag an error.
 cp -r "$T/help" "$T/help-pool"
 echo "  --pool ENDPOINT  (a help that knows the pool)" >>"$T/help-pool/peftps-server"
 (cd tests/deploy && $PY check_pool.py --help-dir "$T/help-pool" "$T/pool.yaml" prefix-b="$T/prefix-bad.yaml") >"$T/out"

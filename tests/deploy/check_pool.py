@@ -12,6 +12,7 @@ in DIR/peftps-server, DIR/peftps-worker and DIR/pool-start (the --help
 output of those programs); while a program's help does not know the pool
 yet, its pool flags are skipped, one line starting "SKIP:" each. Prints one line per problem and
 exits 1 if there was any."""
+import base64
 import os
 import re
 import sys
@@ -86,6 +87,36 @@ def admitted(policies, pod_labels, from_labels, port):
     return ok
 
 
+def secret_files(o, secrets):
+    """The files of o's pod that come from Secrets: mount path -> text."""
+    spec = o["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    files = {}
+    for m in container(o).get("volumeMounts", []):
+        sv = (vols.get(m["name"]) or {}).get("secret")
+        data = (secrets.get(sv["secretName"]) or {}).get("data") if sv else None
+        if not data:
+            continue
+        items = sv.get("items") or [{"key": k, "path": k} for k in data]
+        for it in items:
+            if it["key"] in data:
+                text = base64.b64decode(str(data[it["key"]]).replace("\n", "")).decode()
+                files[f"{m['mountPath']}/{it['path']}"] = text
+    return files
+
+
+def key_lines(text):
+    """The public and secret keys of a key file's text (peftps keygen's format)."""
+    pub = re.findall(r"^public-key:\s*(\S+)", text, re.M) or re.findall(r"^(\S{40})$", text, re.M)
+    sec = re.findall(r"^secret-key:\s*(\S+)", text, re.M)
+    return pub, sec
+
+
+def sets_of(c):
+    args = c.get("args", [])
+    return dict(a.split("=", 1) for a, prev in zip(args[1:], args) if prev == "--set" and "=" in a)
+
+
 def top_path(text, field):
     m = re.search(rf'^{field}:\s*"([^"]*)"', text, re.M)
     return m.group(1) if m else ""
@@ -99,7 +130,7 @@ def block_path(text, block):
 
 def check_pool(objs):
     """The pool's own objects; returns what the experiments are checked against."""
-    for kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "Secret"):
+    for kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"):
         if by_kind(objs, kind):
             problem(f"the pool holds a {kind}; it needs none")
     ns = by_kind(objs, "Namespace")
@@ -171,7 +202,10 @@ def check_pool(objs):
     policies = by_kind(objs, "NetworkPolicy")
     if not admitted(policies, labels_of(coord), labels_of(worker), lport):
         problem("no NetworkPolicy lets the workers reach the coordinator")
-    return {"ns": ns, "pool_ep": pool_ep, "model_claim": model_claim, "policies": policies,
+    secrets = {o["metadata"]["name"]: o for o in by_kind(objs, "Secret")}
+    if not secrets:
+        problem("the pool has no Secret: no CURVE keys for the workers and servers")
+    return {"ns": ns, "pool_ep": pool_ep, "secrets": secrets, "model_claim": model_claim, "policies": policies,
             "coord": coord, "worker": worker, "lport": lport,
             "images": {container(d)["image"] for d in deps}}
 
@@ -268,12 +302,52 @@ def check_experiment(name, objs, pool):
         if not any(f.startswith(m + "/") for m in wmounts):
             problem(f"{where}: data file {f} is on no volume of the workers {wmounts}")
 
+    # CURVE with the pool's keys: the workers take the paths of the server's
+    # experiment, so each path is a file on both sides, the server's secret
+    # key only on the server and the workers' only on the workers.
+    curve = {k[len("cluster.curve."):]: v for k, v in sets_of(c).items() if k.startswith("cluster.curve.")}
+    curve.update({k: v for k, v in re.findall(r'^\s*(server_keys|worker_keys|authorized_keys):\s*"([^"]+)"',
+                                              text, re.M)})
+    sfiles = secret_files(sts, pool["secrets"])
+    wfiles = secret_files(pool["worker"], pool["secrets"])
+    if sorted(curve) != ["authorized_keys", "server_keys", "worker_keys"]:
+        problem(f"{where}: cluster.curve sets {sorted(curve)}, not server_keys, worker_keys and "
+                f"authorized_keys: the pool's traffic would be unencrypted")
+    else:
+        for field, path in curve.items():
+            for side, files in (("server", sfiles), ("workers", wfiles)):
+                if path not in files:
+                    problem(f"{where}: cluster.curve.{field} {path} is no file of a Secret on the {side}")
+    if not problems_since_curve(curve, sfiles, wfiles):
+        spub, ssec = key_lines(sfiles[curve["server_keys"]])
+        wpub, wsec = key_lines(wfiles[curve["server_keys"]])
+        if not ssec:
+            problem(f"{where}: the server's {curve['server_keys']} holds no secret key")
+        if wsec:
+            problem(f"{where}: the workers' {curve['server_keys']} holds the server's secret key")
+        if wpub[:1] != spub[:1]:
+            problem(f"{where}: the workers' {curve['server_keys']} is not the server's public key")
+        mpub, msec = key_lines(wfiles[curve["worker_keys"]])
+        opub, osec = key_lines(sfiles[curve["worker_keys"]])
+        if not msec:
+            problem(f"{where}: the workers' {curve['worker_keys']} holds no secret key")
+        if osec:
+            problem(f"{where}: the server's {curve['worker_keys']} holds the workers' secret key")
+        if mpub[:1] and mpub[0] not in key_lines(sfiles[curve["authorized_keys"]])[0]:
+            problem(f"{where}: the workers' public key is not in the server's {curve['authorized_keys']}")
+
     # The pool's policies admit the pool's workers to this server's port and
     # this server to the coordinator.
     if not admitted(pool["policies"], tmpl, labels_of(pool["worker"]), zmq):
         problem(f"{where}: no NetworkPolicy of the pool lets the workers reach its port {zmq}")
     if not admitted(pool["policies"], labels_of(pool["coord"]), tmpl, pool["lport"]):
         problem(f"{where}: no NetworkPolicy of the pool lets its server reach the coordinator")
+
+
+def problems_since_curve(curve, sfiles, wfiles):
+    """Whether a key file the content checks read is missing."""
+    return any(curve.get(f) not in files for f in ("server_keys", "worker_keys", "authorized_keys")
+               for files in (sfiles, wfiles))
 
 
 def check_apart(pool_objs, experiments):
