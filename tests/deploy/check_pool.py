@@ -175,6 +175,10 @@ def check_pool(objs):
         return None
     pool_ep = f"tcp://{svc['metadata']['name']}:{sport[0]['port']}"
 
+    work = arg_after(cc, "--work")
+    if not work or not any(m["mountPath"] == work and not m.get("readOnly")
+                           for m in cc.get("volumeMounts", [])):
+        problem(f"the coordinator's --work {work} is not a writable volume of its pod")
     model_claim, ro = mount_claim(coord, arg_after(cc, "--model"))
     if not model_claim or not ro:
         problem("the coordinator's --model is not a read-only mounted claim")
@@ -399,7 +403,7 @@ def check_apart(pool_objs, experiments):
 POOL_FLAGS = {
     "peftps-server": {"--pool"},
     "peftps-worker": {"--pool", "--model", "--metrics-port", "--no-cobatch"},
-    "pool-start": {"--model", "--listen", "--workers"},
+    "pool-start": {"--model", "--listen", "--workers", "--work"},
 }
 
 
