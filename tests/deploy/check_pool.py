@@ -301,10 +301,12 @@ def check_experiment(name, objs, pool):
                        ("checkpoint.path", block_path(text, "checkpoint"))):
         if not ckpt_mount or not path.startswith(ckpt_mount[0] + "/"):
             problem(f"{where}: {what} {path!r} is not on its checkpoint volume {ckpt_mount}")
-    wmounts = [m["mountPath"] for m in container(pool["worker"]).get("volumeMounts", [])]
-    for f in re.findall(r'^\s*(?:train|eval):\s*"([^"]+)"', text, re.M):
-        if not any(f.startswith(m + "/") for m in wmounts):
-            problem(f"{where}: data file {f} is on no volume of the workers {wmounts}")
+    # The coordinator checks the paths of an announced experiment too.
+    for who, side in (("worker", "workers"), ("coord", "coordinator")):
+        mounts = [m["mountPath"] for m in container(pool[who]).get("volumeMounts", [])]
+        for f in re.findall(r'^\s*(?:train|eval):\s*"([^"]+)"', text, re.M):
+            if not any(f.startswith(m + "/") for m in mounts):
+                problem(f"{where}: data file {f} is on no volume of the {side} {mounts}")
 
     # CURVE with the pool's keys: the workers take the paths of the server's
     # experiment, so each path is a file on both sides, the server's secret
@@ -314,14 +316,17 @@ def check_experiment(name, objs, pool):
                                               text, re.M)})
     sfiles = secret_files(sts, pool["secrets"])
     wfiles = secret_files(pool["worker"], pool["secrets"])
+    cfiles = secret_files(pool["coord"], pool["secrets"])
     if sorted(curve) != ["authorized_keys", "server_keys", "worker_keys"]:
         problem(f"{where}: cluster.curve sets {sorted(curve)}, not server_keys, worker_keys and "
                 f"authorized_keys: the pool's traffic would be unencrypted")
     else:
         for field, path in curve.items():
-            for side, files in (("server", sfiles), ("workers", wfiles)):
+            for side, files in (("server", sfiles), ("workers", wfiles), ("coordinator", cfiles)):
                 if path not in files:
                     problem(f"{where}: cluster.curve.{field} {path} is no file of a Secret on the {side}")
+                elif side == "coordinator" and key_lines(files[path])[1]:
+                    problem(f"{where}: the coordinator's {path} holds a secret key")
     if not problems_since_curve(curve, sfiles, wfiles):
         spub, ssec = key_lines(sfiles[curve["server_keys"]])
         wpub, wsec = key_lines(wfiles[curve["server_keys"]])
