@@ -4,16 +4,19 @@
 # throwaway keys, and the experiments cut down to the tiny fixture model),
 # each Deployment and StatefulSet pod run from its rendered command line by
 # tests/deploy/podrun.py in a network namespace of its own (on a bridge,
-# /etc/hosts naming the Services) and a mount namespace that holds only
-# its volumes: the Secrets' keys as each pod gets them, the ConfigMap, its
+# /etc/hosts naming the Services) and a mount namespace that holds only its
+# volumes: the Secrets' keys as each pod gets them, the ConfigMap, its
 # checkpoint volume. The coordinator and two workers start; both experiments
 # are "applied" (their server pods started); one server pod is SIGKILLed
-# mid-run and started again, as a StatefulSet does; both finish, each
-# bit-identical to its own `peftps train`; `peftps jobs` runs in the
-# coordinator's pod (as with kubectl exec), and the probes' endpoints
-# answer. Not emulated: users and groups (every process runs as root), the
-# kubelet's probes and restarts, resource limits. Needs root, iproute2,
-# unshare, kubectl and the pool programs; prints SKIP otherwise.
+# mid-run and started again, as a StatefulSet does, and a worker pod too;
+# both finish, each bit-identical to its own `peftps train`. A third
+# experiment, copied from lora-a as docs/deploy.md says, joins the running
+# pool and is cancelled mid-run with `peftps cancel` run in the
+# coordinator's pod (as with kubectl exec); the workers leave it. The
+# probes' endpoints answer. Not emulated: users and groups (every process
+# runs as root), the kubelet's probes and restarts, resource limits. Needs
+# root, iproute2, unshare, kubectl and the pool programs; prints SKIP
+# otherwise.
 BUILD=${BUILD:-build}
 BIN=${BIN:-bin}
 PY=/usr/bin/python3
@@ -63,15 +66,22 @@ for n in lora-a prefix-b; do
         "$T/deploy/pool/experiments/$n/experiment.pbtxt"
     grep -q "total_steps: 120" "$T/deploy/pool/experiments/$n/experiment.pbtxt" || fail "could not cut down $n"
 done
+# A third experiment made as docs/deploy.md says: a copy of lora-a renamed,
+# another seed, long enough to be cancelled mid-run.
+cp -r "$T/deploy/pool/experiments/lora-a" "$T/deploy/pool/experiments/lora-c"
+sed -i 's/lora-a/lora-c/g; s/^seed: 42$/seed: 43/; s/total_steps: 120/total_steps: 100000/' \
+    "$T/deploy/pool/experiments/lora-c/kustomization.yaml" "$T/deploy/pool/experiments/lora-c/experiment.pbtxt"
 kubectl kustomize "$T/deploy/pool" >"$T/pool.yaml" || fail "kubectl kustomize deploy/pool"
-for n in lora-a prefix-b; do
+for n in lora-a prefix-b lora-c; do
     kubectl kustomize "$T/deploy/pool/experiments/$n" >"$T/$n.yaml" || fail "kubectl kustomize $n"
 done
 mkdir "$T/data"
 cp tests/fixtures/tiny.tokens "$T/data/train.tokens"
 cp tests/fixtures/tiny-eval.tokens "$T/data/eval.tokens"
 $PY tests/deploy/podrun.py "$T/run" "$PWD/tests/fixtures/tiny-llama" "$T/data" \
-    "$T/pool.yaml" "$T/lora-a.yaml" "$T/prefix-b.yaml" >"$T/pods" || fail "podrun.py"
+    "$T/pool.yaml" "$T/lora-a.yaml" "$T/prefix-b.yaml" "$T/lora-c.yaml" >"$T/pods" || fail "podrun.py"
+(cd tests/deploy && $PY check_pool.py "$T/pool.yaml" lora-a="$T/lora-a.yaml" prefix-b="$T/prefix-b.yaml" \
+    lora-c="$T/lora-c.yaml") >"$T/check.out" || fail "check_pool.py refused the copied experiment: $(cat "$T/check.out")"
 for p in peftps-pool peftps-pool-worker peftps-exp-lora-a-0 peftps-exp-prefix-b-0; do
     grep -qx "$p" "$T/pods" || fail "no pod $p in the rendered manifests: $(cat "$T/pods")"
 done
@@ -102,11 +112,13 @@ podns w0
 podns w1
 podns lora
 podns prefix
+podns lorac
 {
     echo "127.0.0.1 localhost"
     echo "$NET.1 peftps-pool"
     echo "$NET.4 peftps-exp-lora-a-0.peftps-exp-lora-a"
     echo "$NET.5 peftps-exp-prefix-b-0.peftps-exp-prefix-b"
+    echo "$NET.6 peftps-exp-lora-c-0.peftps-exp-lora-c"
 } >"$T/run/hosts"
 
 # pod NS SCRIPT LOG: runs a pod's script in namespace NS; sets LAST.
@@ -202,6 +214,20 @@ for n in lora-a prefix-b; do
     cmp "$out/tensors.safetensors" "$T/ref/$n/tensors.safetensors" ||
         fail "$n on the pool differs from its own peftps train"
 done
+
+echo "lora-c added to the running pool, then peftps cancel (in the coordinator's pod) mid-run"
+pod lorac peftps-exp-lora-c-0 server-lora-c
+LORAC=$LAST
+wait_until 60 "lora-c at step 5" step_at_least lora-c 5
+ip netns exec "${P}coord" "$BIN/peftps" cancel lora-c --pool tcp://127.0.0.1:5600 >"$T/cancel.out" 2>&1 ||
+    fail "peftps cancel lora-c: $(cat "$T/cancel.out")"
+wait_until 30 "lora-c cancelled" state_is lora-c cancelled
+wait_log "$T/server-lora-c.log" "cancelled on the pool" 30
+for w in 0-replaced 1; do
+    wait_log "$T/worker-$w.log" "job lora-c: no longer listed by the pool; leaving it" 30
+done
+kill -TERM "$LORAC" 2>/dev/null
+wait "$LORAC" 2>/dev/null
 
 echo "kubectl delete -k deploy/pool/experiments/lora-a: the server pod stops on SIGTERM, exit 0"
 kill -TERM "$LORA"
