@@ -3,15 +3,19 @@ rendered objects (tests/it_deploy_pool.sh renders them with `kubectl
 kustomize`): one coordinator behind a Service, workers pointed at it with
 the base read-only, and per experiment only its own objects (ConfigMap,
 headless Service, StatefulSet, disruption budget), named and selected so
-that no two experiments collide, its cluster.servers naming its server pods
-and its name the directory's. Shares check_manifests.py's pod checks.
+that no two experiments collide, its cluster.servers naming its server pods,
+its name the directory's, its outputs on its own volume; the CURVE key
+files at the same paths on the servers, the workers and the coordinator,
+each secret key on its own side only; NetworkPolicies that admit the
+workers and servers where they connect and nobody else. Shares
+check_manifests.py's pod checks.
 
 usage: check_pool.py [--help-dir DIR] POOL.yaml NAME=EXPERIMENT.yaml...
 With --help-dir, the flags in the containers' command lines are looked up
 in DIR/peftps-server, DIR/peftps-worker and DIR/pool-start (the --help
 output of those programs); while a program's help does not know the pool
-yet, its pool flags are skipped, one line starting "SKIP:" each. Prints one line per problem and
-exits 1 if there was any."""
+yet, its pool flags are skipped, one line starting "SKIP:" per program.
+Prints one line per problem and exits 1 if there was any."""
 import base64
 import os
 import re
@@ -311,9 +315,9 @@ def check_experiment(name, objs, pool):
     # CURVE with the pool's keys: the workers take the paths of the server's
     # experiment, so each path is a file on both sides, the server's secret
     # key only on the server and the workers' only on the workers.
-    curve = {k[len("cluster.curve."):]: v for k, v in sets_of(c).items() if k.startswith("cluster.curve.")}
-    curve.update({k: v for k, v in re.findall(r'^\s*(server_keys|worker_keys|authorized_keys):\s*"([^"]+)"',
-                                              text, re.M)})
+    # The file's paths, overridden by the command line's --set.
+    curve = dict(re.findall(r'^\s*(server_keys|worker_keys|authorized_keys):\s*"([^"]+)"', text, re.M))
+    curve.update({k[len("cluster.curve."):]: v for k, v in sets_of(c).items() if k.startswith("cluster.curve.")})
     sfiles = secret_files(sts, pool["secrets"])
     wfiles = secret_files(pool["worker"], pool["secrets"])
     cfiles = secret_files(pool["coord"], pool["secrets"])
@@ -327,7 +331,7 @@ def check_experiment(name, objs, pool):
                     problem(f"{where}: cluster.curve.{field} {path} is no file of a Secret on the {side}")
                 elif side == "coordinator" and key_lines(files[path])[1]:
                     problem(f"{where}: the coordinator's {path} holds a secret key")
-    if not problems_since_curve(curve, sfiles, wfiles):
+    if not key_file_missing(curve, sfiles, wfiles):
         spub, ssec = key_lines(sfiles[curve["server_keys"]])
         wpub, wsec = key_lines(wfiles[curve["server_keys"]])
         if not ssec:
@@ -353,7 +357,7 @@ def check_experiment(name, objs, pool):
         problem(f"{where}: no NetworkPolicy of the pool lets its server reach the coordinator")
 
 
-def problems_since_curve(curve, sfiles, wfiles):
+def key_file_missing(curve, sfiles, wfiles):
     """Whether a key file the content checks read is missing."""
     return any(curve.get(f) not in files for f in ("server_keys", "worker_keys", "authorized_keys")
                for files in (sfiles, wfiles))
