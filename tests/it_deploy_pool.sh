@@ -43,6 +43,8 @@ for f in deploy/pool/keys/*.key deploy/pool/keys/*.pub deploy/pool/keys/authoriz
     [ -e "$f" ] || continue
     git check-ignore -q "$f" 2>/dev/null || fail "$f is not ignored by deploy/pool/keys/.gitignore"
 done
+grep -qx "deploy/pool/keys" deploy/Dockerfile.dockerignore ||
+    fail "deploy/Dockerfile.dockerignore does not keep deploy/pool/keys out of the image's build context"
 
 EXPS=""
 for d in deploy/pool/experiments/*/; do
