@@ -1,17 +1,22 @@
 #!/bin/sh
 # Validation of deploy/pool (the pool form: a coordinator, a worker
-# Deployment, one overlay per experiment) without a cluster: yamllint;
-# `kubectl kustomize` of the pool and of every deploy/pool/experiments/*;
-# every rendered object against the Kubernetes API schema
+# Deployment, one overlay per experiment) without a cluster: no keys
+# committed nor in the image's build context; yamllint; `kubectl kustomize`
+# of the pool (with throwaway keys from `peftps keygen`; without keys it
+# must fail naming the file) and of every deploy/pool/experiments/*; every
+# rendered object against the Kubernetes API schema
 # (tests/deploy/validate.mjs); what the pool form promises
 # (tests/deploy/check_pool.py): the workers and servers pointed at the
 # coordinator's Service, each experiment's cluster.servers naming its own
-# server pods, names, claims and selectors that never collide between
-# experiments, and every flag of the containers' command lines in its
-# program's --help; and every experiment through `peftps config check`. Each
-# check is first shown a broken input it must reject. A step whose tool is
-# missing prints "SKIP: why", and so does each pool flag that a program's
-# --help does not know yet.
+# server pods, names, claims, selectors and output paths that never collide
+# between experiments, the CURVE key files where each side needs them and
+# no secret key on the wrong side, and every flag of the containers'
+# command lines in its program's --help; an experiment over two servers as
+# docs/deploy.md shows it; and every experiment through `peftps config
+# check`. Each check is first shown a broken input it must reject. A step
+# whose tool is missing prints "SKIP: why", and so does each pool flag that
+# a program's --help does not know yet. tests/it_deploy_pods.sh runs the
+# rendered pods.
 BUILD=${BUILD:-build}
 BIN=${BIN:-bin}
 PY=/usr/bin/python3
