@@ -28,6 +28,7 @@ skip() {
 have() {
     command -v "$1" >/dev/null 2>&1
 }
+. tests/deploy/npm.sh
 
 echo "the repository ships no keys"
 for f in $(git ls-files deploy/keys 2>/dev/null); do
@@ -130,30 +131,13 @@ else
 fi
 
 echo "Kubernetes API schemas, unknown fields rejected, and the Dockerfile"
-NPMDIR="$BUILD/cache/npm/deploy"
 npm_ready=0
 if [ ! -f "$T/base.yaml" ]; then
     skip "nothing rendered to validate against the API schemas"
-elif have node && have npm; then
-    mkdir -p "$NPMDIR"
-    # Reinstall only when the lock file changed.
-    if ! cmp -s tests/deploy/package-lock.json "$NPMDIR/package-lock.json" || [ ! -d "$NPMDIR/node_modules" ]; then
-        cp tests/deploy/package.json tests/deploy/package-lock.json "$NPMDIR/"
-        if (cd "$NPMDIR" && npm ci --no-audit --no-fund --prefer-offline >npm.log 2>&1); then
-            npm_ready=1
-        else
-            rm -f "$NPMDIR/package-lock.json"
-            skip "npm ci of tests/deploy/package.json failed (offline?): $(tail -n 2 "$NPMDIR/npm.log")"
-        fi
-    else
-        npm_ready=1
-    fi
-else
-    skip "node and npm are not installed: no schema validation"
+elif deploy_npm; then
+    npm_ready=1
 fi
 if [ $npm_ready = 1 ]; then
-    cp tests/deploy/validate.mjs "$NPMDIR/"
-    V="node $NPMDIR/validate.mjs"
     # First, broken objects it must reject: an unknown field deep in a pod
     # template, a misspelt probe field, and a string where a number goes.
     sed 's/^        name: worker$/        name: worker\n        imagePullPolicyy: Always/' \
