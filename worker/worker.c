@@ -609,8 +609,8 @@ static void cobatch_note(worker_host *h, const cobatch_stats *did, int k) {
     double now = progress_now();
     if (h->co_products && (!h->co_logged || now - h->co_logged >= COBATCH_LOG_S)) {
         log_info("co-batched %llu frozen products of experiments computed together into %llu "
-                 "calls (%.0f rows each on average); %llu products ran alone (F32, or no "
-                 "partner)",
+                 "calls (%.0f rows each on average); %llu not concatenated (F32 calls, run side "
+                 "by side in team jobs; BF16 ones without a partner)",
                  (unsigned long long)h->co_products, (unsigned long long)h->co_calls,
                  h->co_calls ? (double)h->co_rows / (double)h->co_calls : 0.0,
                  (unsigned long long)h->co_alone);
