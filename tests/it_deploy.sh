@@ -15,19 +15,7 @@ BIN=${BIN:-bin}
 PY=/usr/bin/python3
 T=$(mktemp -d /tmp/peftps-it-deploy.XXXXXX)
 trap 'rm -rf "$T"' EXIT
-skipped=0
-
-fail() {
-    echo "FAIL: $*"
-    exit 1
-}
-skip() {
-    echo "SKIP: $*"
-    skipped=$((skipped + 1))
-}
-have() {
-    command -v "$1" >/dev/null 2>&1
-}
+. tests/deploy/checks.sh
 . tests/deploy/npm.sh
 
 echo "the repository ships no keys"

@@ -1,7 +1,7 @@
 # Sourced by tests/it_deploy.sh and tests/it_deploy_pool.sh: installs the npm
 # packages of tests/deploy/package.json (the Kubernetes schema and
 # Dockerfile validators of validate.mjs) into $BUILD/cache/npm/deploy.
-# Needs the caller's skip and have functions.
+# Needs skip and have (tests/deploy/checks.sh).
 
 # deploy_npm: sets NPMDIR and V (the validate.mjs command) and returns 0 once
 # the packages are installed; prints a SKIP line and returns 1 when node or
