@@ -136,7 +136,8 @@ typedef struct job {
     const bf16_op *ops;
     int n, sum;
     const uint32_t *xb[MAX_OPS];
-    int first[MAX_OPS + 1]; /* task of each op's first panel (independent ops) */
+    int first[MAX_OPS + 1]; /* task of each op's first panel (independent ops); first[n]: tasks */
+    int width;              /* threads of the team */
 } job;
 
 typedef struct round_args {
@@ -187,6 +188,48 @@ static void pack_scalar(const bf16_op *op, int j0, uint32_t *pw) {
             uint32_t *d = pw + (size_t)p * PANEL;
             for (int c = 0; c < nc; c++) d[c] = r0[c] | (r1 ? (uint32_t)r1[c] << 16 : 0);
         }
+    }
+}
+
+/* The weights a panel packs, as runs of cache lines: an NT panel is one
+ * run (its rows are consecutive), an NN panel one short run per row. */
+typedef struct ahead {
+    const char *base; /* NULL: nothing to fetch */
+    size_t run, stride; /* bytes of a run, bytes from run to run */
+    int runs, done;     /* runs in all, runs fetched so far */
+} ahead;
+
+static ahead ahead_of(const bf16_op *op, int j0) {
+    ahead a = {0};
+    if (j0 >= op->M) return a;
+    int nc = op->M - j0 < PANEL ? op->M - j0 : PANEL;
+    if (!op->nn) {
+        a.base = (const char *)(op->w + (size_t)j0 * op->K);
+        a.run = (size_t)nc * op->K * 2;
+        a.runs = 1;
+    } else {
+        a.base = (const char *)(op->w + j0);
+        a.run = (size_t)nc * 2;
+        a.stride = (size_t)op->M * 2;
+        a.runs = op->K;
+    }
+    return a;
+}
+
+/* Asks for the next `lines` cache lines of a panel this thread will pack
+ * later, so that reading the base from memory overlaps the products. */
+static inline void fetch_ahead(ahead *a, int lines) {
+    if (!a->base) return;
+    if (a->runs == 1) {
+        size_t from = (size_t)a->done * 64;
+        for (int l = 0; l < lines && from < a->run; l++, from += 64)
+            __builtin_prefetch(a->base + from, 0, 2);
+        a->done = (int)(from / 64);
+        return;
+    }
+    for (int l = 0; l < lines && a->done < a->runs; a->done++) {
+        const char *r = a->base + (size_t)a->done * a->stride;
+        for (size_t b = 0; b < a->run; b += 64, l++) __builtin_prefetch(r + b, 0, 2);
     }
 }
 
@@ -295,11 +338,19 @@ tile(int mr, const uint32_t *x, size_t xld, const uint32_t *pw, int kp, const bf
 }
 
 BF16_TARGET static void panel_rows(const bf16_op *op, const uint32_t *xb, const uint32_t *pw,
-                                   int j0, int accumulate) {
+                                   int j0, int accumulate, ahead *next) {
     int kp = (op->K + 1) / 2, nc = op->M - j0 < PANEL ? op->M - j0 : PANEL, N = op->N;
+    int tiles = (N + MR - 1) / MR, lines = 0;
+    if (next->base) {
+        size_t total = next->runs == 1 ? next->run / 64 + 1 : (size_t)next->runs * ((next->run + 63) / 64);
+        lines = (int)((total + (size_t)tiles - 1) / (size_t)tiles);
+    }
     int i = 0;
-    for (; i + MR <= N; i += MR)
+    for (; i + MR <= N; i += MR) {
+        fetch_ahead(next, lines);
         tile(MR, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate);
+    }
+    fetch_ahead(next, lines);
     switch (N - i) {
     case 5:
         tile(5, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate);
@@ -326,27 +377,48 @@ static void pack_panel(const bf16_op *op, int j0, uint32_t *pw) {
 }
 
 static void panel_rows(const bf16_op *op, const uint32_t *xb, const uint32_t *pw, int j0,
-                       int accumulate) {
-    (void)op, (void)xb, (void)pw, (void)j0, (void)accumulate;
+                       int accumulate, ahead *next) {
+    (void)op, (void)xb, (void)pw, (void)j0, (void)accumulate, (void)next;
     abort(); /* bf16_cpu_ok is 0: never called */
 }
 #endif
 
+/* The panel a task packs first: op k's columns from j0. */
+static void task_panel(const job *j, int task, int *k, int *j0) {
+    if (j->sum) {
+        *k = 0;
+        *j0 = task * PANEL;
+        return;
+    }
+    int q = 0;
+    while (q < j->n && task >= j->first[q + 1]) q++;
+    *k = q;
+    *j0 = q < j->n ? (task - j->first[q]) * PANEL : 0;
+}
+
 static void job_task(void *c, int task, float *scratch) {
     const job *j = c;
     uint32_t *pw = (uint32_t *)scratch;
+    /* Tasks go out in order, so this thread's next one is likely a team's
+     * width ahead: its weights are fetched while this one computes. */
+    int nk, nj0, k, j0;
+    ahead next = {0};
+    if (task + j->width < j->first[j->n]) {
+        task_panel(j, task + j->width, &nk, &nj0);
+        next = ahead_of(&j->ops[nk], nj0);
+    }
     if (j->sum) {
-        for (int k = 0; k < j->n; k++) {
+        for (k = 0; k < j->n; k++) {
+            ahead none = {0}, *a = k == j->n - 1 ? &next : &none;
+            if (k + 1 < j->n) none = ahead_of(&j->ops[k + 1], task * PANEL);
             pack_panel(&j->ops[k], task * PANEL, pw);
-            panel_rows(&j->ops[k], j->xb[k], pw, task * PANEL, k > 0);
+            panel_rows(&j->ops[k], j->xb[k], pw, task * PANEL, k > 0, a);
         }
         return;
     }
-    int k = 0;
-    while (task >= j->first[k + 1]) k++;
-    int j0 = (task - j->first[k]) * PANEL;
+    task_panel(j, task, &k, &j0);
     pack_panel(&j->ops[k], j0, pw);
-    panel_rows(&j->ops[k], j->xb[k], pw, j0, 0);
+    panel_rows(&j->ops[k], j->xb[k], pw, j0, 0, &next);
 }
 
 static void *grow(void *p, size_t *len, size_t want) {
@@ -375,6 +447,16 @@ void bf16_matmul(const bf16_op *ops, int n, int sum) {
     tl_xb = grow(tl_xb, &tl_xb_len, xlen);
     tl_scratch = grow(tl_scratch, &tl_scratch_len, pack);
     if (!tl_xb || !tl_scratch) abort(); /* as any allocation of workspace failing mid-step */
+    int tasks = 0;
+    if (sum)
+        tasks = (ops[0].M + PANEL - 1) / PANEL;
+    else
+        for (int k = 0; k < n; k++) {
+            j.first[k] = tasks;
+            tasks += (ops[k].M + PANEL - 1) / PANEL;
+        }
+    j.first[n] = tasks;
+    j.width = team_size();
     size_t off = 0;
     for (int k = 0; k < n; k++) {
         if (reuse[k] >= 0) {
@@ -387,14 +469,5 @@ void bf16_matmul(const bf16_op *ops, int n, int sum) {
         j.xb[k] = tl_xb + off;
         off += ((size_t)ops[k].N * kp + 15) / 16 * 16;
     }
-    int tasks = 0;
-    if (sum)
-        tasks = (ops[0].M + PANEL - 1) / PANEL;
-    else
-        for (int k = 0; k < n; k++) {
-            j.first[k] = tasks;
-            tasks += (ops[k].M + PANEL - 1) / PANEL;
-        }
-    j.first[n] = tasks;
     team_run(tasks, job_task, &j, tl_scratch, pack);
 }
