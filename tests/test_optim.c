@@ -312,6 +312,16 @@ static void test_optim_bits_equal_torch(void **state) {
     replay(1);
 }
 
+/* The same replay with the vector update turned off (PEFTPS_CPU_DISABLE=avx2):
+ * the scalar loop, which a CPU without AVX2 and FMA runs, gives torch's bits
+ * too. */
+static void test_optim_bits_equal_torch_scalar(void **state) {
+    (void)state;
+    setenv("PEFTPS_CPU_DISABLE", "avx2", 1);
+    replay(1);
+    unsetenv("PEFTPS_CPU_DISABLE");
+}
+
 /* ---- optimizer: unit checks ----------------------------------------------- */
 
 static Peftps__Optimizer adamw_cfg(float lr, float wd) {
@@ -471,6 +481,47 @@ static void test_determinism_and_restore(void **state) {
     optim_free(&a), optim_free(&b), optim_free(&c);
 }
 
+/* The vector update (8 elements at a time) against the scalar loop, bit for
+ * bit, over 40 steps on values that reach the corners: zero, subnormal and
+ * huge gradients, zero and negative parameters, a length that leaves a
+ * tail of 5, and weight decay on. */
+static void test_vector_update_same_bits(void **state) {
+    (void)state;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+        printf("this CPU has no AVX2 and FMA: only the scalar update runs here\n");
+        skip();
+    }
+#else
+    skip();
+#endif
+    enum { N = 8 * 125 + 5, STEPS = 40 };
+    Peftps__Optimizer cfg = adamw_cfg(1e-2f, 0.1f);
+    static float pv[N], ps[N], g[N];
+    fill(pv, N, 7, 1.0f);
+    pv[0] = 0, pv[1] = -0.0f, pv[2] = 1e30f, pv[3] = -1e-40f;
+    memcpy(ps, pv, sizeof pv);
+    optim a, b;
+    err e = {{0}};
+    assert_int_equal(optim_create(&a, N, &cfg, &e), 0);
+    assert_int_equal(optim_create(&b, N, &cfg, &e), 0);
+    for (int s = 0; s < STEPS; s++) {
+        fill(g, N, (uint64_t)s + 100, 0.1f);
+        g[4] = 0, g[5] = 1e-41f, g[6] = -3e-39f, g[7] = 1e18f, g[N - 1] = -2e-38f;
+        if (s % 3 == 0) g[8] = 0, g[9] = 0;
+        unsetenv("PEFTPS_CPU_DISABLE");
+        optim_step(&a, pv, g, 1e-2);
+        setenv("PEFTPS_CPU_DISABLE", "avx2", 1);
+        optim_step(&b, ps, g, 1e-2);
+        unsetenv("PEFTPS_CPU_DISABLE");
+        assert_memory_equal(pv, ps, sizeof pv);
+        assert_memory_equal(a.m, b.m, N * sizeof(float));
+        assert_memory_equal(a.v, b.v, N * sizeof(float));
+    }
+    optim_free(&a), optim_free(&b);
+}
+
 static void test_create_errors(void **state) {
     (void)state;
     optim o;
@@ -507,6 +558,8 @@ int main(void) {
         cmocka_unit_test(test_rng_log),
         cmocka_unit_test(test_optim_matches_torch),
         cmocka_unit_test(test_optim_bits_equal_torch),
+        cmocka_unit_test(test_optim_bits_equal_torch_scalar),
+        cmocka_unit_test(test_vector_update_same_bits),
         cmocka_unit_test(test_clip),
         cmocka_unit_test(test_bias_correction_first_step),
         cmocka_unit_test(test_schedule_end_points),

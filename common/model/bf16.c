@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/cpu.h"
 #include "base/team.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -22,18 +23,6 @@
 #endif
 
 /* ---- the CPU --------------------------------------------------------------- */
-
-static int env_disables(const char *isa) {
-    const char *s = getenv("PEFTPS_CPU_DISABLE");
-    size_t n = strlen(isa);
-    while (s && *s) {
-        const char *end = strchr(s, ',');
-        size_t len = end ? (size_t)(end - s) : strlen(s);
-        if (len == n && strncasecmp(s, isa, n) == 0) return 1;
-        s = end ? end + 1 : NULL;
-    }
-    return 0;
-}
 
 static int cpu_probe(void) {
 #if BF16_X86
@@ -60,7 +49,7 @@ static int cpu_has_bf16(void) {
 }
 
 int bf16_cpu_ok(void) {
-    return cpu_has_bf16() && !env_disables("avx512bf16");
+    return cpu_has_bf16() && !cpu_disabled("avx512bf16");
 }
 
 int bf16_cpu_check(const char *what, err *e) {
@@ -70,7 +59,7 @@ int bf16_cpu_check(const char *what, err *e) {
                    "lacks%s; run it on a CPU with AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids "
                    "or later, AMD Zen 4 or later), or train with compute: F32",
                    what,
-                   env_disables("avx512bf16") ? " (PEFTPS_CPU_DISABLE=avx512bf16 is set)" : "");
+                   cpu_disabled("avx512bf16") ? " (PEFTPS_CPU_DISABLE=avx512bf16 is set)" : "");
 }
 
 /* ---- rounding -------------------------------------------------------------- */
