@@ -287,6 +287,24 @@ BF16_TARGET static void pack_panel(const bf16_op *op, int j0, uint32_t *pw) {
     }
 }
 
+/* Asks for the rows a tile of rows [i0, i0 + mr) ends by reading (what it
+ * adds) and writing, so that they arrive while its products run: the
+ * weight gradients add into outputs far larger than the caches. */
+static void fetch_rows(const bf16_op *op, int i0, int mr, int j0, int nc, int accumulate) {
+    for (int i = 0; i < mr; i++) {
+        const float *o =
+            (op->out_rows ? op->out_rows[i0 + i] : op->out + (size_t)(i0 + i) * op->M) + j0;
+        const float *a = accumulate             ? o
+                         : op->add_rows         ? op->add_rows[i0 + i] + j0
+                         : op->add && op->add_ld ? op->add + (size_t)(i0 + i) * op->add_ld + j0
+                                                 : NULL;
+        for (int c = 0; c < nc; c += 16) {
+            __builtin_prefetch(o + c, 1, 3);
+            if (a && a != o) __builtin_prefetch(a + c, 0, 3);
+        }
+    }
+}
+
 /* Rows [i0, i0 + mr) times the packed panel into out's columns [j0, j0 +
  * nc): each lane accumulates the pairs in order from zero, then adds
  * `add` (or writes) once. Always inlined with a constant mr. */
@@ -337,6 +355,7 @@ BF16_TARGET static void panel_rows(const bf16_op *op, const uint32_t *xb, const 
     int i = 0;
     for (; i + MR <= N; i += MR) {
         fetch_ahead(next, lines);
+        fetch_rows(op, i, MR, j0, nc, accumulate);
         tile(MR, xb + (size_t)i * kp, (size_t)kp, pw, kp, op, i, j0, nc, accumulate);
     }
     fetch_ahead(next, lines);

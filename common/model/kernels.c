@@ -785,11 +785,19 @@ typedef struct transpose_args {
     int N, OC;
 } transpose_args;
 
-/* Rows [o0, o1) of dst (OC,N) = src (N,OC) transposed. */
+/* Rows [o0, o1) of dst (OC,N) = src (N,OC) transposed, in blocks of 16
+ * columns by 64 rows of src so that the lines read stay in cache. */
 static void transpose_rows(void *c, size_t o0, size_t o1) {
     const transpose_args *a = c;
-    for (size_t o = o0; o < o1; o++)
-        for (int i = 0; i < a->N; i++) a->dst[o * a->N + i] = a->src[(size_t)i * a->OC + o];
+    size_t N = (size_t)a->N, OC = (size_t)a->OC;
+    for (size_t ob = o0; ob < o1; ob += 16) {
+        size_t oe = ob + 16 < o1 ? ob + 16 : o1;
+        for (size_t ib = 0; ib < N; ib += 64) {
+            size_t ie = ib + 64 < N ? ib + 64 : N;
+            for (size_t o = ob; o < oe; o++)
+                for (size_t i = ib; i < ie; i++) a->dst[o * N + i] = a->src[i * OC + o];
+        }
+    }
 }
 
 void linear_backward_weight_bf16(float *dweight, const float *dout, const float *inp, int N, int C,
