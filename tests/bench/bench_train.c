@@ -145,6 +145,48 @@ static double sgemm_gflops(double *openblas, double *team) {
 
 /* The BF16 product rate (bf16.h) on 1024^3, over the team as the model
  * runs it: the best of five after a warm-up. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define PEAK_ITERS 20000000L
+/* One thread's share of --bf16-peak: vdpbf16ps on 12 independent
+ * accumulators, nothing else, so the instruction's own throughput is all
+ * that limits it. */
+__attribute__((target("avx512f,avx512bf16"))) static void peak_task(void *ctx, int task,
+                                                                      float *scratch) {
+    (void)task, (void)scratch;
+    __m512 acc[12];
+    for (int i = 0; i < 12; i++) acc[i] = _mm512_setzero_ps();
+    __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = a;
+    for (long k = 0; k < PEAK_ITERS; k++) {
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+        __asm__ volatile("" : "+v"(a)); /* keeps the loop from being folded */
+    }
+    float sum = 0;
+    for (int i = 0; i < 12; i++) sum += _mm512_reduce_add_ps(acc[i]);
+    *(volatile float *)ctx = sum;
+}
+
+/* GFLOPS of vdpbf16ps alone on every thread of the team at once: the
+ * ceiling any BF16 product kernel here runs under. */
+static double bf16_peak_gflops(void) {
+    static volatile float sink;
+    int n = team_size();
+    double best = 0;
+    for (int r = 0; r < 3; r++) {
+        double t0 = progress_now();
+        team_run(n, peak_task, (void *)&sink, NULL, 0);
+        double g = (double)n * PEAK_ITERS * 12 * 64 / (progress_now() - t0) / 1e9;
+        if (g > best) best = g;
+    }
+    return best;
+}
+#else
+static double bf16_peak_gflops(void) {
+    return 0;
+}
+#endif
+
 static double bf16_gflops(void) {
     int n = 1024;
     float *a = malloc(sizeof(float) * n * n), *c = malloc(sizeof(float) * n * n);
@@ -428,6 +470,14 @@ int main(int argc, char **argv) {
             }
             printf("{\"bf16_gflops\":%.2f}\n", bf16_gflops());
             return 0;
+        } else if (!strcmp(argv[i], "--bf16-peak")) {
+            if (!bf16_cpu_ok()) {
+                fprintf(stderr, "bench_train: this CPU has no AVX512-BF16\n");
+                return 1;
+            }
+            printf("{\"bf16_peak_gflops\":%.2f,\"threads\":%d}\n", bf16_peak_gflops(),
+                   team_size());
+            return 0;
         } else if (!strcmp(argv[i], "--sgemm")) {
             double ob, tm, best = sgemm_gflops(&ob, &tm);
             printf("{\"sgemm_gflops\":%.2f,\"openblas_threads\":%.2f,\"team\":%.2f}\n", best, ob,
@@ -437,7 +487,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "usage: bench_train [--shape small|gpt2|llama1b] [--method lora|full] "
                             "[--compute f32|bf16] [--steps N] [--warmup N] [--cobatch N] [--batch "
                             "B] [--seq T] | --sgemm "
-                            "| --bf16-rate | --shape S "
+                            "| --bf16-rate | --bf16-peak | --shape S "
                             "--write-model DIR\n");
             return 2;
         }
