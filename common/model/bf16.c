@@ -183,7 +183,7 @@ static void pack_scalar(const bf16_op *op, int j0, uint32_t *pw) {
 /* The weights a panel packs, as runs of cache lines: an NT panel is one
  * run (its rows are consecutive), an NN panel one short run per row. */
 typedef struct ahead {
-    const char *base; /* NULL: nothing to fetch */
+    const char *base;   /* NULL: nothing to fetch */
     size_t run, stride; /* bytes of a run, bytes from run to run */
     int runs, done;     /* runs in all, runs fetched so far */
 } ahead;
@@ -294,8 +294,8 @@ static void fetch_rows(const bf16_op *op, int i0, int mr, int j0, int nc, int ac
     for (int i = 0; i < mr; i++) {
         const float *o =
             (op->out_rows ? op->out_rows[i0 + i] : op->out + (size_t)(i0 + i) * op->M) + j0;
-        const float *a = accumulate             ? o
-                         : op->add_rows         ? op->add_rows[i0 + i] + j0
+        const float *a = accumulate              ? o
+                         : op->add_rows          ? op->add_rows[i0 + i] + j0
                          : op->add && op->add_ld ? op->add + (size_t)(i0 + i) * op->add_ld + j0
                                                  : NULL;
         for (int c = 0; c < nc; c += 16) {
@@ -349,7 +349,8 @@ BF16_TARGET static void panel_rows(const bf16_op *op, const uint32_t *xb, const 
     int kp = (op->K + 1) / 2, nc = op->M - j0 < PANEL ? op->M - j0 : PANEL, N = op->N;
     int tiles = (N + MR - 1) / MR, lines = 0;
     if (next->base) {
-        size_t total = next->runs == 1 ? next->run / 64 + 1 : (size_t)next->runs * ((next->run + 63) / 64);
+        size_t total =
+            next->runs == 1 ? next->run / 64 + 1 : (size_t)next->runs * ((next->run + 63) / 64);
         lines = (int)((total + (size_t)tiles - 1) / (size_t)tiles);
     }
     int i = 0;
@@ -417,10 +418,11 @@ static void job_task(void *c, int task, float *scratch) {
     }
     if (j->sum) {
         for (k = 0; k < j->n; k++) {
-            ahead none = {0}, *a = k == j->n - 1 ? &next : &none;
-            if (k + 1 < j->n) none = ahead_of(&j->ops[k + 1], task * PANEL);
+            /* Fetched meanwhile: the next op's panel of these columns, or
+             * after the last op the next task's. */
+            ahead after = k + 1 < j->n ? ahead_of(&j->ops[k + 1], task * PANEL) : next;
             pack_panel(&j->ops[k], task * PANEL, pw);
-            panel_rows(&j->ops[k], j->xb[k], pw, task * PANEL, k > 0, a);
+            panel_rows(&j->ops[k], j->xb[k], pw, task * PANEL, k > 0, &after);
         }
         return;
     }

@@ -147,8 +147,7 @@ typedef struct adamw {
  * scalar loop is not vectorized by the compiler (fmaf is a library call
  * without -mfma), and the update is memory-bound only once vectorized.
  * Returns the first element it left to the scalar loop. */
-__attribute__((target("avx2,fma"))) static size_t adamw_vec(const adamw *a, size_t i0,
-                                                             size_t i1) {
+__attribute__((target("avx2,fma"))) static size_t adamw_vec(const adamw *a, size_t i0, size_t i1) {
     const __m256 decay = _mm256_set1_ps(a->decay), nstep = _mm256_set1_ps(-a->step_size);
     const __m256 bc2 = _mm256_set1_ps(a->bc2_sqrt), w1 = _mm256_set1_ps(a->w1);
     const __m256 w2 = _mm256_set1_ps(a->w2), b1 = _mm256_set1_ps(a->b1);
@@ -158,8 +157,8 @@ __attribute__((target("avx2,fma"))) static size_t adamw_vec(const adamw *a, size
         __m256 g = _mm256_loadu_ps(a->grads + i);
         __m256 p = _mm256_mul_ps(_mm256_loadu_ps(a->params + i), decay);
         __m256 m = _mm256_fmadd_ps(g, w1, _mm256_mul_ps(_mm256_loadu_ps(a->m + i), b1));
-        __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(w2, g), g,
-                                   _mm256_mul_ps(_mm256_loadu_ps(a->v + i), b2));
+        __m256 v =
+            _mm256_fmadd_ps(_mm256_mul_ps(w2, g), g, _mm256_mul_ps(_mm256_loadu_ps(a->v + i), b2));
         _mm256_storeu_ps(a->m + i, m);
         _mm256_storeu_ps(a->v + i, v);
         __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2), eps);

@@ -152,7 +152,7 @@ static double sgemm_gflops(double *openblas, double *team) {
  * accumulators, nothing else, so the instruction's own throughput is all
  * that limits it. */
 __attribute__((target("avx512f,avx512bf16"))) static void peak_task(void *ctx, int task,
-                                                                      float *scratch) {
+                                                                    float *scratch) {
     (void)task, (void)scratch;
     __m512 acc[12];
     for (int i = 0; i < 12; i++) acc[i] = _mm512_setzero_ps();
@@ -475,8 +475,7 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "bench_train: this CPU has no AVX512-BF16\n");
                 return 1;
             }
-            printf("{\"bf16_peak_gflops\":%.2f,\"threads\":%d}\n", bf16_peak_gflops(),
-                   team_size());
+            printf("{\"bf16_peak_gflops\":%.2f,\"threads\":%d}\n", bf16_peak_gflops(), team_size());
             return 0;
         } else if (!strcmp(argv[i], "--sgemm")) {
             double ob, tm, best = sgemm_gflops(&ob, &tm);
