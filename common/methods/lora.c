@@ -28,7 +28,6 @@ typedef struct lora_site {
     int in, out;
     int a, b;    /* tensor indices of lora_A (r, in) and lora_B (out, r) */
     float *h;    /* (cap, r): x_d A^T of the last forward */
-    float *xd;   /* (cap, in): dropout(x) of the last forward; NULL without dropout */
     int dropped; /* the last forward applied dropout */
 } lora_site;
 
@@ -39,8 +38,13 @@ typedef struct lora_state {
     lora_site *sites;
     int n_sites;
     int *site_of; /* num_layers * LW_COUNT: site index or -1 */
-    float *acts;  /* the one allocation behind every h and xd, and g */
-    float *g;     /* (cap, r): dy B, backward scratch */
+    float *acts;  /* the one allocation behind every h, xd and g */
+    /* (cap, largest in): dropout(x) of the site at hand, NULL without
+     * dropout. One for all sites: the backward draws the mask again from
+     * its stream rather than keeping every site's dropped input (for an
+     * 8B model at 512 tokens, all seven projections: 2.5 GB). */
+    float *xd;
+    float *g; /* (cap, r): dy B, backward scratch */
     size_t cap;   /* tokens the activations hold */
 } lora_state;
 
@@ -145,18 +149,19 @@ static void lora_init(peft *p, uint64_t seed) {
 }
 
 /* Carves every site's activations for n tokens out of one allocation:
- * h (n, r) per site, xd (n, in) per site when dropout is configured, and
- * the shared backward scratch g (n, r). */
+ * h (n, r) per site, the shared xd (n, largest in) when dropout is
+ * configured, and the shared backward scratch g (n, r). */
 static int lora_reserve(peft *p, int B, int T, err *e) {
     lora_state *s = p->state;
     size_t n = (size_t)B * (size_t)T;
     if (n <= s->cap) return 0;
-    size_t total = 0;
+    size_t total = 0, in_max = 0;
 #define LORA_CHUNK(count) (((count) + 15) / 16 * 16)
     for (int i = 0; i < s->n_sites; i++) {
         total += LORA_CHUNK(n * (size_t)s->r);
-        if (s->dropout > 0.0f) total += LORA_CHUNK(n * (size_t)s->sites[i].in);
+        if ((size_t)s->sites[i].in > in_max) in_max = (size_t)s->sites[i].in;
     }
+    if (s->dropout > 0.0f) total += LORA_CHUNK(n * in_max);
     total += LORA_CHUNK(n * (size_t)s->r);
     float *acts = aligned_alloc(64, total * sizeof(float));
     if (!acts)
@@ -168,11 +173,11 @@ static int lora_reserve(peft *p, int B, int T, err *e) {
     for (int i = 0; i < s->n_sites; i++) {
         s->sites[i].h = at;
         at += LORA_CHUNK(n * (size_t)s->r);
-        s->sites[i].xd = NULL;
-        if (s->dropout > 0.0f) {
-            s->sites[i].xd = at;
-            at += LORA_CHUNK(n * (size_t)s->sites[i].in);
-        }
+    }
+    s->xd = NULL;
+    if (s->dropout > 0.0f) {
+        s->xd = at;
+        at += LORA_CHUNK(n * in_max);
     }
     s->g = at;
 #undef LORA_CHUNK
@@ -197,6 +202,20 @@ static void lora_dropout_stream(const peft *p, const lora_site *site, rng *g) {
     rng_seed(g, p->seed, p->step, p->shard, (uint64_t)site->a);
 }
 
+/* s->xd (n, in) = dropout(x) of a site, the same bits each time it is
+ * drawn for one (seed, step, shard): the forward's, and the backward's
+ * again from the same x. */
+static float *lora_drop(const peft *p, const lora_site *site, const float *x, int n) {
+    const lora_state *s = p->state;
+    rng g;
+    lora_dropout_stream(p, site, &g);
+    float keep_scale = 1.0f / (1.0f - s->dropout);
+    size_t count = (size_t)n * (size_t)site->in;
+    for (size_t i = 0; i < count; i++)
+        s->xd[i] = rng_uniform(&g) < s->dropout ? 0.0f : x[i] * keep_scale;
+    return s->xd;
+}
+
 /* The site of linear (layer, kind) for a pass over n rows, with its factors
  * a (r, in) and b (out, r); NULL when LoRA does not adapt that linear. */
 static lora_site *lora_site_for(peft *p, int layer, int kind, int n, const float **a,
@@ -217,15 +236,7 @@ static void lora_linear_forward(peft *p, int layer, int kind, const float *x, fl
     int r = s->r, in = site->in, out = site->out;
     const float *xin = x; /* (n, in) */
     site->dropped = p->training && s->dropout > 0.0f;
-    if (site->dropped) {
-        rng g;
-        lora_dropout_stream(p, site, &g);
-        float keep_scale = 1.0f / (1.0f - s->dropout);
-        size_t count = (size_t)n * (size_t)in;
-        for (size_t i = 0; i < count; i++)
-            site->xd[i] = rng_uniform(&g) < s->dropout ? 0.0f : x[i] * keep_scale;
-        xin = site->xd;
-    }
+    if (site->dropped) xin = lora_drop(p, site, x, n);
     /* h (n, r) = xin A^T; y (n, out) += scaling * h B^T */
     lowrank_forward(y, site->h, xin, a, b, s->scaling, n, in, r, out);
 }
@@ -239,7 +250,8 @@ static void lora_linear_backward(peft *p, int layer, int kind, const float *x, c
     int r = s->r, in = site->in, out = site->out;
     float *da = peft_grad(p, site->a);
     float *db = peft_grad(p, site->b);
-    const float *xin = site->dropped ? site->xd : x; /* (n, in) */
+    /* The forward's input to the branch: dropout(x) drawn again. */
+    const float *xin = site->dropped ? lora_drop(p, site, x, n) : x; /* (n, in) */
     float sc = s->scaling;
 
     /* g (n, r) = dy B; dB (out, r) += scaling * dy^T h; dA (r, in) +=
@@ -249,7 +261,7 @@ static void lora_linear_backward(peft *p, int layer, int kind, const float *x, c
                      out);
     if (!dx || !site->dropped) return;
     /* Through the dropout: xd is dead once dA has it, so it holds g A. */
-    float *t = site->xd;
+    float *t = s->xd;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, r, sc, s->g, r, a, in, 0.0f, t,
                 in);
     rng g;
@@ -258,7 +270,7 @@ static void lora_linear_backward(peft *p, int layer, int kind, const float *x, c
     size_t count = (size_t)n * (size_t)in;
     for (size_t i = 0; i < count; i++)
         if (!(rng_uniform(&g) < s->dropout)) dx[i] += t[i] * keep_scale;
-    site->dropped = 0; /* xd no longer holds the forward's input */
+    site->dropped = 0;
 }
 
 static const float *lora_weight(peft *p, int layer, int kind) {
