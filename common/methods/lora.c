@@ -44,8 +44,8 @@ typedef struct lora_state {
      * its stream rather than keeping every site's dropped input (for an
      * 8B model at 512 tokens, all seven projections: 2.5 GB). */
     float *xd;
-    float *g; /* (cap, r): dy B, backward scratch */
-    size_t cap;   /* tokens the activations hold */
+    float *g;   /* (cap, r): dy B, backward scratch */
+    size_t cap; /* tokens the activations hold */
 } lora_state;
 
 static lora_site *lora_find(peft *p, int layer, int kind) {
