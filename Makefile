@@ -53,7 +53,7 @@ TEST_TOOLS := $(BUILD)/tests/chaos_rogue $(BUILD)/tests/pool_peer
 FUZZ_SRC  := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS   := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps test check chaos demo asan test-asan fuzz fuzz-build fuzz-run bench bench-sizes bench-pool install \
+.PHONY: all deps test check chaos demo asan test-asan fuzz fuzz-build fuzz-run bench bench-sizes bench-pool bench-onednn install \
         uninstall clean format
 .SUFFIXES:
 .SECONDARY:
@@ -195,6 +195,20 @@ bench-sizes: all
 	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	    $$SUDO apt-get install -y -qq --no-install-recommends python3-numpy; }
 	/usr/bin/python3 tests/bench/sizes.py --work $(BUILD)/bench/sizes --out $(BUILD)/bench/sizes.md $(SIZES_ARGS)
+
+# peftps's BF16 products against oneDNN's BF16 matmul on the bench models'
+# projection shapes, in one process (tests/bench/bench_onednn.c; Debian's
+# libdnnl-dev, installed here if missing, is linked by this benchmark only),
+# then the ceiling of both: vdpbf16ps alone on the team.
+bench-onednn: deps
+	@dpkg-query -W -f='$${Status}' libdnnl-dev 2>/dev/null | grep -q "install ok installed" || \
+	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO apt-get install -y -qq --no-install-recommends libdnnl-dev; }
+	@$(MAKE) --no-print-directory $(BUILD)/bench/bench_onednn $(BUILD)/bench/bench_train
+	$(BUILD)/bench/bench_onednn
+	$(BUILD)/bench/bench_train --bf16-peak
+
+$(BUILD)/bench/bench_onednn: LDLIBS += -ldnnl
 
 $(BUILD)/bench/%: $(BUILD)/tests/bench/%.o $(LIB)
 	@mkdir -p $(@D)
